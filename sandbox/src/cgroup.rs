@@ -1,0 +1,469 @@
+//! One cgroup per sandbox, on cgroup v2 when the unified tree has the memory, pids and cpu
+//! controllers for us, else on the v1 memory, pids, cpu and cpuacct hierarchies (the hybrid
+//! layout these machines have). Detected once per process, at run time.
+//!
+//! Done through the cgroup file system directly rather than with cgroups-rs: we need a dozen
+//! files (limits, three counters, the process list, `cgroup.kill`), and the crate would add a
+//! large dependency tree and its own v1/v2 detection that does not know about our hybrid mount.
+//!
+//! Invariants: every cgroup lives under `<our own cgroup>/skiff-sandbox/` in each hierarchy; a
+//! [`Cgroup`] is removed (after all its processes are dead) before the run that made it returns.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use crate::error::SandboxError;
+use crate::policy::Limits;
+use crate::sys;
+
+/// Directory created under our own cgroup in every hierarchy.
+const BASE_NAME: &str = "skiff-sandbox";
+/// The supervisor process of each sandbox lives in its cgroup too.
+pub(crate) const SUPERVISOR_PIDS: u32 = 1;
+const CPU_PERIOD_US: u64 = 100_000;
+const KILL_WAIT_MAX: Duration = Duration::from_secs(5);
+const REMOVE_WAIT_MAX: Duration = Duration::from_secs(5);
+
+/// Which cgroup layout the sandboxes use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Layout {
+    /// One directory in the unified hierarchy.
+    V2 { base: PathBuf },
+    /// One directory per v1 hierarchy.
+    V1 {
+        memory: PathBuf,
+        pids: PathBuf,
+        cpu: PathBuf,
+        cpuacct: PathBuf,
+    },
+}
+
+impl Layout {
+    pub fn version(&self) -> u8 {
+        match self {
+            Layout::V2 { .. } => 2,
+            Layout::V1 { .. } => 1,
+        }
+    }
+}
+
+/// The layout of this machine, detected on first use.
+pub fn layout() -> Result<&'static Layout, SandboxError> {
+    static LAYOUT: OnceLock<Result<Layout, String>> = OnceLock::new();
+    LAYOUT
+        .get_or_init(|| detect().map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(|detail| SandboxError::CgroupUnavailable {
+            detail: detail.clone(),
+        })
+}
+
+struct CgroupMount {
+    mount_point: PathBuf,
+    root: String,
+    v2: bool,
+    controllers: Vec<String>,
+}
+
+fn parse_mountinfo(text: &str) -> Vec<CgroupMount> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let left: Vec<&str> = left.split(' ').collect();
+        let right: Vec<&str> = right.split(' ').collect();
+        if left.len() < 5 || right.len() < 3 {
+            continue;
+        }
+        let v2 = match right[0] {
+            "cgroup2" => true,
+            "cgroup" => false,
+            _ => continue,
+        };
+        out.push(CgroupMount {
+            mount_point: PathBuf::from(left[4]),
+            root: left[3].to_string(),
+            v2,
+            controllers: right[2].split(',').map(str::to_string).collect(),
+        });
+    }
+    out
+}
+
+/// `(controllers, path)` per line of `/proc/self/cgroup`; v2 has empty controllers.
+fn parse_proc_cgroup(text: &str) -> Vec<(Vec<String>, String)> {
+    text.lines()
+        .filter_map(|line| {
+            let mut parts = line.splitn(3, ':');
+            let _id = parts.next()?;
+            let controllers = parts.next()?;
+            let path = parts.next()?;
+            let controllers = controllers
+                .split(',')
+                .filter(|c| !c.is_empty())
+                .map(str::to_string)
+                .collect();
+            Some((controllers, path.to_string()))
+        })
+        .collect()
+}
+
+fn join_cgroup_path(mount: &CgroupMount, own: &str) -> PathBuf {
+    let relative = own.strip_prefix(mount.root.as_str()).unwrap_or(own);
+    mount
+        .mount_point
+        .join(relative.trim_start_matches('/'))
+        .join(BASE_NAME)
+}
+
+fn detect() -> Result<Layout, SandboxError> {
+    let read = |path: &str| {
+        fs::read_to_string(path).map_err(|source| SandboxError::Cgroup {
+            op: "read",
+            dir: PathBuf::from(path),
+            source,
+        })
+    };
+    let mounts = parse_mountinfo(&read("/proc/self/mountinfo")?);
+    let own = parse_proc_cgroup(&read("/proc/self/cgroup")?);
+    if let Some(layout) = try_v2(&mounts, &own) {
+        return Ok(layout);
+    }
+    let find = |controller: &str| -> Option<PathBuf> {
+        let mount = mounts
+            .iter()
+            .find(|m| !m.v2 && m.controllers.iter().any(|c| c == controller))?;
+        let (_, path) = own
+            .iter()
+            .find(|(cs, _)| cs.iter().any(|c| c == controller))?;
+        Some(join_cgroup_path(mount, path))
+    };
+    match (find("memory"), find("pids"), find("cpu"), find("cpuacct")) {
+        (Some(memory), Some(pids), Some(cpu), Some(cpuacct)) => {
+            for dir in [&memory, &pids, &cpu, &cpuacct] {
+                fs::create_dir_all(dir).map_err(|source| SandboxError::Cgroup {
+                    op: "mkdir",
+                    dir: dir.clone(),
+                    source,
+                })?;
+            }
+            Ok(Layout::V1 {
+                memory,
+                pids,
+                cpu,
+                cpuacct,
+            })
+        }
+        _ => Err(SandboxError::CgroupUnavailable {
+            detail: "neither cgroup v2 with memory, pids and cpu delegated to us nor v1 \
+                     memory, pids, cpu and cpuacct hierarchies"
+                .to_string(),
+        }),
+    }
+}
+
+fn try_v2(mounts: &[CgroupMount], own: &[(Vec<String>, String)]) -> Option<Layout> {
+    let mount = mounts.iter().find(|m| m.v2)?;
+    let (_, path) = own.iter().find(|(cs, _)| cs.is_empty())?;
+    let base = join_cgroup_path(mount, path);
+    let own_dir = base.parent()?.to_path_buf();
+    let available = fs::read_to_string(own_dir.join("cgroup.controllers")).ok()?;
+    let needed = ["memory", "pids", "cpu"];
+    if !needed
+        .iter()
+        .all(|n| available.split_whitespace().any(|c| c == *n))
+    {
+        return None;
+    }
+    // Enabling controllers for children fails on a non-root cgroup that holds processes (the
+    // "no internal processes" rule); then v1 is our only option.
+    fs::write(
+        own_dir.join("cgroup.subtree_control"),
+        "+memory +pids +cpu",
+    )
+    .ok()?;
+    fs::create_dir_all(&base).ok()?;
+    fs::write(base.join("cgroup.subtree_control"), "+memory +pids +cpu").ok()?;
+    Some(Layout::V2 { base })
+}
+
+/// Counters read from a sandbox's cgroup.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CgroupStats {
+    pub peak_memory_bytes: u64,
+    pub cpu: Duration,
+    pub oom_kills: u64,
+}
+
+/// The cgroup of one sandbox.
+#[derive(Debug)]
+pub(crate) struct Cgroup {
+    layout: &'static Layout,
+    /// Distinct directories, one per hierarchy.
+    dirs: Vec<PathBuf>,
+    removed: bool,
+}
+
+fn cg_err<'a>(op: &'static str, dir: &'a Path) -> impl FnOnce(io::Error) -> SandboxError + 'a {
+    move |source| SandboxError::Cgroup {
+        op,
+        dir: dir.to_path_buf(),
+        source,
+    }
+}
+
+fn write_file(dir: &Path, file: &str, value: &str) -> Result<(), SandboxError> {
+    fs::write(dir.join(file), value).map_err(cg_err("write limit", &dir.join(file)))
+}
+
+fn read_file(dir: &Path, file: &str) -> Result<String, SandboxError> {
+    fs::read_to_string(dir.join(file)).map_err(cg_err("read counter", &dir.join(file)))
+}
+
+fn parse_u64(text: &str) -> u64 {
+    text.trim().parse().unwrap_or(0)
+}
+
+fn keyed_value(text: &str, key: &str) -> u64 {
+    text.lines()
+        .filter_map(|l| l.split_once(' '))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| parse_u64(v))
+        .unwrap_or(0)
+}
+
+impl Cgroup {
+    /// Creates the cgroup `name` and writes its limits.
+    pub(crate) fn create(name: &str, limits: &Limits) -> Result<Self, SandboxError> {
+        let layout = layout()?;
+        let pids_max = (limits.pids_max + SUPERVISOR_PIDS).to_string();
+        let quota_us = u64::from(limits.cpu_millis_max) * CPU_PERIOD_US / 1000;
+        let memory = limits.memory_bytes_max.to_string();
+        let mut cgroup = Cgroup {
+            layout,
+            dirs: Vec::new(),
+            removed: false,
+        };
+        match layout {
+            Layout::V2 { base } => {
+                let dir = base.join(name);
+                fs::create_dir(&dir).map_err(cg_err("mkdir", &dir))?;
+                cgroup.dirs.push(dir.clone());
+                write_file(&dir, "memory.max", &memory)?;
+                // Swap would let a function exceed its memory limit silently.
+                let _ = fs::write(dir.join("memory.swap.max"), "0");
+                write_file(&dir, "pids.max", &pids_max)?;
+                write_file(&dir, "cpu.max", &format!("{quota_us} {CPU_PERIOD_US}"))?;
+            }
+            Layout::V1 {
+                memory: mem_base,
+                pids,
+                cpu,
+                cpuacct,
+            } => {
+                for base in [mem_base, pids, cpu, cpuacct] {
+                    let dir = base.join(name);
+                    if cgroup.dirs.contains(&dir) {
+                        continue;
+                    }
+                    fs::create_dir(&dir).map_err(cg_err("mkdir", &dir))?;
+                    cgroup.dirs.push(dir);
+                }
+                let mem_dir = mem_base.join(name);
+                write_file(&mem_dir, "memory.limit_in_bytes", &memory)?;
+                // Absent without swap accounting; then there is no swap to limit either.
+                let _ = fs::write(mem_dir.join("memory.memsw.limit_in_bytes"), &memory);
+                write_file(&pids.join(name), "pids.max", &pids_max)?;
+                let cpu_dir = cpu.join(name);
+                write_file(&cpu_dir, "cpu.cfs_period_us", &CPU_PERIOD_US.to_string())?;
+                write_file(&cpu_dir, "cpu.cfs_quota_us", &quota_us.to_string())?;
+            }
+        }
+        Ok(cgroup)
+    }
+
+    /// The `cgroup.procs` files a process writes itself into to join this cgroup.
+    pub(crate) fn procs_files(&self) -> Vec<PathBuf> {
+        self.dirs.iter().map(|d| d.join("cgroup.procs")).collect()
+    }
+
+    /// The directory that holds memory counters (for errors and tests).
+    pub(crate) fn memory_dir(&self) -> &Path {
+        match self.layout {
+            Layout::V2 { .. } => &self.dirs[0],
+            Layout::V1 { memory, .. } => self
+                .dirs
+                .iter()
+                .find(|d| d.starts_with(memory))
+                .expect("v1 cgroup has a memory directory"),
+        }
+    }
+
+    fn dir_under(&self, base: &Path) -> &Path {
+        self.dirs
+            .iter()
+            .find(|d| d.starts_with(base))
+            .expect("one directory per hierarchy")
+    }
+
+    /// Memory charged to the cgroup now.
+    pub(crate) fn memory_current(&self) -> Result<u64, SandboxError> {
+        let dir = self.memory_dir();
+        let file = match self.layout {
+            Layout::V2 { .. } => "memory.current",
+            Layout::V1 { .. } => "memory.usage_in_bytes",
+        };
+        Ok(parse_u64(&read_file(dir, file)?))
+    }
+
+    pub(crate) fn stats(&self) -> Result<CgroupStats, SandboxError> {
+        match self.layout {
+            Layout::V2 { .. } => {
+                let dir = &self.dirs[0];
+                let peak = fs::read_to_string(dir.join("memory.peak"))
+                    .or_else(|_| fs::read_to_string(dir.join("memory.current")))
+                    .map_err(cg_err("read counter", dir))?;
+                let cpu_stat = read_file(dir, "cpu.stat")?;
+                let events = read_file(dir, "memory.events")?;
+                Ok(CgroupStats {
+                    peak_memory_bytes: parse_u64(&peak),
+                    cpu: Duration::from_micros(keyed_value(&cpu_stat, "usage_usec")),
+                    oom_kills: keyed_value(&events, "oom_kill"),
+                })
+            }
+            Layout::V1 { cpuacct, .. } => {
+                let mem = self.memory_dir();
+                let peak = parse_u64(&read_file(mem, "memory.max_usage_in_bytes")?);
+                let oom = keyed_value(&read_file(mem, "memory.oom_control")?, "oom_kill");
+                let cpu_ns = parse_u64(&read_file(self.dir_under(cpuacct), "cpuacct.usage")?);
+                Ok(CgroupStats {
+                    peak_memory_bytes: peak,
+                    cpu: Duration::from_nanos(cpu_ns),
+                    oom_kills: oom,
+                })
+            }
+        }
+    }
+
+    /// Pids of the processes in the cgroup (every hierarchy holds the same set).
+    pub(crate) fn pids(&self) -> Result<Vec<i32>, SandboxError> {
+        let text = read_file(&self.dirs[0], "cgroup.procs")?;
+        Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
+    }
+
+    /// Kills every process in the cgroup and waits until it is empty.
+    pub(crate) fn kill_all(&self) -> Result<(), SandboxError> {
+        if matches!(self.layout, Layout::V2 { .. }) {
+            let _ = fs::write(self.dirs[0].join("cgroup.kill"), "1");
+        }
+        let deadline = Instant::now() + KILL_WAIT_MAX;
+        loop {
+            let pids = self.pids()?;
+            if pids.is_empty() {
+                return Ok(());
+            }
+            // v1 has no cgroup.kill: a process forked between reading the list and the kill
+            // is caught by the next round (and the pid namespace dies with its init anyway).
+            for pid in pids {
+                sys::kill_pid(pid);
+            }
+            if Instant::now() > deadline {
+                return Err(SandboxError::Cgroup {
+                    op: "kill",
+                    dir: self.dirs[0].clone(),
+                    source: io::Error::new(io::ErrorKind::TimedOut, "processes survive SIGKILL"),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Removes the cgroup directories, killing whatever is left in them first.
+    pub(crate) fn remove(&mut self) -> Result<(), SandboxError> {
+        if self.removed {
+            return Ok(());
+        }
+        self.removed = true;
+        if !self.pids()?.is_empty() {
+            self.kill_all()?;
+        }
+        let deadline = Instant::now() + REMOVE_WAIT_MAX;
+        for dir in &self.dirs {
+            loop {
+                match fs::remove_dir(dir) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+                    // A just-killed process may still be leaving the cgroup.
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err(source) => {
+                        return Err(SandboxError::Cgroup {
+                            op: "rmdir",
+                            dir: dir.clone(),
+                            source,
+                        })
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn dirs(&self) -> &[PathBuf] {
+        &self.dirs
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        if let Err(error) = self.remove() {
+            tracing::warn!(%error, "sandbox cgroup left behind");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MOUNTINFO: &str = "\
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+39 31 0:36 / /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+27 1 254:0 / / rw,relatime - ext4 /dev/vda rw";
+
+    #[test]
+    fn parses_hybrid_mounts() {
+        let mounts = parse_mountinfo(MOUNTINFO);
+        assert_eq!(mounts.len(), 4);
+        assert!(mounts[3].v2);
+        assert_eq!(mounts[0].controllers, vec!["rw", "memory"]);
+        assert_eq!(mounts[1].mount_point, PathBuf::from("/sys/fs/cgroup/pids"));
+    }
+
+    #[test]
+    fn joins_own_cgroup_path() {
+        let own = parse_proc_cgroup("4:memory:/process_api/abc\n0::/\n");
+        assert_eq!(own[0].0, vec!["memory"]);
+        assert!(own[1].0.is_empty());
+        let mounts = parse_mountinfo(MOUNTINFO);
+        assert_eq!(
+            join_cgroup_path(&mounts[0], &own[0].1),
+            PathBuf::from("/sys/fs/cgroup/memory/process_api/abc/skiff-sandbox")
+        );
+    }
+
+    #[test]
+    fn reads_keyed_counters() {
+        let text = "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n";
+        assert_eq!(keyed_value(text, "oom_kill"), 3);
+        assert_eq!(keyed_value("usage_usec 1500\nuser_usec 1", "usage_usec"), 1500);
+        assert_eq!(keyed_value("", "oom_kill"), 0);
+    }
+}

@@ -1,0 +1,667 @@
+//! The life of one sandbox, from the parent's side: create it up to "ready, waiting for work"
+//! ([`Prepared`]), hand it the work, collect its output within limits, report, clean up.
+//!
+//! Processes: the node forks a *supervisor* (stays in the host pid namespace, in the sandbox's
+//! cgroup, waits for the init and reports its exit status), which forks the *init* (pid 1 of
+//! the new pid namespace), which builds the file system, locks itself down and, once work
+//! arrives on its work pipe, execs the function. When the init dies, the kernel kills every
+//! other process of its pid namespace; on timeout the parent kills the whole cgroup.
+//!
+//! Pipes (all close-on-exec in the parent): supervisor control (parent → supervisor, the
+//! go-ahead after the id maps), supervisor status (`U` = write my id maps, `E...` = setup
+//! error, `X` + wait status at the end), work (parent → init: the command; EOF ends it), init
+//! status (`R` = ready, `E...` = setup or exec error, EOF = exec succeeded), and stdin, stdout,
+//! stderr of the function.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use crate::cgroup::Cgroup;
+use crate::error::SandboxError;
+use crate::policy::Limits;
+use crate::setup::{self, Plan};
+use crate::sys::{self, ForkResult, PollWant, RealSys, StepError};
+use crate::{ExitStatus, RunOutcome, SandboxSpec};
+
+/// First host uid/gid that sandbox root maps to; each sandbox takes the next in the range so
+/// two sandboxes never share a host uid by construction within one node process.
+pub const HOST_ID_BASE: u32 = 100_000;
+const HOST_ID_RANGE: u32 = 60_000;
+/// Longest the setup may take before the sandbox is abandoned.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest encoded command line plus environment.
+pub const WORK_BYTES_MAX: usize = 128 * 1024;
+const READ_CHUNK_BYTES: usize = 64 * 1024;
+/// Where each sandbox's tmpfs root is mounted (inside its own mount namespace only).
+const STAGING_ROOT: &str = "/run/skiff-sandbox/root";
+
+static SANDBOX_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+fn next_ids() -> (u32, String) {
+    let n = SANDBOX_COUNTER.fetch_add(1, Ordering::Relaxed);
+    let pid = std::process::id();
+    // Spread node processes over the range so that two of them rarely collide.
+    let host_id = HOST_ID_BASE + (pid.wrapping_mul(7919).wrapping_add(n)) % HOST_ID_RANGE;
+    (host_id, format!("sb-{pid}-{n}"))
+}
+
+fn staging_root() -> Result<&'static Path, SandboxError> {
+    static ROOT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    ROOT.get_or_init(|| {
+        let path = PathBuf::from(STAGING_ROOT);
+        std::fs::create_dir_all(&path)
+            .map(|()| path)
+            .map_err(|e| e.to_string())
+    })
+    .as_ref()
+    .map(PathBuf::as_path)
+    .map_err(|detail| SandboxError::BadPath {
+        what: "staging root",
+        path: PathBuf::from(STAGING_ROOT),
+        source: io::Error::other(detail.clone()),
+    })
+}
+
+/// Encodes argv and environment for the init: `argc\0arg...\0envc\0k=v...\0`.
+pub(crate) fn encode_work(argv: &[String], env: &[(String, String)]) -> Result<Vec<u8>, SandboxError> {
+    let invalid = |reason: String| SandboxError::InvalidCommand { reason };
+    if argv.is_empty() {
+        return Err(invalid("empty command".to_string()));
+    }
+    let mut merged: Vec<(String, String)> = vec![
+        ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
+        ("HOME".into(), "/tmp".into()),
+        ("TMPDIR".into(), "/tmp".into()),
+        ("LANG".into(), "C.UTF-8".into()),
+    ];
+    for (key, value) in env {
+        if key.is_empty() || key.contains('=') || key.contains('\0') || value.contains('\0') {
+            return Err(invalid(format!("bad environment variable {key:?}")));
+        }
+        merged.retain(|(k, _)| k != key);
+        merged.push((key.clone(), value.clone()));
+    }
+    let mut frame = Vec::new();
+    frame.extend_from_slice(argv.len().to_string().as_bytes());
+    frame.push(0);
+    for arg in argv {
+        if arg.contains('\0') {
+            return Err(invalid("argument contains NUL".to_string()));
+        }
+        frame.extend_from_slice(arg.as_bytes());
+        frame.push(0);
+    }
+    frame.extend_from_slice(merged.len().to_string().as_bytes());
+    frame.push(0);
+    for (key, value) in &merged {
+        frame.extend_from_slice(format!("{key}={value}").as_bytes());
+        frame.push(0);
+    }
+    if frame.len() > WORK_BYTES_MAX {
+        return Err(invalid(format!(
+            "command and environment take {} bytes, more than {WORK_BYTES_MAX}",
+            frame.len()
+        )));
+    }
+    Ok(frame)
+}
+
+fn report(fd: i32, error: &StepError) {
+    let path = error
+        .path
+        .as_ref()
+        .map(|p| p.as_os_str().as_encoded_bytes().to_vec())
+        .unwrap_or_default();
+    let mut msg = format!("E{}\t{}\t", error.step, error.errno).into_bytes();
+    msg.extend(path.iter().map(|b| if *b == b'\n' { b' ' } else { *b }));
+    msg.push(b'\n');
+    let _ = sys::write_fd(fd, &msg);
+}
+
+fn parse_report(msg: &[u8]) -> SandboxError {
+    let text = String::from_utf8_lossy(msg.strip_prefix(b"E").unwrap_or(msg));
+    let mut parts = text.trim_end_matches('\n').splitn(3, '\t');
+    let step = parts.next().unwrap_or("unknown").to_string();
+    let errno = parts.next().and_then(|e| e.parse().ok()).unwrap_or(libc::EIO);
+    let path = parts.next().filter(|p| !p.is_empty()).map(PathBuf::from);
+    SandboxError::Setup {
+        step,
+        path,
+        source: io::Error::from_raw_os_error(errno),
+    }
+}
+
+/// Body of the supervisor child. Never returns.
+fn supervisor_main(plan: &Plan, parent_pid: i32, stdio: [i32; 3], control: [i32; 4]) -> ! {
+    if sys::adopt_fds(stdio, &control).is_err() {
+        sys::exit_now(120);
+    }
+    let mut real = RealSys {
+        ctl_fd: 3,
+        status_fd: 4,
+        parent_pid: Some(parent_pid),
+    };
+    if let Err(e) = setup::supervisor(&mut real, plan) {
+        report(4, &e);
+        sys::exit_now(121);
+    }
+    match sys::fork() {
+        Err(e) => {
+            report(4, &StepError::new("fork init", None, e.raw_os_error().unwrap_or(0)));
+            sys::exit_now(122);
+        }
+        Ok(ForkResult::Child) => init_main(plan),
+        Ok(ForkResult::Parent(init_pid)) => {
+            for fd in [0, 1, 2, 5, 6] {
+                sys::close_fd(fd);
+            }
+            let status = sys::wait_pid(init_pid).unwrap_or(255 << 8);
+            let mut msg = vec![b'X'];
+            msg.extend_from_slice(&status.to_le_bytes());
+            let _ = sys::write_fd(4, &msg);
+            sys::exit_now(0);
+        }
+    }
+}
+
+/// Body of the init (pid 1 of the sandbox). Never returns.
+fn init_main(plan: &Plan) -> ! {
+    if sys::adopt_init_fds().is_err() {
+        sys::exit_now(123);
+    }
+    let mut real = RealSys {
+        ctl_fd: 3,
+        status_fd: 4,
+        parent_pid: None,
+    };
+    if let Err(e) = setup::init(&mut real, plan) {
+        report(4, &e);
+        sys::exit_now(124);
+    }
+    if sys::write_fd(4, b"R").is_err() {
+        sys::exit_now(125);
+    }
+    let mut frame = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match sys::read_fd(3, &mut buf) {
+            Ok(0) => break,
+            Ok(n) if frame.len() + n <= WORK_BYTES_MAX => frame.extend_from_slice(&buf[..n]),
+            // Oversized work or a read error: the parent is gone or broken.
+            _ => sys::exit_now(126),
+        }
+    }
+    if frame.is_empty() {
+        // Discarded without work (pool shrinking, node shutting down).
+        sys::exit_now(0);
+    }
+    let (errno, program) = sys::exec_work(&frame);
+    let program = PathBuf::from(String::from_utf8_lossy(&program).into_owned());
+    report(4, &StepError::new("exec", Some(&program), errno));
+    sys::exit_now(127);
+}
+
+fn write_id_maps(pid: i32, host_id: u32) -> Result<(), SandboxError> {
+    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
+    for (file, contents) in [
+        ("setgroups", "deny".to_string()),
+        ("uid_map", format!("0 {host_id} 1\n")),
+        ("gid_map", format!("0 {host_id} 1\n")),
+    ] {
+        let path = proc_dir.join(file);
+        std::fs::write(&path, contents).map_err(|source| SandboxError::IdMap { path, source })?;
+    }
+    Ok(())
+}
+
+fn remaining_ms(deadline: Instant) -> i32 {
+    let left = deadline.saturating_duration_since(Instant::now());
+    // Round up so a poll never spins with a zero timeout before the deadline.
+    i32::try_from(left.as_millis() + 1).unwrap_or(i32::MAX)
+}
+
+/// Reads one status message: a single letter (`U`, `R`), an error line (`E...\n`), or EOF
+/// (returned as an empty vector).
+fn read_message(file: &mut File, deadline: Instant) -> Result<Vec<u8>, SandboxError> {
+    let mut msg = Vec::new();
+    let mut buf = [0u8; 512];
+    loop {
+        if Instant::now() >= deadline {
+            return Err(SandboxError::Protocol {
+                detail: format!("setup took longer than {SETUP_TIMEOUT:?}"),
+            });
+        }
+        let ready = sys::poll_fds(&[(file.as_raw_fd(), PollWant::Read)], remaining_ms(deadline))
+            .map_err(|e| SandboxError::syscall("poll", e))?;
+        if !ready[0] {
+            continue;
+        }
+        let n = file
+            .read(&mut buf)
+            .map_err(|e| SandboxError::syscall("read", e))?;
+        if n == 0 {
+            return Ok(msg);
+        }
+        msg.extend_from_slice(&buf[..n]);
+        match msg[0] {
+            b'E' if msg.contains(&b'\n') => return Ok(msg),
+            b'E' => continue,
+            _ => return Ok(msg),
+        }
+    }
+}
+
+/// A sandbox whose setup is complete, blocked waiting for its work.
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    pub(crate) supervisor_pid: i32,
+    pub(crate) cgroup: Cgroup,
+    pub(crate) limits: Limits,
+    supervisor_status: File,
+    work: Option<File>,
+    init_status: Option<File>,
+    stdin: Option<File>,
+    stdout: Option<File>,
+    stderr: Option<File>,
+    reaped: bool,
+}
+
+impl Prepared {
+    /// Creates a sandbox for `spec` and waits until it is ready for work.
+    pub(crate) fn create(spec: &SandboxSpec) -> Result<Self, SandboxError> {
+        let filters = crate::seccomp::filters()?;
+        let staging = staging_root()?;
+        let (host_id, name) = next_ids();
+        let cgroup = Cgroup::create(&name, &spec.limits)?;
+        let plan = Plan::build(spec, cgroup.procs_files(), staging, filters)?;
+        let pipe = || sys::pipe().map_err(|e| SandboxError::syscall("pipe2", e));
+        let (ctl_r, ctl_w) = pipe()?;
+        let (sup_status_r, sup_status_w) = pipe()?;
+        let (work_r, work_w) = pipe()?;
+        let (init_status_r, init_status_w) = pipe()?;
+        let (in_r, in_w) = pipe()?;
+        let (out_r, out_w) = pipe()?;
+        let (err_r, err_w) = pipe()?;
+        let parent_pid = i32::try_from(std::process::id()).expect("pids fit in i32");
+        let supervisor_pid = match sys::fork().map_err(|e| SandboxError::syscall("fork", e))? {
+            ForkResult::Child => supervisor_main(
+                &plan,
+                parent_pid,
+                [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()],
+                [
+                    ctl_r.as_raw_fd(),
+                    sup_status_w.as_raw_fd(),
+                    work_r.as_raw_fd(),
+                    init_status_w.as_raw_fd(),
+                ],
+            ),
+            ForkResult::Parent(pid) => pid,
+        };
+        drop((ctl_r, sup_status_w, work_r, init_status_w, in_r, out_w, err_w));
+        let mut prepared = Prepared {
+            supervisor_pid,
+            cgroup,
+            limits: spec.limits.clone(),
+            supervisor_status: File::from(sup_status_r),
+            work: Some(File::from(work_w)),
+            init_status: Some(File::from(init_status_r)),
+            stdin: Some(File::from(in_w)),
+            stdout: Some(File::from(out_r)),
+            stderr: Some(File::from(err_r)),
+            reaped: false,
+        };
+        prepared.handshake(ctl_w, host_id)?;
+        Ok(prepared)
+    }
+
+    fn handshake(&mut self, ctl: OwnedFd, host_id: u32) -> Result<(), SandboxError> {
+        let deadline = Instant::now() + SETUP_TIMEOUT;
+        let msg = read_message(&mut self.supervisor_status, deadline)?;
+        match msg.first() {
+            Some(b'U') => {}
+            Some(b'E') => return Err(parse_report(&msg)),
+            _ => {
+                return Err(SandboxError::Protocol {
+                    detail: format!("supervisor said {msg:?} instead of asking for id maps"),
+                })
+            }
+        }
+        write_id_maps(self.supervisor_pid, host_id)?;
+        let mut ctl = File::from(ctl);
+        ctl.write_all(b"G")
+            .map_err(|e| SandboxError::syscall("write", e))?;
+        drop(ctl);
+        let init_status = self.init_status.as_mut().expect("set at creation");
+        let msg = read_message(init_status, deadline)?;
+        match msg.first() {
+            Some(b'R') => {
+                // The supervisor is tiny and its death would lose the exit status: keep the OOM
+                // killer on the function's processes. Set from here (we are privileged) only
+                // now, after the init was forked, so the init does not inherit it. Best effort:
+                // some containers forbid lowering the score even to root, and a killed
+                // supervisor still takes the sandbox down (parent-death signal) and the OOM is
+                // still reported from the cgroup's counter.
+                let path = format!("/proc/{}/oom_score_adj", self.supervisor_pid);
+                if let Err(error) = std::fs::write(&path, "-1000") {
+                    tracing::debug!(%error, "supervisor oom_score_adj not lowered");
+                }
+                Ok(())
+            }
+            Some(b'E') => Err(parse_report(&msg)),
+            _ => {
+                // The init never started: the supervisor says why.
+                let sup = read_message(&mut self.supervisor_status, deadline)?;
+                if sup.first() == Some(&b'E') {
+                    Err(parse_report(&sup))
+                } else {
+                    Err(SandboxError::Protocol {
+                        detail: "init exited before it was ready".to_string(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// Memory charged to this sandbox's cgroup now.
+    pub(crate) fn memory_bytes(&self) -> u64 {
+        self.cgroup.memory_current().unwrap_or(0)
+    }
+
+    /// Hands the work to the waiting init: one write and a close.
+    pub(crate) fn hand_off(&mut self, frame: &[u8]) -> Result<(), SandboxError> {
+        let mut work = self.work.take().ok_or_else(|| SandboxError::Protocol {
+            detail: "work already handed off".to_string(),
+        })?;
+        work.write_all(frame)
+            .map_err(|e| SandboxError::syscall("write", e))
+    }
+
+    /// Waits until the init has exec'd the command (its status pipe closes) or reports why not.
+    pub(crate) fn await_exec(&mut self, deadline: Instant) -> Result<(), SandboxError> {
+        let Some(mut status) = self.init_status.take() else {
+            return Ok(());
+        };
+        let msg = read_message(&mut status, deadline)?;
+        if msg.first() == Some(&b'E') {
+            return Err(parse_report(&msg));
+        }
+        Ok(())
+    }
+
+    /// Runs the handed-off command to its end: feeds stdin, collects output within limits,
+    /// enforces the wall-clock timeout, reads the cgroup counters and removes the cgroup.
+    pub(crate) fn collect(mut self, stdin: &[u8]) -> Result<RunOutcome, SandboxError> {
+        let start = Instant::now();
+        let deadline = start + Duration::from_millis(self.limits.timeout_ms);
+        let mut stdin_file = self.stdin.take();
+        if let Some(f) = &stdin_file {
+            sys::set_nonblocking(f.as_raw_fd()).map_err(|e| SandboxError::syscall("fcntl", e))?;
+        }
+        if stdin.is_empty() {
+            stdin_file = None;
+        }
+        let mut stdin_pos = 0;
+        let mut stdout = Capture::new(self.stdout.take(), self.limits.stdout_bytes_max);
+        let mut stderr = Capture::new(self.stderr.take(), self.limits.stderr_bytes_max);
+        let mut init_status = self.init_status.take();
+        let mut init_msg = Vec::new();
+        let mut sup_msg = Vec::new();
+        let mut sup_open = true;
+        let mut timed_out = false;
+        let mut buf = vec![0u8; READ_CHUNK_BYTES];
+        loop {
+            if !sup_open && stdout.file.is_none() && stderr.file.is_none() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                timed_out = true;
+                break;
+            }
+            let mut fds = Vec::with_capacity(5);
+            let mut slots = Vec::with_capacity(5);
+            if let Some(f) = &stdin_file {
+                fds.push((f.as_raw_fd(), PollWant::Write));
+                slots.push(Slot::Stdin);
+            }
+            if let Some(f) = &stdout.file {
+                fds.push((f.as_raw_fd(), PollWant::Read));
+                slots.push(Slot::Stdout);
+            }
+            if let Some(f) = &stderr.file {
+                fds.push((f.as_raw_fd(), PollWant::Read));
+                slots.push(Slot::Stderr);
+            }
+            if let Some(f) = &init_status {
+                fds.push((f.as_raw_fd(), PollWant::Read));
+                slots.push(Slot::InitStatus);
+            }
+            if sup_open {
+                fds.push((self.supervisor_status.as_raw_fd(), PollWant::Read));
+                slots.push(Slot::Supervisor);
+            }
+            let ready = sys::poll_fds(&fds, remaining_ms(deadline))
+                .map_err(|e| SandboxError::syscall("poll", e))?;
+            for (slot, ready) in slots.into_iter().zip(ready) {
+                if !ready {
+                    continue;
+                }
+                match slot {
+                    Slot::Stdin => {
+                        let f = stdin_file.as_mut().expect("polled");
+                        match f.write(&stdin[stdin_pos..]) {
+                            Ok(n) => stdin_pos += n,
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                            // EPIPE: the function stopped reading; the rest is dropped.
+                            Err(_) => stdin_pos = stdin.len(),
+                        }
+                        if stdin_pos >= stdin.len() {
+                            stdin_file = None;
+                        }
+                    }
+                    Slot::Stdout => stdout.read(&mut buf),
+                    Slot::Stderr => stderr.read(&mut buf),
+                    Slot::InitStatus => {
+                        let f = init_status.as_mut().expect("polled");
+                        match f.read(&mut buf) {
+                            Ok(0) | Err(_) => init_status = None,
+                            Ok(n) => init_msg.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    Slot::Supervisor => match self.supervisor_status.read(&mut buf) {
+                        Ok(0) | Err(_) => sup_open = false,
+                        Ok(n) => sup_msg.extend_from_slice(&buf[..n]),
+                    },
+                }
+            }
+        }
+        if timed_out {
+            self.cgroup.kill_all()?;
+        }
+        let wall = start.elapsed();
+        self.reap()?;
+        let stats = self.cgroup.stats()?;
+        self.cgroup.remove()?;
+        if init_msg.first() == Some(&b'E') {
+            return Err(parse_report(&init_msg));
+        }
+        let status = if timed_out {
+            ExitStatus::TimedOut
+        } else if stats.oom_kills > 0 {
+            ExitStatus::OutOfMemory
+        } else if sup_msg.len() >= 5 && sup_msg[0] == b'X' {
+            let raw = i32::from_le_bytes([sup_msg[1], sup_msg[2], sup_msg[3], sup_msg[4]]);
+            decode_wait_status(raw)
+        } else {
+            // The supervisor died without reporting: only a kill from outside does that.
+            ExitStatus::Signaled(libc::SIGKILL)
+        };
+        Ok(RunOutcome {
+            status,
+            stdout: stdout.data,
+            stderr: stderr.data,
+            stdout_truncated: stdout.truncated,
+            stderr_truncated: stderr.truncated,
+            wall,
+            cpu: stats.cpu,
+            peak_memory_bytes: stats.peak_memory_bytes,
+        })
+    }
+
+    fn reap(&mut self) -> Result<(), SandboxError> {
+        if !self.reaped {
+            self.reaped = true;
+            sys::wait_pid(self.supervisor_pid).map_err(|e| SandboxError::syscall("waitpid", e))?;
+        }
+        Ok(())
+    }
+
+    /// Takes the function's stdio for serve mode: (stdin, stdout, stderr).
+    pub(crate) fn take_stdio(&mut self) -> Option<(File, File, File)> {
+        Some((self.stdin.take()?, self.stdout.take()?, self.stderr.take()?))
+    }
+
+    /// Kills everything in the sandbox and removes its cgroup.
+    pub(crate) fn destroy(mut self) -> Result<(), SandboxError> {
+        self.destroy_inner()
+    }
+
+    fn destroy_inner(&mut self) -> Result<(), SandboxError> {
+        self.work = None;
+        self.cgroup.kill_all()?;
+        self.reap()?;
+        self.cgroup.remove()
+    }
+
+    pub(crate) fn cgroup_dirs(&self) -> Vec<PathBuf> {
+        self.cgroup.dirs().to_vec()
+    }
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        if !self.reaped {
+            if let Err(error) = self.destroy_inner() {
+                tracing::warn!(%error, "sandbox cleanup failed");
+            }
+        }
+    }
+}
+
+enum Slot {
+    Stdin,
+    Stdout,
+    Stderr,
+    InitStatus,
+    Supervisor,
+}
+
+/// Output kept up to a byte limit; the rest is read and dropped so the writer never blocks.
+struct Capture {
+    file: Option<File>,
+    data: Vec<u8>,
+    limit: usize,
+    truncated: bool,
+}
+
+impl Capture {
+    fn new(file: Option<File>, limit: u64) -> Self {
+        Self {
+            file,
+            data: Vec::new(),
+            limit: usize::try_from(limit).unwrap_or(usize::MAX),
+            truncated: false,
+        }
+    }
+
+    fn read(&mut self, buf: &mut [u8]) {
+        let Some(file) = self.file.as_mut() else {
+            return;
+        };
+        match file.read(buf) {
+            Ok(0) | Err(_) => self.file = None,
+            Ok(n) => {
+                let room = self.limit.saturating_sub(self.data.len());
+                let keep = n.min(room);
+                self.data.extend_from_slice(&buf[..keep]);
+                if keep < n {
+                    self.truncated = true;
+                }
+            }
+        }
+    }
+}
+
+fn decode_wait_status(raw: i32) -> ExitStatus {
+    if libc::WIFEXITED(raw) {
+        ExitStatus::Exited(libc::WEXITSTATUS(raw))
+    } else if libc::WIFSIGNALED(raw) {
+        ExitStatus::Signaled(libc::WTERMSIG(raw))
+    } else {
+        ExitStatus::Signaled(0)
+    }
+}
+
+/// Creates a sandbox, runs `argv` in it with `stdin`, and cleans everything up.
+pub(crate) fn run_blocking(
+    spec: &SandboxSpec,
+    argv: &[String],
+    stdin: &[u8],
+) -> Result<RunOutcome, SandboxError> {
+    let frame = encode_work(argv, &spec.env)?;
+    let mut prepared = Prepared::create(spec)?;
+    prepared.hand_off(&frame)?;
+    prepared.collect(stdin)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn work_frame_encodes_argv_and_env() {
+        let frame = encode_work(
+            &["sh".to_string(), "-c".to_string(), "echo hi".to_string()],
+            &[("A".to_string(), "1".to_string()), ("HOME".to_string(), "/x".to_string())],
+        )
+        .expect("valid");
+        let parts: Vec<&[u8]> = frame.split(|b| *b == 0).collect();
+        assert_eq!(parts[0], b"3");
+        assert_eq!(parts[3], b"echo hi");
+        assert_eq!(parts[4], b"5");
+        assert!(parts.contains(&&b"HOME=/x"[..]));
+        assert!(!parts.contains(&&b"HOME=/tmp"[..]));
+        assert!(parts.contains(&&b"A=1"[..]));
+    }
+
+    #[test]
+    fn bad_commands_are_refused() {
+        assert!(encode_work(&[], &[]).is_err());
+        assert!(encode_work(&["a\0b".to_string()], &[]).is_err());
+        assert!(encode_work(&["a".to_string()], &[("A=B".to_string(), String::new())]).is_err());
+        assert!(encode_work(&["a".repeat(WORK_BYTES_MAX + 1)], &[]).is_err());
+    }
+
+    #[test]
+    fn setup_reports_round_trip() {
+        let msg = b"Ebind mount\t13\t/etc/x\n";
+        match parse_report(msg) {
+            SandboxError::Setup { step, path, source } => {
+                assert_eq!(step, "bind mount");
+                assert_eq!(path, Some(PathBuf::from("/etc/x")));
+                assert_eq!(source.raw_os_error(), Some(13));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn wait_statuses_decode() {
+        assert_eq!(decode_wait_status(3 << 8), ExitStatus::Exited(3));
+        assert_eq!(decode_wait_status(9), ExitStatus::Signaled(9));
+    }
+}

@@ -1,0 +1,429 @@
+//! The seccomp filter: an allowlist that is a subset of Docker's default profile, with argument
+//! checks on `clone`, `socket`, `socketpair`, `ioctl` and `personality`.
+//!
+//! Two filters are stacked. The first answers `clone3` with `ENOSYS` so that libc falls back
+//! to `clone`, whose flags can be inspected (clone3 passes them in memory, out of seccomp's
+//! reach). The second, installed last so that it also denies `seccomp` itself, allows the
+//! listed syscalls (`clone3` among them, so the first filter's `ENOSYS` wins: the kernel keeps
+//! the most restrictive action) and answers everything else with `EPERM`.
+//!
+//! Denied on purpose (absent from the allowlist), beyond what Docker already denies: io_uring,
+//! ptrace, process_vm_*, unshare, setns, mount and the new mount API, pivot_root, chroot, bpf,
+//! keyctl/add_key/request_key, perf_event_open, userfaultfd, fanotify, name_to_handle_at,
+//! open_by_handle_at, seccomp itself, AIO, mknod, kcmp, pidfd_getfd, and every module, clock,
+//! swap, reboot, quota and accounting call.
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition,
+    SeccompFilter, SeccompRule,
+};
+
+use crate::error::SandboxError;
+
+/// Namespace flags that `clone` must not carry.
+const CLONE_NAMESPACE_FLAGS: u64 = (libc::CLONE_NEWNS
+    | libc::CLONE_NEWUTS
+    | libc::CLONE_NEWIPC
+    | libc::CLONE_NEWUSER
+    | libc::CLONE_NEWPID
+    | libc::CLONE_NEWNET
+    | libc::CLONE_NEWCGROUP
+    | 0x80) as u64; // CLONE_NEWTIME
+
+/// Syscalls allowed without conditions.
+const ALLOWED: &[i64] = &[
+    libc::SYS_accept,
+    libc::SYS_accept4,
+    libc::SYS_access,
+    libc::SYS_alarm,
+    libc::SYS_arch_prctl,
+    libc::SYS_bind,
+    libc::SYS_brk,
+    libc::SYS_capget,
+    libc::SYS_capset,
+    libc::SYS_chdir,
+    libc::SYS_chmod,
+    libc::SYS_chown,
+    libc::SYS_clock_getres,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_close,
+    libc::SYS_close_range,
+    libc::SYS_connect,
+    libc::SYS_copy_file_range,
+    libc::SYS_creat,
+    libc::SYS_dup,
+    libc::SYS_dup2,
+    libc::SYS_dup3,
+    libc::SYS_epoll_create,
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_pwait2,
+    libc::SYS_epoll_wait,
+    libc::SYS_eventfd,
+    libc::SYS_eventfd2,
+    libc::SYS_execve,
+    libc::SYS_execveat,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+    libc::SYS_faccessat,
+    libc::SYS_faccessat2,
+    libc::SYS_fadvise64,
+    libc::SYS_fallocate,
+    libc::SYS_fchdir,
+    libc::SYS_fchmod,
+    libc::SYS_fchmodat,
+    libc::SYS_fchown,
+    libc::SYS_fchownat,
+    libc::SYS_fcntl,
+    libc::SYS_fdatasync,
+    libc::SYS_fgetxattr,
+    libc::SYS_flistxattr,
+    libc::SYS_flock,
+    libc::SYS_fork,
+    libc::SYS_fremovexattr,
+    libc::SYS_fsetxattr,
+    libc::SYS_fstat,
+    libc::SYS_fstatfs,
+    libc::SYS_fsync,
+    libc::SYS_ftruncate,
+    libc::SYS_futex,
+    libc::SYS_futex_waitv,
+    libc::SYS_futimesat,
+    libc::SYS_getcpu,
+    libc::SYS_getcwd,
+    libc::SYS_getdents,
+    libc::SYS_getdents64,
+    libc::SYS_getegid,
+    libc::SYS_geteuid,
+    libc::SYS_getgid,
+    libc::SYS_getgroups,
+    libc::SYS_getitimer,
+    libc::SYS_getpeername,
+    libc::SYS_getpgid,
+    libc::SYS_getpgrp,
+    libc::SYS_getpid,
+    libc::SYS_getppid,
+    libc::SYS_getpriority,
+    libc::SYS_getrandom,
+    libc::SYS_getresgid,
+    libc::SYS_getresuid,
+    libc::SYS_getrlimit,
+    libc::SYS_get_robust_list,
+    libc::SYS_getrusage,
+    libc::SYS_getsid,
+    libc::SYS_getsockname,
+    libc::SYS_getsockopt,
+    libc::SYS_gettid,
+    libc::SYS_gettimeofday,
+    libc::SYS_getuid,
+    libc::SYS_getxattr,
+    libc::SYS_inotify_add_watch,
+    libc::SYS_inotify_init,
+    libc::SYS_inotify_init1,
+    libc::SYS_inotify_rm_watch,
+    libc::SYS_kill,
+    libc::SYS_lchown,
+    libc::SYS_lgetxattr,
+    libc::SYS_link,
+    libc::SYS_linkat,
+    libc::SYS_listen,
+    libc::SYS_listxattr,
+    libc::SYS_llistxattr,
+    libc::SYS_lremovexattr,
+    libc::SYS_lseek,
+    libc::SYS_lsetxattr,
+    libc::SYS_lstat,
+    libc::SYS_madvise,
+    libc::SYS_membarrier,
+    libc::SYS_memfd_create,
+    libc::SYS_mincore,
+    libc::SYS_mkdir,
+    libc::SYS_mkdirat,
+    libc::SYS_mlock,
+    libc::SYS_mlock2,
+    libc::SYS_mmap,
+    libc::SYS_mprotect,
+    libc::SYS_mremap,
+    libc::SYS_msync,
+    libc::SYS_munlock,
+    libc::SYS_munmap,
+    libc::SYS_nanosleep,
+    libc::SYS_newfstatat,
+    libc::SYS_open,
+    libc::SYS_openat,
+    libc::SYS_openat2,
+    libc::SYS_pause,
+    libc::SYS_pidfd_open,
+    libc::SYS_pidfd_send_signal,
+    libc::SYS_pipe,
+    libc::SYS_pipe2,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_prctl,
+    libc::SYS_pread64,
+    libc::SYS_preadv,
+    libc::SYS_preadv2,
+    libc::SYS_prlimit64,
+    libc::SYS_pselect6,
+    libc::SYS_pwrite64,
+    libc::SYS_pwritev,
+    libc::SYS_pwritev2,
+    libc::SYS_read,
+    libc::SYS_readahead,
+    libc::SYS_readlink,
+    libc::SYS_readlinkat,
+    libc::SYS_readv,
+    libc::SYS_recvfrom,
+    libc::SYS_recvmmsg,
+    libc::SYS_recvmsg,
+    libc::SYS_removexattr,
+    libc::SYS_rename,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_restart_syscall,
+    libc::SYS_rmdir,
+    libc::SYS_rseq,
+    libc::SYS_rt_sigaction,
+    libc::SYS_rt_sigpending,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigqueueinfo,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigsuspend,
+    libc::SYS_rt_sigtimedwait,
+    libc::SYS_rt_tgsigqueueinfo,
+    libc::SYS_sched_getaffinity,
+    libc::SYS_sched_getattr,
+    libc::SYS_sched_getparam,
+    libc::SYS_sched_get_priority_max,
+    libc::SYS_sched_get_priority_min,
+    libc::SYS_sched_getscheduler,
+    libc::SYS_sched_rr_get_interval,
+    libc::SYS_sched_setaffinity,
+    libc::SYS_sched_yield,
+    libc::SYS_select,
+    libc::SYS_sendfile,
+    libc::SYS_sendmmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_sendto,
+    libc::SYS_setitimer,
+    libc::SYS_setpgid,
+    libc::SYS_setpriority,
+    libc::SYS_setrlimit,
+    libc::SYS_set_robust_list,
+    libc::SYS_setsid,
+    libc::SYS_setsockopt,
+    libc::SYS_set_tid_address,
+    libc::SYS_setxattr,
+    libc::SYS_shutdown,
+    libc::SYS_sigaltstack,
+    libc::SYS_signalfd,
+    libc::SYS_signalfd4,
+    libc::SYS_splice,
+    libc::SYS_stat,
+    libc::SYS_statfs,
+    libc::SYS_statx,
+    libc::SYS_symlink,
+    libc::SYS_symlinkat,
+    libc::SYS_sync,
+    libc::SYS_sync_file_range,
+    libc::SYS_syncfs,
+    libc::SYS_sysinfo,
+    libc::SYS_tee,
+    libc::SYS_tgkill,
+    libc::SYS_time,
+    libc::SYS_timer_create,
+    libc::SYS_timer_delete,
+    libc::SYS_timer_getoverrun,
+    libc::SYS_timer_gettime,
+    libc::SYS_timer_settime,
+    libc::SYS_timerfd_create,
+    libc::SYS_timerfd_gettime,
+    libc::SYS_timerfd_settime,
+    libc::SYS_times,
+    libc::SYS_tkill,
+    libc::SYS_truncate,
+    libc::SYS_umask,
+    libc::SYS_uname,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+    libc::SYS_utime,
+    libc::SYS_utimensat,
+    libc::SYS_utimes,
+    libc::SYS_vfork,
+    libc::SYS_wait4,
+    libc::SYS_waitid,
+    libc::SYS_write,
+    libc::SYS_writev,
+    libc::SYS_landlock_create_ruleset,
+    libc::SYS_landlock_add_rule,
+    libc::SYS_landlock_restrict_self,
+    // Answered with ENOSYS by the first filter.
+    libc::SYS_clone3,
+];
+
+/// Syscalls the sandbox must never reach; used by tests to check the allowlist.
+pub const DENIED: &[i64] = &[
+    libc::SYS_io_uring_setup,
+    libc::SYS_io_uring_enter,
+    libc::SYS_io_uring_register,
+    libc::SYS_ptrace,
+    libc::SYS_process_vm_readv,
+    libc::SYS_process_vm_writev,
+    libc::SYS_unshare,
+    libc::SYS_setns,
+    libc::SYS_mount,
+    libc::SYS_umount2,
+    libc::SYS_pivot_root,
+    libc::SYS_chroot,
+    libc::SYS_fsopen,
+    libc::SYS_fsmount,
+    libc::SYS_move_mount,
+    libc::SYS_open_tree,
+    libc::SYS_bpf,
+    libc::SYS_keyctl,
+    libc::SYS_add_key,
+    libc::SYS_request_key,
+    libc::SYS_perf_event_open,
+    libc::SYS_userfaultfd,
+    libc::SYS_kexec_load,
+    libc::SYS_init_module,
+    libc::SYS_finit_module,
+    libc::SYS_delete_module,
+    libc::SYS_open_by_handle_at,
+    libc::SYS_name_to_handle_at,
+    libc::SYS_seccomp,
+    libc::SYS_reboot,
+    libc::SYS_swapon,
+    libc::SYS_settimeofday,
+    libc::SYS_clock_settime,
+    libc::SYS_kcmp,
+    libc::SYS_pidfd_getfd,
+    libc::SYS_mknod,
+];
+
+fn cond(arg: u8, len: Len, op: Op, value: u64) -> SeccompCondition {
+    SeccompCondition::new(arg, len, op, value).expect("argument index is below 6")
+}
+
+fn rule(conditions: Vec<SeccompCondition>) -> SeccompRule {
+    SeccompRule::new(conditions).expect("a rule with at least one condition")
+}
+
+fn arch() -> seccompiler::TargetArch {
+    std::env::consts::ARCH
+        .try_into()
+        .expect("seccompiler supports the architectures skiff builds for")
+}
+
+fn allowlist() -> Result<BpfProgram, SandboxError> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        ALLOWED.iter().map(|nr| (*nr, Vec::new())).collect();
+    // clone: never with a namespace flag (no nested user namespace, no new pid namespace).
+    rules.insert(
+        libc::SYS_clone,
+        vec![rule(vec![cond(
+            0,
+            Len::Qword,
+            Op::MaskedEq(CLONE_NAMESPACE_FLAGS),
+            0,
+        )])],
+    );
+    // socket: Unix sockets of any type; TCP over IPv4 and IPv6 only (no UDP, raw, netlink,
+    // packet, vsock...). The mask strips SOCK_NONBLOCK and SOCK_CLOEXEC.
+    let stream = libc::SOCK_STREAM as u64;
+    rules.insert(
+        libc::SYS_socket,
+        vec![
+            rule(vec![cond(0, Len::Dword, Op::Eq, libc::AF_UNIX as u64)]),
+            rule(vec![
+                cond(0, Len::Dword, Op::Eq, libc::AF_INET as u64),
+                cond(1, Len::Dword, Op::MaskedEq(0xf), stream),
+            ]),
+            rule(vec![
+                cond(0, Len::Dword, Op::Eq, libc::AF_INET6 as u64),
+                cond(1, Len::Dword, Op::MaskedEq(0xf), stream),
+            ]),
+        ],
+    );
+    rules.insert(
+        libc::SYS_socketpair,
+        vec![rule(vec![cond(0, Len::Dword, Op::Eq, libc::AF_UNIX as u64)])],
+    );
+    // ioctl: everything but faking terminal input (TIOCSTI) and the console multiplexer.
+    rules.insert(
+        libc::SYS_ioctl,
+        vec![rule(vec![
+            cond(1, Len::Dword, Op::Ne, libc::TIOCSTI),
+            cond(1, Len::Dword, Op::Ne, libc::TIOCLINUX),
+        ])],
+    );
+    // personality: the same values as Docker (query, Linux, Linux32, UNAME26).
+    rules.insert(
+        libc::SYS_personality,
+        [0u64, 0x0008, 0x0002_0000, 0x0002_0008, 0xffff_ffff]
+            .into_iter()
+            .map(|v| rule(vec![cond(0, Len::Dword, Op::Eq, v)]))
+            .collect(),
+    );
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Errno(libc::EPERM as u32),
+        SeccompAction::Allow,
+        arch(),
+    )
+    .map_err(SandboxError::Seccomp)?;
+    filter.try_into().map_err(SandboxError::Seccomp)
+}
+
+fn clone3_enosys() -> Result<BpfProgram, SandboxError> {
+    let rules = BTreeMap::from([(libc::SYS_clone3, Vec::new())]);
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        arch(),
+    )
+    .map_err(SandboxError::Seccomp)?;
+    filter.try_into().map_err(SandboxError::Seccomp)
+}
+
+/// The compiled filters, in the order they are installed. Built once per process.
+pub(crate) fn filters() -> Result<&'static [BpfProgram], SandboxError> {
+    static FILTERS: OnceLock<Result<Vec<BpfProgram>, String>> = OnceLock::new();
+    FILTERS
+        .get_or_init(|| {
+            let build = || Ok::<_, SandboxError>(vec![clone3_enosys()?, allowlist()?]);
+            build().map_err(|e| format!("{e}: {:?}", std::error::Error::source(&e)))
+        })
+        .as_ref()
+        .map(Vec::as_slice)
+        .map_err(|detail| SandboxError::Protocol {
+            detail: format!("seccomp filter: {detail}"),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_compile() {
+        let filters = filters().expect("filters compile");
+        assert_eq!(filters.len(), 2);
+        assert!(filters.iter().all(|f| !f.is_empty()));
+    }
+
+    #[test]
+    fn denied_syscalls_are_not_allowed() {
+        for nr in DENIED {
+            assert!(!ALLOWED.contains(nr), "syscall {nr} is both denied and allowed");
+            assert_ne!(*nr, libc::SYS_clone);
+            assert_ne!(*nr, libc::SYS_socket);
+        }
+    }
+}

@@ -1,0 +1,460 @@
+//! The setup of a sandbox: what to build ([`Plan`], computed in the parent) and the order in
+//! which to build it ([`supervisor`] and [`init`], run in the children through the
+//! [`Syscalls`] seam).
+//!
+//! Order, and why:
+//! 1. supervisor: parent-death signal, supplementary groups
+//!    dropped (impossible once `setgroups` is denied), into the cgroup (before the cgroup
+//!    namespace, whose root becomes this cgroup), `unshare` of every namespace, the parent
+//!    writes the id maps, then uid/gid 0 inside = the unprivileged host ids.
+//! 2. init (pid 1 of the new pid namespace, so the fresh `/proc` is its own): mounts private,
+//!    tmpfs root with the read-only binds, `/code`, `/tmp`, `/dev`, `/proc` with masks, root
+//!    read-only, `pivot_root` + detach → hostname, rlimits, new session, parent-death signal,
+//!    default signals, inherited fds closed → `no_new_privs`, capabilities dropped →
+//!    Landlock → seccomp, last, because every earlier step needs syscalls it denies.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use seccompiler::BpfProgram;
+
+use crate::error::SandboxError;
+use crate::sys::{LandlockRules, Namespaces, Rlimit, StepResult, Syscalls, TmpfsFlags};
+use crate::SandboxSpec;
+
+/// Where the data socket appears inside the sandbox.
+pub const DATA_SOCKET_PATH: &str = "/run/skiff/data.sock";
+/// Files masked with `/dev/null` in the fresh `/proc` (as Docker does).
+const PROC_MASKED_FILES: &[&str] = &[
+    "kcore",
+    "keys",
+    "timer_list",
+    "sched_debug",
+    "latency_stats",
+    "sysrq-trigger",
+    "kallsyms",
+    "kmsg",
+    "config.gz",
+];
+/// Directories of `/proc` hidden under an empty read-only tmpfs.
+const PROC_MASKED_DIRS: &[&str] = &["acpi", "scsi", "asound", "firmware", "driver"];
+/// Directories of `/proc` made read-only.
+const PROC_READ_ONLY: &[&str] = &["sys", "bus", "fs", "irq"];
+const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom"];
+const ETC_PASSWD: &[u8] = b"root:x:0:0:root:/tmp:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n";
+const ETC_GROUP: &[u8] = b"root:x:0:\nnogroup:x:65534:\n";
+const ETC_HOSTS: &[u8] = b"127.0.0.1 localhost sandbox\n::1 localhost sandbox\n";
+const ETC_NSSWITCH: &[u8] = b"passwd: files\ngroup: files\nhosts: files dns\n";
+pub(crate) const HOSTNAME: &str = "sandbox";
+/// fds the init keeps until exec: 0..=2 stdio, 3 work, 4 status.
+pub(crate) const INIT_FDS_KEPT: i32 = 5;
+
+/// One step of building the root file system (paths are already under the staging root).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum RootOp {
+    Dir(PathBuf),
+    File(PathBuf, &'static [u8]),
+    Symlink { target: PathBuf, link: PathBuf },
+    Bind {
+        source: PathBuf,
+        target: PathBuf,
+        read_only: bool,
+    },
+    Tmpfs {
+        target: PathBuf,
+        data: String,
+        flags: TmpfsFlags,
+    },
+    Proc(PathBuf),
+    RemountReadOnly(PathBuf),
+}
+
+/// Everything the children need, computed before the fork.
+#[derive(Debug, Clone)]
+pub(crate) struct Plan {
+    pub namespaces: Namespaces,
+    pub cgroup_procs: Vec<PathBuf>,
+    pub staging_root: PathBuf,
+    pub root_ops: Vec<RootOp>,
+    pub rlimits: Vec<(Rlimit, u64)>,
+    pub landlock: LandlockRules,
+    pub filters: &'static [BpfProgram],
+}
+
+fn under(root: &Path, path: &Path) -> PathBuf {
+    root.join(path.strip_prefix("/").unwrap_or(path))
+}
+
+impl Plan {
+    pub(crate) fn build(
+        spec: &SandboxSpec,
+        cgroup_procs: Vec<PathBuf>,
+        staging_root: &Path,
+        filters: &'static [BpfProgram],
+    ) -> Result<Self, SandboxError> {
+        let limits = &spec.limits;
+        let root = staging_root;
+        let mut ops = vec![RootOp::Tmpfs {
+            target: root.to_path_buf(),
+            data: "size=1m,nr_inodes=4096,mode=755".to_string(),
+            flags: TmpfsFlags {
+                read_only: false,
+                no_exec: false,
+            },
+        }];
+        let mut landlock = LandlockRules {
+            list: vec![PathBuf::from("/")],
+            read: vec![PathBuf::from("/etc"), PathBuf::from("/proc")],
+            ..LandlockRules::default()
+        };
+
+        // /etc: our own minimal files, never the host's (no shadow, no host users).
+        ops.push(RootOp::Dir(under(root, Path::new("/etc"))));
+        for (name, contents) in [
+            ("passwd", ETC_PASSWD),
+            ("group", ETC_GROUP),
+            ("hosts", ETC_HOSTS),
+            ("nsswitch.conf", ETC_NSSWITCH),
+        ] {
+            ops.push(RootOp::File(under(root, &Path::new("/etc").join(name)), contents));
+        }
+
+        let mut readable = limits.readable_paths.clone();
+        readable.sort();
+        readable.dedup();
+        for path in &readable {
+            let meta = match fs::symlink_metadata(path) {
+                Ok(meta) => meta,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(source) => {
+                    return Err(SandboxError::BadPath {
+                        what: "readable path",
+                        path: path.clone(),
+                        source,
+                    })
+                }
+            };
+            let inside = under(root, path);
+            if let Some(parent) = inside.parent() {
+                ops.push(RootOp::Dir(parent.to_path_buf()));
+            }
+            if meta.file_type().is_symlink() {
+                // Debian's merged /usr: /bin -> usr/bin. Recreate the link; what it points to is
+                // bound on its own (or not at all).
+                let target = fs::read_link(path).map_err(|source| SandboxError::BadPath {
+                    what: "readable path",
+                    path: path.clone(),
+                    source,
+                })?;
+                ops.push(RootOp::Symlink {
+                    target,
+                    link: inside,
+                });
+                continue;
+            }
+            if meta.is_dir() {
+                ops.push(RootOp::Dir(inside.clone()));
+            } else {
+                ops.push(RootOp::File(inside.clone(), b""));
+            }
+            ops.push(RootOp::Bind {
+                source: path.clone(),
+                target: inside,
+                read_only: true,
+            });
+            landlock.read_exec.push(path.clone());
+        }
+
+        let code_meta = fs::metadata(&spec.code_dir).map_err(|source| SandboxError::BadPath {
+            what: "code directory",
+            path: spec.code_dir.clone(),
+            source,
+        })?;
+        if !code_meta.is_dir() {
+            return Err(SandboxError::BadPath {
+                what: "code directory",
+                path: spec.code_dir.clone(),
+                source: io::Error::new(io::ErrorKind::NotADirectory, "not a directory"),
+            });
+        }
+        let code_inside = under(root, Path::new("/code"));
+        ops.push(RootOp::Dir(code_inside.clone()));
+        ops.push(RootOp::Bind {
+            source: spec.code_dir.clone(),
+            target: code_inside,
+            read_only: true,
+        });
+        landlock.read_exec.push(PathBuf::from("/code"));
+
+        if let Some(socket) = &spec.data_socket {
+            fs::symlink_metadata(socket).map_err(|source| SandboxError::BadPath {
+                what: "data socket",
+                path: socket.clone(),
+                source,
+            })?;
+            let inside = under(root, Path::new(DATA_SOCKET_PATH));
+            ops.push(RootOp::Dir(under(root, Path::new("/run/skiff"))));
+            ops.push(RootOp::File(inside.clone(), b""));
+            ops.push(RootOp::Bind {
+                source: socket.clone(),
+                target: inside,
+                read_only: true,
+            });
+        }
+
+        let tmp = under(root, Path::new("/tmp"));
+        ops.push(RootOp::Dir(tmp.clone()));
+        ops.push(RootOp::Tmpfs {
+            target: tmp,
+            data: format!("size={},mode=1777", limits.tmp_bytes_max),
+            flags: TmpfsFlags {
+                read_only: !limits.tmp_writable(),
+                no_exec: false,
+            },
+        });
+        landlock.read_write.extend(limits.writable_paths.iter().cloned());
+        landlock.read.push(PathBuf::from("/tmp"));
+
+        let dev = under(root, Path::new("/dev"));
+        ops.push(RootOp::Dir(dev.clone()));
+        ops.push(RootOp::Tmpfs {
+            target: dev.clone(),
+            data: "size=64k,nr_inodes=64,mode=755".to_string(),
+            flags: TmpfsFlags {
+                read_only: false,
+                no_exec: true,
+            },
+        });
+        for name in DEVICES {
+            let host = Path::new("/dev").join(name);
+            let inside = dev.join(name);
+            ops.push(RootOp::File(inside.clone(), b""));
+            ops.push(RootOp::Bind {
+                source: host.clone(),
+                target: inside,
+                read_only: false,
+            });
+            landlock.devices.push(host);
+        }
+        for (name, target) in [
+            ("fd", "/proc/self/fd"),
+            ("stdin", "/proc/self/fd/0"),
+            ("stdout", "/proc/self/fd/1"),
+            ("stderr", "/proc/self/fd/2"),
+        ] {
+            ops.push(RootOp::Symlink {
+                target: PathBuf::from(target),
+                link: dev.join(name),
+            });
+        }
+        ops.push(RootOp::RemountReadOnly(dev.clone()));
+        landlock.list.push(PathBuf::from("/dev"));
+
+        let proc_dir = under(root, Path::new("/proc"));
+        ops.push(RootOp::Dir(proc_dir.clone()));
+        ops.push(RootOp::Proc(proc_dir.clone()));
+        let host_proc = Path::new("/proc");
+        for name in PROC_MASKED_FILES {
+            if host_proc.join(name).exists() {
+                ops.push(RootOp::Bind {
+                    source: dev.join("null"),
+                    target: proc_dir.join(name),
+                    read_only: false,
+                });
+            }
+        }
+        for name in PROC_MASKED_DIRS {
+            if host_proc.join(name).is_dir() {
+                ops.push(RootOp::Tmpfs {
+                    target: proc_dir.join(name),
+                    data: "size=0,mode=555".to_string(),
+                    flags: TmpfsFlags {
+                        read_only: true,
+                        no_exec: true,
+                    },
+                });
+            }
+        }
+        for name in PROC_READ_ONLY {
+            if host_proc.join(name).is_dir() {
+                let path = proc_dir.join(name);
+                ops.push(RootOp::Bind {
+                    source: path.clone(),
+                    target: path,
+                    read_only: true,
+                });
+            }
+        }
+        ops.push(RootOp::RemountReadOnly(root.to_path_buf()));
+
+        let mut namespaces = Namespaces::USER
+            | Namespaces::PID
+            | Namespaces::MOUNT
+            | Namespaces::IPC
+            | Namespaces::UTS
+            | Namespaces::CGROUP;
+        if !limits.tier.host_network() {
+            namespaces |= Namespaces::NET;
+        }
+        landlock.tcp_connect_ports = limits.tcp_connect_ports.clone();
+
+        Ok(Plan {
+            namespaces: Namespaces(namespaces),
+            cgroup_procs,
+            staging_root: root.to_path_buf(),
+            root_ops: ops,
+            rlimits: vec![
+                (Rlimit::OpenFiles, limits.open_files_max),
+                (Rlimit::CoreBytes, 0),
+                // No single file may outgrow /tmp; writes past it fail with EFBIG.
+                (Rlimit::FileBytes, limits.tmp_bytes_max),
+            ],
+            landlock,
+            filters,
+        })
+    }
+}
+
+/// Steps of the supervisor, up to (not including) the fork of the init.
+pub(crate) fn supervisor(sys: &mut impl Syscalls, plan: &Plan) -> StepResult {
+    sys.set_parent_death_signal()?;
+    sys.drop_supplementary_groups()?;
+    for procs in &plan.cgroup_procs {
+        sys.join_cgroup(procs)?;
+    }
+    sys.unshare(plan.namespaces)?;
+    sys.await_id_maps()?;
+    sys.become_root()
+}
+
+/// Steps of the init, up to the point where it waits for work.
+pub(crate) fn init(sys: &mut impl Syscalls, plan: &Plan) -> StepResult {
+    sys.set_parent_death_signal()?;
+    sys.make_mounts_private()?;
+    for op in &plan.root_ops {
+        match op {
+            RootOp::Dir(path) => sys.make_dir(path)?,
+            RootOp::File(path, contents) => sys.make_file(path, contents)?,
+            RootOp::Symlink { target, link } => sys.make_symlink(target, link)?,
+            RootOp::Bind {
+                source,
+                target,
+                read_only,
+            } => sys.bind_mount(source, target, *read_only)?,
+            RootOp::Tmpfs {
+                target,
+                data,
+                flags,
+            } => sys.mount_tmpfs(target, data, *flags)?,
+            RootOp::Proc(path) => sys.mount_proc(path)?,
+            RootOp::RemountReadOnly(path) => sys.remount_read_only(path)?,
+        }
+    }
+    sys.pivot_root(&plan.staging_root)?;
+    sys.set_hostname(HOSTNAME)?;
+    for (resource, value) in &plan.rlimits {
+        sys.set_rlimit(*resource, *value)?;
+    }
+    sys.new_session()?;
+    sys.reset_signals()?;
+    sys.close_fds_from(INIT_FDS_KEPT)?;
+    sys.set_no_new_privs()?;
+    sys.drop_capabilities()?;
+    sys.landlock(&plan.landlock)?;
+    sys.seccomp(plan.filters)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Tier;
+    use crate::sys::fake::RecordingSys;
+
+    fn plan(tier: Tier) -> Plan {
+        let code = std::env::temp_dir();
+        let spec = SandboxSpec::new(tier, code);
+        Plan::build(
+            &spec,
+            vec![PathBuf::from("/cg/memory/x/cgroup.procs")],
+            Path::new("/staging"),
+            crate::seccomp::filters().expect("filters compile"),
+        )
+        .expect("plan builds")
+    }
+
+    fn pos(sys: &RecordingSys, prefix: &str) -> usize {
+        sys.position(prefix)
+            .unwrap_or_else(|| panic!("no call {prefix} in {:#?}", sys.calls))
+    }
+
+    #[test]
+    fn supervisor_joins_cgroup_before_unshare_and_maps_before_root() {
+        let plan = plan(Tier::Untrusted);
+        let mut sys = RecordingSys::new();
+        supervisor(&mut sys, &plan).expect("fake succeeds");
+        assert_eq!(pos(&sys, "pdeathsig"), 0);
+        assert!(pos(&sys, "setgroups") < pos(&sys, "unshare"));
+        assert!(pos(&sys, "join_cgroup") < pos(&sys, "unshare"));
+        assert!(pos(&sys, "unshare") < pos(&sys, "await_id_maps"));
+        assert!(pos(&sys, "await_id_maps") < pos(&sys, "become_root"));
+        assert_eq!(sys.calls.last().map(String::as_str), Some("become_root"));
+    }
+
+    #[test]
+    fn init_order_ends_with_landlock_then_seccomp() {
+        let plan = plan(Tier::Standard);
+        let mut sys = RecordingSys::new();
+        init(&mut sys, &plan).expect("fake succeeds");
+        let pivot = pos(&sys, "pivot_root");
+        assert!(pos(&sys, "mounts_private") < pos(&sys, "tmpfs /staging "));
+        assert!(pos(&sys, "proc /staging/proc") < pivot);
+        // The root is made read-only after everything was created in it, just before pivot.
+        assert_eq!(sys.last_position("remount_ro /staging"), Some(pivot - 1));
+        assert!(sys.last_position("mkdir").expect("mkdirs") < pivot);
+        assert!(pivot < pos(&sys, "rlimit"));
+        assert!(pos(&sys, "setsid") < pos(&sys, "close_fds 5"));
+        assert!(pos(&sys, "close_fds") < pos(&sys, "no_new_privs"));
+        assert!(pos(&sys, "no_new_privs") < pos(&sys, "drop_caps"));
+        assert!(pos(&sys, "drop_caps") < pos(&sys, "landlock"));
+        assert_eq!(sys.calls.last().map(String::as_str), Some("seccomp 2"));
+        // /code is bound read-only, /etc/shadow never.
+        assert!(sys.calls.iter().any(|c| c.starts_with("bind ") && c.contains("/staging/code ro=true")));
+        assert!(!sys.calls.iter().any(|c| c.contains("shadow")));
+    }
+
+    #[test]
+    fn a_failing_step_stops_the_setup() {
+        let plan = plan(Tier::Untrusted);
+        let mut sys = RecordingSys {
+            fail_on: Some("pivot_root"),
+            ..RecordingSys::default()
+        };
+        let err = init(&mut sys, &plan).expect_err("pivot fails");
+        assert_eq!(err.errno, libc::EPERM);
+        assert!(sys.calls.last().expect("calls").starts_with("pivot_root"));
+        assert!(sys.position("seccomp").is_none());
+        assert!(sys.position("landlock").is_none());
+    }
+
+    #[test]
+    fn only_trusted_keeps_the_host_network() {
+        for tier in Tier::ALL {
+            let plan = plan(tier);
+            assert_eq!(
+                plan.namespaces.contains(Namespaces::NET),
+                !tier.host_network()
+            );
+            for ns in [
+                Namespaces::USER,
+                Namespaces::PID,
+                Namespaces::MOUNT,
+                Namespaces::IPC,
+                Namespaces::UTS,
+                Namespaces::CGROUP,
+            ] {
+                assert!(plan.namespaces.contains(ns));
+            }
+        }
+    }
+}

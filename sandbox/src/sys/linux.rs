@@ -1,0 +1,700 @@
+//! The real kernel calls: [`RealSys`] for the setup steps, and the process plumbing (fork,
+//! pipes, poll, wait, exec) the parent and the children use.
+//!
+//! Children run these after `fork()` of a possibly multi-threaded parent. glibc's `fork()`
+//! resets its malloc locks in the child, so allocating there is safe; nothing here takes a lock
+//! another thread could hold (no tracing, no stdio).
+
+use std::ffi::{CStr, CString};
+use std::fs::{DirBuilder, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::Path;
+
+use seccompiler::BpfProgram;
+
+use super::{LandlockRules, Namespaces, Rlimit, StepError, StepResult, Syscalls, TmpfsFlags};
+
+fn errno() -> i32 {
+    io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+}
+
+fn io_errno(e: &io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(libc::EIO)
+}
+
+fn cpath(path: &Path, step: &'static str) -> Result<CString, StepError> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| StepError::new(step, Some(path), libc::EINVAL))
+}
+
+fn check(ret: libc::c_int, step: &'static str, path: Option<&Path>) -> StepResult {
+    if ret == -1 {
+        Err(StepError::new(step, path, errno()))
+    } else {
+        Ok(())
+    }
+}
+
+/// `mount(2)` with optional arguments.
+fn mount(
+    source: Option<&CStr>,
+    target: &CStr,
+    fstype: Option<&CStr>,
+    flags: libc::c_ulong,
+    data: Option<&CStr>,
+) -> libc::c_int {
+    let ptr = |s: Option<&CStr>| s.map_or(std::ptr::null(), CStr::as_ptr);
+    // SAFETY: every pointer is either null (allowed by mount(2) for these arguments) or a
+    // NUL-terminated string that outlives the call.
+    unsafe {
+        libc::mount(
+            ptr(source),
+            target.as_ptr(),
+            ptr(fstype),
+            flags,
+            ptr(data).cast(),
+        )
+    }
+}
+
+/// Mount flags of `path` that a read-only remount must keep (a user namespace may not clear
+/// locked flags such as nosuid, nodev, noexec and the atime mode).
+fn preserved_mount_flags(path: &CStr) -> Result<libc::c_ulong, i32> {
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `path` is NUL-terminated and `st` points to writable memory of the right size.
+    let ret = unsafe { libc::statvfs(path.as_ptr(), st.as_mut_ptr()) };
+    if ret == -1 {
+        return Err(errno());
+    }
+    // SAFETY: statvfs returned 0, so it filled the structure.
+    let st = unsafe { st.assume_init() };
+    let mut flags = 0;
+    for (st_flag, ms_flag) in [
+        (libc::ST_NOSUID, libc::MS_NOSUID),
+        (libc::ST_NODEV, libc::MS_NODEV),
+        (libc::ST_NOEXEC, libc::MS_NOEXEC),
+        (libc::ST_NOATIME, libc::MS_NOATIME),
+        (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
+        (libc::ST_RELATIME, libc::MS_RELATIME),
+    ] {
+        if st.f_flag & st_flag != 0 {
+            flags |= ms_flag;
+        }
+    }
+    Ok(flags)
+}
+
+/// The real implementation of the setup seam.
+pub(crate) struct RealSys {
+    /// Where the parent's go-ahead arrives (supervisor only).
+    pub ctl_fd: RawFd,
+    /// Where this process reports to the parent.
+    pub status_fd: RawFd,
+    /// The pid the parent-death check expects from `getppid()`; `None` inside a new pid
+    /// namespace, where the parent is invisible.
+    pub parent_pid: Option<i32>,
+}
+
+impl Syscalls for RealSys {
+    fn set_parent_death_signal(&mut self) -> StepResult {
+        // SAFETY: PR_SET_PDEATHSIG takes a signal number and touches no memory.
+        let ret = unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+        check(ret, "prctl(PR_SET_PDEATHSIG)", None)?;
+        if let Some(expected) = self.parent_pid {
+            // SAFETY: getppid has no arguments and cannot fail.
+            if unsafe { libc::getppid() } != expected {
+                // The parent died before the signal was armed.
+                return Err(StepError::new("parent alive check", None, libc::ESRCH));
+            }
+        }
+        Ok(())
+    }
+
+    fn drop_supplementary_groups(&mut self) -> StepResult {
+        // SAFETY: a zero-length list with a null pointer is valid for setgroups(2).
+        let ret = unsafe { libc::setgroups(0, std::ptr::null()) };
+        check(ret, "setgroups", None)
+    }
+
+    fn join_cgroup(&mut self, procs_file: &Path) -> StepResult {
+        // Writing "0" moves the writing process itself, on v1 and v2 alike.
+        OpenOptions::new()
+            .write(true)
+            .open(procs_file)
+            .and_then(|mut f| f.write_all(b"0"))
+            .map_err(|e| StepError::new("join cgroup", Some(procs_file), io_errno(&e)))
+    }
+
+    fn unshare(&mut self, namespaces: Namespaces) -> StepResult {
+        // SAFETY: unshare takes flags only.
+        let ret = unsafe { libc::unshare(namespaces.0) };
+        check(ret, "unshare", None)
+    }
+
+    fn await_id_maps(&mut self) -> StepResult {
+        write_fd(self.status_fd, b"U").map_err(|e| StepError::new("request id maps", None, e))?;
+        let mut go = [0u8; 1];
+        match read_fd(self.ctl_fd, &mut go) {
+            Ok(1) if go[0] == b'G' => Ok(()),
+            Ok(_) => Err(StepError::new("await id maps", None, libc::EPIPE)),
+            Err(e) => Err(StepError::new("await id maps", None, e)),
+        }
+    }
+
+    fn become_root(&mut self) -> StepResult {
+        // SAFETY: setresgid/setresuid take plain ids; the process is single-threaded here.
+        let ret = unsafe { libc::setresgid(0, 0, 0) };
+        check(ret, "setresgid", None)?;
+        // SAFETY: as above.
+        let ret = unsafe { libc::setresuid(0, 0, 0) };
+        check(ret, "setresuid", None)
+    }
+
+    fn make_mounts_private(&mut self) -> StepResult {
+        let ret = mount(
+            None,
+            c"/",
+            None,
+            libc::MS_REC | libc::MS_PRIVATE,
+            None,
+        );
+        check(ret, "make / private", Some(Path::new("/")))
+    }
+
+    fn mount_tmpfs(&mut self, target: &Path, data: &str, flags: TmpfsFlags) -> StepResult {
+        let step = "mount tmpfs";
+        let ctarget = cpath(target, step)?;
+        let cdata = CString::new(data).map_err(|_| StepError::new(step, Some(target), libc::EINVAL))?;
+        let mut ms = libc::MS_NOSUID | libc::MS_NODEV;
+        if flags.read_only {
+            ms |= libc::MS_RDONLY;
+        }
+        if flags.no_exec {
+            ms |= libc::MS_NOEXEC;
+        }
+        let ret = mount(Some(c"tmpfs"), &ctarget, Some(c"tmpfs"), ms, Some(&cdata));
+        check(ret, step, Some(target))
+    }
+
+    fn make_dir(&mut self, path: &Path) -> StepResult {
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(path)
+            .map_err(|e| StepError::new("mkdir", Some(path), io_errno(&e)))
+    }
+
+    fn make_file(&mut self, path: &Path, contents: &[u8]) -> StepResult {
+        File::create(path)
+            .and_then(|mut f| f.write_all(contents))
+            .map_err(|e| StepError::new("create file", Some(path), io_errno(&e)))
+    }
+
+    fn make_symlink(&mut self, target: &Path, link: &Path) -> StepResult {
+        std::os::unix::fs::symlink(target, link)
+            .map_err(|e| StepError::new("symlink", Some(link), io_errno(&e)))
+    }
+
+    fn bind_mount(&mut self, source: &Path, target: &Path, read_only: bool) -> StepResult {
+        let csource = cpath(source, "bind mount")?;
+        let ctarget = cpath(target, "bind mount")?;
+        // Recursive: a user namespace may not bind a mount without the mounts locked under it.
+        let ret = mount(
+            Some(&csource),
+            &ctarget,
+            None,
+            libc::MS_BIND | libc::MS_REC,
+            None,
+        );
+        check(ret, "bind mount", Some(source))?;
+        if read_only {
+            let kept = preserved_mount_flags(&ctarget)
+                .map_err(|e| StepError::new("statvfs", Some(target), e))?;
+            let flags = libc::MS_BIND
+                | libc::MS_REMOUNT
+                | libc::MS_RDONLY
+                | libc::MS_NOSUID
+                | libc::MS_NODEV
+                | kept;
+            let ret = mount(None, &ctarget, None, flags, None);
+            check(ret, "remount bind read-only", Some(target))?;
+        }
+        Ok(())
+    }
+
+    fn mount_proc(&mut self, target: &Path) -> StepResult {
+        let ctarget = cpath(target, "mount proc")?;
+        let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+        let ret = mount(Some(c"proc"), &ctarget, Some(c"proc"), flags, None);
+        check(ret, "mount proc", Some(target))
+    }
+
+    fn remount_read_only(&mut self, target: &Path) -> StepResult {
+        let ctarget = cpath(target, "remount read-only")?;
+        let kept = preserved_mount_flags(&ctarget)
+            .map_err(|e| StepError::new("statvfs", Some(target), e))?;
+        let flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | kept;
+        let ret = mount(None, &ctarget, None, flags, None);
+        check(ret, "remount read-only", Some(target))
+    }
+
+    fn pivot_root(&mut self, new_root: &Path) -> StepResult {
+        let croot = cpath(new_root, "pivot_root")?;
+        // SAFETY: NUL-terminated path.
+        check(unsafe { libc::chdir(croot.as_ptr()) }, "chdir new root", Some(new_root))?;
+        // pivot_root(".", ".") stacks the old root on top of the new one, so no directory for
+        // it is needed in the (read-only) new root; detaching "." then drops the old root.
+        // SAFETY: both arguments are NUL-terminated strings.
+        let ret = unsafe { libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) };
+        check(ret as libc::c_int, "pivot_root", Some(new_root))?;
+        // SAFETY: NUL-terminated path and a valid flag.
+        let ret = unsafe { libc::umount2(c".".as_ptr(), libc::MNT_DETACH) };
+        check(ret, "detach old root", None)?;
+        // SAFETY: NUL-terminated path.
+        check(unsafe { libc::chdir(c"/".as_ptr()) }, "chdir /", None)
+    }
+
+    fn set_hostname(&mut self, name: &str) -> StepResult {
+        // SAFETY: pointer and length describe `name`'s bytes.
+        let ret = unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };
+        check(ret, "sethostname", None)
+    }
+
+    fn set_rlimit(&mut self, resource: Rlimit, value: u64) -> StepResult {
+        let (res, step) = match resource {
+            Rlimit::OpenFiles => (libc::RLIMIT_NOFILE, "setrlimit(NOFILE)"),
+            Rlimit::CoreBytes => (libc::RLIMIT_CORE, "setrlimit(CORE)"),
+            Rlimit::FileBytes => (libc::RLIMIT_FSIZE, "setrlimit(FSIZE)"),
+        };
+        let limit = libc::rlimit {
+            rlim_cur: value,
+            rlim_max: value,
+        };
+        // SAFETY: `limit` is a valid rlimit that outlives the call.
+        check(unsafe { libc::setrlimit(res, &limit) }, step, None)
+    }
+
+    fn new_session(&mut self) -> StepResult {
+        // SAFETY: setsid has no arguments.
+        let ret = unsafe { libc::setsid() };
+        check(ret, "setsid", None)
+    }
+
+    fn reset_signals(&mut self) -> StepResult {
+        for sig in 1..libc::SIGRTMIN() {
+            if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+                continue;
+            }
+            // SAFETY: SIG_DFL is a valid disposition for every catchable signal; the error for
+            // signals reserved by libc is harmless and ignored.
+            unsafe { libc::signal(sig, libc::SIG_DFL) };
+        }
+        let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+        // SAFETY: sigemptyset initialises the set it is given.
+        unsafe { libc::sigemptyset(set.as_mut_ptr()) };
+        // SAFETY: `set` was initialised above; a null old-set pointer is allowed.
+        let ret = unsafe {
+            libc::sigprocmask(libc::SIG_SETMASK, set.as_ptr(), std::ptr::null_mut())
+        };
+        check(ret, "sigprocmask", None)
+    }
+
+    fn close_fds_from(&mut self, first: i32) -> StepResult {
+        close_range_from(first).map_err(|e| StepError::new("close_range", None, e))
+    }
+
+    fn set_no_new_privs(&mut self) -> StepResult {
+        // SAFETY: PR_SET_NO_NEW_PRIVS takes integer arguments only.
+        let ret = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+        check(ret, "prctl(PR_SET_NO_NEW_PRIVS)", None)
+    }
+
+    fn drop_capabilities(&mut self) -> StepResult {
+        // Lock the "root has no special power" bits so no later exec as uid 0 regains
+        // capabilities (SECBIT_NOROOT, NO_SETUID_FIXUP, KEEP_CAPS_LOCKED, NO_CAP_AMBIENT_RAISE,
+        // each with its lock).
+        const SECUREBITS: libc::c_ulong = 0b1110_1111;
+        // SAFETY: PR_SET_SECUREBITS takes an integer.
+        let ret = unsafe { libc::prctl(libc::PR_SET_SECUREBITS, SECUREBITS, 0, 0, 0) };
+        check(ret, "prctl(PR_SET_SECUREBITS)", None)?;
+        for cap in 0..64 {
+            // SAFETY: PR_CAPBSET_DROP takes an integer; EINVAL past the last capability is the
+            // loop's end condition.
+            let ret = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
+            if ret == -1 {
+                let e = errno();
+                if e == libc::EINVAL {
+                    break;
+                }
+                return Err(StepError::new("prctl(PR_CAPBSET_DROP)", None, e));
+            }
+        }
+        // SAFETY: integer arguments only.
+        let ret = unsafe {
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0,
+            )
+        };
+        check(ret, "prctl(PR_CAP_AMBIENT_CLEAR_ALL)", None)?;
+        #[repr(C)]
+        struct CapHeader {
+            version: u32,
+            pid: i32,
+        }
+        #[repr(C)]
+        #[derive(Clone, Copy)]
+        struct CapData {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+        let header = CapHeader {
+            version: LINUX_CAPABILITY_VERSION_3,
+            pid: 0,
+        };
+        let data = [CapData {
+            effective: 0,
+            permitted: 0,
+            inheritable: 0,
+        }; 2];
+        // SAFETY: header and the two data elements have the layout capset(2) expects for
+        // version 3 and live across the call.
+        let ret = unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) };
+        check(ret as libc::c_int, "capset", None)
+    }
+
+    fn landlock(&mut self, rules: &LandlockRules) -> StepResult {
+        apply_landlock(rules)
+    }
+
+    fn seccomp(&mut self, filters: &[BpfProgram]) -> StepResult {
+        for filter in filters {
+            seccompiler::apply_filter(filter).map_err(|e| {
+                let errno = match e {
+                    seccompiler::Error::Seccomp(io) => io_errno(&io),
+                    seccompiler::Error::Prctl(io) => io_errno(&io),
+                    _ => libc::EINVAL,
+                };
+                StepError::new("seccomp", None, errno)
+            })?;
+        }
+        Ok(())
+    }
+}
+
+fn apply_landlock(rules: &LandlockRules) -> StepResult {
+    use landlock::{
+        Access, AccessFs, AccessNet, BitFlags, NetPort, PathBeneath, PathFd, Ruleset, RulesetAttr,
+        RulesetCreatedAttr, RulesetError, Scope, ABI,
+    };
+    let abi = ABI::V6;
+    let fail = |path: Option<&Path>, e: RulesetError| {
+        StepError::new("landlock", path, *landlock::Errno::from(e))
+    };
+    let read = AccessFs::ReadFile | AccessFs::ReadDir;
+    let sets: [(&Vec<std::path::PathBuf>, BitFlags<AccessFs>); 5] = [
+        (&rules.read_exec, read | AccessFs::Execute),
+        (&rules.read, read),
+        (&rules.read_write, AccessFs::from_all(abi)),
+        (
+            &rules.devices,
+            AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::Truncate,
+        ),
+        (&rules.list, AccessFs::ReadDir.into()),
+    ];
+    let mut ruleset = Ruleset::default()
+        .handle_access(AccessFs::from_all(abi))
+        .and_then(|r| r.handle_access(AccessNet::BindTcp | AccessNet::ConnectTcp))
+        .and_then(|r| r.scope(Scope::AbstractUnixSocket | Scope::Signal))
+        .and_then(|r| r.create())
+        .map_err(|e| fail(None, e))?;
+    for (paths, access) in sets {
+        for path in paths {
+            let fd = PathFd::new(path).map_err(|e| {
+                StepError::new("landlock open", Some(path), *landlock::Errno::from(e))
+            })?;
+            // Directory-only rights cannot be granted on a file.
+            let access = if path.is_dir() {
+                access
+            } else {
+                access & AccessFs::from_file(abi)
+            };
+            if access.is_empty() {
+                continue;
+            }
+            ruleset = ruleset
+                .add_rule(PathBeneath::new(fd, access))
+                .map_err(|e| fail(Some(path), e))?;
+        }
+    }
+    for port in &rules.tcp_connect_ports {
+        ruleset = ruleset
+            .add_rule(NetPort::new(*port, AccessNet::ConnectTcp))
+            .map_err(|e| fail(None, e))?;
+    }
+    ruleset.restrict_self().map_err(|e| fail(None, e))?;
+    Ok(())
+}
+
+fn close_range_from(first: i32) -> Result<(), i32> {
+    // SAFETY: close_range takes integers; closing fds this process owns is its own business.
+    let ret = unsafe { libc::syscall(libc::SYS_close_range, first as libc::c_uint, u32::MAX, 0) };
+    if ret == -1 {
+        Err(errno())
+    } else {
+        Ok(())
+    }
+}
+
+/// A pipe with both ends close-on-exec: (read end, write end).
+pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+pub(crate) enum ForkResult {
+    Parent(i32),
+    Child,
+}
+
+/// `fork()`.
+///
+/// The child must only run code that is sound in a copy of a multi-threaded process (see the
+/// module comment) and must end with [`exit_now`] or an exec.
+pub(crate) fn fork() -> io::Result<ForkResult> {
+    // SAFETY: the callers uphold the contract above: the child touches no lock another thread
+    // may hold and never returns into the caller's stack frames beyond its own entry point.
+    match unsafe { libc::fork() } {
+        -1 => Err(io::Error::last_os_error()),
+        0 => Ok(ForkResult::Child),
+        pid => Ok(ForkResult::Parent(pid)),
+    }
+}
+
+/// Ends the process without running destructors or atexit handlers (a forked child must not
+/// flush the parent's buffers).
+pub(crate) fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit never returns and is async-signal-safe.
+    unsafe { libc::_exit(code) }
+}
+
+/// Moves `stdio` onto fds 0..=2 and `control` onto 3.. (in order), without close-on-exec on
+/// the stdio ones, and closes everything else (fds leaked from other threads' sandboxes).
+pub(crate) fn adopt_fds(stdio: [RawFd; 3], control: &[RawFd]) -> Result<(), i32> {
+    let all: Vec<RawFd> = stdio.iter().chain(control).copied().collect();
+    let max = all.iter().copied().max().unwrap_or(0);
+    let base = (max + 1).max(all.len() as RawFd);
+    // First copy everything above every source and every target, so no dup2 below clobbers an
+    // fd that is still to be moved.
+    let mut temps = Vec::with_capacity(all.len());
+    for fd in &all {
+        // SAFETY: F_DUPFD_CLOEXEC on an fd we own, returning a new fd we then own.
+        let new = unsafe { libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, base) };
+        if new == -1 {
+            return Err(errno());
+        }
+        temps.push(new);
+    }
+    for (target, temp) in temps.iter().enumerate() {
+        let target = target as RawFd;
+        // SAFETY: both are valid fd numbers; dup2 replaces `target` atomically.
+        if unsafe { libc::dup2(*temp, target) } == -1 {
+            return Err(errno());
+        }
+        if target > 2 {
+            // SAFETY: F_SETFD on an fd we just created.
+            unsafe { libc::fcntl(target, libc::F_SETFD, libc::FD_CLOEXEC) };
+        }
+    }
+    close_range_from(all.len() as i32)
+}
+
+/// In the init process: the supervisor's layout (0..=2 stdio, 3 its control, 4 its status,
+/// 5 work, 6 init status) becomes 0..=2 stdio, 3 work, 4 status.
+pub(crate) fn adopt_init_fds() -> Result<(), i32> {
+    for (from, to) in [(5, 3), (6, 4)] {
+        // SAFETY: fds 5 and 6 are open (placed by adopt_fds); dup2 replaces 3 and 4.
+        if unsafe { libc::dup2(from, to) } == -1 {
+            return Err(errno());
+        }
+        // SAFETY: F_SETFD on an fd we own.
+        unsafe { libc::fcntl(to, libc::F_SETFD, libc::FD_CLOEXEC) };
+    }
+    close_range_from(5)
+}
+
+pub(crate) fn close_fd(fd: RawFd) {
+    // SAFETY: the caller owns `fd` (a raw fd of the fixed child layout) and never uses it again.
+    unsafe { libc::close(fd) };
+}
+
+/// `write(2)` of the whole buffer, retrying on EINTR; returns the errno on failure.
+pub(crate) fn write_fd(fd: RawFd, mut buf: &[u8]) -> Result<(), i32> {
+    while !buf.is_empty() {
+        // SAFETY: pointer and length describe `buf`.
+        let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+        if n == -1 {
+            let e = errno();
+            if e == libc::EINTR {
+                continue;
+            }
+            return Err(e);
+        }
+        buf = &buf[n as usize..];
+    }
+    Ok(())
+}
+
+/// `read(2)` once, retrying on EINTR.
+pub(crate) fn read_fd(fd: RawFd, buf: &mut [u8]) -> Result<usize, i32> {
+    loop {
+        // SAFETY: pointer and length describe `buf`, which is writable.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = errno();
+        if e != libc::EINTR {
+            return Err(e);
+        }
+    }
+}
+
+/// Waits for `pid` and returns its raw wait status.
+pub(crate) fn wait_pid(pid: i32) -> io::Result<i32> {
+    let mut status = 0;
+    loop {
+        // SAFETY: `status` is a valid out-pointer.
+        let ret = unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
+        if ret == pid {
+            return Ok(status);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+}
+
+/// SIGKILL, ignoring a process that is already gone.
+pub(crate) fn kill_pid(pid: i32) {
+    if pid > 0 {
+        // SAFETY: kill takes integers; a stale pid at worst yields ESRCH.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PollWant {
+    Read,
+    Write,
+}
+
+/// `poll(2)` on `fds`; returns which are ready (readable, writable, or hung up).
+pub(crate) fn poll_fds(fds: &[(RawFd, PollWant)], timeout_ms: i32) -> io::Result<Vec<bool>> {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|(fd, want)| libc::pollfd {
+            fd: *fd,
+            events: match want {
+                PollWant::Read => libc::POLLIN,
+                PollWant::Write => libc::POLLOUT,
+            },
+            revents: 0,
+        })
+        .collect();
+    loop {
+        // SAFETY: `pfds` is a valid array of `pfds.len()` pollfd structures.
+        let ret = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout_ms) };
+        if ret >= 0 {
+            return Ok(pfds.iter().map(|p| p.revents != 0).collect());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(e);
+        }
+    }
+}
+
+/// Decodes a work frame (see `process::encode_work`) and execs it; returns only on failure,
+/// with the errno and the program that failed.
+pub(crate) fn exec_work(frame: &[u8]) -> (i32, Vec<u8>) {
+    let mut parts = frame.split(|b| *b == 0);
+    let count = |p: Option<&[u8]>| {
+        p.and_then(|s| std::str::from_utf8(s).ok())
+            .and_then(|s| s.parse::<usize>().ok())
+    };
+    let Some(argc) = count(parts.next()) else {
+        return (libc::EINVAL, Vec::new());
+    };
+    let mut argv = Vec::with_capacity(argc);
+    for _ in 0..argc {
+        match parts.next().map(CString::new) {
+            Some(Ok(arg)) => argv.push(arg),
+            _ => return (libc::EINVAL, Vec::new()),
+        }
+    }
+    let Some(envc) = count(parts.next()) else {
+        return (libc::EINVAL, Vec::new());
+    };
+    let mut envp = Vec::with_capacity(envc);
+    for _ in 0..envc {
+        match parts.next().map(CString::new) {
+            Some(Ok(var)) => envp.push(var),
+            _ => return (libc::EINVAL, Vec::new()),
+        }
+    }
+    let Some(program) = argv.first().cloned() else {
+        return (libc::EINVAL, Vec::new());
+    };
+    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
+    argv_ptrs.push(std::ptr::null());
+    let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|a| a.as_ptr()).collect();
+    envp_ptrs.push(std::ptr::null());
+    let candidates: Vec<CString> = if program.as_bytes().contains(&b'/') {
+        vec![program.clone()]
+    } else {
+        ["/usr/local/bin/", "/usr/bin/", "/bin/"]
+            .iter()
+            .filter_map(|dir| CString::new([dir.as_bytes(), program.as_bytes()].concat()).ok())
+            .collect()
+    };
+    let mut last = libc::ENOENT;
+    for candidate in &candidates {
+        // SAFETY: `candidate` is NUL-terminated and both pointer arrays are null-terminated
+        // arrays of pointers into CStrings that live until after the call.
+        unsafe { libc::execve(candidate.as_ptr(), argv_ptrs.as_ptr(), envp_ptrs.as_ptr()) };
+        last = errno();
+        if last != libc::ENOENT {
+            break;
+        }
+    }
+    (last, program.into_bytes())
+}
+
+/// Sets `O_NONBLOCK` on an fd the caller owns.
+pub(crate) fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: F_GETFL/F_SETFL on an open fd touch no memory.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

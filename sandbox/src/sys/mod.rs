@@ -1,0 +1,123 @@
+//! The only place that talks to the kernel directly: every `unsafe` block and raw syscall of
+//! the crate is in this module, each with a `// SAFETY:` comment.
+//!
+//! [`Syscalls`] is the seam in front of the setup: `setup.rs` drives it in the order the
+//! isolation needs, [`linux::RealSys`] performs the calls, and [`fake::RecordingSys`] records
+//! them so the order is unit-tested without root.
+
+use std::path::{Path, PathBuf};
+
+use seccompiler::BpfProgram;
+
+pub(crate) mod fake;
+pub(crate) mod linux;
+
+pub(crate) use linux::{
+    adopt_fds, adopt_init_fds, close_fd, exec_work, exit_now, fork, kill_pid, pipe, poll_fds,
+    read_fd, set_nonblocking, wait_pid, write_fd, ForkResult, PollWant, RealSys,
+};
+
+/// A failed setup step, as reported from the child to the parent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct StepError {
+    pub step: &'static str,
+    pub path: Option<PathBuf>,
+    pub errno: i32,
+}
+
+impl StepError {
+    pub(crate) fn new(step: &'static str, path: Option<&Path>, errno: i32) -> Self {
+        Self {
+            step,
+            path: path.map(Path::to_path_buf),
+            errno,
+        }
+    }
+}
+
+pub(crate) type StepResult = Result<(), StepError>;
+
+/// Namespaces to create, as `CLONE_NEW*` flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Namespaces(pub i32);
+
+impl Namespaces {
+    pub(crate) const USER: i32 = libc::CLONE_NEWUSER;
+    pub(crate) const PID: i32 = libc::CLONE_NEWPID;
+    pub(crate) const MOUNT: i32 = libc::CLONE_NEWNS;
+    pub(crate) const NET: i32 = libc::CLONE_NEWNET;
+    pub(crate) const IPC: i32 = libc::CLONE_NEWIPC;
+    pub(crate) const UTS: i32 = libc::CLONE_NEWUTS;
+    pub(crate) const CGROUP: i32 = libc::CLONE_NEWCGROUP;
+
+    #[cfg(test)]
+    pub(crate) fn contains(self, flag: i32) -> bool {
+        self.0 & flag == flag
+    }
+}
+
+/// Resource limits set with `setrlimit` (soft = hard).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Rlimit {
+    OpenFiles,
+    CoreBytes,
+    FileBytes,
+}
+
+/// Options of a tmpfs mount.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TmpfsFlags {
+    pub read_only: bool,
+    pub no_exec: bool,
+}
+
+/// What Landlock allows, by path inside the sandbox and by TCP port.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct LandlockRules {
+    /// Read files, list directories, execute.
+    pub read_exec: Vec<PathBuf>,
+    /// Read files and list directories.
+    pub read: Vec<PathBuf>,
+    /// Everything, including creating and removing.
+    pub read_write: Vec<PathBuf>,
+    /// Device files: read, write, truncate.
+    pub devices: Vec<PathBuf>,
+    /// Directories that may be listed (not their contents read).
+    pub list: Vec<PathBuf>,
+    pub tcp_connect_ports: Vec<u16>,
+}
+
+/// The syscalls the sandbox setup makes, in the vocabulary of the setup.
+pub(crate) trait Syscalls {
+    // Supervisor (outside the new pid namespace).
+    fn set_parent_death_signal(&mut self) -> StepResult;
+    fn drop_supplementary_groups(&mut self) -> StepResult;
+    fn join_cgroup(&mut self, procs_file: &Path) -> StepResult;
+    fn unshare(&mut self, namespaces: Namespaces) -> StepResult;
+    /// Asks the parent to write the uid/gid maps and waits until it has.
+    fn await_id_maps(&mut self) -> StepResult;
+    /// Takes uid and gid 0 of the new user namespace (the mapped unprivileged host ids).
+    fn become_root(&mut self) -> StepResult;
+
+    // Init of the sandbox (pid 1 of the new pid namespace).
+    fn make_mounts_private(&mut self) -> StepResult;
+    fn mount_tmpfs(&mut self, target: &Path, data: &str, flags: TmpfsFlags) -> StepResult;
+    fn make_dir(&mut self, path: &Path) -> StepResult;
+    fn make_file(&mut self, path: &Path, contents: &[u8]) -> StepResult;
+    fn make_symlink(&mut self, target: &Path, link: &Path) -> StepResult;
+    fn bind_mount(&mut self, source: &Path, target: &Path, read_only: bool) -> StepResult;
+    fn mount_proc(&mut self, target: &Path) -> StepResult;
+    fn remount_read_only(&mut self, target: &Path) -> StepResult;
+    /// `pivot_root` into `new_root` and detach the old root.
+    fn pivot_root(&mut self, new_root: &Path) -> StepResult;
+    fn set_hostname(&mut self, name: &str) -> StepResult;
+    fn set_rlimit(&mut self, resource: Rlimit, value: u64) -> StepResult;
+    fn new_session(&mut self) -> StepResult;
+    fn reset_signals(&mut self) -> StepResult;
+    /// Closes every fd from `first` up.
+    fn close_fds_from(&mut self, first: i32) -> StepResult;
+    fn set_no_new_privs(&mut self) -> StepResult;
+    fn drop_capabilities(&mut self) -> StepResult;
+    fn landlock(&mut self, rules: &LandlockRules) -> StepResult;
+    fn seccomp(&mut self, filters: &[BpfProgram]) -> StepResult;
+}
