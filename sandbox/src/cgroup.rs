@@ -181,11 +181,7 @@ fn try_v2(mounts: &[CgroupMount], own: &[(Vec<String>, String)]) -> Option<Layou
     }
     // Enabling controllers for children fails on a non-root cgroup that holds processes (the
     // "no internal processes" rule); then v1 is our only option.
-    fs::write(
-        own_dir.join("cgroup.subtree_control"),
-        "+memory +pids +cpu",
-    )
-    .ok()?;
+    fs::write(own_dir.join("cgroup.subtree_control"), "+memory +pids +cpu").ok()?;
     fs::create_dir_all(&base).ok()?;
     fs::write(base.join("cgroup.subtree_control"), "+memory +pids +cpu").ok()?;
     Some(Layout::V2 { base })
@@ -398,7 +394,9 @@ impl Cgroup {
                     Ok(()) => break,
                     Err(e) if e.kind() == io::ErrorKind::NotFound => break,
                     // A just-killed process may still be leaving the cgroup.
-                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                    Err(e)
+                        if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline =>
+                    {
                         std::thread::sleep(Duration::from_millis(1));
                     }
                     Err(source) => {
@@ -463,7 +461,10 @@ mod tests {
     fn reads_keyed_counters() {
         let text = "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n";
         assert_eq!(keyed_value(text, "oom_kill"), 3);
-        assert_eq!(keyed_value("usage_usec 1500\nuser_usec 1", "usage_usec"), 1500);
+        assert_eq!(
+            keyed_value("usage_usec 1500\nuser_usec 1", "usage_usec"),
+            1500
+        );
         assert_eq!(keyed_value("", "oom_kill"), 0);
     }
 }

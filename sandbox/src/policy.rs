@@ -381,7 +381,10 @@ mod tests {
     #[test]
     fn empty_policy_is_the_tier_preset() {
         for tier in Tier::ALL {
-            assert_eq!(Policy::default().resolve(tier).expect("resolves"), tier.limits());
+            assert_eq!(
+                Policy::default().resolve(tier).expect("resolves"),
+                tier.limits()
+            );
         }
     }
 
@@ -432,7 +435,10 @@ mod tests {
             Err(PolicyError::PortsNotAllowed { .. })
         ));
         assert_eq!(
-            policy.resolve(Tier::Trusted).expect("allowed").tcp_connect_ports,
+            policy
+                .resolve(Tier::Trusted)
+                .expect("allowed")
+                .tcp_connect_ports,
             vec![80]
         );
         let policy = Policy::from_toml("pids_max = 0").expect("parses");
@@ -453,9 +459,17 @@ mod tests {
     #[test]
     fn tiers_are_ordered_by_width() {
         let [u, s, t] = Tier::ALL.map(Tier::limits);
-        assert!(u.memory_bytes_max <= s.memory_bytes_max && s.memory_bytes_max <= t.memory_bytes_max);
+        assert!(
+            u.memory_bytes_max <= s.memory_bytes_max && s.memory_bytes_max <= t.memory_bytes_max
+        );
         assert!(u.pids_max <= s.pids_max && s.pids_max <= t.pids_max);
-        assert!(u.readable_paths.iter().all(|p| s.readable_paths.contains(p)));
-        assert!(s.readable_paths.iter().all(|p| t.readable_paths.contains(p)));
+        assert!(u
+            .readable_paths
+            .iter()
+            .all(|p| s.readable_paths.contains(p)));
+        assert!(s
+            .readable_paths
+            .iter()
+            .all(|p| t.readable_paths.contains(p)));
     }
 }

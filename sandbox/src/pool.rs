@@ -353,7 +353,11 @@ impl ExecSandbox {
     }
 
     /// Hand-off and finish in one call (blocking).
-    pub fn run_blocking(mut self, argv: &[String], stdin: &[u8]) -> Result<RunOutcome, SandboxError> {
+    pub fn run_blocking(
+        mut self,
+        argv: &[String],
+        stdin: &[u8],
+    ) -> Result<RunOutcome, SandboxError> {
         self.hand_off(argv)?;
         self.finish(stdin)
     }

@@ -68,7 +68,10 @@ fn staging_root() -> Result<&'static Path, SandboxError> {
 }
 
 /// Encodes argv and environment for the init: `argc\0arg...\0envc\0k=v...\0`.
-pub(crate) fn encode_work(argv: &[String], env: &[(String, String)]) -> Result<Vec<u8>, SandboxError> {
+pub(crate) fn encode_work(
+    argv: &[String],
+    env: &[(String, String)],
+) -> Result<Vec<u8>, SandboxError> {
     let invalid = |reason: String| SandboxError::InvalidCommand { reason };
     if argv.is_empty() {
         return Err(invalid("empty command".to_string()));
@@ -127,7 +130,10 @@ fn parse_report(msg: &[u8]) -> SandboxError {
     let text = String::from_utf8_lossy(msg.strip_prefix(b"E").unwrap_or(msg));
     let mut parts = text.trim_end_matches('\n').splitn(3, '\t');
     let step = parts.next().unwrap_or("unknown").to_string();
-    let errno = parts.next().and_then(|e| e.parse().ok()).unwrap_or(libc::EIO);
+    let errno = parts
+        .next()
+        .and_then(|e| e.parse().ok())
+        .unwrap_or(libc::EIO);
     let path = parts.next().filter(|p| !p.is_empty()).map(PathBuf::from);
     SandboxError::Setup {
         step,
@@ -152,7 +158,10 @@ fn supervisor_main(plan: &Plan, parent_pid: i32, stdio: [i32; 3], control: [i32;
     }
     match sys::fork() {
         Err(e) => {
-            report(4, &StepError::new("fork init", None, e.raw_os_error().unwrap_or(0)));
+            report(
+                4,
+                &StepError::new("fork init", None, e.raw_os_error().unwrap_or(0)),
+            );
             sys::exit_now(122);
         }
         Ok(ForkResult::Child) => init_main(plan),
@@ -236,8 +245,11 @@ fn read_message(file: &mut File, deadline: Instant) -> Result<Vec<u8>, SandboxEr
                 detail: format!("setup took longer than {SETUP_TIMEOUT:?}"),
             });
         }
-        let ready = sys::poll_fds(&[(file.as_raw_fd(), PollWant::Read)], remaining_ms(deadline))
-            .map_err(|e| SandboxError::syscall("poll", e))?;
+        let ready = sys::poll_fds(
+            &[(file.as_raw_fd(), PollWant::Read)],
+            remaining_ms(deadline),
+        )
+        .map_err(|e| SandboxError::syscall("poll", e))?;
         if !ready[0] {
             continue;
         }
@@ -302,7 +314,15 @@ impl Prepared {
             ),
             ForkResult::Parent(pid) => pid,
         };
-        drop((ctl_r, sup_status_w, work_r, init_status_w, in_r, out_w, err_w));
+        drop((
+            ctl_r,
+            sup_status_w,
+            work_r,
+            init_status_w,
+            in_r,
+            out_w,
+            err_w,
+        ));
         let mut prepared = Prepared {
             supervisor_pid,
             cgroup,
@@ -626,7 +646,10 @@ mod tests {
     fn work_frame_encodes_argv_and_env() {
         let frame = encode_work(
             &["sh".to_string(), "-c".to_string(), "echo hi".to_string()],
-            &[("A".to_string(), "1".to_string()), ("HOME".to_string(), "/x".to_string())],
+            &[
+                ("A".to_string(), "1".to_string()),
+                ("HOME".to_string(), "/x".to_string()),
+            ],
         )
         .expect("valid");
         let parts: Vec<&[u8]> = frame.split(|b| *b == 0).collect();

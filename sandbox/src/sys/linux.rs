@@ -18,7 +18,9 @@ use seccompiler::BpfProgram;
 use super::{LandlockRules, Namespaces, Rlimit, StepError, StepResult, Syscalls, TmpfsFlags};
 
 fn errno() -> i32 {
-    io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+    io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
 }
 
 fn io_errno(e: &io::Error) -> i32 {
@@ -154,20 +156,15 @@ impl Syscalls for RealSys {
     }
 
     fn make_mounts_private(&mut self) -> StepResult {
-        let ret = mount(
-            None,
-            c"/",
-            None,
-            libc::MS_REC | libc::MS_PRIVATE,
-            None,
-        );
+        let ret = mount(None, c"/", None, libc::MS_REC | libc::MS_PRIVATE, None);
         check(ret, "make / private", Some(Path::new("/")))
     }
 
     fn mount_tmpfs(&mut self, target: &Path, data: &str, flags: TmpfsFlags) -> StepResult {
         let step = "mount tmpfs";
         let ctarget = cpath(target, step)?;
-        let cdata = CString::new(data).map_err(|_| StepError::new(step, Some(target), libc::EINVAL))?;
+        let cdata =
+            CString::new(data).map_err(|_| StepError::new(step, Some(target), libc::EINVAL))?;
         let mut ms = libc::MS_NOSUID | libc::MS_NODEV;
         if flags.read_only {
             ms |= libc::MS_RDONLY;
@@ -244,7 +241,8 @@ impl Syscalls for RealSys {
     fn pivot_root(&mut self, new_root: &Path) -> StepResult {
         let croot = cpath(new_root, "pivot_root")?;
         // SAFETY: NUL-terminated path.
-        check(unsafe { libc::chdir(croot.as_ptr()) }, "chdir new root", Some(new_root))?;
+        let ret = unsafe { libc::chdir(croot.as_ptr()) };
+        check(ret, "chdir new root", Some(new_root))?;
         // pivot_root(".", ".") stacks the old root on top of the new one, so no directory for
         // it is needed in the (read-only) new root; detaching "." then drops the old root.
         // SAFETY: both arguments are NUL-terminated strings.
@@ -254,7 +252,8 @@ impl Syscalls for RealSys {
         let ret = unsafe { libc::umount2(c".".as_ptr(), libc::MNT_DETACH) };
         check(ret, "detach old root", None)?;
         // SAFETY: NUL-terminated path.
-        check(unsafe { libc::chdir(c"/".as_ptr()) }, "chdir /", None)
+        let ret = unsafe { libc::chdir(c"/".as_ptr()) };
+        check(ret, "chdir /", None)
     }
 
     fn set_hostname(&mut self, name: &str) -> StepResult {
@@ -267,7 +266,6 @@ impl Syscalls for RealSys {
         let (res, step) = match resource {
             Rlimit::OpenFiles => (libc::RLIMIT_NOFILE, "setrlimit(NOFILE)"),
             Rlimit::CoreBytes => (libc::RLIMIT_CORE, "setrlimit(CORE)"),
-            Rlimit::FileBytes => (libc::RLIMIT_FSIZE, "setrlimit(FSIZE)"),
         };
         let limit = libc::rlimit {
             rlim_cur: value,
@@ -296,9 +294,8 @@ impl Syscalls for RealSys {
         // SAFETY: sigemptyset initialises the set it is given.
         unsafe { libc::sigemptyset(set.as_mut_ptr()) };
         // SAFETY: `set` was initialised above; a null old-set pointer is allowed.
-        let ret = unsafe {
-            libc::sigprocmask(libc::SIG_SETMASK, set.as_ptr(), std::ptr::null_mut())
-        };
+        let ret =
+            unsafe { libc::sigprocmask(libc::SIG_SETMASK, set.as_ptr(), std::ptr::null_mut()) };
         check(ret, "sigprocmask", None)
     }
 

@@ -61,7 +61,6 @@ impl Namespaces {
 pub(crate) enum Rlimit {
     OpenFiles,
     CoreBytes,
-    FileBytes,
 }
 
 /// Options of a tmpfs mount.

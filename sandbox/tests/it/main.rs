@@ -1,12 +1,510 @@
-use skiff_sandbox::*;
+//! Integration tests of skiff-sandbox: real sandboxes, so they need root (they say so and skip
+//! otherwise). Escape attempts assert the specific errno or outcome that stops them, at every
+//! tier where they must fail; positive runs assert exact output.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use skiff_sandbox::{
+    run, run_blocking, ExecSandbox, ExitStatus, Policy, PoolConfig, PoolKey, PoolMode, RunOutcome,
+    SandboxError, SandboxSpec, Tier, WarmPool, WarmSandbox,
+};
+
+mod escape;
+mod pool;
+
+/// Whether the process can create sandboxes; prints why not.
+pub fn can_sandbox() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let root = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .is_some_and(|l| l.split_whitespace().nth(2) == Some("0"));
+    if !root {
+        eprintln!("skipping: sandbox tests need root (uid mapping, cgroups, mounts)");
+        return false;
+    }
+    if !Path::new("/proc/self/ns/user").exists() {
+        eprintln!("skipping: kernel without user namespaces");
+        return false;
+    }
+    true
+}
+
+/// A code directory readable by the sandbox's unprivileged uid, with `files`.
+pub fn code_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    for (name, contents) in files {
+        let path = dir.path().join(name);
+        std::fs::write(&path, contents).expect("write code file");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    dir
+}
+
+pub fn spec(tier: Tier, code: &Path, policy: &str) -> SandboxSpec {
+    let policy = Policy::from_toml(policy).expect("test policy parses");
+    SandboxSpec::with_policy(tier, &policy, code).expect("test policy narrows the tier")
+}
+
+pub fn argv(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+pub fn sh(spec: &SandboxSpec, script: &str, stdin: &[u8]) -> RunOutcome {
+    run_blocking(spec, &argv(&["/bin/sh", "-c", script]), stdin).expect("sandbox runs")
+}
+
+pub fn py(spec: &SandboxSpec, script: &str, stdin: &[u8]) -> RunOutcome {
+    run_blocking(spec, &argv(&["/usr/bin/python3", "-c", script]), stdin).expect("sandbox runs")
+}
+
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Every process whose parent is this test process and that is a zombie.
+fn our_zombies() -> Vec<i32> {
+    let me = std::process::id().to_string();
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // Fields after the command (which may hold spaces) start after the last ')'.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.len() > 2 && fields[0] == "Z" && fields[1] == me {
+            out.push(pid);
+        }
+    }
+    out
+}
+
 #[test]
-fn smoke() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(dir.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let spec = SandboxSpec::new(Tier::Untrusted, dir.path());
-    let out = run_blocking(&spec, &["sh".into(), "-c".into(), "id; cat; ls /; cat /proc/self/status | grep -E 'Cap|Seccomp|NoNew'; python3 -c 'print(1+1)'".into()], b"hello\n");
-    println!("{out:#?}");
-    let out = out.unwrap();
-    println!("{}", String::from_utf8_lossy(&out.stdout));
-    println!("{}", String::from_utf8_lossy(&out.stderr));
+fn sh_and_python_run_at_every_tier_with_exact_io() {
+    if !can_sandbox() {
+        return;
+    }
+    let code = code_dir(&[(
+        "main.py",
+        "import sys, json\nreq = json.load(sys.stdin)\nprint(json.dumps({'sum': sum(req['xs']), 'who': req['who']}))\n",
+    )]);
+    for tier in Tier::ALL {
+        let spec = spec(tier, code.path(), "");
+        let out = sh(&spec, "cat; printf 'tier-done'", b"payload \x00\xff line\n");
+        assert_eq!(
+            out.status,
+            ExitStatus::Exited(0),
+            "{tier}: {}",
+            text(&out.stderr)
+        );
+        assert_eq!(out.stdout, b"payload \x00\xff line\ntier-done");
+        assert!(out.stderr.is_empty());
+        assert!(!out.stdout_truncated);
+        assert!(out.peak_memory_bytes > 0);
+
+        let out = run_blocking(
+            &spec,
+            &argv(&["python3", "/code/main.py"]),
+            br#"{"xs": [1, 2, 39], "who": "caf\u00e9"}"#,
+        )
+        .expect("sandbox runs");
+        assert_eq!(
+            out.status,
+            ExitStatus::Exited(0),
+            "{tier}: {}",
+            text(&out.stderr)
+        );
+        assert_eq!(
+            text(&out.stdout),
+            "{\"sum\": 42, \"who\": \"caf\\u00e9\"}\n"
+        );
+        assert!(
+            out.cpu > Duration::ZERO,
+            "{tier}: cpu time read from the cgroup"
+        );
+    }
+}
+
+#[tokio::test]
+async fn async_run_reports_exit_code_and_stderr() {
+    if !can_sandbox() {
+        return;
+    }
+    let code = code_dir(&[]);
+    let spec = spec(Tier::Standard, code.path(), "");
+    let out = run(&spec, &argv(&["sh", "-c", "echo oops >&2; exit 3"]), b"")
+        .await
+        .expect("sandbox runs");
+    assert_eq!(out.status, ExitStatus::Exited(3));
+    assert_eq!(out.stderr, b"oops\n");
+    assert!(out.stdout.is_empty());
+    let out = run(&spec, &argv(&["sh", "-c", "kill -TERM $$; sleep 5"]), b"")
+        .await
+        .expect("sandbox runs");
+    // pid 1 ignores signals it has no handler for, so the shell (pid 1) survives its own
+    // SIGTERM and only the sleep ends; a child shell dies of it.
+    assert_eq!(out.status, ExitStatus::Exited(0));
+    let out = run(
+        &spec,
+        &argv(&["sh", "-c", "sh -c 'kill -TERM $$'; echo $?"]),
+        b"",
+    )
+    .await
+    .expect("sandbox runs");
+    assert_eq!(text(&out.stdout), "143\n");
+}
+
+#[test]
+fn output_beyond_the_limit_is_truncated_and_drained() {
+    if !can_sandbox() {
+        return;
+    }
+    let code = code_dir(&[]);
+    let spec = spec(
+        Tier::Untrusted,
+        code.path(),
+        "stdout_bytes_max = 1000\nstderr_bytes_max = 10",
+    );
+    let out = sh(
+        &spec,
+        "head -c 1000000 /dev/zero; echo 0123456789abcdef >&2; echo done >&2",
+        b"",
+    );
+    assert_eq!(out.status, ExitStatus::Exited(0));
+    assert_eq!(out.stdout.len(), 1000);
+    assert!(out.stdout_truncated);
+    assert_eq!(out.stderr, b"0123456789");
+    assert!(out.stderr_truncated);
+}
+
+#[test]
+fn large_stdin_is_delivered_whole() {
+    if !can_sandbox() {
+        return;
+    }
+    let code = code_dir(&[]);
+    let spec = spec(Tier::Untrusted, code.path(), "");
+    let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let out = sh(&spec, "wc -c", &payload);
+    assert_eq!(text(&out.stdout).trim(), "300000");
+}
+
+#[test]
+fn a_missing_program_is_a_setup_error_naming_exec() {
+    if !can_sandbox() {
+        return;
+    }
+    let code = code_dir(&[]);
+    let spec = spec(Tier::Untrusted, code.path(), "");
+    let err = run_blocking(&spec, &argv(&["/code/nope"]), b"").expect_err("no such program");
+    match err {
+        SandboxError::Setup { step, path, source } => {
+            assert_eq!(step, "exec");
+            assert_eq!(path, Some(PathBuf::from("/code/nope")));
+            assert_eq!(source.raw_os_error(), Some(libc_enoent()));
+        }
+        other => panic!("unexpected error {other:?}"),
+    }
+}
+
+fn libc_enoent() -> i32 {
+    2
+}
+
+#[test]
+fn widening_policies_are_refused_before_anything_runs() {
+    let policy = Policy::from_toml("pids_max = 100000").expect("parses");
+    let err = SandboxSpec::with_policy(Tier::Untrusted, &policy, "/tmp").expect_err("wider");
+    assert!(err.to_string().contains("pids_max"), "{err}");
+    let policy = Policy::from_toml("tcp_connect_ports = [22]").expect("parses");
+    assert!(SandboxSpec::with_policy(Tier::Untrusted, &policy, "/tmp").is_err());
+    assert!(SandboxSpec::with_policy(Tier::Trusted, &policy, "/tmp").is_ok());
+}
+
+#[test]
+fn every_cgroup_mount_and_process_is_gone_after_a_timeout() {
+    if !can_sandbox() {
+        return;
+    }
+    let mounts_before = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let code = code_dir(&[]);
+    let spec = spec(Tier::Standard, code.path(), "timeout_ms = 400");
+    let sandbox = ExecSandbox::create(&spec).expect("sandbox");
+    let dirs = sandbox.cgroup_dirs();
+    assert!(!dirs.is_empty() && dirs.iter().all(|d| d.exists()));
+    let out = sandbox
+        .run_blocking(
+            &argv(&[
+                "sh",
+                "-c",
+                "sleep 100 & sleep 100 & (sleep 100 &) ; sleep 100",
+            ]),
+            b"",
+        )
+        .expect("runs");
+    assert_eq!(out.status, ExitStatus::TimedOut);
+    assert!(out.wall >= Duration::from_millis(400));
+    assert!(
+        out.wall < Duration::from_secs(10),
+        "killed on time: {:?}",
+        out.wall
+    );
+    for dir in &dirs {
+        assert!(!dir.exists(), "cgroup {} left behind", dir.display());
+    }
+    assert!(our_zombies().is_empty(), "zombies: {:?}", our_zombies());
+    let mounts_after = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    assert_eq!(mounts_before.lines().count(), mounts_after.lines().count());
+}
+
+#[test]
+fn spinning_past_the_wall_clock_is_killed_on_time() {
+    if !can_sandbox() {
+        return;
+    }
+    let code = code_dir(&[]);
+    for tier in Tier::ALL {
+        let spec = spec(tier, code.path(), "timeout_ms = 300");
+        let out = py(&spec, "while True: pass", b"");
+        assert_eq!(out.status, ExitStatus::TimedOut, "{tier}");
+        assert!(out.wall < Duration::from_secs(10), "{tier}: {:?}", out.wall);
+    }
+}
+
+#[test]
+fn the_cpu_quota_holds() {
+    if !can_sandbox() {
+        return;
+    }
+    let code = code_dir(&[]);
+    for tier in Tier::ALL {
+        let spec = spec(tier, code.path(), "cpu_millis_max = 200");
+        let out = py(
+            &spec,
+            "import time\nt = time.monotonic()\nwhile time.monotonic() - t < 1.0: pass",
+            b"",
+        );
+        assert_eq!(out.status, ExitStatus::Exited(0), "{tier}");
+        let share = out.cpu.as_secs_f64() / out.wall.as_secs_f64();
+        // A fifth of a core, with room for scheduling noise; unthrottled it would be ~1.0.
+        assert!(
+            share < 0.5,
+            "{tier}: cpu {:?} over wall {:?}",
+            out.cpu,
+            out.wall
+        );
+    }
+}
+
+#[test]
+fn allocating_past_the_memory_limit_is_reported_as_oom() {
+    if !can_sandbox() {
+        return;
+    }
+    let code = code_dir(&[]);
+    for tier in Tier::ALL {
+        let spec = spec(tier, code.path(), "memory_bytes_max = 67108864");
+        let out = py(&spec, "x = 'x' * (512 * 1024 * 1024)\nprint(len(x))", b"");
+        assert_eq!(
+            out.status,
+            ExitStatus::OutOfMemory,
+            "{tier}: {}",
+            text(&out.stderr)
+        );
+        assert!(out.stdout.is_empty());
+        assert!(out.peak_memory_bytes <= 67108864 + 4096, "{tier}");
+    }
+}
+
+#[test]
+fn filling_tmp_stops_at_its_size() {
+    if !can_sandbox() {
+        return;
+    }
+    let code = code_dir(&[]);
+    for tier in Tier::ALL {
+        let spec = spec(tier, code.path(), "tmp_bytes_max = 4194304");
+        let out = py(
+            &spec,
+            "import errno\nn = 0\ntry:\n    with open('/tmp/fill', 'wb') as f:\n        while True:\n            f.write(b'x' * 65536); f.flush(); n += 65536\nexcept OSError as e:\n    print(errno.errorcode[e.errno], n)",
+            b"",
+        );
+        let stdout = text(&out.stdout);
+        let mut words = stdout.split_whitespace();
+        assert_eq!(
+            words.next(),
+            Some("ENOSPC"),
+            "{tier}: {stdout} {}",
+            text(&out.stderr)
+        );
+        let written: u64 = words.next().and_then(|n| n.parse().ok()).expect("count");
+        assert!(written <= 4194304, "{tier}: wrote {written}");
+    }
+}
+
+#[test]
+fn a_fork_bomb_hits_the_pids_limit_and_the_host_stays_responsive() {
+    if !can_sandbox() {
+        return;
+    }
+    let code = code_dir(&[]);
+    for tier in Tier::ALL {
+        let spec = spec(tier, code.path(), "pids_max = 16\ntimeout_ms = 5000");
+        let out = py(
+            &spec,
+            "import os, time, errno\nn = 0\ntry:\n    while True:\n        if os.fork() == 0:\n            time.sleep(60); os._exit(0)\n        n += 1\nexcept OSError as e:\n    print(errno.errorcode[e.errno], n)",
+            b"",
+        );
+        let stdout = text(&out.stdout);
+        let mut words = stdout.split_whitespace();
+        assert_eq!(
+            words.next(),
+            Some("EAGAIN"),
+            "{tier}: {stdout} {}",
+            text(&out.stderr)
+        );
+        let forked: u32 = words.next().and_then(|n| n.parse().ok()).expect("count");
+        assert!(forked < 16, "{tier}: forked {forked}");
+        // The classic shell bomb, stopped by the timeout, leaves nothing behind.
+        let spec = spec_with(tier, code.path(), "pids_max = 16\ntimeout_ms = 500");
+        let out = sh(&spec, "b() { b | b & }; b", b"");
+        assert!(
+            matches!(out.status, ExitStatus::TimedOut | ExitStatus::Exited(_)),
+            "{tier}: {:?}",
+            out.status
+        );
+        // The host still forks and runs sandboxes.
+        let out = sh(&spec_with(tier, code.path(), ""), "echo alive", b"");
+        assert_eq!(out.stdout, b"alive\n");
+    }
+    assert!(our_zombies().is_empty());
+}
+
+fn spec_with(tier: Tier, code: &Path, policy: &str) -> SandboxSpec {
+    spec(tier, code, policy)
+}
+
+#[test]
+fn trusted_reaches_an_allowed_loopback_port_and_no_other() {
+    if !can_sandbox() {
+        return;
+    }
+    let allowed = TcpListener::bind("127.0.0.1:0").expect("listener");
+    let forbidden = TcpListener::bind("127.0.0.1:0").expect("listener");
+    let port = allowed.local_addr().expect("addr").port();
+    let other = forbidden.local_addr().expect("addr").port();
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = allowed.accept().expect("accept");
+        let mut buf = [0u8; 4];
+        conn.read_exact(&mut buf).expect("read");
+        conn.write_all(&[buf.as_slice(), b"-pong"].concat())
+            .expect("write");
+    });
+    let code = code_dir(&[]);
+    let spec = spec(
+        Tier::Trusted,
+        code.path(),
+        &format!("tcp_connect_ports = [{port}]"),
+    );
+    let script = format!(
+        "import socket, errno\ns = socket.create_connection(('127.0.0.1', {port}), timeout=5)\ns.sendall(b'ping')\nprint(s.recv(100).decode())\ntry:\n    socket.create_connection(('127.0.0.1', {other}), timeout=5)\n    print('connected')\nexcept OSError as e:\n    print(errno.errorcode[e.errno])"
+    );
+    let out = py(&spec, &script, b"");
+    assert_eq!(
+        text(&out.stdout),
+        "ping-pong\nEACCES\n",
+        "{}",
+        text(&out.stderr)
+    );
+    server.join().expect("server thread");
+    drop(forbidden);
+}
+
+#[test]
+fn the_data_socket_is_reachable_at_its_fixed_path() {
+    if !can_sandbox() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let socket = dir.path().join("data.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().expect("accept");
+        let mut buf = [0u8; 3];
+        conn.read_exact(&mut buf).expect("read");
+        conn.write_all(b"value").expect("write");
+    });
+    let code = code_dir(&[]);
+    let mut spec = spec(Tier::Untrusted, code.path(), "");
+    spec.data_socket = Some(socket);
+    let out = py(
+        &spec,
+        "import socket\ns = socket.socket(socket.AF_UNIX)\ns.connect('/run/skiff/data.sock')\ns.sendall(b'get')\nprint(s.recv(100).decode())",
+        b"",
+    );
+    assert_eq!(text(&out.stdout), "value\n", "{}", text(&out.stderr));
+    server.join().expect("server thread");
+}
+
+#[test]
+fn policies_shape_the_sandbox() {
+    if !can_sandbox() {
+        return;
+    }
+    let code = code_dir(&[]);
+    // Without /usr readable, there is no shell to run.
+    let spec = spec(
+        Tier::Standard,
+        code.path(),
+        "readable_paths = [\"/etc/ssl\"]",
+    );
+    let err = run_blocking(&spec, &argv(&["/bin/sh", "-c", "true"]), b"").expect_err("no /bin");
+    assert!(
+        matches!(err, SandboxError::Setup { ref step, .. } if step == "exec"),
+        "{err:?}"
+    );
+    // With no writable path, /tmp is read-only.
+    let spec = spec_with(Tier::Standard, code.path(), "writable_paths = []");
+    let out = sh(&spec, "echo x > /tmp/x", b"");
+    assert_eq!(out.status, ExitStatus::Exited(2));
+    assert!(
+        text(&out.stderr).contains("Read-only file system"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn tiers_parse_and_print() {
+    let tiers: BTreeMap<&str, Tier> = Tier::ALL.iter().map(|t| (t.as_str(), *t)).collect();
+    assert_eq!(tiers.len(), 3);
+    assert_eq!("trusted".parse::<Tier>().expect("parses"), Tier::Trusted);
+    assert!("admin".parse::<Tier>().is_err());
+}
+
+#[test]
+fn warm_pool_types_are_usable_from_outside() {
+    let pool = WarmPool::new(PoolConfig::default());
+    let key = PoolKey {
+        function: "f".into(),
+        version: 1,
+        mode: PoolMode::Exec,
+    };
+    let none: Option<WarmSandbox> = pool.acquire(&key);
+    assert!(none.is_none());
+    assert_eq!(pool.stats().idle, 0);
 }

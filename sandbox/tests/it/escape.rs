@@ -1,0 +1,198 @@
+//! The escape suite: one probe per tier tries every attack and prints what stopped it; each
+//! line is checked against the specific errno (or result) the layers must produce.
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+
+use skiff_sandbox::Tier;
+
+use crate::{can_sandbox, code_dir, py, spec, text};
+
+const PROBE: &str = r#"
+import ctypes, errno, fcntl, os, socket, sys, termios
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+out = {}
+def name(e):
+    return errno.errorcode.get(e, str(e))
+def attempt(key, f):
+    try:
+        r = f()
+        out[key] = "OK" if r is None else r
+    except OSError as e:
+        out[key] = name(e.errno)
+def sc(key, nr, *args):
+    r = libc.syscall(ctypes.c_long(nr), *[ctypes.c_long(a) if isinstance(a, int) else a for a in args])
+    out[key] = "OK" if r >= 0 else name(ctypes.get_errno())
+    return r
+
+attempt("read_shadow", lambda: open("/etc/shadow").read() and None)
+attempt("list_root", lambda: os.listdir("/root") and None)
+attempt("write_code", lambda: open("/code/new", "w").close())
+attempt("write_usr", lambda: open("/usr/new", "w").close())
+attempt("write_rootfs", lambda: open("/new", "w").close())
+attempt("append_passwd", lambda: open("/etc/passwd", "a").close())
+attempt("write_tmp", lambda: open("/tmp/ok", "w").write("ok") and None)
+attempt("read_kcore", lambda: "EMPTY" if open("/proc/kcore", "rb").read(16) == b"" else "DATA")
+attempt("read_proc_keys", lambda: "EMPTY" if open("/proc/keys", "rb").read(16) == b"" else "DATA")
+attempt("read_timer_list", lambda: "EMPTY" if open("/proc/timer_list", "rb").read(16) == b"" else "DATA")
+attempt("list_sys_firmware", lambda: os.listdir("/sys/firmware") and None)
+attempt("symlink_file_escape", lambda: open("/code/escape_file").read() and None)
+attempt("symlink_dir_escape", lambda: os.listdir("/code/escape_dir") and None)
+pids = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
+out["visible_pids"] = ",".join(map(str, pids))
+attempt("kill_node", lambda: os.kill(int(os.environ["NODE_PID"]), 9))
+attempt("kill_supervisor_view", lambda: os.kill(os.getppid(), 0) if os.getppid() != 0 else "NO_PARENT")
+sc("ptrace_traceme", 101, 0, 0, 0, 0)
+sc("mount_tmpfs", 165, b"none", b"/tmp", b"tmpfs", 0, None)
+sc("unshare_user", 272, 0x10000000)
+sc("unshare_net", 272, 0x40000000)
+sc("setns", 308, 0, 0)
+r = sc("clone_newuser", 56, 0x10000000 | 17, 0, 0, 0, 0)
+if r == 0:
+    os._exit(0)
+sc("keyctl", 250, 0, -3, 0)
+sc("bpf", 321, 0, 0, 0)
+sc("perf_event_open", 298, 0, 0, 0, 0, 0)
+sc("userfaultfd", 323, 0)
+params = ctypes.create_string_buffer(120)
+sc("io_uring_setup", 425, 1, params)
+sc("process_vm_readv", 310, 1, 0, 0, 0, 0, 0)
+attempt("tiocsti", lambda: fcntl.ioctl(0, termios.TIOCSTI, b"x") and None)
+attempt("connect_forbidden", lambda: socket.create_connection(("127.0.0.1", int(os.environ["FORBIDDEN_PORT"])), timeout=3).close())
+attempt("bind_port", lambda: socket.socket().bind(("127.0.0.1", 0)))
+attempt("bind_any", lambda: socket.socket().bind(("0.0.0.0", 8080)))
+attempt("udp_socket", lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close())
+attempt("netlink_socket", lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0).close())
+status = dict(l.split(":\t", 1) for l in open("/proc/self/status").read().splitlines() if ":\t" in l)
+out["cap_eff"] = status["CapEff"].strip()
+out["cap_bnd"] = status["CapBnd"].strip()
+out["no_new_privs"] = status["NoNewPrivs"].strip()
+out["seccomp"] = status["Seccomp"].strip()
+out["uid"] = str(os.getuid())
+out["hostname"] = socket.gethostname()
+for k, v in out.items():
+    print(k, v)
+"#;
+
+/// Expected result of every probe line, at every tier.
+fn expected(tier: Tier) -> BTreeMap<&'static str, &'static str> {
+    let mut e = BTreeMap::from([
+        ("read_shadow", "ENOENT"),
+        ("list_root", "ENOENT"),
+        ("write_code", "EROFS"),
+        ("write_usr", "EROFS"),
+        ("write_rootfs", "EROFS"),
+        ("append_passwd", "EROFS"),
+        ("write_tmp", "OK"),
+        // Masked with /dev/null where the kernel has it (this one may be built without).
+        (
+            "read_kcore",
+            if std::path::Path::new("/proc/kcore").exists() {
+                "EMPTY"
+            } else {
+                "ENOENT"
+            },
+        ),
+        ("read_proc_keys", "EMPTY"),
+        ("read_timer_list", "EMPTY"),
+        ("list_sys_firmware", "ENOENT"),
+        ("symlink_file_escape", "ENOENT"),
+        ("symlink_dir_escape", "ENOENT"),
+        // Only the probe itself (pid 1) exists in its pid namespace.
+        ("visible_pids", "1"),
+        ("kill_node", "ESRCH"),
+        ("kill_supervisor_view", "NO_PARENT"),
+        ("ptrace_traceme", "EPERM"),
+        ("mount_tmpfs", "EPERM"),
+        ("unshare_user", "EPERM"),
+        ("unshare_net", "EPERM"),
+        ("setns", "EPERM"),
+        ("clone_newuser", "EPERM"),
+        ("keyctl", "EPERM"),
+        ("bpf", "EPERM"),
+        ("perf_event_open", "EPERM"),
+        ("userfaultfd", "EPERM"),
+        ("io_uring_setup", "EPERM"),
+        ("process_vm_readv", "EPERM"),
+        ("tiocsti", "EPERM"),
+        // Landlock refuses TCP connect and bind to any port not listed.
+        ("connect_forbidden", "EACCES"),
+        ("bind_port", "EACCES"),
+        ("bind_any", "EACCES"),
+        // seccomp: IPv4/IPv6 sockets must be TCP; netlink is not allowed at all.
+        ("udp_socket", "EPERM"),
+        ("netlink_socket", "EPERM"),
+        ("cap_eff", "0000000000000000"),
+        ("cap_bnd", "0000000000000000"),
+        ("no_new_privs", "1"),
+        ("seccomp", "2"),
+        ("uid", "0"),
+        ("hostname", "sandbox"),
+    ]);
+    if tier == Tier::Trusted {
+        // Same answer, from Landlock alone: the trusted tier shares the host network.
+        e.insert("connect_forbidden", "EACCES");
+    }
+    e
+}
+
+#[test]
+fn every_escape_fails_with_its_specific_error_at_every_tier() {
+    if !can_sandbox() {
+        return;
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").expect("listener");
+    let port = listener.local_addr().expect("addr").port();
+    let code = code_dir(&[]);
+    std::os::unix::fs::symlink("/etc/shadow", code.path().join("escape_file")).expect("symlink");
+    std::os::unix::fs::symlink("/root", code.path().join("escape_dir")).expect("symlink");
+    for tier in Tier::ALL {
+        let mut spec = spec(tier, code.path(), "");
+        spec.env = vec![
+            ("NODE_PID".into(), std::process::id().to_string()),
+            ("FORBIDDEN_PORT".into(), port.to_string()),
+        ];
+        let out = py(&spec, PROBE, b"");
+        let stdout = text(&out.stdout);
+        assert!(
+            out.stderr.is_empty(),
+            "{tier}: probe crashed: {}",
+            text(&out.stderr)
+        );
+        let got: BTreeMap<&str, &str> = stdout.lines().filter_map(|l| l.split_once(' ')).collect();
+        for (key, want) in expected(tier) {
+            assert_eq!(
+                got.get(key).copied(),
+                Some(want),
+                "{tier}: attack {key}\n{stdout}"
+            );
+        }
+    }
+    // The node is alive (we are it), and nothing connected to the forbidden listener.
+    listener.set_nonblocking(true).expect("nonblocking");
+    assert!(listener.accept().is_err());
+}
+
+#[test]
+fn the_host_uid_outside_is_unprivileged() {
+    if !can_sandbox() {
+        return;
+    }
+    let code = code_dir(&[]);
+    let spec = spec(Tier::Untrusted, code.path(), "");
+    let out = py(
+        &spec,
+        "print(open('/proc/self/uid_map').read().split())",
+        b"",
+    );
+    let stdout = text(&out.stdout);
+    // ['0', '<host uid>', '1']: root inside is one unprivileged uid outside.
+    let host: u32 = stdout
+        .split('\'')
+        .nth(3)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("uid_map: {stdout}"));
+    assert!(host >= skiff_sandbox::HOST_ID_BASE, "{stdout}");
+    assert!(stdout.contains("'1'"), "{stdout}");
+}
