@@ -1,0 +1,59 @@
+//! skiff-chaos: fault-injection testing of a real skiff cluster.
+//!
+//! A run starts `skiffd` processes on loopback with a fault proxy on every node-to-node link,
+//! drives a recorded kv workload while a seeded nemesis injects network and process faults,
+//! heals, and checks the history: linearizability per key, no acknowledged write lost, equal
+//! replicas, writes accepted soon after heal. The verdict is valid, invalid (with the
+//! violating operations) or unknown.
+//!
+//! # Layout
+//! - [`proxy`]: the per-link TCP proxies and the per-flow fault table;
+//! - [`cluster`]: the `skiffd` processes, their configs, kill -9 / SIGSTOP / restart;
+//! - [`nemesis`]: the seeded fault schedule and its execution;
+//! - [`workload`]: the workers and how an answer becomes ok / fail / unknown;
+//! - [`history`]: the recorded operations;
+//! - [`checker`]: the checks and the verdict ([`checker::linear`] is the linearizability search);
+//! - [`run`](mod@run): one run from start to [`Report`]; `src/bin/skiff-chaos.rs` only parses
+//!   flags and calls [`run()`].
+//!
+//! Invariants: all traffic stays on 127.0.0.1; every loop is bounded in count and time; the
+//! same seed gives the same fault schedule; an operation that may have taken effect is never
+//! recorded as failed.
+#![forbid(unsafe_code)]
+
+pub mod checker;
+pub mod cluster;
+pub mod history;
+pub mod nemesis;
+pub mod proxy;
+pub mod run;
+pub mod workload;
+
+pub use run::{run, Report, RunOptions};
+
+/// Why the harness could not do its job (distinct from the cluster failing a check).
+#[derive(Debug, thiserror::Error)]
+pub enum ChaosError {
+    #[error(
+        "skiffd not found (tried: {tried}); build it with `cargo build -p skiff-node`, or pass \
+         --skiffd PATH or set SKIFFD"
+    )]
+    SkiffdNotFound { tried: String },
+    #[error("cannot {what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("cannot send {signal} to node {node}: {source}")]
+    Signal {
+        node: u64,
+        signal: &'static str,
+        source: nix::errno::Errno,
+    },
+    #[error("{0}")]
+    Cluster(String),
+    #[error("invalid options: {0}")]
+    Options(String),
+    #[error("cannot serialize the report: {0}")]
+    Serialize(#[from] serde_json::Error),
+}
