@@ -347,6 +347,12 @@ impl ExecSandbox {
         self.prepared.hand_off(&frame)
     }
 
+    /// Waits until the sandbox has exec'd the handed-off command (or says why it could not).
+    pub fn wait_started(&mut self) -> Result<(), SandboxError> {
+        self.prepared
+            .await_exec(Instant::now() + Duration::from_secs(10))
+    }
+
     /// Feeds `stdin`, collects the outcome, cleans up.
     pub fn finish(self, stdin: &[u8]) -> Result<RunOutcome, SandboxError> {
         self.prepared.collect(stdin)

@@ -7,15 +7,15 @@
 //! arrives on its work pipe, execs the function. When the init dies, the kernel kills every
 //! other process of its pid namespace; on timeout the parent kills the whole cgroup.
 //!
-//! Pipes (all close-on-exec in the parent): supervisor control (parent → supervisor, the
-//! go-ahead after the id maps), supervisor status (`U` = write my id maps, `E...` = setup
-//! error, `X` + wait status at the end), work (parent → init: the command; EOF ends it), init
-//! status (`R` = ready, `E...` = setup or exec error, EOF = exec succeeded), and stdin, stdout,
-//! stderr of the function.
+//! Pipes (all close-on-exec in the parent): supervisor status (`E...` = setup error, `X` +
+//! wait status at the end), work (parent → init: the command; EOF ends it), init status
+//! (`R` = ready, `E...` = setup or exec error, EOF = exec succeeded), and stdin, stdout, stderr
+//! of the function. The children never wait for the parent during setup: the supervisor maps
+//! its own ids, and a one-shot run's command is in the work pipe before the init looks.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
@@ -25,7 +25,7 @@ use crate::cgroup::Cgroup;
 use crate::error::SandboxError;
 use crate::policy::Limits;
 use crate::setup::{self, Plan};
-use crate::sys::{self, ForkResult, PollWant, RealSys, StepError};
+use crate::sys::{self, CpuMask, ForkResult, PollWant, RealSys, StepError};
 use crate::{ExitStatus, RunOutcome, SandboxSpec};
 
 /// First host uid/gid that sandbox root maps to; each sandbox takes the next in the range so
@@ -143,51 +143,49 @@ fn parse_report(msg: &[u8]) -> SandboxError {
 }
 
 /// Body of the supervisor child. Never returns.
-fn supervisor_main(plan: &Plan, parent_pid: i32, stdio: [i32; 3], control: [i32; 4]) -> ! {
+fn supervisor_main(
+    plan: &Plan,
+    parent_pid: i32,
+    stdio: [i32; 3],
+    control: [i32; 3],
+    affinity: Option<CpuMask>,
+) -> ! {
     if sys::adopt_fds(stdio, &control).is_err() {
         sys::exit_now(120);
     }
     let mut real = RealSys {
-        ctl_fd: 3,
-        status_fd: 4,
         parent_pid: Some(parent_pid),
     };
     if let Err(e) = setup::supervisor(&mut real, plan) {
-        report(4, &e);
+        report(3, &e);
         sys::exit_now(121);
     }
     match sys::fork() {
         Err(e) => {
-            report(
-                4,
-                &StepError::new("fork init", None, e.raw_os_error().unwrap_or(0)),
-            );
+            let errno = e.raw_os_error().unwrap_or(0);
+            report(3, &StepError::new("fork init", None, errno));
             sys::exit_now(122);
         }
-        Ok(ForkResult::Child) => init_main(plan),
+        Ok(ForkResult::Child) => init_main(plan, affinity),
         Ok(ForkResult::Parent(init_pid)) => {
-            for fd in [0, 1, 2, 5, 6] {
+            for fd in [0, 1, 2, 4, 5] {
                 sys::close_fd(fd);
             }
             let status = sys::wait_pid(init_pid).unwrap_or(255 << 8);
             let mut msg = vec![b'X'];
             msg.extend_from_slice(&status.to_le_bytes());
-            let _ = sys::write_fd(4, &msg);
+            let _ = sys::write_fd(3, &msg);
             sys::exit_now(0);
         }
     }
 }
 
 /// Body of the init (pid 1 of the sandbox). Never returns.
-fn init_main(plan: &Plan) -> ! {
+fn init_main(plan: &Plan, affinity: Option<CpuMask>) -> ! {
     if sys::adopt_init_fds().is_err() {
         sys::exit_now(123);
     }
-    let mut real = RealSys {
-        ctl_fd: 3,
-        status_fd: 4,
-        parent_pid: None,
-    };
+    let mut real = RealSys { parent_pid: None };
     if let Err(e) = setup::init(&mut real, plan) {
         report(4, &e);
         sys::exit_now(124);
@@ -209,23 +207,14 @@ fn init_main(plan: &Plan) -> ! {
         // Discarded without work (pool shrinking, node shutting down).
         sys::exit_now(0);
     }
+    // The function gets every CPU the node had; only the setup stayed on one.
+    if let Some(mask) = affinity {
+        let _ = sys::set_affinity(&mask);
+    }
     let (errno, program) = sys::exec_work(&frame);
     let program = PathBuf::from(String::from_utf8_lossy(&program).into_owned());
     report(4, &StepError::new("exec", Some(&program), errno));
     sys::exit_now(127);
-}
-
-fn write_id_maps(pid: i32, host_id: u32) -> Result<(), SandboxError> {
-    let proc_dir = PathBuf::from(format!("/proc/{pid}"));
-    for (file, contents) in [
-        ("setgroups", "deny".to_string()),
-        ("uid_map", format!("0 {host_id} 1\n")),
-        ("gid_map", format!("0 {host_id} 1\n")),
-    ] {
-        let path = proc_dir.join(file);
-        std::fs::write(&path, contents).map_err(|source| SandboxError::IdMap { path, source })?;
-    }
-    Ok(())
 }
 
 fn remaining_ms(deadline: Instant) -> i32 {
@@ -277,6 +266,8 @@ pub(crate) struct Prepared {
     supervisor_status: File,
     work: Option<File>,
     init_status: Option<File>,
+    /// Bytes the init sent after its `R` (an exec error may follow it in the same read).
+    init_pending: Vec<u8>,
     stdin: Option<File>,
     stdout: Option<File>,
     stderr: Option<File>,
@@ -286,13 +277,21 @@ pub(crate) struct Prepared {
 impl Prepared {
     /// Creates a sandbox for `spec` and waits until it is ready for work.
     pub(crate) fn create(spec: &SandboxSpec) -> Result<Self, SandboxError> {
+        Self::create_with_work(spec, None)
+    }
+
+    /// Creates a sandbox; with `work`, the command is queued in the work pipe at once, so the
+    /// init execs it as soon as its setup is done, without a round trip through the parent.
+    pub(crate) fn create_with_work(
+        spec: &SandboxSpec,
+        work: Option<&[u8]>,
+    ) -> Result<Self, SandboxError> {
         let filters = crate::seccomp::filters()?;
         let staging = staging_root()?;
         let (host_id, name) = next_ids();
         let cgroup = Cgroup::create(&name, &spec.limits)?;
-        let plan = Plan::build(spec, cgroup.procs_files(), staging, filters)?;
+        let plan = Plan::build(spec, cgroup.join_files(), host_id, staging, filters)?;
         let pipe = || sys::pipe().map_err(|e| SandboxError::syscall("pipe2", e));
-        let (ctl_r, ctl_w) = pipe()?;
         let (sup_status_r, sup_status_w) = pipe()?;
         let (work_r, work_w) = pipe()?;
         let (init_status_r, init_status_w) = pipe()?;
@@ -300,29 +299,22 @@ impl Prepared {
         let (out_r, out_w) = pipe()?;
         let (err_r, err_w) = pipe()?;
         let parent_pid = i32::try_from(std::process::id()).expect("pids fit in i32");
+        let pin = Pin::current_cpu();
         let supervisor_pid = match sys::fork().map_err(|e| SandboxError::syscall("fork", e))? {
             ForkResult::Child => supervisor_main(
                 &plan,
                 parent_pid,
                 [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()],
                 [
-                    ctl_r.as_raw_fd(),
                     sup_status_w.as_raw_fd(),
                     work_r.as_raw_fd(),
                     init_status_w.as_raw_fd(),
                 ],
+                pin.original,
             ),
             ForkResult::Parent(pid) => pid,
         };
-        drop((
-            ctl_r,
-            sup_status_w,
-            work_r,
-            init_status_w,
-            in_r,
-            out_w,
-            err_w,
-        ));
+        drop((sup_status_w, work_r, init_status_w, in_r, out_w, err_w));
         let mut prepared = Prepared {
             supervisor_pid,
             cgroup,
@@ -330,36 +322,27 @@ impl Prepared {
             supervisor_status: File::from(sup_status_r),
             work: Some(File::from(work_w)),
             init_status: Some(File::from(init_status_r)),
+            init_pending: Vec::new(),
             stdin: Some(File::from(in_w)),
             stdout: Some(File::from(out_r)),
             stderr: Some(File::from(err_r)),
             reaped: false,
         };
-        prepared.handshake(ctl_w, host_id)?;
+        if let Some(frame) = work {
+            prepared.hand_off(frame)?;
+        }
+        prepared.handshake()?;
+        drop(pin);
         Ok(prepared)
     }
 
-    fn handshake(&mut self, ctl: OwnedFd, host_id: u32) -> Result<(), SandboxError> {
+    fn handshake(&mut self) -> Result<(), SandboxError> {
         let deadline = Instant::now() + SETUP_TIMEOUT;
-        let msg = read_message(&mut self.supervisor_status, deadline)?;
-        match msg.first() {
-            Some(b'U') => {}
-            Some(b'E') => return Err(parse_report(&msg)),
-            _ => {
-                return Err(SandboxError::Protocol {
-                    detail: format!("supervisor said {msg:?} instead of asking for id maps"),
-                })
-            }
-        }
-        write_id_maps(self.supervisor_pid, host_id)?;
-        let mut ctl = File::from(ctl);
-        ctl.write_all(b"G")
-            .map_err(|e| SandboxError::syscall("write", e))?;
-        drop(ctl);
         let init_status = self.init_status.as_mut().expect("set at creation");
         let msg = read_message(init_status, deadline)?;
         match msg.first() {
             Some(b'R') => {
+                self.init_pending = msg[1..].to_vec();
                 // The supervisor is tiny and its death would lose the exit status: keep the OOM
                 // killer on the function's processes. Set from here (we are privileged) only
                 // now, after the init was forked, so the init does not inherit it. Best effort:
@@ -403,14 +386,21 @@ impl Prepared {
 
     /// Waits until the init has exec'd the command (its status pipe closes) or reports why not.
     pub(crate) fn await_exec(&mut self, deadline: Instant) -> Result<(), SandboxError> {
+        let mut msg = std::mem::take(&mut self.init_pending);
         let Some(mut status) = self.init_status.take() else {
             return Ok(());
         };
-        let msg = read_message(&mut status, deadline)?;
-        if msg.first() == Some(&b'E') {
-            return Err(parse_report(&msg));
+        loop {
+            if msg.contains(&b'\n') {
+                return Err(parse_report(&msg));
+            }
+            let more = read_message(&mut status, deadline)?;
+            if more.is_empty() {
+                // EOF: the exec happened (or the init died, which the exit status tells).
+                return Ok(());
+            }
+            msg.extend_from_slice(&more);
         }
-        Ok(())
     }
 
     /// Runs the handed-off command to its end: feeds stdin, collects output within limits,
@@ -429,7 +419,7 @@ impl Prepared {
         let mut stdout = Capture::new(self.stdout.take(), self.limits.stdout_bytes_max);
         let mut stderr = Capture::new(self.stderr.take(), self.limits.stderr_bytes_max);
         let mut init_status = self.init_status.take();
-        let mut init_msg = Vec::new();
+        let mut init_msg = std::mem::take(&mut self.init_pending);
         let mut sup_msg = Vec::new();
         let mut sup_open = true;
         let mut timed_out = false;
@@ -572,6 +562,28 @@ impl Drop for Prepared {
     }
 }
 
+/// Keeps the calling thread on its current CPU while a sandbox is set up (see
+/// `sys::pin_to_current_cpu`); restores the affinity on drop.
+struct Pin {
+    original: Option<CpuMask>,
+}
+
+impl Pin {
+    fn current_cpu() -> Self {
+        Self {
+            original: sys::pin_to_current_cpu().ok(),
+        }
+    }
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        if let Some(mask) = &self.original {
+            let _ = sys::set_affinity(mask);
+        }
+    }
+}
+
 enum Slot {
     Stdin,
     Stdout,
@@ -633,8 +645,7 @@ pub(crate) fn run_blocking(
     stdin: &[u8],
 ) -> Result<RunOutcome, SandboxError> {
     let frame = encode_work(argv, &spec.env)?;
-    let mut prepared = Prepared::create(spec)?;
-    prepared.hand_off(&frame)?;
+    let prepared = Prepared::create_with_work(spec, Some(&frame))?;
     prepared.collect(stdin)
 }
 

@@ -3,10 +3,12 @@
 //! [`Syscalls`] seam).
 //!
 //! Order, and why:
-//! 1. supervisor: parent-death signal, supplementary groups
-//!    dropped (impossible once `setgroups` is denied), into the cgroup (before the cgroup
-//!    namespace, whose root becomes this cgroup), `unshare` of every namespace, the parent
-//!    writes the id maps, then uid/gid 0 inside = the unprivileged host ids.
+//! 1. supervisor: supplementary groups dropped (impossible once `setgroups` is denied), into
+//!    the cgroup while still privileged (and before the cgroup namespace, whose root becomes
+//!    this cgroup), switch to the sandbox's unprivileged host uid/gid, `unshare` of every
+//!    namespace, parent-death signal (credential changes clear it, so after them), then the
+//!    process maps root inside to its own host ids — what any unprivileged process may do, so
+//!    no round trip to the parent is needed — and takes uid/gid 0 inside.
 //! 2. init (pid 1 of the new pid namespace, so the fresh `/proc` is its own): mounts private,
 //!    tmpfs root with the read-only binds, `/code`, `/tmp`, `/dev`, `/proc` with masks, root
 //!    read-only, `pivot_root` + detach → hostname, rlimits, new session, parent-death signal,
@@ -78,7 +80,9 @@ pub(crate) enum RootOp {
 #[derive(Debug, Clone)]
 pub(crate) struct Plan {
     pub namespaces: Namespaces,
-    pub cgroup_procs: Vec<PathBuf>,
+    pub cgroup_join_files: Vec<PathBuf>,
+    /// Host uid and gid that root inside maps to.
+    pub host_id: u32,
     pub staging_root: PathBuf,
     pub root_ops: Vec<RootOp>,
     pub rlimits: Vec<(Rlimit, u64)>,
@@ -93,7 +97,8 @@ fn under(root: &Path, path: &Path) -> PathBuf {
 impl Plan {
     pub(crate) fn build(
         spec: &SandboxSpec,
-        cgroup_procs: Vec<PathBuf>,
+        cgroup_join_files: Vec<PathBuf>,
+        host_id: u32,
         staging_root: &Path,
         filters: &'static [BpfProgram],
     ) -> Result<Self, SandboxError> {
@@ -310,7 +315,8 @@ impl Plan {
 
         Ok(Plan {
             namespaces: Namespaces(namespaces),
-            cgroup_procs,
+            cgroup_join_files,
+            host_id,
             staging_root: root.to_path_buf(),
             root_ops: ops,
             rlimits: vec![
@@ -325,13 +331,15 @@ impl Plan {
 
 /// Steps of the supervisor, up to (not including) the fork of the init.
 pub(crate) fn supervisor(sys: &mut impl Syscalls, plan: &Plan) -> StepResult {
-    sys.set_parent_death_signal()?;
     sys.drop_supplementary_groups()?;
-    for procs in &plan.cgroup_procs {
-        sys.join_cgroup(procs)?;
+    for file in &plan.cgroup_join_files {
+        sys.join_cgroup(file)?;
     }
+    sys.set_host_ids(plan.host_id)?;
     sys.unshare(plan.namespaces)?;
-    sys.await_id_maps()?;
+    // Credential changes clear the parent-death signal: arm it after the last of them.
+    sys.set_parent_death_signal()?;
+    sys.write_own_id_maps(plan.host_id)?;
     sys.become_root()
 }
 
@@ -383,7 +391,8 @@ mod tests {
         let spec = SandboxSpec::new(tier, code);
         Plan::build(
             &spec,
-            vec![PathBuf::from("/cg/memory/x/cgroup.procs")],
+            vec![PathBuf::from("/cg/memory/x/tasks")],
+            100_007,
             Path::new("/staging"),
             crate::seccomp::filters().expect("filters compile"),
         )
@@ -400,11 +409,14 @@ mod tests {
         let plan = plan(Tier::Untrusted);
         let mut sys = RecordingSys::new();
         supervisor(&mut sys, &plan).expect("fake succeeds");
-        assert_eq!(pos(&sys, "pdeathsig"), 0);
-        assert!(pos(&sys, "setgroups") < pos(&sys, "unshare"));
-        assert!(pos(&sys, "join_cgroup") < pos(&sys, "unshare"));
-        assert!(pos(&sys, "unshare") < pos(&sys, "await_id_maps"));
-        assert!(pos(&sys, "await_id_maps") < pos(&sys, "become_root"));
+        assert_eq!(pos(&sys, "setgroups"), 0);
+        // Joining needs the host's root; the host ids are dropped right after.
+        assert!(pos(&sys, "join_cgroup") < pos(&sys, "set_host_ids 100007"));
+        assert!(pos(&sys, "set_host_ids") < pos(&sys, "unshare"));
+        // Every credential change is over before the parent-death signal is armed.
+        assert!(pos(&sys, "unshare") < pos(&sys, "pdeathsig"));
+        assert!(pos(&sys, "pdeathsig") < pos(&sys, "id_maps 100007"));
+        assert!(pos(&sys, "id_maps") < pos(&sys, "become_root"));
         assert_eq!(sys.calls.last().map(String::as_str), Some("become_root"));
     }
 

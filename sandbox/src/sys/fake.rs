@@ -48,14 +48,17 @@ impl Syscalls for RecordingSys {
     fn drop_supplementary_groups(&mut self) -> StepResult {
         self.record("setgroups".into())
     }
-    fn join_cgroup(&mut self, procs_file: &Path) -> StepResult {
-        self.record(format!("join_cgroup {}", procs_file.display()))
+    fn join_cgroup(&mut self, join_file: &Path) -> StepResult {
+        self.record(format!("join_cgroup {}", join_file.display()))
+    }
+    fn set_host_ids(&mut self, id: u32) -> StepResult {
+        self.record(format!("set_host_ids {id}"))
     }
     fn unshare(&mut self, namespaces: Namespaces) -> StepResult {
         self.record(format!("unshare {:#x}", namespaces.0))
     }
-    fn await_id_maps(&mut self) -> StepResult {
-        self.record("await_id_maps".into())
+    fn write_own_id_maps(&mut self, id: u32) -> StepResult {
+        self.record(format!("id_maps {id}"))
     }
     fn become_root(&mut self) -> StepResult {
         self.record("become_root".into())

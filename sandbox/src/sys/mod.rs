@@ -13,8 +13,9 @@ pub(crate) mod fake;
 pub(crate) mod linux;
 
 pub(crate) use linux::{
-    adopt_fds, adopt_init_fds, close_fd, exec_work, exit_now, fork, kill_pid, pipe, poll_fds,
-    read_fd, set_nonblocking, wait_pid, write_fd, ForkResult, PollWant, RealSys,
+    adopt_fds, adopt_init_fds, close_fd, exec_work, exit_now, fork, kill_pid, pin_to_current_cpu,
+    pipe, poll_fds, read_fd, set_affinity, set_nonblocking, wait_pid, write_fd, CpuMask,
+    ForkResult, PollWant, RealSys,
 };
 
 /// A failed setup step, as reported from the child to the parent.
@@ -91,10 +92,13 @@ pub(crate) trait Syscalls {
     // Supervisor (outside the new pid namespace).
     fn set_parent_death_signal(&mut self) -> StepResult;
     fn drop_supplementary_groups(&mut self) -> StepResult;
-    fn join_cgroup(&mut self, procs_file: &Path) -> StepResult;
+    fn join_cgroup(&mut self, join_file: &Path) -> StepResult;
+    /// Becomes the unprivileged host uid and gid `id` (while still in the host's namespace).
+    fn set_host_ids(&mut self, id: u32) -> StepResult;
     fn unshare(&mut self, namespaces: Namespaces) -> StepResult;
-    /// Asks the parent to write the uid/gid maps and waits until it has.
-    fn await_id_maps(&mut self) -> StepResult;
+    /// Maps root of the new user namespace to the host id `id` (its own ids, which an
+    /// unprivileged process may map for itself) with `setgroups` denied.
+    fn write_own_id_maps(&mut self, id: u32) -> StepResult;
     /// Takes uid and gid 0 of the new user namespace (the mapped unprivileged host ids).
     fn become_root(&mut self) -> StepResult;
 
