@@ -187,12 +187,38 @@ fn warm_numbers(code: &Path) {
         std::thread::sleep(Duration::from_millis(50));
         let mut mem: Vec<u64> = sandboxes.iter().map(ExecSandbox::memory_bytes).collect();
         mem.sort();
+        let mut pss: Vec<u64> = sandboxes.iter().map(pss_bytes).collect();
+        pss.sort();
         println!(
-            "idle warm sandbox memory ({tier}, cgroup usage incl. supervisor, init, tmpfs root, page tables): median {} KiB, max {} KiB",
+            "idle warm sandbox memory ({tier}): cgroup charge median {} KiB (max {} KiB); PSS of its two processes median {} KiB (max {} KiB)",
             mem[mem.len() / 2] / 1024,
-            mem[mem.len() - 1] / 1024
+            mem[mem.len() - 1] / 1024,
+            pss[pss.len() / 2] / 1024,
+            pss[pss.len() - 1] / 1024
         );
     }
+}
+
+/// Proportional set size of every process in the sandbox's cgroup: what the host really spends
+/// on it, including the pages still shared copy-on-write with the node (which the cgroup does
+/// not charge to the sandbox).
+fn pss_bytes(sandbox: &ExecSandbox) -> u64 {
+    let Some(dir) = sandbox.cgroup_dirs().into_iter().next() else {
+        return 0;
+    };
+    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+    procs
+        .lines()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok())
+        .filter_map(|rollup| {
+            rollup
+                .lines()
+                .find(|l| l.starts_with("Pss:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .sum()
 }
 
 fn main() {
