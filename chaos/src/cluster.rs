@@ -240,11 +240,15 @@ impl Cluster {
         let client = cluster.client()?;
         let members: BTreeMap<u64, String> =
             addrs.iter().map(|(id, a)| (*id, a.to_string())).collect();
-        client
-            .cluster_init(members)
-            .await
-            .map_err(|e| ChaosError::Cluster(format!("cluster init failed: {e}")))?;
-        cluster.wait_writable(CLUSTER_READY_TIMEOUT).await?;
+        // A retried init can be refused because the first attempt already worked, so an init
+        // error only matters if the cluster then never becomes writable.
+        let init = client.cluster_init(members).await;
+        if let Err(e) = cluster.wait_writable(CLUSTER_READY_TIMEOUT).await {
+            return Err(match init {
+                Err(init) => ChaosError::Cluster(format!("cluster init failed: {init}; {e}")),
+                Ok(()) => e,
+            });
+        }
         Ok(cluster)
     }
 
