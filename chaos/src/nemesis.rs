@@ -52,10 +52,12 @@ pub enum FaultKind {
     Pause,
     /// kill -9 a majority at once (the leader among them), restart them after the hold.
     CrashMajority,
+    /// kill -9 every node at once, restart them all after the hold.
+    CrashAll,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 9] = [
+    pub const ALL: [FaultKind; 10] = [
         FaultKind::Isolate,
         FaultKind::Halves,
         FaultKind::OneWay,
@@ -65,6 +67,7 @@ impl FaultKind {
         FaultKind::Kill,
         FaultKind::Pause,
         FaultKind::CrashMajority,
+        FaultKind::CrashAll,
     ];
 
     pub fn name(self) -> &'static str {
@@ -78,6 +81,7 @@ impl FaultKind {
             FaultKind::Kill => "kill",
             FaultKind::Pause => "pause",
             FaultKind::CrashMajority => "crash-majority",
+            FaultKind::CrashAll => "crash-all",
         }
     }
 }
@@ -153,6 +157,7 @@ pub enum Fault {
         node: Target,
     },
     CrashMajority,
+    CrashAll,
 }
 
 impl fmt::Display for Fault {
@@ -182,6 +187,7 @@ impl fmt::Display for Fault {
             Fault::Kill { node } => write!(f, "kill -9 {node}, restart after the hold"),
             Fault::Pause { node } => write!(f, "SIGSTOP {node}, SIGCONT after the hold"),
             Fault::CrashMajority => write!(f, "kill -9 a majority with the leader, restart"),
+            Fault::CrashAll => write!(f, "kill -9 every node, restart"),
         }
     }
 }
@@ -256,6 +262,7 @@ impl Schedule {
                     node: pick_target(&mut rng, nodes),
                 },
                 FaultKind::CrashMajority => Fault::CrashMajority,
+                FaultKind::CrashAll => Fault::CrashAll,
             };
             steps.push(Step {
                 at_ms: t,
@@ -414,6 +421,16 @@ async fn apply(cluster: &mut Cluster, fault: &Fault) -> Result<(Undo, String), C
             (
                 Undo::Restart(victims.clone()),
                 format!("killed nodes {victims:?} (SIGKILL)"),
+            )
+        }
+        Fault::CrashAll => {
+            let ids = cluster.ids();
+            for &id in &ids {
+                cluster.kill_node(id).await?;
+            }
+            (
+                Undo::Restart(ids.clone()),
+                format!("killed every node {ids:?} (SIGKILL)"),
             )
         }
     })

@@ -26,6 +26,9 @@ use crate::ChaosError;
 
 /// Longest one operation may take before it is recorded as unknown.
 pub const OP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Extra pause of a worker after an operation that did not succeed, so that a worker facing a
+/// dead cluster does not pile up unknown writes (each one widens the checker's search).
+pub const ERROR_PAUSE: Duration = Duration::from_millis(250);
 
 /// Shape of the workload.
 #[derive(Debug, Clone)]
@@ -139,9 +142,10 @@ async fn worker_loop(
                 seen.insert(key.clone(), v);
             }
         }
+        let failed = !matches!(outcome, Outcome::Ok(_));
         recorder.complete(id, outcome);
-        let pause = rng.gen_range(0..=2 * config.think_ms_mean);
-        tokio::time::sleep(Duration::from_millis(pause)).await;
+        let pause = Duration::from_millis(rng.gen_range(0..=2 * config.think_ms_mean));
+        tokio::time::sleep(if failed { pause + ERROR_PAUSE } else { pause }).await;
     }
 }
 

@@ -45,7 +45,7 @@ enum Cmd {
         #[arg(long)]
         dir: Option<PathBuf>,
         /// Comma-separated fault kinds (default: all): isolate, halves, one-way, delay, drop,
-        /// bandwidth, kill, pause, crash-majority. Empty ("") for no faults.
+        /// bandwidth, kill, pause, crash-majority, crash-all. Empty ("") for no faults.
         #[arg(long, value_delimiter = ',')]
         faults: Option<Vec<String>>,
         /// Concurrent workload clients.
