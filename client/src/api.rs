@@ -1,0 +1,156 @@
+//! The client-facing RPC service and the types it carries.
+//!
+//! Every node serves [`ClientApi`]; a node that is not the leader forwards writes and
+//! linearizable reads to the leader itself, so a client may talk to any node. Errors are
+//! values ([`ApiError`]) so that they cross the wire with their context.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+pub use skiff_raft_store::model::{
+    ClientCommand, Command, CommandResult, KvEntry, KvPage, NodeId, RequestId,
+};
+
+/// Largest frame either side accepts on a client connection, in bytes. A frame carries one
+/// request or response; values are at most 1 MiB, so 8 MiB leaves room for a page of a listing.
+pub const CLIENT_FRAME_BYTES_MAX: usize = 8 * 1024 * 1024;
+
+/// The service every node exposes to clients.
+#[tarpc::service]
+pub trait ClientApi {
+    /// Applies a group of commands through the log (forwarded to the leader if needed) and
+    /// returns one result per command, in order.
+    async fn write(commands: Vec<ClientCommand>) -> Result<Vec<CommandResult>, ApiError>;
+    /// Reads one key. `Linearizable` confirms leadership with a quorum first; `Local` reads
+    /// the answering node's applied state (may be stale).
+    async fn kv_get(key: String, read: ReadConsistency) -> Result<Option<KvEntry>, ApiError>;
+    /// Lists keys under `prefix` after `start_after`, at most `limit` (clamped by the server).
+    async fn kv_list(
+        prefix: String,
+        start_after: Option<String>,
+        limit: u32,
+        read: ReadConsistency,
+    ) -> Result<KvPage, ApiError>;
+    /// Initializes a new cluster with these members (id -> address). Called once, on one node.
+    async fn cluster_init(members: BTreeMap<NodeId, String>) -> Result<(), ApiError>;
+    /// Adds a node: first as a learner (it catches up), then as a voter.
+    async fn cluster_add_node(id: NodeId, addr: String) -> Result<(), ApiError>;
+    /// Removes a voter or learner from the membership.
+    async fn cluster_remove_node(id: NodeId) -> Result<(), ApiError>;
+    /// The cluster as the leader sees it (or this node, when there is no leader).
+    async fn cluster_status() -> Result<ClusterStatus, ApiError>;
+}
+
+/// How fresh a read must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum ReadConsistency {
+    /// Reflects every write acknowledged before the read started.
+    #[default]
+    Linearizable,
+    /// The answering node's applied state; may miss recent writes.
+    Local,
+}
+
+/// An error a node returns to a client. Business outcomes of commands (conflict, not found) are
+/// [`CommandResult`]s instead.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ApiError {
+    /// The node could not reach a leader; try another node or later.
+    #[error("no leader is reachable{}", leader_hint(.leader, .leader_addr))]
+    NoLeader {
+        leader: Option<NodeId>,
+        leader_addr: Option<String>,
+    },
+    /// The cluster did not answer in time; the outcome of a write is unknown.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// The request was malformed; nothing changed.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// A named thing (node, key) does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The request is valid but the cluster's state does not allow it now.
+    #[error("failed precondition: {0}")]
+    FailedPrecondition(String),
+    /// The node is saturated (bounded queue full); retry after a pause.
+    #[error("overloaded: {0}")]
+    Overloaded(String),
+    /// The node is shutting down.
+    #[error("node is shutting down")]
+    ShuttingDown,
+    /// Anything else, with its message.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+fn leader_hint(leader: &Option<NodeId>, addr: &Option<String>) -> String {
+    match (leader, addr) {
+        (Some(id), Some(addr)) => format!(" (last known leader: node {id} at {addr})"),
+        (Some(id), None) => format!(" (last known leader: node {id})"),
+        _ => String::new(),
+    }
+}
+
+impl ApiError {
+    /// Whether retrying the same request (with the same request ids) may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(
+            self,
+            ApiError::NoLeader { .. }
+                | ApiError::Timeout(_)
+                | ApiError::Overloaded(_)
+                | ApiError::ShuttingDown
+        )
+    }
+}
+
+/// The cluster as one node sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// The node that answered.
+    pub answered_by: NodeId,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    /// Index of the last log entry the answering node applied.
+    pub last_applied: u64,
+    /// Index of the last log entry in the answering node's log.
+    pub last_log: u64,
+    /// Last log index covered by the answering node's latest snapshot.
+    pub snapshot_index: Option<u64>,
+    /// Last log index the answering node purged from its log.
+    pub purged_index: Option<u64>,
+    pub nodes: Vec<NodeStatus>,
+}
+
+/// One member of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub id: NodeId,
+    pub addr: String,
+    pub role: MemberRole,
+    /// Whether the answering node reached it just now.
+    pub reachable: bool,
+    /// Last log index replicated to it (known on the leader only).
+    pub matched: Option<u64>,
+    /// How many entries it is behind the leader's last log index (leader only).
+    pub lag: Option<u64>,
+    /// Last applied index the node itself reported, if reachable.
+    pub last_applied: Option<u64>,
+}
+
+/// A member's role in the membership.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemberRole {
+    Voter,
+    Learner,
+}
+
+impl std::fmt::Display for MemberRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            MemberRole::Voter => "voter",
+            MemberRole::Learner => "learner",
+        })
+    }
+}

@@ -1,0 +1,183 @@
+//! Group commit on the leader: client commands wait in a bounded queue and are packed, many at a
+//! time, into one log entry.
+//!
+//! One entry costs one append (one fsync on each node) and one replication round however many
+//! commands it carries, which is where throughput under concurrency comes from. A proposal in
+//! flight does not stop the next batch from forming: up to `writes_in_flight_max` entries are
+//! proposed concurrently, and whatever arrives meanwhile rides in the next one. At low load a
+//! batch is a single command and adds no waiting.
+//!
+//! Invariants: the queue and the number of proposals in flight are bounded; a full queue is an
+//! `Overloaded` error to the caller, never an unbounded wait; every queued command gets exactly
+//! one answer (a result, or an error when the proposal failed or the node stops).
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use openraft::error::{ClientWriteError, RaftError};
+use skiff_client::api::{ApiError, ClientCommand, CommandResult, NodeId};
+use skiff_raft_store::model::{Request, COMMANDS_PER_ENTRY_MAX};
+use skiff_raft_store::types::Raft;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+/// A group of commands from one client call, answered together.
+struct Pending {
+    commands: Vec<ClientCommand>,
+    bytes: usize,
+    reply: oneshot::Sender<Result<Vec<CommandResult>, ApiError>>,
+}
+
+/// Handle used to submit commands; cheap to clone.
+#[derive(Clone)]
+pub struct Batcher {
+    tx: mpsc::Sender<Pending>,
+}
+
+/// Approximate encoded size of a command, to keep entries under `entry_bytes_max`.
+fn command_bytes(c: &ClientCommand) -> usize {
+    use skiff_raft_store::model::Command;
+    32 + match &c.command {
+        Command::KvPut { key, value, .. } => key.len() + value.len(),
+        Command::KvDelete { key, .. } => key.len(),
+    }
+}
+
+impl Batcher {
+    /// Starts the batching task. It stops when every [`Batcher`] handle is dropped.
+    pub fn start(raft: Raft, queue_max: usize, in_flight_max: usize, entry_bytes_max: usize) -> Batcher {
+        let (tx, rx) = mpsc::channel(queue_max);
+        tokio::spawn(run(raft, rx, in_flight_max, entry_bytes_max));
+        Batcher { tx }
+    }
+
+    /// Queues `commands` for the log and waits for their results.
+    pub async fn submit(&self, commands: Vec<ClientCommand>) -> Result<Vec<CommandResult>, ApiError> {
+        if commands.is_empty() {
+            return Ok(Vec::new());
+        }
+        if commands.len() > COMMANDS_PER_ENTRY_MAX {
+            return Err(ApiError::InvalidArgument(format!(
+                "{} commands in one call, the limit is {COMMANDS_PER_ENTRY_MAX}",
+                commands.len()
+            )));
+        }
+        let bytes = commands.iter().map(command_bytes).sum();
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .try_send(Pending {
+                commands,
+                bytes,
+                reply,
+            })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => {
+                    ApiError::Overloaded("the write queue is full".into())
+                }
+                mpsc::error::TrySendError::Closed(_) => ApiError::ShuttingDown,
+            })?;
+        rx.await.map_err(|_| ApiError::ShuttingDown)?
+    }
+}
+
+async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>, in_flight_max: usize, entry_bytes_max: usize) {
+    let in_flight = Arc::new(Semaphore::new(in_flight_max));
+    // A command that did not fit the previous entry starts the next one.
+    let mut carry: Option<Pending> = None;
+    loop {
+        let first = match carry.take() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => return,
+            },
+        };
+        // Wait for a proposal slot before draining, so that everything arriving meanwhile
+        // joins this entry.
+        let permit = match in_flight.clone().acquire_owned().await {
+            Ok(p) => p,
+            Err(_) => return,
+        };
+        let mut count = first.commands.len();
+        let mut bytes = first.bytes;
+        let mut batch = vec![first];
+        while count < COMMANDS_PER_ENTRY_MAX && bytes < entry_bytes_max {
+            match rx.try_recv() {
+                Ok(p) => {
+                    if count + p.commands.len() > COMMANDS_PER_ENTRY_MAX || bytes + p.bytes > entry_bytes_max {
+                        carry = Some(p);
+                        break;
+                    }
+                    count += p.commands.len();
+                    bytes += p.bytes;
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            propose(&raft, batch).await;
+            drop(permit);
+        });
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+async fn propose(raft: &Raft, batch: Vec<Pending>) {
+    let commands: Vec<ClientCommand> = batch.iter().flat_map(|p| p.commands.iter().cloned()).collect();
+    let request = Request {
+        time_ms: now_ms(),
+        commands,
+    };
+    match raft.client_write(request).await {
+        Ok(resp) => {
+            let mut results = resp.data.results.into_iter();
+            for p in batch {
+                let mine: Vec<CommandResult> = results.by_ref().take(p.commands.len()).collect();
+                let answer = if mine.len() == p.commands.len() {
+                    Ok(mine)
+                } else {
+                    Err(ApiError::Internal(format!(
+                        "the state machine answered {} of {} commands",
+                        mine.len(),
+                        p.commands.len()
+                    )))
+                };
+                let _ = p.reply.send(answer);
+            }
+        }
+        Err(e) => {
+            let err = write_error(e);
+            for p in batch {
+                let _ = p.reply.send(Err(err.clone()));
+            }
+        }
+    }
+}
+
+/// Maps a failed proposal to what the client sees. The entry may or may not commit later, so a
+/// lost leadership is retryable: the client's retry carries the same request ids.
+pub fn write_error(
+    e: RaftError<NodeId, ClientWriteError<NodeId, openraft::BasicNode>>,
+) -> ApiError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+            let addr = f.leader_node.map(|n| n.addr);
+            ApiError::NoLeader {
+                leader: f.leader_id,
+                leader_addr: addr,
+            }
+        }
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+            ApiError::FailedPrecondition(e.to_string())
+        }
+        // The node is stopping or broken; clients must go elsewhere.
+        RaftError::Fatal(f) => ApiError::Internal(format!("raft stopped: {f}")),
+    }
+}

@@ -1,0 +1,132 @@
+//! `skiffd`: the skiff node daemon. Parses flags, sets up logging, and calls
+//! [`skiff_node::server::run`] (or [`skiff_node::dev::run`] for `skiffd dev`) with a shutdown
+//! future that resolves on SIGTERM or SIGINT.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use skiff_node::config::{LogFormat, NodeConfig, Overrides};
+
+#[derive(Debug, Parser)]
+#[command(name = "skiffd", version, about = "skiff node daemon", args_conflicts_with_subcommands = true)]
+struct Args {
+    /// This node's id (positive, unique, never reused after wiping its data).
+    #[arg(long, env = "SKIFFD_ID")]
+    id: Option<u64>,
+    /// Address to listen on for clients and peers (ip:port).
+    #[arg(long, env = "SKIFFD_LISTEN")]
+    listen: Option<String>,
+    /// Address peers and clients dial, if not --listen.
+    #[arg(long, env = "SKIFFD_ADVERTISE")]
+    advertise: Option<String>,
+    /// Directory for this node's data.
+    #[arg(long, env = "SKIFFD_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// TOML config file; flags override its values.
+    #[arg(long, env = "SKIFFD_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address of the Prometheus /metrics endpoint.
+    #[arg(long, env = "SKIFFD_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
+    /// Log line format on stderr.
+    #[arg(long, env = "SKIFFD_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
+    /// Print a complete default configuration and exit.
+    #[arg(long)]
+    print_default_config: bool,
+    /// Exit when this process id disappears (used by `skiffd dev` for its nodes).
+    #[arg(long, hide = true)]
+    exit_with_parent: Option<i32>,
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Start a local cluster of N node processes on loopback, initialize it, run a sample.
+    Dev {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Directory for node data, logs, `env` and `nodes` (default: a new temporary one).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// First port to use.
+        #[arg(long, default_value_t = 7001)]
+        base_port: u16,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SKIFF_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Resolves on SIGTERM, SIGINT, or (if asked) when the parent process is gone.
+async fn shutdown_signal(parent: Option<i32>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        eprintln!("skiffd: cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    let parent_gone = async {
+        match parent {
+            Some(pid) => loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let pid = nix::unistd::Pid::from_raw(pid);
+                if nix::sys::signal::kill(pid, None).is_err() {
+                    break;
+                }
+            },
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+        () = parent_gone => {}
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if args.print_default_config {
+        print!("{}", NodeConfig::default_toml());
+        return Ok(());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    match args.command {
+        Some(Cmd::Dev { nodes, dir, base_port }) => {
+            init_logging(args.log_format.unwrap_or(LogFormat::Human));
+            let exe = std::env::current_exe().context("cannot find the skiffd executable")?;
+            let opts = skiff_node::dev::DevOptions { nodes, dir, base_port, exe };
+            runtime
+                .block_on(skiff_node::dev::run(opts, shutdown_signal(None)))
+                .context("skiffd dev")?;
+        }
+        None => {
+            let overrides = Overrides {
+                id: args.id,
+                listen: args.listen,
+                advertise: args.advertise,
+                data_dir: args.data_dir,
+                metrics_listen: args.metrics_listen,
+                log_format: args.log_format,
+            };
+            let config = NodeConfig::load(args.config.as_deref(), overrides)?;
+            init_logging(config.log_format);
+            runtime.block_on(skiff_node::server::run(config, shutdown_signal(args.exit_with_parent)))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,288 @@
+//! `skiffd dev`: a local cluster of N node processes on loopback in one command.
+//!
+//! Each node is a separate `skiffd` process (so one can be killed with `kill -9` and started
+//! again from its data directory). The command initializes the cluster, waits for a leader,
+//! runs a sample write and read, writes `DIR/env` and `DIR/nodes`, and then waits for Ctrl-C or
+//! SIGTERM, on which it stops every node it started.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::TcpListener as StdListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use skiff_client::api::NodeId;
+use skiff_client::{Client, ClientConfig};
+
+use crate::NodeError;
+
+/// Options of `skiffd dev`.
+#[derive(Debug, Clone)]
+pub struct DevOptions {
+    pub nodes: usize,
+    /// Where node data, logs, `env` and `nodes` go; a fresh temporary directory if `None`.
+    pub dir: Option<PathBuf>,
+    /// First port tried; nodes get consecutive ports when they are free.
+    pub base_port: u16,
+    /// The `skiffd` executable to start for each node.
+    pub exe: PathBuf,
+}
+
+/// Most nodes `skiffd dev` starts.
+pub const DEV_NODES_MAX: usize = 9;
+/// How long the cluster may take to elect a leader and see every node.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+struct DevNode {
+    id: NodeId,
+    addr: String,
+    data_dir: PathBuf,
+    child: Child,
+}
+
+fn dev_err(msg: impl Into<String>) -> NodeError {
+    NodeError::Dev(msg.into())
+}
+
+/// Picks `n` free loopback ports, preferring `base..base+n`.
+fn pick_ports(base: u16, n: usize) -> Result<Vec<u16>, NodeError> {
+    let consecutive: Vec<u16> = (0..n).filter_map(|i| base.checked_add(i as u16)).collect();
+    if consecutive.len() == n && consecutive.iter().all(|p| StdListener::bind(("127.0.0.1", *p)).is_ok()) {
+        return Ok(consecutive);
+    }
+    let mut ports = Vec::with_capacity(n);
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        let l = StdListener::bind(("127.0.0.1", 0)).map_err(|e| dev_err(format!("no free port: {e}")))?;
+        ports.push(l.local_addr().map_err(|e| dev_err(e.to_string()))?.port());
+        held.push(l);
+    }
+    Ok(ports)
+}
+
+/// The command line that (re)starts one dev node.
+pub fn node_command_line(exe: &Path, id: NodeId, addr: &str, data_dir: &Path) -> String {
+    format!(
+        "{} --id {id} --listen {addr} --data-dir {}",
+        exe.display(),
+        data_dir.display()
+    )
+}
+
+fn spawn_node(exe: &Path, dir: &Path, id: NodeId, addr: &str) -> Result<DevNode, NodeError> {
+    let data_dir = dir.join(format!("node-{id}"));
+    std::fs::create_dir_all(&data_dir)
+        .map_err(|e| dev_err(format!("cannot create {}: {e}", data_dir.display())))?;
+    let log_path = dir.join(format!("node-{id}.log"));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| dev_err(format!("cannot open {}: {e}", log_path.display())))?;
+    let log2 = log
+        .try_clone()
+        .map_err(|e| dev_err(format!("cannot open {}: {e}", log_path.display())))?;
+    let child = Command::new(exe)
+        .arg("--id")
+        .arg(id.to_string())
+        .arg("--listen")
+        .arg(addr)
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .arg("--exit-with-parent")
+        .arg(std::process::id().to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log2))
+        .spawn()
+        .map_err(|e| dev_err(format!("cannot start {}: {e}", exe.display())))?;
+    Ok(DevNode {
+        id,
+        addr: addr.to_string(),
+        data_dir,
+        child,
+    })
+}
+
+fn write_files(dir: &Path, nodes: &[DevNode]) -> Result<(), NodeError> {
+    let endpoints: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
+    let env = format!("SKIFF_ENDPOINTS={}\n", endpoints.join(","));
+    let mut list = String::new();
+    for n in nodes {
+        list.push_str(&format!("{} {} {}\n", n.id, n.child.id(), n.addr));
+    }
+    for (name, text) in [("env", env), ("nodes", list)] {
+        let path = dir.join(name);
+        std::fs::write(&path, text).map_err(|e| dev_err(format!("cannot write {}: {e}", path.display())))?;
+    }
+    Ok(())
+}
+
+async fn wait_ready(client: &Client, members: &BTreeMap<NodeId, String>) -> Result<NodeId, NodeError> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        match client.cluster_status().await {
+            Ok(s) if s.leader.is_some() && s.nodes.len() == members.len() && s.nodes.iter().all(|n| n.reachable) => {
+                return Ok(s.leader.expect("checked above"));
+            }
+            Ok(s) => last = format!("leader {:?}, {} nodes", s.leader, s.nodes.len()),
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(dev_err(format!("the cluster did not become ready in {READY_TIMEOUT:?}: {last}")))
+}
+
+/// Runs the dev cluster until `shutdown` resolves.
+pub async fn run(opts: DevOptions, shutdown: impl std::future::Future<Output = ()>) -> Result<(), NodeError> {
+    if opts.nodes == 0 || opts.nodes > DEV_NODES_MAX {
+        return Err(dev_err(format!("--nodes must be between 1 and {DEV_NODES_MAX}")));
+    }
+    let (dir, _temp) = match &opts.dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).map_err(|e| dev_err(format!("cannot create {}: {e}", d.display())))?;
+            (d.clone(), None)
+        }
+        None => {
+            let t = tempfile::Builder::new()
+                .prefix("skiff-dev-")
+                .tempdir()
+                .map_err(|e| dev_err(format!("cannot create a temporary directory: {e}")))?;
+            (t.path().to_path_buf(), Some(t))
+        }
+    };
+    let ports = pick_ports(opts.base_port, opts.nodes)?;
+    let mut nodes = Vec::with_capacity(opts.nodes);
+    for (i, port) in ports.iter().enumerate() {
+        let id = i as NodeId + 1;
+        let addr = format!("127.0.0.1:{port}");
+        match spawn_node(&opts.exe, &dir, id, &addr) {
+            Ok(n) => nodes.push(n),
+            Err(e) => {
+                stop_all(&mut nodes);
+                return Err(e);
+            }
+        }
+    }
+    let result = bring_up(&opts, &dir, &mut nodes).await;
+    if let Err(e) = result {
+        stop_all(&mut nodes);
+        return Err(e);
+    }
+    tokio::pin!(shutdown);
+    let mut reported_exit = vec![false; nodes.len()];
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            () = tokio::time::sleep(Duration::from_millis(500)) => {
+                for (i, n) in nodes.iter_mut().enumerate() {
+                    if !reported_exit[i] {
+                        if let Ok(Some(status)) = n.child.try_wait() {
+                            reported_exit[i] = true;
+                            eprintln!(
+                                "node {} exited ({status}); restart it with:\n  {}",
+                                n.id,
+                                node_command_line(&opts.exe, n.id, &n.addr, &n.data_dir)
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("stopping {} nodes", nodes.len());
+    stop_all(&mut nodes);
+    Ok(())
+}
+
+async fn bring_up(opts: &DevOptions, dir: &Path, nodes: &mut [DevNode]) -> Result<(), NodeError> {
+    let members: BTreeMap<NodeId, String> = nodes.iter().map(|n| (n.id, n.addr.clone())).collect();
+    let endpoints: Vec<String> = members.values().cloned().collect();
+    let mut cfg = ClientConfig::new(endpoints.clone());
+    cfg.attempts_max = 3;
+    let client = Client::new(cfg).map_err(|e| dev_err(e.to_string()))?;
+    // Wait for every node to listen, then initialize from node 1.
+    let first = Client::new(ClientConfig::new(vec![endpoints[0].clone()])).map_err(|e| dev_err(e.to_string()))?;
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        match first.cluster_init(members.clone()).await {
+            Ok(()) => break,
+            Err(skiff_client::ClientError::Api(skiff_client::api::ApiError::FailedPrecondition(m)))
+                if m.contains("already initialized") =>
+            {
+                break
+            }
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(error = %e, "waiting for nodes to start");
+                for n in nodes.iter_mut() {
+                    if let Ok(Some(status)) = n.child.try_wait() {
+                        return Err(dev_err(format!(
+                            "node {} exited during start-up ({status}); see {}",
+                            n.id,
+                            dir.join(format!("node-{}.log", n.id)).display()
+                        )));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(dev_err(format!("cannot initialize the cluster: {e}"))),
+        }
+    }
+    let leader = wait_ready(&client, &members).await?;
+    write_files(dir, nodes)?;
+
+    // The sample: a replicated write, read back linearizably.
+    let version = client
+        .put("hello", b"world".to_vec())
+        .await
+        .map_err(|e| dev_err(format!("sample write failed: {e}")))?;
+    let read = client
+        .get("hello")
+        .await
+        .map_err(|e| dev_err(format!("sample read failed: {e}")))?
+        .map(|e| String::from_utf8_lossy(&e.value).into_owned());
+
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "skiff dev cluster: {} nodes, leader is node {leader}", nodes.len());
+    for n in nodes.iter() {
+        let _ = writeln!(out, "  node {}  {}  pid {}  data {}", n.id, n.addr, n.child.id(), n.data_dir.display());
+    }
+    let _ = writeln!(out, "sample: kv put hello=world -> version {version}; kv get hello -> {read:?}");
+    let _ = writeln!(out, "endpoints: {}", endpoints.join(","));
+    let _ = writeln!(out, "use it:    source {}/env && skiff cluster status", dir.display());
+    let _ = writeln!(
+        out,
+        "restart a killed node: {} --id N --listen ADDR --data-dir {}/node-N   (ADDR: see {}/nodes)",
+        opts.exe.display(),
+        dir.display(),
+        dir.display()
+    );
+    let _ = writeln!(out, "files:     {0}/env, {0}/nodes (ID PID ADDR), {0}/node-N.log", dir.display());
+    let _ = writeln!(out, "ready; Ctrl-C stops the cluster");
+    Ok(())
+}
+
+/// Sends SIGTERM to every node, waits up to 10 s, then SIGKILLs what is left.
+fn stop_all(nodes: &mut [DevNode]) {
+    for n in nodes.iter() {
+        let _ = kill(Pid::from_raw(n.child.id() as i32), Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for n in nodes.iter_mut() {
+        loop {
+            match n.child.try_wait() {
+                Ok(Some(_)) | Err(_) => break,
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                Ok(None) => {
+                    let _ = n.child.kill();
+                    let _ = n.child.wait();
+                    break;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,46 @@
+//! skiff-node: the `skiffd` daemon — Raft over tarpc, the client service, group commit, and the
+//! local development cluster.
+//!
+//! # Layout
+//! - [`config`]: the TOML configuration, flag overrides and validation;
+//! - [`server`]: [`server::run`] starts a node and serves clients and peers on one port until
+//!   its shutdown future resolves (binaries and tests call it the same way);
+//! - [`peer`]: the node-to-node service (Raft RPCs, forwarding to the leader) and the Raft
+//!   network built on it;
+//! - [`batcher`]: group commit — many client commands per log entry;
+//! - [`dev`]: `skiffd dev`, a local multi-process cluster in one command.
+//!
+//! Invariants: a node never dials itself; every queue is bounded; writes reach the log only
+//! through the leader's batcher; reads that claim linearizability are confirmed by a quorum.
+#![forbid(unsafe_code)]
+
+pub mod batcher;
+pub mod config;
+pub mod dev;
+pub mod peer;
+pub mod server;
+
+use std::path::PathBuf;
+
+/// Errors that stop a node from starting or running.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("storage: {0}")]
+    Store(String),
+    #[error("raft: {0}")]
+    Raft(String),
+    #[error("dev cluster: {0}")]
+    Dev(String),
+}

@@ -1,0 +1,720 @@
+//! The node: opens the store, starts Raft, serves clients and peers on one port, and stops on
+//! the shutdown signal.
+//!
+//! Request path of a write: client → any node's [`ClientApi::write`] → (if that node is not the
+//! leader) [`PeerApi::forward_write`] on the leader → [`Batcher`] → one log entry → replicated
+//! and applied → results back along the same path.
+//!
+//! Reads marked linearizable are served by the leader after it confirms its leadership with a
+//! quorum (`ensure_linearizable`, which also waits until the state machine has applied
+//! everything committed before the read); followers forward them.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use openraft::error::{CheckIsLeaderError, InitializeError, RaftError};
+use openraft::{BasicNode, ChangeMembers, ServerState};
+use skiff_client::api::{
+    ApiError, ClientApi, ClientCommand, ClusterStatus, CommandResult, KvEntry, KvPage, MemberRole,
+    NodeId, NodeStatus, ReadConsistency,
+};
+use skiff_client::transport::{self, Service};
+use skiff_raft_store::model::{validate_key, KEY_BYTES_MAX, LIST_LIMIT_MAX};
+use skiff_raft_store::types::Raft;
+use skiff_raft_store::StateMachineStore;
+use tarpc::context::Context;
+use tarpc::server::{BaseChannel, Channel};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::batcher::{self, Batcher};
+use crate::config::NodeConfig;
+use crate::peer::{
+    self, AdminOp, AdminResult, Network, PeerApi, PeerPool, PeerRefusal, Probe, ReadOp, ReadResult,
+};
+use crate::NodeError;
+
+/// How long a node without a known leader waits for one before answering `NoLeader`.
+const LEADER_WAIT: Duration = Duration::from_secs(3);
+/// Deadline of a reachability probe in `cluster status`.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a new connection may take to send its service byte.
+const PREAMBLE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// State shared by every request handler of one node.
+pub struct NodeInner {
+    pub id: NodeId,
+    pub config: NodeConfig,
+    pub raft: Raft,
+    pub store: StateMachineStore,
+    pub batcher: Batcher,
+    pub peers: PeerPool,
+}
+
+/// A cheap handle on the node's shared state.
+#[derive(Clone)]
+pub struct Node(pub Arc<NodeInner>);
+
+/// Runs a node until `shutdown` resolves, then stops Raft and closes the store.
+pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<(), NodeError> {
+    let listener = TcpListener::bind(&config.listen)
+        .await
+        .map_err(|source| NodeError::Bind {
+            addr: config.listen.clone(),
+            source,
+        })?;
+    let node = start(config).await?;
+    tracing::info!(id = node.0.id, listen = %node.0.config.listen, "node started");
+    let accept = accept_loop(node.clone(), listener);
+    tokio::select! {
+        () = shutdown => tracing::info!("shutdown requested"),
+        r = accept => r?,
+    }
+    stop(node).await
+}
+
+/// Opens the store and starts Raft, without serving.
+pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| NodeError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let (log_store, store) = skiff_raft_store::open(&config.data_dir.join("raft"))
+        .await
+        .map_err(|e| NodeError::Store(e.to_string()))?;
+    let raft_config = Arc::new(config.openraft()?);
+    let overrides = Arc::new(config.dial_override_map());
+    let network = Network {
+        self_id: config.id,
+        frame_bytes_max: config.limits.peer_frame_bytes_max,
+        overrides: overrides.clone(),
+    };
+    let raft = Raft::new(config.id, raft_config, network, log_store, store.clone())
+        .await
+        .map_err(|e| NodeError::Raft(e.to_string()))?;
+    let batcher = Batcher::start(
+        raft.clone(),
+        config.limits.write_queue_max,
+        config.limits.writes_in_flight_max,
+        config.limits.entry_bytes_max,
+    );
+    let peers = PeerPool::new(config.id, config.limits.peer_frame_bytes_max, overrides);
+    Ok(Node(Arc::new(NodeInner {
+        id: config.id,
+        config,
+        raft,
+        store,
+        batcher,
+        peers,
+    })))
+}
+
+/// Stops Raft (no more votes or appends from this node) and lets the store close.
+pub async fn stop(node: Node) -> Result<(), NodeError> {
+    node.0
+        .raft
+        .shutdown()
+        .await
+        .map_err(|e| NodeError::Raft(format!("shutdown: {e}")))?;
+    tracing::info!(id = node.0.id, "node stopped");
+    Ok(())
+}
+
+async fn accept_loop(node: Node, listener: TcpListener) -> Result<(), NodeError> {
+    let connections = Arc::new(Semaphore::new(node.0.config.limits.connections_max));
+    loop {
+        let (stream, peer_addr) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors and the like: wait and keep serving.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            tracing::warn!(%peer_addr, "connection refused: connections_max reached");
+            continue;
+        };
+        let node = node.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_connection(node, stream).await {
+                tracing::debug!(%peer_addr, error = %e, "connection closed");
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn serve_connection(node: Node, mut stream: tokio::net::TcpStream) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    let mut first = [0u8; 1];
+    tokio::time::timeout(PREAMBLE_TIMEOUT, stream.read_exact(&mut first))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no service byte"))??;
+    let limits = &node.0.config.limits;
+    let per_conn = limits.requests_per_connection_max;
+    match Service::from_preamble(first[0]) {
+        Some(Service::Client) => {
+            let t = transport::framed(stream, limits.client_frame_bytes_max);
+            BaseChannel::with_defaults(t)
+                .max_concurrent_requests(per_conn)
+                .execute(ClientApi::serve(node))
+                .for_each_concurrent(per_conn, |fut| fut)
+                .await;
+        }
+        Some(Service::Peer) => {
+            let t = transport::framed(stream, limits.peer_frame_bytes_max);
+            BaseChannel::with_defaults(t)
+                .max_concurrent_requests(per_conn)
+                .execute(PeerApi::serve(node))
+                .for_each_concurrent(per_conn, |fut| fut)
+                .await;
+        }
+        None => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("unknown service byte {:#04x}", first[0]),
+            ))
+        }
+    }
+    Ok(())
+}
+
+impl Node {
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.0.config.limits.request_timeout_ms)
+    }
+
+    /// The current leader and its address, waiting up to [`LEADER_WAIT`] for one to appear.
+    async fn leader(&self) -> Result<(NodeId, String), ApiError> {
+        let deadline = tokio::time::Instant::now() + LEADER_WAIT;
+        let mut metrics = self.0.raft.metrics();
+        loop {
+            {
+                let m = metrics.borrow_and_update();
+                if let Some(l) = m.current_leader {
+                    if let Some(n) = m.membership_config.membership().get_node(&l) {
+                        return Ok((l, n.addr.clone()));
+                    }
+                }
+            }
+            match tokio::time::timeout_at(deadline, metrics.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => {
+                    return Err(ApiError::NoLeader {
+                        leader: None,
+                        leader_addr: None,
+                    })
+                }
+            }
+        }
+    }
+
+    async fn peer(&self, id: NodeId, addr: &str) -> Result<peer::PeerApiClient, ApiError> {
+        self.0.peers.get(id, addr).await.map_err(|e| {
+            tracing::debug!(leader = id, %addr, error = %e, "cannot reach the leader");
+            ApiError::NoLeader {
+                leader: Some(id),
+                leader_addr: Some(addr.to_string()),
+            }
+        })
+    }
+
+    fn forward_failed(&self, leader: NodeId, addr: &str, e: tarpc::client::RpcError) -> ApiError {
+        match e {
+            tarpc::client::RpcError::DeadlineExceeded => {
+                ApiError::Timeout(format!("leader node {leader} at {addr} did not answer in time"))
+            }
+            _ => ApiError::NoLeader {
+                leader: Some(leader),
+                leader_addr: Some(addr.to_string()),
+            },
+        }
+    }
+
+    async fn write(&self, commands: Vec<ClientCommand>) -> Result<Vec<CommandResult>, ApiError> {
+        for c in &commands {
+            c.command
+                .validate()
+                .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        }
+        let (leader, addr) = self.leader().await?;
+        if leader == self.0.id {
+            return self.0.batcher.submit(commands).await;
+        }
+        let p = self.peer(leader, &addr).await?;
+        match p.forward_write(peer::deadline(self.timeout()), commands).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.0.peers.forget(leader).await;
+                Err(self.forward_failed(leader, &addr, e))
+            }
+        }
+    }
+
+    async fn read(&self, op: ReadOp, consistency: ReadConsistency) -> Result<ReadResult, ApiError> {
+        match &op {
+            ReadOp::Get { key } => validate_key(key).map_err(|e| ApiError::InvalidArgument(e.to_string()))?,
+            ReadOp::List { prefix, start_after, .. } => {
+                if prefix.len() > KEY_BYTES_MAX || start_after.as_ref().is_some_and(|s| s.len() > KEY_BYTES_MAX) {
+                    return Err(ApiError::InvalidArgument(format!(
+                        "prefix and start_after are limited to {KEY_BYTES_MAX} bytes"
+                    )));
+                }
+            }
+        }
+        if consistency == ReadConsistency::Local {
+            return Ok(self.read_local(op));
+        }
+        let (leader, addr) = self.leader().await?;
+        if leader == self.0.id {
+            return self.read_on_leader(op).await;
+        }
+        let p = self.peer(leader, &addr).await?;
+        match p.forward_read(peer::deadline(self.timeout()), op).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.0.peers.forget(leader).await;
+                Err(self.forward_failed(leader, &addr, e))
+            }
+        }
+    }
+
+    async fn read_on_leader(&self, op: ReadOp) -> Result<ReadResult, ApiError> {
+        match self.0.raft.ensure_linearizable().await {
+            Ok(_) => Ok(self.read_local(op)),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => Err(ApiError::NoLeader {
+                leader: f.leader_id,
+                leader_addr: f.leader_node.map(|n| n.addr),
+            }),
+            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q))) => {
+                tracing::debug!(error = %q, "read refused: no quorum");
+                Err(ApiError::NoLeader {
+                    leader: None,
+                    leader_addr: None,
+                })
+            }
+            Err(RaftError::Fatal(f)) => Err(ApiError::Internal(format!("raft stopped: {f}"))),
+        }
+    }
+
+    fn read_local(&self, op: ReadOp) -> ReadResult {
+        match op {
+            ReadOp::Get { key } => ReadResult::Get(self.0.store.read(|sm| sm.get(&key).cloned())),
+            ReadOp::List {
+                prefix,
+                start_after,
+                limit,
+            } => ReadResult::List(self.0.store.read(|sm| {
+                sm.list(&prefix, start_after.as_deref(), limit.clamp(1, LIST_LIMIT_MAX))
+            })),
+        }
+    }
+
+    async fn admin(&self, op: AdminOp) -> Result<AdminResult, ApiError> {
+        let leader = match self.leader().await {
+            Ok(l) => Some(l),
+            Err(e) if matches!(op, AdminOp::Status) => {
+                tracing::debug!(error = %e, "status without a leader");
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        match leader {
+            Some((leader, _)) if leader == self.0.id => self.admin_on_leader(op).await,
+            Some((leader, addr)) => {
+                let p = self.peer(leader, &addr).await?;
+                let mut ctx = peer::deadline(self.timeout());
+                if matches!(op, AdminOp::AddNode { .. }) {
+                    ctx = peer::deadline(Duration::from_secs(60));
+                }
+                match p.forward_admin(ctx, op.clone()).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        self.0.peers.forget(leader).await;
+                        if matches!(op, AdminOp::Status) {
+                            return Ok(AdminResult::Status(self.status().await));
+                        }
+                        Err(self.forward_failed(leader, &addr, e))
+                    }
+                }
+            }
+            None => Ok(AdminResult::Status(self.status().await)),
+        }
+    }
+
+    async fn admin_on_leader(&self, op: AdminOp) -> Result<AdminResult, ApiError> {
+        let raft = &self.0.raft;
+        match op {
+            AdminOp::Status => Ok(AdminResult::Status(self.status().await)),
+            AdminOp::AddNode { id, addr } => {
+                if id == 0 {
+                    return Err(ApiError::InvalidArgument("node id 0 is reserved".into()));
+                }
+                transport::parse_endpoint(&addr).map_err(ApiError::InvalidArgument)?;
+                let membership = raft.metrics().borrow().membership_config.clone();
+                for (nid, n) in membership.membership().nodes() {
+                    if *nid == id {
+                        return Err(ApiError::FailedPrecondition(format!(
+                            "node {id} is already a member (at {})",
+                            n.addr
+                        )));
+                    }
+                    if n.addr == addr {
+                        return Err(ApiError::FailedPrecondition(format!(
+                            "address {addr} already belongs to node {nid}"
+                        )));
+                    }
+                }
+                // The new node must answer as `id` before it joins: this catches a wrong
+                // address (including one of this node's own) before the membership changes.
+                let probe = self.probe(id, &addr).await.ok_or_else(|| {
+                    ApiError::FailedPrecondition(format!("node {id} at {addr} is not reachable"))
+                })?;
+                if probe.id != id {
+                    return Err(ApiError::FailedPrecondition(format!(
+                        "{addr} answers as node {}, not node {id}",
+                        probe.id
+                    )));
+                }
+                raft.add_learner(id, BasicNode { addr }, true)
+                    .await
+                    .map_err(batcher::write_error)?;
+                let mut voters: std::collections::BTreeSet<NodeId> = raft
+                    .metrics()
+                    .borrow()
+                    .membership_config
+                    .membership()
+                    .voter_ids()
+                    .collect();
+                voters.insert(id);
+                raft.change_membership(voters, false)
+                    .await
+                    .map_err(batcher::write_error)?;
+                Ok(AdminResult::Done)
+            }
+            AdminOp::RemoveNode { id } => {
+                let membership = raft.metrics().borrow().membership_config.clone();
+                let m = membership.membership();
+                if m.get_node(&id).is_none() {
+                    return Err(ApiError::NotFound(format!("node {id} is not a member")));
+                }
+                let is_voter = m.voter_ids().any(|v| v == id);
+                if is_voter && m.voter_ids().count() == 1 {
+                    return Err(ApiError::FailedPrecondition(format!(
+                        "node {id} is the last voter"
+                    )));
+                }
+                let change = if is_voter {
+                    ChangeMembers::RemoveVoters([id].into_iter().collect())
+                } else {
+                    ChangeMembers::RemoveNodes([id].into_iter().collect())
+                };
+                raft.change_membership(change, false)
+                    .await
+                    .map_err(batcher::write_error)?;
+                if is_voter {
+                    // Also forget its address, so it is no longer replicated to.
+                    let still_member = raft
+                        .metrics()
+                        .borrow()
+                        .membership_config
+                        .membership()
+                        .get_node(&id)
+                        .is_some();
+                    if still_member {
+                        raft.change_membership(
+                            ChangeMembers::RemoveNodes([id].into_iter().collect()),
+                            false,
+                        )
+                        .await
+                        .map_err(batcher::write_error)?;
+                    }
+                }
+                Ok(AdminResult::Done)
+            }
+        }
+    }
+
+    async fn probe(&self, id: NodeId, addr: &str) -> Option<Probe> {
+        let p = self.0.peers.get(id, addr).await.ok()?;
+        match p.probe(peer::deadline(PROBE_TIMEOUT)).await {
+            Ok(probe) => Some(probe),
+            Err(_) => {
+                self.0.peers.forget(id).await;
+                None
+            }
+        }
+    }
+
+    fn own_probe(&self) -> Probe {
+        Probe {
+            id: self.0.id,
+            last_applied: self.0.raft.metrics().borrow().last_applied.map(|l| l.index),
+        }
+    }
+
+    /// This node's view of the cluster, with every member probed.
+    async fn status(&self) -> ClusterStatus {
+        let m = self.0.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: std::collections::BTreeSet<NodeId> = membership.voter_ids().collect();
+        let last_log = m.last_log_index.unwrap_or(0);
+        let members: Vec<(NodeId, String)> = membership
+            .nodes()
+            .map(|(id, n)| (*id, n.addr.clone()))
+            .collect();
+        let probes = futures::future::join_all(members.iter().map(|(id, addr)| async move {
+            if *id == self.0.id {
+                Some(self.own_probe())
+            } else {
+                self.probe(*id, addr).await
+            }
+        }))
+        .await;
+        let nodes = members
+            .into_iter()
+            .zip(probes)
+            .map(|((id, addr), probe)| {
+                let matched = m
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(&id))
+                    .map(|l| l.map(|l| l.index).unwrap_or(0));
+                NodeStatus {
+                    id,
+                    addr,
+                    role: if voters.contains(&id) {
+                        MemberRole::Voter
+                    } else {
+                        MemberRole::Learner
+                    },
+                    reachable: probe.is_some(),
+                    matched,
+                    lag: matched.map(|x| last_log.saturating_sub(x)),
+                    last_applied: probe.and_then(|p| p.last_applied),
+                }
+            })
+            .collect();
+        ClusterStatus {
+            answered_by: self.0.id,
+            leader: m.current_leader,
+            term: m.current_term,
+            last_applied: m.last_applied.map(|l| l.index).unwrap_or(0),
+            last_log,
+            snapshot_index: m.snapshot.map(|l| l.index),
+            purged_index: m.purged.map(|l| l.index),
+            nodes,
+        }
+    }
+
+    async fn init(&self, members: BTreeMap<NodeId, String>) -> Result<(), ApiError> {
+        if members.is_empty() {
+            return Err(ApiError::InvalidArgument("no members given".into()));
+        }
+        if !members.contains_key(&self.0.id) {
+            return Err(ApiError::InvalidArgument(format!(
+                "the members must include the node receiving the request (node {})",
+                self.0.id
+            )));
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (id, addr) in &members {
+            if *id == 0 {
+                return Err(ApiError::InvalidArgument("node id 0 is reserved".into()));
+            }
+            transport::parse_endpoint(addr).map_err(ApiError::InvalidArgument)?;
+            if !seen.insert(addr.clone()) {
+                return Err(ApiError::InvalidArgument(format!("address {addr} is listed twice")));
+            }
+        }
+        // Each other member must answer as the id it is listed under.
+        for (id, addr) in &members {
+            if *id == self.0.id {
+                continue;
+            }
+            match self.probe(*id, addr).await {
+                Some(p) if p.id == *id => {}
+                Some(p) => {
+                    return Err(ApiError::InvalidArgument(format!(
+                        "{addr} answers as node {}, not node {id}",
+                        p.id
+                    )))
+                }
+                None => {
+                    return Err(ApiError::FailedPrecondition(format!(
+                        "node {id} at {addr} is not reachable"
+                    )))
+                }
+            }
+        }
+        let nodes: BTreeMap<NodeId, BasicNode> = members
+            .into_iter()
+            .map(|(id, addr)| (id, BasicNode { addr }))
+            .collect();
+        match self.0.raft.initialize(nodes).await {
+            Ok(()) => Ok(()),
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Err(
+                ApiError::FailedPrecondition("the cluster is already initialized".into()),
+            ),
+            Err(RaftError::APIError(InitializeError::NotInMembers(e))) => {
+                Err(ApiError::InvalidArgument(e.to_string()))
+            }
+            Err(RaftError::Fatal(f)) => Err(ApiError::Internal(format!("raft stopped: {f}"))),
+        }
+    }
+
+    fn check_target(&self, target: NodeId) -> Result<(), PeerRefusal> {
+        if target != self.0.id {
+            return Err(PeerRefusal::WrongNode {
+                expected: target,
+                actual: self.0.id,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl ClientApi for Node {
+    async fn write(self, _: Context, commands: Vec<ClientCommand>) -> Result<Vec<CommandResult>, ApiError> {
+        Node::write(&self, commands).await
+    }
+
+    async fn kv_get(self, _: Context, key: String, read: ReadConsistency) -> Result<Option<KvEntry>, ApiError> {
+        match self.read(ReadOp::Get { key }, read).await? {
+            ReadResult::Get(e) => Ok(e),
+            ReadResult::List(_) => Err(ApiError::Internal("a get was answered with a list".into())),
+        }
+    }
+
+    async fn kv_list(
+        self,
+        _: Context,
+        prefix: String,
+        start_after: Option<String>,
+        limit: u32,
+        read: ReadConsistency,
+    ) -> Result<KvPage, ApiError> {
+        match self
+            .read(
+                ReadOp::List {
+                    prefix,
+                    start_after,
+                    limit,
+                },
+                read,
+            )
+            .await?
+        {
+            ReadResult::List(p) => Ok(p),
+            ReadResult::Get(_) => Err(ApiError::Internal("a list was answered with a get".into())),
+        }
+    }
+
+    async fn cluster_init(self, _: Context, members: BTreeMap<NodeId, String>) -> Result<(), ApiError> {
+        self.init(members).await
+    }
+
+    async fn cluster_add_node(self, _: Context, id: NodeId, addr: String) -> Result<(), ApiError> {
+        self.admin(AdminOp::AddNode { id, addr }).await.map(|_| ())
+    }
+
+    async fn cluster_remove_node(self, _: Context, id: NodeId) -> Result<(), ApiError> {
+        self.admin(AdminOp::RemoveNode { id }).await.map(|_| ())
+    }
+
+    async fn cluster_status(self, _: Context) -> Result<ClusterStatus, ApiError> {
+        match self.admin(AdminOp::Status).await? {
+            AdminResult::Status(s) => Ok(s),
+            AdminResult::Done => Err(ApiError::Internal("status answered without a status".into())),
+        }
+    }
+}
+
+impl PeerApi for Node {
+    async fn append(
+        self,
+        _: Context,
+        target: NodeId,
+        req: openraft::raft::AppendEntriesRequest<skiff_raft_store::types::TypeConfig>,
+    ) -> Result<Result<openraft::raft::AppendEntriesResponse<NodeId>, RaftError<NodeId>>, PeerRefusal> {
+        self.check_target(target)?;
+        Ok(self.0.raft.append_entries(req).await)
+    }
+
+    async fn vote(
+        self,
+        _: Context,
+        target: NodeId,
+        req: openraft::raft::VoteRequest<NodeId>,
+    ) -> Result<Result<openraft::raft::VoteResponse<NodeId>, RaftError<NodeId>>, PeerRefusal> {
+        self.check_target(target)?;
+        Ok(self.0.raft.vote(req).await)
+    }
+
+    async fn snapshot(
+        self,
+        _: Context,
+        target: NodeId,
+        req: openraft::raft::InstallSnapshotRequest<skiff_raft_store::types::TypeConfig>,
+    ) -> Result<
+        Result<
+            openraft::raft::InstallSnapshotResponse<NodeId>,
+            RaftError<NodeId, openraft::error::InstallSnapshotError>,
+        >,
+        PeerRefusal,
+    > {
+        self.check_target(target)?;
+        Ok(self.0.raft.install_snapshot(req).await)
+    }
+
+    async fn forward_write(self, _: Context, commands: Vec<ClientCommand>) -> Result<Vec<CommandResult>, ApiError> {
+        for c in &commands {
+            c.command
+                .validate()
+                .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        }
+        // Forwarding goes one hop only: a node that is no longer the leader answers with a
+        // hint instead of forwarding again, so requests cannot loop.
+        if self.0.raft.current_leader().await != Some(self.0.id) {
+            return Err(self.not_leader_hint());
+        }
+        self.0.batcher.submit(commands).await
+    }
+
+    async fn forward_read(self, _: Context, op: ReadOp) -> Result<ReadResult, ApiError> {
+        if self.0.raft.current_leader().await != Some(self.0.id) {
+            return Err(self.not_leader_hint());
+        }
+        self.read_on_leader(op).await
+    }
+
+    async fn forward_admin(self, _: Context, op: AdminOp) -> Result<AdminResult, ApiError> {
+        if self.0.raft.current_leader().await != Some(self.0.id) {
+            return Err(self.not_leader_hint());
+        }
+        self.admin_on_leader(op).await
+    }
+
+    async fn probe(self, _: Context) -> Probe {
+        self.own_probe()
+    }
+}
+
+impl Node {
+    fn not_leader_hint(&self) -> ApiError {
+        let m = self.0.raft.metrics().borrow().clone();
+        let addr = m
+            .current_leader
+            .and_then(|l| m.membership_config.membership().get_node(&l).map(|n| n.addr.clone()));
+        ApiError::NoLeader {
+            leader: m.current_leader.filter(|_| m.state != ServerState::Leader),
+            leader_addr: addr.filter(|_| m.state != ServerState::Leader),
+        }
+    }
+}

@@ -1,0 +1,272 @@
+//! Durability, failover, catch-up, deduplication and input checks on real clusters.
+
+use std::time::{Duration, Instant};
+
+use skiff_client::api::{
+    ApiError, ClientApiClient, ClientCommand, Command, CommandResult, ReadConsistency, RequestId,
+    CLIENT_FRAME_BYTES_MAX,
+};
+use skiff_client::transport::{self, Service};
+use skiff_client::{Client, ClientConfig, ClientError};
+use skiff_raft_store::model::{NodeId, VALUE_BYTES_MAX};
+
+use crate::harness::TestCluster;
+
+/// Snapshots every 100 entries and keeps only 10 behind them, so that a node down for a few
+/// hundred writes can only be caught up by a snapshot.
+const SMALL_LOG: &str = "[raft]\nsnapshot_logs_since_last = 100\nlogs_kept_after_snapshot = 10\n";
+
+async fn raw_client(addr: &str) -> ClientApiClient {
+    let stream = transport::dial(addr, Service::Client).await.expect("dial");
+    ClientApiClient::new(
+        tarpc::client::Config::default(),
+        transport::framed(stream, CLIENT_FRAME_BYTES_MAX),
+    )
+    .spawn()
+}
+
+fn ctx() -> tarpc::context::Context {
+    let mut c = tarpc::context::current();
+    c.deadline = Instant::now() + Duration::from_secs(10);
+    c
+}
+
+/// Reads `key` from node `id`'s own applied state, retrying until it has `want` or time runs out.
+async fn wait_local(cluster: &TestCluster, id: NodeId, key: &str, want: &[u8]) {
+    let client = cluster.client_for(&[id]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(Some(e)) = client.get_with(key, ReadConsistency::Local).await {
+            if e.value == want {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {id} did not catch up to {key} within 30 s; its log:\n{}",
+            cluster.log_of(id)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_leader_loses_no_acknowledged_write_and_rejoins() {
+    let mut cluster = TestCluster::start(3, "").await;
+    let client = cluster.client();
+    let mut acked = Vec::new();
+    for i in 0..200u32 {
+        let key = format!("k/{i:04}");
+        let v = client.put(&key, i.to_string().into_bytes()).await.expect("write before the kill");
+        acked.push((key, v));
+    }
+
+    let old = cluster.wait_leader(&cluster.ids()).await;
+    cluster.kill(old);
+    let survivors: Vec<NodeId> = cluster.ids().into_iter().filter(|id| *id != old).collect();
+    let new = cluster.wait_leader(&survivors).await;
+    assert_ne!(new, old, "a killed node cannot be the leader");
+
+    let client = cluster.client_for(&survivors);
+    for (i, (key, version)) in acked.iter().enumerate() {
+        let e = client.get(key).await.expect("read").expect("acknowledged key present");
+        assert_eq!(e.value, i.to_string().into_bytes(), "{key}");
+        assert_eq!(e.version, *version, "{key}");
+    }
+    for i in 0..50u32 {
+        client.put(&format!("after/{i}"), b"x".to_vec()).await.expect("write after failover");
+    }
+
+    cluster.spawn(old);
+    wait_local(&cluster, old, "after/49", b"x").await;
+    let status = cluster.status(&survivors).await;
+    assert_eq!(status.nodes.len(), 3);
+    assert!(status.nodes.iter().all(|n| n.reachable), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_behind_a_purged_log_catches_up_by_snapshot() {
+    let mut cluster = TestCluster::start(3, SMALL_LOG).await;
+    let leader = cluster.wait_leader(&cluster.ids()).await;
+    let follower = cluster.ids().into_iter().find(|id| *id != leader).expect("a follower");
+    let client = cluster.client();
+    client.put("before", b"1".to_vec()).await.expect("write");
+    wait_local(&cluster, follower, "before", b"1").await;
+    let behind = cluster
+        .status(&[leader])
+        .await
+        .nodes
+        .iter()
+        .find(|n| n.id == follower)
+        .and_then(|n| n.last_applied)
+        .expect("follower applied index");
+
+    cluster.kill(follower);
+    let others: Vec<NodeId> = cluster.ids().into_iter().filter(|id| *id != follower).collect();
+    let client = cluster.client_for(&others);
+    for i in 0..400u32 {
+        client.put(&format!("s/{i:04}"), vec![b'v'; 100]).await.expect("write while a follower is down");
+    }
+    // The leader's log no longer holds what the follower is missing.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = cluster.status(&others).await;
+        if s.purged_index.unwrap_or(0) > behind + 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the log was not purged: {s:?}");
+        client.put("nudge", b"n".to_vec()).await.expect("write");
+    }
+
+    cluster.spawn(follower);
+    wait_local(&cluster, follower, "s/0399", &[b'v'; 100]).await;
+    let page = cluster
+        .client_for(&[follower])
+        .list("s/", None, 1000)
+        .await
+        .expect("list through the restarted node");
+    assert_eq!(page.entries.len(), 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_write_is_applied_once() {
+    let cluster = TestCluster::start(3, "").await;
+    let raw = raw_client(&cluster.node(2).addr).await;
+    let id = RequestId { client: 42, seq: 1 };
+    let put = |value: &str| {
+        vec![ClientCommand {
+            request_id: id,
+            command: Command::KvPut {
+                key: "once".into(),
+                value: value.as_bytes().to_vec(),
+                expect_version: None,
+            },
+        }]
+    };
+    let first = raw.write(ctx(), put("a")).await.expect("rpc").expect("write");
+    let again = raw.write(ctx(), put("a")).await.expect("rpc").expect("write");
+    assert_eq!(first, again, "a retry returns the first result");
+    // Even a retry that (wrongly) changed its payload changes nothing.
+    let third = raw.write(ctx(), put("b")).await.expect("rpc").expect("write");
+    assert_eq!(first, third);
+
+    let client = cluster.client();
+    let e = client.get("once").await.expect("read").expect("present");
+    assert_eq!(e.value, b"a");
+    let CommandResult::Put { version } = first[0] else {
+        panic!("unexpected result {first:?}");
+    };
+    assert_eq!(e.version, version);
+    // The next write gets the next revision: the retries did not consume any.
+    let next = client.put("other", b"x".to_vec()).await.expect("write");
+    assert_eq!(next, version + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_clear_error_and_changes_nothing() {
+    let cluster = TestCluster::start(3, "").await;
+    let client = cluster.client();
+    let v1 = client.put("cas", b"one".to_vec()).await.expect("write");
+
+    // A value over the limit: refused by the client library...
+    let err = client
+        .put("big", vec![0; VALUE_BYTES_MAX + 1])
+        .await
+        .expect_err("too large");
+    assert!(matches!(err, ClientError::Invalid(_)), "{err}");
+    // ...and by the node when a client skips the check.
+    let raw = raw_client(&cluster.node(1).addr).await;
+    let res = raw
+        .write(
+            ctx(),
+            vec![ClientCommand {
+                request_id: RequestId { client: 7, seq: 1 },
+                command: Command::KvPut {
+                    key: "big".into(),
+                    value: vec![0; VALUE_BYTES_MAX + 1],
+                    expect_version: None,
+                },
+            }],
+        )
+        .await
+        .expect("rpc");
+    assert!(
+        matches!(&res, Err(ApiError::InvalidArgument(m)) if m.contains("limit")),
+        "{res:?}"
+    );
+    assert!(client.get("big").await.expect("read").is_none());
+
+    // A stale compare-and-set.
+    client.put("cas", b"two".to_vec()).await.expect("write");
+    let err = client
+        .put_if("cas", b"three".to_vec(), Some(v1))
+        .await
+        .expect_err("stale version");
+    assert!(matches!(err, ClientError::Conflict { current, .. } if current > v1), "{err}");
+    assert_eq!(client.get("cas").await.expect("read").expect("present").value, b"two");
+
+    // A malformed endpoint.
+    for bad in ["127.0.0.1", "localhost:notaport", ":7001"] {
+        let err = Client::new(ClientConfig::new(vec![bad.into()])).err().expect(bad);
+        assert!(matches!(err, ClientError::InvalidEndpoint(_)), "{bad}: {err}");
+    }
+
+    // An unknown node id.
+    let err = client.cluster_remove_node(99).await.expect_err("unknown node");
+    assert!(
+        matches!(&err, ClientError::Api(ApiError::NotFound(m)) if m.contains("99")),
+        "{err}"
+    );
+
+    // A node that would dial itself: node 4 "at" node 1's address.
+    let err = client
+        .cluster_add_node(4, &cluster.node(1).addr)
+        .await
+        .expect_err("address of an existing node");
+    assert!(
+        matches!(&err, ClientError::Api(ApiError::FailedPrecondition(m)) if m.contains("node 1")),
+        "{err}"
+    );
+
+    // Nothing above changed the membership.
+    let status = cluster.status(&[1]).await;
+    assert_eq!(status.nodes.len(), 3, "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_is_added_as_learner_then_voter_and_removed() {
+    let mut cluster = TestCluster::start(3, "").await;
+    let client = cluster.client();
+    client.put("m", b"1".to_vec()).await.expect("write");
+
+    // A fourth process, not yet a member.
+    let addr = format!(
+        "127.0.0.1:{}",
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("port")
+            .local_addr()
+            .expect("addr")
+            .port()
+    );
+    cluster.nodes.push(crate::harness::TestNode {
+        id: 4,
+        addr: addr.clone(),
+        data_dir: cluster.dir.path().join("node-4"),
+        child: None,
+    });
+    cluster.spawn(4);
+    // Wrong id for that address: refused before anything changes.
+    let err = client.cluster_add_node(5, &addr).await.expect_err("wrong id");
+    assert!(err.to_string().contains("node 4"), "{err}");
+
+    client.cluster_add_node(4, &addr).await.expect("add node 4");
+    wait_local(&cluster, 4, "m", b"1").await;
+    let status = cluster.status(&[1]).await;
+    let n4 = status.nodes.iter().find(|n| n.id == 4).expect("node 4 listed");
+    assert_eq!(n4.role, skiff_client::api::MemberRole::Voter);
+
+    client.cluster_remove_node(4).await.expect("remove node 4");
+    let status = cluster.status(&[1]).await;
+    assert!(status.nodes.iter().all(|n| n.id != 4), "{status:?}");
+    client.put("m", b"2".to_vec()).await.expect("write after removal");
+}

@@ -1,0 +1,167 @@
+//! A test cluster: `skiffd` processes with their own ports and data directories, which a test
+//! can kill (`SIGKILL`) and restart from their data.
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use skiff_client::api::{ClusterStatus, NodeId};
+use skiff_client::{Client, ClientConfig};
+
+pub struct TestNode {
+    pub id: NodeId,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    pub child: Option<Child>,
+}
+
+pub struct TestCluster {
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<TestNode>,
+    config_path: PathBuf,
+}
+
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().expect("local addr").port()
+}
+
+impl TestCluster {
+    /// Starts `n` nodes with `config` (TOML, may be empty) and initializes the cluster.
+    pub async fn start(n: usize, config: &str) -> TestCluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("node.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        let mut cluster = TestCluster {
+            nodes: Vec::new(),
+            config_path,
+            dir,
+        };
+        for i in 1..=n as NodeId {
+            let addr = format!("127.0.0.1:{}", free_port());
+            let data_dir = cluster.dir.path().join(format!("node-{i}"));
+            cluster.nodes.push(TestNode {
+                id: i,
+                addr,
+                data_dir,
+                child: None,
+            });
+            cluster.spawn(i);
+        }
+        let members: BTreeMap<NodeId, String> =
+            cluster.nodes.iter().map(|n| (n.id, n.addr.clone())).collect();
+        let first = cluster.client_for(&[1]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match first.cluster_init(members.clone()).await {
+                Ok(()) => break,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("cluster init failed: {e}"),
+            }
+        }
+        cluster.wait_leader(&cluster.ids()).await;
+        cluster
+    }
+
+    pub fn ids(&self) -> Vec<NodeId> {
+        self.nodes.iter().map(|n| n.id).collect()
+    }
+
+    pub fn node(&self, id: NodeId) -> &TestNode {
+        self.nodes.iter().find(|n| n.id == id).expect("known node id")
+    }
+
+    fn node_mut(&mut self, id: NodeId) -> &mut TestNode {
+        self.nodes.iter_mut().find(|n| n.id == id).expect("known node id")
+    }
+
+    /// Starts (or restarts) node `id` from its data directory.
+    pub fn spawn(&mut self, id: NodeId) {
+        let exe = env!("CARGO_BIN_EXE_skiffd");
+        let log_path = self.dir.path().join(format!("node-{id}.log"));
+        let config_path = self.config_path.clone();
+        let node = self.node_mut(id);
+        assert!(node.child.is_none(), "node {id} is already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .expect("open node log");
+        let child = Command::new(exe)
+            .args(["--id", &id.to_string(), "--listen", &node.addr])
+            .arg("--data-dir")
+            .arg(&node.data_dir)
+            .arg("--config")
+            .arg(&config_path)
+            .env("SKIFF_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().expect("clone log fd")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start skiffd");
+        node.child = Some(child);
+    }
+
+    /// `kill -9` node `id`.
+    pub fn kill(&mut self, id: NodeId) {
+        let node = self.node_mut(id);
+        let mut child = node.child.take().expect("node is running");
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reap");
+    }
+
+    /// A client of the given nodes only.
+    pub fn client_for(&self, ids: &[NodeId]) -> Client {
+        let endpoints = ids.iter().map(|id| self.node(*id).addr.clone()).collect();
+        let mut cfg = ClientConfig::new(endpoints);
+        cfg.rpc_timeout = Duration::from_secs(5);
+        cfg.attempts_max = 20;
+        Client::new(cfg).expect("valid endpoints")
+    }
+
+    pub fn client(&self) -> Client {
+        self.client_for(&self.ids())
+    }
+
+    /// Waits until one of `ids` reports a leader that is itself among `ids`.
+    pub async fn wait_leader(&self, ids: &[NodeId]) -> NodeId {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            for id in ids {
+                if let Ok(s) = self.client_for(&[*id]).cluster_status().await {
+                    if let Some(l) = s.leader {
+                        if ids.contains(&l) {
+                            return l;
+                        }
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "no leader among {ids:?} within 30 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn status(&self, ids: &[NodeId]) -> ClusterStatus {
+        self.client_for(ids).cluster_status().await.expect("cluster status")
+    }
+
+    pub fn log_of(&self, id: NodeId) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("node-{id}.log"))).unwrap_or_default()
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
