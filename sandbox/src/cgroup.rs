@@ -7,7 +7,7 @@
 //! large dependency tree and its own v1/v2 detection that does not know about our hybrid mount.
 //!
 //! Invariants: every cgroup lives under `<our own cgroup>/skiff-sandbox/` in each hierarchy; a
-//! [`Cgroup`] is removed (after all its processes are dead) before the run that made it returns.
+//! `Cgroup` is removed (after all its processes are dead) before the run that made it returns.
 
 use std::fs;
 use std::io;
@@ -50,11 +50,19 @@ impl Layout {
     }
 }
 
-/// The layout of this machine, detected on first use.
+/// The layout of this machine, detected on first use (which also sweeps cgroups left behind
+/// by node processes that died, see [`sweep_stale`]).
 pub fn layout() -> Result<&'static Layout, SandboxError> {
     static LAYOUT: OnceLock<Result<Layout, String>> = OnceLock::new();
     LAYOUT
-        .get_or_init(|| detect().map_err(|e| e.to_string()))
+        .get_or_init(|| {
+            let layout = detect().map_err(|e| e.to_string())?;
+            let swept = sweep_stale_in(&layout);
+            if swept > 0 {
+                tracing::info!(swept, "removed cgroups of sandboxes whose node died");
+            }
+            Ok(layout)
+        })
         .as_ref()
         .map_err(|detail| SandboxError::CgroupUnavailable {
             detail: detail.clone(),
@@ -185,6 +193,79 @@ fn try_v2(mounts: &[CgroupMount], own: &[(Vec<String>, String)]) -> Option<Layou
     fs::create_dir_all(&base).ok()?;
     fs::write(base.join("cgroup.subtree_control"), "+memory +pids +cpu").ok()?;
     Some(Layout::V2 { base })
+}
+
+impl Layout {
+    fn bases(&self) -> Vec<&Path> {
+        match self {
+            Layout::V2 { base } => vec![base.as_path()],
+            Layout::V1 {
+                memory,
+                pids,
+                cpu,
+                cpuacct,
+            } => vec![
+                memory.as_path(),
+                pids.as_path(),
+                cpu.as_path(),
+                cpuacct.as_path(),
+            ],
+        }
+    }
+}
+
+/// The node pid in a sandbox cgroup's name (`sb-<pid>-<n>`).
+fn owner_pid(name: &str) -> Option<u32> {
+    name.strip_prefix("sb-")?.split('-').next()?.parse().ok()
+}
+
+/// Removes the cgroups of sandboxes whose node process is gone: a node killed with SIGKILL
+/// cannot clean up, but its sandboxes died with it (parent-death signal), so their cgroups
+/// are empty. Processes still listed are killed first. Returns how many were removed.
+pub fn sweep_stale() -> Result<usize, SandboxError> {
+    Ok(sweep_stale_in(layout()?))
+}
+
+fn sweep_stale_in(layout: &Layout) -> usize {
+    let mut removed = 0;
+    for base in layout.bases() {
+        let Ok(entries) = fs::read_dir(base) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = owner_pid(&name.to_string_lossy()) else {
+                continue;
+            };
+            if pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists() {
+                continue;
+            }
+            let dir = entry.path();
+            let pids = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+            for pid in pids.lines().filter_map(|l| l.trim().parse().ok()) {
+                sys::kill_pid(pid);
+            }
+            let deadline = Instant::now() + REMOVE_WAIT_MAX;
+            loop {
+                match fs::remove_dir(&dir) {
+                    Ok(()) => {
+                        removed += 1;
+                        break;
+                    }
+                    Err(e)
+                        if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, dir = %dir.display(), "stale sandbox cgroup not removed");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    removed
 }
 
 /// Counters read from a sandbox's cgroup.
@@ -464,6 +545,13 @@ mod tests {
             join_cgroup_path(&mounts[0], &own[0].1),
             PathBuf::from("/sys/fs/cgroup/memory/process_api/abc/skiff-sandbox")
         );
+    }
+
+    #[test]
+    fn sandbox_cgroup_names_carry_the_node_pid() {
+        assert_eq!(owner_pid("sb-1234-7"), Some(1234));
+        assert_eq!(owner_pid("sb-x-7"), None);
+        assert_eq!(owner_pid("other"), None);
     }
 
     #[test]

@@ -508,3 +508,96 @@ fn warm_pool_types_are_usable_from_outside() {
     assert!(none.is_none());
     assert_eq!(pool.stats().idle, 0);
 }
+
+const DIE_HELPER_ENV: &str = "SKIFF_SANDBOX_DIE_WITH_NODE_HELPER";
+
+/// Whether `pid` is gone (or a zombie nobody has reaped yet: dead all the same).
+fn process_dead(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+#[test]
+fn sandboxes_die_with_the_node_and_their_cgroups_are_swept() {
+    if std::env::var_os(DIE_HELPER_ENV).is_some() {
+        // Helper mode: play a node that starts a long sandbox and is then killed.
+        let code = code_dir(&[]);
+        let spec = spec(Tier::Untrusted, code.path(), "");
+        let mut sandbox = ExecSandbox::create(&spec).expect("sandbox");
+        sandbox
+            .hand_off(&argv(&["sleep", "100"]))
+            .expect("hand-off");
+        sandbox.wait_started().expect("started");
+        let dir = sandbox
+            .cgroup_dirs()
+            .into_iter()
+            .next()
+            .expect("a cgroup dir");
+        let pids = std::fs::read_to_string(dir.join("cgroup.procs")).expect("procs");
+        println!(
+            "PIDS {}",
+            pids.split_whitespace().collect::<Vec<_>>().join(",")
+        );
+        println!("CGROUP {}", dir.display());
+        std::thread::sleep(Duration::from_secs(60));
+        return;
+    }
+    if !can_sandbox() {
+        return;
+    }
+    let exe = std::env::current_exe().expect("test binary");
+    let mut helper = std::process::Command::new(exe)
+        .args([
+            "sandboxes_die_with_the_node_and_their_cgroups_are_swept",
+            "--exact",
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env(DIE_HELPER_ENV, "1")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("helper node");
+    let stdout = helper.stdout.take().expect("piped");
+    let mut pids = Vec::new();
+    let mut cgroup = None;
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line.expect("helper output");
+        // The harness prints "test NAME ... " without a newline before the test's own output.
+        if let Some((_, list)) = line.split_once("PIDS ") {
+            pids = list
+                .split(',')
+                .filter_map(|p| p.parse::<i32>().ok())
+                .collect();
+        }
+        if let Some((_, dir)) = line.split_once("CGROUP ") {
+            cgroup = Some(PathBuf::from(dir));
+            break;
+        }
+    }
+    let cgroup = cgroup.expect("the helper reported its sandbox");
+    assert!(pids.len() >= 2, "supervisor and function: {pids:?}");
+    assert!(pids.iter().all(|p| !process_dead(*p)));
+    // Detect the layout now (its first use sweeps), while the helper is alive and so spared.
+    skiff_sandbox::cgroup::layout().expect("cgroup layout");
+    assert!(cgroup.exists());
+    helper.kill().expect("kill the helper node");
+    helper.wait().expect("reap the helper node");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !pids.iter().all(|p| process_dead(*p)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sandbox processes outlived their node: {pids:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The dead node could not remove its cgroup; the next node's sweep does.
+    assert!(cgroup.exists());
+    let swept = skiff_sandbox::cgroup::sweep_stale().expect("sweep");
+    assert!(swept >= 1);
+    assert!(!cgroup.exists(), "{} left behind", cgroup.display());
+}
