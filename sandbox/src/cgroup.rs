@@ -177,9 +177,23 @@ fn detect() -> Result<Layout, SandboxError> {
 fn try_v2(mounts: &[CgroupMount], own: &[(Vec<String>, String)]) -> Option<Layout> {
     let mount = mounts.iter().find(|m| m.v2)?;
     let (_, path) = own.iter().find(|(cs, _)| cs.is_empty())?;
-    let base = join_cgroup_path(mount, path);
-    let own_dir = base.parent()?.to_path_buf();
-    let available = fs::read_to_string(own_dir.join("cgroup.controllers")).ok()?;
+    let own_dir = join_cgroup_path(mount, path).parent()?.to_path_buf();
+    // Our own cgroup first; if it holds processes (the "no internal processes" rule forbids
+    // enabling controllers there), its parent: a node run in `<delegated>/node` puts its
+    // sandboxes under `<delegated>/skiff-sandbox`.
+    let candidates = [
+        Some(own_dir.clone()),
+        own_dir.parent().map(Path::to_path_buf),
+    ];
+    candidates
+        .into_iter()
+        .flatten()
+        .filter(|dir| dir.starts_with(&mount.mount_point))
+        .find_map(|dir| enable_v2_controllers(&dir))
+}
+
+fn enable_v2_controllers(dir: &Path) -> Option<Layout> {
+    let available = fs::read_to_string(dir.join("cgroup.controllers")).ok()?;
     let needed = ["memory", "pids", "cpu"];
     if !needed
         .iter()
@@ -187,9 +201,8 @@ fn try_v2(mounts: &[CgroupMount], own: &[(Vec<String>, String)]) -> Option<Layou
     {
         return None;
     }
-    // Enabling controllers for children fails on a non-root cgroup that holds processes (the
-    // "no internal processes" rule); then v1 is our only option.
-    fs::write(own_dir.join("cgroup.subtree_control"), "+memory +pids +cpu").ok()?;
+    fs::write(dir.join("cgroup.subtree_control"), "+memory +pids +cpu").ok()?;
+    let base = dir.join(BASE_NAME);
     fs::create_dir_all(&base).ok()?;
     fs::write(base.join("cgroup.subtree_control"), "+memory +pids +cpu").ok()?;
     Some(Layout::V2 { base })
