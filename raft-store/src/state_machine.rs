@@ -1,0 +1,650 @@
+//! The state machine on RocksDB: [`StateMachineStore`] implements openraft's
+//! `RaftStateMachine` and `RaftSnapshotBuilder`, and serves reads to the node.
+//!
+//! The state lives twice: in memory ([`StateMachineData`], what reads and apply use) and in
+//! the column families `sm_kv`, `sm_dedup` and `sm_meta` (what a restart loads).
+//!
+//! Invariants:
+//! - one `apply` call writes the effects of all its entries, the last applied log id and the
+//!   last membership in ONE `WriteBatch`, so the disk never holds effects without the log id
+//!   that produced them, or the reverse;
+//! - that batch is not synced, on purpose: the log is durable and Raft re-applies every entry
+//!   after the last applied id that reached disk, and apply is deterministic, so a lost tail
+//!   of applies is recomputed exactly. All column families share one write-ahead log, so the
+//!   next synced log write (append, vote, purge) makes earlier applies durable too; in
+//!   particular the log is never purged past state that could still be lost;
+//! - snapshot install replaces the whole state, on disk and in memory, in one synced batch;
+//!   the current snapshot (meta and data) is kept in `sm_meta` so it survives restarts;
+//! - snapshot data is framed with a magic header and a SHA-256 trailer, and every invariant
+//!   of the decoded state is checked before it replaces anything: garbage is a
+//!   `StorageError`, never a panic.
+
+use std::io::Cursor;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use openraft::storage::RaftStateMachine;
+use openraft::{EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftSnapshotBuilder};
+use rocksdb::{IteratorMode, WriteBatch, DB};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::apply::{DedupRecord, Mutation, StateMachineData};
+use crate::db::{
+    cf, corruption, decode, encode, storage_error, sync_write, CF_SM_DEDUP, CF_SM_KV, CF_SM_META,
+};
+use crate::model::{KvEntry, KvPage, RequestId, Response};
+use crate::types::{
+    Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
+};
+use crate::StoreError;
+
+/// Largest snapshot accepted for install, in bytes. The whole snapshot is held in memory
+/// (openraft's `Cursor<Vec<u8>>` snapshot data), so this is also a memory bound.
+pub const SNAPSHOT_BYTES_MAX: usize = 4 << 30;
+
+const KEY_REVISION: &[u8] = b"revision";
+const KEY_LAST_TIME_MS: &[u8] = b"last_time_ms";
+const KEY_LAST_APPLIED: &[u8] = b"last_applied";
+const KEY_LAST_MEMBERSHIP: &[u8] = b"last_membership";
+const KEY_SNAPSHOT_META: &[u8] = b"snapshot_meta";
+const KEY_SNAPSHOT_DATA: &[u8] = b"snapshot_data";
+
+/// First bytes of every snapshot this build writes; the last byte is the format version.
+const SNAPSHOT_MAGIC: &[u8; 8] = b"skiffsn\x01";
+const SNAPSHOT_CHECKSUM_BYTES: usize = 32;
+
+/// The replicated state machine, persisted in RocksDB. Cheap to clone: clones share the state,
+/// so the node keeps one for reads while Raft owns another.
+#[derive(Clone)]
+pub struct StateMachineStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Arc<DB>,
+    state: RwLock<Applied>,
+    /// Serializes writers of the current snapshot (build and install).
+    snapshot_lock: Mutex<()>,
+    /// Makes snapshot ids unique within this process.
+    snapshot_seq: AtomicU64,
+}
+
+/// The in-memory state and what Raft needs to know about it.
+struct Applied {
+    data: StateMachineData,
+    last_applied: Option<LogId>,
+    last_membership: StoredMembership,
+}
+
+impl std::fmt::Debug for StateMachineStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateMachineStore")
+            .field("path", &self.inner.db.path())
+            .field("applied", &self.applied())
+            .finish()
+    }
+}
+
+/// The snapshot payload, as written by [`StateMachineStore::build_snapshot`].
+#[derive(Serialize)]
+struct SnapshotImageRef<'a> {
+    last_applied: Option<LogId>,
+    last_membership: &'a StoredMembership,
+    revision: u64,
+    last_time_ms: u64,
+    kv: Vec<&'a KvEntry>,
+    dedup: Vec<(&'a RequestId, &'a DedupRecord)>,
+}
+
+/// The snapshot payload, as read back; same encoding as [`SnapshotImageRef`].
+#[derive(Deserialize)]
+struct SnapshotImage {
+    last_applied: Option<LogId>,
+    last_membership: StoredMembership,
+    revision: u64,
+    last_time_ms: u64,
+    kv: Vec<KvEntry>,
+    dedup: Vec<(RequestId, DedupRecord)>,
+}
+
+fn encode_snapshot(
+    data: &StateMachineData,
+    last_applied: Option<LogId>,
+    last_membership: &StoredMembership,
+) -> Result<Vec<u8>, bincode::Error> {
+    let image = SnapshotImageRef {
+        last_applied,
+        last_membership,
+        revision: data.revision(),
+        last_time_ms: data.last_time_ms(),
+        kv: data.iter().collect(),
+        dedup: data.dedup_iter().collect(),
+    };
+    let mut bytes = SNAPSHOT_MAGIC.to_vec();
+    bytes.extend(encode(&image)?);
+    let checksum = Sha256::digest(&bytes);
+    bytes.extend_from_slice(&checksum);
+    Ok(bytes)
+}
+
+/// Checks framing, checksum and encoding; the caller checks the state's invariants.
+fn decode_snapshot(bytes: &[u8]) -> Result<SnapshotImage, String> {
+    if bytes.len() > SNAPSHOT_BYTES_MAX {
+        return Err(format!(
+            "snapshot is {} bytes, the limit is {SNAPSHOT_BYTES_MAX}",
+            bytes.len()
+        ));
+    }
+    if bytes.len() < SNAPSHOT_MAGIC.len() + SNAPSHOT_CHECKSUM_BYTES
+        || !bytes.starts_with(SNAPSHOT_MAGIC)
+    {
+        return Err("not a skiff snapshot (bad header)".to_string());
+    }
+    let (framed, checksum) = bytes.split_at(bytes.len() - SNAPSHOT_CHECKSUM_BYTES);
+    if Sha256::digest(framed).as_slice() != checksum {
+        return Err("snapshot checksum mismatch".to_string());
+    }
+    decode(&framed[SNAPSHOT_MAGIC.len()..]).map_err(|e| format!("snapshot does not decode: {e}"))
+}
+
+fn dedup_key(id: &RequestId) -> [u8; 16] {
+    let mut key = [0; 16];
+    key[..8].copy_from_slice(&id.client.to_be_bytes());
+    key[8..].copy_from_slice(&id.seq.to_be_bytes());
+    key
+}
+
+fn dedup_id(key: &[u8]) -> Option<RequestId> {
+    let client = u64::from_be_bytes(key.get(..8)?.try_into().ok()?);
+    let seq = u64::from_be_bytes(key.get(8..)?.try_into().ok()?);
+    Some(RequestId { client, seq })
+}
+
+fn sm_write_error(e: &impl std::error::Error) -> StorageError {
+    corruption(ErrorSubject::StateMachine, ErrorVerb::Write, e.to_string())
+}
+
+impl StateMachineStore {
+    /// Loads the state persisted in `db` (empty if none).
+    pub(crate) fn load(db: Arc<DB>, path: &Path) -> Result<Self, StoreError> {
+        let read_error = |what: &'static str| {
+            move |source| StoreError::Read {
+                path: path.to_path_buf(),
+                what,
+                source,
+            }
+        };
+        let decode_error = |what: &'static str| {
+            move |source| StoreError::Decode {
+                path: path.to_path_buf(),
+                what,
+                source,
+            }
+        };
+        let invalid = |message: String| StoreError::Invalid {
+            path: path.to_path_buf(),
+            source: crate::apply::InvalidImage(message),
+        };
+
+        let meta = cf(&db, CF_SM_META);
+        let get_meta = |key: &[u8], what: &'static str| -> Result<Option<Vec<u8>>, StoreError> {
+            db.get_cf(meta, key).map_err(read_error(what))
+        };
+        let revision: u64 = match get_meta(KEY_REVISION, "revision")? {
+            Some(bytes) => decode(&bytes).map_err(decode_error("revision"))?,
+            None => 0,
+        };
+        let last_time_ms: u64 = match get_meta(KEY_LAST_TIME_MS, "last time")? {
+            Some(bytes) => decode(&bytes).map_err(decode_error("last time"))?,
+            None => 0,
+        };
+        let last_applied: Option<LogId> = match get_meta(KEY_LAST_APPLIED, "last applied")? {
+            Some(bytes) => decode(&bytes).map_err(decode_error("last applied"))?,
+            None => None,
+        };
+        let last_membership: StoredMembership =
+            match get_meta(KEY_LAST_MEMBERSHIP, "last membership")? {
+                Some(bytes) => decode(&bytes).map_err(decode_error("last membership"))?,
+                None => StoredMembership::default(),
+            };
+
+        let mut kv = Vec::new();
+        for item in db.iterator_cf(cf(&db, CF_SM_KV), IteratorMode::Start) {
+            let (key, value) = item.map_err(read_error("key-value entry"))?;
+            let entry: KvEntry = decode(&value).map_err(decode_error("key-value entry"))?;
+            if entry.key.as_bytes() != &*key {
+                return Err(invalid(format!(
+                    "entry for {:?} stored under another key",
+                    entry.key
+                )));
+            }
+            kv.push(entry);
+        }
+        let mut dedup = Vec::new();
+        for item in db.iterator_cf(cf(&db, CF_SM_DEDUP), IteratorMode::Start) {
+            let (key, value) = item.map_err(read_error("deduplication record"))?;
+            let id = dedup_id(&key)
+                .ok_or_else(|| invalid(format!("deduplication key of {} bytes", key.len())))?;
+            let record: DedupRecord =
+                decode(&value).map_err(decode_error("deduplication record"))?;
+            dedup.push((id, record));
+        }
+        let data =
+            StateMachineData::from_parts(kv, dedup, revision, last_time_ms).map_err(|source| {
+                StoreError::Invalid {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            })?;
+        tracing::info!(
+            path = %path.display(),
+            applied = ?last_applied,
+            revision,
+            keys = data.len(),
+            "loaded state machine"
+        );
+        Ok(StateMachineStore {
+            inner: Arc::new(Inner {
+                db,
+                state: RwLock::new(Applied {
+                    data,
+                    last_applied,
+                    last_membership,
+                }),
+                snapshot_lock: Mutex::new(()),
+                snapshot_seq: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    fn state(&self) -> RwLockReadGuard<'_, Applied> {
+        self.inner
+            .state
+            .read()
+            .expect("state machine lock poisoned by a panic during apply")
+    }
+
+    fn state_mut(&self) -> RwLockWriteGuard<'_, Applied> {
+        self.inner
+            .state
+            .write()
+            .expect("state machine lock poisoned by a panic during apply")
+    }
+
+    fn snapshot_guard(&self) -> MutexGuard<'_, ()> {
+        self.inner
+            .snapshot_lock
+            .lock()
+            .expect("snapshot lock poisoned by a panic while storing a snapshot")
+    }
+
+    fn db(&self) -> &DB {
+        &self.inner.db
+    }
+
+    /// Runs `f` on the current state. Keep `f` short: apply waits while it runs.
+    pub fn read<R>(&self, f: impl FnOnce(&StateMachineData) -> R) -> R {
+        f(&self.state().data)
+    }
+
+    /// The entry under `key`, if any.
+    pub fn get(&self, key: &str) -> Option<KvEntry> {
+        self.read(|data| data.get(key).cloned())
+    }
+
+    /// One page of keys under `prefix`; see [`StateMachineData::list`].
+    pub fn list(&self, prefix: &str, start_after: Option<&str>, limit: u32) -> KvPage {
+        self.read(|data| data.list(prefix, start_after, limit))
+    }
+
+    /// The revision of the last successful write.
+    pub fn revision(&self) -> u64 {
+        self.read(StateMachineData::revision)
+    }
+
+    /// The digest of the key-value contents; see [`StateMachineData::digest`].
+    pub fn digest(&self) -> String {
+        self.read(StateMachineData::digest)
+    }
+
+    /// The id of the last log entry applied (or covered by an installed snapshot).
+    pub fn applied(&self) -> Option<LogId> {
+        self.state().last_applied
+    }
+
+    /// The last membership applied.
+    pub fn membership(&self) -> StoredMembership {
+        self.state().last_membership.clone()
+    }
+
+    fn apply_entries(
+        &self,
+        entries: impl Iterator<Item = Entry>,
+    ) -> Result<Vec<Response>, StorageError> {
+        let mut state = self.state_mut();
+        let db = self.db();
+        let (kv_cf, dedup_cf, meta_cf) =
+            (cf(db, CF_SM_KV), cf(db, CF_SM_DEDUP), cf(db, CF_SM_META));
+        let mut batch = WriteBatch::default();
+        let mut responses = Vec::new();
+        let mut membership_changed = false;
+        let mut any = false;
+        for entry in entries {
+            if state
+                .last_applied
+                .is_some_and(|last| entry.log_id.index <= last.index)
+            {
+                return Err(corruption(
+                    ErrorSubject::Apply(entry.log_id),
+                    ErrorVerb::Write,
+                    format!(
+                        "entry {} applied after {:?}: applies must go forward",
+                        entry.log_id, state.last_applied
+                    ),
+                ));
+            }
+            match entry.payload {
+                EntryPayload::Blank => responses.push(Response::default()),
+                EntryPayload::Normal(request) => {
+                    let (response, mutations) = state.data.apply_request(&request);
+                    for mutation in mutations {
+                        match mutation {
+                            Mutation::KvPut(kv) => {
+                                batch.put_cf(
+                                    kv_cf,
+                                    kv.key.as_bytes(),
+                                    encode(&kv).map_err(|e| sm_write_error(&e))?,
+                                );
+                            }
+                            Mutation::KvDelete(key) => batch.delete_cf(kv_cf, key.as_bytes()),
+                            Mutation::DedupPut { id, record } => {
+                                batch.put_cf(
+                                    dedup_cf,
+                                    dedup_key(&id),
+                                    encode(&record).map_err(|e| sm_write_error(&e))?,
+                                );
+                            }
+                            Mutation::DedupDelete(id) => batch.delete_cf(dedup_cf, dedup_key(&id)),
+                            Mutation::Meta {
+                                revision,
+                                last_time_ms,
+                            } => {
+                                batch.put_cf(
+                                    meta_cf,
+                                    KEY_REVISION,
+                                    encode(&revision).map_err(|e| sm_write_error(&e))?,
+                                );
+                                batch.put_cf(
+                                    meta_cf,
+                                    KEY_LAST_TIME_MS,
+                                    encode(&last_time_ms).map_err(|e| sm_write_error(&e))?,
+                                );
+                            }
+                        }
+                    }
+                    responses.push(response);
+                }
+                EntryPayload::Membership(membership) => {
+                    state.last_membership = StoredMembership::new(Some(entry.log_id), membership);
+                    membership_changed = true;
+                    responses.push(Response::default());
+                }
+            }
+            state.last_applied = Some(entry.log_id);
+            any = true;
+        }
+        if !any {
+            return Ok(responses);
+        }
+        batch.put_cf(
+            meta_cf,
+            KEY_LAST_APPLIED,
+            encode(&state.last_applied).map_err(|e| sm_write_error(&e))?,
+        );
+        if membership_changed {
+            batch.put_cf(
+                meta_cf,
+                KEY_LAST_MEMBERSHIP,
+                encode(&state.last_membership).map_err(|e| sm_write_error(&e))?,
+            );
+        }
+        // Not synced: see the module documentation.
+        db.write(batch)
+            .map_err(|e| storage_error(ErrorSubject::StateMachine, ErrorVerb::Write, &e))?;
+        Ok(responses)
+    }
+
+    /// Stores `meta` and `data` as the current snapshot unless a newer one is stored.
+    fn store_snapshot(&self, meta: &SnapshotMeta, data: &[u8]) -> Result<(), StorageError> {
+        let _guard = self.snapshot_guard();
+        let subject = || ErrorSubject::Snapshot(Some(meta.signature()));
+        if let Some(stored) = self.stored_snapshot_meta()? {
+            if stored.last_log_id > meta.last_log_id {
+                return Ok(());
+            }
+        }
+        let meta_cf = cf(self.db(), CF_SM_META);
+        let mut batch = WriteBatch::default();
+        batch.put_cf(
+            meta_cf,
+            KEY_SNAPSHOT_META,
+            encode(meta).map_err(|e| storage_error(subject(), ErrorVerb::Write, &e))?,
+        );
+        batch.put_cf(meta_cf, KEY_SNAPSHOT_DATA, data);
+        self.db()
+            .write_opt(batch, &sync_write())
+            .map_err(|e| storage_error(subject(), ErrorVerb::Write, &e))
+    }
+
+    fn stored_snapshot_meta(&self) -> Result<Option<SnapshotMeta>, StorageError> {
+        let bytes = self
+            .db()
+            .get_cf(cf(self.db(), CF_SM_META), KEY_SNAPSHOT_META)
+            .map_err(|e| storage_error(ErrorSubject::Snapshot(None), ErrorVerb::Read, &e))?;
+        bytes
+            .map(|bytes| decode(&bytes))
+            .transpose()
+            .map_err(|e| storage_error(ErrorSubject::Snapshot(None), ErrorVerb::Read, &e))
+    }
+
+    fn build(&self) -> Result<Snapshot, StorageError> {
+        // A consistent copy, taken under the lock; encoding happens without it so apply is
+        // held up only for the copy.
+        let (data, last_applied, last_membership) = {
+            let state = self.state();
+            (
+                state.data.clone(),
+                state.last_applied,
+                state.last_membership.clone(),
+            )
+        };
+        let bytes = encode_snapshot(&data, last_applied, &last_membership)
+            .map_err(|e| storage_error(ErrorSubject::Snapshot(None), ErrorVerb::Write, &e))?;
+        drop(data);
+        let seq = self.inner.snapshot_seq.fetch_add(1, Ordering::Relaxed);
+        let snapshot_id = match last_applied {
+            Some(log_id) => format!("{log_id}-{seq}"),
+            None => format!("empty-{seq}"),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: last_applied,
+            last_membership,
+            snapshot_id,
+        };
+        self.store_snapshot(&meta, &bytes)?;
+        tracing::info!(%meta, bytes = bytes.len(), "built snapshot");
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(bytes)),
+        })
+    }
+
+    fn install(&self, meta: &SnapshotMeta, bytes: Vec<u8>) -> Result<(), StorageError> {
+        let subject = || ErrorSubject::Snapshot(Some(meta.signature()));
+        let reject = |message: String| corruption(subject(), ErrorVerb::Read, message);
+        let image = decode_snapshot(&bytes).map_err(reject)?;
+        if image.last_applied != meta.last_log_id || image.last_membership != meta.last_membership {
+            return Err(reject(format!(
+                "snapshot holds state at {:?}, its meta says {:?}",
+                image.last_applied, meta.last_log_id
+            )));
+        }
+        let data =
+            StateMachineData::from_parts(image.kv, image.dedup, image.revision, image.last_time_ms)
+                .map_err(|e| reject(e.to_string()))?;
+
+        let _snapshot_guard = self.snapshot_guard();
+        let mut state = self.state_mut();
+        let db = self.db();
+        let write_error =
+            |e: &dyn std::fmt::Display| corruption(subject(), ErrorVerb::Write, e.to_string());
+        let mut batch = WriteBatch::default();
+        for name in [CF_SM_KV, CF_SM_DEDUP] {
+            clear_column_family(db, name, &mut batch)
+                .map_err(|e| storage_error(subject(), ErrorVerb::Delete, &e))?;
+        }
+        let (kv_cf, dedup_cf, meta_cf) =
+            (cf(db, CF_SM_KV), cf(db, CF_SM_DEDUP), cf(db, CF_SM_META));
+        for entry in data.iter() {
+            batch.put_cf(
+                kv_cf,
+                entry.key.as_bytes(),
+                encode(entry).map_err(|e| write_error(&e))?,
+            );
+        }
+        for (id, record) in data.dedup_iter() {
+            batch.put_cf(
+                dedup_cf,
+                dedup_key(id),
+                encode(record).map_err(|e| write_error(&e))?,
+            );
+        }
+        let scalars: [(&[u8], Vec<u8>); 5] = [
+            (
+                KEY_REVISION,
+                encode(&data.revision()).map_err(|e| write_error(&e))?,
+            ),
+            (
+                KEY_LAST_TIME_MS,
+                encode(&data.last_time_ms()).map_err(|e| write_error(&e))?,
+            ),
+            (
+                KEY_LAST_APPLIED,
+                encode(&meta.last_log_id).map_err(|e| write_error(&e))?,
+            ),
+            (
+                KEY_LAST_MEMBERSHIP,
+                encode(&meta.last_membership).map_err(|e| write_error(&e))?,
+            ),
+            (
+                KEY_SNAPSHOT_META,
+                encode(meta).map_err(|e| write_error(&e))?,
+            ),
+        ];
+        for (key, value) in scalars {
+            batch.put_cf(meta_cf, key, value);
+        }
+        batch.put_cf(meta_cf, KEY_SNAPSHOT_DATA, &bytes);
+        db.write_opt(batch, &sync_write())
+            .map_err(|e| storage_error(subject(), ErrorVerb::Write, &e))?;
+        *state = Applied {
+            data,
+            last_applied: meta.last_log_id,
+            last_membership: meta.last_membership.clone(),
+        };
+        tracing::info!(%meta, bytes = bytes.len(), "installed snapshot");
+        Ok(())
+    }
+
+    fn current_snapshot(&self) -> Result<Option<Snapshot>, StorageError> {
+        let _guard = self.snapshot_guard();
+        let Some(meta) = self.stored_snapshot_meta()? else {
+            return Ok(None);
+        };
+        let data = self
+            .db()
+            .get_cf(cf(self.db(), CF_SM_META), KEY_SNAPSHOT_DATA)
+            .map_err(|e| {
+                storage_error(
+                    ErrorSubject::Snapshot(Some(meta.signature())),
+                    ErrorVerb::Read,
+                    &e,
+                )
+            })?;
+        let Some(data) = data else {
+            return Err(corruption(
+                ErrorSubject::Snapshot(Some(meta.signature())),
+                ErrorVerb::Read,
+                "snapshot meta stored without its data".to_string(),
+            ));
+        };
+        Ok(Some(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        }))
+    }
+}
+
+/// Adds to `batch` the deletion of every key of column family `name`.
+fn clear_column_family(db: &DB, name: &str, batch: &mut WriteBatch) -> Result<(), rocksdb::Error> {
+    let handle = cf(db, name);
+    let first = db
+        .iterator_cf(handle, IteratorMode::Start)
+        .next()
+        .transpose()?;
+    let last = db
+        .iterator_cf(handle, IteratorMode::End)
+        .next()
+        .transpose()?;
+    if let (Some((first, _)), Some((last, _))) = (first, last) {
+        // The range end is exclusive: delete the last key on its own.
+        batch.delete_range_cf(handle, &first, &last);
+        batch.delete_cf(handle, &last);
+    }
+    Ok(())
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+        self.build()
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = StateMachineStore;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        let state = self.state();
+        Ok((state.last_applied, state.last_membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        self.apply_entries(entries.into_iter())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        self.install(meta, snapshot.into_inner())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
+        self.current_snapshot()
+    }
+}
