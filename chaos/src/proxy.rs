@@ -39,6 +39,8 @@ pub const CHUNK_BYTES_MAX: usize = 16 * 1024;
 pub const CHUNKS_QUEUED_MAX: usize = 256;
 /// Most connections one link proxy carries at once; more are refused (closed).
 pub const CONNECTIONS_PER_LINK_MAX: usize = 64;
+/// One warning is logged per this many refused connections.
+const REFUSALS_PER_LOG: u64 = 1000;
 /// How long the proxy waits to connect to the real node.
 pub const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -181,6 +183,7 @@ async fn accept_loop(
 ) {
     let slots = Arc::new(Semaphore::new(CONNECTIONS_PER_LINK_MAX));
     let mut connections: u64 = 0;
+    let mut refused: u64 = 0;
     // Ends on shutdown; each iteration handles one accepted connection.
     loop {
         let accepted = tokio::select! {
@@ -193,11 +196,17 @@ async fn accept_loop(
             continue;
         };
         let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
-            tracing::warn!(
-                from,
-                to,
-                "proxy connection limit reached; refusing a connection"
-            );
+            refused += 1;
+            // A node redialing a frozen peer hits the limit in bursts: log the first refusal
+            // and then one in REFUSALS_PER_LOG.
+            if refused % REFUSALS_PER_LOG == 1 {
+                tracing::warn!(
+                    from,
+                    to,
+                    refused,
+                    "proxy connection limit reached; refusing"
+                );
+            }
             continue;
         };
         connections += 1;
