@@ -480,12 +480,25 @@ fn violation(
             .filter(|&&i| i != blocked)
             .map(|&i| describe(ops[i])),
     );
+    // The write acknowledged last before the blocked op began: what a stale read missed.
+    let began = ops[blocked].invoke_ns;
+    let last_acked = ops
+        .iter()
+        .filter(|op| !op.kind.is_read() && op.ok().is_some())
+        .filter(|op| op.complete_ns.is_some_and(|c| c < began))
+        .max_by_key(|op| op.complete_ns);
+    if let Some(op) = last_acked {
+        described.push(format!(
+            "last write acknowledged before it began: {}",
+            describe(op)
+        ));
+    }
     Violation {
         key: key.to_string(),
         message: format!(
             "not linearizable: after the longest valid prefix ({depth} of {} operations, the key \
              holding {}), operation #{} cannot take effect before it returns; the first line is \
-             that operation, the others were pending with it",
+             that operation, then those pending with it",
             ops.len(),
             facts.describe_state(state),
             ops[blocked].id,
@@ -617,6 +630,11 @@ mod tests {
         assert!(
             v[0].ops[0].contains("get"),
             "the stale read is named first: {v:?}"
+        );
+        let last = v[0].ops.last().expect("ops");
+        assert!(
+            last.contains("acknowledged before") && last.contains("\"b\""),
+            "{v:?}"
         );
     }
 
