@@ -60,12 +60,14 @@ impl Default for RaftTiming {
 pub fn find_skiffd(explicit: Option<&Path>) -> Result<PathBuf, ChaosError> {
     let mut tried = Vec::new();
     let mut candidates: Vec<PathBuf> = Vec::new();
-    if let Some(p) = explicit {
-        candidates.push(p.to_path_buf());
+    // An explicit path (flag, then $SKIFFD) is the only candidate: a wrong one is an error,
+    // not a reason to pick up some other build.
+    if let Some(p) = explicit
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("SKIFFD").map(PathBuf::from))
+    {
+        candidates.push(p);
     } else {
-        if let Some(p) = std::env::var_os("SKIFFD") {
-            candidates.push(PathBuf::from(p));
-        }
         if let Ok(exe) = std::env::current_exe() {
             if let Some(dir) = exe.parent() {
                 candidates.push(dir.join("skiffd"));
