@@ -50,9 +50,9 @@ impl CliError {
 impl From<ClientError> for CliError {
     fn from(e: ClientError) -> CliError {
         let code = match &e {
-            ClientError::NoEndpoints | ClientError::InvalidEndpoint(_) | ClientError::Invalid(_) => {
-                ExitCode::Usage
-            }
+            ClientError::NoEndpoints
+            | ClientError::InvalidEndpoint(_)
+            | ClientError::Invalid(_) => ExitCode::Usage,
             ClientError::Unreachable { .. } => ExitCode::Unavailable,
             ClientError::Conflict { .. } => ExitCode::Conflict,
             ClientError::NotFound { .. } => ExitCode::NotFound,
@@ -76,10 +76,19 @@ impl From<ClientError> for CliError {
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "skiff", version, about = "Command line client of a skiff cluster")]
+#[command(
+    name = "skiff",
+    version,
+    about = "Command line client of a skiff cluster"
+)]
 pub struct Cli {
     /// Comma-separated host:port of any nodes of the cluster.
-    #[arg(long, env = "SKIFF_ENDPOINTS", global = true, default_value = "127.0.0.1:7001")]
+    #[arg(
+        long,
+        env = "SKIFF_ENDPOINTS",
+        global = true,
+        default_value = "127.0.0.1:7001"
+    )]
     pub endpoints: String,
     /// Bearer token for the cluster.
     #[arg(long, env = "SKIFF_TOKEN", global = true, hide_env_values = true)]
@@ -268,14 +277,23 @@ async fn cluster(client: &Client, cmd: ClusterCmd, json: bool) -> Result<(), Cli
                 ));
                 let mut table = comfy_table::Table::new();
                 table.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY);
-                table.set_header(["id", "address", "role", "reachable", "applied", "matched", "lag"]);
+                table.set_header([
+                    "id",
+                    "address",
+                    "role",
+                    "reachable",
+                    "applied",
+                    "matched",
+                    "lag",
+                ]);
                 for n in &status.nodes {
                     let role = if Some(n.id) == status.leader {
                         format!("{} (leader)", n.role)
                     } else {
                         n.role.to_string()
                     };
-                    let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+                    let opt =
+                        |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
                     table.add_row([
                         n.id.to_string(),
                         n.addr.clone(),
@@ -413,7 +431,9 @@ const SAMPLES_PER_WRITER_MAX: usize = 1_000_000;
 /// Drives `args.clients` concurrent writers for `args.duration` (or `args.ops_max` writes).
 pub async fn bench_kv(endpoints: &str, args: &BenchKvArgs) -> Result<BenchReport, CliError> {
     if args.clients == 0 || args.connections == 0 || args.keys == 0 {
-        return Err(CliError::usage("--clients, --connections and --keys must be positive"));
+        return Err(CliError::usage(
+            "--clients, --connections and --keys must be positive",
+        ));
     }
     if args.value_bytes > skiff_raft_store::model::VALUE_BYTES_MAX {
         return Err(CliError::usage("--value-bytes is over the value limit"));
@@ -441,7 +461,9 @@ pub async fn bench_kv(endpoints: &str, args: &BenchKvArgs) -> Result<BenchReport
             let mut samples: Vec<u32> = Vec::new();
             let mut errors = 0u64;
             let mut n = i as u64;
-            while Instant::now() < deadline && ops.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < ops_max {
+            while Instant::now() < deadline
+                && ops.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < ops_max
+            {
                 let key = format!("bench/{:08}", n % keys);
                 n = n.wrapping_add(7919);
                 let t = Instant::now();
@@ -520,7 +542,10 @@ mod tests {
                 },
                 ExitCode::Conflict,
             ),
-            (ClientError::NotFound { key: "k".into() }, ExitCode::NotFound),
+            (
+                ClientError::NotFound { key: "k".into() },
+                ExitCode::NotFound,
+            ),
             (
                 ClientError::Api(ApiError::NoLeader {
                     leader: None,

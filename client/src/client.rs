@@ -247,15 +247,25 @@ impl Client {
             let prefix = prefix.clone();
             let start_after = start_after.clone();
             async move {
-                c.kv_list(ctx, prefix, start_after, limit, ReadConsistency::Linearizable)
-                    .await
+                c.kv_list(
+                    ctx,
+                    prefix,
+                    start_after,
+                    limit,
+                    ReadConsistency::Linearizable,
+                )
+                .await
             }
         })
         .await
     }
 
     /// Every key under `prefix`, page by page, up to `max_entries`.
-    pub async fn list_all(&self, prefix: &str, max_entries: usize) -> Result<Vec<KvEntry>, ClientError> {
+    pub async fn list_all(
+        &self,
+        prefix: &str,
+        max_entries: usize,
+    ) -> Result<Vec<KvEntry>, ClientError> {
         let mut out = Vec::new();
         let mut start_after = None;
         loop {

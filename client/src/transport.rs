@@ -115,7 +115,16 @@ mod tests {
         assert_eq!(parse_endpoint("127.0.0.1:7001"), Ok(("127.0.0.1", 7001)));
         assert_eq!(parse_endpoint("[::1]:7001"), Ok(("::1", 7001)));
         assert_eq!(parse_endpoint("localhost:80"), Ok(("localhost", 80)));
-        for bad in ["", "127.0.0.1", ":7001", "127.0.0.1:", "127.0.0.1:x", "h:0", "h:70000", "a b:1"] {
+        for bad in [
+            "",
+            "127.0.0.1",
+            ":7001",
+            "127.0.0.1:",
+            "127.0.0.1:x",
+            "h:0",
+            "h:70000",
+            "a b:1",
+        ] {
             assert!(parse_endpoint(bad).is_err(), "{bad:?} must be refused");
         }
     }

@@ -20,6 +20,8 @@ use skiff_raft_store::model::{Request, COMMANDS_PER_ENTRY_MAX};
 use skiff_raft_store::types::Raft;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use crate::metrics::{Metrics, WriteOutcome};
+
 /// A group of commands from one client call, answered together.
 struct Pending {
     commands: Vec<ClientCommand>,
@@ -31,6 +33,7 @@ struct Pending {
 #[derive(Clone)]
 pub struct Batcher {
     tx: mpsc::Sender<Pending>,
+    metrics: Arc<Metrics>,
 }
 
 /// Approximate encoded size of a command, to keep entries under `entry_bytes_max`.
@@ -44,14 +47,34 @@ fn command_bytes(c: &ClientCommand) -> usize {
 
 impl Batcher {
     /// Starts the batching task. It stops when every [`Batcher`] handle is dropped.
-    pub fn start(raft: Raft, queue_max: usize, in_flight_max: usize, entry_bytes_max: usize) -> Batcher {
+    pub fn start(
+        raft: Raft,
+        metrics: Arc<Metrics>,
+        queue_max: usize,
+        in_flight_max: usize,
+        entry_bytes_max: usize,
+    ) -> Batcher {
         let (tx, rx) = mpsc::channel(queue_max);
-        tokio::spawn(run(raft, rx, in_flight_max, entry_bytes_max));
-        Batcher { tx }
+        tokio::spawn(run(
+            raft,
+            metrics.clone(),
+            rx,
+            in_flight_max,
+            entry_bytes_max,
+        ));
+        Batcher { tx, metrics }
+    }
+
+    /// Client calls waiting to be packed into an entry.
+    pub fn queue_depth(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
     }
 
     /// Queues `commands` for the log and waits for their results.
-    pub async fn submit(&self, commands: Vec<ClientCommand>) -> Result<Vec<CommandResult>, ApiError> {
+    pub async fn submit(
+        &self,
+        commands: Vec<ClientCommand>,
+    ) -> Result<Vec<CommandResult>, ApiError> {
         if commands.is_empty() {
             return Ok(Vec::new());
         }
@@ -62,6 +85,7 @@ impl Batcher {
             )));
         }
         let bytes = commands.iter().map(command_bytes).sum();
+        let n = commands.len() as u64;
         let (reply, rx) = oneshot::channel();
         self.tx
             .try_send(Pending {
@@ -71,6 +95,7 @@ impl Batcher {
             })
             .map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => {
+                    self.metrics.write(WriteOutcome::Overloaded, n);
                     ApiError::Overloaded("the write queue is full".into())
                 }
                 mpsc::error::TrySendError::Closed(_) => ApiError::ShuttingDown,
@@ -79,7 +104,13 @@ impl Batcher {
     }
 }
 
-async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>, in_flight_max: usize, entry_bytes_max: usize) {
+async fn run(
+    raft: Raft,
+    metrics: Arc<Metrics>,
+    mut rx: mpsc::Receiver<Pending>,
+    in_flight_max: usize,
+    entry_bytes_max: usize,
+) {
     let in_flight = Arc::new(Semaphore::new(in_flight_max));
     // A command that did not fit the previous entry starts the next one.
     let mut carry: Option<Pending> = None;
@@ -103,7 +134,9 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>, in_flight_max: usize, 
         while count < COMMANDS_PER_ENTRY_MAX && bytes < entry_bytes_max {
             match rx.try_recv() {
                 Ok(p) => {
-                    if count + p.commands.len() > COMMANDS_PER_ENTRY_MAX || bytes + p.bytes > entry_bytes_max {
+                    if count + p.commands.len() > COMMANDS_PER_ENTRY_MAX
+                        || bytes + p.bytes > entry_bytes_max
+                    {
                         carry = Some(p);
                         break;
                     }
@@ -115,8 +148,9 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Pending>, in_flight_max: usize, 
             }
         }
         let raft = raft.clone();
+        let metrics = metrics.clone();
         tokio::spawn(async move {
-            propose(&raft, batch).await;
+            propose(&raft, &metrics, batch).await;
             drop(permit);
         });
     }
@@ -129,14 +163,24 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-async fn propose(raft: &Raft, batch: Vec<Pending>) {
-    let commands: Vec<ClientCommand> = batch.iter().flat_map(|p| p.commands.iter().cloned()).collect();
+async fn propose(raft: &Raft, metrics: &Metrics, batch: Vec<Pending>) {
+    let commands: Vec<ClientCommand> = batch
+        .iter()
+        .flat_map(|p| p.commands.iter().cloned())
+        .collect();
+    let n = commands.len() as u64;
+    metrics.batch_commands.observe(n as f64);
     let request = Request {
         time_ms: now_ms(),
         commands,
     };
+    let started = std::time::Instant::now();
     match raft.client_write(request).await {
         Ok(resp) => {
+            metrics
+                .commit_seconds
+                .observe(started.elapsed().as_secs_f64());
+            metrics.write(WriteOutcome::Committed, n);
             let mut results = resp.data.results.into_iter();
             for p in batch {
                 let mine: Vec<CommandResult> = results.by_ref().take(p.commands.len()).collect();
@@ -154,6 +198,11 @@ async fn propose(raft: &Raft, batch: Vec<Pending>) {
         }
         Err(e) => {
             let err = write_error(e);
+            let outcome = match err {
+                ApiError::NoLeader { .. } => WriteOutcome::NoLeader,
+                _ => WriteOutcome::Failed,
+            };
+            metrics.write(outcome, n);
             for p in batch {
                 let _ = p.reply.send(Err(err.clone()));
             }

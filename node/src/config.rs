@@ -136,7 +136,10 @@ pub enum ConfigError {
     #[error("missing setting `{0}` (give it in the config file or as a flag)")]
     Missing(&'static str),
     #[error("invalid setting `{field}`: {message}")]
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
 }
 
 fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
@@ -240,24 +243,32 @@ impl NodeConfig {
         if self.id == 0 {
             return Err(invalid("id", "node ids start at 1"));
         }
-        self.listen
-            .parse::<SocketAddr>()
-            .map_err(|_| invalid("listen", format!("{:?} is not an ip:port address", self.listen)))?;
+        self.listen.parse::<SocketAddr>().map_err(|_| {
+            invalid(
+                "listen",
+                format!("{:?} is not an ip:port address", self.listen),
+            )
+        })?;
         if let Some(a) = &self.advertise {
             skiff_client::transport::parse_endpoint(a).map_err(|e| invalid("advertise", e))?;
         }
         if let Some(m) = &self.metrics_listen {
-            m.parse::<SocketAddr>()
-                .map_err(|_| invalid("metrics_listen", format!("{m:?} is not an ip:port address")))?;
+            m.parse::<SocketAddr>().map_err(|_| {
+                invalid("metrics_listen", format!("{m:?} is not an ip:port address"))
+            })?;
         }
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "is empty"));
         }
         for (id, addr) in &self.dial_overrides {
             if id.parse::<u64>().map_or(true, |id| id == 0) {
-                return Err(invalid("dial_overrides", format!("{id:?} is not a node id")));
+                return Err(invalid(
+                    "dial_overrides",
+                    format!("{id:?} is not a node id"),
+                ));
             }
-            skiff_client::transport::parse_endpoint(addr).map_err(|e| invalid("dial_overrides", e))?;
+            skiff_client::transport::parse_endpoint(addr)
+                .map_err(|e| invalid("dial_overrides", e))?;
         }
         let r = &self.raft;
         if r.heartbeat_interval_ms == 0 {
@@ -278,7 +289,9 @@ impl NodeConfig {
         if r.snapshot_logs_since_last == 0 {
             return Err(invalid("raft.snapshot_logs_since_last", "must be positive"));
         }
-        if r.snapshot_chunk_bytes < 1024 || r.snapshot_chunk_bytes as usize > self.limits.peer_frame_bytes_max / 2 {
+        if r.snapshot_chunk_bytes < 1024
+            || r.snapshot_chunk_bytes as usize > self.limits.peer_frame_bytes_max / 2
+        {
             return Err(invalid(
                 "raft.snapshot_chunk_bytes",
                 "must be at least 1024 and at most half of limits.peer_frame_bytes_max",
@@ -290,7 +303,10 @@ impl NodeConfig {
         let l = &self.limits;
         let positive: [(&'static str, usize); 6] = [
             ("limits.connections_max", l.connections_max),
-            ("limits.requests_per_connection_max", l.requests_per_connection_max),
+            (
+                "limits.requests_per_connection_max",
+                l.requests_per_connection_max,
+            ),
             ("limits.write_queue_max", l.write_queue_max),
             ("limits.writes_in_flight_max", l.writes_in_flight_max),
             ("limits.entry_bytes_max", l.entry_bytes_max),
@@ -407,8 +423,11 @@ mod tests {
 
     #[test]
     fn flags_override_the_file() {
-        let c = with_file("id = 7\nlisten = \"127.0.0.1:9\"\ndata_dir = \"/a\"\n", overrides())
-            .expect("valid");
+        let c = with_file(
+            "id = 7\nlisten = \"127.0.0.1:9\"\ndata_dir = \"/a\"\n",
+            overrides(),
+        )
+        .expect("valid");
         assert_eq!(c.id, 1);
         assert_eq!(c.listen, "127.0.0.1:7001");
     }
@@ -418,7 +437,10 @@ mod tests {
         let cases: [(&str, &str); 6] = [
             ("id = 0", "node ids start at 1"),
             ("listen = \"nowhere\"", "listen"),
-            ("[raft]\nelection_timeout_min_ms = 50", "election_timeout_min_ms"),
+            (
+                "[raft]\nelection_timeout_min_ms = 50",
+                "election_timeout_min_ms",
+            ),
             ("[raft]\nheartbeat_interval_ms = 0", "heartbeat_interval_ms"),
             ("[limits]\nwrite_queue_max = 0", "write_queue_max"),
             ("unknown_key = 1", "unknown field"),
@@ -430,7 +452,10 @@ mod tests {
                 ..overrides()
             };
             let o = if text.starts_with("id") {
-                Overrides { listen: Some("127.0.0.1:1".into()), ..o }
+                Overrides {
+                    listen: Some("127.0.0.1:1".into()),
+                    ..o
+                }
             } else if text.starts_with("listen") {
                 Overrides { id: Some(1), ..o }
             } else {
@@ -444,13 +469,18 @@ mod tests {
     #[test]
     fn missing_required_settings_are_named() {
         let err = NodeConfig::load(None, Overrides::default()).expect_err("no id");
-        assert_eq!(err.to_string(), "missing setting `id` (give it in the config file or as a flag)");
+        assert_eq!(
+            err.to_string(),
+            "missing setting `id` (give it in the config file or as a flag)"
+        );
     }
 
     #[test]
     fn unreadable_file_is_a_clear_error() {
         let err = NodeConfig::load(Some(Path::new("/nonexistent/node.toml")), overrides())
             .expect_err("missing file");
-        assert!(err.to_string().starts_with("cannot read config file /nonexistent/node.toml"));
+        assert!(err
+            .to_string()
+            .starts_with("cannot read config file /nonexistent/node.toml"));
     }
 }

@@ -50,13 +50,18 @@ fn dev_err(msg: impl Into<String>) -> NodeError {
 /// Picks `n` free loopback ports, preferring `base..base+n`.
 fn pick_ports(base: u16, n: usize) -> Result<Vec<u16>, NodeError> {
     let consecutive: Vec<u16> = (0..n).filter_map(|i| base.checked_add(i as u16)).collect();
-    if consecutive.len() == n && consecutive.iter().all(|p| StdListener::bind(("127.0.0.1", *p)).is_ok()) {
+    if consecutive.len() == n
+        && consecutive
+            .iter()
+            .all(|p| StdListener::bind(("127.0.0.1", *p)).is_ok())
+    {
         return Ok(consecutive);
     }
     let mut ports = Vec::with_capacity(n);
     let mut held = Vec::with_capacity(n);
     for _ in 0..n {
-        let l = StdListener::bind(("127.0.0.1", 0)).map_err(|e| dev_err(format!("no free port: {e}")))?;
+        let l = StdListener::bind(("127.0.0.1", 0))
+            .map_err(|e| dev_err(format!("no free port: {e}")))?;
         ports.push(l.local_addr().map_err(|e| dev_err(e.to_string()))?.port());
         held.push(l);
     }
@@ -116,17 +121,25 @@ fn write_files(dir: &Path, nodes: &[DevNode]) -> Result<(), NodeError> {
     }
     for (name, text) in [("env", env), ("nodes", list)] {
         let path = dir.join(name);
-        std::fs::write(&path, text).map_err(|e| dev_err(format!("cannot write {}: {e}", path.display())))?;
+        std::fs::write(&path, text)
+            .map_err(|e| dev_err(format!("cannot write {}: {e}", path.display())))?;
     }
     Ok(())
 }
 
-async fn wait_ready(client: &Client, members: &BTreeMap<NodeId, String>) -> Result<NodeId, NodeError> {
+async fn wait_ready(
+    client: &Client,
+    members: &BTreeMap<NodeId, String>,
+) -> Result<NodeId, NodeError> {
     let deadline = Instant::now() + READY_TIMEOUT;
     let mut last = String::new();
     while Instant::now() < deadline {
         match client.cluster_status().await {
-            Ok(s) if s.leader.is_some() && s.nodes.len() == members.len() && s.nodes.iter().all(|n| n.reachable) => {
+            Ok(s)
+                if s.leader.is_some()
+                    && s.nodes.len() == members.len()
+                    && s.nodes.iter().all(|n| n.reachable) =>
+            {
                 return Ok(s.leader.expect("checked above"));
             }
             Ok(s) => last = format!("leader {:?}, {} nodes", s.leader, s.nodes.len()),
@@ -134,17 +147,25 @@ async fn wait_ready(client: &Client, members: &BTreeMap<NodeId, String>) -> Resu
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    Err(dev_err(format!("the cluster did not become ready in {READY_TIMEOUT:?}: {last}")))
+    Err(dev_err(format!(
+        "the cluster did not become ready in {READY_TIMEOUT:?}: {last}"
+    )))
 }
 
 /// Runs the dev cluster until `shutdown` resolves.
-pub async fn run(opts: DevOptions, shutdown: impl std::future::Future<Output = ()>) -> Result<(), NodeError> {
+pub async fn run(
+    opts: DevOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), NodeError> {
     if opts.nodes == 0 || opts.nodes > DEV_NODES_MAX {
-        return Err(dev_err(format!("--nodes must be between 1 and {DEV_NODES_MAX}")));
+        return Err(dev_err(format!(
+            "--nodes must be between 1 and {DEV_NODES_MAX}"
+        )));
     }
     let (dir, _temp) = match &opts.dir {
         Some(d) => {
-            std::fs::create_dir_all(d).map_err(|e| dev_err(format!("cannot create {}: {e}", d.display())))?;
+            std::fs::create_dir_all(d)
+                .map_err(|e| dev_err(format!("cannot create {}: {e}", d.display())))?;
             (d.clone(), None)
         }
         None => {
@@ -206,16 +227,15 @@ async fn bring_up(opts: &DevOptions, dir: &Path, nodes: &mut [DevNode]) -> Resul
     cfg.attempts_max = 3;
     let client = Client::new(cfg).map_err(|e| dev_err(e.to_string()))?;
     // Wait for every node to listen, then initialize from node 1.
-    let first = Client::new(ClientConfig::new(vec![endpoints[0].clone()])).map_err(|e| dev_err(e.to_string()))?;
+    let first = Client::new(ClientConfig::new(vec![endpoints[0].clone()]))
+        .map_err(|e| dev_err(e.to_string()))?;
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         match first.cluster_init(members.clone()).await {
             Ok(()) => break,
-            Err(skiff_client::ClientError::Api(skiff_client::api::ApiError::FailedPrecondition(m)))
-                if m.contains("already initialized") =>
-            {
-                break
-            }
+            Err(skiff_client::ClientError::Api(
+                skiff_client::api::ApiError::FailedPrecondition(m),
+            )) if m.contains("already initialized") => break,
             Err(e) if Instant::now() < deadline => {
                 tracing::debug!(error = %e, "waiting for nodes to start");
                 for n in nodes.iter_mut() {
@@ -247,13 +267,31 @@ async fn bring_up(opts: &DevOptions, dir: &Path, nodes: &mut [DevNode]) -> Resul
         .map(|e| String::from_utf8_lossy(&e.value).into_owned());
 
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "skiff dev cluster: {} nodes, leader is node {leader}", nodes.len());
+    let _ = writeln!(
+        out,
+        "skiff dev cluster: {} nodes, leader is node {leader}",
+        nodes.len()
+    );
     for n in nodes.iter() {
-        let _ = writeln!(out, "  node {}  {}  pid {}  data {}", n.id, n.addr, n.child.id(), n.data_dir.display());
+        let _ = writeln!(
+            out,
+            "  node {}  {}  pid {}  data {}",
+            n.id,
+            n.addr,
+            n.child.id(),
+            n.data_dir.display()
+        );
     }
-    let _ = writeln!(out, "sample: kv put hello=world -> version {version}; kv get hello -> {read:?}");
+    let _ = writeln!(
+        out,
+        "sample: kv put hello=world -> version {version}; kv get hello -> {read:?}"
+    );
     let _ = writeln!(out, "endpoints: {}", endpoints.join(","));
-    let _ = writeln!(out, "use it:    source {}/env && skiff cluster status", dir.display());
+    let _ = writeln!(
+        out,
+        "use it:    source {}/env && skiff cluster status",
+        dir.display()
+    );
     let _ = writeln!(
         out,
         "restart a killed node: {} --id N --listen ADDR --data-dir {}/node-N   (ADDR: see {}/nodes)",
@@ -261,7 +299,11 @@ async fn bring_up(opts: &DevOptions, dir: &Path, nodes: &mut [DevNode]) -> Resul
         dir.display(),
         dir.display()
     );
-    let _ = writeln!(out, "files:     {0}/env, {0}/nodes (ID PID ADDR), {0}/node-N.log", dir.display());
+    let _ = writeln!(
+        out,
+        "files:     {0}/env, {0}/nodes (ID PID ADDR), {0}/node-N.log",
+        dir.display()
+    );
     let _ = writeln!(out, "ready; Ctrl-C stops the cluster");
     Ok(())
 }
@@ -276,7 +318,9 @@ fn stop_all(nodes: &mut [DevNode]) {
         loop {
             match n.child.try_wait() {
                 Ok(Some(_)) | Err(_) => break,
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
                 Ok(None) => {
                     let _ = n.child.kill();
                     let _ = n.child.wait();

@@ -8,7 +8,8 @@
 //! - [`peer`]: the node-to-node service (Raft RPCs, forwarding to the leader) and the Raft
 //!   network built on it;
 //! - [`batcher`]: group commit — many client commands per log entry;
-//! - [`dev`]: `skiffd dev`, a local multi-process cluster in one command.
+//! - [`dev`]: `skiffd dev`, a local multi-process cluster in one command;
+//! - [`metrics`]: Prometheus metrics and the `/metrics` endpoint.
 //!
 //! Invariants: a node never dials itself; every queue is bounded; writes reach the log only
 //! through the leader's batcher; reads that claim linearizability are confirmed by a quorum.
@@ -17,6 +18,7 @@
 pub mod batcher;
 pub mod config;
 pub mod dev;
+pub mod metrics;
 pub mod peer;
 pub mod server;
 

@@ -22,7 +22,9 @@ use openraft::raft::{
 };
 use openraft::BasicNode;
 use serde::{Deserialize, Serialize};
-use skiff_client::api::{ApiError, ClientCommand, ClusterStatus, CommandResult, KvEntry, KvPage, NodeId};
+use skiff_client::api::{
+    ApiError, ClientCommand, ClusterStatus, CommandResult, KvEntry, KvPage, NodeId,
+};
 use skiff_client::transport::{self, Service};
 use skiff_raft_store::types::TypeConfig;
 use tarpc::context;
@@ -91,7 +93,10 @@ pub trait PeerApi {
     async fn snapshot(
         target: NodeId,
         req: InstallSnapshotRequest<TypeConfig>,
-    ) -> Result<Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>, PeerRefusal>;
+    ) -> Result<
+        Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
+        PeerRefusal,
+    >;
     async fn forward_write(commands: Vec<ClientCommand>) -> Result<Vec<CommandResult>, ApiError>;
     async fn forward_read(op: ReadOp) -> Result<ReadResult, ApiError>;
     async fn forward_admin(op: AdminOp) -> Result<AdminResult, ApiError>;
@@ -116,7 +121,11 @@ pub struct PeerPool {
 }
 
 impl PeerPool {
-    pub fn new(self_id: NodeId, frame_bytes_max: usize, overrides: Arc<HashMap<NodeId, String>>) -> PeerPool {
+    pub fn new(
+        self_id: NodeId,
+        frame_bytes_max: usize,
+        overrides: Arc<HashMap<NodeId, String>>,
+    ) -> PeerPool {
         PeerPool {
             self_id,
             frame_bytes_max,
@@ -173,7 +182,11 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         PeerLink {
             self_id: self.self_id,
             target,
-            addr: self.overrides.get(&target).cloned().unwrap_or_else(|| node.addr.clone()),
+            addr: self
+                .overrides
+                .get(&target)
+                .cloned()
+                .unwrap_or_else(|| node.addr.clone()),
             frame_bytes_max: self.frame_bytes_max,
             conn: None,
             snapshot_conn: None,
@@ -236,9 +249,7 @@ impl PeerLink {
         }
         let err = LinkError(format!("node {} at {}: {e}", self.target, self.addr));
         match e {
-            tarpc::client::RpcError::DeadlineExceeded => {
-                RPCError::Network(NetworkError::new(&err))
-            }
+            tarpc::client::RpcError::DeadlineExceeded => RPCError::Network(NetworkError::new(&err)),
             _ => RPCError::Unreachable(Unreachable::new(&err)),
         }
     }
@@ -261,7 +272,10 @@ impl RaftNetwork<TypeConfig> for PeerLink {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         let c = self.client(false).await.map_err(RPCError::Unreachable)?;
-        match c.append(deadline(option.hard_ttl()), self.target, req).await {
+        match c
+            .append(deadline(option.hard_ttl()), self.target, req)
+            .await
+        {
             Ok(Ok(Ok(resp))) => Ok(resp),
             Ok(Ok(Err(e))) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
             Ok(Err(r)) => Err(self.refused(r)),
@@ -278,7 +292,10 @@ impl RaftNetwork<TypeConfig> for PeerLink {
         RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
     > {
         let c = self.client(true).await.map_err(RPCError::Unreachable)?;
-        match c.snapshot(deadline(option.hard_ttl()), self.target, req).await {
+        match c
+            .snapshot(deadline(option.hard_ttl()), self.target, req)
+            .await
+        {
             Ok(Ok(Ok(resp))) => Ok(resp),
             Ok(Ok(Err(e))) => Err(RPCError::RemoteError(RemoteError::new(self.target, e))),
             Ok(Err(r)) => Err(self.refused(r)),

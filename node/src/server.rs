@@ -33,6 +33,7 @@ use tokio::sync::Semaphore;
 
 use crate::batcher::{self, Batcher};
 use crate::config::NodeConfig;
+use crate::metrics::Metrics;
 use crate::peer::{
     self, AdminOp, AdminResult, Network, PeerApi, PeerPool, PeerRefusal, Probe, ReadOp, ReadResult,
 };
@@ -53,6 +54,7 @@ pub struct NodeInner {
     pub store: StateMachineStore,
     pub batcher: Batcher,
     pub peers: PeerPool,
+    pub metrics: Arc<Metrics>,
 }
 
 /// A cheap handle on the node's shared state.
@@ -67,7 +69,24 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
             addr: config.listen.clone(),
             source,
         })?;
+    let metrics_listener = match &config.metrics_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| NodeError::Bind {
+                    addr: addr.clone(),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
     let node = start(config).await?;
+    if let Some(l) = metrics_listener {
+        let n = node.clone();
+        tokio::spawn(crate::metrics::serve(l, move || {
+            n.0.metrics.render(&n.0.raft, n.0.batcher.queue_depth())
+        }));
+    }
     tracing::info!(id = node.0.id, listen = %node.0.config.listen, "node started");
     let accept = accept_loop(node.clone(), listener);
     tokio::select! {
@@ -96,8 +115,10 @@ pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
     let raft = Raft::new(config.id, raft_config, network, log_store, store.clone())
         .await
         .map_err(|e| NodeError::Raft(e.to_string()))?;
+    let metrics = Arc::new(Metrics::new());
     let batcher = Batcher::start(
         raft.clone(),
+        metrics.clone(),
         config.limits.write_queue_max,
         config.limits.writes_in_flight_max,
         config.limits.entry_bytes_max,
@@ -110,6 +131,7 @@ pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
         store,
         batcher,
         peers,
+        metrics,
     })))
 }
 
@@ -227,9 +249,9 @@ impl Node {
 
     fn forward_failed(&self, leader: NodeId, addr: &str, e: tarpc::client::RpcError) -> ApiError {
         match e {
-            tarpc::client::RpcError::DeadlineExceeded => {
-                ApiError::Timeout(format!("leader node {leader} at {addr} did not answer in time"))
-            }
+            tarpc::client::RpcError::DeadlineExceeded => ApiError::Timeout(format!(
+                "leader node {leader} at {addr} did not answer in time"
+            )),
             _ => ApiError::NoLeader {
                 leader: Some(leader),
                 leader_addr: Some(addr.to_string()),
@@ -237,18 +259,28 @@ impl Node {
         }
     }
 
-    async fn write(&self, commands: Vec<ClientCommand>) -> Result<Vec<CommandResult>, ApiError> {
-        for c in &commands {
-            c.command
-                .validate()
-                .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+    /// Validates commands at the edge; a refusal is counted and changes nothing.
+    fn validate(&self, commands: &[ClientCommand]) -> Result<(), ApiError> {
+        for c in commands {
+            if let Err(e) = c.command.validate() {
+                self.0.metrics.rejected("invalid_command");
+                return Err(ApiError::InvalidArgument(e.to_string()));
+            }
         }
+        Ok(())
+    }
+
+    async fn write(&self, commands: Vec<ClientCommand>) -> Result<Vec<CommandResult>, ApiError> {
+        self.validate(&commands)?;
         let (leader, addr) = self.leader().await?;
         if leader == self.0.id {
             return self.0.batcher.submit(commands).await;
         }
         let p = self.peer(leader, &addr).await?;
-        match p.forward_write(peer::deadline(self.timeout()), commands).await {
+        match p
+            .forward_write(peer::deadline(self.timeout()), commands)
+            .await
+        {
             Ok(r) => r,
             Err(e) => {
                 self.0.peers.forget(leader).await;
@@ -259,9 +291,19 @@ impl Node {
 
     async fn read(&self, op: ReadOp, consistency: ReadConsistency) -> Result<ReadResult, ApiError> {
         match &op {
-            ReadOp::Get { key } => validate_key(key).map_err(|e| ApiError::InvalidArgument(e.to_string()))?,
-            ReadOp::List { prefix, start_after, .. } => {
-                if prefix.len() > KEY_BYTES_MAX || start_after.as_ref().is_some_and(|s| s.len() > KEY_BYTES_MAX) {
+            ReadOp::Get { key } => {
+                validate_key(key).map_err(|e| ApiError::InvalidArgument(e.to_string()))?
+            }
+            ReadOp::List {
+                prefix,
+                start_after,
+                ..
+            } => {
+                if prefix.len() > KEY_BYTES_MAX
+                    || start_after
+                        .as_ref()
+                        .is_some_and(|s| s.len() > KEY_BYTES_MAX)
+                {
                     return Err(ApiError::InvalidArgument(format!(
                         "prefix and start_after are limited to {KEY_BYTES_MAX} bytes"
                     )));
@@ -288,10 +330,12 @@ impl Node {
     async fn read_on_leader(&self, op: ReadOp) -> Result<ReadResult, ApiError> {
         match self.0.raft.ensure_linearizable().await {
             Ok(_) => Ok(self.read_local(op)),
-            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => Err(ApiError::NoLeader {
-                leader: f.leader_id,
-                leader_addr: f.leader_node.map(|n| n.addr),
-            }),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                Err(ApiError::NoLeader {
+                    leader: f.leader_id,
+                    leader_addr: f.leader_node.map(|n| n.addr),
+                })
+            }
             Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q))) => {
                 tracing::debug!(error = %q, "read refused: no quorum");
                 Err(ApiError::NoLeader {
@@ -311,7 +355,11 @@ impl Node {
                 start_after,
                 limit,
             } => ReadResult::List(self.0.store.read(|sm| {
-                sm.list(&prefix, start_after.as_deref(), limit.clamp(1, LIST_LIMIT_MAX))
+                sm.list(
+                    &prefix,
+                    start_after.as_deref(),
+                    limit.clamp(1, LIST_LIMIT_MAX),
+                )
             })),
         }
     }
@@ -530,7 +578,9 @@ impl Node {
             }
             transport::parse_endpoint(addr).map_err(ApiError::InvalidArgument)?;
             if !seen.insert(addr.clone()) {
-                return Err(ApiError::InvalidArgument(format!("address {addr} is listed twice")));
+                return Err(ApiError::InvalidArgument(format!(
+                    "address {addr} is listed twice"
+                )));
             }
         }
         // Each other member must answer as the id it is listed under.
@@ -581,11 +631,20 @@ impl Node {
 }
 
 impl ClientApi for Node {
-    async fn write(self, _: Context, commands: Vec<ClientCommand>) -> Result<Vec<CommandResult>, ApiError> {
+    async fn write(
+        self,
+        _: Context,
+        commands: Vec<ClientCommand>,
+    ) -> Result<Vec<CommandResult>, ApiError> {
         Node::write(&self, commands).await
     }
 
-    async fn kv_get(self, _: Context, key: String, read: ReadConsistency) -> Result<Option<KvEntry>, ApiError> {
+    async fn kv_get(
+        self,
+        _: Context,
+        key: String,
+        read: ReadConsistency,
+    ) -> Result<Option<KvEntry>, ApiError> {
         match self.read(ReadOp::Get { key }, read).await? {
             ReadResult::Get(e) => Ok(e),
             ReadResult::List(_) => Err(ApiError::Internal("a get was answered with a list".into())),
@@ -616,7 +675,11 @@ impl ClientApi for Node {
         }
     }
 
-    async fn cluster_init(self, _: Context, members: BTreeMap<NodeId, String>) -> Result<(), ApiError> {
+    async fn cluster_init(
+        self,
+        _: Context,
+        members: BTreeMap<NodeId, String>,
+    ) -> Result<(), ApiError> {
         self.init(members).await
     }
 
@@ -631,7 +694,9 @@ impl ClientApi for Node {
     async fn cluster_status(self, _: Context) -> Result<ClusterStatus, ApiError> {
         match self.admin(AdminOp::Status).await? {
             AdminResult::Status(s) => Ok(s),
-            AdminResult::Done => Err(ApiError::Internal("status answered without a status".into())),
+            AdminResult::Done => Err(ApiError::Internal(
+                "status answered without a status".into(),
+            )),
         }
     }
 }
@@ -642,7 +707,8 @@ impl PeerApi for Node {
         _: Context,
         target: NodeId,
         req: openraft::raft::AppendEntriesRequest<skiff_raft_store::types::TypeConfig>,
-    ) -> Result<Result<openraft::raft::AppendEntriesResponse<NodeId>, RaftError<NodeId>>, PeerRefusal> {
+    ) -> Result<Result<openraft::raft::AppendEntriesResponse<NodeId>, RaftError<NodeId>>, PeerRefusal>
+    {
         self.check_target(target)?;
         Ok(self.0.raft.append_entries(req).await)
     }
@@ -673,12 +739,12 @@ impl PeerApi for Node {
         Ok(self.0.raft.install_snapshot(req).await)
     }
 
-    async fn forward_write(self, _: Context, commands: Vec<ClientCommand>) -> Result<Vec<CommandResult>, ApiError> {
-        for c in &commands {
-            c.command
-                .validate()
-                .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
-        }
+    async fn forward_write(
+        self,
+        _: Context,
+        commands: Vec<ClientCommand>,
+    ) -> Result<Vec<CommandResult>, ApiError> {
+        self.validate(&commands)?;
         // Forwarding goes one hop only: a node that is no longer the leader answers with a
         // hint instead of forwarding again, so requests cannot loop.
         if self.0.raft.current_leader().await != Some(self.0.id) {
@@ -709,9 +775,12 @@ impl PeerApi for Node {
 impl Node {
     fn not_leader_hint(&self) -> ApiError {
         let m = self.0.raft.metrics().borrow().clone();
-        let addr = m
-            .current_leader
-            .and_then(|l| m.membership_config.membership().get_node(&l).map(|n| n.addr.clone()));
+        let addr = m.current_leader.and_then(|l| {
+            m.membership_config
+                .membership()
+                .get_node(&l)
+                .map(|n| n.addr.clone())
+        });
         ApiError::NoLeader {
             leader: m.current_leader.filter(|_| m.state != ServerState::Leader),
             leader_addr: addr.filter(|_| m.state != ServerState::Leader),

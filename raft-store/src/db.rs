@@ -122,8 +122,9 @@ where
     StorageIOError::new(subject, verb, AnyError::new(source)).into()
 }
 
-/// A storage error for a broken invariant found on disk or in received data.
-pub(crate) fn corruption(
+/// A storage error without an underlying error value: a broken invariant found on disk or in
+/// received data, or a limit exceeded.
+pub(crate) fn storage_failure(
     subject: ErrorSubject<NodeId>,
     verb: ErrorVerb,
     message: String,

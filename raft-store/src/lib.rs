@@ -18,8 +18,16 @@
 //! - [`state_machine`] (feature `storage`): the state machine on RocksDB, reads and snapshots.
 //! - `db` (private): the shared RocksDB instance, its column families and value encoding.
 //!
-//! On disk, one RocksDB directory holds the column families `logs` and `meta` (the log
-//! store) and `sm_kv`, `sm_dedup`, `sm_meta` (the state machine). See [`open`].
+//! On disk, one RocksDB directory (see [`open`]) holds five column families, all values
+//! bincode with fixed-width integers:
+//!
+//! | column family | key                         | value                                   |
+//! |---------------|-----------------------------|-----------------------------------------|
+//! | `logs`        | index, `u64` big-endian     | log entry                               |
+//! | `meta`        | `vote`, `last_purged`, `committed`, `format` | vote, log ids, layout version (`u32` BE) |
+//! | `sm_kv`       | key bytes                   | `KvEntry`                               |
+//! | `sm_dedup`    | client, seq (`u64` BE each) | `DedupRecord`                           |
+//! | `sm_meta`     | `revision`, `last_time_ms`, `last_applied`, `last_membership`, `snapshot_meta`, `snapshot_data` | scalars, ids, the current snapshot |
 
 #![forbid(unsafe_code)]
 

@@ -15,6 +15,10 @@
 //! Blocking RocksDB calls run on the calling task, like openraft's own stores: Raft calls its
 //! log store from one task, one operation at a time.
 
+// openraft's `StorageError` is large, and it is the error type the storage traits demand;
+// boxing it in private helpers would only add an allocation on the error path.
+#![allow(clippy::result_large_err)]
+
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;
@@ -23,7 +27,7 @@ use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, LogState, OptionalSend, RaftLogReader};
 use rocksdb::{Direction, IteratorMode, WriteBatch, DB};
 
-use crate::db::{cf, corruption, decode, encode, storage_error, sync_write, CF_LOGS, CF_META};
+use crate::db::{cf, decode, encode, storage_error, storage_failure, sync_write, CF_LOGS, CF_META};
 use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
 
 const KEY_VOTE: &[u8] = b"vote";
@@ -171,7 +175,7 @@ impl LogStore {
 /// Decodes the entry stored under `key`, checking that it is the entry of that index.
 fn decode_entry(key: &[u8], value: &[u8]) -> Result<Entry, StorageError> {
     let index = key_index(key).ok_or_else(|| {
-        corruption(
+        storage_failure(
             ErrorSubject::Logs,
             ErrorVerb::Read,
             format!("log key of {} bytes, expected 8", key.len()),
@@ -180,7 +184,7 @@ fn decode_entry(key: &[u8], value: &[u8]) -> Result<Entry, StorageError> {
     let entry: Entry = decode(value)
         .map_err(|e| storage_error(ErrorSubject::LogIndex(index), ErrorVerb::Read, &e))?;
     if entry.log_id.index != index {
-        return Err(corruption(
+        return Err(storage_failure(
             ErrorSubject::LogIndex(index),
             ErrorVerb::Read,
             format!("entry {} stored under index {index}", entry.log_id),
@@ -251,7 +255,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let index = entry.log_id.index;
             if let Some(previous) = previous {
                 if index != previous + 1 {
-                    return Err(corruption(
+                    return Err(storage_failure(
                         ErrorSubject::Log(entry.log_id),
                         ErrorVerb::Write,
                         format!("append is not contiguous: {index} after {previous}"),

@@ -19,6 +19,10 @@
 //!   of the decoded state is checked before it replaces anything: garbage is a
 //!   `StorageError`, never a panic.
 
+// openraft's `StorageError` is large, and it is the error type the storage traits demand;
+// boxing it in private helpers would only add an allocation on the error path.
+#![allow(clippy::result_large_err)]
+
 use std::io::Cursor;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,7 +36,8 @@ use sha2::{Digest, Sha256};
 
 use crate::apply::{DedupRecord, Mutation, StateMachineData};
 use crate::db::{
-    cf, corruption, decode, encode, storage_error, sync_write, CF_SM_DEDUP, CF_SM_KV, CF_SM_META,
+    cf, decode, encode, storage_error, storage_failure, sync_write, CF_SM_DEDUP, CF_SM_KV,
+    CF_SM_META,
 };
 use crate::model::{KvEntry, KvPage, RequestId, Response};
 use crate::types::{
@@ -40,9 +45,11 @@ use crate::types::{
 };
 use crate::StoreError;
 
-/// Largest snapshot accepted for install, in bytes. The whole snapshot is held in memory
-/// (openraft's `Cursor<Vec<u8>>` snapshot data), so this is also a memory bound.
-pub const SNAPSHOT_BYTES_MAX: usize = 4 << 30;
+/// Largest snapshot built or accepted for install, in bytes. The whole snapshot is held in
+/// memory (openraft's `Cursor<Vec<u8>>` snapshot data) and stored as one RocksDB value, whose
+/// hard limit is 4 GiB, so this bounds both. It is therefore also the bound on the size of the
+/// whole state.
+pub const SNAPSHOT_BYTES_MAX: usize = 2 << 30;
 
 const KEY_REVISION: &[u8] = b"revision";
 const KEY_LAST_TIME_MS: &[u8] = b"last_time_ms";
@@ -87,7 +94,7 @@ impl std::fmt::Debug for StateMachineStore {
     }
 }
 
-/// The snapshot payload, as written by [`StateMachineStore::build_snapshot`].
+/// The snapshot payload, as written by `build_snapshot`.
 #[derive(Serialize)]
 struct SnapshotImageRef<'a> {
     last_applied: Option<LogId>,
@@ -162,97 +169,128 @@ fn dedup_id(key: &[u8]) -> Option<RequestId> {
     Some(RequestId { client, seq })
 }
 
+/// Adds one mutation to `batch`.
+fn persist_mutation(
+    db: &DB,
+    batch: &mut WriteBatch,
+    mutation: &Mutation,
+) -> Result<(), bincode::Error> {
+    match mutation {
+        Mutation::KvPut(entry) => {
+            batch.put_cf(cf(db, CF_SM_KV), entry.key.as_bytes(), encode(entry)?)
+        }
+        Mutation::KvDelete(key) => batch.delete_cf(cf(db, CF_SM_KV), key.as_bytes()),
+        Mutation::DedupPut { id, record } => {
+            batch.put_cf(cf(db, CF_SM_DEDUP), dedup_key(id), encode(record)?)
+        }
+        Mutation::DedupDelete(id) => batch.delete_cf(cf(db, CF_SM_DEDUP), dedup_key(id)),
+        Mutation::Meta {
+            revision,
+            last_time_ms,
+        } => {
+            batch.put_cf(cf(db, CF_SM_META), KEY_REVISION, encode(revision)?);
+            batch.put_cf(cf(db, CF_SM_META), KEY_LAST_TIME_MS, encode(last_time_ms)?);
+        }
+    }
+    Ok(())
+}
+
 fn sm_write_error(e: &impl std::error::Error) -> StorageError {
-    corruption(ErrorSubject::StateMachine, ErrorVerb::Write, e.to_string())
+    storage_failure(ErrorSubject::StateMachine, ErrorVerb::Write, e.to_string())
+}
+
+/// Reads the whole persisted state machine from its column families, checking invariants.
+fn read_applied(db: &DB, path: &Path) -> Result<Applied, StoreError> {
+    let read_error = |what: &'static str| {
+        move |source| StoreError::Read {
+            path: path.to_path_buf(),
+            what,
+            source,
+        }
+    };
+    let decode_error = |what: &'static str| {
+        move |source| StoreError::Decode {
+            path: path.to_path_buf(),
+            what,
+            source,
+        }
+    };
+    let invalid = |message: String| StoreError::Invalid {
+        path: path.to_path_buf(),
+        source: crate::apply::InvalidImage(message),
+    };
+
+    let meta = cf(db, CF_SM_META);
+    let get_meta = |key: &[u8], what: &'static str| -> Result<Option<Vec<u8>>, StoreError> {
+        db.get_cf(meta, key).map_err(read_error(what))
+    };
+    let revision: u64 = match get_meta(KEY_REVISION, "revision")? {
+        Some(bytes) => decode(&bytes).map_err(decode_error("revision"))?,
+        None => 0,
+    };
+    let last_time_ms: u64 = match get_meta(KEY_LAST_TIME_MS, "last time")? {
+        Some(bytes) => decode(&bytes).map_err(decode_error("last time"))?,
+        None => 0,
+    };
+    let last_applied: Option<LogId> = match get_meta(KEY_LAST_APPLIED, "last applied")? {
+        Some(bytes) => decode(&bytes).map_err(decode_error("last applied"))?,
+        None => None,
+    };
+    let last_membership: StoredMembership = match get_meta(KEY_LAST_MEMBERSHIP, "last membership")?
+    {
+        Some(bytes) => decode(&bytes).map_err(decode_error("last membership"))?,
+        None => StoredMembership::default(),
+    };
+
+    let mut kv = Vec::new();
+    for item in db.iterator_cf(cf(db, CF_SM_KV), IteratorMode::Start) {
+        let (key, value) = item.map_err(read_error("key-value entry"))?;
+        let entry: KvEntry = decode(&value).map_err(decode_error("key-value entry"))?;
+        if entry.key.as_bytes() != &*key {
+            return Err(invalid(format!(
+                "entry for {:?} stored under another key",
+                entry.key
+            )));
+        }
+        kv.push(entry);
+    }
+    let mut dedup = Vec::new();
+    for item in db.iterator_cf(cf(db, CF_SM_DEDUP), IteratorMode::Start) {
+        let (key, value) = item.map_err(read_error("deduplication record"))?;
+        let id = dedup_id(&key)
+            .ok_or_else(|| invalid(format!("deduplication key of {} bytes", key.len())))?;
+        let record: DedupRecord = decode(&value).map_err(decode_error("deduplication record"))?;
+        dedup.push((id, record));
+    }
+    let data =
+        StateMachineData::from_parts(kv, dedup, revision, last_time_ms).map_err(|source| {
+            StoreError::Invalid {
+                path: path.to_path_buf(),
+                source,
+            }
+        })?;
+    Ok(Applied {
+        data,
+        last_applied,
+        last_membership,
+    })
 }
 
 impl StateMachineStore {
     /// Loads the state persisted in `db` (empty if none).
     pub(crate) fn load(db: Arc<DB>, path: &Path) -> Result<Self, StoreError> {
-        let read_error = |what: &'static str| {
-            move |source| StoreError::Read {
-                path: path.to_path_buf(),
-                what,
-                source,
-            }
-        };
-        let decode_error = |what: &'static str| {
-            move |source| StoreError::Decode {
-                path: path.to_path_buf(),
-                what,
-                source,
-            }
-        };
-        let invalid = |message: String| StoreError::Invalid {
-            path: path.to_path_buf(),
-            source: crate::apply::InvalidImage(message),
-        };
-
-        let meta = cf(&db, CF_SM_META);
-        let get_meta = |key: &[u8], what: &'static str| -> Result<Option<Vec<u8>>, StoreError> {
-            db.get_cf(meta, key).map_err(read_error(what))
-        };
-        let revision: u64 = match get_meta(KEY_REVISION, "revision")? {
-            Some(bytes) => decode(&bytes).map_err(decode_error("revision"))?,
-            None => 0,
-        };
-        let last_time_ms: u64 = match get_meta(KEY_LAST_TIME_MS, "last time")? {
-            Some(bytes) => decode(&bytes).map_err(decode_error("last time"))?,
-            None => 0,
-        };
-        let last_applied: Option<LogId> = match get_meta(KEY_LAST_APPLIED, "last applied")? {
-            Some(bytes) => decode(&bytes).map_err(decode_error("last applied"))?,
-            None => None,
-        };
-        let last_membership: StoredMembership =
-            match get_meta(KEY_LAST_MEMBERSHIP, "last membership")? {
-                Some(bytes) => decode(&bytes).map_err(decode_error("last membership"))?,
-                None => StoredMembership::default(),
-            };
-
-        let mut kv = Vec::new();
-        for item in db.iterator_cf(cf(&db, CF_SM_KV), IteratorMode::Start) {
-            let (key, value) = item.map_err(read_error("key-value entry"))?;
-            let entry: KvEntry = decode(&value).map_err(decode_error("key-value entry"))?;
-            if entry.key.as_bytes() != &*key {
-                return Err(invalid(format!(
-                    "entry for {:?} stored under another key",
-                    entry.key
-                )));
-            }
-            kv.push(entry);
-        }
-        let mut dedup = Vec::new();
-        for item in db.iterator_cf(cf(&db, CF_SM_DEDUP), IteratorMode::Start) {
-            let (key, value) = item.map_err(read_error("deduplication record"))?;
-            let id = dedup_id(&key)
-                .ok_or_else(|| invalid(format!("deduplication key of {} bytes", key.len())))?;
-            let record: DedupRecord =
-                decode(&value).map_err(decode_error("deduplication record"))?;
-            dedup.push((id, record));
-        }
-        let data =
-            StateMachineData::from_parts(kv, dedup, revision, last_time_ms).map_err(|source| {
-                StoreError::Invalid {
-                    path: path.to_path_buf(),
-                    source,
-                }
-            })?;
+        let applied = read_applied(&db, path)?;
         tracing::info!(
             path = %path.display(),
-            applied = ?last_applied,
-            revision,
-            keys = data.len(),
+            applied = ?applied.last_applied,
+            revision = applied.data.revision(),
+            keys = applied.data.len(),
             "loaded state machine"
         );
         Ok(StateMachineStore {
             inner: Arc::new(Inner {
                 db,
-                state: RwLock::new(Applied {
-                    data,
-                    last_applied,
-                    last_membership,
-                }),
+                state: RwLock::new(applied),
                 snapshot_lock: Mutex::new(()),
                 snapshot_seq: AtomicU64::new(0),
             }),
@@ -319,14 +357,34 @@ impl StateMachineStore {
         self.state().last_membership.clone()
     }
 
+    /// Applies `entries` in memory and persists their effects in one batch. If that fails,
+    /// the in-memory state is reloaded from disk, so reads never see effects the disk lacks
+    /// (the error still stops Raft).
     fn apply_entries(
         &self,
         entries: impl Iterator<Item = Entry>,
     ) -> Result<Vec<Response>, StorageError> {
         let mut state = self.state_mut();
+        let result = self.apply_to(&mut state, entries);
+        if let Err(error) = &result {
+            tracing::error!(%error, "apply failed; reloading the state machine from disk");
+            match read_applied(self.db(), self.db().path()) {
+                Ok(on_disk) => *state = on_disk,
+                Err(reload_error) => {
+                    tracing::error!(%reload_error, "cannot reload the state machine");
+                }
+            }
+        }
+        result
+    }
+
+    fn apply_to(
+        &self,
+        state: &mut Applied,
+        entries: impl Iterator<Item = Entry>,
+    ) -> Result<Vec<Response>, StorageError> {
         let db = self.db();
-        let (kv_cf, dedup_cf, meta_cf) =
-            (cf(db, CF_SM_KV), cf(db, CF_SM_DEDUP), cf(db, CF_SM_META));
+        let meta_cf = cf(db, CF_SM_META);
         let mut batch = WriteBatch::default();
         let mut responses = Vec::new();
         let mut membership_changed = false;
@@ -336,7 +394,7 @@ impl StateMachineStore {
                 .last_applied
                 .is_some_and(|last| entry.log_id.index <= last.index)
             {
-                return Err(corruption(
+                return Err(storage_failure(
                     ErrorSubject::Apply(entry.log_id),
                     ErrorVerb::Write,
                     format!(
@@ -349,40 +407,9 @@ impl StateMachineStore {
                 EntryPayload::Blank => responses.push(Response::default()),
                 EntryPayload::Normal(request) => {
                     let (response, mutations) = state.data.apply_request(&request);
-                    for mutation in mutations {
-                        match mutation {
-                            Mutation::KvPut(kv) => {
-                                batch.put_cf(
-                                    kv_cf,
-                                    kv.key.as_bytes(),
-                                    encode(&kv).map_err(|e| sm_write_error(&e))?,
-                                );
-                            }
-                            Mutation::KvDelete(key) => batch.delete_cf(kv_cf, key.as_bytes()),
-                            Mutation::DedupPut { id, record } => {
-                                batch.put_cf(
-                                    dedup_cf,
-                                    dedup_key(&id),
-                                    encode(&record).map_err(|e| sm_write_error(&e))?,
-                                );
-                            }
-                            Mutation::DedupDelete(id) => batch.delete_cf(dedup_cf, dedup_key(&id)),
-                            Mutation::Meta {
-                                revision,
-                                last_time_ms,
-                            } => {
-                                batch.put_cf(
-                                    meta_cf,
-                                    KEY_REVISION,
-                                    encode(&revision).map_err(|e| sm_write_error(&e))?,
-                                );
-                                batch.put_cf(
-                                    meta_cf,
-                                    KEY_LAST_TIME_MS,
-                                    encode(&last_time_ms).map_err(|e| sm_write_error(&e))?,
-                                );
-                            }
-                        }
+                    for mutation in &mutations {
+                        persist_mutation(db, &mut batch, mutation)
+                            .map_err(|e| sm_write_error(&e))?;
                     }
                     responses.push(response);
                 }
@@ -463,6 +490,16 @@ impl StateMachineStore {
         let bytes = encode_snapshot(&data, last_applied, &last_membership)
             .map_err(|e| storage_error(ErrorSubject::Snapshot(None), ErrorVerb::Write, &e))?;
         drop(data);
+        if bytes.len() > SNAPSHOT_BYTES_MAX {
+            return Err(storage_failure(
+                ErrorSubject::Snapshot(None),
+                ErrorVerb::Write,
+                format!(
+                    "state of {} bytes exceeds the snapshot limit of {SNAPSHOT_BYTES_MAX}",
+                    bytes.len()
+                ),
+            ));
+        }
         let seq = self.inner.snapshot_seq.fetch_add(1, Ordering::Relaxed);
         let snapshot_id = match last_applied {
             Some(log_id) => format!("{log_id}-{seq}"),
@@ -483,7 +520,7 @@ impl StateMachineStore {
 
     fn install(&self, meta: &SnapshotMeta, bytes: Vec<u8>) -> Result<(), StorageError> {
         let subject = || ErrorSubject::Snapshot(Some(meta.signature()));
-        let reject = |message: String| corruption(subject(), ErrorVerb::Read, message);
+        let reject = |message: String| storage_failure(subject(), ErrorVerb::Read, message);
         let image = decode_snapshot(&bytes).map_err(reject)?;
         if image.last_applied != meta.last_log_id || image.last_membership != meta.last_membership {
             return Err(reject(format!(
@@ -499,7 +536,7 @@ impl StateMachineStore {
         let mut state = self.state_mut();
         let db = self.db();
         let write_error =
-            |e: &dyn std::fmt::Display| corruption(subject(), ErrorVerb::Write, e.to_string());
+            |e: &dyn std::fmt::Display| storage_failure(subject(), ErrorVerb::Write, e.to_string());
         let mut batch = WriteBatch::default();
         for name in [CF_SM_KV, CF_SM_DEDUP] {
             clear_column_family(db, name, &mut batch)
@@ -574,7 +611,7 @@ impl StateMachineStore {
                 )
             })?;
         let Some(data) = data else {
-            return Err(corruption(
+            return Err(storage_failure(
                 ErrorSubject::Snapshot(Some(meta.signature())),
                 ErrorVerb::Read,
                 "snapshot meta stored without its data".to_string(),

@@ -11,7 +11,12 @@ use clap::{Parser, Subcommand};
 use skiff_node::config::{LogFormat, NodeConfig, Overrides};
 
 #[derive(Debug, Parser)]
-#[command(name = "skiffd", version, about = "skiff node daemon", args_conflicts_with_subcommands = true)]
+#[command(
+    name = "skiffd",
+    version,
+    about = "skiff node daemon",
+    args_conflicts_with_subcommands = true
+)]
 struct Args {
     /// This node's id (positive, unique, never reused after wiping its data).
     #[arg(long, env = "SKIFFD_ID")]
@@ -61,8 +66,10 @@ enum Cmd {
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SKIFF_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn,tarpc=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -72,7 +79,10 @@ fn init_logging(format: LogFormat) {
 /// Resolves on SIGTERM, SIGINT, or (if asked) when the parent process is gone.
 async fn shutdown_signal(parent: Option<i32>) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         eprintln!("skiffd: cannot install signal handlers; stop with SIGKILL");
         return std::future::pending().await;
     };
@@ -106,10 +116,19 @@ fn main() -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     match args.command {
-        Some(Cmd::Dev { nodes, dir, base_port }) => {
+        Some(Cmd::Dev {
+            nodes,
+            dir,
+            base_port,
+        }) => {
             init_logging(args.log_format.unwrap_or(LogFormat::Human));
             let exe = std::env::current_exe().context("cannot find the skiffd executable")?;
-            let opts = skiff_node::dev::DevOptions { nodes, dir, base_port, exe };
+            let opts = skiff_node::dev::DevOptions {
+                nodes,
+                dir,
+                base_port,
+                exe,
+            };
             runtime
                 .block_on(skiff_node::dev::run(opts, shutdown_signal(None)))
                 .context("skiffd dev")?;
@@ -125,7 +144,10 @@ fn main() -> anyhow::Result<()> {
             };
             let config = NodeConfig::load(args.config.as_deref(), overrides)?;
             init_logging(config.log_format);
-            runtime.block_on(skiff_node::server::run(config, shutdown_signal(args.exit_with_parent)))?;
+            runtime.block_on(skiff_node::server::run(
+                config,
+                shutdown_signal(args.exit_with_parent),
+            ))?;
         }
     }
     Ok(())

@@ -57,7 +57,10 @@ async fn killed_leader_loses_no_acknowledged_write_and_rejoins() {
     let mut acked = Vec::new();
     for i in 0..200u32 {
         let key = format!("k/{i:04}");
-        let v = client.put(&key, i.to_string().into_bytes()).await.expect("write before the kill");
+        let v = client
+            .put(&key, i.to_string().into_bytes())
+            .await
+            .expect("write before the kill");
         acked.push((key, v));
     }
 
@@ -69,12 +72,19 @@ async fn killed_leader_loses_no_acknowledged_write_and_rejoins() {
 
     let client = cluster.client_for(&survivors);
     for (i, (key, version)) in acked.iter().enumerate() {
-        let e = client.get(key).await.expect("read").expect("acknowledged key present");
+        let e = client
+            .get(key)
+            .await
+            .expect("read")
+            .expect("acknowledged key present");
         assert_eq!(e.value, i.to_string().into_bytes(), "{key}");
         assert_eq!(e.version, *version, "{key}");
     }
     for i in 0..50u32 {
-        client.put(&format!("after/{i}"), b"x".to_vec()).await.expect("write after failover");
+        client
+            .put(&format!("after/{i}"), b"x".to_vec())
+            .await
+            .expect("write after failover");
     }
 
     cluster.spawn(old);
@@ -88,7 +98,11 @@ async fn killed_leader_loses_no_acknowledged_write_and_rejoins() {
 async fn node_behind_a_purged_log_catches_up_by_snapshot() {
     let mut cluster = TestCluster::start(3, SMALL_LOG).await;
     let leader = cluster.wait_leader(&cluster.ids()).await;
-    let follower = cluster.ids().into_iter().find(|id| *id != leader).expect("a follower");
+    let follower = cluster
+        .ids()
+        .into_iter()
+        .find(|id| *id != leader)
+        .expect("a follower");
     let client = cluster.client();
     client.put("before", b"1".to_vec()).await.expect("write");
     wait_local(&cluster, follower, "before", b"1").await;
@@ -102,10 +116,17 @@ async fn node_behind_a_purged_log_catches_up_by_snapshot() {
         .expect("follower applied index");
 
     cluster.kill(follower);
-    let others: Vec<NodeId> = cluster.ids().into_iter().filter(|id| *id != follower).collect();
+    let others: Vec<NodeId> = cluster
+        .ids()
+        .into_iter()
+        .filter(|id| *id != follower)
+        .collect();
     let client = cluster.client_for(&others);
     for i in 0..400u32 {
-        client.put(&format!("s/{i:04}"), vec![b'v'; 100]).await.expect("write while a follower is down");
+        client
+            .put(&format!("s/{i:04}"), vec![b'v'; 100])
+            .await
+            .expect("write while a follower is down");
     }
     // The leader's log no longer holds what the follower is missing.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -143,11 +164,23 @@ async fn a_retried_write_is_applied_once() {
             },
         }]
     };
-    let first = raw.write(ctx(), put("a")).await.expect("rpc").expect("write");
-    let again = raw.write(ctx(), put("a")).await.expect("rpc").expect("write");
+    let first = raw
+        .write(ctx(), put("a"))
+        .await
+        .expect("rpc")
+        .expect("write");
+    let again = raw
+        .write(ctx(), put("a"))
+        .await
+        .expect("rpc")
+        .expect("write");
     assert_eq!(first, again, "a retry returns the first result");
     // Even a retry that (wrongly) changed its payload changes nothing.
-    let third = raw.write(ctx(), put("b")).await.expect("rpc").expect("write");
+    let third = raw
+        .write(ctx(), put("b"))
+        .await
+        .expect("rpc")
+        .expect("write");
     assert_eq!(first, third);
 
     let client = cluster.client();
@@ -202,17 +235,36 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         .put_if("cas", b"three".to_vec(), Some(v1))
         .await
         .expect_err("stale version");
-    assert!(matches!(err, ClientError::Conflict { current, .. } if current > v1), "{err}");
-    assert_eq!(client.get("cas").await.expect("read").expect("present").value, b"two");
+    assert!(
+        matches!(err, ClientError::Conflict { current, .. } if current > v1),
+        "{err}"
+    );
+    assert_eq!(
+        client
+            .get("cas")
+            .await
+            .expect("read")
+            .expect("present")
+            .value,
+        b"two"
+    );
 
     // A malformed endpoint.
     for bad in ["127.0.0.1", "localhost:notaport", ":7001"] {
-        let err = Client::new(ClientConfig::new(vec![bad.into()])).err().expect(bad);
-        assert!(matches!(err, ClientError::InvalidEndpoint(_)), "{bad}: {err}");
+        let err = Client::new(ClientConfig::new(vec![bad.into()]))
+            .err()
+            .expect(bad);
+        assert!(
+            matches!(err, ClientError::InvalidEndpoint(_)),
+            "{bad}: {err}"
+        );
     }
 
     // An unknown node id.
-    let err = client.cluster_remove_node(99).await.expect_err("unknown node");
+    let err = client
+        .cluster_remove_node(99)
+        .await
+        .expect_err("unknown node");
     assert!(
         matches!(&err, ClientError::Api(ApiError::NotFound(m)) if m.contains("99")),
         "{err}"
@@ -255,18 +307,33 @@ async fn a_node_is_added_as_learner_then_voter_and_removed() {
         child: None,
     });
     cluster.spawn(4);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(Instant::now() < deadline, "node 4 did not start listening");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // Wrong id for that address: refused before anything changes.
-    let err = client.cluster_add_node(5, &addr).await.expect_err("wrong id");
+    let err = client
+        .cluster_add_node(5, &addr)
+        .await
+        .expect_err("wrong id");
     assert!(err.to_string().contains("node 4"), "{err}");
 
     client.cluster_add_node(4, &addr).await.expect("add node 4");
     wait_local(&cluster, 4, "m", b"1").await;
     let status = cluster.status(&[1]).await;
-    let n4 = status.nodes.iter().find(|n| n.id == 4).expect("node 4 listed");
+    let n4 = status
+        .nodes
+        .iter()
+        .find(|n| n.id == 4)
+        .expect("node 4 listed");
     assert_eq!(n4.role, skiff_client::api::MemberRole::Voter);
 
     client.cluster_remove_node(4).await.expect("remove node 4");
     let status = cluster.status(&[1]).await;
     assert!(status.nodes.iter().all(|n| n.id != 4), "{status:?}");
-    client.put("m", b"2".to_vec()).await.expect("write after removal");
+    client
+        .put("m", b"2".to_vec())
+        .await
+        .expect("write after removal");
 }

@@ -50,8 +50,11 @@ impl TestCluster {
             });
             cluster.spawn(i);
         }
-        let members: BTreeMap<NodeId, String> =
-            cluster.nodes.iter().map(|n| (n.id, n.addr.clone())).collect();
+        let members: BTreeMap<NodeId, String> = cluster
+            .nodes
+            .iter()
+            .map(|n| (n.id, n.addr.clone()))
+            .collect();
         let first = cluster.client_for(&[1]);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -73,11 +76,17 @@ impl TestCluster {
     }
 
     pub fn node(&self, id: NodeId) -> &TestNode {
-        self.nodes.iter().find(|n| n.id == id).expect("known node id")
+        self.nodes
+            .iter()
+            .find(|n| n.id == id)
+            .expect("known node id")
     }
 
     fn node_mut(&mut self, id: NodeId) -> &mut TestNode {
-        self.nodes.iter_mut().find(|n| n.id == id).expect("known node id")
+        self.nodes
+            .iter_mut()
+            .find(|n| n.id == id)
+            .expect("known node id")
     }
 
     /// Starts (or restarts) node `id` from its data directory.
@@ -98,7 +107,7 @@ impl TestCluster {
             .arg(&node.data_dir)
             .arg("--config")
             .arg(&config_path)
-            .env("SKIFF_LOG", "info")
+            .env("SKIFF_LOG", "info,tarpc=warn,openraft=info")
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone().expect("clone log fd")))
             .stderr(Stdio::from(log))
@@ -141,13 +150,19 @@ impl TestCluster {
                     }
                 }
             }
-            assert!(Instant::now() < deadline, "no leader among {ids:?} within 30 s");
+            assert!(
+                Instant::now() < deadline,
+                "no leader among {ids:?} within 30 s"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
     pub async fn status(&self, ids: &[NodeId]) -> ClusterStatus {
-        self.client_for(ids).cluster_status().await.expect("cluster status")
+        self.client_for(ids)
+            .cluster_status()
+            .await
+            .expect("cluster status")
     }
 
     pub fn log_of(&self, id: NodeId) -> String {

@@ -268,3 +268,23 @@ async fn truncate_removes_the_tail() {
     let left = log.try_get_log_entries(..).await.expect("read");
     assert_eq!(left.len(), 3);
 }
+
+#[tokio::test]
+async fn a_failed_apply_leaves_memory_equal_to_disk() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_log, mut sm) = open(dir.path()).await.expect("open");
+    sm.apply(sample_entries()).await.expect("apply");
+    let digest = sm.digest();
+    // The second entry goes backwards: the whole call fails after the first entry has
+    // already changed the in-memory state, which must then be rolled back to the disk's.
+    let result = sm
+        .apply([
+            normal(2, 6, 5_000, vec![put(50, "x", "1")]),
+            normal(2, 6, 5_000, vec![put(51, "y", "1")]),
+        ])
+        .await;
+    assert!(result.is_err(), "an apply that goes backwards is refused");
+    assert!(sm.get("x").is_none());
+    assert_eq!(sm.digest(), digest);
+    assert_eq!(sm.applied(), Some(log_id(2, 5)));
+}

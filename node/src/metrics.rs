@@ -1,0 +1,221 @@
+//! The node's Prometheus metrics and the `/metrics` HTTP endpoint.
+//!
+//! Counters and histograms are updated where the work happens (the batcher, the request
+//! handlers); Raft gauges are read from openraft's metrics at scrape time, so they are never
+//! stale. The HTTP side answers `GET /metrics` only, reads at most [`REQUEST_BYTES_MAX`] of a
+//! request, and closes every connection after one answer.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use skiff_raft_store::types::Raft;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+/// Largest HTTP request read from a scraper.
+const REQUEST_BYTES_MAX: usize = 8 * 1024;
+/// How long a scraper may take to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How a client write ended.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum WriteOutcome {
+    Committed,
+    Overloaded,
+    NoLeader,
+    Failed,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: WriteOutcome,
+}
+
+/// Why an input was refused.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: String,
+}
+
+/// Every metric of one node.
+pub struct Metrics {
+    /// Client commands by how their write ended.
+    pub writes: Family<OutcomeLabel, Counter>,
+    /// Commands per log entry proposed by the leader.
+    pub batch_commands: Histogram,
+    /// Seconds from proposal to commit of one log entry.
+    pub commit_seconds: Histogram,
+    /// Inputs refused before they reached the log.
+    pub rejected_inputs: Family<ReasonLabel, Counter>,
+    term: Gauge,
+    is_leader: Gauge,
+    last_log_index: Gauge,
+    applied_index: Gauge,
+    snapshot_index: Gauge,
+    purged_index: Gauge,
+    write_queue_depth: Gauge,
+    registry: Registry,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("skiff");
+        let writes = Family::<OutcomeLabel, Counter>::default();
+        let batch_commands = Histogram::new(exponential_buckets(1.0, 2.0, 13));
+        let commit_seconds = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
+        let rejected_inputs = Family::<ReasonLabel, Counter>::default();
+        let m = Metrics {
+            writes,
+            batch_commands,
+            commit_seconds,
+            rejected_inputs,
+            term: Gauge::default(),
+            is_leader: Gauge::default(),
+            last_log_index: Gauge::default(),
+            applied_index: Gauge::default(),
+            snapshot_index: Gauge::default(),
+            purged_index: Gauge::default(),
+            write_queue_depth: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("writes", "Client commands by outcome", m.writes.clone());
+        registry.register(
+            "raft_batch_commands",
+            "Client commands per log entry proposed",
+            m.batch_commands.clone(),
+        );
+        registry.register(
+            "raft_commit_seconds",
+            "Seconds from proposing a log entry to its commit and apply",
+            m.commit_seconds.clone(),
+        );
+        registry.register(
+            "rejected_inputs",
+            "Inputs refused before reaching the log, by reason",
+            m.rejected_inputs.clone(),
+        );
+        registry.register("raft_term", "Current Raft term", m.term.clone());
+        registry.register(
+            "raft_is_leader",
+            "1 if this node is the leader",
+            m.is_leader.clone(),
+        );
+        registry.register(
+            "raft_last_log_index",
+            "Index of the last log entry",
+            m.last_log_index.clone(),
+        );
+        registry.register(
+            "raft_applied_index",
+            "Index of the last applied entry",
+            m.applied_index.clone(),
+        );
+        registry.register(
+            "raft_snapshot_index",
+            "Last index covered by the latest snapshot",
+            m.snapshot_index.clone(),
+        );
+        registry.register(
+            "raft_purged_index",
+            "Last purged log index",
+            m.purged_index.clone(),
+        );
+        registry.register(
+            "write_queue_depth",
+            "Client commands waiting for the batcher",
+            m.write_queue_depth.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    pub fn write(&self, outcome: WriteOutcome, commands: u64) {
+        self.writes
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc_by(commands);
+    }
+
+    pub fn rejected(&self, reason: &str) {
+        self.rejected_inputs
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    /// Renders the text exposition, refreshing the Raft gauges first.
+    pub fn render(&self, raft: &Raft, queue_depth: usize) -> String {
+        let m = raft.metrics().borrow().clone();
+        let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.term.set(as_i64(m.current_term));
+        self.is_leader
+            .set(i64::from(m.current_leader == Some(m.id)));
+        self.last_log_index
+            .set(as_i64(m.last_log_index.unwrap_or(0)));
+        self.applied_index
+            .set(as_i64(m.last_applied.map(|l| l.index).unwrap_or(0)));
+        self.snapshot_index
+            .set(as_i64(m.snapshot.map(|l| l.index).unwrap_or(0)));
+        self.purged_index
+            .set(as_i64(m.purged.map(|l| l.index).unwrap_or(0)));
+        self.write_queue_depth.set(as_i64(queue_depth as u64));
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::warn!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, render: impl Fn() -> String + Send + Sync + 'static) {
+    let render = std::sync::Arc::new(render);
+    loop {
+        let Ok((mut stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let render = render.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; REQUEST_BYTES_MAX];
+            let mut len = 0;
+            let head_done = |b: &[u8]| b.windows(4).any(|w| w == b"\r\n\r\n");
+            let read = tokio::time::timeout(REQUEST_TIMEOUT, async {
+                while len < buf.len() && !head_done(&buf[..len]) {
+                    match stream.read(&mut buf[len..]).await {
+                        Ok(0) | Err(_) => return false,
+                        Ok(n) => len += n,
+                    }
+                }
+                true
+            })
+            .await;
+            if !matches!(read, Ok(true)) {
+                return;
+            }
+            let request = String::from_utf8_lossy(&buf[..len]);
+            let response = if request.starts_with("GET /metrics ") {
+                let body = render();
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+            } else {
+                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    .to_string()
+            };
+            let _ = stream.write_all(response.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        });
+    }
+}
