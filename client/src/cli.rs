@@ -399,7 +399,7 @@ async fn kv(client: &Client, cmd: KvCmd, json: bool) -> Result<(), CliError> {
     Ok(())
 }
 
-fn read_value_file(path: &PathBuf) -> Result<Vec<u8>, CliError> {
+fn read_value_file(path: &std::path::Path) -> Result<Vec<u8>, CliError> {
     let max = skiff_raft_store::model::VALUE_BYTES_MAX as u64;
     let meta = std::fs::metadata(path)
         .map_err(|e| CliError::usage(format!("cannot read {}: {e}", path.display())))?;
