@@ -2,7 +2,7 @@
 //!
 //! Counters and histograms are updated where the work happens (the batcher, the request
 //! handlers); Raft gauges are read from openraft's metrics at scrape time, so they are never
-//! stale. The HTTP side answers `GET /metrics` only, reads at most [`REQUEST_BYTES_MAX`] of a
+//! stale. The HTTP side answers `GET /metrics` only, reads at most `REQUEST_BYTES_MAX` bytes of a
 //! request, and closes every connection after one answer.
 
 use std::time::Duration;
