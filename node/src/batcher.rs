@@ -38,11 +38,7 @@ pub struct Batcher {
 
 /// Approximate encoded size of a command, to keep entries under `entry_bytes_max`.
 fn command_bytes(c: &ClientCommand) -> usize {
-    use skiff_raft_store::model::Command;
-    32 + match &c.command {
-        Command::KvPut { key, value, .. } => key.len() + value.len(),
-        Command::KvDelete { key, .. } => key.len(),
-    }
+    32 + c.command.approx_bytes()
 }
 
 impl Batcher {

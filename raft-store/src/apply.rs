@@ -26,6 +26,7 @@ use crate::model::{
     validate_key, Command, CommandResult, KvEntry, KvPage, Request, RequestId, Response,
     DEDUP_ENTRIES_MAX, DEDUP_WINDOW_MS, LIST_LIMIT_MAX, VALUE_BYTES_MAX,
 };
+use crate::sched::Sched;
 
 /// What the state machine remembers about an applied command, to answer its retries.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,6 +50,11 @@ pub enum Mutation {
     DedupDelete(RequestId),
     /// The scalar state after the request.
     Meta { revision: u64, last_time_ms: u64 },
+    /// Write (`Some`) or delete (`None`) one scheduler object (see [`crate::sched`]).
+    Obj {
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+    },
 }
 
 /// A broken invariant found in a state image read from disk or received in a snapshot.
@@ -68,6 +74,8 @@ pub struct StateMachineData {
     /// [`DEDUP_ENTRIES_MAX`] except in tests, which cannot afford a million records to
     /// exercise eviction.
     dedup_entries_max: usize,
+    /// Functions, code, tasks and worker nodes.
+    sched: Sched,
 }
 
 impl Default for StateMachineData {
@@ -79,6 +87,7 @@ impl Default for StateMachineData {
             dedup: BTreeMap::new(),
             dedup_order: BTreeSet::new(),
             dedup_entries_max: DEDUP_ENTRIES_MAX,
+            sched: Sched::default(),
         }
     }
 }
@@ -94,12 +103,14 @@ impl StateMachineData {
     pub fn from_parts(
         kv: impl IntoIterator<Item = KvEntry>,
         dedup: impl IntoIterator<Item = (RequestId, DedupRecord)>,
+        objects: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>,
         revision: u64,
         last_time_ms: u64,
     ) -> Result<Self, InvalidImage> {
         let mut state = StateMachineData {
             revision,
             last_time_ms,
+            sched: Sched::from_objects(objects, last_time_ms).map_err(InvalidImage)?,
             ..Self::default()
         };
         let mut versions = HashSet::new();
@@ -162,6 +173,7 @@ impl StateMachineData {
         // expiry stays monotone.
         self.last_time_ms = self.last_time_ms.max(req.time_ms);
         self.expire_dedup(&mut mutations);
+        self.sched.tick(self.last_time_ms);
 
         let mut results = Vec::with_capacity(req.commands.len());
         for client_command in &req.commands {
@@ -172,6 +184,9 @@ impl StateMachineData {
             let result = self.execute(&client_command.command, &mut mutations);
             self.remember(client_command.request_id, result.clone(), &mut mutations);
             results.push(result);
+        }
+        for (key, value) in self.sched.take_changes() {
+            mutations.push(Mutation::Obj { key, value });
         }
         mutations.push(Mutation::Meta {
             revision: self.revision,
@@ -234,7 +249,38 @@ impl StateMachineData {
                 mutations.push(Mutation::KvDelete(key.clone()));
                 CommandResult::Deleted { version: current }
             }
+            Command::CodeChunk {
+                digest,
+                total_bytes,
+                index,
+                bytes,
+            } => self
+                .sched
+                .code_chunk(self.last_time_ms, digest, *total_bytes, *index, bytes),
+            Command::FnDeploy { spec } => self.sched.deploy(self.last_time_ms, spec),
+            Command::FnRemove { name } => self.sched.remove(self.last_time_ms, name),
+            Command::Submit {
+                function,
+                version,
+                payload,
+                sync,
+            } => self
+                .sched
+                .submit(self.last_time_ms, function, *version, payload, *sync),
+            Command::Heartbeat(hb) => self.sched.heartbeat(self.last_time_ms, hb),
+            Command::Complete {
+                task,
+                token,
+                result,
+            } => self
+                .sched
+                .complete(self.last_time_ms, *task, *token, result),
         }
+    }
+
+    /// The scheduler state: functions, code, tasks, nodes.
+    pub fn sched(&self) -> &Sched {
+        &self.sched
     }
 
     fn next_revision(&mut self) -> u64 {
@@ -365,6 +411,7 @@ impl StateMachineData {
             hasher.update(entry.version.to_be_bytes());
             hasher.update(entry.create_version.to_be_bytes());
         }
+        self.sched.hash_into(&mut hasher);
         hex::encode(hasher.finalize())
     }
 }
@@ -607,18 +654,19 @@ mod tests {
             version,
             create_version,
         };
-        assert!(StateMachineData::from_parts([entry("a", 2, 1)], [], 2, 0).is_ok());
-        assert!(StateMachineData::from_parts([entry("a", 3, 1)], [], 2, 0).is_err());
-        assert!(StateMachineData::from_parts([entry("a", 1, 2)], [], 2, 0).is_err());
-        assert!(StateMachineData::from_parts([entry("", 1, 1)], [], 2, 0).is_err());
+        assert!(StateMachineData::from_parts([entry("a", 2, 1)], [], [], 2, 0).is_ok());
+        assert!(StateMachineData::from_parts([entry("a", 3, 1)], [], [], 2, 0).is_err());
+        assert!(StateMachineData::from_parts([entry("a", 1, 2)], [], [], 2, 0).is_err());
+        assert!(StateMachineData::from_parts([entry("", 1, 1)], [], [], 2, 0).is_err());
         assert!(
-            StateMachineData::from_parts([entry("a", 1, 1), entry("b", 1, 1)], [], 2, 0).is_err()
+            StateMachineData::from_parts([entry("a", 1, 1), entry("b", 1, 1)], [], [], 2, 0)
+                .is_err()
         );
         let record = DedupRecord {
             time_ms: 5,
             result: CommandResult::NotFound,
         };
-        assert!(StateMachineData::from_parts([], [(id(1), record)], 0, 4).is_err());
+        assert!(StateMachineData::from_parts([], [(id(1), record)], [], 0, 4).is_err());
     }
 
     #[test]
@@ -633,6 +681,7 @@ mod tests {
         let copy = StateMachineData::from_parts(
             sm.iter().cloned(),
             sm.dedup_iter().map(|(i, r)| (*i, r.clone())),
+            sm.sched().objects(),
             sm.revision(),
             sm.last_time_ms(),
         )
@@ -690,6 +739,7 @@ mod tests {
             kv: &mut BTreeMap<String, KvEntry>,
             dedup: &mut BTreeMap<RequestId, DedupRecord>,
             scalars: &mut (u64, u64),
+            objects: &mut BTreeMap<Vec<u8>, Vec<u8>>,
             mutations: Vec<Mutation>,
         ) {
             for m in mutations {
@@ -710,6 +760,14 @@ mod tests {
                         revision,
                         last_time_ms,
                     } => *scalars = (revision, last_time_ms),
+                    Mutation::Obj { key, value } => match value {
+                        Some(v) => {
+                            objects.insert(key, v);
+                        }
+                        None => {
+                            objects.remove(&key);
+                        }
+                    },
                 }
             }
         }
@@ -735,12 +793,13 @@ mod tests {
                 let mut kv = BTreeMap::new();
                 let mut dedup = BTreeMap::new();
                 let mut scalars = (0, 0);
+                let mut objects = BTreeMap::new();
                 for r in &reqs {
                     let (_, m) = sm.apply_request(r);
-                    replay(&mut kv, &mut dedup, &mut scalars, m);
+                    replay(&mut kv, &mut dedup, &mut scalars, &mut objects, m);
                 }
                 let rebuilt = StateMachineData::from_parts(
-                    kv.into_values(), dedup, scalars.0, scalars.1,
+                    kv.into_values(), dedup, objects, scalars.0, scalars.1,
                 ).expect("mutations form a valid image");
                 prop_assert_eq!(rebuilt, sm);
             }

@@ -30,11 +30,20 @@ pub(crate) const CF_SM_KV: &str = "sm_kv";
 pub(crate) const CF_SM_DEDUP: &str = "sm_dedup";
 /// State machine scalars, applied log id and membership, and the current snapshot.
 pub(crate) const CF_SM_META: &str = "sm_meta";
+/// Scheduler objects (functions, code chunks, tasks, nodes): tagged key -> bincode value.
+pub(crate) const CF_SM_OBJ: &str = "sm_obj";
 
-const COLUMN_FAMILIES: [&str; 5] = [CF_LOGS, CF_META, CF_SM_KV, CF_SM_DEDUP, CF_SM_META];
+const COLUMN_FAMILIES: [&str; 6] = [
+    CF_LOGS,
+    CF_META,
+    CF_SM_KV,
+    CF_SM_DEDUP,
+    CF_SM_META,
+    CF_SM_OBJ,
+];
 
 /// Version of the on-disk layout; bump it on any incompatible change.
-pub(crate) const FORMAT_VERSION: u32 = 1;
+pub(crate) const FORMAT_VERSION: u32 = 2;
 const KEY_FORMAT: &[u8] = b"format";
 
 /// Opens (creating if missing) the database with every column family, and checks that the

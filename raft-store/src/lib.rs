@@ -31,7 +31,11 @@
 
 #![forbid(unsafe_code)]
 
+pub mod functions;
 pub mod model;
+
+#[cfg(feature = "storage")]
+pub mod sched;
 
 #[cfg(feature = "storage")]
 pub mod apply;

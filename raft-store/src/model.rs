@@ -16,6 +16,12 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::functions::{
+    chunk_count, validate_function_name, validate_spec, FunctionSpec, Heartbeat, TaskId,
+    TaskResult, CODE_BYTES_MAX, CODE_CHUNK_BYTES, HEARTBEAT_ENTRIES_MAX, LOG_BYTES_MAX,
+    OUTPUT_BYTES_MAX, PAYLOAD_BYTES_MAX,
+};
+
 /// Identifies a node of the cluster. Never reused after a node's data is wiped.
 pub type NodeId = u64;
 
@@ -78,6 +84,79 @@ pub enum Command {
         key: String,
         expect_version: Option<u64>,
     },
+    /// Store one chunk of a code archive whose SHA-256 is `digest`. The blob is complete, and
+    /// checked against its digest, when its last missing chunk arrives.
+    CodeChunk {
+        digest: String,
+        total_bytes: u64,
+        index: u32,
+        bytes: Vec<u8>,
+    },
+    /// Make a new version of a function from an uploaded, complete code archive.
+    FnDeploy { spec: Box<FunctionSpec> },
+    /// Remove a function and all its versions; its queued tasks fail.
+    FnRemove { name: String },
+    /// Queue an invocation of `function` at `version` (latest if `None`).
+    Submit {
+        function: String,
+        version: Option<u64>,
+        payload: Vec<u8>,
+        sync: bool,
+    },
+    /// A worker's periodic report (liveness, capacity, warm pools, started tasks).
+    Heartbeat(Box<Heartbeat>),
+    /// The end of one attempt, reported by the node that ran it under `token`.
+    Complete {
+        task: TaskId,
+        token: u64,
+        result: Box<TaskResult>,
+    },
+}
+
+impl Command {
+    /// Approximate encoded size, to keep log entries under a byte bound.
+    pub fn approx_bytes(&self) -> usize {
+        match self {
+            Command::KvPut { key, value, .. } => key.len() + value.len(),
+            Command::KvDelete { key, .. } => key.len(),
+            Command::CodeChunk { digest, bytes, .. } => digest.len() + bytes.len(),
+            Command::FnDeploy { spec } => {
+                1024 + spec.policy.as_ref().map_or(0, String::len)
+                    + spec.entry.iter().map(String::len).sum::<usize>()
+                    + spec
+                        .env
+                        .iter()
+                        .map(|(k, v)| k.len() + v.len())
+                        .sum::<usize>()
+            }
+            Command::FnRemove { name } => name.len(),
+            Command::Submit {
+                function, payload, ..
+            } => function.len() + payload.len(),
+            Command::Heartbeat(hb) => {
+                64 + hb.warm.iter().map(|w| w.function.len() + 16).sum::<usize>()
+                    + hb.running.len() * 16
+            }
+            Command::Complete { result, .. } => {
+                256 + result.output.len()
+                    + result.log.len()
+                    + result.error.as_ref().map_or(0, String::len)
+            }
+        }
+    }
+
+    /// Whether a client may send this command through the generic write call. Heartbeats and
+    /// completions come from nodes only, and submissions through `invoke`.
+    pub fn is_client_command(&self) -> bool {
+        matches!(
+            self,
+            Command::KvPut { .. }
+                | Command::KvDelete { .. }
+                | Command::CodeChunk { .. }
+                | Command::FnDeploy { .. }
+                | Command::FnRemove { .. }
+        )
+    }
 }
 
 impl Command {
@@ -96,6 +175,81 @@ impl Command {
                 Ok(())
             }
             Command::KvDelete { key, .. } => validate_key(key),
+            Command::CodeChunk {
+                digest,
+                total_bytes,
+                index,
+                bytes,
+            } => {
+                if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(InvalidCommand::Other(
+                        "code digest must be 64 hex digits".into(),
+                    ));
+                }
+                if *total_bytes == 0 || *total_bytes > CODE_BYTES_MAX {
+                    return Err(InvalidCommand::Other(format!(
+                        "code archive of {total_bytes} bytes: it must be 1 byte to {CODE_BYTES_MAX} bytes"
+                    )));
+                }
+                let chunks = chunk_count(*total_bytes);
+                if *index >= chunks {
+                    return Err(InvalidCommand::Other(format!(
+                        "chunk {index} of an archive of {chunks} chunks"
+                    )));
+                }
+                let expected = if *index + 1 == chunks {
+                    *total_bytes - u64::from(*index) * CODE_CHUNK_BYTES as u64
+                } else {
+                    CODE_CHUNK_BYTES as u64
+                };
+                if bytes.len() as u64 != expected {
+                    return Err(InvalidCommand::Other(format!(
+                        "chunk {index} is {} bytes, expected {expected}",
+                        bytes.len()
+                    )));
+                }
+                Ok(())
+            }
+            Command::FnDeploy { spec } => validate_spec(spec).map_err(InvalidCommand::Other),
+            Command::FnRemove { name } => {
+                validate_function_name(name).map_err(InvalidCommand::Other)
+            }
+            Command::Submit {
+                function, payload, ..
+            } => {
+                validate_function_name(function).map_err(InvalidCommand::Other)?;
+                if payload.len() > PAYLOAD_BYTES_MAX {
+                    return Err(InvalidCommand::Other(format!(
+                        "payload is {} bytes, the limit is {PAYLOAD_BYTES_MAX}",
+                        payload.len()
+                    )));
+                }
+                Ok(())
+            }
+            Command::Heartbeat(hb) => {
+                if hb.warm.len() > HEARTBEAT_ENTRIES_MAX || hb.running.len() > HEARTBEAT_ENTRIES_MAX
+                {
+                    return Err(InvalidCommand::Other(format!(
+                        "a heartbeat lists at most {HEARTBEAT_ENTRIES_MAX} warm pools and tasks"
+                    )));
+                }
+                Ok(())
+            }
+            Command::Complete { result, .. } => {
+                if result.output.len() > OUTPUT_BYTES_MAX || result.log.len() > LOG_BYTES_MAX {
+                    return Err(InvalidCommand::Other(format!(
+                        "a result holds at most {OUTPUT_BYTES_MAX} bytes of output and {LOG_BYTES_MAX} of log"
+                    )));
+                }
+                if result
+                    .error
+                    .as_ref()
+                    .is_some_and(|e| e.len() > LOG_BYTES_MAX)
+                {
+                    return Err(InvalidCommand::Other("error text too long".into()));
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -128,6 +282,8 @@ pub enum InvalidCommand {
     KeyHasControlChar,
     #[error("value is {bytes} bytes, the limit is {max}")]
     ValueTooLarge { bytes: usize, max: usize },
+    #[error("{0}")]
+    Other(String),
 }
 
 /// The answer to one normal log entry: one result per command, in order.
@@ -150,6 +306,26 @@ pub enum CommandResult {
     Conflict { current: u64 },
     /// The command was malformed; nothing changed.
     Invalid(InvalidCommand),
+    /// A code chunk was stored; `complete` once the whole archive is in and checked.
+    ChunkStored { complete: bool },
+    /// A function version was made.
+    Deployed { version: u64 },
+    /// A function was removed.
+    Removed,
+    /// An invocation was queued as `task`; when placed at once, on `node` under `token`.
+    Submitted {
+        task: TaskId,
+        node: Option<NodeId>,
+        token: u64,
+    },
+    /// The invocation was refused because the function's queue (or the cluster's task
+    /// store) is full; nothing was queued.
+    Throttled { reason: String },
+    /// A heartbeat or completion was taken into account.
+    Accepted,
+    /// The command was well formed but refused by the state: unknown function or version,
+    /// incomplete code, stale fencing token, a bound reached. Nothing changed.
+    Rejected { reason: String },
 }
 
 /// One key with its value and version, as the state machine holds it.

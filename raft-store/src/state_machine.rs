@@ -37,7 +37,7 @@ use sha2::{Digest, Sha256};
 use crate::apply::{DedupRecord, Mutation, StateMachineData};
 use crate::db::{
     cf, decode, encode, storage_error, storage_failure, sync_write, CF_SM_DEDUP, CF_SM_KV,
-    CF_SM_META,
+    CF_SM_META, CF_SM_OBJ,
 };
 use crate::model::{KvEntry, KvPage, RequestId, Response};
 use crate::types::{
@@ -59,7 +59,7 @@ const KEY_SNAPSHOT_META: &[u8] = b"snapshot_meta";
 const KEY_SNAPSHOT_DATA: &[u8] = b"snapshot_data";
 
 /// First bytes of every snapshot this build writes; the last byte is the format version.
-const SNAPSHOT_MAGIC: &[u8; 8] = b"skiffsn\x01";
+const SNAPSHOT_MAGIC: &[u8; 8] = b"skiffsn\x02";
 const SNAPSHOT_CHECKSUM_BYTES: usize = 32;
 
 /// The replicated state machine, persisted in RocksDB. Cheap to clone: clones share the state,
@@ -103,6 +103,7 @@ struct SnapshotImageRef<'a> {
     last_time_ms: u64,
     kv: Vec<&'a KvEntry>,
     dedup: Vec<(&'a RequestId, &'a DedupRecord)>,
+    objects: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 /// The snapshot payload, as read back; same encoding as [`SnapshotImageRef`].
@@ -114,6 +115,7 @@ struct SnapshotImage {
     last_time_ms: u64,
     kv: Vec<KvEntry>,
     dedup: Vec<(RequestId, DedupRecord)>,
+    objects: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 fn encode_snapshot(
@@ -128,6 +130,7 @@ fn encode_snapshot(
         last_time_ms: data.last_time_ms(),
         kv: data.iter().collect(),
         dedup: data.dedup_iter().collect(),
+        objects: data.sched().objects(),
     };
     let mut bytes = SNAPSHOT_MAGIC.to_vec();
     bytes.extend(encode(&image)?);
@@ -184,6 +187,10 @@ fn persist_mutation(
             batch.put_cf(cf(db, CF_SM_DEDUP), dedup_key(id), encode(record)?)
         }
         Mutation::DedupDelete(id) => batch.delete_cf(cf(db, CF_SM_DEDUP), dedup_key(id)),
+        Mutation::Obj { key, value } => match value {
+            Some(v) => batch.put_cf(cf(db, CF_SM_OBJ), key, v),
+            None => batch.delete_cf(cf(db, CF_SM_OBJ), key),
+        },
         Mutation::Meta {
             revision,
             last_time_ms,
@@ -262,13 +269,17 @@ fn read_applied(db: &DB, path: &Path) -> Result<Applied, StoreError> {
         let record: DedupRecord = decode(&value).map_err(decode_error("deduplication record"))?;
         dedup.push((id, record));
     }
-    let data =
-        StateMachineData::from_parts(kv, dedup, revision, last_time_ms).map_err(|source| {
-            StoreError::Invalid {
-                path: path.to_path_buf(),
-                source,
-            }
-        })?;
+    let mut objects = Vec::new();
+    for item in db.iterator_cf(cf(db, CF_SM_OBJ), IteratorMode::Start) {
+        let (key, value) = item.map_err(read_error("scheduler object"))?;
+        objects.push((key.to_vec(), value.to_vec()));
+    }
+    let data = StateMachineData::from_parts(kv, dedup, objects, revision, last_time_ms).map_err(
+        |source| StoreError::Invalid {
+            path: path.to_path_buf(),
+            source,
+        },
+    )?;
     Ok(Applied {
         data,
         last_applied,
@@ -528,9 +539,14 @@ impl StateMachineStore {
                 image.last_applied, meta.last_log_id
             )));
         }
-        let data =
-            StateMachineData::from_parts(image.kv, image.dedup, image.revision, image.last_time_ms)
-                .map_err(|e| reject(e.to_string()))?;
+        let data = StateMachineData::from_parts(
+            image.kv,
+            image.dedup,
+            image.objects,
+            image.revision,
+            image.last_time_ms,
+        )
+        .map_err(|e| reject(e.to_string()))?;
 
         let _snapshot_guard = self.snapshot_guard();
         let mut state = self.state_mut();
@@ -538,7 +554,7 @@ impl StateMachineStore {
         let write_error =
             |e: &dyn std::fmt::Display| storage_failure(subject(), ErrorVerb::Write, e.to_string());
         let mut batch = WriteBatch::default();
-        for name in [CF_SM_KV, CF_SM_DEDUP] {
+        for name in [CF_SM_KV, CF_SM_DEDUP, CF_SM_OBJ] {
             clear_column_family(db, name, &mut batch)
                 .map_err(|e| storage_error(subject(), ErrorVerb::Delete, &e))?;
         }
@@ -550,6 +566,10 @@ impl StateMachineStore {
                 entry.key.as_bytes(),
                 encode(entry).map_err(|e| write_error(&e))?,
             );
+        }
+        let obj_cf = cf(db, CF_SM_OBJ);
+        for (key, value) in data.sched().objects() {
+            batch.put_cf(obj_cf, key, value);
         }
         for (id, record) in data.dedup_iter() {
             batch.put_cf(

@@ -1,0 +1,484 @@
+//! The data model of functions, code, tasks and worker nodes, as the replicated state machine
+//! holds them. Plain data shared with clients; the behaviour is in `crate::sched`.
+//!
+//! A task's life: `Queued` (waiting for a slot under the function's concurrency limit or
+//! for a node) → `Assigned` (to a node, with a fencing token) → `Running` (the node reported
+//! it started) → `Succeeded` | `Failed` | `TimedOut`. A failed asynchronous task goes back to
+//! `Queued` after a back-off until its attempts are used up, then stays `Failed` on the
+//! dead-letter list. A task whose node stops heartbeating goes back to `Queued` with a new
+//! token; a completion carrying an old token is refused.
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::NodeId;
+
+/// Longest function name.
+pub const FUNCTION_NAME_BYTES_MAX: usize = 128;
+/// Most functions the cluster holds.
+pub const FUNCTIONS_MAX: usize = 1024;
+/// Versions kept per function; deploying past it drops the oldest.
+pub const VERSIONS_KEPT: usize = 16;
+/// Largest code archive of one function version.
+pub const CODE_BYTES_MAX: u64 = 64 * 1024 * 1024;
+/// Most code bytes (all blobs, complete or uploading) the cluster holds. Code lives in the
+/// state machine's memory on every node, so this bound is a memory bound.
+pub const CODE_TOTAL_BYTES_MAX: u64 = 512 * 1024 * 1024;
+/// Size of one code chunk (the last may be shorter). One chunk per command keeps every log
+/// entry small.
+pub const CODE_CHUNK_BYTES: usize = 512 * 1024;
+/// Most code blobs (complete or uploading).
+pub const CODE_BLOBS_MAX: usize = 4096;
+/// An upload that is not complete after this long is discarded; a complete blob no version
+/// refers to is discarded after this long too (long enough to deploy after uploading).
+pub const CODE_UNREFERENCED_TTL_MS: u64 = 30 * 60 * 1000;
+/// Largest invocation payload.
+pub const PAYLOAD_BYTES_MAX: usize = 1024 * 1024;
+/// Largest output kept in a task's result.
+pub const OUTPUT_BYTES_MAX: usize = 1024 * 1024;
+/// Largest log (stderr) kept in a task's result.
+pub const LOG_BYTES_MAX: usize = 64 * 1024;
+/// Most tasks not yet finished, over all functions.
+pub const ACTIVE_TASKS_MAX: usize = 100_000;
+/// Most finished tasks kept; past it the oldest are purged first.
+pub const FINISHED_TASKS_MAX: usize = 100_000;
+/// Most bytes of payloads, outputs and logs held by all tasks; past it finished tasks are
+/// purged oldest first, and submissions are refused while active tasks alone exceed it.
+pub const TASK_BYTES_MAX: u64 = 1024 * 1024 * 1024;
+/// How long a finished task (and its result) is kept.
+pub const RESULT_RETENTION_MS: u64 = 60 * 60 * 1000;
+/// A node that has not heartbeated for this long loses its tasks to other nodes.
+pub const NODE_LEASE_MS: u64 = 5_000;
+/// A node record not refreshed for this long is forgotten.
+pub const NODE_FORGET_MS: u64 = 24 * 60 * 60 * 1000;
+/// An assigned task not completed within its function's timeout plus this grace is taken
+/// back and queued again (its node may have lost it).
+pub const ASSIGNMENT_GRACE_MS: u64 = 60_000;
+/// Most entries of one heartbeat's warm report and running list.
+pub const HEARTBEAT_ENTRIES_MAX: usize = 4096;
+/// Most arguments of an entry command, and bytes of each.
+pub const ENTRY_ARGS_MAX: usize = 64;
+pub const ENTRY_ARG_BYTES_MAX: usize = 4096;
+/// Most environment variables, and bytes of each name plus value.
+pub const ENV_VARS_MAX: usize = 64;
+pub const ENV_VAR_BYTES_MAX: usize = 4096;
+/// Largest policy text.
+pub const POLICY_BYTES_MAX: usize = 64 * 1024;
+/// Most data-service prefixes per function.
+pub const DATA_PREFIXES_MAX: usize = 64;
+/// Longest function timeout.
+pub const TIMEOUT_MS_MAX: u64 = 15 * 60 * 1000;
+/// Most attempts of an asynchronous invocation.
+pub const ATTEMPTS_MAX: u32 = 16;
+/// Largest per-function queue bound.
+pub const QUEUE_MAX: u32 = 100_000;
+/// Largest per-function concurrency.
+pub const CONCURRENCY_MAX: u32 = 10_000;
+/// Largest retry back-off.
+pub const RETRY_BACKOFF_MS_MAX: u64 = 10 * 60 * 1000;
+
+/// Identifies a task, unique in the cluster, never reused.
+pub type TaskId = u64;
+
+/// How a function's process handles invocations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum FnMode {
+    /// One process per invocation: payload on stdin, result on stdout.
+    Exec,
+    /// One long-lived process per warm sandbox: one JSON request line in, one line out.
+    Serve,
+}
+
+impl FnMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FnMode::Exec => "exec",
+            FnMode::Serve => "serve",
+        }
+    }
+}
+
+impl std::str::FromStr for FnMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "exec" => Ok(FnMode::Exec),
+            "serve" => Ok(FnMode::Serve),
+            other => Err(format!("unknown mode {other:?} (exec or serve)")),
+        }
+    }
+}
+
+/// What a function may reach through the data service. Empty: no data socket at all.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataGrant {
+    /// Key prefixes the function may read.
+    pub read_prefixes: Vec<String>,
+    /// Key prefixes the function may read and write.
+    pub write_prefixes: Vec<String>,
+}
+
+impl DataGrant {
+    pub fn is_empty(&self) -> bool {
+        self.read_prefixes.is_empty() && self.write_prefixes.is_empty()
+    }
+}
+
+/// Everything a deploy states about one version of a function.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionSpec {
+    pub name: String,
+    /// SHA-256 (hex) of the code archive (a tar file), uploaded before the deploy.
+    pub code_digest: String,
+    /// The command and its arguments, run with `/code` as working directory.
+    pub entry: Vec<String>,
+    pub mode: FnMode,
+    /// `untrusted`, `standard` or `trusted`.
+    pub tier: String,
+    /// A sandbox policy (TOML) narrowing the tier, if any.
+    pub policy: Option<String>,
+    pub memory_bytes: u64,
+    pub timeout_ms: u64,
+    /// Most tasks of this function assigned or running at once, over the cluster.
+    pub max_concurrency: u32,
+    /// Most tasks waiting for a slot; past it submissions are throttled.
+    pub queue_max: u32,
+    /// Warm sandboxes kept ready across the cluster.
+    pub min_warm: u32,
+    /// Attempts of an asynchronous invocation before it goes to the dead-letter list.
+    pub max_attempts: u32,
+    /// Back-off before the second attempt; doubled for each further one.
+    pub retry_backoff_ms: u64,
+    pub data: DataGrant,
+    pub env: Vec<(String, String)>,
+}
+
+/// Why a function spec is refused.
+pub fn validate_spec(spec: &FunctionSpec) -> Result<(), String> {
+    validate_function_name(&spec.name)?;
+    if spec.code_digest.len() != 64 || !spec.code_digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err("code digest must be 64 hex digits (SHA-256)".into());
+    }
+    if spec.entry.is_empty() || spec.entry[0].is_empty() {
+        return Err("the entry command is empty".into());
+    }
+    if spec.entry.len() > ENTRY_ARGS_MAX
+        || spec
+            .entry
+            .iter()
+            .any(|a| a.len() > ENTRY_ARG_BYTES_MAX || a.contains('\0'))
+    {
+        return Err(format!(
+            "the entry command is limited to {ENTRY_ARGS_MAX} arguments of {ENTRY_ARG_BYTES_MAX} bytes without NUL"
+        ));
+    }
+    if !matches!(spec.tier.as_str(), "untrusted" | "standard" | "trusted") {
+        return Err(format!(
+            "unknown tier {:?} (untrusted, standard or trusted)",
+            spec.tier
+        ));
+    }
+    if spec
+        .policy
+        .as_ref()
+        .is_some_and(|p| p.len() > POLICY_BYTES_MAX)
+    {
+        return Err(format!("the policy is limited to {POLICY_BYTES_MAX} bytes"));
+    }
+    if spec.memory_bytes < 8 * 1024 * 1024 {
+        return Err("memory must be at least 8 MiB".into());
+    }
+    if spec.timeout_ms == 0 || spec.timeout_ms > TIMEOUT_MS_MAX {
+        return Err(format!(
+            "timeout must be between 1 ms and {} s",
+            TIMEOUT_MS_MAX / 1000
+        ));
+    }
+    if spec.max_concurrency == 0 || spec.max_concurrency > CONCURRENCY_MAX {
+        return Err(format!(
+            "max concurrency must be between 1 and {CONCURRENCY_MAX}"
+        ));
+    }
+    if spec.queue_max > QUEUE_MAX {
+        return Err(format!("the queue bound is at most {QUEUE_MAX}"));
+    }
+    if spec.min_warm > spec.max_concurrency {
+        return Err("min-warm cannot exceed max concurrency".into());
+    }
+    if spec.max_attempts == 0 || spec.max_attempts > ATTEMPTS_MAX {
+        return Err(format!("max attempts must be between 1 and {ATTEMPTS_MAX}"));
+    }
+    if spec.retry_backoff_ms > RETRY_BACKOFF_MS_MAX {
+        return Err(format!(
+            "the retry back-off is at most {} s",
+            RETRY_BACKOFF_MS_MAX / 1000
+        ));
+    }
+    let prefixes = spec.data.read_prefixes.len() + spec.data.write_prefixes.len();
+    if prefixes > DATA_PREFIXES_MAX {
+        return Err(format!("at most {DATA_PREFIXES_MAX} data-service prefixes"));
+    }
+    for p in spec
+        .data
+        .read_prefixes
+        .iter()
+        .chain(&spec.data.write_prefixes)
+    {
+        if p.len() > crate::model::KEY_BYTES_MAX || p.chars().any(char::is_control) {
+            return Err(format!("bad data-service prefix {p:?}"));
+        }
+    }
+    if spec.env.len() > ENV_VARS_MAX
+        || spec.env.iter().any(|(k, v)| {
+            k.is_empty()
+                || k.len() + v.len() > ENV_VAR_BYTES_MAX
+                || k.contains(['=', '\0'])
+                || v.contains('\0')
+        })
+    {
+        return Err(format!(
+            "at most {ENV_VARS_MAX} environment variables, names without '=' or NUL"
+        ));
+    }
+    Ok(())
+}
+
+/// A function name: 1 to [`FUNCTION_NAME_BYTES_MAX`] bytes of `[A-Za-z0-9_.-]`, starting
+/// with a letter or digit.
+pub fn validate_function_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= FUNCTION_NAME_BYTES_MAX
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "bad function name {name:?}: 1-{FUNCTION_NAME_BYTES_MAX} characters of A-Z a-z 0-9 _ - ., starting with a letter or digit"
+        ))
+    }
+}
+
+/// One immutable version of a function.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionVersion {
+    pub version: u64,
+    pub spec: FunctionSpec,
+    pub deployed_ms: u64,
+}
+
+/// A function and its kept versions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionRecord {
+    pub name: String,
+    /// Kept versions, oldest first.
+    pub versions: Vec<FunctionVersion>,
+    pub latest: u64,
+    pub created_ms: u64,
+}
+
+impl FunctionRecord {
+    pub fn version(&self, version: u64) -> Option<&FunctionVersion> {
+        self.versions.iter().find(|v| v.version == version)
+    }
+
+    pub fn latest(&self) -> Option<&FunctionVersion> {
+        self.version(self.latest)
+    }
+}
+
+/// An uploaded (or uploading) code archive.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CodeBlob {
+    pub digest: String,
+    pub total_bytes: u64,
+    pub chunks: u32,
+    pub received: u32,
+    pub complete: bool,
+    pub created_ms: u64,
+}
+
+/// The number of chunks of an archive of `total_bytes`.
+pub fn chunk_count(total_bytes: u64) -> u32 {
+    let n = total_bytes.div_ceil(CODE_CHUNK_BYTES as u64).max(1);
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// Where a task is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum TaskState {
+    Queued,
+    Assigned,
+    Running,
+    Succeeded,
+    Failed,
+    TimedOut,
+}
+
+impl TaskState {
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            TaskState::Succeeded | TaskState::Failed | TaskState::TimedOut
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Queued => "queued",
+            TaskState::Assigned => "assigned",
+            TaskState::Running => "running",
+            TaskState::Succeeded => "succeeded",
+            TaskState::Failed => "failed",
+            TaskState::TimedOut => "timed_out",
+        }
+    }
+}
+
+/// How one attempt ended, as its node reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RunStatus {
+    Succeeded,
+    Failed,
+    TimedOut,
+}
+
+/// What one attempt produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskResult {
+    pub status: RunStatus,
+    pub node: NodeId,
+    /// Exit code of an exec-mode process, when it exited.
+    pub exit_code: Option<i32>,
+    /// Stdout (exec) or the response line (serve), at most [`OUTPUT_BYTES_MAX`].
+    pub output: Vec<u8>,
+    /// Stderr, the last [`LOG_BYTES_MAX`] bytes.
+    pub log: Vec<u8>,
+    /// Why the attempt failed, when it did (out of memory, sandbox error, ...).
+    pub error: Option<String>,
+    /// The sandbox was warm (taken from the pool) rather than created for this attempt.
+    pub warm: bool,
+    pub wall_ms: u64,
+    pub cpu_ms: u64,
+    pub peak_memory_bytes: u64,
+}
+
+/// One invocation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    pub id: TaskId,
+    pub function: String,
+    pub version: u64,
+    pub payload: Vec<u8>,
+    /// A caller waits for the result (no automatic retry of failures).
+    pub sync: bool,
+    pub state: TaskState,
+    /// Times the task was assigned to a node.
+    pub attempts: u32,
+    /// Attempts that ended in failure or timeout.
+    pub failures: u32,
+    pub node: Option<NodeId>,
+    /// Fencing token of the current assignment; only a completion carrying it is accepted.
+    pub token: u64,
+    pub submitted_ms: u64,
+    pub assigned_ms: Option<u64>,
+    pub started_ms: Option<u64>,
+    pub finished_ms: Option<u64>,
+    /// Not placed before this time (retry back-off).
+    pub not_before_ms: u64,
+    /// Position in its function's queue (a counter; smaller is earlier).
+    pub queue_seq: u64,
+    /// Memory the function version asks for, counted against its node while assigned.
+    pub memory_bytes: u64,
+    /// Copied from the function version at submit.
+    pub timeout_ms: u64,
+    pub result: Option<TaskResult>,
+    /// The task failed every attempt and is on the dead-letter list.
+    pub dead_letter: bool,
+}
+
+impl Task {
+    /// Bytes this task holds in memory, for [`TASK_BYTES_MAX`].
+    pub fn bytes(&self) -> u64 {
+        let result = self
+            .result
+            .as_ref()
+            .map_or(0, |r| r.output.len() + r.log.len());
+        (self.payload.len() + result + self.function.len() + 256) as u64
+    }
+}
+
+/// Warm sandboxes of one function version idle on a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WarmReport {
+    pub function: String,
+    pub version: u64,
+    pub idle: u32,
+}
+
+/// A worker node as its heartbeats describe it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub id: NodeId,
+    pub last_heartbeat_ms: u64,
+    /// Tasks the node runs at once.
+    pub slots: u32,
+    /// Memory the node gives to sandboxes (running and warm).
+    pub memory_budget_bytes: u64,
+    /// Memory held by its idle warm sandboxes.
+    pub warm_memory_bytes: u64,
+    /// Idle warm sandboxes per (function, version), minus those claimed by placements
+    /// since the last heartbeat.
+    pub warm: Vec<WarmReport>,
+}
+
+impl NodeRecord {
+    pub fn warm_idle(&self, function: &str, version: u64) -> u32 {
+        self.warm
+            .iter()
+            .find(|w| w.function == function && w.version == version)
+            .map_or(0, |w| w.idle)
+    }
+}
+
+/// A worker's periodic report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub node: NodeId,
+    pub slots: u32,
+    pub memory_budget_bytes: u64,
+    pub warm_memory_bytes: u64,
+    pub warm: Vec<WarmReport>,
+    /// Tasks the node has started, with the tokens they run under.
+    pub running: Vec<(TaskId, u64)>,
+}
+
+/// Which tasks a listing returns.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskFilter {
+    pub function: Option<String>,
+    pub state: Option<TaskState>,
+    /// Only tasks on the dead-letter list.
+    pub dead_letter: bool,
+}
+
+impl TaskFilter {
+    pub fn matches(&self, task: &Task) -> bool {
+        self.function.as_ref().is_none_or(|f| *f == task.function)
+            && self.state.is_none_or(|s| s == task.state)
+            && (!self.dead_letter || task.dead_letter)
+    }
+}
+
+/// Counters of the scheduler state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SchedStats {
+    pub functions: usize,
+    pub tasks_active: usize,
+    pub tasks_queued: usize,
+    pub tasks_finished: usize,
+    pub code_blobs: usize,
+    pub code_bytes: u64,
+    pub task_bytes: u64,
+}

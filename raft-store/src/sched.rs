@@ -1,0 +1,1339 @@
+//! The scheduler part of the state machine: functions, code, the task queue, placement and
+//! worker nodes. Like [`crate::apply`], a pure function of (state, command, time): placement
+//! is decided here, inside apply, so every replica agrees on where each task runs.
+//!
+//! Invariants:
+//! - every field not persisted as an object (`queues`, `delayed`, `active`, `by_node`,
+//!   `node_memory`, `deadlines`, `finished`, byte counters) is derived from the persisted
+//!   objects and the state machine's time, and [`Sched::from_objects`] rebuilds it the same;
+//! - a task is in exactly one of: a function queue (queued, due), `delayed` (queued, not
+//!   before a later time), `by_node` (assigned or running), `finished`;
+//! - a function never has more than `max_concurrency` tasks assigned or running;
+//! - fencing tokens strictly increase; a completion is accepted only with the current token;
+//! - every collection has a bound (see [`crate::functions`]); past it a command is refused.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use bincode::Options as _;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::functions::{
+    chunk_count, CodeBlob, FunctionRecord, FunctionSpec, FunctionVersion, Heartbeat, NodeRecord,
+    RunStatus, SchedStats, Task, TaskFilter, TaskId, TaskResult, TaskState, ACTIVE_TASKS_MAX,
+    ASSIGNMENT_GRACE_MS, CODE_BLOBS_MAX, CODE_TOTAL_BYTES_MAX, CODE_UNREFERENCED_TTL_MS,
+    FINISHED_TASKS_MAX, FUNCTIONS_MAX, NODE_FORGET_MS, NODE_LEASE_MS, RESULT_RETENTION_MS,
+    RETRY_BACKOFF_MS_MAX, TASK_BYTES_MAX, VERSIONS_KEPT,
+};
+use crate::model::{CommandResult, NodeId};
+
+/// How often (in state-machine time) unreferenced code and silent nodes are collected.
+const GC_INTERVAL_MS: u64 = 10_000;
+/// Most tasks one listing returns.
+pub const TASK_LIST_MAX: usize = 1000;
+
+const OBJ_META: u8 = b'm';
+const OBJ_FUNCTION: u8 = b'f';
+const OBJ_CODE: u8 = b'c';
+const OBJ_CHUNK: u8 = b'k';
+const OBJ_TASK: u8 = b't';
+const OBJ_NODE: u8 = b'n';
+
+/// Scalars of the scheduler, persisted as one object.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+struct SchedMeta {
+    /// The last task id given (ids start at 1).
+    next_task: u64,
+    next_token: u64,
+    next_seq: u64,
+    last_gc_ms: u64,
+}
+
+/// A persisted object that changed during the current command.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum ObjKey {
+    Meta,
+    Function(String),
+    Code(String),
+    Chunk(String, u32),
+    Task(TaskId),
+    Node(NodeId),
+}
+
+impl ObjKey {
+    fn encode(&self) -> Vec<u8> {
+        match self {
+            ObjKey::Meta => vec![OBJ_META],
+            ObjKey::Function(name) => prefixed(OBJ_FUNCTION, name.as_bytes()),
+            ObjKey::Code(digest) => prefixed(OBJ_CODE, digest.as_bytes()),
+            ObjKey::Chunk(digest, index) => {
+                let mut k = prefixed(OBJ_CHUNK, digest.as_bytes());
+                k.extend_from_slice(&index.to_be_bytes());
+                k
+            }
+            ObjKey::Task(id) => prefixed(OBJ_TASK, &id.to_be_bytes()),
+            ObjKey::Node(id) => prefixed(OBJ_NODE, &id.to_be_bytes()),
+        }
+    }
+}
+
+fn prefixed(tag: u8, rest: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(rest.len() + 1);
+    k.push(tag);
+    k.extend_from_slice(rest);
+    k
+}
+
+fn codec() -> impl bincode::Options {
+    bincode::DefaultOptions::new().with_fixint_encoding()
+}
+
+fn enc<T: Serialize>(value: &T) -> Vec<u8> {
+    // Serializing plain data structs into a Vec cannot fail.
+    codec()
+        .serialize(value)
+        .expect("scheduler objects always serialize")
+}
+
+fn dec<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, String> {
+    codec()
+        .with_limit(bytes.len() as u64)
+        .deserialize(bytes)
+        .map_err(|e| format!("{what} does not decode: {e}"))
+}
+
+/// The scheduler state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sched {
+    meta: SchedMeta,
+    functions: BTreeMap<String, FunctionRecord>,
+    code: BTreeMap<String, CodeBlob>,
+    chunks: BTreeMap<(String, u32), Arc<Vec<u8>>>,
+    tasks: BTreeMap<TaskId, Task>,
+    nodes: BTreeMap<NodeId, NodeRecord>,
+    // Derived.
+    queues: BTreeMap<String, BTreeSet<(u64, TaskId)>>,
+    delayed: BTreeSet<(u64, TaskId)>,
+    active: BTreeMap<String, u32>,
+    by_node: BTreeMap<NodeId, BTreeSet<TaskId>>,
+    node_memory: BTreeMap<NodeId, u64>,
+    deadlines: BTreeSet<(u64, TaskId)>,
+    finished: BTreeSet<(u64, TaskId)>,
+    code_bytes: u64,
+    task_bytes: u64,
+    /// Objects changed by the command being applied; emptied by [`Sched::take_changes`].
+    dirty: BTreeSet<ObjKey>,
+}
+
+/// One persisted object change: `None` deletes the key.
+pub type ObjChange = (Vec<u8>, Option<Vec<u8>>);
+
+impl Sched {
+    // ----- loading, persistence, digests -------------------------------------------------
+
+    /// Rebuilds the state from its persisted objects, as of state-machine time `now`.
+    pub fn from_objects(
+        objects: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>,
+        now: u64,
+    ) -> Result<Self, String> {
+        let mut s = Sched::default();
+        for (key, value) in objects {
+            let (&tag, rest) = key.split_first().ok_or("empty object key")?;
+            let text = || String::from_utf8(rest.to_vec()).map_err(|_| "object key not UTF-8");
+            let id = || -> Result<u64, String> {
+                Ok(u64::from_be_bytes(
+                    rest.try_into().map_err(|_| "object id not 8 bytes")?,
+                ))
+            };
+            match tag {
+                OBJ_META => s.meta = dec(&value, "scheduler meta")?,
+                OBJ_FUNCTION => {
+                    let f: FunctionRecord = dec(&value, "function")?;
+                    if f.name != text()? {
+                        return Err(format!("function {:?} under another key", f.name));
+                    }
+                    s.functions.insert(f.name.clone(), f);
+                }
+                OBJ_CODE => {
+                    let c: CodeBlob = dec(&value, "code blob")?;
+                    if c.digest != text()? {
+                        return Err(format!("code blob {} under another key", c.digest));
+                    }
+                    s.code.insert(c.digest.clone(), c);
+                }
+                OBJ_CHUNK => {
+                    if rest.len() < 4 {
+                        return Err("short chunk key".into());
+                    }
+                    let (digest, index) = rest.split_at(rest.len() - 4);
+                    let digest = String::from_utf8(digest.to_vec()).map_err(|_| "chunk key")?;
+                    let index = u32::from_be_bytes(index.try_into().map_err(|_| "chunk key")?);
+                    s.code_bytes += value.len() as u64;
+                    s.chunks.insert((digest, index), Arc::new(value));
+                }
+                OBJ_TASK => {
+                    let t: Task = dec(&value, "task")?;
+                    if t.id != id()? {
+                        return Err(format!("task {} under another key", t.id));
+                    }
+                    s.tasks.insert(t.id, t);
+                }
+                OBJ_NODE => {
+                    let n: NodeRecord = dec(&value, "node")?;
+                    if n.id != id()? {
+                        return Err(format!("node {} under another key", n.id));
+                    }
+                    s.nodes.insert(n.id, n);
+                }
+                other => return Err(format!("unknown object tag {other:#04x}")),
+            }
+        }
+        for ((digest, _), _) in s.chunks.iter() {
+            if !s.code.contains_key(digest) {
+                return Err(format!("chunk of unknown code blob {digest}"));
+            }
+        }
+        let ids: Vec<TaskId> = s.tasks.keys().copied().collect();
+        for id in ids {
+            if id == 0 || id > s.meta.next_task {
+                return Err(format!("task {id} past the last id given"));
+            }
+            let task = &s.tasks[&id];
+            s.task_bytes += task.bytes();
+            match task.state {
+                TaskState::Queued => {
+                    if task.not_before_ms > now {
+                        s.delayed.insert((task.not_before_ms, id));
+                    } else {
+                        let f = task.function.clone();
+                        s.queues.entry(f).or_default().insert((task.queue_seq, id));
+                    }
+                }
+                TaskState::Assigned | TaskState::Running => {
+                    let node = task.node.ok_or(format!("task {id} assigned to no node"))?;
+                    let (f, mem, deadline) = (
+                        task.function.clone(),
+                        task.memory_bytes,
+                        assignment_deadline(task),
+                    );
+                    *s.active.entry(f).or_default() += 1;
+                    s.by_node.entry(node).or_default().insert(id);
+                    *s.node_memory.entry(node).or_default() += mem;
+                    s.deadlines.insert((deadline, id));
+                }
+                _ => {
+                    let at = task
+                        .finished_ms
+                        .ok_or(format!("task {id} finished at no time"))?;
+                    s.finished.insert((at, id));
+                }
+            }
+        }
+        Ok(s)
+    }
+
+    /// Every persisted object, in key order.
+    pub fn objects(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut out = Vec::new();
+        out.push((ObjKey::Meta.encode(), enc(&self.meta)));
+        for (name, f) in &self.functions {
+            out.push((ObjKey::Function(name.clone()).encode(), enc(f)));
+        }
+        for (digest, c) in &self.code {
+            out.push((ObjKey::Code(digest.clone()).encode(), enc(c)));
+        }
+        for ((digest, index), bytes) in &self.chunks {
+            out.push((
+                ObjKey::Chunk(digest.clone(), *index).encode(),
+                bytes.to_vec(),
+            ));
+        }
+        for (id, t) in &self.tasks {
+            out.push((ObjKey::Task(*id).encode(), enc(t)));
+        }
+        for (id, n) in &self.nodes {
+            out.push((ObjKey::Node(*id).encode(), enc(n)));
+        }
+        out.sort();
+        out
+    }
+
+    /// Feeds every persisted object into `hasher`.
+    pub fn hash_into(&self, hasher: &mut Sha256) {
+        for (k, v) in self.objects() {
+            hasher.update((k.len() as u64).to_be_bytes());
+            hasher.update(&k);
+            hasher.update((v.len() as u64).to_be_bytes());
+            hasher.update(&v);
+        }
+    }
+
+    /// The objects changed since the last call, encoded: put or delete.
+    pub fn take_changes(&mut self) -> Vec<ObjChange> {
+        let dirty = std::mem::take(&mut self.dirty);
+        dirty
+            .into_iter()
+            .map(|key| {
+                let value = match &key {
+                    ObjKey::Meta => Some(enc(&self.meta)),
+                    ObjKey::Function(n) => self.functions.get(n).map(enc),
+                    ObjKey::Code(d) => self.code.get(d).map(enc),
+                    ObjKey::Chunk(d, i) => self.chunks.get(&(d.clone(), *i)).map(|b| b.to_vec()),
+                    ObjKey::Task(id) => self.tasks.get(id).map(enc),
+                    ObjKey::Node(id) => self.nodes.get(id).map(enc),
+                };
+                (key.encode(), value)
+            })
+            .collect()
+    }
+
+    fn touch(&mut self, key: ObjKey) {
+        self.dirty.insert(key);
+    }
+
+    // ----- reads -------------------------------------------------------------------------
+
+    pub fn function(&self, name: &str) -> Option<&FunctionRecord> {
+        self.functions.get(name)
+    }
+
+    pub fn functions(&self) -> impl Iterator<Item = &FunctionRecord> {
+        self.functions.values()
+    }
+
+    pub fn task(&self, id: TaskId) -> Option<&Task> {
+        self.tasks.get(&id)
+    }
+
+    /// Tasks matching `filter` with ids above `after`, at most `limit` (≤ [`TASK_LIST_MAX`]).
+    pub fn list_tasks(&self, filter: &TaskFilter, after: TaskId, limit: usize) -> Vec<Task> {
+        let limit = limit.clamp(1, TASK_LIST_MAX);
+        self.tasks
+            .range(after.saturating_add(1)..)
+            .map(|(_, t)| t)
+            .filter(|t| filter.matches(t))
+            .take(limit)
+            .cloned()
+            .collect()
+    }
+
+    /// Tasks assigned to or running on `node`.
+    pub fn tasks_on(&self, node: NodeId) -> Vec<&Task> {
+        self.by_node
+            .get(&node)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.tasks.get(id))
+            .collect()
+    }
+
+    pub fn nodes(&self) -> impl Iterator<Item = &NodeRecord> {
+        self.nodes.values()
+    }
+
+    /// Nodes whose lease is valid at `now`, in id order.
+    pub fn live_nodes(&self, now: u64) -> Vec<NodeId> {
+        self.nodes
+            .values()
+            .filter(|n| is_live(n, now))
+            .map(|n| n.id)
+            .collect()
+    }
+
+    /// Tasks assigned or running on `node`.
+    pub fn load_of(&self, node: NodeId) -> usize {
+        self.by_node.get(&node).map_or(0, BTreeSet::len)
+    }
+
+    pub fn code_blob(&self, digest: &str) -> Option<&CodeBlob> {
+        self.code.get(digest)
+    }
+
+    /// The whole archive of a complete code blob.
+    pub fn code_archive(&self, digest: &str) -> Option<Vec<u8>> {
+        let blob = self.code.get(digest).filter(|b| b.complete)?;
+        let mut out = Vec::with_capacity(usize::try_from(blob.total_bytes).ok()?);
+        for i in 0..blob.chunks {
+            out.extend_from_slice(self.chunks.get(&(digest.to_string(), i))?);
+        }
+        Some(out)
+    }
+
+    pub fn stats(&self) -> SchedStats {
+        SchedStats {
+            functions: self.functions.len(),
+            tasks_active: self.tasks.len() - self.finished.len(),
+            tasks_queued: self.queues.values().map(BTreeSet::len).sum::<usize>()
+                + self.delayed.len(),
+            tasks_finished: self.finished.len(),
+            code_blobs: self.code.len(),
+            code_bytes: self.code_bytes,
+            task_bytes: self.task_bytes,
+        }
+    }
+
+    // ----- commands ----------------------------------------------------------------------
+
+    /// Time-driven work, run once per applied entry before its commands: due retries,
+    /// tasks of silent nodes, overdue assignments, retention, garbage collection.
+    pub fn tick(&mut self, now: u64) {
+        let mut changed = false;
+        while let Some(&(at, id)) = self.delayed.first() {
+            if at > now {
+                break;
+            }
+            self.delayed.pop_first();
+            if let Some(t) = self.tasks.get(&id) {
+                let entry = (t.queue_seq, id);
+                self.queues
+                    .entry(t.function.clone())
+                    .or_default()
+                    .insert(entry);
+                changed = true;
+            }
+        }
+        let lost: Vec<NodeId> = self
+            .by_node
+            .iter()
+            .filter(|(n, tasks)| {
+                !tasks.is_empty() && !self.nodes.get(n).is_some_and(|r| is_live(r, now))
+            })
+            .map(|(n, _)| *n)
+            .collect();
+        for node in lost {
+            let ids: Vec<TaskId> = self
+                .by_node
+                .get(&node)
+                .into_iter()
+                .flatten()
+                .copied()
+                .collect();
+            for id in ids {
+                self.release(id);
+                self.requeue(id, now, now);
+                changed = true;
+            }
+        }
+        while let Some(&(at, id)) = self.deadlines.first() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop_first();
+            self.release(id);
+            let result = TaskResult {
+                status: RunStatus::TimedOut,
+                node: self.tasks.get(&id).and_then(|t| t.node).unwrap_or(0),
+                exit_code: None,
+                output: Vec::new(),
+                log: Vec::new(),
+                error: Some("the node did not report the end of the attempt in time".into()),
+                warm: false,
+                wall_ms: 0,
+                cpu_ms: 0,
+                peak_memory_bytes: 0,
+            };
+            self.attempt_failed(id, result, now);
+            changed = true;
+        }
+        self.purge_finished(now);
+        if now >= self.meta.last_gc_ms.saturating_add(GC_INTERVAL_MS) {
+            self.meta.last_gc_ms = now;
+            self.touch(ObjKey::Meta);
+            self.collect_garbage(now);
+        }
+        if changed {
+            self.fill(now);
+        }
+    }
+
+    /// Stores one code chunk.
+    pub fn code_chunk(
+        &mut self,
+        now: u64,
+        digest: &str,
+        total_bytes: u64,
+        index: u32,
+        bytes: &[u8],
+    ) -> CommandResult {
+        let chunks = chunk_count(total_bytes);
+        match self.code.get(digest) {
+            Some(blob) if blob.complete => return CommandResult::ChunkStored { complete: true },
+            Some(blob) if blob.total_bytes != total_bytes => {
+                return rejected(format!(
+                    "code {digest} is being uploaded with {} bytes, not {total_bytes}",
+                    blob.total_bytes
+                ))
+            }
+            Some(_) => {}
+            None => {
+                if self.code.len() >= CODE_BLOBS_MAX {
+                    return rejected(format!("the cluster holds {CODE_BLOBS_MAX} code archives"));
+                }
+                if self.code_bytes + total_bytes > CODE_TOTAL_BYTES_MAX {
+                    return rejected(format!(
+                        "the cluster's code store is full ({} of {CODE_TOTAL_BYTES_MAX} bytes); remove unused functions",
+                        self.code_bytes
+                    ));
+                }
+                self.code.insert(
+                    digest.to_string(),
+                    CodeBlob {
+                        digest: digest.to_string(),
+                        total_bytes,
+                        chunks,
+                        received: 0,
+                        complete: false,
+                        created_ms: now,
+                    },
+                );
+            }
+        }
+        let key = (digest.to_string(), index);
+        if !self.chunks.contains_key(&key) {
+            self.code_bytes += bytes.len() as u64;
+            self.chunks.insert(key, Arc::new(bytes.to_vec()));
+            self.touch(ObjKey::Chunk(digest.to_string(), index));
+            if let Some(blob) = self.code.get_mut(digest) {
+                blob.received += 1;
+            }
+        }
+        self.touch(ObjKey::Code(digest.to_string()));
+        let blob = &self.code[digest];
+        if blob.received < blob.chunks {
+            return CommandResult::ChunkStored { complete: false };
+        }
+        let mut hasher = Sha256::new();
+        for i in 0..blob.chunks {
+            hasher.update(
+                &**self
+                    .chunks
+                    .get(&(digest.to_string(), i))
+                    .expect("all received"),
+            );
+        }
+        if hex::encode(hasher.finalize()) != digest.to_ascii_lowercase() {
+            self.drop_code(digest);
+            return rejected(format!(
+                "the uploaded code does not match its digest {digest}; upload it again"
+            ));
+        }
+        if let Some(blob) = self.code.get_mut(digest) {
+            blob.complete = true;
+        }
+        CommandResult::ChunkStored { complete: true }
+    }
+
+    fn drop_code(&mut self, digest: &str) {
+        let Some(blob) = self.code.remove(digest) else {
+            return;
+        };
+        self.touch(ObjKey::Code(digest.to_string()));
+        for i in 0..blob.chunks {
+            if let Some(bytes) = self.chunks.remove(&(digest.to_string(), i)) {
+                self.code_bytes -= bytes.len() as u64;
+                self.touch(ObjKey::Chunk(digest.to_string(), i));
+            }
+        }
+    }
+
+    /// Makes a new version of `spec.name`.
+    pub fn deploy(&mut self, now: u64, spec: &FunctionSpec) -> CommandResult {
+        if !self.code.get(&spec.code_digest).is_some_and(|b| b.complete) {
+            return rejected(format!(
+                "code {} is not uploaded (or its upload is incomplete)",
+                spec.code_digest
+            ));
+        }
+        if !self.functions.contains_key(&spec.name) && self.functions.len() >= FUNCTIONS_MAX {
+            return rejected(format!("the cluster holds {FUNCTIONS_MAX} functions"));
+        }
+        let record = self
+            .functions
+            .entry(spec.name.clone())
+            .or_insert_with(|| FunctionRecord {
+                name: spec.name.clone(),
+                versions: Vec::new(),
+                latest: 0,
+                created_ms: now,
+            });
+        let version = record.latest + 1;
+        record.versions.push(FunctionVersion {
+            version,
+            spec: spec.clone(),
+            deployed_ms: now,
+        });
+        record.latest = version;
+        while record.versions.len() > VERSIONS_KEPT {
+            record.versions.remove(0);
+        }
+        self.touch(ObjKey::Function(spec.name.clone()));
+        CommandResult::Deployed { version }
+    }
+
+    /// Removes a function; its queued tasks fail, its running tasks finish.
+    pub fn remove(&mut self, now: u64, name: &str) -> CommandResult {
+        if self.functions.remove(name).is_none() {
+            return rejected(format!("function {name} does not exist"));
+        }
+        self.touch(ObjKey::Function(name.to_string()));
+        let mut queued: Vec<TaskId> = self
+            .queues
+            .remove(name)
+            .into_iter()
+            .flatten()
+            .map(|(_, id)| id)
+            .collect();
+        let delayed: Vec<(u64, TaskId)> = self
+            .delayed
+            .iter()
+            .filter(|(_, id)| self.tasks.get(id).is_some_and(|t| t.function == name))
+            .copied()
+            .collect();
+        for entry in delayed {
+            self.delayed.remove(&entry);
+            queued.push(entry.1);
+        }
+        for id in queued {
+            let result = failure_result("the function was removed");
+            self.finish(id, TaskState::Failed, Some(result), now);
+        }
+        CommandResult::Removed
+    }
+
+    /// Queues an invocation and places it at once when a slot and a node are free.
+    pub fn submit(
+        &mut self,
+        now: u64,
+        function: &str,
+        version: Option<u64>,
+        payload: &[u8],
+        sync: bool,
+    ) -> CommandResult {
+        let Some(record) = self.functions.get(function) else {
+            return rejected(format!("function {function} does not exist"));
+        };
+        let version = match version {
+            None => record.latest,
+            Some(v) => match record.version(v) {
+                Some(_) => v,
+                None => {
+                    return rejected(format!("function {function} has no version {v}"));
+                }
+            },
+        };
+        let Some(spec) = record.version(version).map(|v| v.spec.clone()) else {
+            return rejected(format!("function {function} has no version {version}"));
+        };
+        if self.tasks.len() - self.finished.len() >= ACTIVE_TASKS_MAX {
+            return CommandResult::Throttled {
+                reason: format!("the cluster has {ACTIVE_TASKS_MAX} unfinished tasks"),
+            };
+        }
+        let new_bytes = (payload.len() + function.len() + 256) as u64;
+        while self.task_bytes + new_bytes > TASK_BYTES_MAX {
+            let Some(&(_, id)) = self.finished.first() else {
+                break;
+            };
+            self.purge(id);
+        }
+        if self.task_bytes + new_bytes > TASK_BYTES_MAX {
+            return CommandResult::Throttled {
+                reason: "the cluster's task store is full".into(),
+            };
+        }
+        let active = self.active.get(function).copied().unwrap_or(0);
+        let queued = self.queues.get(function).map_or(0, BTreeSet::len);
+        let can_run = active < spec.max_concurrency && queued == 0;
+        if !can_run && queued >= spec.queue_max as usize {
+            return CommandResult::Throttled {
+                reason: format!(
+                    "function {function} runs {active} of at most {} and {queued} wait (queue bound {})",
+                    spec.max_concurrency, spec.queue_max
+                ),
+            };
+        }
+        self.meta.next_task += 1;
+        let id = self.meta.next_task;
+        let seq = self.next_seq();
+        let task = Task {
+            id,
+            function: function.to_string(),
+            version,
+            payload: payload.to_vec(),
+            sync,
+            state: TaskState::Queued,
+            attempts: 0,
+            failures: 0,
+            node: None,
+            token: 0,
+            submitted_ms: now,
+            assigned_ms: None,
+            started_ms: None,
+            finished_ms: None,
+            not_before_ms: now,
+            queue_seq: seq,
+            memory_bytes: spec.memory_bytes,
+            timeout_ms: spec.timeout_ms,
+            result: None,
+            dead_letter: false,
+        };
+        self.task_bytes += task.bytes();
+        self.tasks.insert(id, task);
+        self.touch(ObjKey::Task(id));
+        self.touch(ObjKey::Meta);
+        if can_run {
+            if let Some(node) = self.choose_node(id, now) {
+                let token = self.assign(id, node, now);
+                return CommandResult::Submitted {
+                    task: id,
+                    node: Some(node),
+                    token,
+                };
+            }
+        }
+        self.queues
+            .entry(function.to_string())
+            .or_default()
+            .insert((seq, id));
+        CommandResult::Submitted {
+            task: id,
+            node: None,
+            token: 0,
+        }
+    }
+
+    /// Records a worker's report and places what its capacity allows.
+    pub fn heartbeat(&mut self, now: u64, hb: &Heartbeat) -> CommandResult {
+        let mut warm = hb.warm.clone();
+        warm.sort_by(|a, b| (&a.function, a.version).cmp(&(&b.function, b.version)));
+        warm.dedup_by(|a, b| a.function == b.function && a.version == b.version);
+        warm.retain(|w| w.idle > 0);
+        let record = NodeRecord {
+            id: hb.node,
+            last_heartbeat_ms: now,
+            slots: hb.slots.clamp(1, 10_000),
+            memory_budget_bytes: hb.memory_budget_bytes,
+            warm_memory_bytes: hb.warm_memory_bytes,
+            warm,
+        };
+        self.nodes.insert(hb.node, record);
+        self.touch(ObjKey::Node(hb.node));
+        for &(id, token) in &hb.running {
+            if let Some(t) = self.tasks.get_mut(&id) {
+                if t.state == TaskState::Assigned && t.token == token && t.node == Some(hb.node) {
+                    t.state = TaskState::Running;
+                    t.started_ms = Some(now);
+                    self.dirty.insert(ObjKey::Task(id));
+                }
+            }
+        }
+        self.fill(now);
+        CommandResult::Accepted
+    }
+
+    /// Records the end of an attempt made under `token`.
+    pub fn complete(
+        &mut self,
+        now: u64,
+        id: TaskId,
+        token: u64,
+        result: &TaskResult,
+    ) -> CommandResult {
+        let Some(task) = self.tasks.get(&id) else {
+            return rejected(format!("task {id} does not exist (or was purged)"));
+        };
+        if task.state.is_finished() {
+            return rejected(format!("task {id} already finished"));
+        }
+        if !matches!(task.state, TaskState::Assigned | TaskState::Running) || task.token != token {
+            return rejected(format!(
+                "stale fencing token {token} for task {id} (current {})",
+                task.token
+            ));
+        }
+        self.release(id);
+        match result.status {
+            RunStatus::Succeeded => {
+                self.finish(id, TaskState::Succeeded, Some(result.clone()), now);
+            }
+            RunStatus::Failed | RunStatus::TimedOut => {
+                self.attempt_failed(id, result.clone(), now);
+            }
+        }
+        self.fill(now);
+        CommandResult::Accepted
+    }
+
+    // ----- internals ---------------------------------------------------------------------
+
+    fn next_seq(&mut self) -> u64 {
+        self.meta.next_seq += 1;
+        self.touch(ObjKey::Meta);
+        self.meta.next_seq
+    }
+
+    /// A live node with a free slot and memory for task `id`: one with an idle warm sandbox
+    /// of its function version first, then the least loaded.
+    fn choose_node(&self, id: TaskId, now: u64) -> Option<NodeId> {
+        let task = self.tasks.get(&id)?;
+        let mut best: Option<((bool, u64, u64), NodeId)> = None;
+        for n in self.nodes.values() {
+            if !is_live(n, now) {
+                continue;
+            }
+            let load = self.load_of(n.id) as u64;
+            if load >= u64::from(n.slots) {
+                continue;
+            }
+            let used = self.node_memory.get(&n.id).copied().unwrap_or(0) + n.warm_memory_bytes;
+            if load > 0 && used + task.memory_bytes > n.memory_budget_bytes {
+                continue;
+            }
+            let warm = n.warm_idle(&task.function, task.version) > 0;
+            let spread = (n.id ^ id).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let key = (!warm, load * 1_000_000 / u64::from(n.slots), spread);
+            if best.as_ref().is_none_or(|(k, _)| key < *k) {
+                best = Some((key, n.id));
+            }
+        }
+        best.map(|(_, n)| n)
+    }
+
+    fn assign(&mut self, id: TaskId, node: NodeId, now: u64) -> u64 {
+        self.meta.next_token += 1;
+        let token = self.meta.next_token;
+        self.touch(ObjKey::Meta);
+        let task = self.tasks.get_mut(&id).expect("assigning a known task");
+        task.state = TaskState::Assigned;
+        task.node = Some(node);
+        task.token = token;
+        task.attempts += 1;
+        task.assigned_ms = Some(now);
+        task.started_ms = None;
+        let (function, version, memory) = (task.function.clone(), task.version, task.memory_bytes);
+        let deadline = assignment_deadline(task);
+        self.dirty.insert(ObjKey::Task(id));
+        *self.active.entry(function.clone()).or_default() += 1;
+        self.by_node.entry(node).or_default().insert(id);
+        *self.node_memory.entry(node).or_default() += memory;
+        self.deadlines.insert((deadline, id));
+        if let Some(n) = self.nodes.get_mut(&node) {
+            if let Some(w) = n
+                .warm
+                .iter_mut()
+                .find(|w| w.function == function && w.version == version && w.idle > 0)
+            {
+                w.idle -= 1;
+                n.warm.retain(|w| w.idle > 0);
+                self.dirty.insert(ObjKey::Node(node));
+            }
+        }
+        token
+    }
+
+    /// Undoes the assignment bookkeeping of an assigned or running task.
+    fn release(&mut self, id: TaskId) {
+        let Some(task) = self.tasks.get(&id) else {
+            return;
+        };
+        if !matches!(task.state, TaskState::Assigned | TaskState::Running) {
+            return;
+        }
+        let (function, memory, deadline) = (
+            task.function.clone(),
+            task.memory_bytes,
+            assignment_deadline(task),
+        );
+        if let Some(node) = task.node {
+            if let Some(set) = self.by_node.get_mut(&node) {
+                set.remove(&id);
+                if set.is_empty() {
+                    self.by_node.remove(&node);
+                }
+            }
+            if let Some(m) = self.node_memory.get_mut(&node) {
+                *m = m.saturating_sub(memory);
+                if *m == 0 {
+                    self.node_memory.remove(&node);
+                }
+            }
+        }
+        if let Some(a) = self.active.get_mut(&function) {
+            *a = a.saturating_sub(1);
+            if *a == 0 {
+                self.active.remove(&function);
+            }
+        }
+        self.deadlines.remove(&(deadline, id));
+    }
+
+    /// Puts a released task back in its queue, not before `not_before`.
+    fn requeue(&mut self, id: TaskId, not_before: u64, now: u64) {
+        let Some(task) = self.tasks.get_mut(&id) else {
+            return;
+        };
+        task.state = TaskState::Queued;
+        task.node = None;
+        task.not_before_ms = not_before;
+        let entry = (task.queue_seq, id);
+        let function = task.function.clone();
+        self.dirty.insert(ObjKey::Task(id));
+        if not_before > now {
+            self.delayed.insert((not_before, id));
+        } else {
+            self.queues.entry(function).or_default().insert(entry);
+        }
+    }
+
+    /// A released task's attempt failed: retry after a back-off, or finish it.
+    fn attempt_failed(&mut self, id: TaskId, result: TaskResult, now: u64) {
+        let Some(task) = self.tasks.get_mut(&id) else {
+            return;
+        };
+        task.failures += 1;
+        let (max_attempts, backoff) = self
+            .functions
+            .get(&task.function)
+            .and_then(|f| f.version(task.version))
+            .map_or((1, 0), |v| (v.spec.max_attempts, v.spec.retry_backoff_ms));
+        let state = match result.status {
+            RunStatus::TimedOut => TaskState::TimedOut,
+            _ => TaskState::Failed,
+        };
+        if !task.sync && task.failures < max_attempts {
+            let shift = (task.failures - 1).min(20);
+            let delay = backoff.saturating_mul(1 << shift).min(RETRY_BACKOFF_MS_MAX);
+            self.task_bytes -= task.bytes();
+            task.result = Some(result);
+            self.task_bytes += task.bytes();
+            self.requeue(id, now + delay, now);
+        } else {
+            let dead = !task.sync;
+            task.dead_letter = dead;
+            self.finish(id, state, Some(result), now);
+        }
+    }
+
+    /// Moves a released (or queued) task to a finished state.
+    fn finish(&mut self, id: TaskId, state: TaskState, result: Option<TaskResult>, now: u64) {
+        let Some(task) = self.tasks.get_mut(&id) else {
+            return;
+        };
+        if task.state == TaskState::Queued {
+            if let Some(q) = self.queues.get_mut(&task.function) {
+                q.remove(&(task.queue_seq, id));
+            }
+            self.delayed.remove(&(task.not_before_ms, id));
+        }
+        self.task_bytes -= task.bytes();
+        task.state = state;
+        task.finished_ms = Some(now);
+        if result.is_some() {
+            task.result = result;
+        }
+        self.task_bytes += task.bytes();
+        self.finished.insert((now, id));
+        self.dirty.insert(ObjKey::Task(id));
+    }
+
+    fn purge(&mut self, id: TaskId) {
+        if let Some(task) = self.tasks.remove(&id) {
+            self.task_bytes -= task.bytes();
+            if let Some(at) = task.finished_ms {
+                self.finished.remove(&(at, id));
+            }
+            self.touch(ObjKey::Task(id));
+        }
+    }
+
+    fn purge_finished(&mut self, now: u64) {
+        while let Some(&(at, id)) = self.finished.first() {
+            let expired = at.saturating_add(RESULT_RETENTION_MS) <= now;
+            if !expired
+                && self.finished.len() <= FINISHED_TASKS_MAX
+                && self.task_bytes <= TASK_BYTES_MAX
+            {
+                break;
+            }
+            self.purge(id);
+        }
+    }
+
+    fn collect_garbage(&mut self, now: u64) {
+        let referenced: BTreeSet<&str> = self
+            .functions
+            .values()
+            .flat_map(|f| f.versions.iter().map(|v| v.spec.code_digest.as_str()))
+            .collect();
+        let unused: Vec<String> = self
+            .code
+            .values()
+            .filter(|b| {
+                !referenced.contains(b.digest.as_str())
+                    && b.created_ms.saturating_add(CODE_UNREFERENCED_TTL_MS) <= now
+            })
+            .map(|b| b.digest.clone())
+            .collect();
+        for digest in unused {
+            self.drop_code(&digest);
+        }
+        let forgotten: Vec<NodeId> = self
+            .nodes
+            .values()
+            .filter(|n| {
+                n.last_heartbeat_ms.saturating_add(NODE_FORGET_MS) <= now
+                    && !self.by_node.contains_key(&n.id)
+            })
+            .map(|n| n.id)
+            .collect();
+        for id in forgotten {
+            self.nodes.remove(&id);
+            self.touch(ObjKey::Node(id));
+        }
+    }
+
+    /// Places queued tasks while their functions have free concurrency and a node has room.
+    fn fill(&mut self, now: u64) {
+        let names: Vec<String> = self.queues.keys().cloned().collect();
+        for name in names {
+            let max = self
+                .functions
+                .get(&name)
+                .and_then(FunctionRecord::latest)
+                .map_or(0, |v| v.spec.max_concurrency);
+            loop {
+                let active = self.active.get(&name).copied().unwrap_or(0);
+                let Some(&(seq, id)) = self.queues.get(&name).and_then(BTreeSet::first) else {
+                    break;
+                };
+                if !self.functions.contains_key(&name) {
+                    self.queues.get_mut(&name).map(|q| q.remove(&(seq, id)));
+                    self.finish(
+                        id,
+                        TaskState::Failed,
+                        Some(failure_result("the function was removed")),
+                        now,
+                    );
+                    continue;
+                }
+                if active >= max {
+                    break;
+                }
+                let Some(node) = self.choose_node(id, now) else {
+                    break;
+                };
+                self.queues.get_mut(&name).map(|q| q.remove(&(seq, id)));
+                self.assign(id, node, now);
+            }
+            if self.queues.get(&name).is_some_and(BTreeSet::is_empty) {
+                self.queues.remove(&name);
+            }
+        }
+    }
+}
+
+fn is_live(n: &NodeRecord, now: u64) -> bool {
+    n.last_heartbeat_ms.saturating_add(NODE_LEASE_MS) > now
+}
+
+fn assignment_deadline(task: &Task) -> u64 {
+    task.assigned_ms
+        .unwrap_or(task.submitted_ms)
+        .saturating_add(task.timeout_ms)
+        .saturating_add(ASSIGNMENT_GRACE_MS)
+}
+
+fn rejected(reason: String) -> CommandResult {
+    CommandResult::Rejected { reason }
+}
+
+fn failure_result(error: &str) -> TaskResult {
+    TaskResult {
+        status: RunStatus::Failed,
+        node: 0,
+        exit_code: None,
+        output: Vec::new(),
+        log: Vec::new(),
+        error: Some(error.to_string()),
+        warm: false,
+        wall_ms: 0,
+        cpu_ms: 0,
+        peak_memory_bytes: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::functions::{DataGrant, FnMode, WarmReport};
+
+    fn upload(s: &mut Sched, now: u64, code: &[u8]) -> String {
+        let digest = hex::encode(Sha256::digest(code));
+        let total = code.len() as u64;
+        for (i, chunk) in code.chunks(CODE_CHUNK_BYTES_FOR_TEST).enumerate() {
+            let r = s.code_chunk(now, &digest, total, i as u32, chunk);
+            assert!(matches!(r, CommandResult::ChunkStored { .. }), "{r:?}");
+        }
+        digest
+    }
+
+    const CODE_CHUNK_BYTES_FOR_TEST: usize = crate::functions::CODE_CHUNK_BYTES;
+
+    fn spec(name: &str, digest: &str, max_concurrency: u32, queue_max: u32) -> FunctionSpec {
+        FunctionSpec {
+            name: name.into(),
+            code_digest: digest.into(),
+            entry: vec!["sh".into(), "main.sh".into()],
+            mode: FnMode::Exec,
+            tier: "standard".into(),
+            policy: None,
+            memory_bytes: 64 << 20,
+            timeout_ms: 1_000,
+            max_concurrency,
+            queue_max,
+            min_warm: 0,
+            max_attempts: 3,
+            retry_backoff_ms: 100,
+            data: DataGrant::default(),
+            env: vec![],
+        }
+    }
+
+    fn hb(node: NodeId, warm: Vec<WarmReport>) -> Heartbeat {
+        Heartbeat {
+            node,
+            slots: 8,
+            memory_budget_bytes: 1 << 30,
+            warm_memory_bytes: 0,
+            warm,
+            running: vec![],
+        }
+    }
+
+    fn result(status: RunStatus) -> TaskResult {
+        TaskResult {
+            status,
+            node: 1,
+            exit_code: Some(0),
+            output: b"out".to_vec(),
+            log: vec![],
+            error: None,
+            warm: false,
+            wall_ms: 1,
+            cpu_ms: 1,
+            peak_memory_bytes: 1,
+        }
+    }
+
+    fn submitted(r: CommandResult) -> (TaskId, Option<NodeId>, u64) {
+        match r {
+            CommandResult::Submitted { task, node, token } => (task, node, token),
+            other => panic!("not submitted: {other:?}"),
+        }
+    }
+
+    /// Reloading from the persisted objects gives the same state.
+    fn assert_reloads(s: &mut Sched, now: u64) {
+        s.take_changes();
+        let copy = Sched::from_objects(s.objects(), now).expect("valid image");
+        assert_eq!(&copy, s);
+    }
+
+    fn cluster() -> (Sched, String) {
+        let mut s = Sched::default();
+        let digest = upload(&mut s, 1, b"echo hi");
+        assert_eq!(
+            s.deploy(1, &spec("f", &digest, 2, 2)),
+            CommandResult::Deployed { version: 1 }
+        );
+        s.heartbeat(1, &hb(1, vec![]));
+        s.heartbeat(1, &hb(2, vec![]));
+        (s, digest)
+    }
+
+    #[test]
+    fn code_must_match_its_digest_and_be_complete() {
+        let mut s = Sched::default();
+        let code = vec![7u8; CODE_CHUNK_BYTES_FOR_TEST + 10];
+        let digest = hex::encode(Sha256::digest(&code));
+        let r = s.code_chunk(
+            1,
+            &digest,
+            code.len() as u64,
+            0,
+            &code[..CODE_CHUNK_BYTES_FOR_TEST],
+        );
+        assert_eq!(r, CommandResult::ChunkStored { complete: false });
+        assert!(matches!(
+            s.deploy(1, &spec("f", &digest, 1, 1)),
+            CommandResult::Rejected { .. }
+        ));
+        let r = s.code_chunk(
+            1,
+            &digest,
+            code.len() as u64,
+            1,
+            &code[CODE_CHUNK_BYTES_FOR_TEST..],
+        );
+        assert_eq!(r, CommandResult::ChunkStored { complete: true });
+        assert_eq!(s.code_archive(&digest).as_deref(), Some(&code[..]));
+        // A wrong archive under a digest is refused and leaves nothing behind.
+        let bad = "0".repeat(64);
+        assert!(matches!(
+            s.code_chunk(1, &bad, 3, 0, b"abc"),
+            CommandResult::Rejected { .. }
+        ));
+        assert!(s.code_blob(&bad).is_none());
+        assert_reloads(&mut s, 1);
+    }
+
+    #[test]
+    fn unknown_function_is_refused_at_submit() {
+        let (mut s, _) = cluster();
+        assert!(matches!(
+            s.submit(2, "nope", None, b"", true),
+            CommandResult::Rejected { .. }
+        ));
+        assert!(matches!(
+            s.submit(2, "f", Some(9), b"", false),
+            CommandResult::Rejected { .. }
+        ));
+        assert_eq!(s.stats().tasks_active, 0);
+    }
+
+    #[test]
+    fn concurrency_queue_and_throttle() {
+        let (mut s, _) = cluster();
+        let a = submitted(s.submit(2, "f", None, b"1", false));
+        let b = submitted(s.submit(2, "f", None, b"2", false));
+        assert!(a.1.is_some() && b.1.is_some());
+        let c = submitted(s.submit(2, "f", None, b"3", false));
+        let d = submitted(s.submit(2, "f", None, b"4", false));
+        assert_eq!((c.1, d.1), (None, None));
+        assert!(matches!(
+            s.submit(2, "f", None, b"5", false),
+            CommandResult::Throttled { .. }
+        ));
+        // A completion frees a slot: the oldest queued task is placed.
+        assert_eq!(
+            s.complete(3, a.0, a.2, &result(RunStatus::Succeeded)),
+            CommandResult::Accepted
+        );
+        assert_eq!(s.task(c.0).map(|t| t.state), Some(TaskState::Assigned));
+        assert_eq!(s.task(d.0).map(|t| t.state), Some(TaskState::Queued));
+        assert_eq!(s.task(a.0).map(|t| t.state), Some(TaskState::Succeeded));
+        assert_reloads(&mut s, 3);
+    }
+
+    #[test]
+    fn warm_node_is_preferred_and_claimed() {
+        let (mut s, _) = cluster();
+        let warm = vec![WarmReport {
+            function: "f".into(),
+            version: 1,
+            idle: 1,
+        }];
+        s.heartbeat(2, &hb(2, warm));
+        let a = submitted(s.submit(3, "f", None, b"", true));
+        assert_eq!(a.1, Some(2));
+        // The one warm sandbox is claimed: the next goes by load, to node 1.
+        let b = submitted(s.submit(3, "f", None, b"", true));
+        assert_eq!(b.1, Some(1));
+        assert_reloads(&mut s, 3);
+    }
+
+    #[test]
+    fn silent_node_loses_its_tasks_and_stale_tokens_are_refused() {
+        let (mut s, _) = cluster();
+        let a = submitted(s.submit(2, "f", None, b"", true));
+        let first = a.1.expect("placed");
+        let other = if first == 1 { 2 } else { 1 };
+        // Only the other node keeps heartbeating.
+        s.heartbeat(NODE_LEASE_MS, &hb(other, vec![]));
+        s.tick(NODE_LEASE_MS + 2);
+        let t = s.task(a.0).expect("task").clone();
+        assert_eq!(
+            (t.state, t.node, t.attempts),
+            (TaskState::Assigned, Some(other), 2)
+        );
+        assert!(t.token > a.2);
+        let late = s.complete(NODE_LEASE_MS + 3, a.0, a.2, &result(RunStatus::Succeeded));
+        assert!(matches!(late, CommandResult::Rejected { .. }), "{late:?}");
+        assert_eq!(
+            s.complete(
+                NODE_LEASE_MS + 3,
+                a.0,
+                t.token,
+                &result(RunStatus::Succeeded)
+            ),
+            CommandResult::Accepted
+        );
+        assert_reloads(&mut s, NODE_LEASE_MS + 3);
+    }
+
+    #[test]
+    fn async_failures_retry_with_backoff_then_dead_letter() {
+        let (mut s, _) = cluster();
+        let (id, _, mut token) = submitted(s.submit(2, "f", None, b"", false));
+        let mut now = 2;
+        for attempt in 1..=3u32 {
+            s.heartbeat(now, &hb(1, vec![]));
+            s.heartbeat(now, &hb(2, vec![]));
+            let t = s.task(id).expect("task").clone();
+            assert_eq!((t.state, t.attempts), (TaskState::Assigned, attempt));
+            token = if attempt == 1 { token } else { t.token };
+            s.complete(now, id, token, &result(RunStatus::Failed));
+            if attempt < 3 {
+                assert_eq!(s.task(id).map(|t| t.state), Some(TaskState::Queued));
+                // Not before the back-off.
+                s.tick(now + 1);
+                assert_eq!(s.task(id).map(|t| t.state), Some(TaskState::Queued));
+                now += 100 << (attempt - 1);
+                s.tick(now);
+            }
+        }
+        let t = s.task(id).expect("task");
+        assert_eq!(
+            (t.state, t.dead_letter, t.failures),
+            (TaskState::Failed, true, 3)
+        );
+        let dead = s.list_tasks(
+            &TaskFilter {
+                dead_letter: true,
+                ..TaskFilter::default()
+            },
+            0,
+            10,
+        );
+        assert_eq!(dead.len(), 1);
+        assert_reloads(&mut s, now);
+    }
+
+    #[test]
+    fn sync_failures_are_not_retried_and_results_expire() {
+        let (mut s, _) = cluster();
+        let (id, _, token) = submitted(s.submit(2, "f", None, b"", true));
+        s.complete(3, id, token, &result(RunStatus::Failed));
+        let t = s.task(id).expect("task");
+        assert_eq!((t.state, t.dead_letter), (TaskState::Failed, false));
+        s.tick(3 + RESULT_RETENTION_MS);
+        assert!(s.task(id).is_none());
+        assert_reloads(&mut s, 3 + RESULT_RETENTION_MS);
+    }
+
+    #[test]
+    fn removing_a_function_fails_its_queue_and_collects_its_code() {
+        let (mut s, digest) = cluster();
+        let mut ids = vec![];
+        for _ in 0..4 {
+            ids.push(submitted(s.submit(2, "f", None, b"", false)).0);
+        }
+        assert_eq!(s.remove(3, "f"), CommandResult::Removed);
+        assert_eq!(s.task(ids[3]).map(|t| t.state), Some(TaskState::Failed));
+        assert_eq!(s.task(ids[0]).map(|t| t.state), Some(TaskState::Assigned));
+        s.tick(3 + CODE_UNREFERENCED_TTL_MS + GC_INTERVAL_MS);
+        assert!(s.code_blob(&digest).is_none());
+        assert_reloads(&mut s, 3 + CODE_UNREFERENCED_TTL_MS + GC_INTERVAL_MS);
+    }
+}
