@@ -7,6 +7,10 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+pub use skiff_raft_store::functions::{
+    DataGrant, FnMode, FunctionRecord, FunctionSpec, FunctionVersion, NodeRecord, RunStatus,
+    SchedStats, Task, TaskFilter, TaskId, TaskResult, TaskState, WarmReport,
+};
 pub use skiff_raft_store::model::{
     ClientCommand, Command, CommandResult, KvEntry, KvPage, NodeId, RequestId,
 };
@@ -39,6 +43,51 @@ pub trait ClientApi {
     async fn cluster_remove_node(id: NodeId) -> Result<(), ApiError>;
     /// The cluster as the leader sees it (or this node, when there is no leader).
     async fn cluster_status() -> Result<ClusterStatus, ApiError>;
+    /// Invokes a function. With `wait`, answers when the task has finished (or the wait
+    /// timed out: `Timeout`, the task goes on); without, as soon as it is queued.
+    async fn invoke(req: InvokeRequest) -> Result<Task, ApiError>;
+    /// One task, if it exists (finished tasks are purged after their retention).
+    async fn task_get(id: TaskId, read: ReadConsistency) -> Result<Option<Task>, ApiError>;
+    /// Tasks matching `filter` with ids above `after`, in id order, at most `limit`.
+    async fn task_list(
+        filter: TaskFilter,
+        after: TaskId,
+        limit: u32,
+        read: ReadConsistency,
+    ) -> Result<Vec<Task>, ApiError>;
+    /// A function with all its kept versions.
+    async fn fn_get(
+        name: String,
+        read: ReadConsistency,
+    ) -> Result<Option<FunctionRecord>, ApiError>;
+    /// Every function, each with its latest version only.
+    async fn fn_list(read: ReadConsistency) -> Result<Vec<FunctionRecord>, ApiError>;
+    /// Worker nodes as their heartbeats describe them, and scheduler counters.
+    async fn workers(read: ReadConsistency) -> Result<Workers, ApiError>;
+}
+
+/// An invocation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InvokeRequest {
+    /// Makes the submission idempotent under retries: the same id gets the same task.
+    pub request_id: RequestId,
+    pub function: String,
+    /// `None`: the latest version.
+    pub version: Option<u64>,
+    pub payload: Vec<u8>,
+    /// Wait for the result (sync) or return once queued (async).
+    pub wait: bool,
+}
+
+/// Worker nodes and scheduler counters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Workers {
+    pub nodes: Vec<NodeRecord>,
+    /// Tasks assigned or running per node.
+    pub load: Vec<(NodeId, u32)>,
+    pub stats: SchedStats,
+    /// The state machine's time (leader stamps), to judge heartbeat ages.
+    pub now_ms: u64,
 }
 
 /// How fresh a read must be.
@@ -76,6 +125,9 @@ pub enum ApiError {
     /// The node is saturated (bounded queue full); retry after a pause.
     #[error("overloaded: {0}")]
     Overloaded(String),
+    /// The function's queue is full (or the cluster's task store): nothing was queued.
+    #[error("throttled: {0}")]
+    Throttled(String),
     /// The node is shutting down.
     #[error("node is shutting down")]
     ShuttingDown,

@@ -61,6 +61,7 @@ impl From<ClientError> for CliError {
                 ApiError::NoLeader { .. }
                 | ApiError::Timeout(_)
                 | ApiError::Overloaded(_)
+                | ApiError::Throttled(_)
                 | ApiError::ShuttingDown => ExitCode::Unavailable,
                 ApiError::InvalidArgument(_) => ExitCode::Usage,
                 ApiError::NotFound(_) => ExitCode::NotFound,

@@ -33,6 +33,8 @@ pub struct NodeConfig {
     pub raft: RaftSettings,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub worker: WorkerSettings,
     /// Addresses to dial instead of the membership's for some peers (node id -> `host:port`):
     /// for a proxy or NAT between nodes. The fault-injection harness routes every link through
     /// its own proxy this way.
@@ -127,6 +129,50 @@ impl Default for Limits {
     }
 }
 
+/// How this node runs functions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerSettings {
+    /// Run tasks on this node (a node with it off still votes and serves clients).
+    pub enabled: bool,
+    /// Tasks run at once on this node.
+    pub slots: u32,
+    /// Memory given to sandboxes, running and warm; placement keeps within it.
+    pub memory_budget_bytes: u64,
+    /// Most idle warm sandboxes.
+    pub warm_pool_max: usize,
+    /// Most memory held by idle warm sandboxes (counted in `memory_budget_bytes` too).
+    pub warm_memory_budget_bytes: u64,
+    /// An idle warm sandbox is discarded after this long.
+    pub warm_idle_expiry_ms: u64,
+    /// Keep one warm sandbox of a function version after it ran here.
+    pub keep_warm_after_use: bool,
+    /// How long a task waits for a warm sandbox being prepared before cold-starting one.
+    pub cold_start_wait_ms: u64,
+    /// Interval of this node's heartbeats (warm pools, running tasks) through the log.
+    pub heartbeat_interval_ms: u64,
+    /// Content-addressed cache of unpacked code; its path must be traversable by others
+    /// (sandboxes run as unprivileged uids). Node processes on one host may share it.
+    pub code_cache_dir: PathBuf,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        WorkerSettings {
+            enabled: true,
+            slots: 32,
+            memory_budget_bytes: 8 * 1024 * 1024 * 1024,
+            warm_pool_max: 64,
+            warm_memory_budget_bytes: 1024 * 1024 * 1024,
+            warm_idle_expiry_ms: 300_000,
+            keep_warm_after_use: true,
+            cold_start_wait_ms: 25,
+            heartbeat_interval_ms: 1000,
+            code_cache_dir: PathBuf::from("/run/skiff/code"),
+        }
+    }
+}
+
 /// A configuration that cannot be used, with what is wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -179,6 +225,8 @@ struct FileConfig {
     #[serde(default)]
     limits: Limits,
     #[serde(default)]
+    worker: WorkerSettings,
+    #[serde(default)]
     dial_overrides: std::collections::BTreeMap<String, String>,
 }
 
@@ -227,6 +275,7 @@ impl NodeConfig {
                 .unwrap_or(LogFormat::Human),
             raft: file.raft,
             limits: file.limits,
+            worker: file.worker,
             dial_overrides: file.dial_overrides,
         };
         config.validate()?;
@@ -304,6 +353,30 @@ impl NodeConfig {
         if r.append_entries_max == 0 {
             return Err(invalid("raft.append_entries_max", "must be positive"));
         }
+        let w = &self.worker;
+        if w.slots == 0 || w.slots > 10_000 {
+            return Err(invalid("worker.slots", "must be between 1 and 10000"));
+        }
+        if w.heartbeat_interval_ms == 0
+            || w.heartbeat_interval_ms >= skiff_raft_store::functions::NODE_LEASE_MS / 2
+        {
+            return Err(invalid(
+                "worker.heartbeat_interval_ms",
+                format!(
+                    "must be positive and under half the node lease ({} ms)",
+                    skiff_raft_store::functions::NODE_LEASE_MS
+                ),
+            ));
+        }
+        if w.warm_memory_budget_bytes > w.memory_budget_bytes {
+            return Err(invalid(
+                "worker.warm_memory_budget_bytes",
+                "cannot exceed worker.memory_budget_bytes",
+            ));
+        }
+        if !w.code_cache_dir.is_absolute() {
+            return Err(invalid("worker.code_cache_dir", "must be an absolute path"));
+        }
         let l = &self.limits;
         let positive: [(&'static str, usize); 6] = [
             ("limits.connections_max", l.connections_max),
@@ -354,6 +427,7 @@ impl NodeConfig {
             log_format: LogFormat::Human,
             raft: RaftSettings::default(),
             limits: Limits::default(),
+            worker: WorkerSettings::default(),
             dial_overrides: Default::default(),
         };
         let body = toml::to_string_pretty(&example).expect("the default config serializes");

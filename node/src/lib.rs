@@ -9,7 +9,9 @@
 //!   network built on it;
 //! - [`batcher`]: group commit — many client commands per log entry;
 //! - [`dev`]: `skiffd dev`, a local multi-process cluster in one command;
-//! - [`metrics`]: Prometheus metrics and the `/metrics` endpoint.
+//! - [`metrics`]: Prometheus metrics and the `/metrics` endpoint;
+//! - [`invoke`]: the invocation path (submit through the leader, dispatch, wait);
+//! - [`worker`]: runs assigned tasks in sandboxes, warm pools, heartbeats, reconciliation.
 //!
 //! Invariants: a node never dials itself; every queue is bounded; writes reach the log only
 //! through the leader's batcher; reads that claim linearizability are confirmed by a quorum.
@@ -18,9 +20,11 @@
 pub mod batcher;
 pub mod config;
 pub mod dev;
+pub mod invoke;
 pub mod metrics;
 pub mod peer;
 pub mod server;
+pub mod worker;
 
 use std::path::PathBuf;
 

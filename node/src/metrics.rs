@@ -42,8 +42,32 @@ pub struct ReasonLabel {
     pub reason: String,
 }
 
+/// One finished attempt, as counted on the node that ran it.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct InvocationLabel {
+    pub function: String,
+    /// `succeeded`, `failed` or `timed_out`.
+    pub outcome: String,
+    /// `warm` or `cold`.
+    pub start: String,
+}
+
+/// Invocations refused at submit, by function.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FunctionLabel {
+    pub function: String,
+}
+
 /// Every metric of one node.
 pub struct Metrics {
+    /// Attempts run on this node, by function, outcome and warm or cold start.
+    pub invocations: Family<InvocationLabel, Counter>,
+    /// Seconds of one attempt on this node (sandbox hand-off to result).
+    pub invocation_seconds: Histogram,
+    /// Invocations refused because a queue was full.
+    pub throttled: Family<FunctionLabel, Counter>,
+    warm_idle: Gauge,
+    warm_memory_bytes: Gauge,
     /// Client commands by how their write ended.
     pub writes: Family<OutcomeLabel, Counter>,
     /// Commands per log entry proposed by the leader.
@@ -70,6 +94,11 @@ impl Metrics {
         let commit_seconds = Histogram::new(exponential_buckets(0.000_05, 2.0, 16));
         let rejected_inputs = Family::<ReasonLabel, Counter>::default();
         let m = Metrics {
+            invocations: Family::default(),
+            invocation_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 18)),
+            throttled: Family::default(),
+            warm_idle: Gauge::default(),
+            warm_memory_bytes: Gauge::default(),
             writes,
             batch_commands,
             commit_seconds,
@@ -130,7 +159,72 @@ impl Metrics {
             "Client commands waiting for the batcher",
             m.write_queue_depth.clone(),
         );
+        registry.register(
+            "invocations",
+            "Attempts run on this node by function, outcome and start (warm or cold)",
+            m.invocations.clone(),
+        );
+        registry.register(
+            "invocation_seconds",
+            "Seconds of one attempt on this node",
+            m.invocation_seconds.clone(),
+        );
+        registry.register(
+            "throttled",
+            "Invocations refused because the function's queue was full",
+            m.throttled.clone(),
+        );
+        registry.register(
+            "warm_sandboxes",
+            "Idle warm sandboxes on this node",
+            m.warm_idle.clone(),
+        );
+        registry.register(
+            "warm_memory_bytes",
+            "Memory held by idle warm sandboxes on this node",
+            m.warm_memory_bytes.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// Counts one finished attempt.
+    pub fn invocation(
+        &self,
+        function: &str,
+        status: skiff_client::api::RunStatus,
+        warm: bool,
+        wall_ms: u64,
+    ) {
+        use skiff_client::api::RunStatus;
+        let outcome = match status {
+            RunStatus::Succeeded => "succeeded",
+            RunStatus::Failed => "failed",
+            RunStatus::TimedOut => "timed_out",
+        };
+        self.invocations
+            .get_or_create(&InvocationLabel {
+                function: function.to_string(),
+                outcome: outcome.to_string(),
+                start: if warm { "warm" } else { "cold" }.to_string(),
+            })
+            .inc();
+        self.invocation_seconds.observe(wall_ms as f64 / 1000.0);
+    }
+
+    /// Counts an invocation refused as throttled.
+    pub fn throttled_invocation(&self, function: &str) {
+        self.throttled
+            .get_or_create(&FunctionLabel {
+                function: function.to_string(),
+            })
+            .inc();
+    }
+
+    /// Sets the warm pool gauges.
+    pub fn warm_pool(&self, idle: usize, memory_bytes: u64) {
+        self.warm_idle.set(i64::try_from(idle).unwrap_or(i64::MAX));
+        self.warm_memory_bytes
+            .set(i64::try_from(memory_bytes).unwrap_or(i64::MAX));
     }
 
     pub fn write(&self, outcome: WriteOutcome, commands: u64) {

@@ -23,7 +23,8 @@ use openraft::raft::{
 use openraft::BasicNode;
 use serde::{Deserialize, Serialize};
 use skiff_client::api::{
-    ApiError, ClientCommand, ClusterStatus, CommandResult, KvEntry, KvPage, NodeId,
+    ApiError, ClientCommand, ClusterStatus, CommandResult, FunctionRecord, FunctionVersion,
+    InvokeRequest, KvEntry, KvPage, NodeId, Task, TaskFilter, TaskId, Workers,
 };
 use skiff_client::transport::{self, Service};
 use skiff_raft_store::types::TypeConfig;
@@ -50,6 +51,19 @@ pub enum ReadOp {
         start_after: Option<String>,
         limit: u32,
     },
+    Task {
+        id: TaskId,
+    },
+    Tasks {
+        filter: TaskFilter,
+        after: TaskId,
+        limit: u32,
+    },
+    Function {
+        name: String,
+    },
+    Functions,
+    Workers,
 }
 
 /// The answer to a [`ReadOp`].
@@ -57,6 +71,11 @@ pub enum ReadOp {
 pub enum ReadResult {
     Get(Option<KvEntry>),
     List(KvPage),
+    Task(Option<Box<Task>>),
+    Tasks(Vec<Task>),
+    Function(Option<Box<FunctionRecord>>),
+    Functions(Vec<FunctionRecord>),
+    Workers(Workers),
 }
 
 /// A membership change forwarded to the leader.
@@ -101,6 +120,16 @@ pub trait PeerApi {
     async fn forward_read(op: ReadOp) -> Result<ReadResult, ApiError>;
     async fn forward_admin(op: AdminOp) -> Result<AdminResult, ApiError>;
     async fn probe() -> Probe;
+    /// Submits (and, with `wait`, waits for) an invocation on the leader.
+    async fn forward_invoke(req: InvokeRequest) -> Result<Task, ApiError>;
+    /// The leader's fast path: run this task, assigned to the target node under its token.
+    /// The target also finds it in its applied state (the slow path); running it twice under
+    /// one token is prevented on the target.
+    async fn dispatch(
+        target: NodeId,
+        task: Task,
+        function: FunctionVersion,
+    ) -> Result<(), PeerRefusal>;
 }
 
 /// Opens a peer connection to `addr`.

@@ -18,10 +18,12 @@ use futures::StreamExt;
 use openraft::error::{CheckIsLeaderError, InitializeError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState};
 use skiff_client::api::{
-    ApiError, ClientApi, ClientCommand, ClusterStatus, CommandResult, KvEntry, KvPage, MemberRole,
-    NodeId, NodeStatus, ReadConsistency,
+    ApiError, ClientApi, ClientCommand, ClusterStatus, Command, CommandResult, FunctionRecord,
+    FunctionVersion, InvokeRequest, KvEntry, KvPage, MemberRole, NodeId, NodeStatus,
+    ReadConsistency, Task, TaskFilter, TaskId, Workers,
 };
 use skiff_client::transport::{self, Service};
+use skiff_raft_store::functions::validate_function_name;
 use skiff_raft_store::model::{validate_key, KEY_BYTES_MAX, LIST_LIMIT_MAX};
 use skiff_raft_store::types::Raft;
 use skiff_raft_store::StateMachineStore;
@@ -37,6 +39,7 @@ use crate::metrics::Metrics;
 use crate::peer::{
     self, AdminOp, AdminResult, Network, PeerApi, PeerPool, PeerRefusal, Probe, ReadOp, ReadResult,
 };
+use crate::worker::Worker;
 use crate::NodeError;
 
 /// How long a node without a known leader waits for one before answering `NoLeader`.
@@ -55,6 +58,16 @@ pub struct NodeInner {
     pub batcher: Batcher,
     pub peers: PeerPool,
     pub metrics: Arc<Metrics>,
+    pub worker: Arc<Worker>,
+    /// Set once shutdown begins; background loops stop.
+    pub stopping: std::sync::atomic::AtomicBool,
+}
+
+impl NodeInner {
+    /// Whether this node runs tasks.
+    pub fn worker_enabled(&self) -> bool {
+        self.config.worker.enabled
+    }
 }
 
 /// A cheap handle on the node's shared state.
@@ -84,6 +97,8 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
     if let Some(l) = metrics_listener {
         let n = node.clone();
         tokio::spawn(crate::metrics::serve(l, move || {
+            let pool = n.0.worker.pool().stats();
+            n.0.metrics.warm_pool(pool.idle, pool.memory_bytes);
             n.0.metrics.render(&n.0.raft, n.0.batcher.queue_depth())
         }));
     }
@@ -124,7 +139,8 @@ pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
         config.limits.entry_bytes_max,
     );
     let peers = PeerPool::new(config.id, config.limits.peer_frame_bytes_max, overrides);
-    Ok(Node(Arc::new(NodeInner {
+    let worker = Arc::new(Worker::new(config.id, config.worker.clone()));
+    let node = Node(Arc::new(NodeInner {
         id: config.id,
         config,
         raft,
@@ -132,11 +148,21 @@ pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
         batcher,
         peers,
         metrics,
-    })))
+        worker,
+        stopping: std::sync::atomic::AtomicBool::new(false),
+    }));
+    crate::worker::start_loops(&node);
+    Ok(node)
 }
 
 /// Stops Raft (no more votes or appends from this node) and lets the store close.
 pub async fn stop(node: Node) -> Result<(), NodeError> {
+    node.0
+        .stopping
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let pool_node = node.clone();
+    // Idle warm sandboxes are removed now, not when the last handle drops.
+    let _ = tokio::task::spawn_blocking(move || pool_node.0.worker.pool().clear()).await;
     node.0
         .raft
         .shutdown()
@@ -208,12 +234,17 @@ async fn serve_connection(node: Node, mut stream: tokio::net::TcpStream) -> std:
 }
 
 impl Node {
-    fn timeout(&self) -> Duration {
+    /// Whether shutdown has begun.
+    pub fn stopping(&self) -> bool {
+        self.0.stopping.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub(crate) fn timeout(&self) -> Duration {
         Duration::from_millis(self.0.config.limits.request_timeout_ms)
     }
 
     /// The current leader and its address, waiting up to [`LEADER_WAIT`] for one to appear.
-    async fn leader(&self) -> Result<(NodeId, String), ApiError> {
+    pub(crate) async fn leader(&self) -> Result<(NodeId, String), ApiError> {
         let deadline = tokio::time::Instant::now() + LEADER_WAIT;
         let mut metrics = self.0.raft.metrics();
         loop {
@@ -237,7 +268,11 @@ impl Node {
         }
     }
 
-    async fn peer(&self, id: NodeId, addr: &str) -> Result<peer::PeerApiClient, ApiError> {
+    pub(crate) async fn peer(
+        &self,
+        id: NodeId,
+        addr: &str,
+    ) -> Result<peer::PeerApiClient, ApiError> {
         self.0.peers.get(id, addr).await.map_err(|e| {
             tracing::debug!(leader = id, %addr, error = %e, "cannot reach the leader");
             ApiError::NoLeader {
@@ -247,7 +282,12 @@ impl Node {
         })
     }
 
-    fn forward_failed(&self, leader: NodeId, addr: &str, e: tarpc::client::RpcError) -> ApiError {
+    pub(crate) fn forward_failed(
+        &self,
+        leader: NodeId,
+        addr: &str,
+        e: tarpc::client::RpcError,
+    ) -> ApiError {
         match e {
             tarpc::client::RpcError::DeadlineExceeded => ApiError::Timeout(format!(
                 "leader node {leader} at {addr} did not answer in time"
@@ -266,11 +306,36 @@ impl Node {
                 self.0.metrics.rejected("invalid_command");
                 return Err(ApiError::InvalidArgument(e.to_string()));
             }
+            if let Command::FnDeploy { spec } = &c.command {
+                if let Err(e) = crate::worker::check_function_sandbox(spec) {
+                    self.0.metrics.rejected("invalid_function");
+                    return Err(ApiError::InvalidArgument(format!(
+                        "function {}: {e}",
+                        spec.name
+                    )));
+                }
+            }
         }
         Ok(())
     }
 
-    async fn write(&self, commands: Vec<ClientCommand>) -> Result<Vec<CommandResult>, ApiError> {
+    /// Refuses commands only nodes may send (heartbeats, completions) or that have their
+    /// own call (submissions go through `invoke`).
+    fn client_commands_only(&self, commands: &[ClientCommand]) -> Result<(), ApiError> {
+        if commands.iter().any(|c| !c.command.is_client_command()) {
+            self.0.metrics.rejected("node_only_command");
+            return Err(ApiError::InvalidArgument(
+                "heartbeats, completions and submissions cannot be sent with write (use invoke)"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn write(
+        &self,
+        commands: Vec<ClientCommand>,
+    ) -> Result<Vec<CommandResult>, ApiError> {
         self.validate(&commands)?;
         let (leader, addr) = self.leader().await?;
         if leader == self.0.id {
@@ -309,6 +374,15 @@ impl Node {
                     )));
                 }
             }
+            ReadOp::Function { name } => {
+                validate_function_name(name).map_err(ApiError::InvalidArgument)?
+            }
+            ReadOp::Tasks { filter, .. } => {
+                if let Some(f) = &filter.function {
+                    validate_function_name(f).map_err(ApiError::InvalidArgument)?
+                }
+            }
+            ReadOp::Task { .. } | ReadOp::Functions | ReadOp::Workers => {}
         }
         if consistency == ReadConsistency::Local {
             return Ok(self.read_local(op));
@@ -360,6 +434,46 @@ impl Node {
                     start_after.as_deref(),
                     limit.clamp(1, LIST_LIMIT_MAX),
                 )
+            })),
+            ReadOp::Task { id } => ReadResult::Task(
+                self.0
+                    .store
+                    .read(|sm| sm.sched().task(id).cloned().map(Box::new)),
+            ),
+            ReadOp::Tasks {
+                filter,
+                after,
+                limit,
+            } => ReadResult::Tasks(
+                self.0
+                    .store
+                    .read(|sm| sm.sched().list_tasks(&filter, after, limit as usize)),
+            ),
+            ReadOp::Function { name } => ReadResult::Function(
+                self.0
+                    .store
+                    .read(|sm| sm.sched().function(&name).cloned().map(Box::new)),
+            ),
+            ReadOp::Functions => ReadResult::Functions(self.0.store.read(|sm| {
+                sm.sched()
+                    .functions()
+                    .map(|f| FunctionRecord {
+                        versions: f.latest().cloned().into_iter().collect(),
+                        ..f.clone()
+                    })
+                    .collect()
+            })),
+            ReadOp::Workers => ReadResult::Workers(self.0.store.read(|sm| {
+                let s = sm.sched();
+                Workers {
+                    nodes: s.nodes().cloned().collect(),
+                    load: s
+                        .nodes()
+                        .map(|n| (n.id, u32::try_from(s.load_of(n.id)).unwrap_or(u32::MAX)))
+                        .collect(),
+                    stats: s.stats(),
+                    now_ms: sm.last_time_ms(),
+                }
             })),
         }
     }
@@ -636,6 +750,7 @@ impl ClientApi for Node {
         _: Context,
         commands: Vec<ClientCommand>,
     ) -> Result<Vec<CommandResult>, ApiError> {
+        self.client_commands_only(&commands)?;
         Node::write(&self, commands).await
     }
 
@@ -647,7 +762,9 @@ impl ClientApi for Node {
     ) -> Result<Option<KvEntry>, ApiError> {
         match self.read(ReadOp::Get { key }, read).await? {
             ReadResult::Get(e) => Ok(e),
-            ReadResult::List(_) => Err(ApiError::Internal("a get was answered with a list".into())),
+            _ => Err(ApiError::Internal(
+                "a get was answered with another read".into(),
+            )),
         }
     }
 
@@ -671,7 +788,9 @@ impl ClientApi for Node {
             .await?
         {
             ReadResult::List(p) => Ok(p),
-            ReadResult::Get(_) => Err(ApiError::Internal("a list was answered with a get".into())),
+            _ => Err(ApiError::Internal(
+                "a list was answered with another read".into(),
+            )),
         }
     }
 
@@ -696,6 +815,81 @@ impl ClientApi for Node {
             AdminResult::Status(s) => Ok(s),
             AdminResult::Done => Err(ApiError::Internal(
                 "status answered without a status".into(),
+            )),
+        }
+    }
+
+    async fn invoke(self, _: Context, req: InvokeRequest) -> Result<Task, ApiError> {
+        Node::invoke(&self, req).await
+    }
+
+    async fn task_get(
+        self,
+        _: Context,
+        id: TaskId,
+        read: ReadConsistency,
+    ) -> Result<Option<Task>, ApiError> {
+        match self.read(ReadOp::Task { id }, read).await? {
+            ReadResult::Task(t) => Ok(t.map(|t| *t)),
+            _ => Err(ApiError::Internal(
+                "a task read was answered with another read".into(),
+            )),
+        }
+    }
+
+    async fn task_list(
+        self,
+        _: Context,
+        filter: TaskFilter,
+        after: TaskId,
+        limit: u32,
+        read: ReadConsistency,
+    ) -> Result<Vec<Task>, ApiError> {
+        let op = ReadOp::Tasks {
+            filter,
+            after,
+            limit,
+        };
+        match self.read(op, read).await? {
+            ReadResult::Tasks(t) => Ok(t),
+            _ => Err(ApiError::Internal(
+                "a task list was answered with another read".into(),
+            )),
+        }
+    }
+
+    async fn fn_get(
+        self,
+        _: Context,
+        name: String,
+        read: ReadConsistency,
+    ) -> Result<Option<FunctionRecord>, ApiError> {
+        match self.read(ReadOp::Function { name }, read).await? {
+            ReadResult::Function(f) => Ok(f.map(|f| *f)),
+            _ => Err(ApiError::Internal(
+                "a function read was answered with another read".into(),
+            )),
+        }
+    }
+
+    async fn fn_list(
+        self,
+        _: Context,
+        read: ReadConsistency,
+    ) -> Result<Vec<FunctionRecord>, ApiError> {
+        match self.read(ReadOp::Functions, read).await? {
+            ReadResult::Functions(f) => Ok(f),
+            _ => Err(ApiError::Internal(
+                "a function list was answered with another read".into(),
+            )),
+        }
+    }
+
+    async fn workers(self, _: Context, read: ReadConsistency) -> Result<Workers, ApiError> {
+        match self.read(ReadOp::Workers, read).await? {
+            ReadResult::Workers(w) => Ok(w),
+            _ => Err(ApiError::Internal(
+                "a workers read was answered with another read".into(),
             )),
         }
     }
@@ -769,6 +963,27 @@ impl PeerApi for Node {
 
     async fn probe(self, _: Context) -> Probe {
         self.own_probe()
+    }
+
+    async fn forward_invoke(self, _: Context, req: InvokeRequest) -> Result<Task, ApiError> {
+        if self.0.raft.current_leader().await != Some(self.0.id) {
+            return Err(self.not_leader_hint());
+        }
+        self.invoke_on_leader(req).await
+    }
+
+    async fn dispatch(
+        self,
+        _: Context,
+        target: NodeId,
+        task: Task,
+        function: FunctionVersion,
+    ) -> Result<(), PeerRefusal> {
+        self.check_target(target)?;
+        if task.node == Some(self.0.id) && self.0.worker_enabled() {
+            tokio::spawn(crate::worker::run_task(self.clone(), task, function));
+        }
+        Ok(())
     }
 }
 

@@ -280,6 +280,21 @@ impl WarmPool {
         }
     }
 
+    /// Idle sandboxes for `key` (expired ones included until the next expiry pass).
+    pub fn idle_count(&self, key: &PoolKey) -> usize {
+        self.lock().idle.get(key).map_or(0, VecDeque::len)
+    }
+
+    /// Idle sandboxes per key, in no particular order.
+    pub fn idle_by_key(&self) -> Vec<(PoolKey, usize)> {
+        self.lock()
+            .idle
+            .iter()
+            .filter(|(_, q)| !q.is_empty())
+            .map(|(k, q)| (k.clone(), q.len()))
+            .collect()
+    }
+
     pub fn stats(&self) -> PoolStats {
         let inner = self.lock();
         PoolStats {

@@ -1,0 +1,191 @@
+//! The invocation path on the node that receives it.
+//!
+//! client → any node's `invoke` → (forwarded one hop to the leader) → a `Submit` command
+//! through the batcher (placement is decided in apply) → the leader dispatches the task to
+//! its node (fast path) → the worker runs it and proposes `Complete` → for a sync call, the
+//! leader answers when its applied state shows the task finished.
+//!
+//! A retried invocation carries the same request id, so it finds the task the first try
+//! made (the state machine's deduplication answers with the stored submission) and waits for
+//! that task: one task per invocation, whatever the retries.
+
+use std::time::Duration;
+
+use skiff_client::api::{
+    ApiError, ClientCommand, Command, CommandResult, InvokeRequest, Task, TaskId, TaskState,
+};
+use skiff_raft_store::functions::{validate_function_name, PAYLOAD_BYTES_MAX, TIMEOUT_MS_MAX};
+
+use crate::peer;
+use crate::server::Node;
+
+/// Added to a function's timeout for the time a sync caller waits: queueing, start, report.
+const WAIT_MARGIN: Duration = Duration::from_secs(30);
+
+impl Node {
+    /// Submits an invocation (through the leader) and, if asked, waits for its result.
+    pub async fn invoke(&self, req: InvokeRequest) -> Result<Task, ApiError> {
+        if let Err(e) = validate_function_name(&req.function) {
+            self.0.metrics.rejected("invalid_invocation");
+            return Err(ApiError::InvalidArgument(e));
+        }
+        if req.payload.len() > PAYLOAD_BYTES_MAX {
+            self.0.metrics.rejected("payload_too_large");
+            return Err(ApiError::InvalidArgument(format!(
+                "payload is {} bytes, the limit is {PAYLOAD_BYTES_MAX}",
+                req.payload.len()
+            )));
+        }
+        let (leader, addr) = self.leader().await?;
+        if leader == self.0.id {
+            return self.invoke_on_leader(req).await;
+        }
+        let p = self.peer(leader, &addr).await?;
+        let wait = if req.wait {
+            Duration::from_millis(TIMEOUT_MS_MAX) + WAIT_MARGIN
+        } else {
+            self.timeout()
+        };
+        match p.forward_invoke(peer::deadline(wait), req).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.0.peers.forget(leader).await;
+                Err(self.forward_failed(leader, &addr, e))
+            }
+        }
+    }
+
+    /// The leader's side of [`Node::invoke`].
+    pub async fn invoke_on_leader(&self, req: InvokeRequest) -> Result<Task, ApiError> {
+        let command = ClientCommand {
+            request_id: req.request_id,
+            command: Command::Submit {
+                function: req.function.clone(),
+                version: req.version,
+                payload: req.payload,
+                sync: req.wait,
+            },
+        };
+        let result = self
+            .0
+            .batcher
+            .submit(vec![command])
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| ApiError::Internal("a submission got no result".into()))?;
+        let id = match result {
+            CommandResult::Submitted { task, .. } => task,
+            CommandResult::Throttled { reason } => {
+                self.0.metrics.throttled_invocation(&req.function);
+                return Err(ApiError::Throttled(reason));
+            }
+            CommandResult::Rejected { reason } => {
+                let exists = self.0.store.read(|sm| {
+                    sm.sched()
+                        .function(&req.function)
+                        .is_some_and(|f| req.version.is_none_or(|v| f.version(v).is_some()))
+                });
+                return Err(if exists {
+                    ApiError::FailedPrecondition(reason)
+                } else {
+                    ApiError::NotFound(reason)
+                });
+            }
+            CommandResult::Invalid(e) => return Err(ApiError::InvalidArgument(e.to_string())),
+            other => {
+                return Err(ApiError::Internal(format!(
+                    "a submission was answered with {other:?}"
+                )))
+            }
+        };
+        self.dispatch(id).await;
+        let task = self.local_task(id)?;
+        if !req.wait || task.state.is_finished() {
+            return Ok(task);
+        }
+        let wait = Duration::from_millis(task.timeout_ms) + WAIT_MARGIN;
+        self.wait_task(id, wait).await
+    }
+
+    fn local_task(&self, id: TaskId) -> Result<Task, ApiError> {
+        self.0
+            .store
+            .read(|sm| sm.sched().task(id).cloned())
+            .ok_or_else(|| ApiError::NotFound(format!("task {id} no longer exists (purged)")))
+    }
+
+    /// Sends an assigned task straight to its node (the fast path; the node's reconcile
+    /// loop is the slow path). Never waits for the run.
+    pub async fn dispatch(&self, id: TaskId) {
+        let found = self.0.store.read(|sm| {
+            let task = sm.sched().task(id)?;
+            if task.state != TaskState::Assigned {
+                return None;
+            }
+            let fv = sm
+                .sched()
+                .function(&task.function)?
+                .version(task.version)?
+                .clone();
+            Some((task.clone(), fv))
+        });
+        let Some((task, fv)) = found else {
+            return;
+        };
+        let Some(node_id) = task.node else {
+            return;
+        };
+        if node_id == self.0.id {
+            tokio::spawn(crate::worker::run_task(self.clone(), task, fv));
+            return;
+        }
+        let addr = self
+            .0
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&node_id)
+            .map(|n| n.addr.clone());
+        let Some(addr) = addr else {
+            // A worker outside the membership learns its tasks from its applied state.
+            return;
+        };
+        let node = self.clone();
+        tokio::spawn(async move {
+            match node.0.peers.get(node_id, &addr).await {
+                Ok(p) => {
+                    let ctx = peer::deadline(node.timeout());
+                    if let Err(e) = p.dispatch(ctx, node_id, task, fv).await {
+                        tracing::debug!(node = node_id, error = %e, "dispatch failed; the worker will find the task itself");
+                        node.0.peers.forget(node_id).await;
+                    }
+                }
+                Err(e) => tracing::debug!(node = node_id, error = %e, "cannot reach a worker"),
+            }
+        });
+    }
+
+    /// Waits until task `id` is finished in this node's applied state.
+    pub async fn wait_task(&self, id: TaskId, wait: Duration) -> Result<Task, ApiError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut metrics = self.0.raft.metrics();
+        loop {
+            let task = self.local_task(id)?;
+            if task.state.is_finished() {
+                return Ok(task);
+            }
+            match tokio::time::timeout_at(deadline, metrics.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(ApiError::ShuttingDown),
+                Err(_) => {
+                    return Err(ApiError::Timeout(format!(
+                        "task {id} has not finished after {wait:?}; it goes on (see `skiff task show {id}`)"
+                    )))
+                }
+            }
+        }
+    }
+}

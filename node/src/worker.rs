@@ -1,0 +1,725 @@
+//! The worker side of a node: runs the tasks the state machine assigned to this node in
+//! sandboxes, keeps warm pools, and reports back through the log.
+//!
+//! A task reaches the worker two ways: the leader's `dispatch` right after the submission
+//! commits (fast path), and the reconcile loop that scans the tasks this node's applied state
+//! assigns to it (slow path: after a leader change, a restart, or a task placed from a queue).
+//! Both go through [`Worker::claim`], so one (task, token) pair runs at most once per process.
+//!
+//! Invariants:
+//! - a task runs only under the token of its assignment, and its completion carries that
+//!   token; the state machine refuses a completion with an older one;
+//! - every warm sandbox is in the sandbox crate's pool, whose size and memory are bounded;
+//!   the memory of idle sandboxes is reported in heartbeats and counted against this node;
+//! - code archives are unpacked once per digest into a content-addressed cache, atomically
+//!   (a half-written directory is never used).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use skiff_client::api::{
+    ApiError, ClientCommand, Command, CommandResult, FnMode, FunctionVersion, NodeId, RequestId,
+    RunStatus, Task, TaskId, TaskResult, TaskState, WarmReport,
+};
+use skiff_raft_store::functions::{Heartbeat, LOG_BYTES_MAX, OUTPUT_BYTES_MAX};
+use skiff_sandbox::{
+    ExitStatus, Policy, PoolConfig, PoolKey, PoolMode, SandboxError, SandboxSpec, Tier, WarmPool,
+    WarmSandbox,
+};
+use tokio::sync::{Notify, Semaphore};
+
+use crate::config::WorkerSettings;
+use crate::server::Node;
+
+/// Most bytes an unpacked code archive may take.
+const UNPACKED_BYTES_MAX: u64 = 512 * 1024 * 1024;
+/// Most entries of a code archive.
+const ARCHIVE_ENTRIES_MAX: usize = 100_000;
+/// How long a worker waits for a code archive to reach its applied state.
+const CODE_WAIT: Duration = Duration::from_secs(10);
+/// How long a worker keeps retrying to report a completion.
+const REPORT_DEADLINE: Duration = Duration::from_secs(120);
+
+/// The worker of one node.
+pub struct Worker {
+    id: NodeId,
+    settings: WorkerSettings,
+    pool: Arc<WarmPool>,
+    /// (task, token) pairs this process has started; see the module invariants.
+    started: Mutex<HashMap<TaskId, u64>>,
+    slots: Arc<Semaphore>,
+    /// Signalled when the pool changes, so a heartbeat goes out soon.
+    pool_changed: Notify,
+    /// Signalled when a pre-warm finishes.
+    warmed: Notify,
+    prewarming: Mutex<HashMap<PoolKey, usize>>,
+    unpack_lock: tokio::sync::Mutex<()>,
+    request_client: u64,
+    request_seq: AtomicU64,
+}
+
+impl Worker {
+    pub fn new(id: NodeId, settings: WorkerSettings) -> Self {
+        let pool = WarmPool::new(PoolConfig {
+            size_max: settings.warm_pool_max,
+            idle_expiry: Duration::from_millis(settings.warm_idle_expiry_ms),
+            memory_budget_bytes: settings.warm_memory_budget_bytes,
+        });
+        Worker {
+            id,
+            slots: Arc::new(Semaphore::new(settings.slots as usize)),
+            settings,
+            pool: Arc::new(pool),
+            started: Mutex::new(HashMap::new()),
+            pool_changed: Notify::new(),
+            warmed: Notify::new(),
+            prewarming: Mutex::new(HashMap::new()),
+            unpack_lock: tokio::sync::Mutex::new(()),
+            request_client: rand::random(),
+            request_seq: AtomicU64::new(0),
+        }
+    }
+
+    /// A fresh request id for a command this node proposes itself.
+    pub fn next_request_id(&self) -> RequestId {
+        RequestId {
+            client: self.request_client,
+            seq: self.request_seq.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
+    pub fn pool(&self) -> &WarmPool {
+        &self.pool
+    }
+
+    /// Marks (task, token) as started here; false if it already was.
+    fn claim(&self, task: TaskId, token: u64) -> bool {
+        let mut started = lock(&self.started);
+        if started.get(&task) == Some(&token) {
+            return false;
+        }
+        started.insert(task, token);
+        true
+    }
+
+    fn key(fv: &FunctionVersion) -> PoolKey {
+        PoolKey {
+            function: fv.spec.name.clone(),
+            version: fv.version,
+            mode: match fv.spec.mode {
+                FnMode::Exec => PoolMode::Exec,
+                FnMode::Serve => PoolMode::Serve,
+            },
+        }
+    }
+
+    /// The directory holding the unpacked code of `digest`, unpacking it on first use.
+    async fn code_dir(&self, node: &Node, digest: &str) -> Result<PathBuf, String> {
+        let dir = self.settings.code_cache_dir.join(digest);
+        if dir.is_dir() {
+            return Ok(dir);
+        }
+        let _guard = self.unpack_lock.lock().await;
+        if dir.is_dir() {
+            return Ok(dir);
+        }
+        let deadline = Instant::now() + CODE_WAIT;
+        let archive = loop {
+            if let Some(a) = node.0.store.read(|sm| sm.sched().code_archive(digest)) {
+                break a;
+            }
+            if Instant::now() > deadline {
+                return Err(format!("code {digest} is not in this node's state"));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let root = self.settings.code_cache_dir.clone();
+        let digest = digest.to_string();
+        tokio::task::spawn_blocking(move || unpack(&root, &digest, &archive))
+            .await
+            .map_err(|e| format!("unpacking failed: {e}"))?
+    }
+
+    /// The sandbox a function version runs in.
+    async fn sandbox_spec(&self, node: &Node, fv: &FunctionVersion) -> Result<SandboxSpec, String> {
+        let tier: Tier = fv.spec.tier.parse().map_err(|e| format!("{e}"))?;
+        let policy = function_policy(&fv.spec)?;
+        let code = self.code_dir(node, &fv.spec.code_digest).await?;
+        let mut spec = SandboxSpec::with_policy(tier, &policy, code).map_err(|e| e.to_string())?;
+        spec.env = fv.spec.env.clone();
+        Ok(spec)
+    }
+
+    /// How many idle sandboxes of `fv` this node should hold: its share of the function's
+    /// min-warm over the live nodes, and at least one after a recent use.
+    fn warm_target(&self, node: &Node, fv: &FunctionVersion, used: bool) -> usize {
+        let min_warm = fv.spec.min_warm as usize;
+        let share = node.0.store.read(|sm| {
+            let live = sm.sched().live_nodes(sm.last_time_ms());
+            match live.iter().position(|n| *n == self.id) {
+                Some(rank) if !live.is_empty() => {
+                    min_warm / live.len() + usize::from(rank < min_warm % live.len())
+                }
+                _ => 0,
+            }
+        });
+        share.max(usize::from(used && self.settings.keep_warm_after_use))
+    }
+
+    /// Starts pre-warming sandboxes of `fv` up to `target` (in the background).
+    fn replenish(self: &Arc<Self>, spec: SandboxSpec, fv: &FunctionVersion, target: usize) {
+        let key = Self::key(fv);
+        let have =
+            self.pool.idle_count(&key) + lock(&self.prewarming).get(&key).copied().unwrap_or(0);
+        if have >= target {
+            return;
+        }
+        let argv = match fv.spec.mode {
+            FnMode::Exec => None,
+            FnMode::Serve => Some(fv.spec.entry.clone()),
+        };
+        for _ in have..target {
+            *lock(&self.prewarming).entry(key.clone()).or_default() += 1;
+            let w = self.clone();
+            let (key, spec, argv) = (key.clone(), spec.clone(), argv.clone());
+            tokio::spawn(async move {
+                let result = w.pool.prewarm(key.clone(), spec, argv).await;
+                if let Some(n) = lock(&w.prewarming).get_mut(&key) {
+                    *n = n.saturating_sub(1);
+                }
+                match result {
+                    Ok(true) => {}
+                    Ok(false) => tracing::debug!(function = %key.function, "warm pool full"),
+                    Err(error) => {
+                        tracing::warn!(function = %key.function, %error, "pre-warm failed")
+                    }
+                }
+                w.warmed.notify_waiters();
+                w.pool_changed.notify_one();
+            });
+        }
+    }
+
+    /// An idle warm sandbox for `key`, waiting up to the cold-start wait for one being
+    /// prepared (or, in serve mode, released) rather than cold-starting another.
+    async fn take_warm(&self, key: &PoolKey) -> Option<WarmSandbox> {
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(self.settings.cold_start_wait_ms);
+        loop {
+            let notified = self.warmed.notified();
+            if let Some(s) = self.pool.acquire(key) {
+                self.pool_changed.notify_one();
+                return Some(s);
+            }
+            let pending = lock(&self.prewarming).get(key).copied().unwrap_or(0);
+            if pending == 0 {
+                return None;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// Runs one attempt and returns its result (never fails: errors become failed results).
+    async fn execute(
+        self: &Arc<Self>,
+        node: &Node,
+        task: &Task,
+        fv: &FunctionVersion,
+    ) -> TaskResult {
+        let spec = match self.sandbox_spec(node, fv).await {
+            Ok(s) => s,
+            Err(e) => return self.failed(format!("cannot prepare the sandbox: {e}")),
+        };
+        let key = Self::key(fv);
+        let argv = fv.spec.entry.clone();
+        let started = Instant::now();
+        let result = match fv.spec.mode {
+            FnMode::Exec => {
+                let warm = self.take_warm(&key).await;
+                let was_warm = warm.is_some();
+                let outcome = match warm {
+                    Some(WarmSandbox::Exec(sb)) => sb.run(&argv, &task.payload).await,
+                    Some(WarmSandbox::Serve(sb)) => {
+                        // A serve sandbox under an exec key cannot happen; discard it.
+                        drop(tokio::task::spawn_blocking(move || sb.shutdown()));
+                        skiff_sandbox::run(&spec, &argv, &task.payload).await
+                    }
+                    None => skiff_sandbox::run(&spec, &argv, &task.payload).await,
+                };
+                self.exec_result(outcome, was_warm, started)
+            }
+            FnMode::Serve => self.serve(&spec, key, &argv, task, started).await,
+        };
+        let target = self.warm_target(node, fv, true);
+        self.replenish(spec, fv, target);
+        result
+    }
+
+    async fn serve(
+        &self,
+        spec: &SandboxSpec,
+        key: PoolKey,
+        argv: &[String],
+        task: &Task,
+        started: Instant,
+    ) -> TaskResult {
+        if task.payload.contains(&b'\n') {
+            return self.failed("a serve-mode payload must be one line (compact JSON)".into());
+        }
+        let (sandbox, warm) = match self.take_warm(&key).await {
+            Some(WarmSandbox::Serve(sb)) => (sb, true),
+            other => {
+                if let Some(WarmSandbox::Exec(sb)) = other {
+                    drop(sb);
+                }
+                let pool = self.pool.clone();
+                let (spec, argv, k) = (spec.clone(), argv.to_vec(), key.clone());
+                match tokio::task::spawn_blocking(move || pool.start_serve(k, &spec, &argv)).await {
+                    Ok(Ok(sb)) => (sb, false),
+                    Ok(Err(e)) => return self.failed(format!("cannot start the function: {e}")),
+                    Err(e) => return self.failed(format!("cannot start the function: {e}")),
+                }
+            }
+        };
+        let memory = sandbox.memory_bytes();
+        let (sandbox, response) = sandbox.request(task.payload.clone()).await;
+        let log = tail(sandbox.log(), LOG_BYTES_MAX);
+        if sandbox.is_alive() {
+            self.pool.release(key, sandbox);
+            self.pool_changed.notify_one();
+        } else {
+            drop(tokio::task::spawn_blocking(move || sandbox.shutdown()));
+        }
+        let wall_ms = started.elapsed().as_millis() as u64;
+        match response {
+            Ok(mut line) => {
+                line.truncate(OUTPUT_BYTES_MAX);
+                TaskResult {
+                    status: RunStatus::Succeeded,
+                    node: self.id,
+                    exit_code: None,
+                    output: line,
+                    log,
+                    error: None,
+                    warm,
+                    wall_ms,
+                    cpu_ms: 0,
+                    peak_memory_bytes: memory,
+                }
+            }
+            Err(e) => {
+                let text = e.to_string();
+                let status = if text.contains("timed out") {
+                    RunStatus::TimedOut
+                } else {
+                    RunStatus::Failed
+                };
+                TaskResult {
+                    status,
+                    node: self.id,
+                    exit_code: None,
+                    output: Vec::new(),
+                    log,
+                    error: Some(truncate_text(text)),
+                    warm,
+                    wall_ms,
+                    cpu_ms: 0,
+                    peak_memory_bytes: memory,
+                }
+            }
+        }
+    }
+
+    fn exec_result(
+        &self,
+        outcome: Result<skiff_sandbox::RunOutcome, SandboxError>,
+        warm: bool,
+        started: Instant,
+    ) -> TaskResult {
+        let o = match outcome {
+            Ok(o) => o,
+            Err(e) => {
+                let mut r = self.failed(format!("sandbox error: {e}"));
+                r.warm = warm;
+                r.wall_ms = started.elapsed().as_millis() as u64;
+                return r;
+            }
+        };
+        let (status, exit_code, error) = match o.status {
+            ExitStatus::Exited(0) => (RunStatus::Succeeded, Some(0), None),
+            ExitStatus::Exited(c) => (RunStatus::Failed, Some(c), Some(format!("exit status {c}"))),
+            ExitStatus::Signaled(s) => (
+                RunStatus::Failed,
+                None,
+                Some(format!("killed by signal {s}")),
+            ),
+            ExitStatus::TimedOut => (RunStatus::TimedOut, None, Some("timed out".to_string())),
+            ExitStatus::OutOfMemory => (RunStatus::Failed, None, Some("out of memory".to_string())),
+        };
+        let mut output = o.stdout;
+        output.truncate(OUTPUT_BYTES_MAX);
+        TaskResult {
+            status,
+            node: self.id,
+            exit_code,
+            output,
+            log: tail(&o.stderr, LOG_BYTES_MAX),
+            error,
+            warm,
+            wall_ms: o.wall.as_millis() as u64,
+            cpu_ms: o.cpu.as_millis() as u64,
+            peak_memory_bytes: o.peak_memory_bytes,
+        }
+    }
+
+    fn failed(&self, error: String) -> TaskResult {
+        TaskResult {
+            status: RunStatus::Failed,
+            node: self.id,
+            exit_code: None,
+            output: Vec::new(),
+            log: Vec::new(),
+            error: Some(truncate_text(error)),
+            warm: false,
+            wall_ms: 0,
+            cpu_ms: 0,
+            peak_memory_bytes: 0,
+        }
+    }
+
+    /// This node's heartbeat as of now.
+    fn heartbeat(&self) -> Heartbeat {
+        self.pool.expire_idle();
+        let stats = self.pool.stats();
+        let warm = self
+            .pool
+            .idle_by_key()
+            .into_iter()
+            .map(|(k, idle)| WarmReport {
+                function: k.function,
+                version: k.version,
+                idle: u32::try_from(idle).unwrap_or(u32::MAX),
+            })
+            .take(skiff_raft_store::functions::HEARTBEAT_ENTRIES_MAX)
+            .collect();
+        let running = lock(&self.started)
+            .iter()
+            .map(|(t, k)| (*t, *k))
+            .take(skiff_raft_store::functions::HEARTBEAT_ENTRIES_MAX)
+            .collect();
+        Heartbeat {
+            node: self.id,
+            slots: self.settings.slots,
+            memory_budget_bytes: self.settings.memory_budget_bytes,
+            warm_memory_bytes: stats.memory_bytes,
+            warm,
+            running,
+        }
+    }
+}
+
+/// Runs `task` of `fv` on this node if this process has not started it under its token yet,
+/// then reports the result through the log.
+pub async fn run_task(node: Node, task: Task, fv: FunctionVersion) {
+    let w = node.0.worker.clone();
+    if !w.claim(task.id, task.token) {
+        return;
+    }
+    let Ok(_permit) = w.slots.clone().acquire_owned().await else {
+        return;
+    };
+    tracing::debug!(task = task.id, token = task.token, function = %fv.spec.name, "running task");
+    let result = w.execute(&node, &task, &fv).await;
+    node.0
+        .metrics
+        .invocation(&fv.spec.name, result.status, result.warm, result.wall_ms);
+    report(&node, task.id, task.token, result).await;
+}
+
+/// Proposes the completion, retrying while the cluster has no leader.
+async fn report(node: &Node, task: TaskId, token: u64, result: TaskResult) {
+    let command = ClientCommand {
+        request_id: node.0.worker.next_request_id(),
+        command: Command::Complete {
+            task,
+            token,
+            result: Box::new(result),
+        },
+    };
+    let deadline = Instant::now() + REPORT_DEADLINE;
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        match node.write(vec![command.clone()]).await {
+            Ok(results) => {
+                if let Some(CommandResult::Rejected { reason }) = results.first() {
+                    tracing::info!(task, token, %reason, "completion refused");
+                }
+                return;
+            }
+            Err(e) if retryable(&e) && Instant::now() < deadline => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+            Err(e) => {
+                tracing::warn!(task, token, error = %e, "cannot report a completion; the task will be reassigned");
+                return;
+            }
+        }
+    }
+}
+
+fn retryable(e: &ApiError) -> bool {
+    e.is_retryable()
+}
+
+/// Background loops of the worker: heartbeats (with warm-pool reports and min-warm
+/// upkeep) and reconciliation with the applied state. They end when `node` is dropped
+/// elsewhere and the Raft handle stops.
+pub fn start_loops(node: &Node) {
+    if !node.0.worker.settings.enabled {
+        return;
+    }
+    let n = node.clone();
+    tokio::spawn(async move { heartbeat_loop(n).await });
+    let n = node.clone();
+    tokio::spawn(async move { reconcile_loop(n).await });
+}
+
+async fn heartbeat_loop(node: Node) {
+    let w = node.0.worker.clone();
+    let interval = Duration::from_millis(w.settings.heartbeat_interval_ms);
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            () = w.pool_changed.notified() => {
+                // Batch the changes of a burst into one report.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        if node.stopping() {
+            return;
+        }
+        let hb = w.heartbeat();
+        let command = ClientCommand {
+            request_id: w.next_request_id(),
+            command: Command::Heartbeat(Box::new(hb)),
+        };
+        if let Err(e) = node.write(vec![command]).await {
+            tracing::debug!(error = %e, "heartbeat not recorded");
+        }
+        keep_min_warm(&node).await;
+    }
+}
+
+/// Pre-warms this node's share of every function's min-warm.
+async fn keep_min_warm(node: &Node) {
+    let w = node.0.worker.clone();
+    let wanted: Vec<FunctionVersion> = node.0.store.read(|sm| {
+        sm.sched()
+            .functions()
+            .filter_map(|f| f.latest().cloned())
+            .filter(|v| v.spec.min_warm > 0)
+            .collect()
+    });
+    for fv in wanted {
+        let target = w.warm_target(node, &fv, false);
+        if target == 0 || w.pool.idle_count(&Worker::key(&fv)) >= target {
+            continue;
+        }
+        match w.sandbox_spec(node, &fv).await {
+            Ok(spec) => w.replenish(spec, &fv, target),
+            Err(error) => tracing::warn!(function = %fv.spec.name, %error, "cannot pre-warm"),
+        }
+    }
+}
+
+async fn reconcile_loop(node: Node) {
+    let w = node.0.worker.clone();
+    let mut metrics = node.0.raft.metrics();
+    loop {
+        tokio::select! {
+            r = metrics.changed() => if r.is_err() { return },
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+        if node.stopping() {
+            return;
+        }
+        let (todo, keep): (Vec<(Task, Option<FunctionVersion>)>, Vec<(TaskId, u64)>) =
+            node.0.store.read(|sm| {
+                let mine = sm.sched().tasks_on(w.id);
+                let keep = mine.iter().map(|t| (t.id, t.token)).collect();
+                let started = lock(&w.started);
+                let todo = mine
+                    .into_iter()
+                    .filter(|t| started.get(&t.id) != Some(&t.token))
+                    .filter(|t| matches!(t.state, TaskState::Assigned | TaskState::Running))
+                    .map(|t| {
+                        let fv = sm
+                            .sched()
+                            .function(&t.function)
+                            .and_then(|f| f.version(t.version))
+                            .cloned();
+                        (t.clone(), fv)
+                    })
+                    .collect();
+                (todo, keep)
+            });
+        {
+            let keep: HashMap<TaskId, u64> = keep.into_iter().collect();
+            lock(&w.started).retain(|t, k| keep.get(t) == Some(k));
+        }
+        for (task, fv) in todo {
+            let n = node.clone();
+            match fv {
+                Some(fv) => {
+                    tokio::spawn(run_task(n, task, fv));
+                }
+                None => {
+                    if w.claim(task.id, task.token) {
+                        let r = w.failed(format!(
+                            "function {} version {} no longer exists",
+                            task.function, task.version
+                        ));
+                        tokio::spawn(async move { report(&n, task.id, task.token, r).await });
+                    }
+                }
+            }
+        }
+        // Bound the rate of scans under a stream of applies.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// The sandbox policy of a function: its own policy narrowed further by its memory and
+/// timeout settings.
+pub fn function_policy(spec: &skiff_client::api::FunctionSpec) -> Result<Policy, String> {
+    let mut policy = match &spec.policy {
+        Some(text) => Policy::from_toml(text).map_err(|e| format!("bad policy: {e}"))?,
+        None => Policy::default(),
+    };
+    policy.memory_bytes_max = Some(
+        policy
+            .memory_bytes_max
+            .map_or(spec.memory_bytes, |m| m.min(spec.memory_bytes)),
+    );
+    policy.timeout_ms = Some(
+        policy
+            .timeout_ms
+            .map_or(spec.timeout_ms, |t| t.min(spec.timeout_ms)),
+    );
+    Ok(policy)
+}
+
+/// Checks at deploy time that a function's tier and policy resolve to valid limits.
+pub fn check_function_sandbox(spec: &skiff_client::api::FunctionSpec) -> Result<(), String> {
+    let tier: Tier = spec.tier.parse().map_err(|e| format!("{e}"))?;
+    let policy = function_policy(spec)?;
+    policy.resolve(tier).map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// Unpacks a tar archive into `root/digest`, atomically, with only regular files and
+/// directories, readable by the sandbox's unprivileged user.
+fn unpack(root: &Path, digest: &str, archive: &[u8]) -> Result<PathBuf, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let err = |what: &str, e: &dyn std::fmt::Display| format!("{what}: {e}");
+    std::fs::create_dir_all(root).map_err(|e| err("creating the code cache", &e))?;
+    let _ = std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755));
+    let dir = root.join(digest);
+    let tmp = root.join(format!(".{digest}.{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir(&tmp).map_err(|e| err("creating the code directory", &e))?;
+    let result = (|| {
+        let mut ar = tar::Archive::new(archive);
+        let mut total = 0u64;
+        for (i, entry) in ar
+            .entries()
+            .map_err(|e| err("reading the archive", &e))?
+            .enumerate()
+        {
+            if i >= ARCHIVE_ENTRIES_MAX {
+                return Err(format!(
+                    "the archive has more than {ARCHIVE_ENTRIES_MAX} entries"
+                ));
+            }
+            let mut entry = entry.map_err(|e| err("reading the archive", &e))?;
+            let kind = entry.header().entry_type();
+            if !(kind.is_file() || kind.is_dir()) {
+                let path = entry
+                    .path()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default();
+                return Err(format!(
+                    "archive entry {path:?} is not a regular file or directory"
+                ));
+            }
+            total += entry.size();
+            if total > UNPACKED_BYTES_MAX {
+                return Err(format!(
+                    "the archive unpacks to more than {UNPACKED_BYTES_MAX} bytes"
+                ));
+            }
+            let mode = entry.header().mode().unwrap_or(0o644);
+            let unpacked = entry
+                .unpack_in(&tmp)
+                .map_err(|e| err("unpacking the archive", &e))?;
+            if !unpacked {
+                return Err("an archive entry points outside the code directory".into());
+            }
+            let path = tmp.join(entry.path().map_err(|e| err("archive path", &e))?);
+            let perm = if kind.is_dir() {
+                0o755
+            } else if mode & 0o111 != 0 {
+                0o755
+            } else {
+                0o644
+            };
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(perm))
+                .map_err(|e| err("setting permissions", &e))?;
+        }
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| err("setting permissions", &e))?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    match std::fs::rename(&tmp, &dir) {
+        Ok(()) => Ok(dir),
+        // Another node process sharing the cache unpacked the same digest first.
+        Err(_) if dir.is_dir() => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Ok(dir)
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Err(err("moving the code into place", &e))
+        }
+    }
+}
+
+fn tail(bytes: &[u8], max: usize) -> Vec<u8> {
+    bytes[bytes.len().saturating_sub(max)..].to_vec()
+}
+
+fn truncate_text(mut s: String) -> String {
+    if s.len() > LOG_BYTES_MAX {
+        let mut cut = LOG_BYTES_MAX;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every critical section is a single map update; a panic cannot leave it half done.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
