@@ -9,7 +9,9 @@
 //!   network built on it;
 //! - [`batcher`]: group commit — many client commands per log entry;
 //! - [`dev`]: `skiffd dev`, a local multi-process cluster in one command;
-//! - [`metrics`]: Prometheus metrics and the `/metrics` endpoint.
+//! - [`metrics`]: Prometheus metrics and the `/metrics` endpoint;
+//! - [`data_service`]: the Unix socket through which a sandboxed function reaches the
+//!   key-value store, limited to its key prefixes (`skiff-data` is its shell client).
 //!
 //! Invariants: a node never dials itself; every queue is bounded; writes reach the log only
 //! through the leader's batcher; reads that claim linearizability are confirmed by a quorum.
@@ -17,6 +19,7 @@
 
 pub mod batcher;
 pub mod config;
+pub mod data_service;
 pub mod dev;
 pub mod metrics;
 pub mod peer;
