@@ -11,7 +11,9 @@
 //! - [`dev`]: `skiffd dev`, a local multi-process cluster in one command;
 //! - [`metrics`]: Prometheus metrics and the `/metrics` endpoint;
 //! - [`invoke`]: the invocation path (submit through the leader, dispatch, wait);
-//! - [`worker`]: runs assigned tasks in sandboxes, warm pools, heartbeats, reconciliation.
+//! - [`worker`]: runs assigned tasks in sandboxes, warm pools, heartbeats, reconciliation;
+//! - [`data_service`]: the Unix socket through which a sandboxed function reaches the
+//!   key-value store, limited to its key prefixes (`skiff-data` is its shell client).
 //!
 //! Invariants: a node never dials itself; every queue is bounded; writes reach the log only
 //! through the leader's batcher; reads that claim linearizability are confirmed by a quorum.
@@ -19,6 +21,7 @@
 
 pub mod batcher;
 pub mod config;
+pub mod data_service;
 pub mod dev;
 pub mod invoke;
 pub mod metrics;

@@ -49,10 +49,11 @@ pub use pool::{
 };
 pub use process::{HOST_ID_BASE, WORK_BYTES_MAX};
 pub use seccomp::DENIED as SECCOMP_DENIED_SYSCALLS;
-pub use setup::DATA_SOCKET_PATH;
+pub use setup::{DATA_SOCKET_PATH, HELPER_BINARY_PATH, HELPER_DIR};
 
-/// What to isolate and how: the tier, its resolved limits, the function's code, and the
-/// optional data-service socket (bound at [`DATA_SOCKET_PATH`] inside).
+/// What to isolate and how: the tier, its resolved limits, the function's code, the optional
+/// data-service socket (bound at [`DATA_SOCKET_PATH`] inside) and the optional helper binary
+/// (bound at [`HELPER_BINARY_PATH`] inside).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SandboxSpec {
     pub tier: Tier,
@@ -61,6 +62,11 @@ pub struct SandboxSpec {
     /// `o+rx`): inside, root is an unprivileged host uid.
     pub code_dir: PathBuf,
     pub data_socket: Option<PathBuf>,
+    /// Host file bound read-only and executable at [`HELPER_BINARY_PATH`] (the data service's
+    /// `skiff-data` client). Like the code directory, it and every directory above it must be
+    /// readable and executable by others. When set, the default `PATH` ends with
+    /// [`HELPER_DIR`].
+    pub helper_binary: Option<PathBuf>,
     /// Extra environment variables; `PATH`, `HOME=/tmp`, `TMPDIR=/tmp`, `LANG=C.UTF-8` are set
     /// unless overridden here.
     pub env: Vec<(String, String)>,
@@ -74,6 +80,7 @@ impl SandboxSpec {
             limits: tier.limits(),
             code_dir: code_dir.into(),
             data_socket: None,
+            helper_binary: None,
             env: Vec::new(),
         }
     }

@@ -26,7 +26,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::error::SandboxError;
-use crate::process::{encode_work, Prepared};
+use crate::process::{default_path, encode_work, Prepared};
 use crate::sys::{self, PollWant};
 use crate::{RunOutcome, SandboxSpec};
 
@@ -333,6 +333,7 @@ impl WarmSandbox {
 #[derive(Debug)]
 pub struct ExecSandbox {
     prepared: Prepared,
+    path: &'static str,
     env: Vec<(String, String)>,
 }
 
@@ -341,6 +342,7 @@ impl ExecSandbox {
     pub fn create(spec: &SandboxSpec) -> Result<Self, SandboxError> {
         Ok(Self {
             prepared: Prepared::create(spec)?,
+            path: default_path(spec),
             env: spec.env.clone(),
         })
     }
@@ -358,7 +360,7 @@ impl ExecSandbox {
     /// Hands the command to the waiting sandbox (the warm hand-off: one pipe write); the
     /// sandbox then execs it. Finish with [`ExecSandbox::finish`].
     pub fn hand_off(&mut self, argv: &[String]) -> Result<(), SandboxError> {
-        let frame = encode_work(argv, &self.env)?;
+        let frame = encode_work(argv, self.path, &self.env)?;
         self.prepared.hand_off(&frame)
     }
 
@@ -419,7 +421,7 @@ impl ServeSandbox {
         argv: &[String],
         key: Option<PoolKey>,
     ) -> Result<Self, SandboxError> {
-        let frame = encode_work(argv, &spec.env)?;
+        let frame = encode_work(argv, default_path(spec), &spec.env)?;
         let mut prepared = Prepared::create(spec)?;
         prepared.hand_off(&frame)?;
         prepared.await_exec(Instant::now() + Duration::from_secs(10))?;

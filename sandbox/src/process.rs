@@ -67,9 +67,26 @@ fn staging_root() -> Result<&'static Path, SandboxError> {
     })
 }
 
-/// Encodes argv and environment for the init: `argc\0arg...\0envc\0k=v...\0`.
+/// The default `PATH` inside a sandbox.
+const PATH_DEFAULT: &str = "/usr/local/bin:/usr/bin:/bin";
+/// The default `PATH` inside a sandbox with a helper binary: the helper's directory comes last,
+/// so it never shadows a system command.
+const PATH_DEFAULT_WITH_HELPER: &str = "/usr/local/bin:/usr/bin:/bin:/run/skiff/bin";
+
+/// The `PATH` a command in a sandbox for `spec` gets unless its environment sets one.
+pub(crate) fn default_path(spec: &SandboxSpec) -> &'static str {
+    if spec.helper_binary.is_some() {
+        PATH_DEFAULT_WITH_HELPER
+    } else {
+        PATH_DEFAULT
+    }
+}
+
+/// Encodes argv and environment for the init: `argc\0arg...\0envc\0k=v...\0`. The
+/// environment is `env` over the defaults, with `path` as the default `PATH`.
 pub(crate) fn encode_work(
     argv: &[String],
+    path: &str,
     env: &[(String, String)],
 ) -> Result<Vec<u8>, SandboxError> {
     let invalid = |reason: String| SandboxError::InvalidCommand { reason };
@@ -77,7 +94,7 @@ pub(crate) fn encode_work(
         return Err(invalid("empty command".to_string()));
     }
     let mut merged: Vec<(String, String)> = vec![
-        ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
+        ("PATH".into(), path.into()),
         ("HOME".into(), "/tmp".into()),
         ("TMPDIR".into(), "/tmp".into()),
         ("LANG".into(), "C.UTF-8".into()),
@@ -644,7 +661,7 @@ pub(crate) fn run_blocking(
     argv: &[String],
     stdin: &[u8],
 ) -> Result<RunOutcome, SandboxError> {
-    let frame = encode_work(argv, &spec.env)?;
+    let frame = encode_work(argv, default_path(spec), &spec.env)?;
     let prepared = Prepared::create_with_work(spec, Some(&frame))?;
     prepared.collect(stdin)
 }
@@ -657,6 +674,7 @@ mod tests {
     fn work_frame_encodes_argv_and_env() {
         let frame = encode_work(
             &["sh".to_string(), "-c".to_string(), "echo hi".to_string()],
+            PATH_DEFAULT,
             &[
                 ("A".to_string(), "1".to_string()),
                 ("HOME".to_string(), "/x".to_string()),
@@ -673,11 +691,37 @@ mod tests {
     }
 
     #[test]
+    fn the_helper_directory_comes_last_in_the_default_path() {
+        assert_eq!(
+            PATH_DEFAULT_WITH_HELPER,
+            format!("{PATH_DEFAULT}:{}", crate::setup::HELPER_DIR)
+        );
+        let code = std::env::temp_dir();
+        let mut spec = SandboxSpec::new(crate::Tier::Standard, code);
+        assert_eq!(default_path(&spec), PATH_DEFAULT);
+        spec.helper_binary = Some(PathBuf::from("/bin/true"));
+        let frame = encode_work(&["true".to_string()], default_path(&spec), &[]).expect("valid");
+        let parts: Vec<&[u8]> = frame.split(|b| *b == 0).collect();
+        assert!(parts.contains(&&b"PATH=/usr/local/bin:/usr/bin:/bin:/run/skiff/bin"[..]));
+        // A PATH the caller sets wins, helper or not.
+        let env = [("PATH".to_string(), "/code".to_string())];
+        let frame = encode_work(&["true".to_string()], default_path(&spec), &env).expect("valid");
+        let parts: Vec<&[u8]> = frame.split(|b| *b == 0).collect();
+        assert!(parts.contains(&&b"PATH=/code"[..]));
+        assert!(!parts.iter().any(|p| p.starts_with(b"PATH=/usr")));
+    }
+
+    #[test]
     fn bad_commands_are_refused() {
-        assert!(encode_work(&[], &[]).is_err());
-        assert!(encode_work(&["a\0b".to_string()], &[]).is_err());
-        assert!(encode_work(&["a".to_string()], &[("A=B".to_string(), String::new())]).is_err());
-        assert!(encode_work(&["a".repeat(WORK_BYTES_MAX + 1)], &[]).is_err());
+        assert!(encode_work(&[], PATH_DEFAULT, &[]).is_err());
+        assert!(encode_work(&["a\0b".to_string()], PATH_DEFAULT, &[]).is_err());
+        assert!(encode_work(
+            &["a".to_string()],
+            PATH_DEFAULT,
+            &[("A=B".to_string(), String::new())]
+        )
+        .is_err());
+        assert!(encode_work(&["a".repeat(WORK_BYTES_MAX + 1)], PATH_DEFAULT, &[]).is_err());
     }
 
     #[test]

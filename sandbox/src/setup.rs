@@ -27,6 +27,10 @@ use crate::SandboxSpec;
 
 /// Where the data socket appears inside the sandbox.
 pub const DATA_SOCKET_PATH: &str = "/run/skiff/data.sock";
+/// The directory of the helper binary inside the sandbox (last in the default `PATH`).
+pub const HELPER_DIR: &str = "/run/skiff/bin";
+/// Where the helper binary appears inside the sandbox.
+pub const HELPER_BINARY_PATH: &str = "/run/skiff/bin/skiff-data";
 /// Files masked with `/dev/null` in the fresh `/proc` (as Docker does).
 const PROC_MASKED_FILES: &[&str] = &[
     "kcore",
@@ -213,6 +217,31 @@ impl Plan {
                 target: inside,
                 read_only: true,
             });
+        }
+
+        if let Some(helper) = &spec.helper_binary {
+            let meta = fs::metadata(helper).map_err(|source| SandboxError::BadPath {
+                what: "helper binary",
+                path: helper.clone(),
+                source,
+            })?;
+            if !meta.is_file() {
+                return Err(SandboxError::BadPath {
+                    what: "helper binary",
+                    path: helper.clone(),
+                    source: io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"),
+                });
+            }
+            let inside = under(root, Path::new(HELPER_BINARY_PATH));
+            ops.push(RootOp::Dir(under(root, Path::new(HELPER_DIR))));
+            ops.push(RootOp::File(inside.clone(), b""));
+            ops.push(RootOp::Bind {
+                source: helper.clone(),
+                target: inside,
+                read_only: true,
+            });
+            // Landlock rules are opened after pivot_root: the path inside.
+            landlock.read_exec.push(PathBuf::from(HELPER_BINARY_PATH));
         }
 
         let tmp = under(root, Path::new("/tmp"));
@@ -443,6 +472,55 @@ mod tests {
             .iter()
             .any(|c| c.starts_with("bind ") && c.contains("/staging/code ro=true")));
         assert!(!sys.calls.iter().any(|c| c.contains("shadow")));
+    }
+
+    #[test]
+    fn the_helper_binary_is_bound_read_only_and_executable() {
+        let code = std::env::temp_dir();
+        let helper = std::env::current_exe().expect("the test binary is a file");
+        let mut spec = SandboxSpec::new(Tier::Untrusted, code);
+        spec.helper_binary = Some(helper.clone());
+        let plan = Plan::build(
+            &spec,
+            Vec::new(),
+            100_007,
+            Path::new("/staging"),
+            crate::seccomp::filters().expect("filters compile"),
+        )
+        .expect("plan builds");
+        let target = PathBuf::from("/staging/run/skiff/bin/skiff-data");
+        let bind = plan
+            .root_ops
+            .iter()
+            .position(|op| {
+                *op == RootOp::Bind {
+                    source: helper.clone(),
+                    target: target.clone(),
+                    read_only: true,
+                }
+            })
+            .expect("helper bound read-only");
+        let file = plan
+            .root_ops
+            .iter()
+            .position(|op| matches!(op, RootOp::File(p, _) if *p == target))
+            .expect("mount point created");
+        assert!(file < bind);
+        assert!(plan
+            .landlock
+            .read_exec
+            .contains(&PathBuf::from(HELPER_BINARY_PATH)));
+
+        spec.helper_binary = Some(std::env::temp_dir());
+        let err = Plan::build(
+            &spec,
+            Vec::new(),
+            100_007,
+            Path::new("/staging"),
+            crate::seccomp::filters().expect("filters compile"),
+        )
+        .expect_err("a directory is not a helper binary");
+        assert!(err.to_string().contains("helper binary"), "{err}");
     }
 
     #[test]

@@ -1,4 +1,6 @@
-//! Integration tests of `skiffd`: real three-node clusters of separate processes on loopback.
+//! Integration tests of `skiffd`: real three-node clusters of separate processes on loopback,
+//! and the data service's clients against a real socket (in a real sandbox when root).
 
 mod cluster;
+mod data;
 mod harness;

@@ -461,6 +461,40 @@ fn the_data_socket_is_reachable_at_its_fixed_path() {
 }
 
 #[test]
+fn the_helper_binary_runs_from_the_path_and_cannot_be_changed() {
+    if !can_sandbox() {
+        return;
+    }
+    let code = code_dir(&[]);
+    for tier in Tier::ALL {
+        let mut spec = spec(tier, code.path(), "");
+        // Any small host binary will do: what is tested is the bind, not the client.
+        spec.helper_binary = Some(PathBuf::from("/bin/true"));
+        let out = sh(
+            &spec,
+            "skiff-data && echo ran; echo \"$PATH\"; \
+             (echo x > /run/skiff/bin/skiff-data) 2>&1 | grep -o 'Read-only file system'",
+            b"",
+        );
+        assert_eq!(
+            text(&out.stdout),
+            "ran\n/usr/local/bin:/usr/bin:/bin:/run/skiff/bin\nRead-only file system\n",
+            "{tier}: {}",
+            text(&out.stderr)
+        );
+        assert_eq!(out.status, ExitStatus::Exited(0), "{tier}");
+    }
+    // Without a helper, nothing is at its path and the default PATH does not name its directory.
+    let spec = spec(Tier::Untrusted, code.path(), "");
+    let out = sh(
+        &spec,
+        "echo \"$PATH\"; test -e /run/skiff/bin/skiff-data || echo absent",
+        b"",
+    );
+    assert_eq!(text(&out.stdout), "/usr/local/bin:/usr/bin:/bin\nabsent\n");
+}
+
+#[test]
 fn policies_shape_the_sandbox() {
     if !can_sandbox() {
         return;
