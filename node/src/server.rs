@@ -354,7 +354,11 @@ impl Node {
         }
     }
 
-    async fn read(&self, op: ReadOp, consistency: ReadConsistency) -> Result<ReadResult, ApiError> {
+    pub(crate) async fn read(
+        &self,
+        op: ReadOp,
+        consistency: ReadConsistency,
+    ) -> Result<ReadResult, ApiError> {
         match &op {
             ReadOp::Get { key } => {
                 validate_key(key).map_err(|e| ApiError::InvalidArgument(e.to_string()))?

@@ -32,6 +32,8 @@ use skiff_sandbox::{
 use tokio::sync::{Notify, Semaphore};
 
 use crate::config::WorkerSettings;
+use crate::data_service::{self, DataAccess, DataSocket, KvBackend};
+use crate::peer::{ReadOp, ReadResult};
 use crate::server::Node;
 
 /// Most bytes an unpacked code archive may take.
@@ -57,6 +59,10 @@ pub struct Worker {
     warmed: Notify,
     prewarming: Mutex<HashMap<PoolKey, usize>>,
     unpack_lock: tokio::sync::Mutex<()>,
+    /// Data-service sockets, one per function version that has a data grant.
+    data_sockets: tokio::sync::Mutex<HashMap<(String, u64), Arc<DataSocket>>>,
+    /// The `skiff-data` helper bound into sandboxes, if found.
+    helper_binary: Option<PathBuf>,
     request_client: u64,
     request_seq: AtomicU64,
 }
@@ -78,6 +84,8 @@ impl Worker {
             warmed: Notify::new(),
             prewarming: Mutex::new(HashMap::new()),
             unpack_lock: tokio::sync::Mutex::new(()),
+            data_sockets: tokio::sync::Mutex::new(HashMap::new()),
+            helper_binary: find_helper(),
             request_client: rand::random(),
             request_seq: AtomicU64::new(0),
         }
@@ -150,7 +158,47 @@ impl Worker {
         let code = self.code_dir(node, &fv.spec.code_digest).await?;
         let mut spec = SandboxSpec::with_policy(tier, &policy, code).map_err(|e| e.to_string())?;
         spec.env = fv.spec.env.clone();
+        if !fv.spec.data.is_empty() {
+            let socket = self.data_socket(node, fv).await?;
+            spec.data_socket = Some(socket.path().to_path_buf());
+            spec.helper_binary = self.helper_binary.clone();
+        }
         Ok(spec)
+    }
+
+    /// The data-service socket of a function version, bound on first use.
+    async fn data_socket(
+        &self,
+        node: &Node,
+        fv: &FunctionVersion,
+    ) -> Result<Arc<DataSocket>, String> {
+        let key = (fv.spec.name.clone(), fv.version);
+        let mut sockets = self.data_sockets.lock().await;
+        if let Some(s) = sockets.get(&key) {
+            return Ok(s.clone());
+        }
+        let dir = self
+            .settings
+            .code_cache_dir
+            .with_file_name("sock")
+            .join(format!("node-{}-{}", self.id, std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755));
+        }
+        let path = dir.join(format!("{}-{}.sock", fv.spec.name, fv.version));
+        let access = DataAccess {
+            read_prefixes: fv.spec.data.read_prefixes.clone(),
+            write_prefixes: fv.spec.data.write_prefixes.clone(),
+        };
+        let backend: Arc<dyn KvBackend> = Arc::new(NodeKv(node.clone()));
+        let socket = data_service::bind(&path, access, backend)
+            .await
+            .map_err(|e| format!("binding the data socket {}: {e}", path.display()))?;
+        let socket = Arc::new(socket);
+        sockets.insert(key, socket.clone());
+        Ok(socket)
     }
 
     /// How many idle sandboxes of `fv` this node should hold: its share of the function's
@@ -702,6 +750,116 @@ fn unpack(root: &Path, digest: &str, archive: &[u8]) -> Result<PathBuf, String> 
             Err(err("moving the code into place", &e))
         }
     }
+}
+
+/// The `skiff-data` helper next to this executable (as `cargo build` and packages place
+/// it), or `SKIFF_DATA_HELPER`.
+fn find_helper() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("SKIFF_DATA_HELPER") {
+        return Some(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    // Test binaries live one level down, in `deps/`.
+    [dir.join("skiff-data"), dir.join("../skiff-data")]
+        .into_iter()
+        .find(|p| p.is_file())
+}
+
+/// The cluster's key-value store as the data service sees it: linearizable reads and
+/// writes through the log, like any client's.
+struct NodeKv(Node);
+
+impl KvBackend for NodeKv {
+    fn get(
+        &self,
+        key: String,
+    ) -> futures::future::BoxFuture<'static, Result<Option<skiff_client::api::KvEntry>, String>>
+    {
+        let node = self.0.clone();
+        Box::pin(async move {
+            match node
+                .read(
+                    ReadOp::Get { key },
+                    skiff_client::api::ReadConsistency::Linearizable,
+                )
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                ReadResult::Get(e) => Ok(e),
+                _ => Err("unexpected answer to a get".into()),
+            }
+        })
+    }
+
+    fn put(
+        &self,
+        key: String,
+        value: Vec<u8>,
+        expect_version: Option<u64>,
+    ) -> futures::future::BoxFuture<'static, Result<CommandResult, String>> {
+        let node = self.0.clone();
+        Box::pin(async move {
+            let command = ClientCommand {
+                request_id: node.0.worker.next_request_id(),
+                command: Command::KvPut {
+                    key,
+                    value,
+                    expect_version,
+                },
+            };
+            first_result(node.write(vec![command]).await)
+        })
+    }
+
+    fn delete(
+        &self,
+        key: String,
+        expect_version: Option<u64>,
+    ) -> futures::future::BoxFuture<'static, Result<CommandResult, String>> {
+        let node = self.0.clone();
+        Box::pin(async move {
+            let command = ClientCommand {
+                request_id: node.0.worker.next_request_id(),
+                command: Command::KvDelete {
+                    key,
+                    expect_version,
+                },
+            };
+            first_result(node.write(vec![command]).await)
+        })
+    }
+
+    fn list(
+        &self,
+        prefix: String,
+        start_after: Option<String>,
+        limit: u32,
+    ) -> futures::future::BoxFuture<'static, Result<skiff_client::api::KvPage, String>> {
+        let node = self.0.clone();
+        Box::pin(async move {
+            let op = ReadOp::List {
+                prefix,
+                start_after,
+                limit,
+            };
+            match node
+                .read(op, skiff_client::api::ReadConsistency::Linearizable)
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                ReadResult::List(p) => Ok(p),
+                _ => Err("unexpected answer to a list".into()),
+            }
+        })
+    }
+}
+
+fn first_result(r: Result<Vec<CommandResult>, ApiError>) -> Result<CommandResult, String> {
+    r.map_err(|e| e.to_string())?
+        .into_iter()
+        .next()
+        .ok_or_else(|| "no result".to_string())
 }
 
 fn tail(bytes: &[u8], max: usize) -> Vec<u8> {

@@ -3,4 +3,5 @@
 
 mod cluster;
 mod data;
+mod functions;
 mod harness;

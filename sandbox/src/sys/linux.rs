@@ -266,6 +266,12 @@ impl Syscalls for RealSys {
         // SAFETY: NUL-terminated path and a valid flag.
         let ret = unsafe { libc::umount2(c".".as_ptr(), libc::MNT_DETACH) };
         check(ret, "detach old root", None)?;
+        // The function's working directory is its code; `/` if there is none.
+        // SAFETY: NUL-terminated path.
+        let ret = unsafe { libc::chdir(c"/code".as_ptr()) };
+        if ret == 0 {
+            return Ok(());
+        }
         // SAFETY: NUL-terminated path.
         let ret = unsafe { libc::chdir(c"/".as_ptr()) };
         check(ret, "chdir /", None)
