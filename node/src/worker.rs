@@ -586,6 +586,9 @@ async fn keep_min_warm(node: &Node) {
     }
 }
 
+/// A task this node should run, with its function version if that still exists.
+type Pending = (Task, Option<FunctionVersion>);
+
 async fn reconcile_loop(node: Node) {
     let w = node.0.worker.clone();
     let mut metrics = node.0.raft.metrics();
@@ -597,7 +600,7 @@ async fn reconcile_loop(node: Node) {
         if node.stopping() {
             return;
         }
-        let (todo, keep): (Vec<(Task, Option<FunctionVersion>)>, Vec<(TaskId, u64)>) =
+        let (todo, keep): (Vec<Pending>, Vec<(TaskId, u64)>) =
             node.0.store.read(|sm| {
                 let mine = sm.sched().tasks_on(w.id);
                 let keep = mine.iter().map(|t| (t.id, t.token)).collect();
@@ -720,9 +723,7 @@ fn unpack(root: &Path, digest: &str, archive: &[u8]) -> Result<PathBuf, String> 
                 return Err("an archive entry points outside the code directory".into());
             }
             let path = tmp.join(entry.path().map_err(|e| err("archive path", &e))?);
-            let perm = if kind.is_dir() {
-                0o755
-            } else if mode & 0o111 != 0 {
+            let perm = if kind.is_dir() || mode & 0o111 != 0 {
                 0o755
             } else {
                 0o644
