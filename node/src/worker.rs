@@ -600,26 +600,25 @@ async fn reconcile_loop(node: Node) {
         if node.stopping() {
             return;
         }
-        let (todo, keep): (Vec<Pending>, Vec<(TaskId, u64)>) =
-            node.0.store.read(|sm| {
-                let mine = sm.sched().tasks_on(w.id);
-                let keep = mine.iter().map(|t| (t.id, t.token)).collect();
-                let started = lock(&w.started);
-                let todo = mine
-                    .into_iter()
-                    .filter(|t| started.get(&t.id) != Some(&t.token))
-                    .filter(|t| matches!(t.state, TaskState::Assigned | TaskState::Running))
-                    .map(|t| {
-                        let fv = sm
-                            .sched()
-                            .function(&t.function)
-                            .and_then(|f| f.version(t.version))
-                            .cloned();
-                        (t.clone(), fv)
-                    })
-                    .collect();
-                (todo, keep)
-            });
+        let (todo, keep): (Vec<Pending>, Vec<(TaskId, u64)>) = node.0.store.read(|sm| {
+            let mine = sm.sched().tasks_on(w.id);
+            let keep = mine.iter().map(|t| (t.id, t.token)).collect();
+            let started = lock(&w.started);
+            let todo = mine
+                .into_iter()
+                .filter(|t| started.get(&t.id) != Some(&t.token))
+                .filter(|t| matches!(t.state, TaskState::Assigned | TaskState::Running))
+                .map(|t| {
+                    let fv = sm
+                        .sched()
+                        .function(&t.function)
+                        .and_then(|f| f.version(t.version))
+                        .cloned();
+                    (t.clone(), fv)
+                })
+                .collect();
+            (todo, keep)
+        });
         {
             let keep: HashMap<TaskId, u64> = keep.into_iter().collect();
             lock(&w.started).retain(|t, k| keep.get(t) == Some(k));

@@ -303,6 +303,7 @@ async fn a_node_is_added_as_learner_then_voter_and_removed() {
     cluster.nodes.push(crate::harness::TestNode {
         id: 4,
         addr: addr.clone(),
+        metrics_addr: format!("127.0.0.1:{}", crate::harness::free_port()),
         data_dir: cluster.dir.path().join("node-4"),
         child: None,
     });

@@ -562,3 +562,78 @@ async fn a_function_reads_and_writes_keys_through_the_data_service() {
         .expect("written by the function");
     assert_eq!(v.value, b"hello world");
 }
+
+/// The sum of every sample of `family` in a Prometheus text exposition, checking each sample
+/// line parses.
+fn metric_sum(text: &str, family: &str) -> f64 {
+    let mut sum = 0.0;
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (name_labels, value) = line.rsplit_once(' ').expect("sample line: name value");
+        let value: f64 = value.parse().expect("numeric sample value");
+        let name = name_labels.split('{').next().expect("name");
+        if name == family {
+            sum += value;
+        }
+    }
+    sum
+}
+
+async fn scrape(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect metrics");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("request");
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.expect("response");
+    let (head, body) = out.split_once("\r\n\r\n").expect("http response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_of_every_node_count_real_invocations() {
+    require_root!();
+    let cluster = TestCluster::start(3, CONFIG).await;
+    let c = rpc(&cluster.node(1).addr).await;
+    let code = archive(&[("main.sh", 0o755, "cat\n")]);
+    deploy(
+        &c,
+        spec("counted", &["/bin/sh", "main.sh"], FnMode::Exec),
+        &code,
+    )
+    .await;
+    let total = |texts: &[String]| -> f64 {
+        texts
+            .iter()
+            .map(|t| metric_sum(t, "skiff_invocations_total"))
+            .sum()
+    };
+    let mut before = Vec::new();
+    for n in &cluster.nodes {
+        before.push(scrape(&n.metrics_addr).await);
+    }
+    for i in 0..5u8 {
+        let t = invoke(&c, "counted", &[b'a' + i], true).await;
+        assert_eq!(t.state, TaskState::Succeeded);
+    }
+    let mut after = Vec::new();
+    for n in &cluster.nodes {
+        let text = scrape(&n.metrics_addr).await;
+        assert!(
+            text.contains("skiff_raft_applied_index"),
+            "raft gauges on every node"
+        );
+        after.push(text);
+    }
+    assert_eq!(total(&after) - total(&before), 5.0, "five attempts counted");
+    assert!(
+        after.iter().any(|t| t.contains("function=\"counted\"")),
+        "labelled by function"
+    );
+}

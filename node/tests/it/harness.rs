@@ -13,6 +13,8 @@ use skiff_client::{Client, ClientConfig};
 pub struct TestNode {
     pub id: NodeId,
     pub addr: String,
+    /// Where the node serves `/metrics`.
+    pub metrics_addr: String,
     pub data_dir: PathBuf,
     pub child: Option<Child>,
 }
@@ -23,7 +25,7 @@ pub struct TestCluster {
     config_path: PathBuf,
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
     l.local_addr().expect("local addr").port()
 }
@@ -41,10 +43,12 @@ impl TestCluster {
         };
         for i in 1..=n as NodeId {
             let addr = format!("127.0.0.1:{}", free_port());
+            let metrics_addr = format!("127.0.0.1:{}", free_port());
             let data_dir = cluster.dir.path().join(format!("node-{i}"));
             cluster.nodes.push(TestNode {
                 id: i,
                 addr,
+                metrics_addr,
                 data_dir,
                 child: None,
             });
@@ -103,6 +107,7 @@ impl TestCluster {
             .expect("open node log");
         let child = Command::new(exe)
             .args(["--id", &id.to_string(), "--listen", &node.addr])
+            .args(["--metrics-listen", &node.metrics_addr])
             .arg("--data-dir")
             .arg(&node.data_dir)
             .arg("--config")
