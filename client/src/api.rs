@@ -8,8 +8,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 pub use skiff_raft_store::functions::{
-    DataGrant, FnMode, FunctionRecord, FunctionSpec, FunctionVersion, NodeRecord, RunStatus,
-    SchedStats, Task, TaskFilter, TaskId, TaskResult, TaskState, WarmReport,
+    CacheOutcome, DataGrant, Dependency, FnMode, FunctionRecord, FunctionSpec, FunctionVersion,
+    Idempotency, MissReason, NodeRecord, RunStatus, SchedStats, Task, TaskFilter, TaskId,
+    TaskResult, TaskState, WarmReport,
 };
 pub use skiff_raft_store::model::{
     ClientCommand, Command, CommandResult, KvEntry, KvPage, NodeId, RequestId,
@@ -77,6 +78,13 @@ pub struct InvokeRequest {
     pub payload: Vec<u8>,
     /// Wait for the result (sync) or return once queued (async).
     pub wait: bool,
+    /// For an idempotent function: a key that replaces the payload hash in the ledger key.
+    pub idempotency_key: Option<String>,
+    /// For an idempotent function: caller-supplied version tokens (name, value).
+    pub tokens: Vec<(String, String)>,
+    /// Filled by the node that receives the invocation: content hashes of the function's
+    /// file dependencies. Whatever a client sends here is replaced.
+    pub files: Vec<(String, String)>,
 }
 
 /// Worker nodes and scheduler counters.

@@ -316,36 +316,63 @@ pub struct Accesses {
     pub dropped: u64,
 }
 
-/// A bounded log of the accesses made through one [`DataSocket`].
+/// Most distinct peers (sandboxes, by host uid) an [`AccessLog`] keeps records for; accesses
+/// of further peers are only counted.
+pub const ACCESS_PEERS_MAX: usize = 1024;
+
+tokio::task_local! {
+    /// The host uid of the process on the other end of the connection being served.
+    static PEER_UID: Option<u32>;
+}
+
+/// A bounded log of the accesses made through one [`DataSocket`], kept per peer: every
+/// sandbox runs as its own host uid, so a run's accesses are those of its uid.
 #[derive(Debug)]
 pub struct AccessLog {
     records_max: usize,
-    inner: Mutex<Accesses>,
+    inner: Mutex<std::collections::HashMap<Option<u32>, Accesses>>,
 }
 
 impl AccessLog {
     fn new(records_max: usize) -> Self {
         Self {
             records_max,
-            inner: Mutex::new(Accesses::default()),
+            inner: Mutex::new(std::collections::HashMap::new()),
         }
     }
 
     fn record(&self, record: AccessRecord) {
+        let uid = PEER_UID.try_with(|u| *u).ok().flatten();
         let mut inner = self.lock();
-        if inner.records.len() < self.records_max {
-            inner.records.push(record);
+        let peer = if inner.contains_key(&uid) || inner.len() < ACCESS_PEERS_MAX {
+            uid
         } else {
-            inner.dropped += 1;
+            None
+        };
+        let accesses = inner.entry(peer).or_default();
+        if peer == uid && accesses.records.len() < self.records_max {
+            accesses.records.push(record);
+        } else {
+            accesses.dropped += 1;
         }
     }
 
-    /// Takes every access logged so far, leaving the log empty.
+    /// Takes every access logged so far (all peers), leaving the log empty.
     pub fn take(&self) -> Accesses {
-        std::mem::take(&mut *self.lock())
+        let mut all = Accesses::default();
+        for (_, a) in self.lock().drain() {
+            all.records.extend(a.records);
+            all.dropped += a.dropped;
+        }
+        all
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Accesses> {
+    /// Takes the accesses made by processes running as host uid `uid`.
+    pub fn take_for(&self, uid: u32) -> Accesses {
+        self.lock().remove(&Some(uid)).unwrap_or_default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<Option<u32>, Accesses>> {
         // Each change under the lock is a single push or counter bump: a poisoned log is whole.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -471,6 +498,7 @@ async fn accept_loop(listener: UnixListener, service: Arc<Service>) {
 }
 
 async fn serve_connection(stream: UnixStream, service: &Service) -> io::Result<()> {
+    let uid = stream.peer_cred().ok().map(|c| c.uid());
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     let mut line = Vec::new();
@@ -491,7 +519,7 @@ async fn serve_connection(stream: UnixStream, service: &Service) -> io::Result<(
             return Ok(());
         }
         // A last line without its newline (the client shut down its side) is still a request.
-        let reply = service.handle(&line).await;
+        let reply = PEER_UID.scope(uid, service.handle(&line)).await;
         send(&mut write, &reply).await?;
     }
 }

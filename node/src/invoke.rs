@@ -14,7 +14,9 @@ use std::time::Duration;
 use skiff_client::api::{
     ApiError, ClientCommand, Command, CommandResult, InvokeRequest, Task, TaskId, TaskState,
 };
-use skiff_raft_store::functions::{validate_function_name, PAYLOAD_BYTES_MAX, TIMEOUT_MS_MAX};
+use skiff_raft_store::functions::{
+    validate_function_name, Dependency, IdempotencyInput, PAYLOAD_BYTES_MAX, TIMEOUT_MS_MAX,
+};
 
 use crate::peer;
 use crate::server::Node;
@@ -36,6 +38,8 @@ impl Node {
                 req.payload.len()
             )));
         }
+        let mut req = req;
+        req.files = self.hash_file_dependencies(&req).await?;
         let (leader, addr) = self.leader().await?;
         if leader == self.0.id {
             return self.invoke_on_leader(req).await;
@@ -55,6 +59,45 @@ impl Node {
         }
     }
 
+    /// Hashes the files an idempotent function depends on, as this node sees them.
+    async fn hash_file_dependencies(
+        &self,
+        req: &InvokeRequest,
+    ) -> Result<Vec<(String, String)>, ApiError> {
+        let paths: Vec<String> = self.0.store.read(|sm| {
+            let Some(f) = sm.sched().function(&req.function) else {
+                return Vec::new();
+            };
+            let v = match req.version {
+                Some(v) => f.version(v),
+                None => f.latest(),
+            };
+            v.and_then(|v| v.spec.idempotency.as_ref())
+                .map(|i| {
+                    i.dependencies
+                        .iter()
+                        .filter_map(|d| match d {
+                            Dependency::File(p) => Some(p.clone()),
+                            _ => None,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        });
+        let mut out = Vec::with_capacity(paths.len());
+        for path in paths {
+            let p = path.clone();
+            let hash = tokio::task::spawn_blocking(move || hash_file(&p))
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))?
+                .map_err(|e| {
+                    ApiError::FailedPrecondition(format!("file dependency {path}: {e}"))
+                })?;
+            out.push((path, hash));
+        }
+        Ok(out)
+    }
+
     /// The leader's side of [`Node::invoke`].
     pub async fn invoke_on_leader(&self, req: InvokeRequest) -> Result<Task, ApiError> {
         let command = ClientCommand {
@@ -64,6 +107,11 @@ impl Node {
                 version: req.version,
                 payload: req.payload,
                 sync: req.wait,
+                idempotency: Some(Box::new(IdempotencyInput {
+                    key: req.idempotency_key,
+                    tokens: req.tokens,
+                    files: req.files,
+                })),
             },
         };
         let result = self
@@ -74,8 +122,8 @@ impl Node {
             .into_iter()
             .next()
             .ok_or_else(|| ApiError::Internal("a submission got no result".into()))?;
-        let id = match result {
-            CommandResult::Submitted { task, .. } => task,
+        let (id, cache) = match result {
+            CommandResult::Submitted { task, cache, .. } => (task, cache),
             CommandResult::Throttled { reason } => {
                 self.0.metrics.throttled_invocation(&req.function);
                 return Err(ApiError::Throttled(reason));
@@ -101,11 +149,18 @@ impl Node {
         };
         self.dispatch(id).await;
         let task = self.local_task(id)?;
+        // A joined invocation reports that it joined, not the first caller's miss.
+        let with_cache = |mut t: Task| {
+            if cache.is_some() {
+                t.cache = cache.clone();
+            }
+            t
+        };
         if !req.wait || task.state.is_finished() {
-            return Ok(task);
+            return Ok(with_cache(task));
         }
         let wait = Duration::from_millis(task.timeout_ms) + WAIT_MARGIN;
-        self.wait_task(id, wait).await
+        self.wait_task(id, wait).await.map(with_cache)
     }
 
     fn local_task(&self, id: TaskId) -> Result<Task, ApiError> {
@@ -188,4 +243,37 @@ impl Node {
             }
         }
     }
+}
+
+/// Largest file an idempotent function may depend on.
+pub const FILE_DEPENDENCY_BYTES_MAX: u64 = 1024 * 1024 * 1024;
+
+/// SHA-256 (hex) of a regular file of at most [`FILE_DEPENDENCY_BYTES_MAX`] bytes.
+fn hash_file(path: &str) -> Result<String, String> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+    let meta = file.metadata().map_err(|e| format!("cannot stat: {e}"))?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    if meta.len() > FILE_DEPENDENCY_BYTES_MAX {
+        return Err(format!(
+            "{} bytes, the limit is {FILE_DEPENDENCY_BYTES_MAX}",
+            meta.len()
+        ));
+    }
+    let mut hasher = Sha256::new();
+    let mut reader = file.take(FILE_DEPENDENCY_BYTES_MAX);
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = reader
+            .read(&mut buf)
+            .map_err(|e| format!("cannot read: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex::encode(hasher.finalize()))
 }

@@ -42,6 +42,8 @@ const UNPACKED_BYTES_MAX: u64 = 512 * 1024 * 1024;
 const ARCHIVE_ENTRIES_MAX: usize = 100_000;
 /// How long a worker waits for a code archive to reach its applied state.
 const CODE_WAIT: Duration = Duration::from_secs(10);
+/// The read recorded when a run's data-service reads did not all fit in the access log.
+const INCOMPLETE_READS: &str = "(reads not fully tracked)";
 /// How long a worker keeps retrying to report a completion.
 const REPORT_DEADLINE: Duration = Duration::from_secs(120);
 
@@ -272,16 +274,22 @@ impl Worker {
         }
     }
 
-    /// Runs one attempt and returns its result (never fails: errors become failed results).
+    /// Runs one attempt and returns its result (never fails: errors become failed results)
+    /// and the keys it read through the data service with the versions it saw.
     async fn execute(
         self: &Arc<Self>,
         node: &Node,
         task: &Task,
         fv: &FunctionVersion,
-    ) -> TaskResult {
+    ) -> (TaskResult, Vec<(String, u64)>) {
         let spec = match self.sandbox_spec(node, fv).await {
             Ok(s) => s,
-            Err(e) => return self.failed(format!("cannot prepare the sandbox: {e}")),
+            Err(e) => {
+                return (
+                    self.failed(format!("cannot prepare the sandbox: {e}")),
+                    Vec::new(),
+                )
+            }
         };
         let key = Self::key(fv);
         let argv = fv.spec.entry.clone();
@@ -299,13 +307,46 @@ impl Worker {
                     }
                     None => skiff_sandbox::run(&spec, &argv, &task.payload).await,
                 };
-                self.exec_result(outcome, was_warm, started)
+                let uid = outcome.as_ref().ok().map(|o| o.host_uid);
+                (self.exec_result(outcome, was_warm, started), uid)
             }
             FnMode::Serve => self.serve(&spec, key, &argv, task, started).await,
         };
+        let (result, uid) = result;
+        let reads = match uid {
+            Some(uid) => self.take_reads(fv, uid).await,
+            None => Vec::new(),
+        };
         let target = self.warm_target(node, fv, true);
         self.replenish(spec, fv, target);
-        result
+        (result, reads)
+    }
+
+    /// The reads a run (the sandbox running as `uid`) made through the data service. When
+    /// the log could not hold them all, a marker read no state can match makes sure the run's
+    /// result is never reused as an idempotent hit.
+    async fn take_reads(&self, fv: &FunctionVersion, uid: u32) -> Vec<(String, u64)> {
+        let socket = self
+            .data_sockets
+            .lock()
+            .await
+            .get(&(fv.spec.name.clone(), fv.version))
+            .cloned();
+        let Some(socket) = socket else {
+            return Vec::new();
+        };
+        let accesses = socket.access_log().take_for(uid);
+        let mut reads: Vec<(String, u64)> = accesses
+            .records
+            .into_iter()
+            .filter(|r| r.allowed && r.op == crate::data_service::AccessOp::Get)
+            .map(|r| (r.key, r.version))
+            .collect();
+        if accesses.dropped > 0 {
+            reads.push((INCOMPLETE_READS.to_string(), u64::MAX));
+        }
+        reads.truncate(skiff_raft_store::functions::TRACKED_READS_MAX);
+        reads
     }
 
     async fn serve(
@@ -315,9 +356,12 @@ impl Worker {
         argv: &[String],
         task: &Task,
         started: Instant,
-    ) -> TaskResult {
+    ) -> (TaskResult, Option<u32>) {
         if task.payload.contains(&b'\n') {
-            return self.failed("a serve-mode payload must be one line (compact JSON)".into());
+            return (
+                self.failed("a serve-mode payload must be one line (compact JSON)".into()),
+                None,
+            );
         }
         let (sandbox, warm) = match self.take_warm(&key).await {
             Some(WarmSandbox::Serve(sb)) => (sb, true),
@@ -329,12 +373,17 @@ impl Worker {
                 let (spec, argv, k) = (spec.clone(), argv.to_vec(), key.clone());
                 match tokio::task::spawn_blocking(move || pool.start_serve(k, &spec, &argv)).await {
                     Ok(Ok(sb)) => (sb, false),
-                    Ok(Err(e)) => return self.failed(format!("cannot start the function: {e}")),
-                    Err(e) => return self.failed(format!("cannot start the function: {e}")),
+                    Ok(Err(e)) => {
+                        return (self.failed(format!("cannot start the function: {e}")), None)
+                    }
+                    Err(e) => {
+                        return (self.failed(format!("cannot start the function: {e}")), None)
+                    }
                 }
             }
         };
         let memory = sandbox.memory_bytes();
+        let uid = Some(sandbox.host_uid());
         let (sandbox, response) = sandbox.request(task.payload.clone()).await;
         let log = tail(sandbox.log(), LOG_BYTES_MAX);
         if sandbox.is_alive() {
@@ -344,7 +393,7 @@ impl Worker {
             drop(tokio::task::spawn_blocking(move || sandbox.shutdown()));
         }
         let wall_ms = started.elapsed().as_millis() as u64;
-        match response {
+        let result = match response {
             Ok(mut line) => {
                 line.truncate(OUTPUT_BYTES_MAX);
                 TaskResult {
@@ -380,7 +429,8 @@ impl Worker {
                     peak_memory_bytes: memory,
                 }
             }
-        }
+        };
+        (result, uid)
     }
 
     fn exec_result(
@@ -482,21 +532,28 @@ pub async fn run_task(node: Node, task: Task, fv: FunctionVersion) {
         return;
     };
     tracing::debug!(task = task.id, token = task.token, function = %fv.spec.name, "running task");
-    let result = w.execute(&node, &task, &fv).await;
+    let (result, reads) = w.execute(&node, &task, &fv).await;
     node.0
         .metrics
         .invocation(&fv.spec.name, result.status, result.warm, result.wall_ms);
-    report(&node, task.id, task.token, result).await;
+    report(&node, task.id, task.token, result, reads).await;
 }
 
 /// Proposes the completion, retrying while the cluster has no leader.
-async fn report(node: &Node, task: TaskId, token: u64, result: TaskResult) {
+async fn report(
+    node: &Node,
+    task: TaskId,
+    token: u64,
+    result: TaskResult,
+    reads: Vec<(String, u64)>,
+) {
     let command = ClientCommand {
         request_id: node.0.worker.next_request_id(),
         command: Command::Complete {
             task,
             token,
             result: Box::new(result),
+            reads,
         },
     };
     let deadline = Instant::now() + REPORT_DEADLINE;
@@ -635,7 +692,9 @@ async fn reconcile_loop(node: Node) {
                             "function {} version {} no longer exists",
                             task.function, task.version
                         ));
-                        tokio::spawn(async move { report(&n, task.id, task.token, r).await });
+                        tokio::spawn(async move {
+                            report(&n, task.id, task.token, r, Vec::new()).await
+                        });
                     }
                 }
             }

@@ -264,17 +264,26 @@ impl StateMachineData {
                 version,
                 payload,
                 sync,
-            } => self
-                .sched
-                .submit(self.last_time_ms, function, *version, payload, *sync),
+                idempotency,
+            } => self.sched.submit(
+                self.last_time_ms,
+                function,
+                *version,
+                payload,
+                *sync,
+                idempotency.as_deref(),
+                &self.kv,
+            ),
+            Command::FnPurgeCache { name } => self.sched.purge_cache(name),
             Command::Heartbeat(hb) => self.sched.heartbeat(self.last_time_ms, hb),
             Command::Complete {
                 task,
                 token,
                 result,
+                reads,
             } => self
                 .sched
-                .complete(self.last_time_ms, *task, *token, result),
+                .complete(self.last_time_ms, *task, *token, result, reads),
         }
     }
 

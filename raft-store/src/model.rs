@@ -17,9 +17,10 @@
 use serde::{Deserialize, Serialize};
 
 use crate::functions::{
-    chunk_count, validate_function_name, validate_spec, FunctionSpec, Heartbeat, TaskId,
-    TaskResult, CODE_BYTES_MAX, CODE_CHUNK_BYTES, HEARTBEAT_ENTRIES_MAX, LOG_BYTES_MAX,
-    OUTPUT_BYTES_MAX, PAYLOAD_BYTES_MAX,
+    chunk_count, validate_function_name, validate_spec, CacheOutcome, FunctionSpec, Heartbeat,
+    IdempotencyInput, TaskId, TaskResult, CODE_BYTES_MAX, CODE_CHUNK_BYTES, HEARTBEAT_ENTRIES_MAX,
+    IDEMPOTENCY_KEY_BYTES_MAX, INVOCATION_DEPS_MAX, LOG_BYTES_MAX, OUTPUT_BYTES_MAX,
+    PAYLOAD_BYTES_MAX, TRACKED_READS_MAX,
 };
 
 /// Identifies a node of the cluster. Never reused after a node's data is wiped.
@@ -102,7 +103,11 @@ pub enum Command {
         version: Option<u64>,
         payload: Vec<u8>,
         sync: bool,
+        /// Inputs for an idempotent function (ignored for others).
+        idempotency: Option<Box<IdempotencyInput>>,
     },
+    /// Forget the cached results of an idempotent function.
+    FnPurgeCache { name: String },
     /// A worker's periodic report (liveness, capacity, warm pools, started tasks).
     Heartbeat(Box<Heartbeat>),
     /// The end of one attempt, reported by the node that ran it under `token`.
@@ -110,6 +115,8 @@ pub enum Command {
         task: TaskId,
         token: u64,
         result: Box<TaskResult>,
+        /// Keys the run read through the data service, with the versions it saw.
+        reads: Vec<(String, u64)>,
     },
 }
 
@@ -129,16 +136,27 @@ impl Command {
                         .map(|(k, v)| k.len() + v.len())
                         .sum::<usize>()
             }
-            Command::FnRemove { name } => name.len(),
+            Command::FnRemove { name } | Command::FnPurgeCache { name } => name.len(),
             Command::Submit {
-                function, payload, ..
-            } => function.len() + payload.len(),
+                function,
+                payload,
+                idempotency,
+                ..
+            } => {
+                function.len()
+                    + payload.len()
+                    + idempotency.as_ref().map_or(0, |i| {
+                        i.key.as_ref().map_or(0, String::len)
+                            + (i.tokens.len() + i.files.len()) * 2 * IDEMPOTENCY_KEY_BYTES_MAX
+                    })
+            }
             Command::Heartbeat(hb) => {
                 64 + hb.warm.iter().map(|w| w.function.len() + 16).sum::<usize>()
                     + hb.running.len() * 16
             }
-            Command::Complete { result, .. } => {
-                256 + result.output.len()
+            Command::Complete { result, reads, .. } => {
+                256 + reads.iter().map(|(k, _)| k.len() + 8).sum::<usize>()
+                    + result.output.len()
                     + result.log.len()
                     + result.error.as_ref().map_or(0, String::len)
             }
@@ -155,6 +173,7 @@ impl Command {
                 | Command::CodeChunk { .. }
                 | Command::FnDeploy { .. }
                 | Command::FnRemove { .. }
+                | Command::FnPurgeCache { .. }
         )
     }
 }
@@ -211,13 +230,29 @@ impl Command {
                 Ok(())
             }
             Command::FnDeploy { spec } => validate_spec(spec).map_err(InvalidCommand::Other),
-            Command::FnRemove { name } => {
+            Command::FnRemove { name } | Command::FnPurgeCache { name } => {
                 validate_function_name(name).map_err(InvalidCommand::Other)
             }
             Command::Submit {
-                function, payload, ..
+                function,
+                payload,
+                idempotency,
+                ..
             } => {
                 validate_function_name(function).map_err(InvalidCommand::Other)?;
+                if let Some(i) = idempotency {
+                    let long = |s: &String| s.len() > IDEMPOTENCY_KEY_BYTES_MAX;
+                    if i.key.as_ref().is_some_and(long)
+                        || i.tokens.iter().any(|(n, v)| long(n) || long(v))
+                        || i.files.iter().any(|(p, h)| p.len() > 4096 || long(h))
+                        || i.tokens.len() > INVOCATION_DEPS_MAX
+                        || i.files.len() > INVOCATION_DEPS_MAX
+                    {
+                        return Err(InvalidCommand::Other(format!(
+                            "idempotency inputs: at most {INVOCATION_DEPS_MAX} tokens and files, keys and tokens up to {IDEMPOTENCY_KEY_BYTES_MAX} bytes"
+                        )));
+                    }
+                }
                 if payload.len() > PAYLOAD_BYTES_MAX {
                     return Err(InvalidCommand::Other(format!(
                         "payload is {} bytes, the limit is {PAYLOAD_BYTES_MAX}",
@@ -235,7 +270,12 @@ impl Command {
                 }
                 Ok(())
             }
-            Command::Complete { result, .. } => {
+            Command::Complete { result, reads, .. } => {
+                if reads.len() > TRACKED_READS_MAX {
+                    return Err(InvalidCommand::Other(format!(
+                        "at most {TRACKED_READS_MAX} tracked reads per run"
+                    )));
+                }
                 if result.output.len() > OUTPUT_BYTES_MAX || result.log.len() > LOG_BYTES_MAX {
                     return Err(InvalidCommand::Other(format!(
                         "a result holds at most {OUTPUT_BYTES_MAX} bytes of output and {LOG_BYTES_MAX} of log"
@@ -313,11 +353,16 @@ pub enum CommandResult {
     /// A function was removed.
     Removed,
     /// An invocation was queued as `task`; when placed at once, on `node` under `token`.
+    /// For an idempotent function, `cache` says whether it runs, joined a running identical
+    /// invocation (`task` is that one), or was answered from the ledger (`task` is finished).
     Submitted {
         task: TaskId,
         node: Option<NodeId>,
         token: u64,
+        cache: Option<CacheOutcome>,
     },
+    /// The cached results of a function were forgotten.
+    Purged { entries: u64 },
     /// The invocation was refused because the function's queue (or the cluster's task
     /// store) is full; nothing was queued.
     Throttled { reason: String },

@@ -20,13 +20,15 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::functions::{
-    chunk_count, CodeBlob, FunctionRecord, FunctionSpec, FunctionVersion, Heartbeat, NodeRecord,
+    chunk_count, CacheOutcome, CodeBlob, Dependency, DependencyState, FunctionRecord, FunctionSpec,
+    FunctionVersion, Heartbeat, Idempotency, IdempotencyInput, LedgerEntry, MissReason, NodeRecord,
     RunStatus, SchedStats, Task, TaskFilter, TaskId, TaskResult, TaskState, ACTIVE_TASKS_MAX,
     ASSIGNMENT_GRACE_MS, CODE_BLOBS_MAX, CODE_TOTAL_BYTES_MAX, CODE_UNREFERENCED_TTL_MS,
-    FINISHED_TASKS_MAX, FUNCTIONS_MAX, NODE_FORGET_MS, NODE_LEASE_MS, RESULT_RETENTION_MS,
-    RETRY_BACKOFF_MS_MAX, TASK_BYTES_MAX, VERSIONS_KEPT,
+    FINISHED_TASKS_MAX, FUNCTIONS_MAX, LEDGER_BYTES_MAX, LEDGER_ENTRIES_MAX, NODE_FORGET_MS,
+    NODE_LEASE_MS, RESULT_RETENTION_MS, RETRY_BACKOFF_MS_MAX, TASK_BYTES_MAX, TRACKED_READS_MAX,
+    VERSIONS_KEPT,
 };
-use crate::model::{CommandResult, NodeId};
+use crate::model::{CommandResult, KvEntry, NodeId};
 
 /// How often (in state-machine time) unreferenced code and silent nodes are collected.
 const GC_INTERVAL_MS: u64 = 10_000;
@@ -39,6 +41,7 @@ const OBJ_CODE: u8 = b'c';
 const OBJ_CHUNK: u8 = b'k';
 const OBJ_TASK: u8 = b't';
 const OBJ_NODE: u8 = b'n';
+const OBJ_LEDGER: u8 = b'l';
 
 /// Scalars of the scheduler, persisted as one object.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,6 +62,7 @@ enum ObjKey {
     Chunk(String, u32),
     Task(TaskId),
     Node(NodeId),
+    Ledger(String),
 }
 
 impl ObjKey {
@@ -74,6 +78,7 @@ impl ObjKey {
             }
             ObjKey::Task(id) => prefixed(OBJ_TASK, &id.to_be_bytes()),
             ObjKey::Node(id) => prefixed(OBJ_NODE, &id.to_be_bytes()),
+            ObjKey::Ledger(key) => prefixed(OBJ_LEDGER, key.as_bytes()),
         }
     }
 }
@@ -112,7 +117,11 @@ pub struct Sched {
     chunks: BTreeMap<(String, u32), Arc<Vec<u8>>>,
     tasks: BTreeMap<TaskId, Task>,
     nodes: BTreeMap<NodeId, NodeRecord>,
+    ledger: BTreeMap<String, LedgerEntry>,
     // Derived.
+    /// `(recorded_ms, key)` of every finished ledger entry: the eviction order.
+    ledger_order: BTreeSet<(u64, String)>,
+    ledger_bytes: u64,
     queues: BTreeMap<String, BTreeSet<(u64, TaskId)>>,
     delayed: BTreeSet<(u64, TaskId)>,
     active: BTreeMap<String, u32>,
@@ -186,6 +195,17 @@ impl Sched {
                     }
                     s.nodes.insert(n.id, n);
                 }
+                OBJ_LEDGER => {
+                    let e: LedgerEntry = dec(&value, "ledger entry")?;
+                    if e.key != text()? {
+                        return Err(format!("ledger entry {} under another key", e.key));
+                    }
+                    if e.done {
+                        s.ledger_order.insert((e.recorded_ms, e.key.clone()));
+                        s.ledger_bytes += e.bytes();
+                    }
+                    s.ledger.insert(e.key.clone(), e);
+                }
                 other => return Err(format!("unknown object tag {other:#04x}")),
             }
         }
@@ -255,6 +275,9 @@ impl Sched {
         for (id, n) in &self.nodes {
             out.push((ObjKey::Node(*id).encode(), enc(n)));
         }
+        for (key, e) in &self.ledger {
+            out.push((ObjKey::Ledger(key.clone()).encode(), enc(e)));
+        }
         out.sort();
         out
     }
@@ -282,6 +305,7 @@ impl Sched {
                     ObjKey::Chunk(d, i) => self.chunks.get(&(d.clone(), *i)).map(|b| b.to_vec()),
                     ObjKey::Task(id) => self.tasks.get(id).map(enc),
                     ObjKey::Node(id) => self.nodes.get(id).map(enc),
+                    ObjKey::Ledger(k) => self.ledger.get(k).map(enc),
                 };
                 (key.encode(), value)
             })
@@ -598,10 +622,20 @@ impl Sched {
             let result = failure_result("the function was removed");
             self.finish(id, TaskState::Failed, Some(result), now);
         }
+        let keys: Vec<String> = self
+            .ledger
+            .values()
+            .filter(|e| e.function == name)
+            .map(|e| e.key.clone())
+            .collect();
+        for k in keys {
+            self.ledger_remove(&k);
+        }
         CommandResult::Removed
     }
 
     /// Queues an invocation and places it at once when a slot and a node are free.
+    #[allow(clippy::too_many_arguments)]
     pub fn submit(
         &mut self,
         now: u64,
@@ -609,6 +643,8 @@ impl Sched {
         version: Option<u64>,
         payload: &[u8],
         sync: bool,
+        idempotency: Option<&IdempotencyInput>,
+        kv: &BTreeMap<String, KvEntry>,
     ) -> CommandResult {
         let Some(record) = self.functions.get(function) else {
             return rejected(format!("function {function} does not exist"));
@@ -625,6 +661,43 @@ impl Sched {
         let Some(spec) = record.version(version).map(|v| v.spec.clone()) else {
             return rejected(format!("function {function} has no version {version}"));
         };
+        // Idempotent functions: join a running identical invocation, answer from the ledger,
+        // or run and record why.
+        let mut cache = None;
+        let mut ledger = None;
+        if let Some(idem) = &spec.idempotency {
+            let input = idempotency.cloned().unwrap_or_default();
+            let payload_hash = hex::encode(Sha256::digest(payload));
+            let key = ledger_key(function, input.key.as_deref(), &payload_hash);
+            let deps = match dependency_states(idem, &input, kv) {
+                Ok(d) => d,
+                Err(reason) => return rejected(reason),
+            };
+            let reason = match self.ledger.get(&key) {
+                None => MissReason::FirstRun,
+                Some(e) if !e.done => {
+                    if self
+                        .tasks
+                        .get(&e.task)
+                        .is_some_and(|t| !t.state.is_finished())
+                    {
+                        return CommandResult::Submitted {
+                            task: e.task,
+                            node: None,
+                            token: 0,
+                            cache: Some(CacheOutcome::Joined { task: e.task }),
+                        };
+                    }
+                    MissReason::PreviousRunLost
+                }
+                Some(e) => match decide(e, idem, version, &payload_hash, &deps, kv, now) {
+                    None => return self.answer_from_ledger(now, &key, payload, sync),
+                    Some(reason) => reason,
+                },
+            };
+            cache = Some(CacheOutcome::Miss { reason });
+            ledger = Some((key, payload_hash, deps));
+        }
         if self.tasks.len() - self.finished.len() >= ACTIVE_TASKS_MAX {
             return CommandResult::Throttled {
                 reason: format!("the cluster has {ACTIVE_TASKS_MAX} unfinished tasks"),
@@ -677,11 +750,30 @@ impl Sched {
             timeout_ms: spec.timeout_ms,
             result: None,
             dead_letter: false,
+            cache: cache.clone(),
+            ledger_key: ledger.as_ref().map(|(k, _, _)| k.clone()),
         };
         self.task_bytes += task.bytes();
         self.tasks.insert(id, task);
         self.touch(ObjKey::Task(id));
         self.touch(ObjKey::Meta);
+        if let Some((key, payload_hash, dependencies)) = ledger {
+            self.ledger_remove(&key);
+            let entry = LedgerEntry {
+                key: key.clone(),
+                function: function.to_string(),
+                version,
+                payload_hash,
+                task: id,
+                done: false,
+                succeeded: false,
+                dependencies,
+                result: None,
+                recorded_ms: now,
+            };
+            self.ledger.insert(key.clone(), entry);
+            self.touch(ObjKey::Ledger(key));
+        }
         if can_run {
             if let Some(node) = self.choose_node(id, now) {
                 let token = self.assign(id, node, now);
@@ -689,6 +781,7 @@ impl Sched {
                     task: id,
                     node: Some(node),
                     token,
+                    cache,
                 };
             }
         }
@@ -700,6 +793,134 @@ impl Sched {
             task: id,
             node: None,
             token: 0,
+            cache,
+        }
+    }
+
+    /// A finished task carrying the ledger's result, without running anything.
+    fn answer_from_ledger(
+        &mut self,
+        now: u64,
+        key: &str,
+        payload: &[u8],
+        sync: bool,
+    ) -> CommandResult {
+        let e = self.ledger[key].clone();
+        self.meta.next_task += 1;
+        let id = self.meta.next_task;
+        self.touch(ObjKey::Meta);
+        let state = if e.succeeded {
+            TaskState::Succeeded
+        } else {
+            TaskState::Failed
+        };
+        let source = CacheOutcome::Hit {
+            source_task: e.task,
+        };
+        let task = Task {
+            id,
+            function: e.function.clone(),
+            version: e.version,
+            payload: payload.to_vec(),
+            sync,
+            state,
+            attempts: 0,
+            failures: 0,
+            node: None,
+            token: 0,
+            submitted_ms: now,
+            assigned_ms: None,
+            started_ms: None,
+            finished_ms: Some(now),
+            not_before_ms: now,
+            queue_seq: 0,
+            memory_bytes: 0,
+            timeout_ms: 0,
+            result: e.result.clone(),
+            dead_letter: false,
+            cache: Some(source.clone()),
+            ledger_key: None,
+        };
+        self.task_bytes += task.bytes();
+        self.tasks.insert(id, task);
+        self.finished.insert((now, id));
+        self.touch(ObjKey::Task(id));
+        CommandResult::Submitted {
+            task: id,
+            node: None,
+            token: 0,
+            cache: Some(source),
+        }
+    }
+
+    /// Forgets the finished ledger entries of `function`.
+    pub fn purge_cache(&mut self, name: &str) -> CommandResult {
+        if !self.functions.contains_key(name) {
+            return rejected(format!("function {name} does not exist"));
+        }
+        let keys: Vec<String> = self
+            .ledger
+            .values()
+            .filter(|e| e.function == name && e.done)
+            .map(|e| e.key.clone())
+            .collect();
+        for k in &keys {
+            self.ledger_remove(k);
+        }
+        CommandResult::Purged {
+            entries: keys.len() as u64,
+        }
+    }
+
+    fn ledger_remove(&mut self, key: &str) {
+        if let Some(e) = self.ledger.remove(key) {
+            if e.done {
+                self.ledger_order.remove(&(e.recorded_ms, e.key.clone()));
+                self.ledger_bytes -= e.bytes();
+            }
+            self.touch(ObjKey::Ledger(key.to_string()));
+        }
+    }
+
+    /// Records the end of a ledger run (at the task's final state).
+    fn ledger_finish(&mut self, id: TaskId, now: u64) {
+        let Some(task) = self.tasks.get(&id) else {
+            return;
+        };
+        let Some(key) = task.ledger_key.clone() else {
+            return;
+        };
+        let succeeded = task.state == TaskState::Succeeded;
+        let result = task.result.clone();
+        let cache_failures = self
+            .functions
+            .get(&task.function)
+            .and_then(|f| f.version(task.version))
+            .and_then(|v| v.spec.idempotency.as_ref())
+            .is_some_and(|i| i.cache_failures);
+        let Some(e) = self.ledger.get_mut(&key) else {
+            return;
+        };
+        if e.task != id || e.done {
+            return;
+        }
+        e.done = true;
+        e.succeeded = succeeded;
+        e.result = if succeeded || cache_failures {
+            result
+        } else {
+            None
+        };
+        e.recorded_ms = now;
+        let bytes = e.bytes();
+        self.ledger_order.insert((now, key.clone()));
+        self.ledger_bytes += bytes;
+        self.touch(ObjKey::Ledger(key));
+        while self.ledger_order.len() > LEDGER_ENTRIES_MAX || self.ledger_bytes > LEDGER_BYTES_MAX {
+            let Some((_, oldest)) = self.ledger_order.first().cloned() else {
+                break;
+            };
+            self.ledger_remove(&oldest);
         }
     }
 
@@ -739,6 +960,7 @@ impl Sched {
         id: TaskId,
         token: u64,
         result: &TaskResult,
+        reads: &[(String, u64)],
     ) -> CommandResult {
         let Some(task) = self.tasks.get(&id) else {
             return rejected(format!("task {id} does not exist (or was purged)"));
@@ -761,8 +983,50 @@ impl Sched {
                 self.attempt_failed(id, result.clone(), now);
             }
         }
+        self.record_reads(id, reads);
         self.fill(now);
         CommandResult::Accepted
+    }
+
+    /// Adds a finished run's tracked reads to its ledger entry.
+    fn record_reads(&mut self, id: TaskId, reads: &[(String, u64)]) {
+        let Some(key) = self.tasks.get(&id).and_then(|t| t.ledger_key.clone()) else {
+            return;
+        };
+        let track = self
+            .ledger
+            .get(&key)
+            .and_then(|e| self.functions.get(&e.function)?.version(e.version))
+            .and_then(|v| v.spec.idempotency.as_ref())
+            .is_some_and(|i| i.track_reads);
+        let Some(e) = self.ledger.get_mut(&key) else {
+            return;
+        };
+        if !track || e.task != id || !e.done || reads.is_empty() {
+            return;
+        }
+        let before = e.bytes();
+        let mut seen: BTreeSet<&str> = BTreeSet::new();
+        for (k, v) in reads.iter().take(TRACKED_READS_MAX) {
+            // The first version a run saw of a key is the one its result depends on.
+            if seen.insert(k) {
+                e.dependencies.push(DependencyState::Read {
+                    key: k.clone(),
+                    version: *v,
+                });
+            }
+        }
+        let after = e.bytes();
+        self.ledger_bytes = self.ledger_bytes - before + after;
+        self.touch(ObjKey::Ledger(key));
+    }
+
+    /// The ledger, for reads.
+    pub fn ledger_entries(&self, function: &str) -> Vec<&LedgerEntry> {
+        self.ledger
+            .values()
+            .filter(|e| e.function == function)
+            .collect()
     }
 
     // ----- internals ---------------------------------------------------------------------
@@ -935,6 +1199,7 @@ impl Sched {
         self.task_bytes += task.bytes();
         self.finished.insert((now, id));
         self.dirty.insert(ObjKey::Task(id));
+        self.ledger_finish(id, now);
     }
 
     fn purge(&mut self, id: TaskId) {
@@ -991,6 +1256,23 @@ impl Sched {
             self.nodes.remove(&id);
             self.touch(ObjKey::Node(id));
         }
+        let expired: Vec<String> = self
+            .ledger_order
+            .iter()
+            .filter(|(at, key)| {
+                let ttl = self
+                    .ledger
+                    .get(key)
+                    .and_then(|e| self.functions.get(&e.function)?.version(e.version))
+                    .and_then(|v| v.spec.idempotency.as_ref())
+                    .map_or(0, |i| i.ttl_ms);
+                at.saturating_add(ttl) <= now
+            })
+            .map(|(_, k)| k.clone())
+            .collect();
+        for k in expired {
+            self.ledger_remove(&k);
+        }
     }
 
     /// Places queued tasks while their functions have free concurrency and a node has room.
@@ -1033,6 +1315,149 @@ impl Sched {
     }
 }
 
+/// The ledger key: function name and explicit key, or function name and payload hash.
+fn ledger_key(function: &str, explicit: Option<&str>, payload_hash: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(function.as_bytes());
+    h.update([0]);
+    match explicit {
+        Some(k) => {
+            h.update(b"key\0");
+            h.update(k.as_bytes());
+        }
+        None => {
+            h.update(b"payload\0");
+            h.update(payload_hash.as_bytes());
+        }
+    }
+    hex::encode(h.finalize())
+}
+
+/// The current state of an invocation's dependencies: declared keys and prefixes from the
+/// replicated store, files as hashed by the receiving node, caller tokens.
+fn dependency_states(
+    idem: &Idempotency,
+    input: &IdempotencyInput,
+    kv: &BTreeMap<String, KvEntry>,
+) -> Result<Vec<DependencyState>, String> {
+    let mut out = Vec::new();
+    for d in &idem.dependencies {
+        out.push(match d {
+            Dependency::Kv(key) => DependencyState::Kv {
+                key: key.clone(),
+                version: kv.get(key).map_or(0, |e| e.version),
+            },
+            Dependency::KvPrefix(prefix) => {
+                let mut h = Sha256::new();
+                for (k, e) in kv
+                    .range::<str, _>((
+                        std::ops::Bound::Included(prefix.as_str()),
+                        std::ops::Bound::Unbounded,
+                    ))
+                    .take_while(|(k, _)| k.starts_with(prefix.as_str()))
+                {
+                    h.update(k.as_bytes());
+                    h.update([0]);
+                    h.update(e.version.to_be_bytes());
+                }
+                DependencyState::KvPrefix {
+                    prefix: prefix.clone(),
+                    digest: hex::encode(h.finalize()),
+                }
+            }
+            Dependency::File(path) => {
+                let hash = input
+                    .files
+                    .iter()
+                    .find(|(p, _)| p == path)
+                    .map(|(_, h)| h.clone())
+                    .ok_or_else(|| {
+                        format!("file dependency {path} was not hashed by the receiving node")
+                    })?;
+                DependencyState::File {
+                    path: path.clone(),
+                    hash,
+                }
+            }
+        });
+    }
+    let mut tokens = input.tokens.clone();
+    tokens.sort();
+    tokens.dedup_by(|a, b| a.0 == b.0);
+    for (name, value) in tokens {
+        out.push(DependencyState::Token { name, value });
+    }
+    Ok(out)
+}
+
+/// `None` when the ledger entry answers the invocation; otherwise why the function runs.
+fn decide(
+    e: &LedgerEntry,
+    idem: &Idempotency,
+    version: u64,
+    payload_hash: &str,
+    deps: &[DependencyState],
+    kv: &BTreeMap<String, KvEntry>,
+    now: u64,
+) -> Option<MissReason> {
+    if !e.succeeded && (!idem.cache_failures || e.result.is_none()) {
+        return Some(MissReason::PreviousRunFailed);
+    }
+    if e.recorded_ms.saturating_add(idem.ttl_ms) <= now {
+        return Some(MissReason::Expired);
+    }
+    if e.version != version {
+        return Some(MissReason::CodeChanged {
+            was: e.version,
+            now: version,
+        });
+    }
+    if e.payload_hash != payload_hash {
+        return Some(MissReason::PayloadChanged);
+    }
+    let recorded: Vec<&DependencyState> = e
+        .dependencies
+        .iter()
+        .filter(|d| !matches!(d, DependencyState::Read { .. }))
+        .collect();
+    for d in &recorded {
+        let now_state = deps.iter().find(|c| c.name() == d.name());
+        if now_state != Some(*d) {
+            return Some(MissReason::DependencyChanged {
+                dependency: d.name(),
+                was: d.state(),
+                now: now_state.map_or("absent".into(), |c| c.state()),
+            });
+        }
+    }
+    for c in deps {
+        if !recorded.iter().any(|d| d.name() == c.name()) {
+            return Some(MissReason::DependencyChanged {
+                dependency: c.name(),
+                was: "absent".into(),
+                now: c.state(),
+            });
+        }
+    }
+    for d in &e.dependencies {
+        if let DependencyState::Read { key, version } = d {
+            let current = kv.get(key).map_or(0, |e| e.version);
+            if current != *version {
+                let now_state = DependencyState::Read {
+                    key: key.clone(),
+                    version: current,
+                };
+                return Some(MissReason::DependencyChanged {
+                    dependency: d.name(),
+                    was: d.state(),
+                    now: now_state.state(),
+                });
+            }
+        }
+    }
+    None
+}
+
 fn is_live(n: &NodeRecord, now: u64) -> bool {
     n.last_heartbeat_ms.saturating_add(NODE_LEASE_MS) > now
 }
@@ -1067,6 +1492,7 @@ fn failure_result(error: &str) -> TaskResult {
 mod tests {
     use super::*;
     use crate::functions::{DataGrant, FnMode, WarmReport};
+    use crate::model::KvEntry;
 
     fn upload(s: &mut Sched, now: u64, code: &[u8]) -> String {
         let digest = hex::encode(Sha256::digest(code));
@@ -1097,6 +1523,7 @@ mod tests {
             retry_backoff_ms: 100,
             data: DataGrant::default(),
             env: vec![],
+            idempotency: None,
         }
     }
 
@@ -1128,7 +1555,9 @@ mod tests {
 
     fn submitted(r: CommandResult) -> (TaskId, Option<NodeId>, u64) {
         match r {
-            CommandResult::Submitted { task, node, token } => (task, node, token),
+            CommandResult::Submitted {
+                task, node, token, ..
+            } => (task, node, token),
             other => panic!("not submitted: {other:?}"),
         }
     }
@@ -1192,11 +1621,11 @@ mod tests {
     fn unknown_function_is_refused_at_submit() {
         let (mut s, _) = cluster();
         assert!(matches!(
-            s.submit(2, "nope", None, b"", true),
+            s.submit(2, "nope", None, b"", true, None, &BTreeMap::new()),
             CommandResult::Rejected { .. }
         ));
         assert!(matches!(
-            s.submit(2, "f", Some(9), b"", false),
+            s.submit(2, "f", Some(9), b"", false, None, &BTreeMap::new()),
             CommandResult::Rejected { .. }
         ));
         assert_eq!(s.stats().tasks_active, 0);
@@ -1205,19 +1634,19 @@ mod tests {
     #[test]
     fn concurrency_queue_and_throttle() {
         let (mut s, _) = cluster();
-        let a = submitted(s.submit(2, "f", None, b"1", false));
-        let b = submitted(s.submit(2, "f", None, b"2", false));
+        let a = submitted(s.submit(2, "f", None, b"1", false, None, &BTreeMap::new()));
+        let b = submitted(s.submit(2, "f", None, b"2", false, None, &BTreeMap::new()));
         assert!(a.1.is_some() && b.1.is_some());
-        let c = submitted(s.submit(2, "f", None, b"3", false));
-        let d = submitted(s.submit(2, "f", None, b"4", false));
+        let c = submitted(s.submit(2, "f", None, b"3", false, None, &BTreeMap::new()));
+        let d = submitted(s.submit(2, "f", None, b"4", false, None, &BTreeMap::new()));
         assert_eq!((c.1, d.1), (None, None));
         assert!(matches!(
-            s.submit(2, "f", None, b"5", false),
+            s.submit(2, "f", None, b"5", false, None, &BTreeMap::new()),
             CommandResult::Throttled { .. }
         ));
         // A completion frees a slot: the oldest queued task is placed.
         assert_eq!(
-            s.complete(3, a.0, a.2, &result(RunStatus::Succeeded)),
+            s.complete(3, a.0, a.2, &result(RunStatus::Succeeded), &[]),
             CommandResult::Accepted
         );
         assert_eq!(s.task(c.0).map(|t| t.state), Some(TaskState::Assigned));
@@ -1235,10 +1664,10 @@ mod tests {
             idle: 1,
         }];
         s.heartbeat(2, &hb(2, warm));
-        let a = submitted(s.submit(3, "f", None, b"", true));
+        let a = submitted(s.submit(3, "f", None, b"", true, None, &BTreeMap::new()));
         assert_eq!(a.1, Some(2));
         // The one warm sandbox is claimed: the next goes by load, to node 1.
-        let b = submitted(s.submit(3, "f", None, b"", true));
+        let b = submitted(s.submit(3, "f", None, b"", true, None, &BTreeMap::new()));
         assert_eq!(b.1, Some(1));
         assert_reloads(&mut s, 3);
     }
@@ -1246,7 +1675,7 @@ mod tests {
     #[test]
     fn silent_node_loses_its_tasks_and_stale_tokens_are_refused() {
         let (mut s, _) = cluster();
-        let a = submitted(s.submit(2, "f", None, b"", true));
+        let a = submitted(s.submit(2, "f", None, b"", true, None, &BTreeMap::new()));
         let first = a.1.expect("placed");
         let other = if first == 1 { 2 } else { 1 };
         // Only the other node keeps heartbeating.
@@ -1258,14 +1687,21 @@ mod tests {
             (TaskState::Assigned, Some(other), 2)
         );
         assert!(t.token > a.2);
-        let late = s.complete(NODE_LEASE_MS + 3, a.0, a.2, &result(RunStatus::Succeeded));
+        let late = s.complete(
+            NODE_LEASE_MS + 3,
+            a.0,
+            a.2,
+            &result(RunStatus::Succeeded),
+            &[],
+        );
         assert!(matches!(late, CommandResult::Rejected { .. }), "{late:?}");
         assert_eq!(
             s.complete(
                 NODE_LEASE_MS + 3,
                 a.0,
                 t.token,
-                &result(RunStatus::Succeeded)
+                &result(RunStatus::Succeeded),
+                &[]
             ),
             CommandResult::Accepted
         );
@@ -1275,7 +1711,8 @@ mod tests {
     #[test]
     fn async_failures_retry_with_backoff_then_dead_letter() {
         let (mut s, _) = cluster();
-        let (id, _, mut token) = submitted(s.submit(2, "f", None, b"", false));
+        let (id, _, mut token) =
+            submitted(s.submit(2, "f", None, b"", false, None, &BTreeMap::new()));
         let mut now = 2;
         for attempt in 1..=3u32 {
             s.heartbeat(now, &hb(1, vec![]));
@@ -1283,7 +1720,7 @@ mod tests {
             let t = s.task(id).expect("task").clone();
             assert_eq!((t.state, t.attempts), (TaskState::Assigned, attempt));
             token = if attempt == 1 { token } else { t.token };
-            s.complete(now, id, token, &result(RunStatus::Failed));
+            s.complete(now, id, token, &result(RunStatus::Failed), &[]);
             if attempt < 3 {
                 assert_eq!(s.task(id).map(|t| t.state), Some(TaskState::Queued));
                 // Not before the back-off.
@@ -1313,8 +1750,8 @@ mod tests {
     #[test]
     fn sync_failures_are_not_retried_and_results_expire() {
         let (mut s, _) = cluster();
-        let (id, _, token) = submitted(s.submit(2, "f", None, b"", true));
-        s.complete(3, id, token, &result(RunStatus::Failed));
+        let (id, _, token) = submitted(s.submit(2, "f", None, b"", true, None, &BTreeMap::new()));
+        s.complete(3, id, token, &result(RunStatus::Failed), &[]);
         let t = s.task(id).expect("task");
         assert_eq!((t.state, t.dead_letter), (TaskState::Failed, false));
         s.tick(3 + RESULT_RETENTION_MS);
@@ -1327,7 +1764,7 @@ mod tests {
         let (mut s, digest) = cluster();
         let mut ids = vec![];
         for _ in 0..4 {
-            ids.push(submitted(s.submit(2, "f", None, b"", false)).0);
+            ids.push(submitted(s.submit(2, "f", None, b"", false, None, &BTreeMap::new())).0);
         }
         assert_eq!(s.remove(3, "f"), CommandResult::Removed);
         assert_eq!(s.task(ids[3]).map(|t| t.state), Some(TaskState::Failed));
@@ -1335,5 +1772,195 @@ mod tests {
         s.tick(3 + CODE_UNREFERENCED_TTL_MS + GC_INTERVAL_MS);
         assert!(s.code_blob(&digest).is_none());
         assert_reloads(&mut s, 3 + CODE_UNREFERENCED_TTL_MS + GC_INTERVAL_MS);
+    }
+
+    fn kv_with(entries: &[(&str, u64)]) -> BTreeMap<String, KvEntry> {
+        entries
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.to_string(),
+                    KvEntry {
+                        key: k.to_string(),
+                        value: vec![],
+                        version: *v,
+                        create_version: *v,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    fn idem_cluster(deps: Vec<Dependency>, track_reads: bool) -> Sched {
+        let mut s = Sched::default();
+        let digest = upload(&mut s, 1, b"code");
+        let mut sp = spec("i", &digest, 10, 10);
+        sp.idempotency = Some(Idempotency {
+            dependencies: deps,
+            ttl_ms: 10_000,
+            cache_failures: false,
+            track_reads,
+        });
+        s.deploy(1, &sp);
+        s.heartbeat(1, &hb(1, vec![]));
+        s
+    }
+
+    fn cache_of(r: &CommandResult) -> CacheOutcome {
+        match r {
+            CommandResult::Submitted { cache, .. } => cache.clone().expect("idempotent"),
+            other => panic!("not submitted: {other:?}"),
+        }
+    }
+
+    fn sub(
+        s: &mut Sched,
+        now: u64,
+        payload: &[u8],
+        kv: &BTreeMap<String, KvEntry>,
+    ) -> CommandResult {
+        s.submit(now, "i", None, payload, true, None, kv)
+    }
+
+    #[test]
+    fn idempotent_hit_join_and_misses_with_reasons() {
+        let mut s = idem_cluster(vec![Dependency::Kv("a".into())], true);
+        let kv = kv_with(&[("a", 1), ("r", 5)]);
+        let first = sub(&mut s, 2, b"p", &kv);
+        assert_eq!(
+            cache_of(&first),
+            CacheOutcome::Miss {
+                reason: MissReason::FirstRun
+            }
+        );
+        let (id, _, token) = submitted(first);
+        // An identical call while it runs joins it.
+        let joined = sub(&mut s, 3, b"p", &kv);
+        assert_eq!(cache_of(&joined), CacheOutcome::Joined { task: id });
+        assert_eq!(submitted(joined).0, id);
+        let reads = vec![("r".to_string(), 5)];
+        s.complete(4, id, token, &result(RunStatus::Succeeded), &reads);
+        // Same inputs: a hit, answered by a finished task with the recorded output.
+        let hit = sub(&mut s, 5, b"p", &kv);
+        assert_eq!(cache_of(&hit), CacheOutcome::Hit { source_task: id });
+        let hit_task = s.task(submitted(hit).0).expect("task").clone();
+        assert_eq!(hit_task.state, TaskState::Succeeded);
+        assert_eq!(hit_task.result.expect("result").output, b"out");
+        assert_eq!(s.stats().tasks_active, 0, "nothing runs on a hit");
+        // A declared dependency changed.
+        let kv2 = kv_with(&[("a", 2), ("r", 5)]);
+        match cache_of(&sub(&mut s, 6, b"p", &kv2)) {
+            CacheOutcome::Miss {
+                reason: MissReason::DependencyChanged { dependency, .. },
+            } => {
+                assert_eq!(dependency, "kv:a")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_reloads(&mut s, 6);
+    }
+
+    #[test]
+    fn tracked_reads_payload_code_and_ttl_misses() {
+        let mut s = idem_cluster(vec![], true);
+        let kv = kv_with(&[("r", 5)]);
+        let (id, _, token) = submitted(sub(&mut s, 2, b"p", &kv));
+        s.complete(
+            3,
+            id,
+            token,
+            &result(RunStatus::Succeeded),
+            &[("r".into(), 5)],
+        );
+        // A tracked read's key changed: exactly one new run.
+        let kv2 = kv_with(&[("r", 6)]);
+        let r = sub(&mut s, 4, b"p", &kv2);
+        assert!(matches!(
+            cache_of(&r),
+            CacheOutcome::Miss { reason: MissReason::DependencyChanged { ref dependency, .. } } if dependency == "read:r"
+        ));
+        let (id2, _, token2) = submitted(r);
+        s.complete(
+            5,
+            id2,
+            token2,
+            &result(RunStatus::Succeeded),
+            &[("r".into(), 6)],
+        );
+        assert!(matches!(
+            cache_of(&sub(&mut s, 6, b"p", &kv2)),
+            CacheOutcome::Hit { .. }
+        ));
+        // Another payload is another ledger key: a first run.
+        assert_eq!(
+            cache_of(&sub(&mut s, 6, b"q", &kv2)),
+            CacheOutcome::Miss {
+                reason: MissReason::FirstRun
+            }
+        );
+        // With an explicit key, a different payload is "payload changed".
+        let input = IdempotencyInput {
+            key: Some("k".into()),
+            ..Default::default()
+        };
+        let (t, _, tok) = submitted(s.submit(7, "i", None, b"x", true, Some(&input), &kv2));
+        s.complete(7, t, tok, &result(RunStatus::Succeeded), &[]);
+        let r = s.submit(8, "i", None, b"y", true, Some(&input), &kv2);
+        assert_eq!(
+            cache_of(&r),
+            CacheOutcome::Miss {
+                reason: MissReason::PayloadChanged
+            }
+        );
+        // New code version.
+        let digest = s.functions["i"]
+            .latest()
+            .expect("v")
+            .spec
+            .code_digest
+            .clone();
+        let mut sp = s.functions["i"].latest().expect("v").spec.clone();
+        sp.code_digest = digest;
+        s.deploy(9, &sp);
+        assert_eq!(
+            cache_of(&sub(&mut s, 10, b"p", &kv2)),
+            CacheOutcome::Miss {
+                reason: MissReason::CodeChanged { was: 1, now: 2 }
+            }
+        );
+        // Past the TTL.
+        let mut s = idem_cluster(vec![], false);
+        let (id, _, token) = submitted(sub(&mut s, 2, b"p", &kv));
+        s.complete(3, id, token, &result(RunStatus::Succeeded), &[]);
+        assert_eq!(
+            cache_of(&sub(&mut s, 3 + 10_000, b"p", &kv)),
+            CacheOutcome::Miss {
+                reason: MissReason::Expired
+            }
+        );
+    }
+
+    #[test]
+    fn failed_runs_are_not_cached_and_purge_forgets() {
+        let mut s = idem_cluster(vec![], false);
+        let kv = BTreeMap::new();
+        let (id, _, token) = submitted(sub(&mut s, 2, b"p", &kv));
+        s.complete(3, id, token, &result(RunStatus::Failed), &[]);
+        assert_eq!(
+            cache_of(&sub(&mut s, 4, b"p", &kv)),
+            CacheOutcome::Miss {
+                reason: MissReason::PreviousRunFailed
+            }
+        );
+        let (id, _, token) = submitted(sub(&mut s, 5, b"z", &kv));
+        s.complete(6, id, token, &result(RunStatus::Succeeded), &[]);
+        assert_eq!(s.purge_cache("i"), CommandResult::Purged { entries: 1 });
+        assert_eq!(
+            cache_of(&sub(&mut s, 7, b"z", &kv)),
+            CacheOutcome::Miss {
+                reason: MissReason::FirstRun
+            }
+        );
+        assert_reloads(&mut s, 7);
     }
 }

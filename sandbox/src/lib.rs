@@ -125,6 +125,9 @@ pub struct RunOutcome {
     pub cpu: Duration,
     /// Peak memory of the sandbox's cgroup (including the tmpfs pages of `/tmp`).
     pub peak_memory_bytes: u64,
+    /// The host uid the sandbox ran as (unique per sandbox): the peer credentials of its
+    /// connections to host sockets such as the data service.
+    pub host_uid: u32,
 }
 
 /// Runs `argv` once in a new sandbox with `stdin` as its input; creates and removes the

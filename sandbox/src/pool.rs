@@ -602,6 +602,11 @@ impl ServeSandbox {
         self.prepared.memory_bytes()
     }
 
+    /// The host uid the sandbox runs as (unique per sandbox).
+    pub fn host_uid(&self) -> u32 {
+        self.prepared.host_id
+    }
+
     fn discard(self) {
         WarmSandbox::Serve(self).discard();
     }

@@ -278,6 +278,8 @@ fn read_message(file: &mut File, deadline: Instant) -> Result<Vec<u8>, SandboxEr
 #[derive(Debug)]
 pub(crate) struct Prepared {
     pub(crate) supervisor_pid: i32,
+    /// The host uid (and gid) the sandbox's root maps to: unique per sandbox.
+    pub(crate) host_id: u32,
     pub(crate) cgroup: Cgroup,
     pub(crate) limits: Limits,
     supervisor_status: File,
@@ -334,6 +336,7 @@ impl Prepared {
         drop((sup_status_w, work_r, init_status_w, in_r, out_w, err_w));
         let mut prepared = Prepared {
             supervisor_pid,
+            host_id,
             cgroup,
             limits: spec.limits.clone(),
             supervisor_status: File::from(sup_status_r),
@@ -536,6 +539,7 @@ impl Prepared {
             wall,
             cpu: stats.cpu,
             peak_memory_bytes: stats.peak_memory_bytes,
+            host_uid: self.host_id,
         })
     }
 

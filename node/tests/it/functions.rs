@@ -135,6 +135,7 @@ fn spec(name: &str, entry: &[&str], mode: FnMode) -> FunctionSpec {
         retry_backoff_ms: 100,
         data: DataGrant::default(),
         env: vec![],
+        idempotency: None,
     }
 }
 
@@ -159,6 +160,9 @@ async fn invoke_id(
             version: None,
             payload: payload.to_vec(),
             wait,
+            idempotency_key: None,
+            tokens: vec![],
+            files: vec![],
         },
     )
     .await
