@@ -657,29 +657,34 @@ async fn reconcile_loop(node: Node) {
         if node.stopping() {
             return;
         }
-        let (todo, keep): (Vec<Pending>, Vec<(TaskId, u64)>) = node.0.store.read(|sm| {
-            let mine = sm.sched().tasks_on(w.id);
-            let keep = mine.iter().map(|t| (t.id, t.token)).collect();
-            let started = lock(&w.started);
-            let todo = mine
+        let todo: Vec<Pending> = node.0.store.read(|sm| {
+            let sched = sm.sched();
+            let mut started = lock(&w.started);
+            // Forget a started (task, token) only once this node's state has moved past it:
+            // finished, reassigned, or purged. A task dispatched before this node applied its
+            // submission is not in the state yet and must stay claimed.
+            started.retain(|id, token| match sched.task(*id) {
+                Some(t) => {
+                    t.token == *token
+                        && t.node == Some(w.id)
+                        && matches!(t.state, TaskState::Assigned | TaskState::Running)
+                }
+                None => *id > sched.last_task_id(),
+            });
+            sched
+                .tasks_on(w.id)
                 .into_iter()
                 .filter(|t| started.get(&t.id) != Some(&t.token))
                 .filter(|t| matches!(t.state, TaskState::Assigned | TaskState::Running))
                 .map(|t| {
-                    let fv = sm
-                        .sched()
+                    let fv = sched
                         .function(&t.function)
                         .and_then(|f| f.version(t.version))
                         .cloned();
                     (t.clone(), fv)
                 })
-                .collect();
-            (todo, keep)
+                .collect()
         });
-        {
-            let keep: HashMap<TaskId, u64> = keep.into_iter().collect();
-            lock(&w.started).retain(|t, k| keep.get(t) == Some(k));
-        }
         for (task, fv) in todo {
             let n = node.clone();
             match fv {

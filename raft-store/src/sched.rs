@@ -326,6 +326,11 @@ impl Sched {
         self.functions.values()
     }
 
+    /// The last task id given (0: none yet).
+    pub fn last_task_id(&self) -> TaskId {
+        self.meta.next_task
+    }
+
     pub fn task(&self, id: TaskId) -> Option<&Task> {
         self.tasks.get(&id)
     }

@@ -19,12 +19,13 @@ use tarpc::context;
 use crate::harness::TestCluster;
 
 /// Worker settings for tests: fast heartbeats so that placement sees warm pools quickly.
-const CONFIG: &str = "[worker]\nheartbeat_interval_ms = 200\n";
+pub(crate) const CONFIG: &str = "[worker]\nheartbeat_interval_ms = 200\n";
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
+#[macro_export]
 macro_rules! require_root {
     () => {
         if !is_root() {
@@ -35,19 +36,19 @@ macro_rules! require_root {
 }
 
 /// A raw RPC connection to one node.
-async fn rpc(addr: &str) -> ClientApiClient {
+pub(crate) async fn rpc(addr: &str) -> ClientApiClient {
     let stream = transport::dial(addr, Service::Client).await.expect("dial");
     let t = transport::framed(stream, skiff_client::api::CLIENT_FRAME_BYTES_MAX);
     ClientApiClient::new(tarpc::client::Config::default(), t).spawn()
 }
 
-fn ctx(secs: u64) -> context::Context {
+pub(crate) fn ctx(secs: u64) -> context::Context {
     let mut c = context::current();
     c.deadline = Instant::now() + Duration::from_secs(secs);
     c
 }
 
-fn request_id() -> RequestId {
+pub(crate) fn request_id() -> RequestId {
     RequestId {
         client: rand::random(),
         seq: 0,
@@ -55,7 +56,7 @@ fn request_id() -> RequestId {
 }
 
 /// A tar of `files` (path, mode, content).
-fn archive(files: &[(&str, u32, &str)]) -> Vec<u8> {
+pub(crate) fn archive(files: &[(&str, u32, &str)]) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     for (path, mode, content) in files {
         let mut h = tar::Header::new_gnu();
@@ -68,7 +69,7 @@ fn archive(files: &[(&str, u32, &str)]) -> Vec<u8> {
     b.into_inner().expect("finish tar")
 }
 
-async fn write(c: &ClientApiClient, command: Command) -> CommandResult {
+pub(crate) async fn write(c: &ClientApiClient, command: Command) -> CommandResult {
     let r = c
         .write(
             ctx(30),
@@ -86,7 +87,7 @@ async fn write(c: &ClientApiClient, command: Command) -> CommandResult {
     r.into_iter().next().expect("one result")
 }
 
-async fn deploy(c: &ClientApiClient, spec: FunctionSpec, code: &[u8]) -> u64 {
+pub(crate) async fn deploy(c: &ClientApiClient, spec: FunctionSpec, code: &[u8]) -> u64 {
     let digest = hex::encode(Sha256::digest(code));
     for (i, chunk) in code.chunks(CODE_CHUNK_BYTES).enumerate() {
         let r = write(
@@ -118,7 +119,7 @@ async fn deploy(c: &ClientApiClient, spec: FunctionSpec, code: &[u8]) -> u64 {
     }
 }
 
-fn spec(name: &str, entry: &[&str], mode: FnMode) -> FunctionSpec {
+pub(crate) fn spec(name: &str, entry: &[&str], mode: FnMode) -> FunctionSpec {
     FunctionSpec {
         name: name.into(),
         code_digest: String::new(),
@@ -139,13 +140,18 @@ fn spec(name: &str, entry: &[&str], mode: FnMode) -> FunctionSpec {
     }
 }
 
-async fn invoke(c: &ClientApiClient, function: &str, payload: &[u8], wait: bool) -> Task {
+pub(crate) async fn invoke(
+    c: &ClientApiClient,
+    function: &str,
+    payload: &[u8],
+    wait: bool,
+) -> Task {
     invoke_id(c, request_id(), function, payload, wait)
         .await
         .expect("invoke")
 }
 
-async fn invoke_id(
+pub(crate) async fn invoke_id(
     c: &ClientApiClient,
     request_id: RequestId,
     function: &str,
@@ -170,7 +176,7 @@ async fn invoke_id(
 }
 
 /// Waits until `n` workers have heartbeated recently.
-async fn wait_workers(c: &ClientApiClient, n: usize) {
+pub(crate) async fn wait_workers(c: &ClientApiClient, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let w = c
@@ -191,7 +197,7 @@ async fn wait_workers(c: &ClientApiClient, n: usize) {
     }
 }
 
-async fn wait_finished(c: &ClientApiClient, id: u64, within: Duration) -> Task {
+pub(crate) async fn wait_finished(c: &ClientApiClient, id: u64, within: Duration) -> Task {
     let deadline = Instant::now() + within;
     loop {
         let t = c
@@ -208,7 +214,7 @@ async fn wait_finished(c: &ClientApiClient, id: u64, within: Duration) -> Task {
     }
 }
 
-fn output(t: &Task) -> String {
+pub(crate) fn output(t: &Task) -> String {
     let r = t.result.as_ref().expect("a result");
     String::from_utf8_lossy(&r.output).into_owned()
 }

@@ -26,8 +26,18 @@ pub struct TestCluster {
 }
 
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    l.local_addr().expect("local addr").port()
+    free_ports(1)[0]
+}
+
+/// `n` distinct free ports: every listener is held until all are chosen, so the kernel cannot
+/// hand the same port out twice.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().expect("local addr").port())
+        .collect()
 }
 
 impl TestCluster {
@@ -41,9 +51,11 @@ impl TestCluster {
             config_path,
             dir,
         };
+        let ports = free_ports(2 * n);
         for i in 1..=n as NodeId {
-            let addr = format!("127.0.0.1:{}", free_port());
-            let metrics_addr = format!("127.0.0.1:{}", free_port());
+            let k = (i as usize - 1) * 2;
+            let addr = format!("127.0.0.1:{}", ports[k]);
+            let metrics_addr = format!("127.0.0.1:{}", ports[k + 1]);
             let data_dir = cluster.dir.path().join(format!("node-{i}"));
             cluster.nodes.push(TestNode {
                 id: i,

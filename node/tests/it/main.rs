@@ -5,3 +5,4 @@ mod cluster;
 mod data;
 mod functions;
 mod harness;
+mod idempotency;
