@@ -200,16 +200,19 @@ pub(crate) async fn wait_workers(c: &ClientApiClient, n: usize) {
 pub(crate) async fn wait_finished(c: &ClientApiClient, id: u64, within: Duration) -> Task {
     let deadline = Instant::now() + within;
     loop {
-        let t = c
+        // A leader change (a node was killed) makes reads fail for a moment: retry those.
+        match c
             .task_get(ctx(10), id, ReadConsistency::Linearizable)
             .await
             .expect("rpc")
-            .expect("task_get")
-            .expect("task exists");
-        if t.state.is_finished() {
-            return t;
+        {
+            Ok(Some(t)) if t.state.is_finished() => return t,
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("task {id} does not exist"),
+            Err(e) if e.is_retryable() => {}
+            Err(e) => panic!("task_get: {e:?}"),
         }
-        assert!(Instant::now() < deadline, "task {id} not finished: {t:?}");
+        assert!(Instant::now() < deadline, "task {id} not finished in {within:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
