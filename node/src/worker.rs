@@ -549,26 +549,25 @@ async fn reconcile_loop(node: Node) {
         if node.stopping() {
             return;
         }
-        let (todo, keep): (Vec<(Task, Option<FunctionVersion>)>, Vec<(TaskId, u64)>) =
-            node.0.store.read(|sm| {
-                let mine = sm.sched().tasks_on(w.id);
-                let keep = mine.iter().map(|t| (t.id, t.token)).collect();
-                let started = lock(&w.started);
-                let todo = mine
-                    .into_iter()
-                    .filter(|t| started.get(&t.id) != Some(&t.token))
-                    .filter(|t| matches!(t.state, TaskState::Assigned | TaskState::Running))
-                    .map(|t| {
-                        let fv = sm
-                            .sched()
-                            .function(&t.function)
-                            .and_then(|f| f.version(t.version))
-                            .cloned();
-                        (t.clone(), fv)
-                    })
-                    .collect();
-                (todo, keep)
-            });
+        let (todo, keep): (Vec<TaskToRun>, Vec<(TaskId, u64)>) = node.0.store.read(|sm| {
+            let mine = sm.sched().tasks_on(w.id);
+            let keep = mine.iter().map(|t| (t.id, t.token)).collect();
+            let started = lock(&w.started);
+            let todo = mine
+                .into_iter()
+                .filter(|t| started.get(&t.id) != Some(&t.token))
+                .filter(|t| matches!(t.state, TaskState::Assigned | TaskState::Running))
+                .map(|t| {
+                    let fv = sm
+                        .sched()
+                        .function(&t.function)
+                        .and_then(|f| f.version(t.version))
+                        .cloned();
+                    (t.clone(), fv)
+                })
+                .collect();
+            (todo, keep)
+        });
         {
             let keep: HashMap<TaskId, u64> = keep.into_iter().collect();
             lock(&w.started).retain(|t, k| keep.get(t) == Some(k));
@@ -672,9 +671,8 @@ fn unpack(root: &Path, digest: &str, archive: &[u8]) -> Result<PathBuf, String> 
                 return Err("an archive entry points outside the code directory".into());
             }
             let path = tmp.join(entry.path().map_err(|e| err("archive path", &e))?);
-            let perm = if kind.is_dir() {
-                0o755
-            } else if mode & 0o111 != 0 {
+            // Directories, and files anyone may execute, stay executable.
+            let perm = if kind.is_dir() || mode & 0o111 != 0 {
                 0o755
             } else {
                 0o644
@@ -703,6 +701,9 @@ fn unpack(root: &Path, digest: &str, archive: &[u8]) -> Result<PathBuf, String> 
         }
     }
 }
+
+/// A task this node should run, with its function version when the state still has it.
+type TaskToRun = (Task, Option<FunctionVersion>);
 
 fn tail(bytes: &[u8], max: usize) -> Vec<u8> {
     bytes[bytes.len().saturating_sub(max)..].to_vec()
