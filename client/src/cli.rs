@@ -2,32 +2,52 @@
 //!
 //! Every command prints data on stdout (a table or plain text, or JSON with `--json`) and a
 //! one-line error on stderr when it fails, with an exit code from [`ExitCode`].
+//!
+//! Invariants:
+//! - nothing is uploaded or changed before the arguments, the manifest and the code have been
+//!   checked locally (a usage error, exit 2, changes nothing);
+//! - `invoke` (synchronous) writes the function's output bytes to stdout exactly as the
+//!   function produced them, and nothing else; on failure its error and log go to stderr;
+//! - every listing is bounded (`--limit`, or the cluster's own bounds).
 
 use std::collections::BTreeMap;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
+use base64::Engine;
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
-use crate::api::{ApiError, KvEntry, NodeId};
+use crate::api::{
+    ApiError, CacheOutcome, FnMode, FunctionRecord, FunctionVersion, KvEntry, MissReason, NodeId,
+    ReadConsistency, Task, TaskFilter, TaskId, TaskState, Workers,
+};
 use crate::client::{Client, ClientError};
+use crate::deploy::{self, DeployPlan};
 use crate::transport;
+use skiff_raft_store::functions::{
+    validate_function_name, DataGrant, ACTIVE_TASKS_MAX, FINISHED_TASKS_MAX, NODE_LEASE_MS,
+};
 
 /// Documented exit codes of `skiff`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitCode {
     Ok = 0,
-    /// The thing asked for does not exist (e.g. `kv get` of an absent key).
+    /// The thing asked for does not exist: a key (`kv get`, `kv rm`), a function (`fn show`,
+    /// `fn rm`, `invoke` of an unknown function or version), a task (`task show`).
     NotFound = 1,
-    /// Bad arguments or input; nothing was changed.
+    /// Bad arguments or input (a bad manifest, code that cannot be packed, an invalid spec);
+    /// nothing was changed.
     Usage = 2,
-    /// A precondition failed (version conflict, cluster already initialized).
+    /// A precondition failed: version conflict, cluster already initialized, a deploy or code
+    /// upload the cluster refused (code store or function count full, code not uploaded).
     Conflict = 3,
-    /// The cluster could not be reached, has no leader, or did not answer in time.
+    /// The cluster could not be reached, has no leader, or did not answer in time; or it
+    /// throttled an invocation (the function's queue is full). Retrying later may work.
     Unavailable = 4,
-    /// Any other failure.
+    /// Any other failure, including an invocation that ran and failed or timed out (its error
+    /// and log are printed on stderr).
     Failure = 5,
 }
 
@@ -52,10 +72,13 @@ impl From<ClientError> for CliError {
         let code = match &e {
             ClientError::NoEndpoints
             | ClientError::InvalidEndpoint(_)
-            | ClientError::Invalid(_) => ExitCode::Usage,
+            | ClientError::Invalid(_)
+            | ClientError::CodeSize { .. } => ExitCode::Usage,
             ClientError::Unreachable { .. } => ExitCode::Unavailable,
-            ClientError::Conflict { .. } => ExitCode::Conflict,
-            ClientError::NotFound { .. } => ExitCode::NotFound,
+            ClientError::Conflict { .. } | ClientError::Rejected { .. } => ExitCode::Conflict,
+            ClientError::NotFound { .. } | ClientError::FunctionNotFound { .. } => {
+                ExitCode::NotFound
+            }
             ClientError::Protocol(_) => ExitCode::Failure,
             ClientError::Api(api) => match api {
                 ApiError::NoLeader { .. }
@@ -109,6 +132,14 @@ pub enum Cmd {
     /// The replicated key-value store.
     #[command(subcommand)]
     Kv(KvCmd),
+    /// Functions: deploy, list, show, remove.
+    #[command(name = "fn", subcommand)]
+    Function(FnCmd),
+    /// Invoke a function (NAME or NAME@VERSION) and print its output.
+    Invoke(InvokeArgs),
+    /// Invocations (tasks): state, timings, results.
+    #[command(subcommand)]
+    Task(TaskCmd),
     /// Load generators.
     #[command(subcommand)]
     Bench(BenchCmd),
@@ -118,7 +149,7 @@ pub enum Cmd {
 pub enum ClusterCmd {
     /// Initialize a new cluster: ID=ADDR,ID=ADDR,...
     Init { members: String },
-    /// Nodes, leader, term, applied index, reachability and lag.
+    /// Nodes, leader, term, applied index, reachability and lag; workers and warm pools.
     Status,
     /// Add a node (learner first, voter once caught up).
     AddNode { id: NodeId, addr: String },
@@ -159,6 +190,145 @@ pub enum KvCmd {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum FnCmd {
+    /// Deploy a new version from a directory or a .tar (or from a manifest: -f skiff.toml);
+    /// prints NAME version N.
+    Deploy(Box<DeployArgs>),
+    /// Functions with their latest version's settings.
+    Ls,
+    /// A function's kept versions with all their settings (exit 1 if absent).
+    Show { name: String },
+    /// Remove a function and all its versions; its queued tasks fail (exit 1 if absent).
+    Rm { name: String },
+    /// Forget the recorded results of an idempotent function (exit 1 if absent).
+    PurgeCache { name: String },
+}
+
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    /// The function's name (with -f: replaces the manifest's `name`).
+    #[arg(required_unless_present = "file")]
+    pub name: Option<String>,
+    /// Take everything from a manifest (TOML); paths in it are relative to its directory.
+    #[arg(
+        short = 'f',
+        long,
+        conflicts_with_all = [
+            "code", "entry", "mode", "tier", "memory", "timeout", "min_warm",
+            "max_concurrency", "queue_max", "max_attempts", "retry_backoff", "policy", "env",
+            "data_read", "data_write", "idempotent", "deps", "idempotency_ttl",
+            "cache_failures", "no_track_reads",
+        ]
+    )]
+    pub file: Option<PathBuf>,
+    /// The code: a directory (packed into a deterministic tar) or a .tar archive.
+    #[arg(long, required_unless_present = "file")]
+    pub code: Option<PathBuf>,
+    /// The command run in /code, split on whitespace (e.g. "python3 main.py").
+    #[arg(long, required_unless_present = "file")]
+    pub entry: Option<String>,
+    /// exec: one process per invocation; serve: a long-lived process, one JSON line per request.
+    #[arg(long, default_value = deploy::DEFAULT_MODE, value_parser = parse_mode)]
+    pub mode: FnMode,
+    #[arg(long, default_value = deploy::DEFAULT_TIER, value_parser = ["untrusted", "standard", "trusted"])]
+    pub tier: String,
+    /// Memory limit; K, M and G are binary units (128M is 128 MiB).
+    #[arg(long, default_value = deploy::DEFAULT_MEMORY, value_parser = deploy::parse_size)]
+    pub memory: u64,
+    /// Longest run of one invocation (e.g. 30s, 5m).
+    #[arg(long, default_value = deploy::DEFAULT_TIMEOUT, value_parser = deploy::parse_duration_ms)]
+    pub timeout: u64,
+    /// Warm sandboxes kept ready across the cluster.
+    #[arg(long, default_value_t = deploy::DEFAULT_MIN_WARM)]
+    pub min_warm: u32,
+    /// Most invocations running at once across the cluster.
+    #[arg(long, default_value_t = deploy::DEFAULT_MAX_CONCURRENCY)]
+    pub max_concurrency: u32,
+    /// Most invocations waiting for a slot; past it invocations are throttled.
+    #[arg(long, default_value_t = deploy::DEFAULT_QUEUE_MAX)]
+    pub queue_max: u32,
+    /// Attempts of an asynchronous invocation before it is dead-lettered.
+    #[arg(long, default_value_t = deploy::DEFAULT_MAX_ATTEMPTS)]
+    pub max_attempts: u32,
+    /// Pause before the second attempt, doubled for each further one.
+    #[arg(long, default_value = deploy::DEFAULT_RETRY_BACKOFF, value_parser = deploy::parse_duration_ms)]
+    pub retry_backoff: u64,
+    /// A sandbox policy file (TOML) narrowing the tier.
+    #[arg(long)]
+    pub policy: Option<PathBuf>,
+    /// An environment variable NAME=VALUE (repeatable).
+    #[arg(long, value_parser = deploy::parse_env)]
+    pub env: Vec<(String, String)>,
+    /// A key prefix the function may read through the data service (repeatable).
+    #[arg(long)]
+    pub data_read: Vec<String>,
+    /// A key prefix the function may read and write through the data service (repeatable).
+    #[arg(long)]
+    pub data_write: Vec<String>,
+    /// Skip runs whose inputs did not change (see docs/execution.md).
+    #[arg(long)]
+    pub idempotent: bool,
+    /// A dependency of an idempotent function: kv:KEY, kv:PREFIX* or file:/PATH (repeatable).
+    #[arg(long = "dep")]
+    pub deps: Vec<String>,
+    /// How long a recorded result of an idempotent function may answer.
+    #[arg(long)]
+    pub idempotency_ttl: Option<String>,
+    /// Cache failed runs of an idempotent function too.
+    #[arg(long)]
+    pub cache_failures: bool,
+    /// Do not record the function's data-service reads as dependencies.
+    #[arg(long)]
+    pub no_track_reads: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct InvokeArgs {
+    /// NAME, or NAME@VERSION for a kept version other than the latest.
+    pub target: String,
+    /// The payload: the function's stdin (exec) or its request line (serve). Default: empty.
+    #[arg(long, conflicts_with = "payload_file")]
+    pub payload: Option<String>,
+    /// Read the payload from a file.
+    #[arg(long)]
+    pub payload_file: Option<PathBuf>,
+    /// Print the task id once queued instead of waiting for the result.
+    #[arg(long = "async")]
+    pub no_wait: bool,
+    /// For an idempotent function: this key, not the payload's hash, names the cached result.
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    /// For an idempotent function: a version token NAME=VALUE the result depends on (e.g. an
+    /// ETag); repeatable.
+    #[arg(long = "token", value_parser = deploy::parse_env)]
+    pub tokens: Vec<(String, String)>,
+}
+
+/// Most tasks one `task ls` prints: every task the cluster can hold.
+const TASKS_LISTED_MAX: u64 = (ACTIVE_TASKS_MAX + FINISHED_TASKS_MAX) as u64;
+
+#[derive(Debug, Subcommand)]
+pub enum TaskCmd {
+    /// A task's state, function, node, attempts, timings, error and output (exit 1 if absent).
+    Show { id: TaskId },
+    /// Tasks in id order (oldest first).
+    Ls {
+        /// Only this function's tasks.
+        #[arg(long)]
+        function: Option<String>,
+        /// Only tasks in this state: queued, assigned, running, succeeded, failed, timed_out.
+        #[arg(long, value_parser = parse_task_state)]
+        state: Option<TaskState>,
+        /// Only dead-lettered tasks (asynchronous tasks that failed every attempt).
+        #[arg(long)]
+        dead: bool,
+        /// Most tasks to print.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=TASKS_LISTED_MAX))]
+        limit: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum BenchCmd {
     /// Replicated key-value writes: throughput and latency at a given concurrency.
     Kv(BenchKvArgs),
@@ -193,6 +363,9 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Cmd::Cluster(cmd) => cluster(&client, cmd, json).await,
         Cmd::Kv(cmd) => kv(&client, cmd, json).await,
+        Cmd::Function(cmd) => functions(&client, cmd, json).await,
+        Cmd::Invoke(args) => invoke(&client, args, json).await,
+        Cmd::Task(cmd) => tasks(&client, cmd, json).await,
         Cmd::Bench(BenchCmd::Kv(args)) => {
             let report = bench_kv(&cli.endpoints, &args).await?;
             if json {
@@ -262,8 +435,18 @@ async fn cluster(client: &Client, cmd: ClusterCmd, json: bool) -> Result<(), Cli
         }
         ClusterCmd::Status => {
             let status = client.cluster_status().await?;
+            // The answering node's view, so that status works without a leader too.
+            let workers = client.workers_with(ReadConsistency::Local).await;
             if json {
-                out(&serde_json::to_string(&status).expect("status serializes"));
+                let mut v = serde_json::to_value(&status).expect("status serializes");
+                match &workers {
+                    Ok(w) => v["workers"] = serde_json::to_value(w).expect("workers serialize"),
+                    Err(e) => {
+                        v["workers"] = serde_json::Value::Null;
+                        v["workers_error"] = json!(e.to_string());
+                    }
+                }
+                out(&v.to_string());
             } else {
                 out(&format!(
                     "leader: {}   term: {}   last log: {}   applied: {} (answered by node {})",
@@ -306,6 +489,10 @@ async fn cluster(client: &Client, cmd: ClusterCmd, json: bool) -> Result<(), Cli
                     ]);
                 }
                 out(&table.to_string());
+                match &workers {
+                    Ok(w) => out(&workers_text(w)),
+                    Err(e) => out(&format!("workers: unavailable ({e})")),
+                }
             }
         }
         ClusterCmd::AddNode { id, addr } => {
@@ -412,6 +599,770 @@ fn read_value_file(path: &std::path::Path) -> Result<Vec<u8>, CliError> {
         )));
     }
     std::fs::read(path).map_err(|e| CliError::usage(format!("cannot read {}: {e}", path.display())))
+}
+
+/// The workers section of `cluster status`: one row per node, from heartbeats.
+fn workers_text(w: &Workers) -> String {
+    let st = &w.stats;
+    let mut text = format!(
+        "workers: {} functions, {} tasks active ({} queued), {} finished, {} code archives ({})\n",
+        st.functions,
+        st.tasks_active,
+        st.tasks_queued,
+        st.tasks_finished,
+        st.code_blobs,
+        fmt_bytes(st.code_bytes)
+    );
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY);
+    table.set_header([
+        "node",
+        "heartbeat",
+        "load/slots",
+        "memory budget",
+        "warm memory",
+        "warm pools",
+    ]);
+    /// Warm pools listed per node before "+N more".
+    const POOLS_SHOWN: usize = 4;
+    for n in &w.nodes {
+        let age_ms = w.now_ms.saturating_sub(n.last_heartbeat_ms);
+        let mut heartbeat = format!("{:.1}s ago", age_ms as f64 / 1000.0);
+        if age_ms >= NODE_LEASE_MS {
+            heartbeat.push_str(" (lease lost)");
+        }
+        let load = w
+            .load
+            .iter()
+            .find(|(id, _)| *id == n.id)
+            .map_or(0, |(_, l)| *l);
+        let mut pools: Vec<String> = n
+            .warm
+            .iter()
+            .filter(|p| p.idle > 0)
+            .map(|p| format!("{}@{}×{}", p.function, p.version, p.idle))
+            .collect();
+        if pools.len() > POOLS_SHOWN {
+            let more = pools.len() - POOLS_SHOWN;
+            pools.truncate(POOLS_SHOWN);
+            pools.push(format!("+{more} more"));
+        }
+        table.add_row([
+            n.id.to_string(),
+            heartbeat,
+            format!("{load}/{}", n.slots),
+            fmt_bytes(n.memory_budget_bytes),
+            fmt_bytes(n.warm_memory_bytes),
+            if pools.is_empty() {
+                "-".to_string()
+            } else {
+                pools.join(" ")
+            },
+        ]);
+    }
+    text.push_str(&table.to_string());
+    text
+}
+
+fn parse_mode(s: &str) -> Result<FnMode, String> {
+    s.parse()
+}
+
+/// Parses a task state as `TaskState::as_str` writes it.
+pub fn parse_task_state(s: &str) -> Result<TaskState, String> {
+    const STATES: [TaskState; 6] = [
+        TaskState::Queued,
+        TaskState::Assigned,
+        TaskState::Running,
+        TaskState::Succeeded,
+        TaskState::Failed,
+        TaskState::TimedOut,
+    ];
+    let wanted = s.replace('-', "_");
+    STATES
+        .into_iter()
+        .find(|st| st.as_str() == wanted)
+        .ok_or_else(|| {
+            format!(
+                "unknown task state {s:?} (queued, assigned, running, succeeded, failed or timed_out)"
+            )
+        })
+}
+
+/// Parses `NAME` or `NAME@VERSION` (versions start at 1).
+pub fn parse_target(s: &str) -> Result<(String, Option<u64>), CliError> {
+    let (name, version) = match s.rsplit_once('@') {
+        Some((name, v)) => match v.parse::<u64>() {
+            Ok(v) if v > 0 => (name, Some(v)),
+            _ => {
+                return Err(CliError::usage(format!(
+                    "bad version {v:?} in {s:?}: NAME@VERSION takes a version from 1 up"
+                )))
+            }
+        },
+        None => (s, None),
+    };
+    validate_function_name(name).map_err(CliError::usage)?;
+    Ok((name.to_string(), version))
+}
+
+/// The deploy the arguments describe (flags or a manifest), checked locally.
+pub fn deploy_plan(args: DeployArgs) -> Result<DeployPlan, CliError> {
+    if let Some(file) = &args.file {
+        return deploy::read_manifest(file, args.name).map_err(CliError::usage);
+    }
+    let missing = |what: &str| CliError::usage(format!("{what} is required without -f"));
+    let entry = args.entry.ok_or_else(|| missing("--entry"))?;
+    let policy = match &args.policy {
+        Some(path) => Some(deploy::read_policy(path).map_err(CliError::usage)?),
+        None => None,
+    };
+    let plan = DeployPlan {
+        name: args.name.ok_or_else(|| missing("NAME"))?,
+        code: args.code.ok_or_else(|| missing("--code"))?,
+        entry: deploy::split_entry(&entry),
+        mode: args.mode,
+        tier: args.tier,
+        policy,
+        memory_bytes: args.memory,
+        timeout_ms: args.timeout,
+        max_concurrency: args.max_concurrency,
+        queue_max: args.queue_max,
+        min_warm: args.min_warm,
+        max_attempts: args.max_attempts,
+        retry_backoff_ms: args.retry_backoff,
+        data: DataGrant {
+            read_prefixes: args.data_read,
+            write_prefixes: args.data_write,
+        },
+        env: args.env,
+        idempotency: deploy::idempotency_settings(
+            args.idempotent,
+            &args.deps,
+            args.idempotency_ttl.as_deref(),
+            args.cache_failures,
+            !args.no_track_reads,
+        )
+        .map_err(CliError::usage)?,
+    };
+    plan.validate().map_err(CliError::usage)?;
+    Ok(plan)
+}
+
+/// Uploads larger than this show a progress line (on a terminal).
+const PROGRESS_BYTES_MIN: u64 = 4 * 1024 * 1024;
+
+/// A progress line on stderr for a code upload, redrawn in place.
+struct UploadProgress {
+    enabled: bool,
+    drawn: bool,
+    last: Instant,
+}
+
+impl UploadProgress {
+    fn new(total: u64) -> UploadProgress {
+        UploadProgress {
+            enabled: total > PROGRESS_BYTES_MIN && std::io::stderr().is_terminal(),
+            drawn: false,
+            last: Instant::now(),
+        }
+    }
+
+    fn update(&mut self, done: u64, total: u64) {
+        if !self.enabled || (done < total && self.last.elapsed() < Duration::from_millis(100)) {
+            return;
+        }
+        self.last = Instant::now();
+        self.drawn = true;
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        let _ = write!(
+            std::io::stderr(),
+            "\ruploading code: {:.1} / {:.1} MiB",
+            mib(done),
+            mib(total)
+        );
+    }
+
+    fn finish(&self) {
+        if self.drawn {
+            let _ = writeln!(std::io::stderr());
+        }
+    }
+}
+
+async fn functions(client: &Client, cmd: FnCmd, json: bool) -> Result<(), CliError> {
+    match cmd {
+        FnCmd::Deploy(args) => {
+            let plan = deploy_plan(*args)?;
+            let archive = deploy::read_code(&plan.code).map_err(CliError::usage)?;
+            let bytes = archive.len() as u64;
+            let mut progress = UploadProgress::new(bytes);
+            let digest = client
+                .upload_code(&archive, |done, total| progress.update(done, total))
+                .await;
+            progress.finish();
+            let digest = digest?;
+            let version = client.deploy(plan.spec(&digest)).await?;
+            if json {
+                out(&json!({
+                    "name": plan.name,
+                    "version": version,
+                    "digest": digest,
+                    "bytes": bytes,
+                })
+                .to_string());
+            } else {
+                out(&format!("{} version {version}", plan.name));
+            }
+        }
+        FnCmd::Ls => {
+            let list = client.functions().await?;
+            let latest: Vec<(&FunctionRecord, &FunctionVersion)> = list
+                .iter()
+                .filter_map(|f| f.latest().map(|v| (f, v)))
+                .collect();
+            if json {
+                let items: Vec<serde_json::Value> = latest
+                    .iter()
+                    .map(|(f, v)| {
+                        let mut item = version_json(v);
+                        item.insert("name".into(), json!(f.name));
+                        item.insert("latest".into(), json!(f.latest));
+                        serde_json::Value::Object(item)
+                    })
+                    .collect();
+                out(&serde_json::Value::Array(items).to_string());
+            } else {
+                let mut table = comfy_table::Table::new();
+                table.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY);
+                table.set_header([
+                    "name",
+                    "version",
+                    "mode",
+                    "tier",
+                    "memory",
+                    "timeout",
+                    "max concurrency",
+                    "min warm",
+                ]);
+                for (f, v) in latest {
+                    table.add_row([
+                        f.name.clone(),
+                        f.latest.to_string(),
+                        v.spec.mode.as_str().to_string(),
+                        v.spec.tier.clone(),
+                        fmt_bytes(v.spec.memory_bytes),
+                        fmt_ms(v.spec.timeout_ms),
+                        v.spec.max_concurrency.to_string(),
+                        v.spec.min_warm.to_string(),
+                    ]);
+                }
+                out(&table.to_string());
+            }
+        }
+        FnCmd::Show { name } => {
+            let Some(f) = client.function(&name).await? else {
+                return Err(ClientError::FunctionNotFound { name }.into());
+            };
+            if json {
+                let versions: Vec<serde_json::Value> = f
+                    .versions
+                    .iter()
+                    .map(|v| serde_json::Value::Object(version_json(v)))
+                    .collect();
+                out(&json!({
+                    "name": f.name,
+                    "latest": f.latest,
+                    "created_ms": f.created_ms,
+                    "versions": versions,
+                })
+                .to_string());
+            } else {
+                out(&function_text(&f));
+            }
+        }
+        FnCmd::Rm { name } => {
+            client.remove_function(&name).await?;
+            if json {
+                out(&json!({"removed": name}).to_string());
+            } else {
+                out(&format!("removed function {name}"));
+            }
+        }
+        FnCmd::PurgeCache { name } => {
+            let entries = client.purge_cache(&name).await?;
+            if json {
+                out(&json!({"function": name, "purged": entries}).to_string());
+            } else {
+                out(&format!("forgot {entries} cached results of {name}"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One function version's settings as a JSON object.
+fn version_json(v: &FunctionVersion) -> serde_json::Map<String, serde_json::Value> {
+    let s = &v.spec;
+    let env: serde_json::Map<String, serde_json::Value> =
+        s.env.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+    let value = json!({
+        "version": v.version,
+        "deployed_ms": v.deployed_ms,
+        "code_digest": s.code_digest,
+        "entry": s.entry,
+        "mode": s.mode.as_str(),
+        "tier": s.tier,
+        "memory_bytes": s.memory_bytes,
+        "timeout_ms": s.timeout_ms,
+        "max_concurrency": s.max_concurrency,
+        "queue_max": s.queue_max,
+        "min_warm": s.min_warm,
+        "max_attempts": s.max_attempts,
+        "retry_backoff_ms": s.retry_backoff_ms,
+        "policy": s.policy,
+        "data_read": s.data.read_prefixes,
+        "data_write": s.data.write_prefixes,
+        "env": env,
+    });
+    match value {
+        serde_json::Value::Object(map) => map,
+        _ => unreachable!("json! of an object literal is an object"),
+    }
+}
+
+/// `fn show` for people: every kept version, newest first.
+fn function_text(f: &FunctionRecord) -> String {
+    let mut text = format!(
+        "function {} (latest version {}, created {})\n",
+        f.name,
+        f.latest,
+        fmt_time(f.created_ms)
+    );
+    for v in f.versions.iter().rev() {
+        let s = &v.spec;
+        let latest = if v.version == f.latest {
+            " (latest)"
+        } else {
+            ""
+        };
+        let list = |items: &[String]| {
+            if items.is_empty() {
+                "-".to_string()
+            } else {
+                items.join(" ")
+            }
+        };
+        let env: Vec<String> = s.env.iter().map(|(k, _)| k.clone()).collect();
+        text.push_str(&format!(
+            "\nversion {}{latest}, deployed {}\n",
+            v.version,
+            fmt_time(v.deployed_ms)
+        ));
+        let rows = [
+            ("code", format!("sha256 {}", s.code_digest)),
+            ("entry", s.entry.join(" ")),
+            ("mode", s.mode.as_str().to_string()),
+            ("tier", s.tier.clone()),
+            ("memory", fmt_bytes(s.memory_bytes)),
+            ("timeout", fmt_ms(s.timeout_ms)),
+            ("max concurrency", s.max_concurrency.to_string()),
+            ("queue max", s.queue_max.to_string()),
+            ("min warm", s.min_warm.to_string()),
+            (
+                "retries",
+                format!(
+                    "{} attempts, back-off {}",
+                    s.max_attempts,
+                    fmt_ms(s.retry_backoff_ms)
+                ),
+            ),
+            ("data read", list(&s.data.read_prefixes)),
+            ("data write", list(&s.data.write_prefixes)),
+            ("env", list(&env)),
+            (
+                "policy",
+                s.policy
+                    .as_ref()
+                    .map_or("-".to_string(), |p| format!("{} bytes", p.len())),
+            ),
+        ];
+        for (k, v) in rows {
+            text.push_str(&format!("  {k:<16} {v}\n"));
+        }
+    }
+    text.truncate(text.trim_end().len());
+    text
+}
+
+async fn invoke(client: &Client, args: InvokeArgs, json: bool) -> Result<(), CliError> {
+    let (name, version) = parse_target(&args.target)?;
+    let payload = match (args.payload, args.payload_file) {
+        (Some(p), None) => p.into_bytes(),
+        (None, Some(path)) => deploy::read_payload(&path).map_err(CliError::usage)?,
+        (None, None) => Vec::new(),
+        (Some(_), Some(_)) => return Err(CliError::usage("give --payload or --payload-file")),
+    };
+    let options = crate::client::InvokeOptions {
+        idempotency_key: args.idempotency_key,
+        tokens: args.tokens,
+    };
+    let task = client
+        .invoke_with(&name, version, payload, !args.no_wait, options)
+        .await?;
+    if let (Some(cache), false) = (&task.cache, json) {
+        // Hit or miss goes to stderr, so stdout stays the function's output.
+        eprintln!("{}", cache_text(cache));
+    }
+    if args.no_wait {
+        if json {
+            out(&task_json(&task, false).to_string());
+        } else {
+            out(&task.id.to_string());
+        }
+        return Ok(());
+    }
+    if json {
+        out(&task_json(&task, true).to_string());
+    }
+    match (task.state, &task.result) {
+        (TaskState::Succeeded, Some(result)) => {
+            if !json {
+                let mut stdout = std::io::stdout().lock();
+                let _ = stdout.write_all(&result.output);
+                let _ = stdout.flush();
+            }
+            Ok(())
+        }
+        (TaskState::Failed | TaskState::TimedOut, result) => {
+            if !json {
+                if let Some(r) = result.as_ref().filter(|r| !r.log.is_empty()) {
+                    let mut stderr = std::io::stderr().lock();
+                    let _ = stderr.write_all(&r.log);
+                    if !r.log.ends_with(b"\n") {
+                        let _ = stderr.write_all(b"\n");
+                    }
+                }
+            }
+            Err(CliError {
+                code: ExitCode::Failure,
+                message: failure_message(&task),
+            })
+        }
+        (state, _) => Err(CliError {
+            code: ExitCode::Failure,
+            message: format!(
+                "task {} is {} without a result; see `skiff task show {}`",
+                task.id,
+                state.as_str(),
+                task.id
+            ),
+        }),
+    }
+}
+
+/// One line saying why a finished task did not succeed.
+fn failure_message(task: &Task) -> String {
+    let what = format!("task {} ({}@{})", task.id, task.function, task.version);
+    let result = task.result.as_ref();
+    let error = result.and_then(|r| r.error.as_deref()).map(one_line);
+    let exit = result.and_then(|r| r.exit_code);
+    match (task.state, error, exit) {
+        (TaskState::TimedOut, error, _) => format!(
+            "{what} timed out after {}{}",
+            fmt_ms(task.timeout_ms),
+            error.map(|e| format!(": {e}")).unwrap_or_default()
+        ),
+        (_, Some(e), _) => format!("{what} failed: {e}"),
+        (_, None, Some(code)) => format!("{what} failed: exited with code {code}"),
+        (_, None, None) => format!("{what} failed"),
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+async fn tasks(client: &Client, cmd: TaskCmd, json: bool) -> Result<(), CliError> {
+    match cmd {
+        TaskCmd::Show { id } => {
+            let Some(task) = client.task(id).await? else {
+                return Err(CliError {
+                    code: ExitCode::NotFound,
+                    message: format!("task {id} not found (finished tasks are kept for an hour)"),
+                });
+            };
+            if json {
+                out(&task_json(&task, true).to_string());
+            } else {
+                out(&task_text(&task));
+            }
+        }
+        TaskCmd::Ls {
+            function,
+            state,
+            dead,
+            limit,
+        } => {
+            if let Some(f) = &function {
+                validate_function_name(f).map_err(CliError::usage)?;
+            }
+            let filter = TaskFilter {
+                function,
+                state,
+                dead_letter: dead,
+            };
+            let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+            let list = client.tasks_all(filter, limit).await?;
+            if json {
+                let items: Vec<serde_json::Value> =
+                    list.iter().map(|t| task_json(t, false)).collect();
+                out(&serde_json::Value::Array(items).to_string());
+            } else {
+                let mut table = comfy_table::Table::new();
+                table.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY);
+                table.set_header([
+                    "id",
+                    "function",
+                    "state",
+                    "attempts",
+                    "node",
+                    "submitted",
+                    "wall",
+                ]);
+                for t in &list {
+                    let mut state = t.state.as_str().to_string();
+                    if t.dead_letter {
+                        state.push_str(" (dead)");
+                    }
+                    table.add_row([
+                        t.id.to_string(),
+                        format!("{}@{}", t.function, t.version),
+                        state,
+                        t.attempts.to_string(),
+                        t.node.map_or("-".to_string(), |n| n.to_string()),
+                        fmt_time(t.submitted_ms),
+                        t.result
+                            .as_ref()
+                            .map_or("-".to_string(), |r| fmt_ms(r.wall_ms)),
+                    ]);
+                }
+                out(&table.to_string());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A task as JSON. `full` adds the payload, output and log: as `payload`, `output`, `log`
+/// when they are UTF-8, otherwise as base64 under `payload_b64`, `output_b64`, `log_b64`
+/// (with the plain key null).
+/// One line saying whether an idempotent invocation ran, and why.
+pub fn cache_text(c: &CacheOutcome) -> String {
+    match c {
+        CacheOutcome::Hit { source_task } => {
+            format!("cache hit: the result of task {source_task}, nothing ran")
+        }
+        CacheOutcome::Joined { task } => {
+            format!("joined: an identical invocation (task {task}) was running")
+        }
+        CacheOutcome::Miss { reason } => format!("cache miss: {reason}"),
+    }
+}
+
+fn cache_json(c: &CacheOutcome) -> serde_json::Value {
+    match c {
+        CacheOutcome::Hit { source_task } => json!({"hit": true, "source_task": source_task}),
+        CacheOutcome::Joined { task } => json!({"hit": false, "joined": task}),
+        CacheOutcome::Miss { reason } => {
+            let kind = match reason {
+                MissReason::FirstRun => "first_run",
+                MissReason::CodeChanged { .. } => "code_changed",
+                MissReason::PayloadChanged => "payload_changed",
+                MissReason::DependencyChanged { .. } => "dependency_changed",
+                MissReason::Expired => "expired",
+                MissReason::PreviousRunFailed => "previous_run_failed",
+                MissReason::PreviousRunLost => "previous_run_lost",
+            };
+            let mut v = json!({"hit": false, "reason": kind, "detail": reason.to_string()});
+            if let MissReason::DependencyChanged { dependency, .. } = reason {
+                v["dependency"] = json!(dependency);
+            }
+            v
+        }
+    }
+}
+
+pub fn task_json(t: &Task, full: bool) -> serde_json::Value {
+    let r = t.result.as_ref();
+    let mut v = json!({
+        "id": t.id,
+        "function": t.function,
+        "version": t.version,
+        "state": t.state.as_str(),
+        "sync": t.sync,
+        "dead_letter": t.dead_letter,
+        "node": t.node,
+        "warm": r.map(|r| if r.warm { "warm" } else { "cold" }),
+        "attempts": t.attempts,
+        "failures": t.failures,
+        "exit_code": r.and_then(|r| r.exit_code),
+        "error": r.and_then(|r| r.error.clone()),
+        "timings": {
+            "submitted_ms": t.submitted_ms,
+            "assigned_ms": t.assigned_ms,
+            "started_ms": t.started_ms,
+            "finished_ms": t.finished_ms,
+            "wall_ms": r.map(|r| r.wall_ms),
+            "cpu_ms": r.map(|r| r.cpu_ms),
+        },
+        "timeout_ms": t.timeout_ms,
+        "peak_memory_bytes": r.map(|r| r.peak_memory_bytes),
+        "payload_bytes": t.payload.len(),
+        "output_bytes": r.map(|r| r.output.len()),
+        "cache": t.cache.as_ref().map(cache_json),
+    });
+    if full {
+        put_bytes(&mut v, "payload", Some(&t.payload));
+        put_bytes(&mut v, "output", r.map(|r| &r.output));
+        put_bytes(&mut v, "log", r.map(|r| &r.log));
+    }
+    v
+}
+
+fn put_bytes(v: &mut serde_json::Value, key: &str, bytes: Option<&Vec<u8>>) {
+    match bytes.map(|b| std::str::from_utf8(b).map_err(|_| b)) {
+        None => v[key] = serde_json::Value::Null,
+        Some(Ok(text)) => v[key] = json!(text),
+        Some(Err(raw)) => {
+            v[key] = serde_json::Value::Null;
+            v[format!("{key}_b64")] = json!(base64::engine::general_purpose::STANDARD.encode(raw));
+        }
+    }
+}
+
+/// Bytes of output and log shown by `task show`.
+const PREVIEW_BYTES: usize = 1024;
+
+/// `task show` for people.
+fn task_text(t: &Task) -> String {
+    let r = t.result.as_ref();
+    let mut state = t.state.as_str().to_string();
+    if t.dead_letter {
+        state.push_str(" (dead-lettered)");
+    }
+    let since = |ms: Option<u64>| {
+        ms.map_or("-".to_string(), |ms| {
+            format!("+{}", fmt_ms(ms.saturating_sub(t.submitted_ms)))
+        })
+    };
+    let mut rows: Vec<(&str, String)> = vec![
+        ("state", state),
+        ("function", format!("{}@{}", t.function, t.version)),
+        (
+            "node",
+            match (t.node, r) {
+                (Some(n), Some(r)) => format!("{n} ({})", if r.warm { "warm" } else { "cold" }),
+                (Some(n), None) => n.to_string(),
+                (None, _) => "-".to_string(),
+            },
+        ),
+        (
+            "attempts",
+            format!(
+                "{} ({} failed){}",
+                t.attempts,
+                t.failures,
+                if t.sync { ", sync" } else { ", async" }
+            ),
+        ),
+        ("submitted", fmt_time(t.submitted_ms)),
+        ("assigned", since(t.assigned_ms)),
+        ("started", since(t.started_ms)),
+        ("finished", since(t.finished_ms)),
+    ];
+    if let Some(r) = r {
+        rows.push((
+            "run",
+            format!(
+                "wall {}, cpu {}, peak memory {}",
+                fmt_ms(r.wall_ms),
+                fmt_ms(r.cpu_ms),
+                fmt_bytes(r.peak_memory_bytes)
+            ),
+        ));
+        if let Some(code) = r.exit_code {
+            rows.push(("exit code", code.to_string()));
+        }
+        if let Some(e) = &r.error {
+            rows.push(("error", one_line(e)));
+        }
+    }
+    let mut text = format!("task {}\n", t.id);
+    for (k, v) in rows {
+        text.push_str(&format!("  {k:<10} {v}\n"));
+    }
+    if let Some(r) = r {
+        for (what, bytes) in [("output", &r.output), ("log", &r.log)] {
+            if !bytes.is_empty() {
+                text.push_str(&format!(
+                    "{what} ({} bytes):\n{}\n",
+                    bytes.len(),
+                    preview(bytes)
+                ));
+            }
+        }
+    }
+    text.truncate(text.trim_end().len());
+    text
+}
+
+/// The start of `bytes` as text: at most [`PREVIEW_BYTES`], invalid UTF-8 replaced, control
+/// characters other than newline and tab escaped so a terminal shows them harmlessly.
+fn preview(bytes: &[u8]) -> String {
+    let shown = &bytes[..bytes.len().min(PREVIEW_BYTES)];
+    let mut text: String = String::from_utf8_lossy(shown)
+        .chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' && c != '\t' {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect();
+    if bytes.len() > shown.len() {
+        text.push_str(&format!("… ({} more bytes)", bytes.len() - shown.len()));
+    }
+    text
+}
+
+/// Bytes in binary units: exact values as integers (`128M`), others with one decimal.
+fn fmt_bytes(bytes: u64) -> String {
+    const UNITS: [(u64, &str); 3] = [(1 << 30, "G"), (1 << 20, "M"), (1 << 10, "K")];
+    for (size, unit) in UNITS {
+        if bytes >= size {
+            let whole = bytes / size;
+            return if whole * size == bytes {
+                format!("{whole}{unit}")
+            } else {
+                format!("{:.1}{unit}", bytes as f64 / size as f64)
+            };
+        }
+    }
+    format!("{bytes}B")
+}
+
+fn fmt_ms(ms: u64) -> String {
+    if ms == 0 {
+        return "0ms".to_string();
+    }
+    humantime::format_duration(Duration::from_millis(ms)).to_string()
+}
+
+/// Milliseconds since the Unix epoch as an RFC 3339 time (UTC, seconds).
+fn fmt_time(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
 /// What `skiff bench kv` measured.
@@ -562,5 +1513,351 @@ mod tests {
         for (e, code) in cases {
             assert_eq!(CliError::from(e).code, code);
         }
+    }
+
+    #[test]
+    fn function_errors_map_to_documented_exit_codes() {
+        let cases = [
+            (
+                ClientError::FunctionNotFound { name: "f".into() },
+                ExitCode::NotFound,
+            ),
+            (
+                ClientError::Rejected {
+                    reason: "code store full".into(),
+                },
+                ExitCode::Conflict,
+            ),
+            (
+                ClientError::CodeSize {
+                    bytes: 0,
+                    max: 1 << 26,
+                },
+                ExitCode::Usage,
+            ),
+            (
+                ClientError::Api(ApiError::Throttled("queue full".into())),
+                ExitCode::Unavailable,
+            ),
+            (
+                ClientError::Api(ApiError::NotFound("function f does not exist".into())),
+                ExitCode::NotFound,
+            ),
+        ];
+        for (e, code) in cases {
+            assert_eq!(CliError::from(e).code, code);
+        }
+    }
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("skiff").chain(args.iter().copied()))
+    }
+
+    fn deploy_args(args: &[&str]) -> DeployArgs {
+        match parse(args).expect("parses").command {
+            Cmd::Function(FnCmd::Deploy(a)) => *a,
+            other => panic!("not a deploy: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn deploy_flags_have_the_documented_defaults() {
+        let a = deploy_args(&[
+            "fn",
+            "deploy",
+            "echo",
+            "--code",
+            "./src",
+            "--entry",
+            "python3  main.py  -v",
+        ]);
+        let plan = deploy_plan(a).expect("valid");
+        assert_eq!(plan.name, "echo");
+        assert_eq!(plan.code, PathBuf::from("./src"));
+        assert_eq!(plan.entry, ["python3", "main.py", "-v"]);
+        assert_eq!(plan.mode, FnMode::Exec);
+        assert_eq!(plan.tier, "standard");
+        assert_eq!(plan.memory_bytes, 128 << 20);
+        assert_eq!(plan.timeout_ms, 30_000);
+        assert_eq!((plan.max_concurrency, plan.queue_max), (100, 1000));
+        assert_eq!((plan.min_warm, plan.max_attempts), (0, 3));
+        assert_eq!(plan.retry_backoff_ms, 1000);
+
+        let a = deploy_args(&[
+            "fn",
+            "deploy",
+            "echo",
+            "--code",
+            "c",
+            "--entry",
+            "sh run.sh",
+            "--mode",
+            "serve",
+            "--tier",
+            "untrusted",
+            "--memory",
+            "1G",
+            "--timeout",
+            "2m",
+            "--min-warm",
+            "2",
+            "--max-concurrency",
+            "8",
+            "--queue-max",
+            "9",
+            "--max-attempts",
+            "1",
+            "--retry-backoff",
+            "250ms",
+            "--env",
+            "A=1",
+            "--env",
+            "B=x=y",
+            "--data-read",
+            "in/",
+            "--data-write",
+            "out/",
+        ]);
+        let plan = deploy_plan(a).expect("valid");
+        assert_eq!(plan.mode, FnMode::Serve);
+        assert_eq!(plan.tier, "untrusted");
+        assert_eq!(plan.memory_bytes, 1 << 30);
+        assert_eq!(plan.timeout_ms, 120_000);
+        assert_eq!(
+            (plan.min_warm, plan.max_concurrency, plan.queue_max),
+            (2, 8, 9)
+        );
+        assert_eq!((plan.max_attempts, plan.retry_backoff_ms), (1, 250));
+        assert_eq!(
+            plan.env,
+            [("A".into(), "1".into()), ("B".into(), "x=y".into())]
+        );
+        assert_eq!(plan.data.read_prefixes, ["in/"]);
+        assert_eq!(plan.data.write_prefixes, ["out/"]);
+    }
+
+    #[test]
+    fn bad_deploys_are_refused_before_anything_is_sent() {
+        for bad in [
+            &["fn", "deploy", "echo", "--code", "c"][..],
+            &["fn", "deploy", "--code", "c", "--entry", "x"],
+            &[
+                "fn", "deploy", "e", "--code", "c", "--entry", "x", "--mode", "batch",
+            ],
+            &[
+                "fn", "deploy", "e", "--code", "c", "--entry", "x", "--tier", "root",
+            ],
+            &[
+                "fn", "deploy", "e", "--code", "c", "--entry", "x", "--memory", "lots",
+            ],
+            &[
+                "fn", "deploy", "e", "--code", "c", "--entry", "x", "--env", "NOEQUALS",
+            ],
+            &["fn", "deploy", "-f", "skiff.toml", "--memory", "1G"],
+            &["fn", "deploy", "-f", "skiff.toml", "--code", "c"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} must not parse");
+        }
+        // Parse, but the spec is invalid: caught locally.
+        for bad in [
+            &["fn", "deploy", "bad name", "--code", "c", "--entry", "x"][..],
+            &["fn", "deploy", "e", "--code", "c", "--entry", "  "],
+            &[
+                "fn", "deploy", "e", "--code", "c", "--entry", "x", "--memory", "1M",
+            ],
+            &[
+                "fn",
+                "deploy",
+                "e",
+                "--code",
+                "c",
+                "--entry",
+                "x",
+                "--min-warm",
+                "200",
+            ],
+            &[
+                "fn", "deploy", "e", "--code", "c", "--entry", "x", "--env", "A=1", "--env", "A=2",
+            ],
+        ] {
+            let e = deploy_plan(deploy_args(bad)).expect_err(&format!("{bad:?}"));
+            assert_eq!(e.code, ExitCode::Usage, "{bad:?}");
+        }
+        // -f alone (a name is optional with it) parses.
+        let a = deploy_args(&["fn", "deploy", "-f", "skiff.toml"]);
+        assert_eq!(a.file, Some(PathBuf::from("skiff.toml")));
+        assert_eq!(a.name, None);
+    }
+
+    #[test]
+    fn a_manifest_deploy_reads_paths_relative_to_the_manifest() {
+        let d = tempfile::tempdir().expect("temp dir");
+        let path = d.path().join("skiff.toml");
+        std::fs::write(
+            &path,
+            "name = \"m\"\ncode = \"src\"\nentry = \"sh run.sh\"\n",
+        )
+        .expect("write");
+        let path_arg = path.to_str().expect("utf-8 temp path");
+        let plan = deploy_plan(deploy_args(&["fn", "deploy", "-f", path_arg])).expect("manifest");
+        assert_eq!(plan.name, "m");
+        assert_eq!(plan.code, d.path().join("src"));
+        let plan = deploy_plan(deploy_args(&["fn", "deploy", "other", "-f", path_arg]))
+            .expect("manifest with a name");
+        assert_eq!(plan.name, "other");
+        std::fs::write(&path, "code = \"src\"\nentry = \"x\"\ncpus = 2\n").expect("write");
+        let e = deploy_plan(deploy_args(&["fn", "deploy", "-f", path_arg])).expect_err("unknown");
+        assert_eq!(e.code, ExitCode::Usage);
+        assert!(e.message.contains("cpus"), "{}", e.message);
+    }
+
+    #[test]
+    fn invoke_targets_parse() {
+        assert_eq!(parse_target("echo").expect("name"), ("echo".into(), None));
+        assert_eq!(
+            parse_target("img.resize-2@17").expect("versioned"),
+            ("img.resize-2".into(), Some(17))
+        );
+        for bad in [
+            "", "@3", "echo@", "echo@0", "echo@x", "echo@-1", "a b", "echo@3@4",
+        ] {
+            let e = parse_target(bad).expect_err(bad);
+            assert_eq!(e.code, ExitCode::Usage, "{bad:?}");
+        }
+        let cli = parse(&["invoke", "echo@2", "--payload", "{}", "--async"]).expect("parses");
+        match cli.command {
+            Cmd::Invoke(a) => {
+                assert_eq!(a.target, "echo@2");
+                assert_eq!(a.payload.as_deref(), Some("{}"));
+                assert!(a.no_wait);
+            }
+            other => panic!("not an invoke: {other:?}"),
+        }
+        assert!(parse(&["invoke", "e", "--payload", "1", "--payload-file", "f"]).is_err());
+        assert!(parse(&["invoke", "e", "--idempotency-key", "k"]).is_err());
+    }
+
+    #[test]
+    fn task_listing_flags_parse_and_are_bounded() {
+        let cli = parse(&[
+            "task",
+            "ls",
+            "--state",
+            "timed_out",
+            "--dead",
+            "--limit",
+            "5",
+        ])
+        .expect("parses");
+        match cli.command {
+            Cmd::Task(TaskCmd::Ls {
+                state, dead, limit, ..
+            }) => {
+                assert_eq!(state, Some(TaskState::TimedOut));
+                assert!(dead);
+                assert_eq!(limit, 5);
+            }
+            other => panic!("not task ls: {other:?}"),
+        }
+        assert!(parse(&["task", "ls", "--limit", "0"]).is_err());
+        assert!(parse(&["task", "ls", "--limit", "200001"]).is_err());
+        assert!(parse(&["task", "ls", "--state", "lost"]).is_err());
+        assert_eq!(parse_task_state("timed-out"), Ok(TaskState::TimedOut));
+    }
+
+    fn finished_task(state: TaskState, output: &[u8], error: Option<&str>) -> Task {
+        Task {
+            id: 42,
+            function: "echo".into(),
+            version: 3,
+            payload: b"hi".to_vec(),
+            sync: true,
+            state,
+            attempts: 1,
+            failures: u32::from(state != TaskState::Succeeded),
+            node: Some(2),
+            token: 1,
+            submitted_ms: 1_000,
+            assigned_ms: Some(1_002),
+            started_ms: Some(1_010),
+            finished_ms: Some(1_050),
+            not_before_ms: 0,
+            queue_seq: 1,
+            memory_bytes: 128 << 20,
+            timeout_ms: 30_000,
+            result: Some(crate::api::TaskResult {
+                status: match state {
+                    TaskState::Failed => crate::api::RunStatus::Failed,
+                    TaskState::TimedOut => crate::api::RunStatus::TimedOut,
+                    _ => crate::api::RunStatus::Succeeded,
+                },
+                node: 2,
+                exit_code: Some(if state == TaskState::Succeeded { 0 } else { 1 }),
+                output: output.to_vec(),
+                log: b"trace\n".to_vec(),
+                error: error.map(String::from),
+                warm: true,
+                wall_ms: 40,
+                cpu_ms: 12,
+                peak_memory_bytes: 1 << 20,
+            }),
+            dead_letter: false,
+            cache: None,
+            ledger_key: None,
+        }
+    }
+
+    #[test]
+    fn task_json_carries_output_as_text_or_base64() {
+        let t = finished_task(TaskState::Succeeded, b"{\"ok\":true}", None);
+        let v = task_json(&t, true);
+        assert_eq!(v["id"], 42);
+        assert_eq!(v["state"], "succeeded");
+        assert_eq!(v["node"], 2);
+        assert_eq!(v["warm"], "warm");
+        assert_eq!(v["attempts"], 1);
+        assert_eq!(v["output"], "{\"ok\":true}");
+        assert!(v.get("output_b64").is_none());
+        assert_eq!(v["timings"]["started_ms"], 1_010);
+        assert_eq!(v["timings"]["wall_ms"], 40);
+        assert_eq!(v["timings"]["cpu_ms"], 12);
+
+        let t = finished_task(TaskState::Succeeded, &[0xff, 0x00, 0x80], None);
+        let v = task_json(&t, true);
+        assert!(v["output"].is_null());
+        assert_eq!(v["output_b64"], "/wCA");
+        let summary = task_json(&t, false);
+        assert!(summary.get("output").is_none() && summary["output_bytes"] == 3);
+    }
+
+    #[test]
+    fn failures_are_described_on_one_line() {
+        let t = finished_task(TaskState::TimedOut, b"", None);
+        let m = failure_message(&t);
+        assert!(
+            m.contains("timed out") && m.contains("echo@3") && m.contains("30s"),
+            "{m}"
+        );
+        let t = finished_task(TaskState::Failed, b"", Some("out of\nmemory"));
+        let m = failure_message(&t);
+        assert_eq!(m, "task 42 (echo@3) failed: out of memory");
+        let t = finished_task(TaskState::Failed, b"", None);
+        assert!(failure_message(&t).ends_with("exited with code 1"));
+    }
+
+    #[test]
+    fn previews_escape_control_characters_and_stop() {
+        assert_eq!(preview(b"a\tb\nc\x1b[2J"), "a\tb\nc\\u{1b}[2J");
+        let long = vec![b'x'; PREVIEW_BYTES + 10];
+        assert!(preview(&long).ends_with("… (10 more bytes)"));
+        assert_eq!(fmt_bytes(128 << 20), "128M");
+        assert_eq!(fmt_bytes(1536), "1.5K");
+        assert_eq!(fmt_bytes(12), "12B");
     }
 }

@@ -1,6 +1,15 @@
 //! The typed async client: talks to any node, follows the leader, retries a bounded number of
 //! times with back-off, and gives every write a request id so that a retried write is applied
 //! once.
+//!
+//! Invariants:
+//! - every call is bounded: at most `attempts_max` attempts, each with a deadline;
+//! - a retried write or invocation carries the request id of its first attempt, so the
+//!   cluster applies it once; an invocation is retried only while the cluster still remembers
+//!   that id ([`INVOKE_RETRY_WINDOW`] inside the deduplication window), so a retry can never
+//!   start a second task;
+//! - a code upload holds at most [`UPLOAD_CHUNKS_IN_FLIGHT`] chunks in flight, one command
+//!   (one log entry's worth) per chunk.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -11,12 +20,20 @@ use tarpc::client::RpcError;
 use tarpc::context;
 use tokio::sync::Mutex;
 
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+
 use crate::api::{
-    ApiError, ClientApiClient, ClientCommand, ClusterStatus, Command, CommandResult, KvEntry,
-    KvPage, NodeId, ReadConsistency, RequestId, CLIENT_FRAME_BYTES_MAX,
+    ApiError, ClientApiClient, ClientCommand, ClusterStatus, Command, CommandResult,
+    FunctionRecord, FunctionSpec, InvokeRequest, KvEntry, KvPage, NodeId, ReadConsistency,
+    RequestId, Task, TaskFilter, TaskId, Workers, CLIENT_FRAME_BYTES_MAX,
 };
 use crate::transport::{self, Service};
-use skiff_raft_store::model::InvalidCommand;
+use skiff_raft_store::functions::{
+    chunk_count, validate_function_name, CODE_BYTES_MAX, CODE_CHUNK_BYTES, PAYLOAD_BYTES_MAX,
+    TIMEOUT_MS_MAX,
+};
+use skiff_raft_store::model::{InvalidCommand, DEDUP_WINDOW_MS};
 
 /// Errors of the client library.
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +56,14 @@ pub enum ClientError {
     NotFound { key: String },
     #[error("invalid command: {0}")]
     Invalid(#[from] InvalidCommand),
+    #[error("function {name:?} not found")]
+    FunctionNotFound { name: String },
+    /// The cluster refused a well-formed command because of its state (code not uploaded,
+    /// a bound reached, an upload that did not match its digest). Nothing changed.
+    #[error("refused by the cluster: {reason}")]
+    Rejected { reason: String },
+    #[error("code archive of {bytes} bytes: it must be 1 byte to {max} bytes")]
+    CodeSize { bytes: u64, max: u64 },
     #[error("unexpected answer from the cluster: {0}")]
     Protocol(String),
 }
@@ -69,6 +94,15 @@ impl ClientConfig {
     }
 }
 
+/// Inputs of an idempotent function's invocation.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InvokeOptions {
+    /// Replaces the payload hash in the ledger key.
+    pub idempotency_key: Option<String>,
+    /// Caller-supplied version tokens (name, value).
+    pub tokens: Vec<(String, String)>,
+}
+
 /// A connection-managing client of a skiff cluster. Cheap to clone; clones share connections.
 #[derive(Clone)]
 pub struct Client {
@@ -92,6 +126,22 @@ struct Endpoint {
 
 /// Most endpoints a client remembers (configured plus learned), so hints cannot grow it.
 const ENDPOINTS_MAX: usize = 64;
+
+/// Code chunks uploaded at once: enough to keep the leader's batcher busy, few enough that an
+/// upload does not crowd out other writes (each chunk is [`CODE_CHUNK_BYTES`]).
+pub const UPLOAD_CHUNKS_IN_FLIGHT: usize = 4;
+
+/// Deadline of one attempt of a synchronous invocation: the longest function timeout, the
+/// node's 30 s margin for queueing and reporting, and 30 s more for forwarding.
+pub const INVOKE_WAIT_DEADLINE: Duration = Duration::from_millis(TIMEOUT_MS_MAX + 60_000);
+
+/// An invocation is retried only this long after its first attempt began: well inside the
+/// cluster's deduplication window, so a retry always finds the task of the first attempt.
+pub const INVOKE_RETRY_WINDOW: Duration = Duration::from_millis(DEDUP_WINDOW_MS - 60_000);
+
+/// Tasks asked for per page by [`Client::tasks_all`]. Small, because a task carries its
+/// payload and output and a page must fit in one frame.
+pub const TASK_PAGE: u32 = 64;
 
 impl Client {
     /// Builds a client. Endpoints are checked here; connections open lazily.
@@ -318,6 +368,265 @@ impl Client {
             .await
     }
 
+    /// Uploads a code archive (a tar file) in [`CODE_CHUNK_BYTES`] chunks, at most
+    /// [`UPLOAD_CHUNKS_IN_FLIGHT`] at a time, and returns its SHA-256 (hex), the digest a
+    /// [`FunctionSpec`] names. `progress(done, total)` is called in bytes as chunks are stored.
+    ///
+    /// Uploading an archive the cluster already holds sends one chunk only: the first chunk
+    /// goes alone, the cluster answers that the archive is complete, and the upload stops.
+    pub async fn upload_code(
+        &self,
+        archive: &[u8],
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<String, ClientError> {
+        let total = archive.len() as u64;
+        if archive.is_empty() || total > CODE_BYTES_MAX {
+            return Err(ClientError::CodeSize {
+                bytes: total,
+                max: CODE_BYTES_MAX,
+            });
+        }
+        let digest = hex::encode(Sha256::digest(archive));
+        let chunks = chunk_count(total);
+        debug_assert_eq!(archive.chunks(CODE_CHUNK_BYTES).count(), chunks as usize);
+        let command = |index: usize, bytes: &[u8]| Command::CodeChunk {
+            digest: digest.clone(),
+            total_bytes: total,
+            index: index as u32,
+            bytes: bytes.to_vec(),
+        };
+        let mut pieces = archive.chunks(CODE_CHUNK_BYTES).enumerate();
+        // The first chunk goes alone: if the cluster already holds the archive it says so,
+        // and nothing more is sent.
+        let (_, first) = pieces
+            .next()
+            .expect("a non-empty archive has a first chunk");
+        let mut done = 0u64;
+        if chunk_stored(self.execute_one(command(0, first)).await?)? {
+            progress(total, total);
+            return Ok(digest);
+        }
+        done += first.len() as u64;
+        progress(done, total);
+        let mut stored = futures::stream::iter(pieces)
+            .map(|(index, bytes)| {
+                let c = command(index, bytes);
+                let len = bytes.len() as u64;
+                async move { (len, self.execute_one(c).await) }
+            })
+            .buffer_unordered(UPLOAD_CHUNKS_IN_FLIGHT);
+        while let Some((len, result)) = stored.next().await {
+            if chunk_stored(result?)? {
+                progress(total, total);
+                return Ok(digest.clone());
+            }
+            done += len;
+            progress(done, total);
+        }
+        // Every chunk is stored but none completed the archive: the cluster dropped the
+        // partial upload meanwhile (it expires unfinished uploads).
+        Err(ClientError::Rejected {
+            reason: format!("the upload of code {digest} did not complete; upload it again"),
+        })
+    }
+
+    /// Deploys a new version of `spec.name` from code uploaded with [`Client::upload_code`];
+    /// returns the version.
+    pub async fn deploy(&self, spec: FunctionSpec) -> Result<u64, ClientError> {
+        let name = spec.name.clone();
+        let result = self
+            .execute_one(Command::FnDeploy {
+                spec: Box::new(spec),
+            })
+            .await?;
+        match result {
+            CommandResult::Deployed { version } => Ok(version),
+            other => Err(function_result(&name, other)),
+        }
+    }
+
+    /// Removes a function with all its versions; its queued tasks fail.
+    pub async fn remove_function(&self, name: &str) -> Result<(), ClientError> {
+        let result = self
+            .execute_one(Command::FnRemove {
+                name: name.to_string(),
+            })
+            .await?;
+        match result {
+            CommandResult::Removed => Ok(()),
+            // The state machine refuses a removal only when the function does not exist.
+            CommandResult::Rejected { .. } => Err(ClientError::FunctionNotFound {
+                name: name.to_string(),
+            }),
+            other => Err(function_result(name, other)),
+        }
+    }
+
+    /// A function with all its kept versions, if it exists.
+    pub async fn function(&self, name: &str) -> Result<Option<FunctionRecord>, ClientError> {
+        validate_function_name(name).map_err(InvalidCommand::Other)?;
+        let name = name.to_string();
+        self.call(|c, ctx| {
+            let name = name.clone();
+            async move { c.fn_get(ctx, name, ReadConsistency::Linearizable).await }
+        })
+        .await
+    }
+
+    /// Every function, each with its latest version only.
+    pub async fn functions(&self) -> Result<Vec<FunctionRecord>, ClientError> {
+        self.call(|c, ctx| async move { c.fn_list(ctx, ReadConsistency::Linearizable).await })
+            .await
+    }
+
+    /// Invokes `function` at `version` (the latest if `None`). With `wait`, returns the
+    /// finished task (succeeded, failed or timed out: look at its state); without, the task
+    /// as soon as it is queued.
+    ///
+    /// One request id serves every attempt, so retries (of retryable errors only, within
+    /// [`INVOKE_RETRY_WINDOW`]) never start a second task. A throttled invocation is not
+    /// retried: it is the caller's call whether to back off.
+    pub async fn invoke(
+        &self,
+        function: &str,
+        version: Option<u64>,
+        payload: Vec<u8>,
+        wait: bool,
+    ) -> Result<Task, ClientError> {
+        self.invoke_with(function, version, payload, wait, InvokeOptions::default())
+            .await
+    }
+
+    /// [`Client::invoke`] with the inputs of an idempotent function.
+    pub async fn invoke_with(
+        &self,
+        function: &str,
+        version: Option<u64>,
+        payload: Vec<u8>,
+        wait: bool,
+        options: InvokeOptions,
+    ) -> Result<Task, ClientError> {
+        validate_function_name(function).map_err(InvalidCommand::Other)?;
+        if payload.len() > PAYLOAD_BYTES_MAX {
+            return Err(InvalidCommand::Other(format!(
+                "payload is {} bytes, the limit is {PAYLOAD_BYTES_MAX}",
+                payload.len()
+            ))
+            .into());
+        }
+        let req = InvokeRequest {
+            request_id: self.next_request_id(),
+            function: function.to_string(),
+            version,
+            payload,
+            wait,
+            idempotency_key: options.idempotency_key,
+            tokens: options.tokens,
+            files: Vec::new(),
+        };
+        let req = &req;
+        let attempt_timeout = if wait {
+            INVOKE_WAIT_DEADLINE
+        } else {
+            self.inner.config.rpc_timeout
+        };
+        let retry_until = Instant::now() + INVOKE_RETRY_WINDOW;
+        self.call_within(attempt_timeout, Some(retry_until), |c, ctx| {
+            let req = req.clone();
+            async move { c.invoke(ctx, req).await }
+        })
+        .await
+    }
+
+    /// Forgets the cached results of an idempotent function; returns how many.
+    pub async fn purge_cache(&self, name: &str) -> Result<u64, ClientError> {
+        validate_function_name(name).map_err(InvalidCommand::Other)?;
+        match self
+            .execute_one(Command::FnPurgeCache {
+                name: name.to_string(),
+            })
+            .await?
+        {
+            CommandResult::Purged { entries } => Ok(entries),
+            CommandResult::Rejected { .. } => Err(ClientError::FunctionNotFound {
+                name: name.to_string(),
+            }),
+            other => Err(ClientError::Protocol(format!(
+                "purge-cache answered with {other:?}"
+            ))),
+        }
+    }
+
+    /// One task, if it exists (finished tasks are purged after their retention).
+    pub async fn task(&self, id: TaskId) -> Result<Option<Task>, ClientError> {
+        self.call(|c, ctx| async move { c.task_get(ctx, id, ReadConsistency::Linearizable).await })
+            .await
+    }
+
+    /// Tasks matching `filter` with ids above `after`, in id order, at most `limit` (the
+    /// server clamps it).
+    pub async fn tasks(
+        &self,
+        filter: TaskFilter,
+        after: TaskId,
+        limit: u32,
+    ) -> Result<Vec<Task>, ClientError> {
+        self.call(|c, ctx| {
+            let filter = filter.clone();
+            async move {
+                c.task_list(ctx, filter, after, limit, ReadConsistency::Linearizable)
+                    .await
+            }
+        })
+        .await
+    }
+
+    /// Every task matching `filter`, page by page in id order, up to `max_tasks`.
+    pub async fn tasks_all(
+        &self,
+        filter: TaskFilter,
+        max_tasks: usize,
+    ) -> Result<Vec<Task>, ClientError> {
+        let mut out: Vec<Task> = Vec::new();
+        let mut after = 0;
+        // Each page either ends the listing or adds at least one task, so this many pages
+        // always suffice.
+        for _ in 0..=max_tasks {
+            if out.len() >= max_tasks {
+                break;
+            }
+            let want = (max_tasks - out.len()).min(TASK_PAGE as usize) as u32;
+            let page = self.tasks(filter.clone(), after, want).await?;
+            let Some(last) = page.last() else {
+                break;
+            };
+            if last.id <= after {
+                return Err(ClientError::Protocol(format!(
+                    "a task page after id {after} ended at id {}",
+                    last.id
+                )));
+            }
+            after = last.id;
+            let short = (page.len() as u32) < want;
+            out.extend(page);
+            if short {
+                break;
+            }
+        }
+        out.truncate(max_tasks);
+        Ok(out)
+    }
+
+    /// Worker nodes as their heartbeats describe them, and scheduler counters (linearizable).
+    pub async fn workers(&self) -> Result<Workers, ClientError> {
+        self.workers_with(ReadConsistency::Linearizable).await
+    }
+
+    pub async fn workers_with(&self, read: ReadConsistency) -> Result<Workers, ClientError> {
+        self.call(|c, ctx| async move { c.workers(ctx, read).await })
+            .await
+    }
+
     /// Runs one RPC with bounded retries: a transport failure moves to the next endpoint; a
     /// retryable [`ApiError`] waits and tries again, following a leader hint if there is one.
     async fn call<T, F, Fut>(&self, f: F) -> Result<T, ClientError>
@@ -325,28 +634,50 @@ impl Client {
         F: Fn(ClientApiClient, context::Context) -> Fut,
         Fut: std::future::Future<Output = Result<Result<T, ApiError>, RpcError>>,
     {
+        self.call_within(self.inner.config.rpc_timeout, None, f)
+            .await
+    }
+
+    /// [`Client::call`] with a deadline of `attempt_timeout` per attempt, and no attempt
+    /// started after `retry_until` (if given).
+    async fn call_within<T, F, Fut>(
+        &self,
+        attempt_timeout: Duration,
+        retry_until: Option<Instant>,
+        f: F,
+    ) -> Result<T, ClientError>
+    where
+        F: Fn(ClientApiClient, context::Context) -> Fut,
+        Fut: std::future::Future<Output = Result<Result<T, ApiError>, RpcError>>,
+    {
         let cfg = &self.inner.config;
+        let may_retry = |attempt: u32| {
+            attempt < cfg.attempts_max && retry_until.is_none_or(|t| Instant::now() < t)
+        };
         let mut backoff = cfg.backoff_initial;
         let mut last = String::from("no attempt made");
+        let mut attempts = 0;
         for attempt in 1..=cfg.attempts_max {
+            attempts = attempt;
             let idx = self.inner.preferred.load(Ordering::Relaxed);
             let (idx, conn) = match self.connection(idx).await {
                 Ok(c) => c,
                 Err(e) => {
                     last = e;
                     self.rotate(idx).await;
-                    if attempt < cfg.attempts_max {
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(cfg.backoff_max);
+                    if !may_retry(attempt) {
+                        break;
                     }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(cfg.backoff_max);
                     continue;
                 }
             };
             let mut ctx = context::current();
-            ctx.deadline = Instant::now() + cfg.rpc_timeout;
+            ctx.deadline = Instant::now() + attempt_timeout;
             match f(conn, ctx).await {
                 Ok(Ok(v)) => return Ok(v),
-                Ok(Err(e)) if e.is_retryable() && attempt < cfg.attempts_max => {
+                Ok(Err(e)) if e.is_retryable() && may_retry(attempt) => {
                     last = e.to_string();
                     if let ApiError::NoLeader {
                         leader_addr: Some(addr),
@@ -363,16 +694,17 @@ impl Client {
                     last = format!("{}: {e}", self.addr_of(idx).await);
                     self.drop_connection(idx).await;
                     self.rotate(idx).await;
-                    if attempt < cfg.attempts_max {
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(cfg.backoff_max);
+                    if !may_retry(attempt) {
+                        break;
                     }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(cfg.backoff_max);
                 }
             }
         }
         Err(ClientError::Unreachable {
             endpoints: cfg.endpoints.join(","),
-            attempts: cfg.attempts_max,
+            attempts,
             last,
         })
     }
@@ -446,5 +778,440 @@ fn unexpected(key: &str, result: CommandResult) -> ClientError {
         },
         CommandResult::Invalid(e) => ClientError::Invalid(e),
         other => ClientError::Protocol(format!("unexpected result {other:?}")),
+    }
+}
+
+/// Whether a stored chunk completed its archive; an error if the chunk was refused.
+fn chunk_stored(result: CommandResult) -> Result<bool, ClientError> {
+    match result {
+        CommandResult::ChunkStored { complete } => Ok(complete),
+        CommandResult::Rejected { reason } => Err(ClientError::Rejected { reason }),
+        CommandResult::Invalid(e) => Err(ClientError::Invalid(e)),
+        other => Err(ClientError::Protocol(format!(
+            "a code chunk was answered with {other:?}"
+        ))),
+    }
+}
+
+/// Maps a function command's result that is not its success onto an error.
+fn function_result(name: &str, result: CommandResult) -> ClientError {
+    match result {
+        CommandResult::Rejected { reason } => ClientError::Rejected { reason },
+        CommandResult::NotFound => ClientError::FunctionNotFound {
+            name: name.to_string(),
+        },
+        CommandResult::Invalid(e) => ClientError::Invalid(e),
+        other => ClientError::Protocol(format!("unexpected result {other:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The client against an in-process fake of the client service: what it sends, not what a
+    //! cluster does with it (node/tests covers that).
+    use super::*;
+    use crate::api::{ClientApi, TaskState};
+    use futures::StreamExt;
+    use std::sync::Mutex as StdMutex;
+    use tarpc::server::{BaseChannel, Channel};
+    use tokio::io::AsyncReadExt;
+
+    #[derive(Default)]
+    struct FakeState {
+        /// Chunks of the archive being uploaded, by index.
+        chunks: BTreeMap<u32, Vec<u8>>,
+        /// Digests of complete archives.
+        held: Vec<String>,
+        chunk_commands: usize,
+        deployed: Vec<FunctionSpec>,
+        invoke_ids: Vec<RequestId>,
+        /// Answers to the next invocations, first first; then success.
+        invoke_errors: Vec<ApiError>,
+    }
+
+    #[derive(Clone, Default)]
+    struct Fake(Arc<StdMutex<FakeState>>);
+
+    impl Fake {
+        fn state(&self) -> std::sync::MutexGuard<'_, FakeState> {
+            self.0.lock().expect("fake state lock")
+        }
+    }
+
+    fn task(id: TaskId, function: &str) -> Task {
+        Task {
+            id,
+            function: function.to_string(),
+            version: 1,
+            payload: Vec::new(),
+            sync: true,
+            state: TaskState::Queued,
+            attempts: 0,
+            failures: 0,
+            node: None,
+            token: 0,
+            submitted_ms: 0,
+            assigned_ms: None,
+            started_ms: None,
+            finished_ms: None,
+            not_before_ms: 0,
+            queue_seq: 0,
+            memory_bytes: 0,
+            timeout_ms: 1000,
+            result: None,
+            dead_letter: false,
+            cache: None,
+            ledger_key: None,
+        }
+    }
+
+    impl ClientApi for Fake {
+        async fn write(
+            self,
+            _: context::Context,
+            commands: Vec<ClientCommand>,
+        ) -> Result<Vec<CommandResult>, ApiError> {
+            let mut st = self.state();
+            let mut results = Vec::new();
+            for c in commands {
+                results.push(match c.command {
+                    Command::CodeChunk {
+                        digest,
+                        total_bytes,
+                        index,
+                        bytes,
+                    } => {
+                        st.chunk_commands += 1;
+                        if st.held.contains(&digest) {
+                            CommandResult::ChunkStored { complete: true }
+                        } else {
+                            st.chunks.insert(index, bytes);
+                            if st.chunks.len() as u32 == chunk_count(total_bytes) {
+                                let all: Vec<u8> = std::mem::take(&mut st.chunks)
+                                    .into_values()
+                                    .flatten()
+                                    .collect();
+                                if hex::encode(Sha256::digest(&all)) == digest {
+                                    st.held.push(digest);
+                                    CommandResult::ChunkStored { complete: true }
+                                } else {
+                                    CommandResult::Rejected {
+                                        reason: "digest mismatch".into(),
+                                    }
+                                }
+                            } else {
+                                CommandResult::ChunkStored { complete: false }
+                            }
+                        }
+                    }
+                    Command::FnDeploy { spec } => {
+                        if st.held.contains(&spec.code_digest) {
+                            st.deployed.push(*spec);
+                            CommandResult::Deployed {
+                                version: st.deployed.len() as u64,
+                            }
+                        } else {
+                            CommandResult::Rejected {
+                                reason: format!("code {} is not uploaded", spec.code_digest),
+                            }
+                        }
+                    }
+                    Command::FnRemove { name } => CommandResult::Rejected {
+                        reason: format!("function {name} does not exist"),
+                    },
+                    other => panic!("unexpected command {other:?}"),
+                });
+            }
+            Ok(results)
+        }
+        async fn kv_get(
+            self,
+            _: context::Context,
+            _: String,
+            _: ReadConsistency,
+        ) -> Result<Option<KvEntry>, ApiError> {
+            unimplemented!("not used by these tests")
+        }
+        async fn kv_list(
+            self,
+            _: context::Context,
+            _: String,
+            _: Option<String>,
+            _: u32,
+            _: ReadConsistency,
+        ) -> Result<KvPage, ApiError> {
+            unimplemented!("not used by these tests")
+        }
+        async fn cluster_init(
+            self,
+            _: context::Context,
+            _: BTreeMap<NodeId, String>,
+        ) -> Result<(), ApiError> {
+            unimplemented!("not used by these tests")
+        }
+        async fn cluster_add_node(
+            self,
+            _: context::Context,
+            _: NodeId,
+            _: String,
+        ) -> Result<(), ApiError> {
+            unimplemented!("not used by these tests")
+        }
+        async fn cluster_remove_node(self, _: context::Context, _: NodeId) -> Result<(), ApiError> {
+            unimplemented!("not used by these tests")
+        }
+        async fn cluster_status(self, _: context::Context) -> Result<ClusterStatus, ApiError> {
+            unimplemented!("not used by these tests")
+        }
+        async fn invoke(self, _: context::Context, req: InvokeRequest) -> Result<Task, ApiError> {
+            let mut st = self.state();
+            st.invoke_ids.push(req.request_id);
+            if !st.invoke_errors.is_empty() {
+                return Err(st.invoke_errors.remove(0));
+            }
+            Ok(task(st.invoke_ids.len() as u64, &req.function))
+        }
+        async fn task_get(
+            self,
+            _: context::Context,
+            _: TaskId,
+            _: ReadConsistency,
+        ) -> Result<Option<Task>, ApiError> {
+            unimplemented!("not used by these tests")
+        }
+        async fn task_list(
+            self,
+            _: context::Context,
+            filter: TaskFilter,
+            after: TaskId,
+            limit: u32,
+            _: ReadConsistency,
+        ) -> Result<Vec<Task>, ApiError> {
+            // 150 tasks, ids 1..=150, of which the even ones are "f"'s.
+            Ok((after + 1..=150)
+                .map(|id| task(id, if id % 2 == 0 { "f" } else { "g" }))
+                .filter(|t| filter.matches(t))
+                .take(limit as usize)
+                .collect())
+        }
+        async fn fn_get(
+            self,
+            _: context::Context,
+            _: String,
+            _: ReadConsistency,
+        ) -> Result<Option<FunctionRecord>, ApiError> {
+            unimplemented!("not used by these tests")
+        }
+        async fn fn_list(
+            self,
+            _: context::Context,
+            _: ReadConsistency,
+        ) -> Result<Vec<FunctionRecord>, ApiError> {
+            unimplemented!("not used by these tests")
+        }
+        async fn workers(
+            self,
+            _: context::Context,
+            _: ReadConsistency,
+        ) -> Result<Workers, ApiError> {
+            unimplemented!("not used by these tests")
+        }
+    }
+
+    /// Serves `fake` on a loopback port; returns a client of it.
+    async fn serve(fake: Fake) -> Client {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind loopback");
+        let addr = listener.local_addr().expect("local addr").to_string();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let fake = fake.clone();
+                tokio::spawn(async move {
+                    let mut preamble = [0u8; 1];
+                    if stream.read_exact(&mut preamble).await.is_err() {
+                        return;
+                    }
+                    let t = transport::framed(stream, CLIENT_FRAME_BYTES_MAX);
+                    BaseChannel::with_defaults(t)
+                        .execute(fake.serve())
+                        .for_each_concurrent(16, |f| f)
+                        .await;
+                });
+            }
+        });
+        let mut config = ClientConfig::new(vec![addr]);
+        config.backoff_initial = Duration::from_millis(1);
+        config.backoff_max = Duration::from_millis(5);
+        Client::new(config).expect("client")
+    }
+
+    fn archive(len: usize) -> Vec<u8> {
+        (0..len).map(|i| (i * 31 % 251) as u8).collect()
+    }
+
+    #[tokio::test]
+    async fn upload_sends_every_chunk_and_returns_the_digest() {
+        let fake = Fake::default();
+        let client = serve(fake.clone()).await;
+        let bytes = archive(3 * CODE_CHUNK_BYTES + 100);
+        let mut seen = Vec::new();
+        let digest = client
+            .upload_code(&bytes, |done, total| seen.push((done, total)))
+            .await
+            .expect("upload");
+        assert_eq!(digest, hex::encode(Sha256::digest(&bytes)));
+        assert_eq!(fake.state().chunk_commands, 4);
+        assert!(fake.state().held.contains(&digest));
+        assert_eq!(seen.last(), Some(&(bytes.len() as u64, bytes.len() as u64)));
+        assert!(seen.windows(2).all(|w| w[0].0 <= w[1].0), "{seen:?}");
+
+        // The same archive again: one chunk goes, the cluster says it is complete.
+        let again = client.upload_code(&bytes, |_, _| {}).await.expect("again");
+        assert_eq!(again, digest);
+        assert_eq!(fake.state().chunk_commands, 5);
+
+        let version = client
+            .deploy(FunctionSpec {
+                name: "f".into(),
+                code_digest: digest.clone(),
+                entry: vec!["/code/run".into()],
+                mode: crate::api::FnMode::Exec,
+                tier: "standard".into(),
+                policy: None,
+                memory_bytes: 128 << 20,
+                timeout_ms: 1000,
+                max_concurrency: 1,
+                queue_max: 1,
+                min_warm: 0,
+                max_attempts: 1,
+                retry_backoff_ms: 0,
+                data: Default::default(),
+                env: Vec::new(),
+                idempotency: None,
+            })
+            .await
+            .expect("deploy");
+        assert_eq!(version, 1);
+        assert_eq!(fake.state().deployed[0].code_digest, digest);
+    }
+
+    #[tokio::test]
+    async fn empty_and_oversized_code_is_refused_before_sending() {
+        let fake = Fake::default();
+        let client = serve(fake.clone()).await;
+        let e = client.upload_code(&[], |_, _| {}).await.expect_err("empty");
+        assert!(matches!(e, ClientError::CodeSize { bytes: 0, .. }), "{e}");
+        let big = vec![0u8; CODE_BYTES_MAX as usize + 1];
+        let e = client.upload_code(&big, |_, _| {}).await.expect_err("big");
+        assert!(matches!(e, ClientError::CodeSize { .. }), "{e}");
+        assert_eq!(fake.state().chunk_commands, 0);
+    }
+
+    #[tokio::test]
+    async fn refusals_map_onto_client_errors() {
+        let client = serve(Fake::default()).await;
+        let e = client.remove_function("ghost").await.expect_err("absent");
+        assert!(
+            matches!(&e, ClientError::FunctionNotFound { name } if name == "ghost"),
+            "{e}"
+        );
+        let e = client
+            .deploy(FunctionSpec {
+                name: "f".into(),
+                code_digest: "ab".repeat(32),
+                entry: vec!["x".into()],
+                mode: crate::api::FnMode::Exec,
+                tier: "standard".into(),
+                policy: None,
+                memory_bytes: 128 << 20,
+                timeout_ms: 1000,
+                max_concurrency: 1,
+                queue_max: 1,
+                min_warm: 0,
+                max_attempts: 1,
+                retry_backoff_ms: 0,
+                data: Default::default(),
+                env: Vec::new(),
+                idempotency: None,
+            })
+            .await
+            .expect_err("code not uploaded");
+        assert!(
+            matches!(&e, ClientError::Rejected { reason } if reason.contains("not uploaded")),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_invocation_keeps_its_request_id_across_retries() {
+        let fake = Fake::default();
+        fake.state().invoke_errors = vec![
+            ApiError::Timeout("t".into()),
+            ApiError::NoLeader {
+                leader: None,
+                leader_addr: None,
+            },
+        ];
+        let client = serve(fake.clone()).await;
+        let t = client
+            .invoke("f", None, b"p".to_vec(), true)
+            .await
+            .expect("third attempt succeeds");
+        assert_eq!(t.function, "f");
+        let ids = fake.state().invoke_ids.clone();
+        assert_eq!(ids.len(), 3);
+        assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
+
+        client
+            .invoke("f", None, Vec::new(), false)
+            .await
+            .expect("second invocation");
+        let ids = fake.state().invoke_ids.clone();
+        assert_ne!(ids[3], ids[0], "a new invocation gets a new id");
+    }
+
+    #[tokio::test]
+    async fn a_throttled_or_bad_invocation_is_not_retried() {
+        let fake = Fake::default();
+        fake.state().invoke_errors = vec![ApiError::Throttled("queue full".into())];
+        let client = serve(fake.clone()).await;
+        let e = client
+            .invoke("f", None, Vec::new(), true)
+            .await
+            .expect_err("throttled");
+        assert!(matches!(e, ClientError::Api(ApiError::Throttled(_))), "{e}");
+        assert_eq!(fake.state().invoke_ids.len(), 1);
+
+        let e = client
+            .invoke("bad name", None, Vec::new(), true)
+            .await
+            .expect_err("name");
+        assert!(matches!(e, ClientError::Invalid(_)), "{e}");
+        let e = client
+            .invoke("f", None, vec![0; PAYLOAD_BYTES_MAX + 1], true)
+            .await
+            .expect_err("payload");
+        assert!(matches!(e, ClientError::Invalid(_)), "{e}");
+        assert_eq!(fake.state().invoke_ids.len(), 1, "nothing sent");
+    }
+
+    #[tokio::test]
+    async fn task_listing_pages_through_and_stops_at_the_bound() {
+        let client = serve(Fake::default()).await;
+        let only_f = TaskFilter {
+            function: Some("f".into()),
+            ..Default::default()
+        };
+        let all_f = client.tasks_all(only_f.clone(), 1000).await.expect("all");
+        assert_eq!(all_f.len(), 75);
+        assert!(all_f.windows(2).all(|w| w[0].id < w[1].id));
+        assert!(all_f.iter().all(|t| t.function == "f"));
+        let some = client
+            .tasks_all(TaskFilter::default(), 70)
+            .await
+            .expect("some");
+        assert_eq!(some.len(), 70);
+        assert_eq!(some.last().map(|t| t.id), Some(70));
     }
 }

@@ -212,7 +212,10 @@ pub(crate) async fn wait_finished(c: &ClientApiClient, id: u64, within: Duration
             Err(e) if e.is_retryable() => {}
             Err(e) => panic!("task_get: {e:?}"),
         }
-        assert!(Instant::now() < deadline, "task {id} not finished in {within:?}");
+        assert!(
+            Instant::now() < deadline,
+            "task {id} not finished in {within:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
