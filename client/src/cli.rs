@@ -300,7 +300,7 @@ pub struct InvokeArgs {
     pub idempotency_key: Option<String>,
     /// For an idempotent function: a version token NAME=VALUE the result depends on (e.g. an
     /// ETag); repeatable.
-    #[arg(long = "token", value_parser = deploy::parse_env)]
+    #[arg(long = "version-token", value_parser = deploy::parse_env)]
     pub tokens: Vec<(String, String)>,
 }
 
@@ -1740,7 +1740,23 @@ mod tests {
             other => panic!("not an invoke: {other:?}"),
         }
         assert!(parse(&["invoke", "e", "--payload", "1", "--payload-file", "f"]).is_err());
-        assert!(parse(&["invoke", "e", "--idempotency-key", "k"]).is_err());
+        let cli = parse(&[
+            "invoke",
+            "e",
+            "--idempotency-key",
+            "k",
+            "--version-token",
+            "etag=abc",
+        ])
+        .expect("idempotency inputs parse");
+        match cli.command {
+            Cmd::Invoke(a) => {
+                assert_eq!(a.idempotency_key.as_deref(), Some("k"));
+                assert_eq!(a.tokens, vec![("etag".to_string(), "abc".to_string())]);
+            }
+            other => panic!("not an invoke: {other:?}"),
+        }
+        assert!(parse(&["invoke", "e", "--version-token", "no-equals"]).is_err());
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //!
 //! Each node is a separate `skiffd` process (so one can be killed with `kill -9` and started
 //! again from its data directory). The command initializes the cluster, waits for a leader,
-//! runs a sample write and read, writes `DIR/env` and `DIR/nodes`, and then waits for Ctrl-C or
+//! runs a sample write and read, deploys and invokes a sample function, writes `DIR/env` and `DIR/nodes`, and then waits for Ctrl-C or
 //! SIGTERM, on which it stops every node it started.
 
 use std::collections::BTreeMap;
@@ -45,6 +45,74 @@ struct DevNode {
 
 fn dev_err(msg: impl Into<String>) -> NodeError {
     NodeError::Dev(msg.into())
+}
+
+/// The sample function: a shell script that greets its payload, deployed and invoked once
+/// (sync). Running functions needs root (namespaces, cgroups, mounts).
+async fn sample_function(client: &Client) -> Result<String, String> {
+    use skiff_client::api::{DataGrant, FnMode, FunctionSpec, TaskState};
+    if !nix::unistd::geteuid().is_root() {
+        return Err("functions run in sandboxes, which need root".into());
+    }
+    let script = b"#!/bin/sh\nprintf 'hello, %s (from %s)' \"$(cat)\" \"$(uname -n)\"\n";
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_size(script.len() as u64);
+    header.set_mode(0o755);
+    header.set_mtime(0);
+    header.set_cksum();
+    builder
+        .append_data(&mut header, "hello.sh", &script[..])
+        .map_err(|e| e.to_string())?;
+    let archive = builder.into_inner().map_err(|e| e.to_string())?;
+    let digest = client
+        .upload_code(&archive, |_, _| {})
+        .await
+        .map_err(|e| format!("upload failed: {e}"))?;
+    let spec = FunctionSpec {
+        name: "hello".into(),
+        code_digest: digest,
+        entry: vec!["/bin/sh".into(), "hello.sh".into()],
+        mode: FnMode::Exec,
+        tier: "standard".into(),
+        policy: None,
+        memory_bytes: 64 << 20,
+        timeout_ms: 10_000,
+        max_concurrency: 100,
+        queue_max: 1000,
+        min_warm: 1,
+        max_attempts: 3,
+        retry_backoff_ms: 1000,
+        data: DataGrant::default(),
+        env: Vec::new(),
+        idempotency: None,
+    };
+    let version = client
+        .deploy(spec)
+        .await
+        .map_err(|e| format!("deploy failed: {e}"))?;
+    let task = client
+        .invoke("hello", None, b"world".to_vec(), true)
+        .await
+        .map_err(|e| format!("invoke failed: {e}"))?;
+    let result = task.result.as_ref();
+    if task.state != TaskState::Succeeded {
+        return Err(format!(
+            "invocation {} {}: {}",
+            task.id,
+            task.state.as_str(),
+            result.and_then(|r| r.error.clone()).unwrap_or_default()
+        ));
+    }
+    let r = result.ok_or("a finished task without a result")?;
+    Ok(format!(
+        "fn deploy hello -> version {version}; invoke hello --payload world -> {:?} (task {}, node {}, {}, {} ms)",
+        String::from_utf8_lossy(&r.output),
+        task.id,
+        r.node,
+        if r.warm { "warm" } else { "cold" },
+        r.wall_ms
+    ))
 }
 
 /// Picks `n` free loopback ports, preferring `base..base+n`.
@@ -265,6 +333,7 @@ async fn bring_up(opts: &DevOptions, dir: &Path, nodes: &mut [DevNode]) -> Resul
         .await
         .map_err(|e| dev_err(format!("sample read failed: {e}")))?
         .map(|e| String::from_utf8_lossy(&e.value).into_owned());
+    let sample_fn = sample_function(&client).await;
 
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
@@ -286,6 +355,14 @@ async fn bring_up(opts: &DevOptions, dir: &Path, nodes: &mut [DevNode]) -> Resul
         out,
         "sample: kv put hello=world -> version {version}; kv get hello -> {read:?}"
     );
+    match &sample_fn {
+        Ok(line) => {
+            let _ = writeln!(out, "sample: {line}");
+        }
+        Err(e) => {
+            let _ = writeln!(out, "sample function not run: {e}");
+        }
+    }
     let _ = writeln!(out, "endpoints: {}", endpoints.join(","));
     let _ = writeln!(
         out,
