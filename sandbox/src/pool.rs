@@ -91,6 +91,60 @@ struct Inner {
 pub struct WarmPool {
     config: PoolConfig,
     inner: Mutex<Inner>,
+    creator: Creator,
+}
+
+/// The thread that forks every sandbox meant to outlive the call that made it.
+///
+/// A sandbox's supervisor gets the parent-death signal when the *thread* that forked it
+/// exits, not the process: a sandbox forked on a short-lived worker thread (tokio's blocking
+/// pool retires idle threads after seconds) would be killed while it waits in the pool. So
+/// warm and serve-mode sandboxes are forked here, on one thread that lives as long as the pool.
+struct Creator {
+    jobs: Mutex<std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>>,
+}
+
+impl Creator {
+    fn new() -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+        std::thread::Builder::new()
+            .name("sandbox-creator".into())
+            .spawn(move || {
+                for job in rx {
+                    job();
+                }
+            })
+            .expect("the sandbox creator thread starts");
+        Creator {
+            jobs: Mutex::new(tx),
+        }
+    }
+
+    /// Runs `f` on the creator thread and waits for its result.
+    fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T, SandboxError> + Send + 'static,
+    ) -> Result<T, SandboxError> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let job: Box<dyn FnOnce() + Send> = Box::new(move || {
+            let _ = tx.send(f());
+        });
+        let sent = self
+            .jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(job);
+        if sent.is_err() {
+            return Err(SandboxError::Worker {
+                detail: "the sandbox creator thread is gone".into(),
+            });
+        }
+        rx.recv().unwrap_or_else(|_| {
+            Err(SandboxError::Worker {
+                detail: "the sandbox creator thread stopped".into(),
+            })
+        })
+    }
 }
 
 /// A sandbox taken from the pool.
@@ -105,6 +159,7 @@ impl WarmPool {
         Self {
             config,
             inner: Mutex::new(Inner::default()),
+            creator: Creator::new(),
         }
     }
 
@@ -134,12 +189,15 @@ impl WarmPool {
             return Ok(false);
         }
         let sandbox = match key.mode {
-            PoolMode::Exec => WarmSandbox::Exec(ExecSandbox::create(spec)?),
+            PoolMode::Exec => {
+                let spec = spec.clone();
+                WarmSandbox::Exec(self.creator.run(move || ExecSandbox::create(&spec))?)
+            }
             PoolMode::Serve => {
                 let argv = serve_argv.ok_or_else(|| SandboxError::InvalidCommand {
                     reason: "serve mode needs the function's command".to_string(),
                 })?;
-                WarmSandbox::Serve(ServeSandbox::start_keyed(spec, argv, Some(key.clone()))?)
+                WarmSandbox::Serve(self.start_serve(key.clone(), spec, argv)?)
             }
         };
         let memory_bytes = sandbox.memory_bytes();
@@ -338,7 +396,9 @@ pub struct ExecSandbox {
 }
 
 impl ExecSandbox {
-    /// Creates a sandbox and waits until it is ready (blocking).
+    /// Creates a sandbox and waits until it is ready (blocking). The sandbox dies when the
+    /// calling *thread* exits (parent-death signal): for one that must outlive the thread,
+    /// use [`WarmPool::prewarm_blocking`].
     pub fn create(spec: &SandboxSpec) -> Result<Self, SandboxError> {
         Ok(Self {
             prepared: Prepared::create(spec)?,
@@ -411,7 +471,9 @@ pub struct ServeSandbox {
 }
 
 impl ServeSandbox {
-    /// Creates a sandbox and starts `argv` in it as the serving process (blocking).
+    /// Creates a sandbox and starts `argv` in it as the serving process (blocking). The
+    /// sandbox dies when the calling *thread* exits (parent-death signal): for one that must
+    /// outlive the thread, use [`WarmPool::start_serve`].
     pub fn start(spec: &SandboxSpec, argv: &[String]) -> Result<Self, SandboxError> {
         Self::start_keyed(spec, argv, None)
     }
@@ -626,6 +688,8 @@ impl WarmPool {
         spec: &SandboxSpec,
         argv: &[String],
     ) -> Result<ServeSandbox, SandboxError> {
-        ServeSandbox::start_keyed(spec, argv, Some(key))
+        let (spec, argv) = (spec.clone(), argv.to_vec());
+        self.creator
+            .run(move || ServeSandbox::start_keyed(&spec, &argv, Some(key)))
     }
 }

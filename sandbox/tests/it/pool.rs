@@ -156,3 +156,47 @@ async fn serve_mode_reuses_one_process_for_one_version_only() {
     pool.release(k.clone(), sandbox);
     assert_eq!(pool.stats().idle, 0);
 }
+
+/// The parent-death signal follows the forking thread: a sandbox pre-warmed from a thread
+/// that then exits must still be alive and usable.
+#[test]
+fn warm_sandboxes_outlive_the_thread_that_asked_for_them() {
+    if !can_sandbox() {
+        return;
+    }
+    let code = code_dir(&[]);
+    let spec = spec(Tier::Standard, code.path(), "");
+    let pool = Arc::new(WarmPool::new(PoolConfig::default()));
+    let exec = key(1, PoolMode::Exec);
+    let serve = key(1, PoolMode::Serve);
+    {
+        let (pool, spec, exec, serve) = (pool.clone(), spec.clone(), exec.clone(), serve.clone());
+        std::thread::spawn(move || {
+            assert!(pool
+                .prewarm_blocking(exec, &spec, None)
+                .expect("prewarm exec"));
+            let cat = argv(&["sh", "-c", "while IFS= read -r l; do echo \"$l\"; done"]);
+            assert!(pool
+                .prewarm_blocking(serve, &spec, Some(&cat))
+                .expect("prewarm serve"));
+        })
+        .join()
+        .expect("the asking thread ends");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let Some(WarmSandbox::Exec(sandbox)) = pool.acquire(&exec) else {
+        panic!("a warm exec sandbox");
+    };
+    let out = sandbox
+        .run_blocking(&argv(&["sh", "-c", "echo alive"]), b"")
+        .expect("the warm sandbox still runs");
+    assert_eq!(text(&out.stdout), "alive\n");
+    let Some(WarmSandbox::Serve(mut s)) = pool.acquire(&serve) else {
+        panic!("a warm serve sandbox");
+    };
+    assert_eq!(
+        s.request_blocking(b"{\"x\":1}").expect("answers"),
+        b"{\"x\":1}"
+    );
+    pool.clear();
+}
