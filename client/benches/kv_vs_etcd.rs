@@ -40,7 +40,6 @@ use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -58,8 +57,6 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const OPS_MAX: u64 = 5_000_000;
 /// Deadline of one etcd put (the skiff client has its own, 10 s per attempt).
 const ETCD_PUT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most latency samples kept per writer, as `skiff bench kv` does.
-const SAMPLES_PER_WRITER_MAX: usize = 1_000_000;
 /// Most writers or connections accepted from the environment.
 const CLIENTS_MAX: usize = 4096;
 /// Most rounds accepted from the environment.
@@ -508,59 +505,27 @@ async fn bench_etcd(
             .context("etcd warm-up put failed")?;
         channels.push(ch);
     }
-    let ops = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let deadline = start + s.duration;
-    let mut tasks = Vec::with_capacity(clients);
-    for i in 0..clients {
-        let channel = channels[i % conns].clone();
-        let ops = ops.clone();
-        let value = vec![b'x'; s.value_bytes];
-        let keys = s.keys;
-        tasks.push(tokio::spawn(async move {
-            let mut samples: Vec<u32> = Vec::new();
-            let mut errors = 0u64;
-            let mut n = i as u64;
-            while Instant::now() < deadline && ops.fetch_add(1, Ordering::Relaxed) < OPS_MAX {
-                let key = format!("bench/{:08}", n % keys);
-                n = n.wrapping_add(7919);
-                let t = Instant::now();
-                match etcd_put(channel.clone(), key.into_bytes(), value.clone()).await {
-                    Ok(_) => {
-                        if samples.len() < SAMPLES_PER_WRITER_MAX {
-                            samples.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
-                        }
-                    }
-                    Err(_) => errors += 1,
-                }
-            }
-            (samples, errors)
-        }));
-    }
-    let mut all = Vec::new();
-    let mut errors = 0;
-    for t in tasks {
-        let (samples, e) = t.await.context("an etcd writer task failed")?;
-        all.extend(samples);
-        errors += e;
-    }
-    let elapsed = start.elapsed().as_secs_f64();
-    all.sort_unstable();
-    let pct = |p: f64| -> f64 {
-        if all.is_empty() {
-            return 0.0;
+    let value = vec![b'x'; s.value_bytes];
+    let keys = s.keys;
+    let channels = Arc::new(channels);
+    let stats = skiff_client::bench::drive(clients, s.duration, OPS_MAX, move |w, n| {
+        let channel = channels[w % channels.len()].clone();
+        let value = value.clone();
+        async move {
+            // The same key sequence as `skiff bench kv`.
+            let key = format!("bench/{:08}", n.wrapping_mul(7919) % keys);
+            etcd_put(channel, key.into_bytes(), value).await.is_ok()
         }
-        let i = ((all.len() as f64 - 1.0) * p).round() as usize;
-        all[i] as f64 / 1000.0
-    };
+    })
+    .await;
     Ok(BenchReport {
         clients,
-        writes: all.len() as u64,
-        errors,
-        elapsed_s: elapsed,
-        writes_per_s: all.len() as f64 / elapsed,
-        p50_ms: pct(0.50),
-        p99_ms: pct(0.99),
+        writes: stats.ok,
+        errors: stats.errors,
+        elapsed_s: stats.elapsed_s,
+        writes_per_s: stats.ok_per_s,
+        p50_ms: stats.p50_ms,
+        p99_ms: stats.p99_ms,
     })
 }
 

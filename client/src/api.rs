@@ -75,6 +75,7 @@ pub struct InvokeRequest {
     pub function: String,
     /// `None`: the latest version.
     pub version: Option<u64>,
+    #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
     /// Wait for the result (sync) or return once queued (async).
     pub wait: bool,

@@ -23,6 +23,7 @@ use crate::api::{
     ApiError, CacheOutcome, FnMode, FunctionRecord, FunctionVersion, KvEntry, MissReason, NodeId,
     ReadConsistency, Task, TaskFilter, TaskId, TaskState, Workers,
 };
+use crate::bench;
 use crate::client::{Client, ClientError};
 use crate::deploy::{self, DeployPlan};
 use crate::transport;
@@ -332,6 +333,34 @@ pub enum TaskCmd {
 pub enum BenchCmd {
     /// Replicated key-value writes: throughput and latency at a given concurrency.
     Kv(BenchKvArgs),
+    /// Invocations of a warm echo function: sync latency, async throughput, and a local
+    /// bwrap one-shot of the same command side by side. Needs root on the nodes.
+    Invoke(BenchInvokeArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchInvokeArgs {
+    /// exec (`cat` per invocation) or serve (one long-lived line echo per warm sandbox).
+    #[arg(long, default_value = "exec", value_parser = parse_mode)]
+    pub mode: FnMode,
+    /// Concurrent callers for the sync part (each waits for its result).
+    #[arg(long, default_value_t = 1)]
+    pub clients: usize,
+    /// How long the sync part (and the bwrap part) runs.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Stop the sync part after this many invocations.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub ops_max: u64,
+    /// Async invocations submitted for the throughput part.
+    #[arg(long, default_value_t = 2000)]
+    pub async_count: u64,
+    /// TCP connections shared by the callers.
+    #[arg(long, default_value_t = 16)]
+    pub connections: usize,
+    /// Also run the same command as local bwrap one-shots.
+    #[arg(long)]
+    pub compare_bwrap: bool,
 }
 
 #[derive(Debug, Args)]
@@ -366,6 +395,27 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Function(cmd) => functions(&client, cmd, json).await,
         Cmd::Invoke(args) => invoke(&client, args, json).await,
         Cmd::Task(cmd) => tasks(&client, cmd, json).await,
+        Cmd::Bench(BenchCmd::Invoke(args)) => {
+            let r = bench_invoke(&cli.endpoints, &args).await?;
+            if json {
+                out(&serde_json::to_string(&r).expect("report serializes"));
+            } else {
+                let s = &r.sync;
+                out(&format!(
+                    "{} ({}): sync clients={} invocations={} (warm {}) errors={} {:.0}/s p50={:.2}ms p99={:.2}ms | async {} in {:.2}s = {:.0}/s ({} failed)",
+                    r.function, r.mode, s.workers, s.ok, r.sync_warm, s.errors, s.ok_per_s, s.p50_ms, s.p99_ms,
+                    r.async_submitted, r.async_elapsed_s, r.async_per_s, r.async_failed
+                ));
+                if let Some(b) = &r.bwrap {
+                    out(&format!(
+                        "bwrap one-shot (local, sequential): runs={} errors={} p50={:.2}ms p99={:.2}ms; skiff warm p50 / bwrap p50 = {:.2}",
+                        b.ok, b.errors, b.p50_ms, b.p99_ms,
+                        if b.p50_ms > 0.0 { s.p50_ms / b.p50_ms } else { 0.0 }
+                    ));
+                }
+            }
+            Ok(())
+        }
         Cmd::Bench(BenchCmd::Kv(args)) => {
             let report = bench_kv(&cli.endpoints, &args).await?;
             if json {
@@ -1377,9 +1427,6 @@ pub struct BenchReport {
     pub p99_ms: f64,
 }
 
-/// Most latency samples kept per writer, so memory stays bounded on long runs.
-const SAMPLES_PER_WRITER_MAX: usize = 1_000_000;
-
 /// Drives `args.clients` concurrent writers for `args.duration` (or `args.ops_max` writes).
 pub async fn bench_kv(endpoints: &str, args: &BenchKvArgs) -> Result<BenchReport, CliError> {
     if args.clients == 0 || args.connections == 0 || args.keys == 0 {
@@ -1390,74 +1437,278 @@ pub async fn bench_kv(endpoints: &str, args: &BenchKvArgs) -> Result<BenchReport
     if args.value_bytes > skiff_raft_store::model::VALUE_BYTES_MAX {
         return Err(CliError::usage("--value-bytes is over the value limit"));
     }
-    let conns = args.connections.min(args.clients);
-    let mut clients = Vec::with_capacity(conns);
-    for _ in 0..conns {
-        clients.push(Client::from_endpoint_list(endpoints)?);
-    }
+    let clients = connected_clients(endpoints, args.connections.min(args.clients))?;
     // Warm the connections (and learn the leader) before the clock starts.
-    for c in &clients {
+    for c in clients.iter() {
         c.put("bench/warmup", vec![0]).await?;
     }
-    let ops = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let start = Instant::now();
-    let deadline = start + args.duration;
-    let mut tasks = Vec::with_capacity(args.clients);
-    for i in 0..args.clients {
-        let client = clients[i % conns].clone();
-        let ops = ops.clone();
-        let ops_max = args.ops_max;
-        let value = vec![b'x'; args.value_bytes];
-        let keys = args.keys;
-        tasks.push(tokio::spawn(async move {
-            let mut samples: Vec<u32> = Vec::new();
-            let mut errors = 0u64;
-            let mut n = i as u64;
-            while Instant::now() < deadline
-                && ops.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < ops_max
-            {
-                let key = format!("bench/{:08}", n % keys);
-                n = n.wrapping_add(7919);
-                let t = Instant::now();
-                match client.put(&key, value.clone()).await {
-                    Ok(_) => {
-                        if samples.len() < SAMPLES_PER_WRITER_MAX {
-                            samples.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
-                        }
-                    }
-                    Err(_) => errors += 1,
-                }
-            }
-            (samples, errors)
-        }));
-    }
-    let mut all = Vec::new();
-    let mut errors = 0;
-    for t in tasks {
-        let (s, e) = t
-            .await
-            .map_err(|e| CliError::usage(format!("writer task failed: {e}")))?;
-        all.extend(s);
-        errors += e;
-    }
-    let elapsed = start.elapsed().as_secs_f64();
-    all.sort_unstable();
-    let pct = |p: f64| -> f64 {
-        if all.is_empty() {
-            return 0.0;
+    let value = vec![b'x'; args.value_bytes];
+    let keys = args.keys;
+    let stats = bench::drive(args.clients, args.duration, args.ops_max, move |w, n| {
+        let client = clients[w % clients.len()].clone();
+        let value = value.clone();
+        async move {
+            let key = format!("bench/{:08}", n.wrapping_mul(7919) % keys);
+            client.put(&key, value).await.is_ok()
         }
-        let i = ((all.len() as f64 - 1.0) * p).round() as usize;
-        all[i] as f64 / 1000.0
-    };
+    })
+    .await;
     Ok(BenchReport {
         clients: args.clients,
-        writes: all.len() as u64,
-        errors,
-        elapsed_s: elapsed,
-        writes_per_s: all.len() as f64 / elapsed,
-        p50_ms: pct(0.50),
-        p99_ms: pct(0.99),
+        writes: stats.ok,
+        errors: stats.errors,
+        elapsed_s: stats.elapsed_s,
+        writes_per_s: stats.ok_per_s,
+        p50_ms: stats.p50_ms,
+        p99_ms: stats.p99_ms,
     })
+}
+
+fn connected_clients(endpoints: &str, n: usize) -> Result<std::sync::Arc<Vec<Client>>, CliError> {
+    let mut clients = Vec::with_capacity(n);
+    for _ in 0..n.max(1) {
+        clients.push(Client::from_endpoint_list(endpoints)?);
+    }
+    Ok(std::sync::Arc::new(clients))
+}
+
+/// What `skiff bench invoke` measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct InvokeBenchReport {
+    pub function: String,
+    pub mode: String,
+    /// Sync invocations, each waiting for its result.
+    pub sync: bench::LoadStats,
+    /// Sync invocations that ran in a warm sandbox.
+    pub sync_warm: u64,
+    /// Async invocations submitted, and the time until every one had finished.
+    pub async_submitted: u64,
+    pub async_failed: u64,
+    pub async_elapsed_s: f64,
+    pub async_per_s: f64,
+    /// The same command in a local `bwrap` one-shot, if bwrap is installed.
+    pub bwrap: Option<bench::LoadStats>,
+}
+
+/// Deploys an echo function (exec `cat`, or a serve-mode line echo) with warm sandboxes,
+/// then measures sync latency and async throughput, and a local bwrap one-shot of the same
+/// command for comparison.
+pub async fn bench_invoke(
+    endpoints: &str,
+    args: &BenchInvokeArgs,
+) -> Result<InvokeBenchReport, CliError> {
+    use crate::api::{DataGrant, FunctionSpec};
+    if args.clients == 0 || args.connections == 0 {
+        return Err(CliError::usage(
+            "--clients and --connections must be positive",
+        ));
+    }
+    let clients = connected_clients(endpoints, args.connections.min(args.clients))?;
+    let function = format!("bench-echo-{}", args.mode.as_str());
+    let script: &[u8] = match args.mode {
+        FnMode::Exec => b"exec cat\n",
+        FnMode::Serve => b"while IFS= read -r l; do printf '%s\\n' \"$l\"; done\n",
+    };
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_size(script.len() as u64);
+    h.set_mode(0o755);
+    h.set_mtime(0);
+    h.set_cksum();
+    builder
+        .append_data(&mut h, "main.sh", script)
+        .map_err(|e| CliError::usage(e.to_string()))?;
+    let archive = builder
+        .into_inner()
+        .map_err(|e| CliError::usage(e.to_string()))?;
+    let client = &clients[0];
+    let digest = client.upload_code(&archive, |_, _| {}).await?;
+    let warm = u32::try_from(args.clients).unwrap_or(u32::MAX).min(64);
+    client
+        .deploy(FunctionSpec {
+            name: function.clone(),
+            code_digest: digest,
+            entry: vec!["/bin/sh".into(), "main.sh".into()],
+            mode: args.mode,
+            tier: "standard".into(),
+            policy: None,
+            memory_bytes: 64 << 20,
+            timeout_ms: 10_000,
+            max_concurrency: 10_000,
+            queue_max: 100_000,
+            min_warm: warm,
+            max_attempts: 1,
+            retry_backoff_ms: 0,
+            data: DataGrant::default(),
+            env: Vec::new(),
+            idempotency: None,
+        })
+        .await?;
+    // Let min-warm fill the pools, and warm each connection.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for c in clients.iter() {
+        c.invoke(&function, None, b"{}".to_vec(), true).await?;
+    }
+    let warm_count = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sync = {
+        let (clients, function, warm_count) =
+            (clients.clone(), function.clone(), warm_count.clone());
+        bench::drive(args.clients, args.duration, args.ops_max, move |w, n| {
+            let client = clients[w % clients.len()].clone();
+            let function = function.clone();
+            let warm_count = warm_count.clone();
+            async move {
+                let payload = format!("{{\"n\":{n}}}").into_bytes();
+                match client.invoke(&function, None, payload.clone(), true).await {
+                    Ok(t) => {
+                        let r = t.result.as_ref();
+                        if r.is_some_and(|r| r.warm) {
+                            warm_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        t.state == TaskState::Succeeded
+                            && r.is_some_and(|r| r.output.trim_ascii_end() == payload.as_slice())
+                    }
+                    Err(_) => false,
+                }
+            }
+        })
+        .await
+    };
+    // Async: submit a bounded burst, then wait until every task has finished.
+    let n_async = args.async_count;
+    let start = Instant::now();
+    let ids = {
+        let (clients, function) = (clients.clone(), function.clone());
+        let per = n_async.div_ceil(args.clients.max(1) as u64);
+        let mut handles = Vec::new();
+        for w in 0..args.clients {
+            let (clients, function) = (clients.clone(), function.clone());
+            handles.push(tokio::spawn(async move {
+                let client = clients[w % clients.len()].clone();
+                let mut ids = Vec::new();
+                for i in 0..per {
+                    let n = w as u64 * per + i;
+                    if n >= n_async {
+                        break;
+                    }
+                    if let Ok(t) = client
+                        .invoke(
+                            &function,
+                            None,
+                            format!("{{\"a\":{n}}}").into_bytes(),
+                            false,
+                        )
+                        .await
+                    {
+                        ids.push(t.id);
+                    }
+                }
+                ids
+            }));
+        }
+        let mut ids = Vec::new();
+        for h in handles {
+            ids.extend(h.await.unwrap_or_default());
+        }
+        ids.sort_unstable();
+        ids
+    };
+    let first = ids.iter().copied().min().unwrap_or(0);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let failed = loop {
+        let mut done = 0;
+        let mut failed = 0;
+        let filter = crate::api::TaskFilter {
+            function: Some(function.clone()),
+            ..Default::default()
+        };
+        for t in client
+            .tasks_all(filter, usize::MAX)
+            .await?
+            .into_iter()
+            .filter(|t| t.id >= first && ids.binary_search(&t.id).is_ok())
+        {
+            if t.state.is_finished() {
+                done += 1;
+                if t.state != TaskState::Succeeded {
+                    failed += 1;
+                }
+            }
+        }
+        if done >= ids.len() || Instant::now() > deadline {
+            break failed;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let async_elapsed = start.elapsed().as_secs_f64();
+    let bwrap = if args.compare_bwrap {
+        bwrap_one_shots(args.mode, args.duration).await
+    } else {
+        None
+    };
+    Ok(InvokeBenchReport {
+        function,
+        mode: args.mode.as_str().to_string(),
+        sync,
+        sync_warm: warm_count.load(std::sync::atomic::Ordering::Relaxed),
+        async_submitted: ids.len() as u64,
+        async_failed: failed,
+        async_elapsed_s: async_elapsed,
+        async_per_s: ids.len() as f64 / async_elapsed,
+        bwrap,
+    })
+}
+
+/// Sequential local one-shots of `sh -c 'exec cat'` in bwrap (all namespaces, read-only
+/// `/usr`), each fed one JSON line: the baseline a single host gets without skiff.
+async fn bwrap_one_shots(mode: FnMode, duration: Duration) -> Option<bench::LoadStats> {
+    let _ = mode;
+    let probe = tokio::process::Command::new("bwrap")
+        .arg("--version")
+        .output()
+        .await
+        .ok()?;
+    if !probe.status.success() {
+        return None;
+    }
+    Some(
+        bench::drive(1, duration, 100_000, |_, n| async move {
+            let mut cmd = tokio::process::Command::new("bwrap");
+            cmd.args([
+                "--unshare-all",
+                "--die-with-parent",
+                "--ro-bind",
+                "/usr",
+                "/usr",
+            ]);
+            for (link, target) in [
+                ("/bin", "usr/bin"),
+                ("/lib", "usr/lib"),
+                ("/lib64", "usr/lib64"),
+            ] {
+                cmd.args(["--symlink", target, link]);
+            }
+            cmd.args([
+                "--tmpfs", "/tmp", "--proc", "/proc", "--dev", "/dev", "/bin/sh", "-c", "exec cat",
+            ]);
+            cmd.stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null());
+            let Ok(mut child) = cmd.spawn() else {
+                return false;
+            };
+            let line = format!("{{\"n\":{n}}}\n");
+            if let Some(mut stdin) = child.stdin.take() {
+                use tokio::io::AsyncWriteExt;
+                let _ = stdin.write_all(line.as_bytes()).await;
+            }
+            match child.wait_with_output().await {
+                Ok(o) => o.status.success() && o.stdout == line.as_bytes(),
+                Err(_) => false,
+            }
+        })
+        .await,
+    )
 }
 
 #[cfg(test)]

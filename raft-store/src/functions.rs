@@ -588,8 +588,10 @@ pub struct TaskResult {
     /// Exit code of an exec-mode process, when it exited.
     pub exit_code: Option<i32>,
     /// Stdout (exec) or the response line (serve), at most [`OUTPUT_BYTES_MAX`].
+    #[serde(with = "serde_bytes")]
     pub output: Vec<u8>,
     /// Stderr, the last [`LOG_BYTES_MAX`] bytes.
+    #[serde(with = "serde_bytes")]
     pub log: Vec<u8>,
     /// Why the attempt failed, when it did (out of memory, sandbox error, ...).
     pub error: Option<String>,
@@ -606,6 +608,7 @@ pub struct Task {
     pub id: TaskId,
     pub function: String,
     pub version: u64,
+    #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
     /// A caller waits for the result (no automatic retry of failures).
     pub sync: bool,

@@ -77,6 +77,7 @@ pub enum Command {
     /// exactly that (`Some(0)`: only if the key does not exist).
     KvPut {
         key: String,
+        #[serde(with = "serde_bytes")]
         value: Vec<u8>,
         expect_version: Option<u64>,
     },
@@ -91,6 +92,7 @@ pub enum Command {
         digest: String,
         total_bytes: u64,
         index: u32,
+        #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
     },
     /// Make a new version of a function from an uploaded, complete code archive.
@@ -101,6 +103,7 @@ pub enum Command {
     Submit {
         function: String,
         version: Option<u64>,
+        #[serde(with = "serde_bytes")]
         payload: Vec<u8>,
         sync: bool,
         /// Inputs for an idempotent function (ignored for others).
@@ -377,6 +380,7 @@ pub enum CommandResult {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KvEntry {
     pub key: String,
+    #[serde(with = "serde_bytes")]
     pub value: Vec<u8>,
     /// Revision of the last write to this key.
     pub version: u64,

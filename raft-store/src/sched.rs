@@ -34,6 +34,9 @@ use crate::model::{CommandResult, KvEntry, NodeId};
 const GC_INTERVAL_MS: u64 = 10_000;
 /// Most tasks one listing returns.
 pub const TASK_LIST_MAX: usize = 1000;
+/// Most bytes of tasks (payloads, outputs, logs) one listing returns, so a page fits in a
+/// client frame.
+pub const TASK_LIST_BYTES_MAX: u64 = 4 * 1024 * 1024;
 
 const OBJ_META: u8 = b'm';
 const OBJ_FUNCTION: u8 = b'f';
@@ -335,16 +338,25 @@ impl Sched {
         self.tasks.get(&id)
     }
 
-    /// Tasks matching `filter` with ids above `after`, at most `limit` (≤ [`TASK_LIST_MAX`]).
+    /// Tasks matching `filter` with ids above `after`, at most `limit` (≤ [`TASK_LIST_MAX`])
+    /// and at most [`TASK_LIST_BYTES_MAX`] of payloads and results (always at least one).
     pub fn list_tasks(&self, filter: &TaskFilter, after: TaskId, limit: usize) -> Vec<Task> {
         let limit = limit.clamp(1, TASK_LIST_MAX);
-        self.tasks
+        let mut bytes = 0u64;
+        let mut out = Vec::new();
+        for t in self
+            .tasks
             .range(after.saturating_add(1)..)
             .map(|(_, t)| t)
             .filter(|t| filter.matches(t))
-            .take(limit)
-            .cloned()
-            .collect()
+        {
+            bytes += t.bytes();
+            if out.len() >= limit || (!out.is_empty() && bytes > TASK_LIST_BYTES_MAX) {
+                break;
+            }
+            out.push(t.clone());
+        }
+        out
     }
 
     /// Tasks assigned to or running on `node`.
@@ -980,6 +992,13 @@ impl Sched {
             ));
         }
         self.release(id);
+        if let Some(t) = self.tasks.get_mut(&id) {
+            // A run shorter than a heartbeat is never seen running: its start is its end
+            // minus its duration.
+            if t.started_ms.is_none() {
+                t.started_ms = Some(now.saturating_sub(result.wall_ms));
+            }
+        }
         match result.status {
             RunStatus::Succeeded => {
                 self.finish(id, TaskState::Succeeded, Some(result.clone()), now);

@@ -34,6 +34,8 @@ use rocksdb::{IteratorMode, WriteBatch, DB};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use serde_bytes::ByteBuf;
+
 use crate::apply::{DedupRecord, Mutation, StateMachineData};
 use crate::db::{
     cf, decode, encode, storage_error, storage_failure, sync_write, CF_SM_DEDUP, CF_SM_KV,
@@ -103,7 +105,7 @@ struct SnapshotImageRef<'a> {
     last_time_ms: u64,
     kv: Vec<&'a KvEntry>,
     dedup: Vec<(&'a RequestId, &'a DedupRecord)>,
-    objects: Vec<(Vec<u8>, Vec<u8>)>,
+    objects: Vec<(ByteBuf, ByteBuf)>,
 }
 
 /// The snapshot payload, as read back; same encoding as [`SnapshotImageRef`].
@@ -115,7 +117,7 @@ struct SnapshotImage {
     last_time_ms: u64,
     kv: Vec<KvEntry>,
     dedup: Vec<(RequestId, DedupRecord)>,
-    objects: Vec<(Vec<u8>, Vec<u8>)>,
+    objects: Vec<(ByteBuf, ByteBuf)>,
 }
 
 fn encode_snapshot(
@@ -130,7 +132,12 @@ fn encode_snapshot(
         last_time_ms: data.last_time_ms(),
         kv: data.iter().collect(),
         dedup: data.dedup_iter().collect(),
-        objects: data.sched().objects(),
+        objects: data
+            .sched()
+            .objects()
+            .into_iter()
+            .map(|(k, v)| (ByteBuf::from(k), ByteBuf::from(v)))
+            .collect(),
     };
     let mut bytes = SNAPSHOT_MAGIC.to_vec();
     bytes.extend(encode(&image)?);
@@ -542,7 +549,10 @@ impl StateMachineStore {
         let data = StateMachineData::from_parts(
             image.kv,
             image.dedup,
-            image.objects,
+            image
+                .objects
+                .into_iter()
+                .map(|(k, v)| (k.into_vec(), v.into_vec())),
             image.revision,
             image.last_time_ms,
         )

@@ -653,3 +653,50 @@ async fn metrics_of_every_node_count_real_invocations() {
         "labelled by function"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_large_code_archive_is_replicated_in_chunks_and_runs() {
+    require_root!();
+    let cluster = TestCluster::start(3, CONFIG).await;
+    let c = rpc(&cluster.node(1).addr).await;
+    // 6 MiB of incompressible bytes: twelve chunks, each its own log entry.
+    let mut blob = vec![0u8; 6 << 20];
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for b in blob.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    let mut builder = tar::Builder::new(Vec::new());
+    for (name, data, mode) in [
+        ("data.bin", &blob[..], 0o644),
+        ("main.sh", &b"wc -c < data.bin\n"[..], 0o755),
+    ] {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(mode);
+        h.set_cksum();
+        builder.append_data(&mut h, name, data).expect("append");
+    }
+    let code = builder.into_inner().expect("tar");
+    deploy(
+        &c,
+        spec("big", &["/bin/sh", "main.sh"], FnMode::Exec),
+        &code,
+    )
+    .await;
+    wait_workers(&c, 3).await;
+    // Every node can run it: invoke until each has.
+    let mut nodes = BTreeSet::new();
+    for _ in 0..30 {
+        let t = invoke(&c, "big", b"", true).await;
+        assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
+        assert_eq!(output(&t).trim(), (6 << 20).to_string());
+        nodes.insert(t.result.expect("result").node);
+        if nodes.len() == 3 {
+            break;
+        }
+    }
+    assert!(!nodes.is_empty());
+}
