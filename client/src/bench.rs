@@ -109,8 +109,10 @@ mod tests {
 
     #[tokio::test]
     async fn the_driver_stops_at_ops_max_and_counts_errors() {
-        let stats = drive(4, Duration::from_secs(30), 100, |_, n| async move {
-            n % 10 != 0
+        let calls = Arc::new(AtomicU64::new(0));
+        let stats = drive(4, Duration::from_secs(30), 100, move |_, _| {
+            let k = calls.fetch_add(1, Ordering::Relaxed);
+            async move { k % 10 != 0 }
         })
         .await;
         assert_eq!(stats.ok + stats.errors, 100);
