@@ -872,7 +872,7 @@ impl KvBackend for NodeKv {
                     expect_version,
                 },
             };
-            first_result(node.write(vec![command]).await)
+            first_result(write_retrying(&node, command).await)
         })
     }
 
@@ -890,7 +890,7 @@ impl KvBackend for NodeKv {
                     expect_version,
                 },
             };
-            first_result(node.write(vec![command]).await)
+            first_result(write_retrying(&node, command).await)
         })
     }
 
@@ -907,8 +907,7 @@ impl KvBackend for NodeKv {
                 start_after,
                 limit,
             };
-            match node
-                .read(op, skiff_client::api::ReadConsistency::Linearizable)
+            match read_retrying(&node, op)
                 .await
                 .map_err(|e| e.to_string())?
             {
@@ -916,6 +915,46 @@ impl KvBackend for NodeKv {
                 _ => Err("unexpected answer to a list".into()),
             }
         })
+    }
+}
+
+/// How long a data-service call keeps retrying while the cluster has no leader.
+const DATA_RETRY_WINDOW: Duration = Duration::from_secs(10);
+
+/// A write for a function, retried (same request id, so applied once) across a leader
+/// change within [`DATA_RETRY_WINDOW`].
+async fn write_retrying(
+    node: &Node,
+    command: ClientCommand,
+) -> Result<Vec<CommandResult>, ApiError> {
+    let deadline = Instant::now() + DATA_RETRY_WINDOW;
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        match node.write(vec![command.clone()]).await {
+            Err(e) if e.is_retryable() && Instant::now() + backoff < deadline => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// A read for a function, retried across a leader change within [`DATA_RETRY_WINDOW`].
+async fn read_retrying(node: &Node, op: ReadOp) -> Result<ReadResult, ApiError> {
+    let deadline = Instant::now() + DATA_RETRY_WINDOW;
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        match node
+            .read(op.clone(), skiff_client::api::ReadConsistency::Linearizable)
+            .await
+        {
+            Err(e) if e.is_retryable() && Instant::now() + backoff < deadline => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+            }
+            other => return other,
+        }
     }
 }
 

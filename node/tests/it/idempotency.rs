@@ -257,3 +257,65 @@ async fn tracked_reads_and_file_dependencies_cause_one_new_run() {
     );
     let _ = Duration::from_secs(0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_leader_change_does_not_run_an_idempotent_call_twice() {
+    require_root!();
+    let mut cluster = TestCluster::start(3, CONFIG).await;
+    let leader = cluster.wait_leader(&cluster.ids()).await;
+    let c = rpc(&cluster.node(leader).addr).await;
+    // Each run counts itself under count/PAYLOAD, slowly enough to outlive an election.
+    let code = archive(&[(
+        "main.sh",
+        0o755,
+        "p=$(cat)\nsleep 2\nc=$(skiff-data get \"count/$p\" 2>/dev/null || echo 0)\nskiff-data put \"count/$p\" $((c+1)) >/dev/null || exit 7\nprintf 'ran %s' \"$p\"\n",
+    )]);
+    let s = FunctionSpec {
+        data: DataGrant {
+            read_prefixes: vec![],
+            write_prefixes: vec!["count/".into()],
+        },
+        idempotency: Some(Idempotency {
+            dependencies: vec![],
+            ttl_ms: 600_000,
+            cache_failures: false,
+            track_reads: false,
+        }),
+        ..spec("slow", &["/bin/sh", "main.sh"], FnMode::Exec)
+    };
+    deploy(&c, s, &code).await;
+    wait_workers(&c, 3).await;
+    // Start asynchronous runs until one is placed on a follower.
+    let (payload, task) = {
+        let mut found = None;
+        for i in 0..20 {
+            let p = format!("p{i}");
+            let t = crate::functions::invoke(&c, "slow", p.as_bytes(), false).await;
+            if t.node.is_some_and(|n| n != leader) {
+                found = Some((p, t.id));
+                break;
+            }
+        }
+        found.expect("a run placed on a follower")
+    };
+    cluster.kill(leader);
+    let others: Vec<u64> = cluster.ids().into_iter().filter(|i| *i != leader).collect();
+    cluster.wait_leader(&others).await;
+    let c2 = rpc(&cluster.node(others[0]).addr).await;
+    // The same invocation after the leader change: it joins the running task or hits its
+    // result; it never starts a second run.
+    let again = loop {
+        match call_with(&c2, "slow", payload.as_bytes(), None).await {
+            Ok(t) => break t,
+            Err(e) if e.is_retryable() => tokio::time::sleep(Duration::from_millis(200)).await,
+            Err(e) => panic!("invoke after failover: {e:?}"),
+        }
+    };
+    assert_eq!(output(&again), format!("ran {payload}"));
+    assert!(
+        matches!(again.cache, Some(CacheOutcome::Joined { task: t }) if t == task)
+            || matches!(again.cache, Some(CacheOutcome::Hit { source_task }) if source_task == task),
+        "{again:?}"
+    );
+    assert_eq!(get(&c2, &format!("count/{payload}")).await, "1", "one run");
+}
