@@ -112,7 +112,7 @@ mod tests {
         let calls = Arc::new(AtomicU64::new(0));
         let stats = drive(4, Duration::from_secs(30), 100, move |_, _| {
             let k = calls.fetch_add(1, Ordering::Relaxed);
-            async move { k % 10 != 0 }
+            async move { !k.is_multiple_of(10) }
         })
         .await;
         assert_eq!(stats.ok + stats.errors, 100);
