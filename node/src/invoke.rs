@@ -12,7 +12,8 @@
 use std::time::Duration;
 
 use skiff_client::api::{
-    ApiError, ClientCommand, Command, CommandResult, InvokeRequest, Task, TaskId, TaskState,
+    ApiError, CacheOutcome, ClientCommand, Command, CommandResult, InvokeRequest, Task, TaskId,
+    TaskState,
 };
 use skiff_raft_store::functions::{
     validate_function_name, Dependency, IdempotencyInput, PAYLOAD_BYTES_MAX, TIMEOUT_MS_MAX,
@@ -100,6 +101,10 @@ impl Node {
 
     /// The leader's side of [`Node::invoke`].
     pub async fn invoke_on_leader(&self, req: InvokeRequest) -> Result<Task, ApiError> {
+        if let Some(hit) = self.cached_answer(&req).await {
+            self.0.metrics.idempotency(true);
+            return Ok(hit);
+        }
         let command = ClientCommand {
             request_id: req.request_id,
             command: Command::Submit {
@@ -123,7 +128,14 @@ impl Node {
             .next()
             .ok_or_else(|| ApiError::Internal("a submission got no result".into()))?;
         let (id, cache) = match result {
-            CommandResult::Submitted { task, cache, .. } => (task, cache),
+            CommandResult::Submitted { task, cache, .. } => {
+                if let Some(c) = &cache {
+                    self.0
+                        .metrics
+                        .idempotency(matches!(c, CacheOutcome::Hit { .. }));
+                }
+                (task, cache)
+            }
             CommandResult::Throttled { reason } => {
                 self.0.metrics.throttled_invocation(&req.function);
                 return Err(ApiError::Throttled(reason));
@@ -161,6 +173,74 @@ impl Node {
         }
         let wait = Duration::from_millis(task.timeout_ms) + WAIT_MARGIN;
         self.wait_task(id, wait).await.map(with_cache)
+    }
+
+    /// A hit answered without a log entry: after confirming leadership (so this state holds
+    /// everything committed before the call), the ledger already has a reusable result.
+    /// The answer is the recorded run's task with this call's payload and a `Hit` marker.
+    async fn cached_answer(&self, req: &InvokeRequest) -> Option<Task> {
+        let idempotent = self.0.store.read(|sm| {
+            sm.sched()
+                .function(&req.function)
+                .and_then(|f| match req.version {
+                    Some(v) => f.version(v),
+                    None => f.latest(),
+                })
+                .is_some_and(|v| v.spec.idempotency.is_some())
+        });
+        if !idempotent || self.0.raft.ensure_linearizable().await.is_err() {
+            return None;
+        }
+        let input = IdempotencyInput {
+            key: req.idempotency_key.clone(),
+            tokens: req.tokens.clone(),
+            files: req.files.clone(),
+        };
+        self.0.store.read(|sm| {
+            let e = sm.sched().cached(
+                sm.last_time_ms(),
+                &req.function,
+                req.version,
+                &req.payload,
+                Some(&input),
+                sm.kv_entries(),
+            )?;
+            let source = sm.sched().task(e.task).cloned();
+            let mut t = source.unwrap_or_else(|| Task {
+                id: e.task,
+                function: e.function.clone(),
+                version: e.version,
+                payload: Vec::new(),
+                sync: req.wait,
+                state: if e.succeeded {
+                    TaskState::Succeeded
+                } else {
+                    TaskState::Failed
+                },
+                attempts: 0,
+                failures: 0,
+                node: None,
+                token: 0,
+                submitted_ms: e.recorded_ms,
+                assigned_ms: None,
+                started_ms: None,
+                finished_ms: Some(e.recorded_ms),
+                not_before_ms: 0,
+                queue_seq: 0,
+                memory_bytes: 0,
+                timeout_ms: 0,
+                result: None,
+                dead_letter: false,
+                cache: None,
+                ledger_key: None,
+            });
+            t.result = e.result.clone();
+            t.payload = req.payload.clone();
+            t.cache = Some(CacheOutcome::Hit {
+                source_task: e.task,
+            });
+            Some(t)
+        })
     }
 
     fn local_task(&self, id: TaskId) -> Result<Task, ApiError> {

@@ -58,6 +58,13 @@ pub struct FunctionLabel {
     pub function: String,
 }
 
+/// Whether an idempotent invocation was answered from the ledger.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HitLabel {
+    /// `hit` or `miss` (a joined call counts as a miss of the run it joined).
+    pub result: String,
+}
+
 /// Every metric of one node.
 pub struct Metrics {
     /// Attempts run on this node, by function, outcome and warm or cold start.
@@ -68,6 +75,8 @@ pub struct Metrics {
     pub throttled: Family<FunctionLabel, Counter>,
     warm_idle: Gauge,
     warm_memory_bytes: Gauge,
+    /// Idempotent invocations answered from the ledger (hits) or run (misses and joins).
+    pub idempotency: Family<HitLabel, Counter>,
     /// Client commands by how their write ended.
     pub writes: Family<OutcomeLabel, Counter>,
     /// Commands per log entry proposed by the leader.
@@ -99,6 +108,7 @@ impl Metrics {
             throttled: Family::default(),
             warm_idle: Gauge::default(),
             warm_memory_bytes: Gauge::default(),
+            idempotency: Family::default(),
             writes,
             batch_commands,
             commit_seconds,
@@ -184,7 +194,21 @@ impl Metrics {
             "Memory held by idle warm sandboxes on this node",
             m.warm_memory_bytes.clone(),
         );
+        registry.register(
+            "idempotent_invocations",
+            "Idempotent invocations on the leader: answered from the ledger (hit) or not (miss)",
+            m.idempotency.clone(),
+        );
         Metrics { registry, ..m }
+    }
+
+    /// Counts an idempotent invocation's outcome.
+    pub fn idempotency(&self, hit: bool) {
+        self.idempotency
+            .get_or_create(&HitLabel {
+                result: if hit { "hit" } else { "miss" }.to_string(),
+            })
+            .inc();
     }
 
     /// Counts one finished attempt.

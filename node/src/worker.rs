@@ -907,10 +907,7 @@ impl KvBackend for NodeKv {
                 start_after,
                 limit,
             };
-            match read_retrying(&node, op)
-                .await
-                .map_err(|e| e.to_string())?
-            {
+            match read_retrying(&node, op).await.map_err(|e| e.to_string())? {
                 ReadResult::List(p) => Ok(p),
                 _ => Err("unexpected answer to a list".into()),
             }

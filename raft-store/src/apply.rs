@@ -292,6 +292,11 @@ impl StateMachineData {
         &self.sched
     }
 
+    /// The key-value entries, for decisions that depend on versions (idempotency).
+    pub fn kv_entries(&self) -> &BTreeMap<String, KvEntry> {
+        &self.kv
+    }
+
     fn next_revision(&mut self) -> u64 {
         // 2^64 writes cannot happen; overflow here would be memory corruption.
         self.revision = self

@@ -814,6 +814,36 @@ impl Sched {
         }
     }
 
+    /// A read-only hit check: the ledger entry that would answer this invocation right now,
+    /// if any (the same decision [`Sched::submit`] makes, without changing anything). A
+    /// leader that has confirmed its leadership may answer a hit from this without a log
+    /// entry; everything else goes through `submit`.
+    pub fn cached(
+        &self,
+        now: u64,
+        function: &str,
+        version: Option<u64>,
+        payload: &[u8],
+        idempotency: Option<&IdempotencyInput>,
+        kv: &BTreeMap<String, KvEntry>,
+    ) -> Option<&LedgerEntry> {
+        let record = self.functions.get(function)?;
+        let version = version.unwrap_or(record.latest);
+        let idem = record.version(version)?.spec.idempotency.as_ref()?;
+        let input = idempotency.cloned().unwrap_or_default();
+        let payload_hash = hex::encode(Sha256::digest(payload));
+        let key = ledger_key(function, input.key.as_deref(), &payload_hash);
+        let deps = dependency_states(idem, &input, kv).ok()?;
+        let e = self.ledger.get(&key)?;
+        if !e.done {
+            return None;
+        }
+        match decide(e, idem, version, &payload_hash, &deps, kv, now) {
+            None => Some(e),
+            Some(_) => None,
+        }
+    }
+
     /// A finished task carrying the ledger's result, without running anything.
     fn answer_from_ledger(
         &mut self,
