@@ -361,6 +361,10 @@ pub struct BenchInvokeArgs {
     /// Also run the same command as local bwrap one-shots.
     #[arg(long)]
     pub compare_bwrap: bool,
+    /// Deploy the echo function as idempotent and call it with one payload: after the first
+    /// run, every sync call is a hit answered from the ledger.
+    #[arg(long)]
+    pub hits: bool,
 }
 
 #[derive(Debug, Args)]
@@ -1479,7 +1483,7 @@ pub struct InvokeBenchReport {
     pub mode: String,
     /// Sync invocations, each waiting for its result.
     pub sync: bench::LoadStats,
-    /// Sync invocations that ran in a warm sandbox.
+    /// Sync invocations that ran in a warm sandbox (or, with `--hits`, were cache hits).
     pub sync_warm: u64,
     /// Async invocations submitted, and the time until every one had finished.
     pub async_submitted: u64,
@@ -1504,7 +1508,11 @@ pub async fn bench_invoke(
         ));
     }
     let clients = connected_clients(endpoints, args.connections.min(args.clients))?;
-    let function = format!("bench-echo-{}", args.mode.as_str());
+    let function = format!(
+        "bench-echo-{}{}",
+        args.mode.as_str(),
+        if args.hits { "-idem" } else { "" }
+    );
     let script: &[u8] = match args.mode {
         FnMode::Exec => b"exec cat\n",
         FnMode::Serve => b"while IFS= read -r l; do printf '%s\\n' \"$l\"; done\n",
@@ -1541,7 +1549,12 @@ pub async fn bench_invoke(
             retry_backoff_ms: 0,
             data: DataGrant::default(),
             env: Vec::new(),
-            idempotency: None,
+            idempotency: args.hits.then(|| crate::api::Idempotency {
+                dependencies: Vec::new(),
+                ttl_ms: 3_600_000,
+                cache_failures: false,
+                track_reads: false,
+            }),
         })
         .await?;
     // Let min-warm fill the pools, and warm each connection.
@@ -1550,6 +1563,7 @@ pub async fn bench_invoke(
         c.invoke(&function, None, b"{}".to_vec(), true).await?;
     }
     let warm_count = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let hits = args.hits;
     let sync = {
         let (clients, function, warm_count) =
             (clients.clone(), function.clone(), warm_count.clone());
@@ -1558,11 +1572,16 @@ pub async fn bench_invoke(
             let function = function.clone();
             let warm_count = warm_count.clone();
             async move {
-                let payload = format!("{{\"n\":{n}}}").into_bytes();
+                let payload = if hits {
+                    b"{}".to_vec()
+                } else {
+                    format!("{{\"n\":{n}}}").into_bytes()
+                };
                 match client.invoke(&function, None, payload.clone(), true).await {
                     Ok(t) => {
                         let r = t.result.as_ref();
-                        if r.is_some_and(|r| r.warm) {
+                        let hit = matches!(t.cache, Some(crate::api::CacheOutcome::Hit { .. }));
+                        if hit || r.is_some_and(|r| r.warm) {
                             warm_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         }
                         t.state == TaskState::Succeeded
