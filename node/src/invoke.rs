@@ -188,7 +188,7 @@ impl Node {
                 })
                 .is_some_and(|v| v.spec.idempotency.is_some())
         });
-        if !idempotent || self.0.raft.ensure_linearizable().await.is_err() {
+        if !idempotent || self.0.read_index.barrier(&self.0.raft).await.is_err() {
             return None;
         }
         let input = IdempotencyInput {

@@ -12,6 +12,7 @@
 //! - [`metrics`]: Prometheus metrics and the `/metrics` endpoint;
 //! - [`invoke`]: the invocation path (submit through the leader, dispatch, wait);
 //! - [`worker`]: runs assigned tasks in sandboxes, warm pools, heartbeats, reconciliation;
+//! - [`read_index`]: one leadership confirmation shared by concurrent linearizable reads;
 //! - [`data_service`]: the Unix socket through which a sandboxed function reaches the
 //!   key-value store, limited to its key prefixes (`skiff-data` is its shell client).
 //!
@@ -26,6 +27,7 @@ pub mod dev;
 pub mod invoke;
 pub mod metrics;
 pub mod peer;
+pub mod read_index;
 pub mod server;
 pub mod worker;
 

@@ -6,7 +6,8 @@
 //! and applied → results back along the same path.
 //!
 //! Reads marked linearizable are served by the leader after it confirms its leadership with a
-//! quorum (`ensure_linearizable`, which also waits until the state machine has applied
+//! quorum (`ensure_linearizable`, shared by concurrent reads through [`crate::read_index`];
+//! it also waits until the state machine has applied
 //! everything committed before the read); followers forward them.
 
 use std::collections::BTreeMap;
@@ -59,6 +60,8 @@ pub struct NodeInner {
     pub peers: PeerPool,
     pub metrics: Arc<Metrics>,
     pub worker: Arc<Worker>,
+    /// Shared leadership confirmations for linearizable reads.
+    pub read_index: crate::read_index::ReadIndex,
     /// Set once shutdown begins; background loops stop.
     pub stopping: std::sync::atomic::AtomicBool,
 }
@@ -149,6 +152,7 @@ pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
         peers,
         metrics,
         worker,
+        read_index: Default::default(),
         stopping: std::sync::atomic::AtomicBool::new(false),
     }));
     crate::worker::start_loops(&node);
@@ -406,7 +410,7 @@ impl Node {
     }
 
     async fn read_on_leader(&self, op: ReadOp) -> Result<ReadResult, ApiError> {
-        match self.0.raft.ensure_linearizable().await {
+        match self.0.read_index.barrier(&self.0.raft).await {
             Ok(_) => Ok(self.read_local(op)),
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
                 Err(ApiError::NoLeader {
