@@ -146,9 +146,18 @@ pub(crate) async fn invoke(
     payload: &[u8],
     wait: bool,
 ) -> Task {
-    invoke_id(c, request_id(), function, payload, wait)
-        .await
-        .expect("invoke")
+    // As a real client does: one request id, retried while the cluster is between leaders.
+    let id = request_id();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match invoke_id(c, id, function, payload, wait).await {
+            Ok(t) => return t,
+            Err(e) if e.is_retryable() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("invoke {function}: {e:?}"),
+        }
+    }
 }
 
 pub(crate) async fn invoke_id(
