@@ -1016,6 +1016,50 @@ mod tests {
         ) -> Result<Workers, ApiError> {
             unimplemented!("not used by these tests")
         }
+
+        async fn stream_start(
+            self,
+            _: context::Context,
+            _: RequestId,
+            _: crate::api::StreamStartRequest,
+        ) -> Result<crate::api::StreamId, ApiError> {
+            Err(ApiError::Internal("not faked".into()))
+        }
+
+        async fn stream_get(
+            self,
+            _: context::Context,
+            _: crate::api::StreamId,
+            _: ReadConsistency,
+        ) -> Result<Option<crate::api::StreamJob>, ApiError> {
+            Ok(None)
+        }
+
+        async fn stream_list(
+            self,
+            _: context::Context,
+            _: ReadConsistency,
+        ) -> Result<Vec<crate::api::StreamJob>, ApiError> {
+            Ok(vec![])
+        }
+
+        async fn stream_cancel(
+            self,
+            _: context::Context,
+            _: RequestId,
+            _: crate::api::StreamId,
+        ) -> Result<(), ApiError> {
+            Err(ApiError::Internal("not faked".into()))
+        }
+
+        async fn stream_redrive(
+            self,
+            _: context::Context,
+            _: RequestId,
+            _: crate::api::StreamId,
+        ) -> Result<u64, ApiError> {
+            Err(ApiError::Internal("not faked".into()))
+        }
     }
 
     /// Serves `fake` on a loopback port; returns a client of it.

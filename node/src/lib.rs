@@ -12,6 +12,8 @@
 //! - [`metrics`]: Prometheus metrics and the `/metrics` endpoint;
 //! - [`invoke`]: the invocation path (submit through the leader, dispatch, wait);
 //! - [`worker`]: runs assigned tasks in sandboxes, warm pools, heartbeats, reconciliation;
+//! - [`streams`]: stream jobs — the leader's driver reading sources from the replicated
+//!   cursor, the source readers, start/cancel/redrive;
 //! - [`data_service`]: the Unix socket through which a sandboxed function reaches the
 //!   key-value store, limited to its key prefixes (`skiff-data` is its shell client).
 //!
@@ -27,6 +29,7 @@ pub mod invoke;
 pub mod metrics;
 pub mod peer;
 pub mod server;
+pub mod streams;
 pub mod worker;
 
 use std::path::PathBuf;
