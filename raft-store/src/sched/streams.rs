@@ -712,7 +712,7 @@ fn chunk_items<'a>(
     let mut bytes = 0usize;
     for &(index, item) in items {
         let fits = out.last().is_some_and(|c| {
-            batched && c.len() < batch && bytes + item.len() + 1 <= PAYLOAD_BYTES_MAX - 2
+            batched && c.len() < batch && bytes + item.len() < PAYLOAD_BYTES_MAX - 2
         });
         if !fits {
             out.push(Vec::new());
