@@ -15,6 +15,10 @@ pub use skiff_raft_store::functions::{
 pub use skiff_raft_store::model::{
     ClientCommand, Command, CommandResult, KvEntry, KvPage, NodeId, RequestId,
 };
+pub use skiff_raft_store::streams::{
+    FailedItem, StreamCounters, StreamId, StreamJob, StreamOptions, StreamSource,
+    StreamStartRequest, StreamState,
+};
 
 /// Largest frame either side accepts on a client connection, in bytes. A frame carries one
 /// request or response; values are at most 1 MiB, so 8 MiB leaves room for a page of a listing.
@@ -65,6 +69,21 @@ pub trait ClientApi {
     async fn fn_list(read: ReadConsistency) -> Result<Vec<FunctionRecord>, ApiError>;
     /// Worker nodes as their heartbeats describe them, and scheduler counters.
     async fn workers(read: ReadConsistency) -> Result<Workers, ApiError>;
+    /// Starts a stream job. The leader checks the source first (it exists, is readable and
+    /// its first record parses) and that the function exists.
+    async fn stream_start(
+        request_id: RequestId,
+        req: StreamStartRequest,
+    ) -> Result<StreamId, ApiError>;
+    /// One stream job with its window and (the start of) its failed items' payloads.
+    async fn stream_get(id: StreamId, read: ReadConsistency)
+        -> Result<Option<StreamJob>, ApiError>;
+    /// Every stream job, without windows and failed items, in id order.
+    async fn stream_list(read: ReadConsistency) -> Result<Vec<StreamJob>, ApiError>;
+    /// Cancels a running stream job.
+    async fn stream_cancel(request_id: RequestId, id: StreamId) -> Result<(), ApiError>;
+    /// Runs a stream job's failed items again (latest function version); returns how many.
+    async fn stream_redrive(request_id: RequestId, id: StreamId) -> Result<u64, ApiError>;
 }
 
 /// An invocation.

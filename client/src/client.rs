@@ -26,7 +26,8 @@ use sha2::{Digest, Sha256};
 use crate::api::{
     ApiError, ClientApiClient, ClientCommand, ClusterStatus, Command, CommandResult,
     FunctionRecord, FunctionSpec, InvokeRequest, KvEntry, KvPage, NodeId, ReadConsistency,
-    RequestId, Task, TaskFilter, TaskId, Workers, CLIENT_FRAME_BYTES_MAX,
+    RequestId, StreamId, StreamJob, StreamOptions, StreamSource, StreamStartRequest, Task,
+    TaskFilter, TaskId, Workers, CLIENT_FRAME_BYTES_MAX,
 };
 use crate::transport::{self, Service};
 use skiff_raft_store::functions::{
@@ -627,6 +628,65 @@ impl Client {
             .await
     }
 
+    /// Starts a stream job: `function` over the items of `source`. The leader checks that
+    /// the function exists and that it can read the source (its first record parses). One
+    /// request id serves every attempt, so a retried start makes one job.
+    pub async fn stream_start(
+        &self,
+        function: &str,
+        source: StreamSource,
+        options: StreamOptions,
+    ) -> Result<StreamId, ClientError> {
+        validate_function_name(function).map_err(InvalidCommand::Other)?;
+        source.validate().map_err(InvalidCommand::Other)?;
+        options.validate().map_err(InvalidCommand::Other)?;
+        let req = StreamStartRequest {
+            function: function.to_string(),
+            source,
+            options,
+        };
+        let request_id = self.next_request_id();
+        let req = &req;
+        let retry_until = Instant::now() + INVOKE_RETRY_WINDOW;
+        self.call_within(
+            self.inner.config.rpc_timeout,
+            Some(retry_until),
+            |c, ctx| {
+                let req = req.clone();
+                async move { c.stream_start(ctx, request_id, req).await }
+            },
+        )
+        .await
+    }
+
+    /// One stream job (linearizable), if it exists.
+    pub async fn stream(&self, id: StreamId) -> Result<Option<StreamJob>, ClientError> {
+        self.call(
+            |c, ctx| async move { c.stream_get(ctx, id, ReadConsistency::Linearizable).await },
+        )
+        .await
+    }
+
+    /// Every stream job, without windows and failed items.
+    pub async fn streams(&self) -> Result<Vec<StreamJob>, ClientError> {
+        self.call(|c, ctx| async move { c.stream_list(ctx, ReadConsistency::Linearizable).await })
+            .await
+    }
+
+    /// Cancels a running stream job.
+    pub async fn stream_cancel(&self, id: StreamId) -> Result<(), ClientError> {
+        let request_id = self.next_request_id();
+        self.call(|c, ctx| async move { c.stream_cancel(ctx, request_id, id).await })
+            .await
+    }
+
+    /// Runs a stream job's failed items again; returns how many were put back in flight.
+    pub async fn stream_redrive(&self, id: StreamId) -> Result<u64, ClientError> {
+        let request_id = self.next_request_id();
+        self.call(|c, ctx| async move { c.stream_redrive(ctx, request_id, id).await })
+            .await
+    }
+
     /// Runs one RPC with bounded retries: a transport failure moves to the next endpoint; a
     /// retryable [`ApiError`] waits and tries again, following a leader hint if there is one.
     async fn call<T, F, Fut>(&self, f: F) -> Result<T, ClientError>
@@ -1015,6 +1075,50 @@ mod tests {
             _: ReadConsistency,
         ) -> Result<Workers, ApiError> {
             unimplemented!("not used by these tests")
+        }
+
+        async fn stream_start(
+            self,
+            _: context::Context,
+            _: RequestId,
+            _: crate::api::StreamStartRequest,
+        ) -> Result<crate::api::StreamId, ApiError> {
+            Err(ApiError::Internal("not faked".into()))
+        }
+
+        async fn stream_get(
+            self,
+            _: context::Context,
+            _: crate::api::StreamId,
+            _: ReadConsistency,
+        ) -> Result<Option<crate::api::StreamJob>, ApiError> {
+            Ok(None)
+        }
+
+        async fn stream_list(
+            self,
+            _: context::Context,
+            _: ReadConsistency,
+        ) -> Result<Vec<crate::api::StreamJob>, ApiError> {
+            Ok(vec![])
+        }
+
+        async fn stream_cancel(
+            self,
+            _: context::Context,
+            _: RequestId,
+            _: crate::api::StreamId,
+        ) -> Result<(), ApiError> {
+            Err(ApiError::Internal("not faked".into()))
+        }
+
+        async fn stream_redrive(
+            self,
+            _: context::Context,
+            _: RequestId,
+            _: crate::api::StreamId,
+        ) -> Result<u64, ApiError> {
+            Err(ApiError::Internal("not faked".into()))
         }
     }
 

@@ -13,6 +13,8 @@
 //! - [`invoke`]: the invocation path (submit through the leader, dispatch, wait);
 //! - [`worker`]: runs assigned tasks in sandboxes, warm pools, heartbeats, reconciliation;
 //! - [`read_index`]: one leadership confirmation shared by concurrent linearizable reads;
+//! - [`streams`]: stream jobs — the leader's driver reading sources from the replicated
+//!   cursor, the source readers, start/cancel/redrive;
 //! - [`data_service`]: the Unix socket through which a sandboxed function reaches the
 //!   key-value store, limited to its key prefixes (`skiff-data` is its shell client).
 //!
@@ -29,6 +31,7 @@ pub mod metrics;
 pub mod peer;
 pub mod read_index;
 pub mod server;
+pub mod streams;
 pub mod worker;
 
 use std::path::PathBuf;

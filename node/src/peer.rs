@@ -24,7 +24,8 @@ use openraft::BasicNode;
 use serde::{Deserialize, Serialize};
 use skiff_client::api::{
     ApiError, ClientCommand, ClusterStatus, CommandResult, FunctionRecord, FunctionVersion,
-    InvokeRequest, KvEntry, KvPage, NodeId, Task, TaskFilter, TaskId, Workers,
+    InvokeRequest, KvEntry, KvPage, NodeId, RequestId, StreamId, StreamJob, StreamStartRequest,
+    Task, TaskFilter, TaskId, Workers,
 };
 use skiff_client::transport::{self, Service};
 use skiff_raft_store::types::TypeConfig;
@@ -64,6 +65,10 @@ pub enum ReadOp {
     },
     Functions,
     Workers,
+    Stream {
+        id: StreamId,
+    },
+    Streams,
 }
 
 /// The answer to a [`ReadOp`].
@@ -76,6 +81,33 @@ pub enum ReadResult {
     Function(Option<Box<FunctionRecord>>),
     Functions(Vec<FunctionRecord>),
     Workers(Workers),
+    Stream(Option<Box<StreamJob>>),
+    Streams(Vec<StreamJob>),
+}
+
+/// A stream request forwarded to the leader (which reads the sources).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum StreamOp {
+    Start {
+        request_id: RequestId,
+        req: StreamStartRequest,
+    },
+    Cancel {
+        request_id: RequestId,
+        id: StreamId,
+    },
+    Redrive {
+        request_id: RequestId,
+        id: StreamId,
+    },
+}
+
+/// The answer to a [`StreamOp`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum StreamReply {
+    Started(StreamId),
+    Cancelled,
+    Redriven(u64),
 }
 
 /// A membership change forwarded to the leader.
@@ -122,6 +154,8 @@ pub trait PeerApi {
     async fn probe() -> Probe;
     /// Submits (and, with `wait`, waits for) an invocation on the leader.
     async fn forward_invoke(req: InvokeRequest) -> Result<Task, ApiError>;
+    /// A stream request, for the leader.
+    async fn forward_stream(op: StreamOp) -> Result<StreamReply, ApiError>;
     /// The leader's fast path: run this task, assigned to the target node under its token.
     /// The target also finds it in its applied state (the slow path); running it twice under
     /// one token is prevented on the target.

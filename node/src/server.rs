@@ -21,7 +21,8 @@ use openraft::{BasicNode, ChangeMembers, ServerState};
 use skiff_client::api::{
     ApiError, ClientApi, ClientCommand, ClusterStatus, Command, CommandResult, FunctionRecord,
     FunctionVersion, InvokeRequest, KvEntry, KvPage, MemberRole, NodeId, NodeStatus,
-    ReadConsistency, Task, TaskFilter, TaskId, Workers,
+    ReadConsistency, RequestId, StreamId, StreamJob, StreamStartRequest, Task, TaskFilter, TaskId,
+    Workers,
 };
 use skiff_client::transport::{self, Service};
 use skiff_raft_store::functions::validate_function_name;
@@ -39,6 +40,7 @@ use crate::config::NodeConfig;
 use crate::metrics::Metrics;
 use crate::peer::{
     self, AdminOp, AdminResult, Network, PeerApi, PeerPool, PeerRefusal, Probe, ReadOp, ReadResult,
+    StreamOp, StreamReply,
 };
 use crate::worker::Worker;
 use crate::NodeError;
@@ -156,6 +158,7 @@ pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
         stopping: std::sync::atomic::AtomicBool::new(false),
     }));
     crate::worker::start_loops(&node);
+    crate::streams::start_driver(&node);
     Ok(node)
 }
 
@@ -390,7 +393,11 @@ impl Node {
                     validate_function_name(f).map_err(ApiError::InvalidArgument)?
                 }
             }
-            ReadOp::Task { .. } | ReadOp::Functions | ReadOp::Workers => {}
+            ReadOp::Task { .. }
+            | ReadOp::Functions
+            | ReadOp::Workers
+            | ReadOp::Stream { .. }
+            | ReadOp::Streams => {}
         }
         if consistency == ReadConsistency::Local {
             return Ok(self.read_local(op));
@@ -471,6 +478,16 @@ impl Node {
                     })
                     .collect()
             })),
+            ReadOp::Stream { id } => ReadResult::Stream(
+                self.0
+                    .store
+                    .read(|sm| Node::stream_view(sm, id).map(Box::new)),
+            ),
+            ReadOp::Streams => ReadResult::Streams(
+                self.0
+                    .store
+                    .read(|sm| sm.sched().streams().cloned().collect()),
+            ),
             ReadOp::Workers => ReadResult::Workers(self.0.store.read(|sm| {
                 let s = sm.sched();
                 Workers {
@@ -893,6 +910,62 @@ impl ClientApi for Node {
         }
     }
 
+    async fn stream_start(
+        self,
+        _: Context,
+        request_id: RequestId,
+        req: StreamStartRequest,
+    ) -> Result<StreamId, ApiError> {
+        match self.stream_op(StreamOp::Start { request_id, req }).await? {
+            StreamReply::Started(id) => Ok(id),
+            other => Err(ApiError::Internal(format!(
+                "a stream start was answered with {other:?}"
+            ))),
+        }
+    }
+
+    async fn stream_get(
+        self,
+        _: Context,
+        id: StreamId,
+        read: ReadConsistency,
+    ) -> Result<Option<StreamJob>, ApiError> {
+        Node::stream_get(&self, id, read).await
+    }
+
+    async fn stream_list(
+        self,
+        _: Context,
+        read: ReadConsistency,
+    ) -> Result<Vec<StreamJob>, ApiError> {
+        Node::stream_list(&self, read).await
+    }
+
+    async fn stream_cancel(
+        self,
+        _: Context,
+        request_id: RequestId,
+        id: StreamId,
+    ) -> Result<(), ApiError> {
+        self.stream_op(StreamOp::Cancel { request_id, id })
+            .await
+            .map(|_| ())
+    }
+
+    async fn stream_redrive(
+        self,
+        _: Context,
+        request_id: RequestId,
+        id: StreamId,
+    ) -> Result<u64, ApiError> {
+        match self.stream_op(StreamOp::Redrive { request_id, id }).await? {
+            StreamReply::Redriven(n) => Ok(n),
+            other => Err(ApiError::Internal(format!(
+                "a stream redrive was answered with {other:?}"
+            ))),
+        }
+    }
+
     async fn workers(self, _: Context, read: ReadConsistency) -> Result<Workers, ApiError> {
         match self.read(ReadOp::Workers, read).await? {
             ReadResult::Workers(w) => Ok(w),
@@ -978,6 +1051,13 @@ impl PeerApi for Node {
             return Err(self.not_leader_hint());
         }
         self.invoke_on_leader(req).await
+    }
+
+    async fn forward_stream(self, _: Context, op: StreamOp) -> Result<StreamReply, ApiError> {
+        if self.0.raft.current_leader().await != Some(self.0.id) {
+            return Err(self.not_leader_hint());
+        }
+        self.stream_op_on_leader(op).await
     }
 
     async fn dispatch(

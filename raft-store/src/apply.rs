@@ -174,6 +174,7 @@ impl StateMachineData {
         self.last_time_ms = self.last_time_ms.max(req.time_ms);
         self.expire_dedup(&mut mutations);
         self.sched.tick(self.last_time_ms);
+        self.put_stream_results(&mut mutations);
 
         let mut results = Vec::with_capacity(req.commands.len());
         for client_command in &req.commands {
@@ -182,6 +183,7 @@ impl StateMachineData {
                 continue;
             }
             let result = self.execute(&client_command.command, &mut mutations);
+            self.put_stream_results(&mut mutations);
             self.remember(client_command.request_id, result.clone(), &mut mutations);
             results.push(result);
         }
@@ -284,6 +286,53 @@ impl StateMachineData {
             } => self
                 .sched
                 .complete(self.last_time_ms, *task, *token, result, reads),
+            Command::StreamStart { request } => {
+                self.sched
+                    .stream_start(self.last_time_ms, self.revision, request)
+            }
+            Command::StreamAdvance {
+                job,
+                from_cursor,
+                to_cursor,
+                first_item,
+                items,
+                exhausted,
+            } => self.sched.stream_advance(
+                self.last_time_ms,
+                *job,
+                from_cursor,
+                to_cursor,
+                *first_item,
+                items,
+                *exhausted,
+                &self.kv,
+            ),
+            Command::StreamCancel { job } => self.sched.stream_cancel(self.last_time_ms, *job),
+            Command::StreamRedrive { job } => {
+                self.sched.stream_redrive(self.last_time_ms, *job, &self.kv)
+            }
+        }
+    }
+
+    /// Writes the results the scheduler's streams produced (item outputs into their result
+    /// keys) as ordinary puts, so versions and the revision stay one counter.
+    fn put_stream_results(&mut self, mutations: &mut Vec<Mutation>) {
+        for (key, value) in self.sched.take_kv_puts() {
+            if validate_key(&key).is_err() || value.len() > VALUE_BYTES_MAX {
+                // Stream options and outputs are bounded so that this cannot happen.
+                debug_assert!(false, "stream result {key:?} out of bounds");
+                continue;
+            }
+            let create_version = self.kv.get(&key).map(|e| e.create_version);
+            let version = self.next_revision();
+            let entry = KvEntry {
+                key: key.clone(),
+                value,
+                version,
+                create_version: create_version.unwrap_or(version),
+            };
+            self.kv.insert(key, entry.clone());
+            mutations.push(Mutation::KvPut(entry));
         }
     }
 

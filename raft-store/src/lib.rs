@@ -33,6 +33,7 @@
 
 pub mod functions;
 pub mod model;
+pub mod streams;
 
 #[cfg(feature = "storage")]
 pub mod sched;

@@ -22,6 +22,10 @@ use crate::functions::{
     IDEMPOTENCY_KEY_BYTES_MAX, INVOCATION_DEPS_MAX, LOG_BYTES_MAX, OUTPUT_BYTES_MAX,
     PAYLOAD_BYTES_MAX, TRACKED_READS_MAX,
 };
+use crate::streams::{
+    StreamId, StreamItem, StreamStartRequest, STREAM_ADVANCE_BYTES_MAX, STREAM_ADVANCE_ITEMS_MAX,
+    STREAM_CURSOR_BYTES_MAX, STREAM_ERROR_BYTES_MAX,
+};
 
 /// Identifies a node of the cluster. Never reused after a node's data is wiped.
 pub type NodeId = u64;
@@ -121,6 +125,24 @@ pub enum Command {
         /// Keys the run read through the data service, with the versions it saw.
         reads: Vec<(String, u64)>,
     },
+    /// Start a stream job (the receiving node has checked that its source is readable).
+    StreamStart { request: Box<StreamStartRequest> },
+    /// Move a running job's cursor from `from_cursor` (which must be its cursor) to
+    /// `to_cursor`, creating the tasks of the items read between the two; `exhausted` when
+    /// the source has nothing after `to_cursor`. Proposed by the leader's stream driver.
+    StreamAdvance {
+        job: StreamId,
+        from_cursor: String,
+        to_cursor: String,
+        /// The index of the first item (must be the job's next item index).
+        first_item: u64,
+        items: Vec<StreamItem>,
+        exhausted: bool,
+    },
+    /// Stop a job: it reads no more items; its queued invocations fail (and can be redriven).
+    StreamCancel { job: StreamId },
+    /// Run a job's failed items again, with the function's latest version.
+    StreamRedrive { job: StreamId },
 }
 
 impl Command {
@@ -163,6 +185,25 @@ impl Command {
                     + result.log.len()
                     + result.error.as_ref().map_or(0, String::len)
             }
+            Command::StreamStart { request } => {
+                512 + request.source.spec().len()
+                    + request
+                        .options
+                        .results_prefix
+                        .as_ref()
+                        .map_or(0, String::len)
+            }
+            Command::StreamAdvance {
+                from_cursor,
+                to_cursor,
+                items,
+                ..
+            } => {
+                64 + from_cursor.len()
+                    + to_cursor.len()
+                    + items.iter().map(|i| i.bytes() + 8).sum::<usize>()
+            }
+            Command::StreamCancel { .. } | Command::StreamRedrive { .. } => 16,
         }
     }
 
@@ -293,6 +334,43 @@ impl Command {
                 }
                 Ok(())
             }
+            Command::StreamStart { request } => {
+                validate_function_name(&request.function).map_err(InvalidCommand::Other)?;
+                request.source.validate().map_err(InvalidCommand::Other)?;
+                request.options.validate().map_err(InvalidCommand::Other)
+            }
+            Command::StreamAdvance {
+                from_cursor,
+                to_cursor,
+                items,
+                ..
+            } => {
+                if from_cursor.len() > STREAM_CURSOR_BYTES_MAX
+                    || to_cursor.len() > STREAM_CURSOR_BYTES_MAX
+                {
+                    return Err(InvalidCommand::Other(format!(
+                        "a stream cursor is limited to {STREAM_CURSOR_BYTES_MAX} bytes"
+                    )));
+                }
+                let bytes: usize = items.iter().map(StreamItem::bytes).sum();
+                if items.len() > STREAM_ADVANCE_ITEMS_MAX
+                    || bytes > STREAM_ADVANCE_BYTES_MAX + PAYLOAD_BYTES_MAX
+                {
+                    return Err(InvalidCommand::Other(format!(
+                        "a stream advance carries at most {STREAM_ADVANCE_ITEMS_MAX} items and {STREAM_ADVANCE_BYTES_MAX} bytes"
+                    )));
+                }
+                if items.iter().any(|i| match i {
+                    StreamItem::Ok(b) => b.len() > PAYLOAD_BYTES_MAX - 2,
+                    StreamItem::Bad(e) => e.len() > STREAM_ERROR_BYTES_MAX,
+                }) {
+                    return Err(InvalidCommand::Other(
+                        "a stream item is larger than a payload".into(),
+                    ));
+                }
+                Ok(())
+            }
+            Command::StreamCancel { .. } | Command::StreamRedrive { .. } => Ok(()),
         }
     }
 }
@@ -369,8 +447,14 @@ pub enum CommandResult {
     /// The invocation was refused because the function's queue (or the cluster's task
     /// store) is full; nothing was queued.
     Throttled { reason: String },
-    /// A heartbeat or completion was taken into account.
+    /// A heartbeat or completion was taken into account; a stream job was cancelled.
     Accepted,
+    /// A stream job was started.
+    StreamStarted { job: StreamId },
+    /// A stream's cursor moved; these tasks were created for its items.
+    StreamAdvanced { tasks: Vec<TaskId> },
+    /// A stream's failed items were put back in flight, in these tasks.
+    StreamRedriven { items: u64, tasks: Vec<TaskId> },
     /// The command was well formed but refused by the state: unknown function or version,
     /// incomplete code, stale fencing token, a bound reached. Nothing changed.
     Rejected { reason: String },

@@ -29,6 +29,7 @@ use crate::functions::{
     VERSIONS_KEPT,
 };
 use crate::model::{CommandResult, KvEntry, NodeId};
+use crate::streams::{FailedItem, StreamId, StreamJob, WindowEntry};
 
 /// How often (in state-machine time) unreferenced code and silent nodes are collected.
 const GC_INTERVAL_MS: u64 = 10_000;
@@ -45,6 +46,12 @@ const OBJ_CHUNK: u8 = b'k';
 const OBJ_TASK: u8 = b't';
 const OBJ_NODE: u8 = b'n';
 const OBJ_LEDGER: u8 = b'l';
+const OBJ_STREAM_META: u8 = b'r';
+const OBJ_STREAM: u8 = b's';
+const OBJ_STREAM_WINDOW: u8 = b'w';
+const OBJ_STREAM_FAILED: u8 = b'x';
+
+mod streams;
 
 /// Scalars of the scheduler, persisted as one object.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,6 +73,12 @@ enum ObjKey {
     Task(TaskId),
     Node(NodeId),
     Ledger(String),
+    StreamMeta,
+    Stream(StreamId),
+    /// A stream's invocation in flight, by the index of its first item.
+    Window(StreamId, u64),
+    /// A stream's failed item, by its index.
+    Failed(StreamId, u64),
 }
 
 impl ObjKey {
@@ -82,6 +95,10 @@ impl ObjKey {
             ObjKey::Task(id) => prefixed(OBJ_TASK, &id.to_be_bytes()),
             ObjKey::Node(id) => prefixed(OBJ_NODE, &id.to_be_bytes()),
             ObjKey::Ledger(key) => prefixed(OBJ_LEDGER, key.as_bytes()),
+            ObjKey::StreamMeta => vec![OBJ_STREAM_META],
+            ObjKey::Stream(id) => prefixed(OBJ_STREAM, &id.to_be_bytes()),
+            ObjKey::Window(id, first) => pair_key(OBJ_STREAM_WINDOW, *id, *first),
+            ObjKey::Failed(id, index) => pair_key(OBJ_STREAM_FAILED, *id, *index),
         }
     }
 }
@@ -90,6 +107,14 @@ fn prefixed(tag: u8, rest: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(rest.len() + 1);
     k.push(tag);
     k.extend_from_slice(rest);
+    k
+}
+
+fn pair_key(tag: u8, a: u64, b: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(17);
+    k.push(tag);
+    k.extend_from_slice(&a.to_be_bytes());
+    k.extend_from_slice(&b.to_be_bytes());
     k
 }
 
@@ -121,7 +146,19 @@ pub struct Sched {
     tasks: BTreeMap<TaskId, Task>,
     nodes: BTreeMap<NodeId, NodeRecord>,
     ledger: BTreeMap<String, LedgerEntry>,
+    /// The last stream id given (ids start at 1).
+    next_stream: u64,
+    /// Stream jobs, with `window` and `failed_items` always empty: those live in the two
+    /// maps below, one persisted object per entry, so a completion rewrites only small objects.
+    streams: BTreeMap<StreamId, StreamJob>,
+    windows: BTreeMap<(StreamId, u64), WindowEntry>,
+    failed_items: BTreeMap<(StreamId, u64), FailedItem>,
     // Derived.
+    /// Which stream invocations each task carries (several when idempotent runs are joined).
+    stream_tasks: BTreeMap<TaskId, Vec<(StreamId, u64)>>,
+    /// Result writes to the key-value store produced by the command being applied; taken by
+    /// the caller ([`Sched::take_kv_puts`]) before the command's result, never persisted.
+    kv_out: Vec<(String, Vec<u8>)>,
     /// `(recorded_ms, key)` of every finished ledger entry: the eviction order.
     ledger_order: BTreeSet<(u64, String)>,
     ledger_bytes: u64,
@@ -209,6 +246,34 @@ impl Sched {
                     }
                     s.ledger.insert(e.key.clone(), e);
                 }
+                OBJ_STREAM_META => s.next_stream = dec(&value, "stream meta")?,
+                OBJ_STREAM => {
+                    let j: StreamJob = dec(&value, "stream job")?;
+                    if j.id != id()? || !j.window.is_empty() || !j.failed_items.is_empty() {
+                        return Err(format!("stream {} under another key", j.id));
+                    }
+                    s.streams.insert(j.id, j);
+                }
+                OBJ_STREAM_WINDOW | OBJ_STREAM_FAILED => {
+                    if rest.len() != 16 {
+                        return Err("stream entry key not 16 bytes".into());
+                    }
+                    let job = u64::from_be_bytes(rest[..8].try_into().map_err(|_| "key")?);
+                    let index = u64::from_be_bytes(rest[8..].try_into().map_err(|_| "key")?);
+                    if tag == OBJ_STREAM_WINDOW {
+                        let w: WindowEntry = dec(&value, "stream window entry")?;
+                        if w.items.first().map(|i| i.index) != Some(index) {
+                            return Err(format!("stream {job} window entry under another key"));
+                        }
+                        s.windows.insert((job, index), w);
+                    } else {
+                        let f: FailedItem = dec(&value, "stream failed item")?;
+                        if f.index != index {
+                            return Err(format!("stream {job} failed item under another key"));
+                        }
+                        s.failed_items.insert((job, index), f);
+                    }
+                }
                 other => return Err(format!("unknown object tag {other:#04x}")),
             }
         }
@@ -217,6 +282,7 @@ impl Sched {
                 return Err(format!("chunk of unknown code blob {digest}"));
             }
         }
+        s.rebuild_stream_index()?;
         let ids: Vec<TaskId> = s.tasks.keys().copied().collect();
         for id in ids {
             if id == 0 || id > s.meta.next_task {
@@ -281,6 +347,18 @@ impl Sched {
         for (key, e) in &self.ledger {
             out.push((ObjKey::Ledger(key.clone()).encode(), enc(e)));
         }
+        if self.next_stream > 0 {
+            out.push((ObjKey::StreamMeta.encode(), enc(&self.next_stream)));
+        }
+        for (id, j) in &self.streams {
+            out.push((ObjKey::Stream(*id).encode(), enc(j)));
+        }
+        for ((id, first), w) in &self.windows {
+            out.push((ObjKey::Window(*id, *first).encode(), enc(w)));
+        }
+        for ((id, index), f) in &self.failed_items {
+            out.push((ObjKey::Failed(*id, *index).encode(), enc(f)));
+        }
         out.sort();
         out
     }
@@ -309,6 +387,10 @@ impl Sched {
                     ObjKey::Task(id) => self.tasks.get(id).map(enc),
                     ObjKey::Node(id) => self.nodes.get(id).map(enc),
                     ObjKey::Ledger(k) => self.ledger.get(k).map(enc),
+                    ObjKey::StreamMeta => Some(enc(&self.next_stream)),
+                    ObjKey::Stream(id) => self.streams.get(id).map(enc),
+                    ObjKey::Window(id, first) => self.windows.get(&(*id, *first)).map(enc),
+                    ObjKey::Failed(id, index) => self.failed_items.get(&(*id, *index)).map(enc),
                 };
                 (key.encode(), value)
             })
@@ -663,6 +745,23 @@ impl Sched {
         idempotency: Option<&IdempotencyInput>,
         kv: &BTreeMap<String, KvEntry>,
     ) -> CommandResult {
+        self.submit_inner(now, function, version, payload, sync, idempotency, kv, true)
+    }
+
+    /// [`Sched::submit`]; without `queue_bound`, the function's `queue_max` does not apply
+    /// (a stream's own max concurrency bounds what it queues).
+    #[allow(clippy::too_many_arguments)]
+    fn submit_inner(
+        &mut self,
+        now: u64,
+        function: &str,
+        version: Option<u64>,
+        payload: &[u8],
+        sync: bool,
+        idempotency: Option<&IdempotencyInput>,
+        kv: &BTreeMap<String, KvEntry>,
+        queue_bound: bool,
+    ) -> CommandResult {
         let Some(record) = self.functions.get(function) else {
             return rejected(format!("function {function} does not exist"));
         };
@@ -735,7 +834,7 @@ impl Sched {
         let active = self.active.get(function).copied().unwrap_or(0);
         let queued = self.queues.get(function).map_or(0, BTreeSet::len);
         let can_run = active < spec.max_concurrency && queued == 0;
-        if !can_run && queued >= spec.queue_max as usize {
+        if queue_bound && !can_run && queued >= spec.queue_max as usize {
             return CommandResult::Throttled {
                 reason: format!(
                     "function {function} runs {active} of at most {} and {queued} wait (queue bound {})",
@@ -1206,15 +1305,25 @@ impl Sched {
 
     /// A released task's attempt failed: retry after a back-off, or finish it.
     fn attempt_failed(&mut self, id: TaskId, result: TaskResult, now: u64) {
+        let stream = self
+            .stream_tasks
+            .get(&id)
+            .and_then(|refs| refs.first())
+            .and_then(|(job, _)| self.streams.get(job))
+            .map(|job| (job.options.max_attempts, job.options.retry_backoff_ms));
         let Some(task) = self.tasks.get_mut(&id) else {
             return;
         };
         task.failures += 1;
-        let (max_attempts, backoff) = self
-            .functions
-            .get(&task.function)
-            .and_then(|f| f.version(task.version))
-            .map_or((1, 0), |v| (v.spec.max_attempts, v.spec.retry_backoff_ms));
+        let (max_attempts, backoff) = match stream {
+            // A stream's items retry by the stream's options, not the function's.
+            Some(options) => options,
+            None => self
+                .functions
+                .get(&task.function)
+                .and_then(|f| f.version(task.version))
+                .map_or((1, 0), |v| (v.spec.max_attempts, v.spec.retry_backoff_ms)),
+        };
         let state = match result.status {
             RunStatus::TimedOut => TaskState::TimedOut,
             _ => TaskState::Failed,
@@ -1226,6 +1335,7 @@ impl Sched {
             task.result = Some(result);
             self.task_bytes += task.bytes();
             self.requeue(id, now + delay, now);
+            self.stream_task_retried(id);
         } else {
             let dead = !task.sync;
             task.dead_letter = dead;
@@ -1254,6 +1364,7 @@ impl Sched {
         self.finished.insert((now, id));
         self.dirty.insert(ObjKey::Task(id));
         self.ledger_finish(id, now);
+        self.stream_task_finished(id, now);
     }
 
     fn purge(&mut self, id: TaskId) {
@@ -2016,5 +2127,206 @@ mod tests {
             }
         );
         assert_reloads(&mut s, 7);
+    }
+
+    // ----- streams -------------------------------------------------------------------------
+
+    use crate::streams::{
+        StreamItem, StreamOptions, StreamSource, StreamStartRequest, StreamState,
+    };
+
+    fn start_stream(s: &mut Sched, batch: u32, results: Option<&str>) -> u64 {
+        let req = StreamStartRequest {
+            function: "f".into(),
+            source: StreamSource::Jsonl {
+                path: "/data/x.jsonl".into(),
+            },
+            options: StreamOptions {
+                max_concurrency: 10,
+                batch,
+                max_attempts: 2,
+                retry_backoff_ms: 100,
+                results_prefix: results.map(String::from),
+                ..StreamOptions::default()
+            },
+        };
+        match s.stream_start(2, 0, &req) {
+            CommandResult::StreamStarted { job } => job,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn items(texts: &[&str]) -> Vec<StreamItem> {
+        texts
+            .iter()
+            .map(|t| StreamItem::Ok(t.as_bytes().to_vec()))
+            .collect()
+    }
+
+    fn advanced(r: CommandResult) -> Vec<TaskId> {
+        match r {
+            CommandResult::StreamAdvanced { tasks } => tasks,
+            other => panic!("not advanced: {other:?}"),
+        }
+    }
+
+    fn ok_with(output: &str) -> TaskResult {
+        TaskResult {
+            output: output.as_bytes().to_vec(),
+            ..result(RunStatus::Succeeded)
+        }
+    }
+
+    fn complete_task(s: &mut Sched, now: u64, id: TaskId, r: &TaskResult) {
+        let token = s.task(id).expect("task").token;
+        assert_eq!(s.complete(now, id, token, r, &[]), CommandResult::Accepted);
+    }
+
+    #[test]
+    fn stream_cursor_moves_with_its_tasks_and_never_back() {
+        let (mut s, _) = cluster();
+        let kv = BTreeMap::new();
+        let job = start_stream(&mut s, 1, Some("out/"));
+        let tasks =
+            advanced(s.stream_advance(3, job, "", "12", 0, &items(&["1", "2"]), false, &kv));
+        assert_eq!(tasks.len(), 2);
+        let j = s.stream(job).expect("job");
+        assert_eq!(
+            (j.cursor.as_str(), j.next_item, j.counters.running),
+            ("12", 2, 2)
+        );
+        assert_eq!(j.window.len(), 2);
+        // A duplicate of the same advance (a stale driver) is refused and changes nothing.
+        let stale = s.stream_advance(3, job, "", "12", 0, &items(&["1", "2"]), false, &kv);
+        assert!(matches!(stale, CommandResult::Rejected { .. }), "{stale:?}");
+        // So is a cursor that goes back, or stays put while items are claimed.
+        for to in ["5", "12"] {
+            let back = s.stream_advance(3, job, "12", to, 2, &items(&["3"]), false, &kv);
+            assert!(matches!(back, CommandResult::Rejected { .. }), "{back:?}");
+        }
+        assert_eq!(s.stats().tasks_active, 2);
+        assert_eq!(s.stream(job).expect("job").cursor, "12");
+        assert_reloads(&mut s, 3);
+        // Completions write each item's result; the exhausted source then ends the job.
+        complete_task(&mut s, 4, tasks[0], &ok_with("\"a\""));
+        complete_task(&mut s, 4, tasks[1], &ok_with("\"b\""));
+        let puts = s.take_kv_puts();
+        assert_eq!(
+            puts,
+            vec![
+                ("out/000000000000".to_string(), b"\"a\"".to_vec()),
+                ("out/000000000001".to_string(), b"\"b\"".to_vec())
+            ]
+        );
+        assert_eq!(s.stream(job).expect("job").state, StreamState::Running);
+        advanced(s.stream_advance(5, job, "12", "12", 2, &[], true, &kv));
+        let j = s.stream(job).expect("job");
+        assert_eq!(
+            (j.state, j.counters.succeeded, j.counters.total),
+            (StreamState::Succeeded, 2, Some(2))
+        );
+        let late = s.stream_advance(6, job, "12", "20", 2, &items(&["x"]), true, &kv);
+        assert!(matches!(late, CommandResult::Rejected { .. }));
+        assert_reloads(&mut s, 6);
+    }
+
+    #[test]
+    fn stream_batches_retry_fail_and_redrive_with_a_new_version() {
+        let (mut s, digest) = cluster();
+        let kv = BTreeMap::new();
+        let job = start_stream(&mut s, 2, Some("r/"));
+        let mut its = items(&["{\"n\":1}", "2", "3"]);
+        its.push(StreamItem::Bad("line 4 is not JSON".into()));
+        let tasks = advanced(s.stream_advance(3, job, "", "40", 0, &its, true, &kv));
+        assert_eq!(tasks.len(), 2, "items 0-1 and 2 in two invocations");
+        assert_eq!(s.task(tasks[0]).expect("t").payload, b"[{\"n\":1},2]");
+        assert_eq!(s.task(tasks[1]).expect("t").payload, b"[3]");
+        complete_task(&mut s, 4, tasks[0], &ok_with("[10, {\"x\":2}]"));
+        assert_eq!(
+            s.take_kv_puts(),
+            vec![
+                ("r/000000000000".to_string(), b"10".to_vec()),
+                ("r/000000000001".to_string(), b"{\"x\":2}".to_vec())
+            ]
+        );
+        // The second batch fails, is retried after the back-off, fails again: failed.
+        complete_task(&mut s, 5, tasks[1], &result(RunStatus::Failed));
+        assert_eq!(s.stream(job).expect("job").counters.retried, 1);
+        s.heartbeat(200, &hb(1, vec![]));
+        s.heartbeat(200, &hb(2, vec![]));
+        s.tick(200);
+        complete_task(&mut s, 201, tasks[1], &result(RunStatus::Failed));
+        let j = s.stream(job).expect("job");
+        assert_eq!(j.state, StreamState::Failed);
+        assert_eq!((j.counters.succeeded, j.counters.failed), (2, 2));
+        let failed: Vec<(u64, Option<Vec<u8>>)> = j
+            .failed_items
+            .iter()
+            .map(|f| (f.index, f.payload.clone()))
+            .collect();
+        assert_eq!(failed, vec![(2, Some(b"3".to_vec())), (3, None)]);
+        assert_reloads(&mut s, 201);
+        // A fix, then redrive: the kept payload runs again with the new version.
+        assert_eq!(
+            s.deploy(202, &spec("f", &digest, 2, 2)),
+            CommandResult::Deployed { version: 2 }
+        );
+        let tasks = match s.stream_redrive(203, job, &kv) {
+            CommandResult::StreamRedriven { items: 1, tasks } => tasks,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(s.task(tasks[0]).map(|t| t.version), Some(2));
+        assert_eq!(s.stream(job).expect("job").state, StreamState::Running);
+        complete_task(&mut s, 204, tasks[0], &ok_with("[30]"));
+        let j = s.stream(job).expect("job");
+        // The unreadable item stays failed: the job fails, with one failure left.
+        assert_eq!(
+            (j.state, j.counters.succeeded, j.counters.failed),
+            (StreamState::Failed, 3, 1)
+        );
+        assert_eq!(s.take_kv_puts().len(), 1);
+        assert_reloads(&mut s, 204);
+    }
+
+    #[test]
+    fn stream_items_of_a_lost_node_run_again_and_count_once() {
+        let (mut s, _) = cluster();
+        let kv = BTreeMap::new();
+        let mut job_req = start_stream(&mut s, 1, None);
+        let tasks = advanced(s.stream_advance(3, job_req, "", "1", 0, &items(&["1"]), true, &kv));
+        let first = s.task(tasks[0]).and_then(|t| t.node).expect("placed");
+        let other = if first == 1 { 2 } else { 1 };
+        s.heartbeat(NODE_LEASE_MS, &hb(other, vec![]));
+        s.tick(NODE_LEASE_MS + 2);
+        assert_eq!(s.task(tasks[0]).and_then(|t| t.node), Some(other));
+        complete_task(&mut s, NODE_LEASE_MS + 3, tasks[0], &ok_with("1"));
+        let j = s.stream(job_req).expect("job");
+        assert_eq!(
+            (j.state, j.counters.succeeded, j.counters.duplicates),
+            (StreamState::Succeeded, 1, 1)
+        );
+        assert_reloads(&mut s, NODE_LEASE_MS + 3);
+        // A tolerated failure count ends the job as soon as it is passed; cancel stops one.
+        job_req = start_stream(&mut s, 1, None);
+        assert_eq!(
+            s.stream_cancel(NODE_LEASE_MS + 4, job_req),
+            CommandResult::Accepted
+        );
+        let refused = s.stream_advance(
+            NODE_LEASE_MS + 5,
+            job_req,
+            "",
+            "1",
+            0,
+            &items(&["1"]),
+            true,
+            &kv,
+        );
+        assert!(matches!(refused, CommandResult::Rejected { .. }));
+        assert_eq!(
+            s.stream(job_req).map(|j| j.state),
+            Some(StreamState::Cancelled)
+        );
+        assert_reloads(&mut s, NODE_LEASE_MS + 5);
     }
 }

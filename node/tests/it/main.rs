@@ -6,3 +6,4 @@ mod data;
 mod functions;
 mod harness;
 mod idempotency;
+mod streams;

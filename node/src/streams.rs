@@ -1,0 +1,823 @@
+//! Stream jobs on the node: the leader's driver that reads sources incrementally and proposes
+//! `StreamAdvance`, the source readers, and the start/cancel/redrive requests (forwarded to the
+//! leader, which is the node that reads the sources).
+//!
+//! The driver keeps nothing that matters: each round it reads the jobs from the applied state,
+//! reads the next items from the replicated cursor, and proposes an advance whose `from_cursor`
+//! is that cursor. The state machine refuses an advance from a stale cursor, so a driver that
+//! lost leadership, or raced another, can neither skip nor double-enqueue an item; a new
+//! leader's driver simply resumes from the replicated cursor.
+//!
+//! Invariants:
+//! - a source is never read whole: files are read from the cursor's byte offset line by line,
+//!   each line or record at most [`RECORD_BYTES_MAX`]; a directory listing keeps at most one
+//!   advance's worth of names; a key listing reads one page;
+//! - one advance carries at most the job's free window, [`STREAM_ADVANCE_ITEMS_MAX`] items and
+//!   about [`STREAM_ADVANCE_BYTES_MAX`] bytes;
+//! - only the leader drives, and only through its batcher.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use base64::Engine;
+use serde_json::{json, Map, Value};
+use skiff_client::api::{
+    ApiError, ClientCommand, Command, CommandResult, ReadConsistency, RequestId, StreamId,
+    StreamJob, StreamSource, StreamStartRequest,
+};
+use skiff_raft_store::streams::{
+    StreamItem, STREAM_ADVANCE_BYTES_MAX, STREAM_ADVANCE_ITEMS_MAX, STREAM_ERROR_BYTES_MAX,
+};
+use skiff_raft_store::StateMachineData;
+
+use crate::peer::{self, ReadOp, ReadResult, StreamOp, StreamReply};
+use crate::server::Node;
+
+/// Longest line (JSONL) or record (CSV) read; a longer one is a failed item.
+pub const RECORD_BYTES_MAX: usize = 1024 * 1024;
+/// Largest file of a `dir:` source sent as an item's content; a larger one is a failed item.
+pub const DIR_FILE_BYTES_MAX: u64 = 512 * 1024;
+/// How often the driver looks at its jobs when nothing is applied.
+const DRIVE_INTERVAL: Duration = Duration::from_millis(200);
+/// How long the driver waits after a source could not be read before trying again.
+const READ_RETRY: Duration = Duration::from_secs(1);
+/// Bytes of a failed item's payload shown by `stream_get` (the rest stays in the state).
+const FAILED_PAYLOAD_SHOWN_BYTES: usize = 1024;
+
+/// Items read from a source, and where the read stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    pub items: Vec<StreamItem>,
+    pub to_cursor: String,
+    pub exhausted: bool,
+}
+
+/// How much one read may return.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadLimit {
+    pub items: usize,
+    pub bytes: usize,
+}
+
+fn bad(error: String) -> StreamItem {
+    let mut e = error;
+    if e.len() > STREAM_ERROR_BYTES_MAX {
+        let mut cut = STREAM_ERROR_BYTES_MAX;
+        while !e.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        e.truncate(cut);
+    }
+    StreamItem::Bad(e)
+}
+
+fn offset_of(cursor: &str) -> Result<u64, String> {
+    if cursor.is_empty() {
+        return Ok(0);
+    }
+    cursor
+        .parse()
+        .map_err(|_| format!("cursor {cursor:?} is not a byte offset"))
+}
+
+/// Reads one line of at most [`RECORD_BYTES_MAX`] bytes (without its `\n`). `None` at the
+/// end; `Err(len)` for a longer line, which is consumed whole.
+fn read_line(r: &mut impl BufRead, buf: &mut Vec<u8>) -> std::io::Result<Option<(usize, bool)>> {
+    buf.clear();
+    let mut consumed = 0usize;
+    let mut too_long = false;
+    loop {
+        let available = r.fill_buf()?;
+        if available.is_empty() {
+            return Ok(if consumed == 0 {
+                None
+            } else {
+                Some((consumed, too_long))
+            });
+        }
+        let (chunk, done) = match available.iter().position(|b| *b == b'\n') {
+            Some(i) => (&available[..=i], true),
+            None => (available, false),
+        };
+        let n = chunk.len();
+        if !too_long {
+            if buf.len() + n > RECORD_BYTES_MAX + 1 {
+                too_long = true;
+                buf.clear();
+            } else {
+                buf.extend_from_slice(chunk);
+            }
+        }
+        r.consume(n);
+        consumed += n;
+        if done {
+            if buf.last() == Some(&b'\n') {
+                buf.pop();
+            }
+            if buf.last() == Some(&b'\r') {
+                buf.pop();
+            }
+            return Ok(Some((consumed, too_long)));
+        }
+    }
+}
+
+fn open_at(path: &str, offset: u64) -> Result<BufReader<File>, String> {
+    let mut f = File::open(path).map_err(|e| format!("cannot open {path}: {e}"))?;
+    f.seek(SeekFrom::Start(offset))
+        .map_err(|e| format!("cannot seek {path} to byte {offset}: {e}"))?;
+    Ok(BufReader::with_capacity(256 * 1024, f))
+}
+
+/// The next items of a JSONL file after byte `cursor`.
+pub fn read_jsonl(path: &str, cursor: &str, limit: ReadLimit) -> Result<Batch, String> {
+    let mut offset = offset_of(cursor)?;
+    let mut r = open_at(path, offset)?;
+    let mut items = Vec::new();
+    let mut bytes = 0;
+    let mut buf = Vec::new();
+    while items.len() < limit.items && bytes < limit.bytes {
+        let Some((consumed, too_long)) =
+            read_line(&mut r, &mut buf).map_err(|e| format!("cannot read {path}: {e}"))?
+        else {
+            return Ok(Batch {
+                items,
+                to_cursor: offset.to_string(),
+                exhausted: true,
+            });
+        };
+        let at = offset;
+        offset += consumed as u64;
+        let item = if too_long {
+            bad(format!(
+                "the line at byte {at} is longer than {RECORD_BYTES_MAX} bytes"
+            ))
+        } else if buf.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        } else {
+            match serde_json::from_slice::<Value>(&buf) {
+                Ok(_) => StreamItem::Ok(buf.trim_ascii().to_vec()),
+                Err(e) => bad(format!("the line at byte {at} is not JSON: {e}")),
+            }
+        };
+        bytes += item.bytes();
+        items.push(item);
+    }
+    // Stopped by the limit: exhausted only if nothing follows.
+    let exhausted = r.fill_buf().map(<[u8]>::is_empty).unwrap_or(false);
+    Ok(Batch {
+        items,
+        to_cursor: offset.to_string(),
+        exhausted,
+    })
+}
+
+/// Reads one CSV record (RFC 4180: quoted fields may hold commas, quotes doubled, and line
+/// breaks) of at most [`RECORD_BYTES_MAX`] bytes. `None` at the end; the bytes consumed and
+/// the fields, or why the record is malformed (it is consumed anyway).
+///
+/// Written here rather than taken from the `csv` crate because a record must be bounded and
+/// resumable at an exact byte offset, and a malformed record must become one failed item.
+#[allow(clippy::type_complexity)]
+fn read_csv_record(
+    r: &mut impl BufRead,
+    buf: &mut Vec<u8>,
+) -> std::io::Result<Option<(usize, Result<Vec<String>, String>)>> {
+    let mut consumed = 0usize;
+    let mut record = Vec::new();
+    let mut too_long = false;
+    // A record ends at a line break outside quotes: read lines until the quotes balance.
+    loop {
+        let Some((n, long)) = read_line(r, buf)? else {
+            if consumed == 0 {
+                return Ok(None);
+            }
+            break;
+        };
+        consumed += n;
+        too_long |= long || record.len() + buf.len() > RECORD_BYTES_MAX;
+        if !too_long {
+            if !record.is_empty() {
+                record.push(b'\n');
+            }
+            record.extend_from_slice(buf);
+        }
+        let quotes = record.iter().filter(|b| **b == b'"').count();
+        if too_long || quotes % 2 == 0 {
+            break;
+        }
+    }
+    if too_long {
+        return Ok(Some((
+            consumed,
+            Err(format!("a record is longer than {RECORD_BYTES_MAX} bytes")),
+        )));
+    }
+    Ok(Some((consumed, parse_csv_fields(&record))))
+}
+
+fn parse_csv_fields(record: &[u8]) -> Result<Vec<String>, String> {
+    let text = std::str::from_utf8(record).map_err(|_| "the record is not UTF-8".to_string())?;
+    let mut fields = Vec::new();
+    let mut chars = text.chars().peekable();
+    loop {
+        let mut field = String::new();
+        if chars.peek() == Some(&'"') {
+            chars.next();
+            loop {
+                match chars.next() {
+                    Some('"') if chars.peek() == Some(&'"') => {
+                        chars.next();
+                        field.push('"');
+                    }
+                    Some('"') => break,
+                    Some(c) => field.push(c),
+                    None => return Err("a quoted field is not closed".into()),
+                }
+            }
+            match chars.next() {
+                None => {
+                    fields.push(field);
+                    return Ok(fields);
+                }
+                Some(',') => fields.push(field),
+                Some(c) => return Err(format!("{c:?} after a closing quote")),
+            }
+        } else {
+            loop {
+                match chars.next() {
+                    None => {
+                        fields.push(field);
+                        return Ok(fields);
+                    }
+                    Some(',') => break,
+                    Some('"') => return Err("a quote inside an unquoted field".into()),
+                    Some(c) => field.push(c),
+                }
+            }
+            fields.push(field);
+        }
+    }
+}
+
+/// The header of a CSV file and the offset of its first record.
+fn csv_header(path: &str) -> Result<(Vec<String>, u64), String> {
+    let mut r = open_at(path, 0)?;
+    let mut buf = Vec::new();
+    match read_csv_record(&mut r, &mut buf).map_err(|e| format!("cannot read {path}: {e}"))? {
+        None => Err(format!("{path} is empty: a CSV source needs a header line")),
+        Some((n, Ok(h))) => {
+            if h.iter().collect::<BTreeSet<_>>().len() != h.len() {
+                return Err(format!("the header of {path} names a column twice"));
+            }
+            Ok((h, n as u64))
+        }
+        Some((_, Err(e))) => Err(format!("the header of {path} is malformed: {e}")),
+    }
+}
+
+/// The next items of a CSV file after byte `cursor` (empty: after the header).
+pub fn read_csv(path: &str, cursor: &str, limit: ReadLimit) -> Result<Batch, String> {
+    let (header, body) = csv_header(path)?;
+    let mut offset = if cursor.is_empty() {
+        body
+    } else {
+        offset_of(cursor)?
+    };
+    let mut r = open_at(path, offset)?;
+    let mut items = Vec::new();
+    let mut bytes = 0;
+    let mut buf = Vec::new();
+    while items.len() < limit.items && bytes < limit.bytes {
+        let Some((consumed, record)) =
+            read_csv_record(&mut r, &mut buf).map_err(|e| format!("cannot read {path}: {e}"))?
+        else {
+            return Ok(Batch {
+                items,
+                to_cursor: offset.to_string(),
+                exhausted: true,
+            });
+        };
+        let at = offset;
+        offset += consumed as u64;
+        let item = match record {
+            Ok(fields) if fields.len() == 1 && fields[0].trim().is_empty() => continue,
+            Ok(fields) if fields.len() != header.len() => bad(format!(
+                "the record at byte {at} has {} fields, the header {}",
+                fields.len(),
+                header.len()
+            )),
+            Ok(fields) => {
+                let object: Map<String, Value> = header
+                    .iter()
+                    .cloned()
+                    .zip(fields.into_iter().map(Value::String))
+                    .collect();
+                StreamItem::Ok(serde_json::to_vec(&object).expect("JSON objects serialize"))
+            }
+            Err(e) => bad(format!("the record at byte {at} is malformed: {e}")),
+        };
+        bytes += item.bytes();
+        items.push(item);
+    }
+    let exhausted = r.fill_buf().map(<[u8]>::is_empty).unwrap_or(false);
+    Ok(Batch {
+        items,
+        to_cursor: offset.to_string(),
+        exhausted,
+    })
+}
+
+/// The next files of a directory after the name `cursor`, in name order.
+pub fn read_dir(path: &str, cursor: &str, limit: ReadLimit) -> Result<Batch, String> {
+    let entries = std::fs::read_dir(path).map_err(|e| format!("cannot list {path}: {e}"))?;
+    // Keep only the `limit.items + 1` smallest names after the cursor: bounded memory
+    // whatever the directory's size, and the extra one tells whether more follow.
+    let mut names: BTreeSet<String> = BTreeSet::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("cannot list {path}: {e}"))?;
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
+        if name.as_str() <= cursor {
+            continue;
+        }
+        if !entry.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        names.insert(name);
+        if names.len() > limit.items + 1 {
+            names.pop_last();
+        }
+    }
+    let mut items = Vec::new();
+    let mut bytes = 0;
+    let mut to_cursor = cursor.to_string();
+    let mut iter = names.into_iter();
+    for name in iter.by_ref() {
+        let file = Path::new(path).join(&name);
+        let item = match read_small_file(&file) {
+            Ok(content) => {
+                let object = match String::from_utf8(content) {
+                    Ok(text) => json!({"path": name, "content": text}),
+                    Err(e) => json!({
+                        "path": name,
+                        "content_base64": base64::engine::general_purpose::STANDARD.encode(e.into_bytes()),
+                    }),
+                };
+                StreamItem::Ok(serde_json::to_vec(&object).expect("JSON serializes"))
+            }
+            Err(e) => bad(format!("{name}: {e}")),
+        };
+        bytes += item.bytes();
+        items.push(item);
+        to_cursor = name;
+        if items.len() >= limit.items || bytes >= limit.bytes {
+            break;
+        }
+    }
+    let exhausted = iter.next().is_none();
+    Ok(Batch {
+        items,
+        to_cursor,
+        exhausted,
+    })
+}
+
+fn read_small_file(path: &Path) -> Result<Vec<u8>, String> {
+    let f = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+    let len = f.metadata().map_err(|e| format!("cannot stat: {e}"))?.len();
+    if len > DIR_FILE_BYTES_MAX {
+        return Err(format!(
+            "{len} bytes, the limit for a file item is {DIR_FILE_BYTES_MAX}"
+        ));
+    }
+    let mut out = Vec::new();
+    f.take(DIR_FILE_BYTES_MAX)
+        .read_to_end(&mut out)
+        .map_err(|e| format!("cannot read: {e}"))?;
+    Ok(out)
+}
+
+/// The next keys under a prefix after the key `cursor` that existed at `start_revision`.
+pub fn read_kv(
+    sm: &StateMachineData,
+    prefix: &str,
+    start_revision: u64,
+    cursor: &str,
+    limit: ReadLimit,
+) -> Batch {
+    let start_after = if cursor.is_empty() {
+        None
+    } else {
+        Some(cursor)
+    };
+    let page = sm.list(prefix, start_after, limit.items.min(1000) as u32);
+    let mut items = Vec::new();
+    let mut bytes = 0;
+    let mut to_cursor = cursor.to_string();
+    let mut stopped_early = false;
+    for (n, e) in page.entries.iter().enumerate() {
+        if bytes >= limit.bytes {
+            stopped_early = n < page.entries.len();
+            break;
+        }
+        to_cursor = e.key.clone();
+        // Keys created after the job started are not part of its data set.
+        if e.create_version > start_revision {
+            continue;
+        }
+        let object = match std::str::from_utf8(&e.value) {
+            Ok(text) => json!({"key": e.key, "value": text}),
+            Err(_) => json!({
+                "key": e.key,
+                "value_base64": base64::engine::general_purpose::STANDARD.encode(&e.value),
+            }),
+        };
+        let item = StreamItem::Ok(serde_json::to_vec(&object).expect("JSON serializes"));
+        bytes += item.bytes();
+        items.push(item);
+    }
+    Batch {
+        items,
+        to_cursor,
+        exhausted: page.next.is_none() && !stopped_early,
+    }
+}
+
+/// Checks a file source at start: it exists, is readable, and its first record parses.
+pub fn check_source(source: &StreamSource) -> Result<(), String> {
+    let one = ReadLimit { items: 1, bytes: 1 };
+    let first = match source {
+        StreamSource::Kv { .. } => return Ok(()),
+        StreamSource::Jsonl { path } => {
+            let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+            if !meta.is_file() {
+                return Err(format!("{path} is not a regular file"));
+            }
+            read_jsonl(path, "", one)?
+        }
+        StreamSource::Csv { path } => {
+            let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+            if !meta.is_file() {
+                return Err(format!("{path} is not a regular file"));
+            }
+            read_csv(path, "", one)?
+        }
+        StreamSource::Dir { path } => {
+            let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {path}: {e}"))?;
+            if !meta.is_dir() {
+                return Err(format!("{path} is not a directory"));
+            }
+            read_dir(path, "", one)?
+        }
+    };
+    match first.items.first() {
+        Some(StreamItem::Bad(e)) => Err(format!("{}: {e}", source.spec())),
+        _ => Ok(()),
+    }
+}
+
+/// Request ids of this node's driver: a random client id per process, counted up.
+struct DriverIds {
+    client: u64,
+    seq: AtomicU64,
+}
+
+impl DriverIds {
+    fn next(&self) -> RequestId {
+        RequestId {
+            client: self.client,
+            seq: self.seq.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+}
+
+/// Starts the driver loop: it drives only while this node is the leader.
+pub fn start_driver(node: &Node) {
+    let n = node.clone();
+    tokio::spawn(async move { drive_loop(n).await });
+}
+
+async fn drive_loop(node: Node) {
+    let ids = DriverIds {
+        client: rand::random(),
+        seq: AtomicU64::new(1),
+    };
+    let mut metrics = node.0.raft.metrics();
+    loop {
+        tokio::select! {
+            r = metrics.changed() => if r.is_err() { return },
+            () = tokio::time::sleep(DRIVE_INTERVAL) => {}
+        }
+        if node.stopping() {
+            return;
+        }
+        let leader = {
+            let m = metrics.borrow_and_update();
+            m.current_leader == Some(node.0.id) && m.state == openraft::ServerState::Leader
+        };
+        if !leader {
+            continue;
+        }
+        let jobs: Vec<StreamJob> = node
+            .0
+            .store
+            .read(|sm| sm.sched().streams_to_drive().into_iter().cloned().collect());
+        for job in jobs {
+            if let Err(e) = drive_once(&node, &ids, &job).await {
+                tracing::warn!(stream = job.id, source = %job.source.spec(), error = %e, "cannot read the stream's source; trying again");
+                tokio::time::sleep(READ_RETRY).await;
+            }
+        }
+    }
+}
+
+/// Reads one advance's worth of items of `job` and proposes it.
+async fn drive_once(node: &Node, ids: &DriverIds, job: &StreamJob) -> Result<(), String> {
+    let room = u64::from(job.options.max_concurrency).saturating_sub(job.counters.running);
+    // Wait for room for a whole batch, so invocations stay full.
+    let want = u64::from(job.options.batch.min(job.options.max_concurrency));
+    if room < want {
+        return Ok(());
+    }
+    let limit = ReadLimit {
+        items: (room as usize).min(STREAM_ADVANCE_ITEMS_MAX),
+        bytes: STREAM_ADVANCE_BYTES_MAX,
+    };
+    let batch = match &job.source {
+        StreamSource::Kv { prefix } => node
+            .0
+            .store
+            .read(|sm| read_kv(sm, prefix, job.start_revision, &job.cursor, limit)),
+        source => {
+            let (source, cursor) = (source.clone(), job.cursor.clone());
+            tokio::task::spawn_blocking(move || match &source {
+                StreamSource::Jsonl { path } => read_jsonl(path, &cursor, limit),
+                StreamSource::Csv { path } => read_csv(path, &cursor, limit),
+                StreamSource::Dir { path } => read_dir(path, &cursor, limit),
+                StreamSource::Kv { .. } => unreachable!("kv sources are read above"),
+            })
+            .await
+            .map_err(|e| e.to_string())??
+        }
+    };
+    if batch.items.is_empty() && !batch.exhausted && batch.to_cursor == job.cursor {
+        return Ok(());
+    }
+    let command = ClientCommand {
+        request_id: ids.next(),
+        command: Command::StreamAdvance {
+            job: job.id,
+            from_cursor: job.cursor.clone(),
+            to_cursor: batch.to_cursor,
+            first_item: job.next_item,
+            items: batch.items,
+            exhausted: batch.exhausted,
+        },
+    };
+    match node.0.batcher.submit(vec![command]).await {
+        Ok(results) => match results.into_iter().next() {
+            Some(CommandResult::StreamAdvanced { tasks }) => {
+                for t in tasks {
+                    node.dispatch(t).await;
+                }
+            }
+            other => tracing::debug!(stream = job.id, result = ?other, "stream advance refused"),
+        },
+        Err(e) => tracing::debug!(stream = job.id, error = %e, "stream advance not applied"),
+    }
+    Ok(())
+}
+
+impl Node {
+    /// A stream request: executed on the leader, forwarded there from any other node.
+    pub async fn stream_op(&self, op: StreamOp) -> Result<StreamReply, ApiError> {
+        let (leader, addr) = self.leader().await?;
+        if leader == self.0.id {
+            return self.stream_op_on_leader(op).await;
+        }
+        let p = self.peer(leader, &addr).await?;
+        match p.forward_stream(peer::deadline(self.timeout()), op).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.0.peers.forget(leader).await;
+                Err(self.forward_failed(leader, &addr, e))
+            }
+        }
+    }
+
+    /// The leader's side of [`Node::stream_op`].
+    pub async fn stream_op_on_leader(&self, op: StreamOp) -> Result<StreamReply, ApiError> {
+        let (request_id, command) = match op {
+            StreamOp::Start { request_id, req } => {
+                self.check_stream_start(&req).await?;
+                let command = Command::StreamStart {
+                    request: Box::new(req),
+                };
+                (request_id, command)
+            }
+            StreamOp::Cancel { request_id, id } => (request_id, Command::StreamCancel { job: id }),
+            StreamOp::Redrive { request_id, id } => {
+                (request_id, Command::StreamRedrive { job: id })
+            }
+        };
+        command
+            .validate()
+            .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        let result = self
+            .0
+            .batcher
+            .submit(vec![ClientCommand {
+                request_id,
+                command,
+            }])
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| ApiError::Internal("a stream request got no result".into()))?;
+        match result {
+            CommandResult::StreamStarted { job } => Ok(StreamReply::Started(job)),
+            CommandResult::Accepted => Ok(StreamReply::Cancelled),
+            CommandResult::StreamRedriven { items, tasks } => {
+                for t in tasks {
+                    self.dispatch(t).await;
+                }
+                Ok(StreamReply::Redriven(items))
+            }
+            CommandResult::Rejected { reason } if reason.contains("does not exist") => {
+                Err(ApiError::NotFound(reason))
+            }
+            CommandResult::Rejected { reason } => Err(ApiError::FailedPrecondition(reason)),
+            CommandResult::Throttled { reason } => Err(ApiError::Throttled(reason)),
+            CommandResult::Invalid(e) => Err(ApiError::InvalidArgument(e.to_string())),
+            other => Err(ApiError::Internal(format!(
+                "a stream request was answered with {other:?}"
+            ))),
+        }
+    }
+
+    /// Refuses a start whose function is missing or whose source this node cannot read.
+    async fn check_stream_start(&self, req: &StreamStartRequest) -> Result<(), ApiError> {
+        req.source.validate().map_err(ApiError::InvalidArgument)?;
+        req.options.validate().map_err(ApiError::InvalidArgument)?;
+        let exists = self
+            .0
+            .store
+            .read(|sm| sm.sched().function(&req.function).is_some());
+        if !exists {
+            return Err(ApiError::NotFound(format!(
+                "function {} does not exist",
+                req.function
+            )));
+        }
+        let source = req.source.clone();
+        tokio::task::spawn_blocking(move || check_source(&source))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(|e| {
+                ApiError::InvalidArgument(format!(
+                    "{e} (the source is read by the leader: it must be at the same path on every node)"
+                ))
+            })
+    }
+
+    /// A stream job for a client: failed items' payloads shortened to fit a frame.
+    pub(crate) fn stream_view(sm: &StateMachineData, id: StreamId) -> Option<StreamJob> {
+        let mut job = sm.sched().stream(id)?;
+        for f in &mut job.failed_items {
+            if let Some(p) = &mut f.payload {
+                p.truncate(FAILED_PAYLOAD_SHOWN_BYTES);
+            }
+        }
+        Some(job)
+    }
+
+    /// Reads one stream job.
+    pub async fn stream_get(
+        &self,
+        id: StreamId,
+        read: ReadConsistency,
+    ) -> Result<Option<StreamJob>, ApiError> {
+        match self.read(ReadOp::Stream { id }, read).await? {
+            ReadResult::Stream(j) => Ok(j.map(|j| *j)),
+            _ => Err(ApiError::Internal(
+                "a stream read was answered with another read".into(),
+            )),
+        }
+    }
+
+    /// Reads every stream job.
+    pub async fn stream_list(&self, read: ReadConsistency) -> Result<Vec<StreamJob>, ApiError> {
+        match self.read(ReadOp::Streams, read).await? {
+            ReadResult::Streams(j) => Ok(j),
+            _ => Err(ApiError::Internal(
+                "a stream list was answered with another read".into(),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn file(content: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().expect("temp file");
+        f.write_all(content.as_bytes()).expect("write");
+        f
+    }
+
+    fn texts(b: &Batch) -> Vec<String> {
+        b.items
+            .iter()
+            .map(|i| match i {
+                StreamItem::Ok(b) => String::from_utf8_lossy(b).into_owned(),
+                StreamItem::Bad(e) => format!("BAD {e}"),
+            })
+            .collect()
+    }
+
+    const LIMIT: ReadLimit = ReadLimit {
+        items: 2,
+        bytes: 1 << 20,
+    };
+
+    #[test]
+    fn jsonl_resumes_at_its_byte_offset_and_fails_bad_lines() {
+        let f = file("{\"a\":1}\n\n not json\n[2]\r\n3");
+        let path = f.path().to_str().expect("utf-8");
+        let b = read_jsonl(path, "", LIMIT).expect("read");
+        assert_eq!(texts(&b)[0], "{\"a\":1}");
+        assert!(texts(&b)[1].starts_with("BAD the line at byte 9 is not JSON"));
+        assert!(!b.exhausted);
+        let b2 = read_jsonl(path, &b.to_cursor, LIMIT).expect("read");
+        assert_eq!(texts(&b2), vec!["[2]", "3"]);
+        assert!(b2.exhausted);
+        let end = read_jsonl(path, &b2.to_cursor, LIMIT).expect("read");
+        assert!(end.items.is_empty() && end.exhausted);
+    }
+
+    #[test]
+    fn jsonl_line_longer_than_the_bound_is_one_failed_item() {
+        let long = "1".repeat(RECORD_BYTES_MAX + 10);
+        let f = file(&format!("{long}\n2\n"));
+        let b = read_jsonl(f.path().to_str().expect("utf-8"), "", LIMIT).expect("read");
+        assert!(texts(&b)[0].contains("longer than"));
+        assert_eq!(texts(&b)[1], "2");
+    }
+
+    #[test]
+    fn csv_quotes_header_objects_and_malformed_records() {
+        let f = file("name,note\n\"Smith, J\",\"said \"\"hi\"\"\nthen left\"\nx\nplain,ok\n");
+        let path = f.path().to_str().expect("utf-8");
+        let b = read_csv(
+            path,
+            "",
+            ReadLimit {
+                items: 3,
+                bytes: 1 << 20,
+            },
+        )
+        .expect("read");
+        let t = texts(&b);
+        let first: Value = serde_json::from_str(&t[0]).expect("json");
+        assert_eq!(first["name"], "Smith, J");
+        assert_eq!(first["note"], "said \"hi\"\nthen left");
+        assert!(t[1].starts_with("BAD the record at byte"), "{t:?}");
+        assert!(t[2].contains("\"plain\""));
+        assert!(b.exhausted);
+        let bad = file("a,b\n\"open,1\n");
+        let e = check_source(&StreamSource::Csv {
+            path: bad.path().to_str().expect("utf-8").into(),
+        });
+        assert!(e.is_err_and(|e| e.contains("malformed")));
+    }
+
+    #[test]
+    fn dir_lists_in_name_order_from_the_cursor() {
+        let d = tempfile::tempdir().expect("dir");
+        for name in ["b", "a", "c"] {
+            std::fs::write(d.path().join(name), name).expect("write");
+        }
+        std::fs::create_dir(d.path().join("sub")).expect("mkdir");
+        let path = d.path().to_str().expect("utf-8");
+        let b = read_dir(path, "", LIMIT).expect("read");
+        assert_eq!(
+            texts(&b),
+            vec![
+                "{\"content\":\"a\",\"path\":\"a\"}",
+                "{\"content\":\"b\",\"path\":\"b\"}"
+            ]
+        );
+        assert!(!b.exhausted);
+        let b2 = read_dir(path, &b.to_cursor, LIMIT).expect("read");
+        assert_eq!(b2.items.len(), 1);
+        assert!(b2.exhausted);
+    }
+}
