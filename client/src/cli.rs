@@ -20,9 +20,9 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
 use crate::api::{
-    ApiError, CacheOutcome, FnMode, FunctionRecord, FunctionVersion, KvEntry, MissReason, NodeId,
-    ReadConsistency, StreamJob, StreamOptions, StreamSource, StreamState, Task, TaskFilter, TaskId,
-    TaskState, Workers,
+    ApiError, CacheOutcome, FnMode, FunctionRecord, FunctionSpec, FunctionVersion, KvEntry,
+    MissReason, NodeId, ReadConsistency, StreamJob, StreamOptions, StreamSource, StreamState, Task,
+    TaskFilter, TaskId, TaskState, Workers,
 };
 use crate::bench;
 use crate::client::{Client, ClientError};
@@ -827,32 +827,35 @@ pub fn deploy_plan(args: DeployArgs) -> Result<DeployPlan, CliError> {
         None => None,
     };
     let plan = DeployPlan {
-        name: args.name.ok_or_else(|| missing("NAME"))?,
         code: args.code.ok_or_else(|| missing("--code"))?,
-        entry: deploy::split_entry(&entry),
-        mode: args.mode,
-        tier: args.tier,
-        policy,
-        memory_bytes: args.memory,
-        timeout_ms: args.timeout,
-        max_concurrency: args.max_concurrency,
-        queue_max: args.queue_max,
-        min_warm: args.min_warm,
-        max_attempts: args.max_attempts,
-        retry_backoff_ms: args.retry_backoff,
-        data: DataGrant {
-            read_prefixes: args.data_read,
-            write_prefixes: args.data_write,
+        spec: FunctionSpec {
+            name: args.name.ok_or_else(|| missing("NAME"))?,
+            code_digest: String::new(),
+            entry: deploy::split_entry(&entry),
+            mode: args.mode,
+            tier: args.tier,
+            policy,
+            memory_bytes: args.memory,
+            timeout_ms: args.timeout,
+            max_concurrency: args.max_concurrency,
+            queue_max: args.queue_max,
+            min_warm: args.min_warm,
+            max_attempts: args.max_attempts,
+            retry_backoff_ms: args.retry_backoff,
+            data: DataGrant {
+                read_prefixes: args.data_read,
+                write_prefixes: args.data_write,
+            },
+            env: args.env,
+            idempotency: deploy::idempotency_settings(
+                args.idempotent,
+                &args.deps,
+                args.idempotency_ttl.as_deref(),
+                args.cache_failures,
+                !args.no_track_reads,
+            )
+            .map_err(CliError::usage)?,
         },
-        env: args.env,
-        idempotency: deploy::idempotency_settings(
-            args.idempotent,
-            &args.deps,
-            args.idempotency_ttl.as_deref(),
-            args.cache_failures,
-            !args.no_track_reads,
-        )
-        .map_err(CliError::usage)?,
     };
     plan.validate().map_err(CliError::usage)?;
     Ok(plan)
@@ -911,17 +914,17 @@ async fn functions(client: &Client, cmd: FnCmd, json: bool) -> Result<(), CliErr
                 .await;
             progress.finish();
             let digest = digest?;
-            let version = client.deploy(plan.spec(&digest)).await?;
+            let version = client.deploy(plan.with_digest(&digest)).await?;
             if json {
                 out(&json!({
-                    "name": plan.name,
+                    "name": plan.spec.name,
                     "version": version,
                     "digest": digest,
                     "bytes": bytes,
                 })
                 .to_string());
             } else {
-                out(&format!("{} version {version}", plan.name));
+                out(&format!("{} version {version}", plan.spec.name));
             }
         }
         FnCmd::Ls => {
@@ -2137,16 +2140,19 @@ mod tests {
             "python3  main.py  -v",
         ]);
         let plan = deploy_plan(a).expect("valid");
-        assert_eq!(plan.name, "echo");
+        assert_eq!(plan.spec.name, "echo");
         assert_eq!(plan.code, PathBuf::from("./src"));
-        assert_eq!(plan.entry, ["python3", "main.py", "-v"]);
-        assert_eq!(plan.mode, FnMode::Exec);
-        assert_eq!(plan.tier, "standard");
-        assert_eq!(plan.memory_bytes, 128 << 20);
-        assert_eq!(plan.timeout_ms, 30_000);
-        assert_eq!((plan.max_concurrency, plan.queue_max), (100, 1000));
-        assert_eq!((plan.min_warm, plan.max_attempts), (0, 3));
-        assert_eq!(plan.retry_backoff_ms, 1000);
+        assert_eq!(plan.spec.entry, ["python3", "main.py", "-v"]);
+        assert_eq!(plan.spec.mode, FnMode::Exec);
+        assert_eq!(plan.spec.tier, "standard");
+        assert_eq!(plan.spec.memory_bytes, 128 << 20);
+        assert_eq!(plan.spec.timeout_ms, 30_000);
+        assert_eq!(
+            (plan.spec.max_concurrency, plan.spec.queue_max),
+            (100, 1000)
+        );
+        assert_eq!((plan.spec.min_warm, plan.spec.max_attempts), (0, 3));
+        assert_eq!(plan.spec.retry_backoff_ms, 1000);
 
         let a = deploy_args(&[
             "fn",
@@ -2184,21 +2190,28 @@ mod tests {
             "out/",
         ]);
         let plan = deploy_plan(a).expect("valid");
-        assert_eq!(plan.mode, FnMode::Serve);
-        assert_eq!(plan.tier, "untrusted");
-        assert_eq!(plan.memory_bytes, 1 << 30);
-        assert_eq!(plan.timeout_ms, 120_000);
+        assert_eq!(plan.spec.mode, FnMode::Serve);
+        assert_eq!(plan.spec.tier, "untrusted");
+        assert_eq!(plan.spec.memory_bytes, 1 << 30);
+        assert_eq!(plan.spec.timeout_ms, 120_000);
         assert_eq!(
-            (plan.min_warm, plan.max_concurrency, plan.queue_max),
+            (
+                plan.spec.min_warm,
+                plan.spec.max_concurrency,
+                plan.spec.queue_max
+            ),
             (2, 8, 9)
         );
-        assert_eq!((plan.max_attempts, plan.retry_backoff_ms), (1, 250));
         assert_eq!(
-            plan.env,
+            (plan.spec.max_attempts, plan.spec.retry_backoff_ms),
+            (1, 250)
+        );
+        assert_eq!(
+            plan.spec.env,
             [("A".into(), "1".into()), ("B".into(), "x=y".into())]
         );
-        assert_eq!(plan.data.read_prefixes, ["in/"]);
-        assert_eq!(plan.data.write_prefixes, ["out/"]);
+        assert_eq!(plan.spec.data.read_prefixes, ["in/"]);
+        assert_eq!(plan.spec.data.write_prefixes, ["out/"]);
     }
 
     #[test]
@@ -2265,11 +2278,11 @@ mod tests {
         .expect("write");
         let path_arg = path.to_str().expect("utf-8 temp path");
         let plan = deploy_plan(deploy_args(&["fn", "deploy", "-f", path_arg])).expect("manifest");
-        assert_eq!(plan.name, "m");
+        assert_eq!(plan.spec.name, "m");
         assert_eq!(plan.code, d.path().join("src"));
         let plan = deploy_plan(deploy_args(&["fn", "deploy", "other", "-f", path_arg]))
             .expect("manifest with a name");
-        assert_eq!(plan.name, "other");
+        assert_eq!(plan.spec.name, "other");
         std::fs::write(&path, "code = \"src\"\nentry = \"x\"\ncpus = 2\n").expect("write");
         let e = deploy_plan(deploy_args(&["fn", "deploy", "-f", path_arg])).expect_err("unknown");
         assert_eq!(e.code, ExitCode::Usage);

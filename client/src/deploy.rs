@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use skiff_raft_store::functions::{
-    validate_spec, DataGrant, Dependency, FnMode, FunctionSpec, Idempotency, CODE_BYTES_MAX,
+    validate_spec, DataGrant, Dependency, FunctionSpec, Idempotency, CODE_BYTES_MAX,
     PAYLOAD_BYTES_MAX, POLICY_BYTES_MAX,
 };
 
@@ -46,57 +46,29 @@ const BLOCK_BYTES: u64 = 512;
 /// Stands in for the code digest when a deploy is checked before its code is uploaded.
 const PLACEHOLDER_DIGEST: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-/// A deploy as the user describes it, before its code is packed and uploaded.
+/// A deploy as the user describes it, before its code is packed and uploaded: the code's
+/// path, and the spec to deploy, whose `code_digest` is filled in once the code is uploaded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeployPlan {
-    pub name: String,
     /// A directory or a `.tar` file.
     pub code: PathBuf,
-    pub entry: Vec<String>,
-    pub mode: FnMode,
-    pub tier: String,
-    /// The policy's TOML text.
-    pub policy: Option<String>,
-    pub memory_bytes: u64,
-    pub timeout_ms: u64,
-    pub max_concurrency: u32,
-    pub queue_max: u32,
-    pub min_warm: u32,
-    pub max_attempts: u32,
-    pub retry_backoff_ms: u64,
-    pub data: DataGrant,
-    pub env: Vec<(String, String)>,
-    pub idempotency: Option<Idempotency>,
+    pub spec: FunctionSpec,
 }
 
 impl DeployPlan {
     /// The spec to deploy once the code is uploaded under `code_digest`.
-    pub fn spec(&self, code_digest: &str) -> FunctionSpec {
+    pub fn with_digest(&self, code_digest: &str) -> FunctionSpec {
         FunctionSpec {
-            name: self.name.clone(),
             code_digest: code_digest.to_string(),
-            entry: self.entry.clone(),
-            mode: self.mode,
-            tier: self.tier.clone(),
-            policy: self.policy.clone(),
-            memory_bytes: self.memory_bytes,
-            timeout_ms: self.timeout_ms,
-            max_concurrency: self.max_concurrency,
-            queue_max: self.queue_max,
-            min_warm: self.min_warm,
-            max_attempts: self.max_attempts,
-            retry_backoff_ms: self.retry_backoff_ms,
-            data: self.data.clone(),
-            env: self.env.clone(),
-            idempotency: self.idempotency.clone(),
+            ..self.spec.clone()
         }
     }
 
     /// Checks everything the cluster would check except the code, so that a bad setting is
     /// reported before anything is packed or uploaded.
     pub fn validate(&self) -> Result<(), String> {
-        validate_spec(&self.spec(PLACEHOLDER_DIGEST))?;
-        let mut names: Vec<&str> = self.env.iter().map(|(k, _)| k.as_str()).collect();
+        validate_spec(&self.with_digest(PLACEHOLDER_DIGEST))?;
+        let mut names: Vec<&str> = self.spec.env.iter().map(|(k, _)| k.as_str()).collect();
         names.sort_unstable();
         if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
             return Err(format!("environment variable {} is given twice", w[0]));
@@ -491,44 +463,47 @@ pub fn parse_manifest(text: &str, dir: &Path, name: Option<String>) -> Result<De
     };
     let field = |what: &str, e: String| format!("{what}: {e}");
     let plan = DeployPlan {
-        name,
         code: dir.join(&m.code),
-        entry,
-        mode: m
-            .mode
-            .as_deref()
-            .unwrap_or(DEFAULT_MODE)
-            .parse()
-            .map_err(|e| field("mode", e))?,
-        tier: m.tier.unwrap_or_else(|| DEFAULT_TIER.to_string()),
-        policy: match &m.policy {
-            Some(p) => Some(read_policy(&dir.join(p))?),
-            None => None,
+        spec: FunctionSpec {
+            name,
+            code_digest: String::new(),
+            entry,
+            mode: m
+                .mode
+                .as_deref()
+                .unwrap_or(DEFAULT_MODE)
+                .parse()
+                .map_err(|e| field("mode", e))?,
+            tier: m.tier.unwrap_or_else(|| DEFAULT_TIER.to_string()),
+            policy: match &m.policy {
+                Some(p) => Some(read_policy(&dir.join(p))?),
+                None => None,
+            },
+            memory_bytes: parse_size(m.memory.as_deref().unwrap_or(DEFAULT_MEMORY))
+                .map_err(|e| field("memory", e))?,
+            timeout_ms: parse_duration_ms(m.timeout.as_deref().unwrap_or(DEFAULT_TIMEOUT))
+                .map_err(|e| field("timeout", e))?,
+            max_concurrency: m.max_concurrency.unwrap_or(DEFAULT_MAX_CONCURRENCY),
+            queue_max: m.queue_max.unwrap_or(DEFAULT_QUEUE_MAX),
+            min_warm: m.min_warm.unwrap_or(DEFAULT_MIN_WARM),
+            max_attempts: m.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
+            retry_backoff_ms: parse_duration_ms(
+                m.retry_backoff.as_deref().unwrap_or(DEFAULT_RETRY_BACKOFF),
+            )
+            .map_err(|e| field("retry_backoff", e))?,
+            data: DataGrant {
+                read_prefixes: m.data_read,
+                write_prefixes: m.data_write,
+            },
+            env: m.env.into_iter().collect(),
+            idempotency: idempotency_settings(
+                m.idempotent,
+                &m.deps,
+                m.idempotency_ttl.as_deref(),
+                m.cache_failures,
+                m.track_reads.unwrap_or(true),
+            )?,
         },
-        memory_bytes: parse_size(m.memory.as_deref().unwrap_or(DEFAULT_MEMORY))
-            .map_err(|e| field("memory", e))?,
-        timeout_ms: parse_duration_ms(m.timeout.as_deref().unwrap_or(DEFAULT_TIMEOUT))
-            .map_err(|e| field("timeout", e))?,
-        max_concurrency: m.max_concurrency.unwrap_or(DEFAULT_MAX_CONCURRENCY),
-        queue_max: m.queue_max.unwrap_or(DEFAULT_QUEUE_MAX),
-        min_warm: m.min_warm.unwrap_or(DEFAULT_MIN_WARM),
-        max_attempts: m.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
-        retry_backoff_ms: parse_duration_ms(
-            m.retry_backoff.as_deref().unwrap_or(DEFAULT_RETRY_BACKOFF),
-        )
-        .map_err(|e| field("retry_backoff", e))?,
-        data: DataGrant {
-            read_prefixes: m.data_read,
-            write_prefixes: m.data_write,
-        },
-        env: m.env.into_iter().collect(),
-        idempotency: idempotency_settings(
-            m.idempotent,
-            &m.deps,
-            m.idempotency_ttl.as_deref(),
-            m.cache_failures,
-            m.track_reads.unwrap_or(true),
-        )?,
     };
     plan.validate()?;
     Ok(plan)
@@ -552,6 +527,7 @@ fn toml_error(text: &str, e: &toml::de::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use skiff_raft_store::functions::FnMode;
     use std::os::unix::fs::PermissionsExt;
 
     fn tree() -> tempfile::TempDir {
@@ -744,36 +720,48 @@ LEVEL = "debug"
     #[test]
     fn a_manifest_parses_with_relative_code() {
         let plan = parse_manifest(GOOD, Path::new("/srv/fns/resize"), None).expect("good");
-        assert_eq!(plan.name, "resize");
+        assert_eq!(plan.spec.name, "resize");
         assert_eq!(plan.code, PathBuf::from("/srv/fns/resize/src"));
-        assert_eq!(plan.entry, ["python3", "main.py", "--fast"]);
-        assert_eq!(plan.mode, FnMode::Serve);
-        assert_eq!(plan.tier, "untrusted");
-        assert_eq!(plan.memory_bytes, 256 << 20);
-        assert_eq!(plan.timeout_ms, 120_000);
+        assert_eq!(plan.spec.entry, ["python3", "main.py", "--fast"]);
+        assert_eq!(plan.spec.mode, FnMode::Serve);
+        assert_eq!(plan.spec.tier, "untrusted");
+        assert_eq!(plan.spec.memory_bytes, 256 << 20);
+        assert_eq!(plan.spec.timeout_ms, 120_000);
         assert_eq!(
-            (plan.min_warm, plan.max_concurrency, plan.queue_max),
+            (
+                plan.spec.min_warm,
+                plan.spec.max_concurrency,
+                plan.spec.queue_max
+            ),
             (2, 10, 50)
         );
-        assert_eq!((plan.max_attempts, plan.retry_backoff_ms), (5, 500));
-        assert_eq!(plan.data.read_prefixes, ["images/"]);
-        assert_eq!(plan.data.write_prefixes, ["thumbs/"]);
-        assert_eq!(plan.env, [("LEVEL".to_string(), "debug".to_string())]);
+        assert_eq!(
+            (plan.spec.max_attempts, plan.spec.retry_backoff_ms),
+            (5, 500)
+        );
+        assert_eq!(plan.spec.data.read_prefixes, ["images/"]);
+        assert_eq!(plan.spec.data.write_prefixes, ["thumbs/"]);
+        assert_eq!(plan.spec.env, [("LEVEL".to_string(), "debug".to_string())]);
 
         // Defaults, an argv array, and a name given on the command line.
         let minimal = "code = \".\"\nentry = [\"/code/run\", \"a b\"]\n";
         let plan = parse_manifest(minimal, Path::new("rel"), Some("other".into())).expect("ok");
-        assert_eq!(plan.name, "other");
+        assert_eq!(plan.spec.name, "other");
         assert_eq!(plan.code, PathBuf::from("rel/."));
-        assert_eq!(plan.entry, ["/code/run", "a b"]);
-        assert_eq!(plan.mode, FnMode::Exec);
-        assert_eq!(plan.tier, "standard");
-        assert_eq!(plan.memory_bytes, 128 << 20);
-        assert_eq!(plan.timeout_ms, 30_000);
-        assert_eq!((plan.max_concurrency, plan.queue_max), (100, 1000));
-        assert_eq!((plan.min_warm, plan.max_attempts), (0, 3));
-        assert_eq!(plan.retry_backoff_ms, 1000);
-        assert!(plan.policy.is_none() && plan.data.is_empty() && plan.env.is_empty());
+        assert_eq!(plan.spec.entry, ["/code/run", "a b"]);
+        assert_eq!(plan.spec.mode, FnMode::Exec);
+        assert_eq!(plan.spec.tier, "standard");
+        assert_eq!(plan.spec.memory_bytes, 128 << 20);
+        assert_eq!(plan.spec.timeout_ms, 30_000);
+        assert_eq!(
+            (plan.spec.max_concurrency, plan.spec.queue_max),
+            (100, 1000)
+        );
+        assert_eq!((plan.spec.min_warm, plan.spec.max_attempts), (0, 3));
+        assert_eq!(plan.spec.retry_backoff_ms, 1000);
+        assert!(
+            plan.spec.policy.is_none() && plan.spec.data.is_empty() && plan.spec.env.is_empty()
+        );
     }
 
     #[test]
@@ -812,7 +800,7 @@ LEVEL = "debug"
         )
         .expect("write");
         let plan = read_manifest(&path, None).expect("manifest");
-        assert_eq!(plan.policy.as_deref(), Some("timeout_ms = 1000\n"));
+        assert_eq!(plan.spec.policy.as_deref(), Some("timeout_ms = 1000\n"));
         assert_eq!(plan.code, d.path().join("src"));
 
         std::fs::write(d.path().join("policy.toml"), "timeout_ms = = 1\n").expect("write");

@@ -133,16 +133,23 @@ fn open_at(path: &str, offset: u64) -> Result<BufReader<File>, String> {
     Ok(BufReader::with_capacity(256 * 1024, f))
 }
 
-/// The next items of a JSONL file after byte `cursor`.
-pub fn read_jsonl(path: &str, cursor: &str, limit: ReadLimit) -> Result<Batch, String> {
-    let mut offset = offset_of(cursor)?;
+/// The shared loop of the file readers: records from byte `offset` until `limit`, each turned
+/// into an item (or skipped when `to_item` gives `None`); the cursor is the byte after the
+/// last record read.
+fn read_records<R>(
+    path: &str,
+    mut offset: u64,
+    limit: ReadLimit,
+    mut next: impl FnMut(&mut BufReader<File>, &mut Vec<u8>) -> std::io::Result<Option<(usize, R)>>,
+    mut to_item: impl FnMut(u64, R, &[u8]) -> Option<StreamItem>,
+) -> Result<Batch, String> {
     let mut r = open_at(path, offset)?;
     let mut items = Vec::new();
     let mut bytes = 0;
     let mut buf = Vec::new();
     while items.len() < limit.items && bytes < limit.bytes {
-        let Some((consumed, too_long)) =
-            read_line(&mut r, &mut buf).map_err(|e| format!("cannot read {path}: {e}"))?
+        let Some((consumed, record)) =
+            next(&mut r, &mut buf).map_err(|e| format!("cannot read {path}: {e}"))?
         else {
             return Ok(Batch {
                 items,
@@ -152,17 +159,8 @@ pub fn read_jsonl(path: &str, cursor: &str, limit: ReadLimit) -> Result<Batch, S
         };
         let at = offset;
         offset += consumed as u64;
-        let item = if too_long {
-            bad(format!(
-                "the line at byte {at} is longer than {RECORD_BYTES_MAX} bytes"
-            ))
-        } else if buf.iter().all(u8::is_ascii_whitespace) {
+        let Some(item) = to_item(at, record, &buf) else {
             continue;
-        } else {
-            match serde_json::from_slice::<Value>(&buf) {
-                Ok(_) => StreamItem::Ok(buf.trim_ascii().to_vec()),
-                Err(e) => bad(format!("the line at byte {at} is not JSON: {e}")),
-            }
         };
         bytes += item.bytes();
         items.push(item);
@@ -174,6 +172,30 @@ pub fn read_jsonl(path: &str, cursor: &str, limit: ReadLimit) -> Result<Batch, S
         to_cursor: offset.to_string(),
         exhausted,
     })
+}
+
+/// The next items of a JSONL file after byte `cursor`.
+pub fn read_jsonl(path: &str, cursor: &str, limit: ReadLimit) -> Result<Batch, String> {
+    read_records(
+        path,
+        offset_of(cursor)?,
+        limit,
+        read_line,
+        |at, too_long, buf| {
+            if too_long {
+                Some(bad(format!(
+                    "the line at byte {at} is longer than {RECORD_BYTES_MAX} bytes"
+                )))
+            } else if buf.iter().all(u8::is_ascii_whitespace) {
+                None
+            } else {
+                Some(match serde_json::from_slice::<Value>(buf) {
+                    Ok(_) => StreamItem::Ok(buf.trim_ascii().to_vec()),
+                    Err(e) => bad(format!("the line at byte {at} is not JSON: {e}")),
+                })
+            }
+        },
+    )
 }
 
 /// Reads one CSV record (RFC 4180: quoted fields may hold commas, quotes doubled, and line
@@ -283,53 +305,36 @@ fn csv_header(path: &str) -> Result<(Vec<String>, u64), String> {
 /// The next items of a CSV file after byte `cursor` (empty: after the header).
 pub fn read_csv(path: &str, cursor: &str, limit: ReadLimit) -> Result<Batch, String> {
     let (header, body) = csv_header(path)?;
-    let mut offset = if cursor.is_empty() {
+    let offset = if cursor.is_empty() {
         body
     } else {
         offset_of(cursor)?
     };
-    let mut r = open_at(path, offset)?;
-    let mut items = Vec::new();
-    let mut bytes = 0;
-    let mut buf = Vec::new();
-    while items.len() < limit.items && bytes < limit.bytes {
-        let Some((consumed, record)) =
-            read_csv_record(&mut r, &mut buf).map_err(|e| format!("cannot read {path}: {e}"))?
-        else {
-            return Ok(Batch {
-                items,
-                to_cursor: offset.to_string(),
-                exhausted: true,
-            });
-        };
-        let at = offset;
-        offset += consumed as u64;
-        let item = match record {
-            Ok(fields) if fields.len() == 1 && fields[0].trim().is_empty() => continue,
-            Ok(fields) if fields.len() != header.len() => bad(format!(
-                "the record at byte {at} has {} fields, the header {}",
-                fields.len(),
-                header.len()
-            )),
-            Ok(fields) => {
-                let object: Map<String, Value> = header
-                    .iter()
-                    .cloned()
-                    .zip(fields.into_iter().map(Value::String))
-                    .collect();
-                StreamItem::Ok(serde_json::to_vec(&object).expect("JSON objects serialize"))
-            }
-            Err(e) => bad(format!("the record at byte {at} is malformed: {e}")),
-        };
-        bytes += item.bytes();
-        items.push(item);
-    }
-    let exhausted = r.fill_buf().map(<[u8]>::is_empty).unwrap_or(false);
-    Ok(Batch {
-        items,
-        to_cursor: offset.to_string(),
-        exhausted,
-    })
+    read_records(
+        path,
+        offset,
+        limit,
+        read_csv_record,
+        |at, record, _| {
+            Some(match record {
+                Ok(fields) if fields.len() == 1 && fields[0].trim().is_empty() => return None,
+                Ok(fields) if fields.len() != header.len() => bad(format!(
+                    "the record at byte {at} has {} fields, the header {}",
+                    fields.len(),
+                    header.len()
+                )),
+                Ok(fields) => {
+                    let object: Map<String, Value> = header
+                        .iter()
+                        .cloned()
+                        .zip(fields.into_iter().map(Value::String))
+                        .collect();
+                    StreamItem::Ok(serde_json::to_vec(&object).expect("JSON objects serialize"))
+                }
+                Err(e) => bad(format!("the record at byte {at} is malformed: {e}")),
+            })
+        },
+    )
 }
 
 /// The next files of a directory after the name `cursor`, in name order.

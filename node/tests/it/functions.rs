@@ -57,14 +57,22 @@ pub(crate) fn request_id() -> RequestId {
 
 /// A tar of `files` (path, mode, content).
 pub(crate) fn archive(files: &[(&str, u32, &str)]) -> Vec<u8> {
+    let files: Vec<(&str, u32, &[u8])> = files
+        .iter()
+        .map(|(p, m, c)| (*p, *m, c.as_bytes()))
+        .collect();
+    archive_bytes(&files)
+}
+
+/// A tar of `files` (path, mode, bytes).
+pub(crate) fn archive_bytes(files: &[(&str, u32, &[u8])]) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     for (path, mode, content) in files {
         let mut h = tar::Header::new_gnu();
         h.set_size(content.len() as u64);
         h.set_mode(*mode);
         h.set_cksum();
-        b.append_data(&mut h, path, content.as_bytes())
-            .expect("append");
+        b.append_data(&mut h, path, *content).expect("append");
     }
     b.into_inner().expect("finish tar")
 }
@@ -677,18 +685,10 @@ async fn a_large_code_archive_is_replicated_in_chunks_and_runs() {
         x ^= x << 17;
         *b = x as u8;
     }
-    let mut builder = tar::Builder::new(Vec::new());
-    for (name, data, mode) in [
-        ("data.bin", &blob[..], 0o644),
-        ("main.sh", &b"wc -c < data.bin\n"[..], 0o755),
-    ] {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(mode);
-        h.set_cksum();
-        builder.append_data(&mut h, name, data).expect("append");
-    }
-    let code = builder.into_inner().expect("tar");
+    let code = archive_bytes(&[
+        ("data.bin", 0o644, &blob[..]),
+        ("main.sh", 0o755, &b"wc -c < data.bin\n"[..]),
+    ]);
     deploy(
         &c,
         spec("big", &["/bin/sh", "main.sh"], FnMode::Exec),
