@@ -4,7 +4,7 @@
 //! A task reaches the worker two ways: the leader's `dispatch` right after the submission
 //! commits (fast path), and the reconcile loop that scans the tasks this node's applied state
 //! assigns to it (slow path: after a leader change, a restart, or a task placed from a queue).
-//! Both go through [`Worker::claim`], so one (task, token) pair runs at most once per process.
+//! Both go through `Worker::claim`, so one (task, token) pair runs at most once per process.
 //!
 //! Invariants:
 //! - a task runs only under the token of its assignment, and its completion carries that
