@@ -310,31 +310,25 @@ pub fn read_csv(path: &str, cursor: &str, limit: ReadLimit) -> Result<Batch, Str
     } else {
         offset_of(cursor)?
     };
-    read_records(
-        path,
-        offset,
-        limit,
-        read_csv_record,
-        |at, record, _| {
-            Some(match record {
-                Ok(fields) if fields.len() == 1 && fields[0].trim().is_empty() => return None,
-                Ok(fields) if fields.len() != header.len() => bad(format!(
-                    "the record at byte {at} has {} fields, the header {}",
-                    fields.len(),
-                    header.len()
-                )),
-                Ok(fields) => {
-                    let object: Map<String, Value> = header
-                        .iter()
-                        .cloned()
-                        .zip(fields.into_iter().map(Value::String))
-                        .collect();
-                    StreamItem::Ok(serde_json::to_vec(&object).expect("JSON objects serialize"))
-                }
-                Err(e) => bad(format!("the record at byte {at} is malformed: {e}")),
-            })
-        },
-    )
+    read_records(path, offset, limit, read_csv_record, |at, record, _| {
+        Some(match record {
+            Ok(fields) if fields.len() == 1 && fields[0].trim().is_empty() => return None,
+            Ok(fields) if fields.len() != header.len() => bad(format!(
+                "the record at byte {at} has {} fields, the header {}",
+                fields.len(),
+                header.len()
+            )),
+            Ok(fields) => {
+                let object: Map<String, Value> = header
+                    .iter()
+                    .cloned()
+                    .zip(fields.into_iter().map(Value::String))
+                    .collect();
+                StreamItem::Ok(serde_json::to_vec(&object).expect("JSON objects serialize"))
+            }
+            Err(e) => bad(format!("the record at byte {at} is malformed: {e}")),
+        })
+    })
 }
 
 /// The next files of a directory after the name `cursor`, in name order.

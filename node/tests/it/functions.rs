@@ -709,3 +709,73 @@ async fn a_large_code_archive_is_replicated_in_chunks_and_runs() {
     }
     assert!(!nodes.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rolling_restart_under_invocation_load_fails_no_acknowledged_call() {
+    require_root!();
+    let mut cluster = TestCluster::start(3, CONFIG).await;
+    let c = rpc(&cluster.node(1).addr).await;
+    let code = archive(&[(
+        "serve.sh",
+        0o755,
+        "while IFS= read -r l; do printf '%s\\n' \"$l\"; done\n",
+    )]);
+    let s = FunctionSpec {
+        min_warm: 3,
+        ..spec("steady", &["/bin/sh", "serve.sh"], FnMode::Serve)
+    };
+    deploy(&c, s, &code).await;
+    wait_workers(&c, 3).await;
+    // A steady load through the client library: sync calls, each retried under one request id.
+    let client = cluster.client();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut done = Vec::new();
+            for n in 0..5_000u32 {
+                if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
+                let payload = format!("{{\"n\":{n}}}");
+                let r = client
+                    .invoke("steady", None, payload.clone().into_bytes(), true)
+                    .await;
+                done.push((payload, r));
+            }
+            done
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for id in cluster.ids() {
+        cluster.terminate(id);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        cluster.spawn(id);
+        let all = cluster.ids();
+        cluster.wait_leader(&all).await;
+        // Back in the cluster (heartbeating) before the next one goes down.
+        let other = cluster
+            .ids()
+            .into_iter()
+            .find(|i| *i != id)
+            .expect("another node");
+        wait_workers(&c_for(&cluster, other).await, 3).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let done = load.await.expect("load task");
+    assert!(done.len() > 20, "the load ran: {} calls", done.len());
+    eprintln!("{} calls during the rolling restart", done.len());
+    for (payload, r) in &done {
+        let t = r
+            .as_ref()
+            .unwrap_or_else(|e| panic!("call {payload} failed during the restart: {e}"));
+        assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
+        assert_eq!(output(t), *payload, "each call got its own result");
+    }
+}
+
+/// A raw connection to node `id` (as the rolling restart brings nodes back).
+async fn c_for(cluster: &TestCluster, id: u64) -> ClientApiClient {
+    rpc(&cluster.node(id).addr).await
+}

@@ -141,6 +141,25 @@ impl TestCluster {
         child.wait().expect("reap");
     }
 
+    /// Stops node `id` as an operator would (SIGTERM) and waits for it to exit.
+    pub fn terminate(&mut self, id: NodeId) {
+        let node = self.node_mut(id);
+        let mut child = node.child.take().expect("node is running");
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if child.try_wait().expect("wait").is_some() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {id} did not stop within 30 s of SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// A client of the given nodes only.
     pub fn client_for(&self, ids: &[NodeId]) -> Client {
         let endpoints = ids.iter().map(|id| self.node(*id).addr.clone()).collect();
