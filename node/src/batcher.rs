@@ -222,7 +222,14 @@ pub fn write_error(
         RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
             ApiError::FailedPrecondition(e.to_string())
         }
-        // The node is stopping or broken; clients must go elsewhere.
-        RaftError::Fatal(f) => ApiError::Internal(format!("raft stopped: {f}")),
+        RaftError::Fatal(f) => fatal_error(&f),
+    }
+}
+
+/// A stopped Raft (the node is shutting down) is retryable elsewhere; a broken one is not.
+pub fn fatal_error(f: &openraft::error::Fatal<skiff_client::api::NodeId>) -> ApiError {
+    match f {
+        openraft::error::Fatal::Stopped => ApiError::ShuttingDown,
+        other => ApiError::Internal(format!("raft stopped: {other}")),
     }
 }

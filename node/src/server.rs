@@ -432,7 +432,7 @@ impl Node {
                     leader_addr: None,
                 })
             }
-            Err(RaftError::Fatal(f)) => Err(ApiError::Internal(format!("raft stopped: {f}"))),
+            Err(RaftError::Fatal(f)) => Err(batcher::fatal_error(&f)),
         }
     }
 
@@ -754,7 +754,7 @@ impl Node {
             Err(RaftError::APIError(InitializeError::NotInMembers(e))) => {
                 Err(ApiError::InvalidArgument(e.to_string()))
             }
-            Err(RaftError::Fatal(f)) => Err(ApiError::Internal(format!("raft stopped: {f}"))),
+            Err(RaftError::Fatal(f)) => Err(batcher::fatal_error(&f)),
         }
     }
 
