@@ -174,6 +174,10 @@ pub struct StreamStartArgs {
     /// them: the same on every node).
     #[arg(long = "from")]
     pub from: String,
+    /// kv sources only: after the keys present at the start, keep streaming every key written
+    /// under the prefix later, until `stream cancel`.
+    #[arg(long)]
+    pub follow: bool,
     /// Most items in flight at once.
     #[arg(long, default_value_t = 100)]
     pub max_concurrency: u32,
@@ -1891,7 +1895,13 @@ async fn streams(client: &Client, cmd: StreamCmd, json: bool) -> Result<(), CliE
     match cmd {
         StreamCmd::Start(args) => {
             validate_function_name(&args.function).map_err(CliError::usage)?;
-            let source: StreamSource = args.from.parse().map_err(CliError::usage)?;
+            let mut source: StreamSource = args.from.parse().map_err(CliError::usage)?;
+            if args.follow {
+                match &mut source {
+                    StreamSource::Kv { follow, .. } => *follow = true,
+                    _ => return Err(CliError::usage("--follow applies to kv: sources only")),
+                }
+            }
             let results_prefix = match &args.results {
                 None => None,
                 Some(r) => Some(

@@ -30,7 +30,8 @@ use skiff_client::api::{
     StreamJob, StreamSource, StreamStartRequest,
 };
 use skiff_raft_store::streams::{
-    StreamItem, STREAM_ADVANCE_BYTES_MAX, STREAM_ADVANCE_ITEMS_MAX, STREAM_ERROR_BYTES_MAX,
+    KvCursor, StreamItem, STREAM_ADVANCE_BYTES_MAX, STREAM_ADVANCE_ITEMS_MAX,
+    STREAM_ERROR_BYTES_MAX,
 };
 use skiff_raft_store::StateMachineData;
 
@@ -406,10 +407,22 @@ fn read_small_file(path: &Path) -> Result<Vec<u8>, String> {
 pub fn read_kv(
     sm: &StateMachineData,
     prefix: &str,
+    follow: bool,
     start_revision: u64,
     cursor: &str,
     limit: ReadLimit,
 ) -> Batch {
+    match KvCursor::parse(cursor) {
+        Some(KvCursor::Revision(after)) => return read_kv_follow(sm, prefix, after, limit),
+        None => {
+            return Batch {
+                items: Vec::new(),
+                to_cursor: cursor.to_string(),
+                exhausted: true,
+            }
+        }
+        Some(KvCursor::Key(_)) => {}
+    }
     let start_after = if cursor.is_empty() {
         None
     } else {
@@ -430,22 +443,72 @@ pub fn read_kv(
         if e.create_version > start_revision {
             continue;
         }
-        let object = match std::str::from_utf8(&e.value) {
-            Ok(text) => json!({"key": e.key, "value": text}),
-            Err(_) => json!({
-                "key": e.key,
-                "value_base64": base64::engine::general_purpose::STANDARD.encode(&e.value),
-            }),
-        };
-        let item = StreamItem::Ok(serde_json::to_vec(&object).expect("JSON serializes"));
+        let item = kv_item(e);
         bytes += item.bytes();
         items.push(item);
+    }
+    let exhausted = page.next.is_none() && !stopped_early;
+    if exhausted && follow {
+        // The snapshot is done: from now on, every write after the start, by revision.
+        return Batch {
+            items,
+            to_cursor: KvCursor::revision(start_revision),
+            exhausted: false,
+        };
     }
     Batch {
         items,
         to_cursor,
-        exhausted: page.next.is_none() && !stopped_early,
+        exhausted,
     }
+}
+
+/// Most keys one follow round scans under a prefix.
+const FOLLOW_SCAN_KEYS_MAX: usize = 1_000_000;
+
+/// The follow phase: keys under `prefix` written after revision `after`, oldest write first.
+/// Scans the prefix (at most [`FOLLOW_SCAN_KEYS_MAX`] keys per round).
+fn read_kv_follow(sm: &StateMachineData, prefix: &str, after: u64, limit: ReadLimit) -> Batch {
+    let mut newer: Vec<&skiff_raft_store::model::KvEntry> = sm
+        .kv_entries()
+        .range::<str, _>((
+            std::ops::Bound::Included(prefix),
+            std::ops::Bound::Unbounded,
+        ))
+        .take_while(|(k, _)| k.starts_with(prefix))
+        .take(FOLLOW_SCAN_KEYS_MAX)
+        .map(|(_, e)| e)
+        .filter(|e| e.version > after)
+        .collect();
+    newer.sort_by_key(|e| e.version);
+    let mut items = Vec::new();
+    let mut bytes = 0;
+    let mut to = after;
+    for e in newer.into_iter().take(limit.items) {
+        if bytes >= limit.bytes {
+            break;
+        }
+        let item = kv_item(e);
+        bytes += item.bytes();
+        items.push(item);
+        to = e.version;
+    }
+    Batch {
+        items,
+        to_cursor: KvCursor::revision(to),
+        exhausted: false,
+    }
+}
+
+fn kv_item(e: &skiff_raft_store::model::KvEntry) -> StreamItem {
+    let object = match std::str::from_utf8(&e.value) {
+        Ok(text) => json!({"key": e.key, "value": text}),
+        Err(_) => json!({
+            "key": e.key,
+            "value_base64": base64::engine::general_purpose::STANDARD.encode(&e.value),
+        }),
+    };
+    StreamItem::Ok(serde_json::to_vec(&object).expect("JSON serializes"))
 }
 
 /// Checks a file source at start: it exists, is readable, and its first record parses.
@@ -549,10 +612,10 @@ async fn drive_once(node: &Node, ids: &DriverIds, job: &StreamJob) -> Result<(),
         bytes: STREAM_ADVANCE_BYTES_MAX,
     };
     let batch = match &job.source {
-        StreamSource::Kv { prefix } => node
+        StreamSource::Kv { prefix, follow } => node
             .0
             .store
-            .read(|sm| read_kv(sm, prefix, job.start_revision, &job.cursor, limit)),
+            .read(|sm| read_kv(sm, prefix, *follow, job.start_revision, &job.cursor, limit)),
         source => {
             let (source, cursor) = (source.clone(), job.cursor.clone());
             tokio::task::spawn_blocking(move || match &source {

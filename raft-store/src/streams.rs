@@ -51,8 +51,14 @@ pub const STREAM_RESULT_INDEX_DIGITS: usize = 12;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StreamSource {
     /// Keys under a prefix that existed when the job started (create revision at most the
-    /// store's revision then), in key order; item `{"key": K, "value": V}`.
-    Kv { prefix: String },
+    /// store's revision then), in key order; item `{"key": K, "value": V}`. With `follow`,
+    /// then every key written under the prefix after the start, in revision order, until the
+    /// job is cancelled.
+    Kv {
+        prefix: String,
+        #[serde(default)]
+        follow: bool,
+    },
     /// One item per non-blank line of a file; each line must be one JSON value.
     Jsonl { path: String },
     /// One item per record after the header line; item: a JSON object header → field.
@@ -66,7 +72,14 @@ impl StreamSource {
     /// The source as written on the command line (`jsonl:/data/x.jsonl`).
     pub fn spec(&self) -> String {
         match self {
-            StreamSource::Kv { prefix } => format!("kv:{prefix}"),
+            StreamSource::Kv {
+                prefix,
+                follow: false,
+            } => format!("kv:{prefix}"),
+            StreamSource::Kv {
+                prefix,
+                follow: true,
+            } => format!("kv:{prefix} (follow)"),
             StreamSource::Jsonl { path } => format!("jsonl:{path}"),
             StreamSource::Csv { path } => format!("csv:{path}"),
             StreamSource::Dir { path } => format!("dir:{path}"),
@@ -76,7 +89,7 @@ impl StreamSource {
     /// Checks sizes and forms (file sources need an absolute path).
     pub fn validate(&self) -> Result<(), String> {
         let text = match self {
-            StreamSource::Kv { prefix } => prefix,
+            StreamSource::Kv { prefix, .. } => prefix,
             StreamSource::Jsonl { path }
             | StreamSource::Csv { path }
             | StreamSource::Dir { path } => {
@@ -97,6 +110,33 @@ impl StreamSource {
     }
 }
 
+/// Marks a kv cursor of the follow phase: the revision up to which every write under the
+/// prefix has been enqueued. Keys cannot hold control characters, so no key cursor starts
+/// with it.
+pub const FOLLOW_CURSOR_MARK: char = '\u{1}';
+
+/// A kv source's cursor: a key (the start-time snapshot, in key order) or, in follow mode
+/// after the snapshot, a revision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum KvCursor<'a> {
+    Key(&'a str),
+    Revision(u64),
+}
+
+impl<'a> KvCursor<'a> {
+    pub fn parse(cursor: &'a str) -> Option<KvCursor<'a>> {
+        match cursor.strip_prefix(FOLLOW_CURSOR_MARK) {
+            Some(rev) => rev.parse().ok().map(KvCursor::Revision),
+            None => Some(KvCursor::Key(cursor)),
+        }
+    }
+
+    /// The cursor of the follow phase at `revision`.
+    pub fn revision(revision: u64) -> String {
+        format!("{FOLLOW_CURSOR_MARK}{revision}")
+    }
+}
+
 impl std::str::FromStr for StreamSource {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -106,6 +146,7 @@ impl std::str::FromStr for StreamSource {
         let source = match kind {
             "kv" => StreamSource::Kv {
                 prefix: rest.to_string(),
+                follow: false,
             },
             "jsonl" => StreamSource::Jsonl {
                 path: rest.to_string(),

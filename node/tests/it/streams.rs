@@ -325,3 +325,77 @@ async fn bad_starts_are_refused_with_a_clear_error() {
         "nothing started"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_following_kv_stream_picks_up_keys_written_later() {
+    require_root!();
+    let cluster = TestCluster::start(3, CONFIG).await;
+    deploy_fn(&cluster, "echo", ECHO_SERVE, FnMode::Serve).await;
+    let client = cluster.client();
+    for k in ["in/a", "in/b"] {
+        client.put(k, b"before".to_vec()).await.expect("put");
+    }
+    let id = client
+        .stream_start(
+            "echo",
+            StreamSource::Kv {
+                prefix: "in/".into(),
+                follow: true,
+            },
+            options(16, 1, "out/"),
+        )
+        .await
+        .expect("start");
+    let results = |n: usize| {
+        let client = client.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let got = client.list_all("out/", 10_000).await.unwrap_or_default();
+                if got.len() >= n {
+                    return got;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "only {} results: {got:?}",
+                    got.len()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let first = results(2).await;
+    assert_eq!(first.len(), 2, "the keys present at the start");
+    // Written after the start: a new key and a rewrite of an old one.
+    client.put("in/c", b"later".to_vec()).await.expect("put");
+    client
+        .put("in/a", b"rewritten".to_vec())
+        .await
+        .expect("put");
+    client
+        .put("elsewhere/x", b"not under the prefix".to_vec())
+        .await
+        .expect("put");
+    let all = results(4).await;
+    let values: Vec<String> = all
+        .iter()
+        .map(|e| String::from_utf8_lossy(&e.value).into_owned())
+        .collect();
+    assert!(
+        values
+            .iter()
+            .any(|v| v.contains("\"in/c\"") && v.contains("later")),
+        "{values:?}"
+    );
+    assert!(values.iter().any(|v| v.contains("rewritten")), "{values:?}");
+    let job = client.stream(id).await.expect("read").expect("job");
+    assert_eq!(
+        job.state,
+        StreamState::Running,
+        "a following job keeps running: {job:?}"
+    );
+    assert_eq!(job.counters.succeeded, 4, "{job:?}");
+    client.stream_cancel(id).await.expect("cancel");
+    let job = wait_stream(&client, id, Duration::from_secs(20)).await;
+    assert_eq!(job.state, StreamState::Cancelled, "{job:?}");
+}

@@ -14,9 +14,9 @@ use super::{failure_result, rejected, ObjKey, Sched};
 use crate::functions::{TaskId, TaskState, ACTIVE_TASKS_MAX, PAYLOAD_BYTES_MAX, TASK_BYTES_MAX};
 use crate::model::{CommandResult, KvEntry};
 use crate::streams::{
-    result_key, FailedItem, StreamCounters, StreamId, StreamItem, StreamJob, StreamSource,
-    StreamStartRequest, StreamState, WindowEntry, WindowItem, STREAMS_MAX, STREAM_ERROR_BYTES_MAX,
-    STREAM_FAILED_BYTES_MAX, STREAM_FAILED_KEPT_MAX,
+    result_key, FailedItem, KvCursor, StreamCounters, StreamId, StreamItem, StreamJob,
+    StreamSource, StreamStartRequest, StreamState, WindowEntry, WindowItem, STREAMS_MAX,
+    STREAM_ERROR_BYTES_MAX, STREAM_FAILED_BYTES_MAX, STREAM_FAILED_KEPT_MAX,
 };
 
 /// The payload of one invocation: the item itself, or (batching) a JSON array of items.
@@ -97,7 +97,12 @@ fn moves_forward(source: &StreamSource, from: &str, to: &str, items: usize) -> b
                 _ => return false,
             }
         }
-        StreamSource::Kv { .. } | StreamSource::Dir { .. } => to.cmp(from),
+        // Key order, then (follow mode) revision order: a revision cursor is after every key.
+        StreamSource::Kv { .. } => match (KvCursor::parse(from), KvCursor::parse(to)) {
+            (Some(f), Some(t)) => t.cmp(&f),
+            _ => return false,
+        },
+        StreamSource::Dir { .. } => to.cmp(from),
     };
     match ahead {
         std::cmp::Ordering::Greater => true,
@@ -330,9 +335,11 @@ impl Sched {
         let job = self.streams.get_mut(&id).expect("checked above");
         job.cursor = to_cursor.to_string();
         job.next_item = first_item + items.len() as u64;
-        job.exhausted = exhausted;
+        // A following kv job never runs out: it ends when cancelled.
+        let follows = matches!(job.source, StreamSource::Kv { follow: true, .. });
+        job.exhausted = exhausted && !follows;
         job.counters.enqueued += items.len() as u64;
-        if exhausted {
+        if job.exhausted {
             job.counters.total = Some(job.next_item);
         }
         self.touch(ObjKey::Stream(id));
