@@ -607,8 +607,12 @@ async fn drive_once(node: &Node, ids: &DriverIds, job: &StreamJob) -> Result<(),
     if room < want {
         return Ok(());
     }
+    // Whole batches only: every advance then starts at a multiple of the batch size, so a
+    // re-run over the same items forms the same batches (same payloads: idempotent hits).
+    let whole = (room as usize).min(STREAM_ADVANCE_ITEMS_MAX);
+    let whole = whole - whole % (want.max(1) as usize);
     let limit = ReadLimit {
-        items: (room as usize).min(STREAM_ADVANCE_ITEMS_MAX),
+        items: whole.max(1),
         bytes: STREAM_ADVANCE_BYTES_MAX,
     };
     let batch = match &job.source {

@@ -399,3 +399,46 @@ async fn a_following_kv_stream_picks_up_keys_written_later() {
     let job = wait_stream(&client, id, Duration::from_secs(20)).await;
     assert_eq!(job.state, StreamState::Cancelled, "{job:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rerunning_a_stream_over_unchanged_items_is_all_hits() {
+    require_root!();
+    let cluster = TestCluster::start(3, CONFIG).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let path = jsonl(dir.path(), 200);
+    let c = rpc(&cluster.node(1).addr).await;
+    let s = FunctionSpec {
+        max_concurrency: 64,
+        idempotency: Some(skiff_client::api::Idempotency {
+            dependencies: vec![],
+            ttl_ms: 600_000,
+            cache_failures: false,
+            track_reads: false,
+        }),
+        ..spec("idem-echo", &["/bin/sh", "main.sh"], FnMode::Serve)
+    };
+    deploy(&c, s, &archive(&[("main.sh", 0o755, ECHO_SERVE)])).await;
+    wait_workers(&c, 3).await;
+    let client = cluster.client();
+    let mut hits = Vec::new();
+    for round in 0..2 {
+        let id = client
+            .stream_start(
+                "idem-echo",
+                StreamSource::Jsonl { path: path.clone() },
+                options(64, 10, &format!("run{round}/")),
+            )
+            .await
+            .expect("start");
+        let job = wait_stream(&client, id, Duration::from_secs(50)).await;
+        assert_eq!(job.state, StreamState::Succeeded, "{job:?}");
+        assert_eq!(job.counters.succeeded, 200);
+        hits.push(job.counters.idempotent_hits);
+        assert_every_result(&client, &format!("run{round}/"), 200).await;
+    }
+    assert_eq!(
+        hits,
+        vec![0, 200],
+        "the second pass over unchanged items ran nothing"
+    );
+}
