@@ -1337,6 +1337,7 @@ pub fn task_json(t: &Task, full: bool) -> serde_json::Value {
         "payload_bytes": t.payload.len(),
         "output_bytes": r.map(|r| r.output.len()),
         "cache": t.cache.as_ref().map(cache_json),
+        "request_id": t.request_id.map(|r| r.to_string()),
     });
     if full {
         put_bytes(&mut v, "payload", Some(&t.payload));
@@ -2408,6 +2409,7 @@ mod tests {
             dead_letter: false,
             cache: None,
             ledger_key: None,
+            request_id: None,
         }
     }
 

@@ -922,6 +922,7 @@ mod tests {
             dead_letter: false,
             cache: None,
             ledger_key: None,
+            request_id: None,
         }
     }
 

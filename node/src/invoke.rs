@@ -159,6 +159,13 @@ impl Node {
                 )))
             }
         };
+        tracing::debug!(
+            request_id = %req.request_id,
+            task = id,
+            function = %req.function,
+            cache = ?cache,
+            "invocation submitted"
+        );
         self.dispatch(id).await;
         let task = self.local_task(id)?;
         // A joined invocation reports that it joined, not the first caller's miss.
@@ -233,6 +240,7 @@ impl Node {
                 dead_letter: false,
                 cache: None,
                 ledger_key: None,
+                request_id: None,
             });
             t.result = e.result.clone();
             t.payload = req.payload.clone();

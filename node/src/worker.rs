@@ -531,8 +531,26 @@ pub async fn run_task(node: Node, task: Task, fv: FunctionVersion) {
     let Ok(_permit) = w.slots.clone().acquire_owned().await else {
         return;
     };
-    tracing::debug!(task = task.id, token = task.token, function = %fv.spec.name, "running task");
+    let request = task
+        .request_id
+        .map_or_else(|| "-".to_string(), |r| r.to_string());
+    tracing::debug!(
+        request_id = %request,
+        task = task.id,
+        token = task.token,
+        function = %fv.spec.name,
+        version = fv.version,
+        "sandbox run starts"
+    );
     let (result, reads) = w.execute(&node, &task, &fv).await;
+    tracing::debug!(
+        request_id = %request,
+        task = task.id,
+        status = ?result.status,
+        warm = result.warm,
+        wall_ms = result.wall_ms,
+        "sandbox run ends"
+    );
     node.0
         .metrics
         .invocation(&fv.spec.name, result.status, result.warm, result.wall_ms);

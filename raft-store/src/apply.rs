@@ -182,7 +182,11 @@ impl StateMachineData {
                 results.push(record.result.clone());
                 continue;
             }
-            let result = self.execute(&client_command.command, &mut mutations);
+            let result = self.execute(
+                &client_command.command,
+                client_command.request_id,
+                &mut mutations,
+            );
             self.put_stream_results(&mut mutations);
             self.remember(client_command.request_id, result.clone(), &mut mutations);
             results.push(result);
@@ -197,7 +201,12 @@ impl StateMachineData {
         (Response { results }, mutations)
     }
 
-    fn execute(&mut self, command: &Command, mutations: &mut Vec<Mutation>) -> CommandResult {
+    fn execute(
+        &mut self,
+        command: &Command,
+        request_id: RequestId,
+        mutations: &mut Vec<Mutation>,
+    ) -> CommandResult {
         if let Err(invalid) = command.validate() {
             return CommandResult::Invalid(invalid);
         }
@@ -267,7 +276,8 @@ impl StateMachineData {
                 payload,
                 sync,
                 idempotency,
-            } => self.sched.submit(
+            } => self.sched.submit_request(
+                request_id,
                 self.last_time_ms,
                 function,
                 *version,

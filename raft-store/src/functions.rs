@@ -639,6 +639,9 @@ pub struct Task {
     pub cache: Option<CacheOutcome>,
     /// The ledger entry this run records into.
     pub ledger_key: Option<String>,
+    /// The request id of the invocation that made the task (for logs, end to end).
+    #[serde(default)]
+    pub request_id: Option<crate::model::RequestId>,
 }
 
 impl Task {

@@ -734,6 +734,31 @@ impl Sched {
     }
 
     /// Queues an invocation and places it at once when a slot and a node are free.
+    /// [`Sched::submit`], recording the invocation's request id on the task it makes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn submit_request(
+        &mut self,
+        request_id: crate::model::RequestId,
+        now: u64,
+        function: &str,
+        version: Option<u64>,
+        payload: &[u8],
+        sync: bool,
+        idempotency: Option<&IdempotencyInput>,
+        kv: &BTreeMap<String, KvEntry>,
+    ) -> CommandResult {
+        let result = self.submit(now, function, version, payload, sync, idempotency, kv);
+        if let CommandResult::Submitted { task, .. } = &result {
+            if let Some(t) = self.tasks.get_mut(task) {
+                if t.request_id.is_none() && t.submitted_ms == now {
+                    t.request_id = Some(request_id);
+                    self.dirty.insert(ObjKey::Task(*task));
+                }
+            }
+        }
+        result
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub fn submit(
         &mut self,
@@ -868,6 +893,7 @@ impl Sched {
             dead_letter: false,
             cache: cache.clone(),
             ledger_key: ledger.as_ref().map(|(k, _, _)| k.clone()),
+            request_id: None,
         };
         self.task_bytes += task.bytes();
         self.tasks.insert(id, task);
@@ -986,6 +1012,7 @@ impl Sched {
             dead_letter: false,
             cache: Some(source.clone()),
             ledger_key: None,
+            request_id: None,
         };
         self.task_bytes += task.bytes();
         self.tasks.insert(id, task);

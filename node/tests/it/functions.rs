@@ -261,6 +261,10 @@ async fn sync_and_async_exec_and_serve_in_sh_and_python() {
     .await;
     let t = invoke(&c, "echo-sh", b"{\"a\": 1}\n", true).await;
     assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
+    assert!(
+        t.request_id.is_some(),
+        "the task carries its invocation's request id"
+    );
     assert_eq!(output(&t), "got:{\"a\": 1}\n");
 
     let a = invoke(&c, "echo-sh", b"async payload", false).await;
