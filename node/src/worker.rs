@@ -60,6 +60,9 @@ pub struct Worker {
     /// Signalled when a pre-warm finishes.
     warmed: Notify,
     prewarming: Mutex<HashMap<PoolKey, usize>>,
+    /// Serve-mode sandboxes in use (or starting) per key: each comes back to the pool soon,
+    /// so a new request may wait for one instead of cold-starting another.
+    busy: Mutex<HashMap<PoolKey, usize>>,
     unpack_lock: tokio::sync::Mutex<()>,
     /// Data-service sockets, one per function version that has a data grant.
     data_sockets: tokio::sync::Mutex<HashMap<(String, u64), Arc<DataSocket>>>,
@@ -85,6 +88,7 @@ impl Worker {
             pool_changed: Notify::new(),
             warmed: Notify::new(),
             prewarming: Mutex::new(HashMap::new()),
+            busy: Mutex::new(HashMap::new()),
             unpack_lock: tokio::sync::Mutex::new(()),
             data_sockets: tokio::sync::Mutex::new(HashMap::new()),
             helper_binary: find_helper(),
@@ -264,7 +268,8 @@ impl Worker {
                 self.pool_changed.notify_one();
                 return Some(s);
             }
-            let pending = lock(&self.prewarming).get(key).copied().unwrap_or(0);
+            let pending = lock(&self.prewarming).get(key).copied().unwrap_or(0)
+                + lock(&self.busy).get(key).copied().unwrap_or(0);
             if pending == 0 {
                 return None;
             }
@@ -363,7 +368,29 @@ impl Worker {
                 None,
             );
         }
-        let (sandbox, warm) = match self.take_warm(&key).await {
+        let taken = self.take_warm(&key).await;
+        *lock(&self.busy).entry(key.clone()).or_default() += 1;
+        let result = self
+            .serve_on(spec, key.clone(), argv, task, started, taken)
+            .await;
+        if let Some(n) = lock(&self.busy).get_mut(&key) {
+            *n = n.saturating_sub(1);
+        }
+        // A sandbox of this key is back in the pool (or gone): waiting requests look again.
+        self.warmed.notify_waiters();
+        result
+    }
+
+    async fn serve_on(
+        &self,
+        spec: &SandboxSpec,
+        key: PoolKey,
+        argv: &[String],
+        task: &Task,
+        started: Instant,
+        taken: Option<WarmSandbox>,
+    ) -> (TaskResult, Option<u32>) {
+        let (sandbox, warm) = match taken {
             Some(WarmSandbox::Serve(sb)) => (sb, true),
             other => {
                 if let Some(WarmSandbox::Exec(sb)) = other {

@@ -783,3 +783,44 @@ async fn a_rolling_restart_under_invocation_load_fails_no_acknowledged_call() {
 async fn c_for(cluster: &TestCluster, id: u64) -> ClientApiClient {
     rpc(&cluster.node(id).addr).await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_of_first_calls_waits_for_sandboxes_instead_of_cold_starting_each() {
+    require_root!();
+    // A generous wait, so the test does not depend on how fast this machine starts sandboxes.
+    let cluster = TestCluster::start(
+        3,
+        "[worker]\nheartbeat_interval_ms = 200\ncold_start_wait_ms = 2000\n",
+    )
+    .await;
+    let c = rpc(&cluster.node(1).addr).await;
+    let code = archive(&[(
+        "serve.sh",
+        0o755,
+        "while IFS= read -r l; do printf '%s\\n' \"$l\"; done\n",
+    )]);
+    deploy(
+        &c,
+        spec("bursty", &["/bin/sh", "serve.sh"], FnMode::Serve),
+        &code,
+    )
+    .await;
+    wait_workers(&c, 3).await;
+    let mut calls = Vec::new();
+    for i in 0..24u32 {
+        let c = c.clone();
+        calls.push(tokio::spawn(async move {
+            invoke(&c, "bursty", format!("{{\"i\":{i}}}").as_bytes(), true).await
+        }));
+    }
+    let mut cold = 0;
+    for call in calls {
+        let t = call.await.expect("join");
+        assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
+        if !t.result.expect("result").warm {
+            cold += 1;
+        }
+    }
+    // One sandbox started per node at most; every other call reused one.
+    assert!(cold <= 3, "{cold} of 24 calls cold-started a sandbox");
+}
