@@ -258,7 +258,7 @@ impl Worker {
     }
 
     /// An idle warm sandbox for `key`, waiting up to the cold-start wait for one being
-    /// prepared (or, in serve mode, released) rather than cold-starting another.
+    /// prepared rather than cold-starting another (exec mode; serve mode: `claim_serve`).
     async fn take_warm(&self, key: &PoolKey) -> Option<WarmSandbox> {
         let deadline =
             tokio::time::Instant::now() + Duration::from_millis(self.settings.cold_start_wait_ms);
@@ -268,14 +268,40 @@ impl Worker {
                 self.pool_changed.notify_one();
                 return Some(s);
             }
-            let pending = lock(&self.prewarming).get(key).copied().unwrap_or(0)
-                + lock(&self.busy).get(key).copied().unwrap_or(0);
-            if pending == 0 {
+            if lock(&self.prewarming).get(key).copied().unwrap_or(0) == 0 {
                 return None;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return None;
             }
+        }
+    }
+
+    /// A serve-mode sandbox for one request: an idle one, or (after waiting up to the
+    /// cold-start wait for one in use or being prepared to come back) `None`, meaning the
+    /// caller starts one. Either way the caller is counted busy for `key`, decided under one
+    /// lock, so requests arriving together do not all cold-start: one does, the others wait
+    /// for its sandbox.
+    async fn claim_serve(&self, key: &PoolKey) -> Option<WarmSandbox> {
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(self.settings.cold_start_wait_ms);
+        loop {
+            let notified = self.warmed.notified();
+            {
+                let mut busy = lock(&self.busy);
+                if let Some(s) = self.pool.acquire(key) {
+                    *busy.entry(key.clone()).or_default() += 1;
+                    self.pool_changed.notify_one();
+                    return Some(s);
+                }
+                let pending = lock(&self.prewarming).get(key).copied().unwrap_or(0)
+                    + busy.get(key).copied().unwrap_or(0);
+                if pending == 0 || tokio::time::Instant::now() >= deadline {
+                    *busy.entry(key.clone()).or_default() += 1;
+                    return None;
+                }
+            }
+            let _ = tokio::time::timeout_at(deadline, notified).await;
         }
     }
 
@@ -368,8 +394,7 @@ impl Worker {
                 None,
             );
         }
-        let taken = self.take_warm(&key).await;
-        *lock(&self.busy).entry(key.clone()).or_default() += 1;
+        let taken = self.claim_serve(&key).await;
         let result = self
             .serve_on(spec, key.clone(), argv, task, started, taken)
             .await;
