@@ -24,6 +24,7 @@
 pub mod checker;
 pub mod cluster;
 pub mod history;
+pub mod invocations;
 pub mod nemesis;
 pub mod proxy;
 pub mod run;

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use crate::checker::{self, NodeView, Status, Verdict};
 use crate::cluster::{self, Cluster, RaftTiming};
 use crate::history::{describe, Counts, OpKind, Outcome, ReadValue, Recorder, FINAL_READER};
+use crate::invocations;
 use crate::nemesis::{self, FaultKind, NemesisLog, Schedule};
 use crate::workload::{self, WorkloadConfig};
 use crate::ChaosError;
@@ -27,6 +28,9 @@ pub const OPS_MAX: usize = 500_000;
 pub const FINAL_READ_ATTEMPTS_MAX: u32 = 10;
 /// How long the nodes may take to reach the same applied index after heal.
 pub const CONVERGE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long acknowledged invocations may take to finish after heal (a task lost with a node
+/// is reassigned after the node's lease).
+pub const INVOCATIONS_SETTLE: Duration = Duration::from_secs(90);
 /// Most violations printed per check (all are in `report.json`).
 const VIOLATIONS_SHOWN_MAX: usize = 5;
 
@@ -48,6 +52,9 @@ pub struct RunOptions {
     pub search_steps_max: u64,
     /// How soon after heal the cluster must accept a write.
     pub heal_write_bound: Duration,
+    /// Also invoke a function asynchronously during the run and check every acknowledged
+    /// invocation completed after heal (needs root on the nodes: sandboxes).
+    pub invocations: bool,
 }
 
 impl RunOptions {
@@ -64,6 +71,7 @@ impl RunOptions {
             unsafe_local_reads: false,
             search_steps_max: checker::linear::SEARCH_STEPS_MAX,
             heal_write_bound: Duration::from_secs(30),
+            invocations: false,
         }
     }
 
@@ -244,6 +252,15 @@ async fn drive(
         unsafe_local_reads: opts.unsafe_local_reads,
         key_prefix: format!("chaos/{:x}", opts.seed),
     };
+    let invoking = if opts.invocations {
+        invocations::deploy(&cluster.client()?).await?;
+        Some(tokio::spawn(invocations::run(
+            cluster.endpoints(),
+            start + opts.duration,
+        )))
+    } else {
+        None
+    };
     let load = tokio::spawn(workload::run(
         cluster.endpoints(),
         config,
@@ -260,6 +277,13 @@ async fn drive(
     };
     load.await
         .map_err(|e| ChaosError::Cluster(format!("the workload panicked: {e}")))??;
+    let acked = match invoking {
+        Some(h) => Some(
+            h.await
+                .map_err(|e| ChaosError::Cluster(format!("the invokers panicked: {e}")))??,
+        ),
+        None => None,
+    };
 
     cluster.heal().await?;
     tracing::info!("healed at t={:.1}s", start.elapsed().as_secs_f64());
@@ -301,12 +325,15 @@ async fn drive(
         history.len(),
         keys.len()
     );
-    let checks = vec![
+    let mut checks = vec![
         checker::linearizable(&history, opts.search_steps_max),
         checker::acknowledged_writes(&history),
         checker::replicas(&views, opts.nodes, converged),
         checker::availability(first_write, opts.heal_write_bound),
     ];
+    if let Some(acked) = &acked {
+        checks.push(invocations::check(&client, acked, INVOCATIONS_SETTLE).await);
+    }
     Ok((history, nemesis_log, nemesis_error, Verdict::of(checks)))
 }
 

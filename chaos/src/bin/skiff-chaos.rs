@@ -54,6 +54,10 @@ enum Cmd {
         /// DELIBERATELY BROKEN: read with local (possibly stale) reads, to see the checker fail.
         #[arg(long)]
         unsafe_local_reads: bool,
+        /// Also invoke a function during the run and check every acknowledged invocation
+        /// completed (needs root: functions run in sandboxes).
+        #[arg(long)]
+        invocations: bool,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -87,6 +91,7 @@ fn real_main(args: Args) -> anyhow::Result<ExitCode> {
         faults,
         workers,
         unsafe_local_reads,
+        invocations,
         json,
     } = args.command;
     let seed = seed.unwrap_or_else(rand::random);
@@ -97,6 +102,7 @@ fn real_main(args: Args) -> anyhow::Result<ExitCode> {
     opts.dir = dir;
     opts.workers = workers;
     opts.unsafe_local_reads = unsafe_local_reads;
+    opts.invocations = invocations;
     if let Some(list) = faults {
         let mut kinds = Vec::new();
         for name in list.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
