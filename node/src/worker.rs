@@ -904,6 +904,23 @@ fn find_helper() -> Option<PathBuf> {
 /// writes through the log, like any client's.
 struct NodeKv(Node);
 
+impl NodeKv {
+    /// One write for a function, with a fresh request id, retried across a leader change.
+    fn write_command(
+        &self,
+        command: Command,
+    ) -> futures::future::BoxFuture<'static, Result<CommandResult, String>> {
+        let node = self.0.clone();
+        Box::pin(async move {
+            let command = ClientCommand {
+                request_id: node.0.worker.next_request_id(),
+                command,
+            };
+            first_result(write_retrying(&node, command).await)
+        })
+    }
+}
+
 impl KvBackend for NodeKv {
     fn get(
         &self,
@@ -932,17 +949,10 @@ impl KvBackend for NodeKv {
         value: Vec<u8>,
         expect_version: Option<u64>,
     ) -> futures::future::BoxFuture<'static, Result<CommandResult, String>> {
-        let node = self.0.clone();
-        Box::pin(async move {
-            let command = ClientCommand {
-                request_id: node.0.worker.next_request_id(),
-                command: Command::KvPut {
-                    key,
-                    value,
-                    expect_version,
-                },
-            };
-            first_result(write_retrying(&node, command).await)
+        self.write_command(Command::KvPut {
+            key,
+            value,
+            expect_version,
         })
     }
 
@@ -951,16 +961,9 @@ impl KvBackend for NodeKv {
         key: String,
         expect_version: Option<u64>,
     ) -> futures::future::BoxFuture<'static, Result<CommandResult, String>> {
-        let node = self.0.clone();
-        Box::pin(async move {
-            let command = ClientCommand {
-                request_id: node.0.worker.next_request_id(),
-                command: Command::KvDelete {
-                    key,
-                    expect_version,
-                },
-            };
-            first_result(write_retrying(&node, command).await)
+        self.write_command(Command::KvDelete {
+            key,
+            expect_version,
         })
     }
 
