@@ -517,7 +517,7 @@ async fn a_thousand_async_invocations_each_complete_once() {
         let mut listed = Vec::new();
         let mut after = 0;
         loop {
-            let page = c
+            let page = match c
                 .task_list(
                     ctx(10),
                     TaskFilter {
@@ -530,7 +530,15 @@ async fn a_thousand_async_invocations_each_complete_once() {
                 )
                 .await
                 .expect("rpc")
-                .expect("list");
+            {
+                Ok(page) => page,
+                // A leadership confirmation that missed its quorum under load: ask again.
+                Err(e) if e.is_retryable() => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                Err(e) => panic!("list: {e:?}"),
+            };
             let Some(last) = page.last() else { break };
             after = last.id;
             listed.extend(page);
