@@ -196,11 +196,18 @@ pub(crate) async fn invoke_id(
 pub(crate) async fn wait_workers(c: &ClientApiClient, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let w = c
+        let w = match c
             .workers(ctx(10), ReadConsistency::Linearizable)
             .await
             .expect("rpc")
-            .expect("workers");
+        {
+            Ok(w) => w,
+            Err(e) if e.is_retryable() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            Err(e) => panic!("workers: {e:?}"),
+        };
         let live = w
             .nodes
             .iter()

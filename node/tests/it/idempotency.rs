@@ -56,13 +56,23 @@ async fn put(c: &ClientApiClient, key: &str, value: &str) {
 }
 
 async fn get(c: &ClientApiClient, key: &str) -> String {
-    let e = c
-        .kv_get(ctx(10), key.into(), ReadConsistency::Linearizable)
-        .await
-        .expect("rpc")
-        .expect("get");
-    e.map(|e| String::from_utf8_lossy(&e.value).into_owned())
-        .unwrap_or_default()
+    // Retried while a read is refused for want of a quorum (a leader change, or load).
+    for _ in 0..100 {
+        match c
+            .kv_get(ctx(10), key.into(), ReadConsistency::Linearizable)
+            .await
+            .expect("rpc")
+        {
+            Ok(e) => {
+                return e
+                    .map(|e| String::from_utf8_lossy(&e.value).into_owned())
+                    .unwrap_or_default()
+            }
+            Err(e) if e.is_retryable() => tokio::time::sleep(Duration::from_millis(100)).await,
+            Err(e) => panic!("get {key}: {e:?}"),
+        }
+    }
+    panic!("get {key}: no answer after 100 tries");
 }
 
 fn miss_reason(t: &Task) -> MissReason {
