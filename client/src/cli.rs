@@ -1580,18 +1580,7 @@ pub async fn bench_invoke(
         FnMode::Exec => b"exec cat\n",
         FnMode::Serve => b"while IFS= read -r l; do printf '%s\\n' \"$l\"; done\n",
     };
-    let mut builder = tar::Builder::new(Vec::new());
-    let mut h = tar::Header::new_gnu();
-    h.set_size(script.len() as u64);
-    h.set_mode(0o755);
-    h.set_mtime(0);
-    h.set_cksum();
-    builder
-        .append_data(&mut h, "main.sh", script)
-        .map_err(|e| CliError::usage(e.to_string()))?;
-    let archive = builder
-        .into_inner()
-        .map_err(|e| CliError::usage(e.to_string()))?;
+    let archive = deploy::single_file_archive("main.sh", script).map_err(CliError::usage)?;
     let client = &clients[0];
     let digest = client.upload_code(&archive, |_, _| {}).await?;
     let warm = u32::try_from(args.clients).unwrap_or(u32::MAX).min(64);

@@ -222,6 +222,23 @@ pub fn read_code(path: &Path) -> Result<Vec<u8>, String> {
     Ok(archive)
 }
 
+/// A code archive of one executable file (mode 0755, mtime 0): the shape of the sample and
+/// benchmark functions.
+pub fn single_file_archive(name: &str, content: &[u8]) -> Result<Vec<u8>, String> {
+    let mut builder = tar::Builder::new(Vec::new());
+    let mut header = tar::Header::new_gnu();
+    header.set_size(content.len() as u64);
+    header.set_mode(0o755);
+    header.set_mtime(0);
+    header.set_cksum();
+    builder
+        .append_data(&mut header, name, content)
+        .map_err(|e| format!("packing {name}: {e}"))?;
+    builder
+        .into_inner()
+        .map_err(|e| format!("packing {name}: {e}"))
+}
+
 /// Checks that `archive` is a tar file of regular files and directories only, within
 /// [`ARCHIVE_ENTRIES_MAX`] entries.
 pub fn check_archive(archive: &[u8]) -> Result<(), String> {

@@ -55,16 +55,7 @@ async fn sample_function(client: &Client) -> Result<String, String> {
         return Err("functions run in sandboxes, which need root".into());
     }
     let script = b"#!/bin/sh\nprintf 'hello, %s (from %s)' \"$(cat)\" \"$(uname -n)\"\n";
-    let mut builder = tar::Builder::new(Vec::new());
-    let mut header = tar::Header::new_gnu();
-    header.set_size(script.len() as u64);
-    header.set_mode(0o755);
-    header.set_mtime(0);
-    header.set_cksum();
-    builder
-        .append_data(&mut header, "hello.sh", &script[..])
-        .map_err(|e| e.to_string())?;
-    let archive = builder.into_inner().map_err(|e| e.to_string())?;
+    let archive = skiff_client::deploy::single_file_archive("hello.sh", script)?;
     let digest = client
         .upload_code(&archive, |_, _| {})
         .await
