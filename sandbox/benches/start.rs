@@ -258,7 +258,14 @@ fn main() {
                 b.iter(|| run_blocking(&spec, &true_argv(), b"").expect("runs"))
             });
         }
+        // The same cold start with every network namespace created on the start's path, as
+        // when a burst has emptied the pool of namespaces made ahead.
         let spec = SandboxSpec::new(Tier::Untrusted, &code);
+        skiff_sandbox::set_netns_pool_size(0);
+        group.bench_function("skiff_cold_untrusted_netns_pool_off", |b| {
+            b.iter(|| run_blocking(&spec, &true_argv(), b"").expect("runs"))
+        });
+        skiff_sandbox::set_netns_pool_size(skiff_sandbox::NETNS_POOL_SIZE_DEFAULT);
         group.bench_function("skiff_warm_run_untrusted", |b| {
             b.iter_batched(
                 || ExecSandbox::create(&spec).expect("warm sandbox"),

@@ -1,4 +1,5 @@
-//! Quick interleaved comparison of skiff cold start and bwrap for /bin/true: `compare N TIER`.
+//! Quick interleaved comparison of skiff cold start and bwrap for /bin/true:
+//! `compare N TIER [pool-off]` (`pool-off`: no network namespaces made ahead).
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -17,6 +18,9 @@ fn main() {
         .unwrap_or_else(|| "untrusted".into())
         .parse()
         .expect("tier");
+    if std::env::args().nth(3).as_deref() == Some("pool-off") {
+        skiff_sandbox::set_netns_pool_size(0);
+    }
     let code = std::env::temp_dir();
     let spec = skiff_sandbox::SandboxSpec::new(tier, &code);
     let argv = vec!["/bin/true".to_string()];

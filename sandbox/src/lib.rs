@@ -16,7 +16,8 @@
 //!   `sys::Syscalls` seam (a recording fake unit-tests the order without root).
 //! - `sys`: the only module with `unsafe` and raw syscalls.
 //! - [`cgroup`]: cgroup v1/v2 detection, limits, counters, kill and removal.
-//! - `seccomp`: the seccomp filter.
+//! - `seccomp`: the seccomp filter (compiled by its own binary-search compiler, `seccomp::bpf`).
+//! - `netns`: network namespaces made ahead by a thread of the node, joined by sandboxes.
 //! - `process`: the parent's side of one sandbox (fork, handshake, hand-off, output, cleanup).
 //! - [`pool`]: the warm pool (exec and serve modes).
 //!
@@ -31,6 +32,7 @@
 
 pub mod cgroup;
 mod error;
+mod netns;
 pub mod policy;
 pub mod pool;
 mod process;
@@ -43,6 +45,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub use error::{PolicyError, SandboxError};
+pub use netns::{
+    netns_pool_ready, set_netns_pool_size, NETNS_POOL_SIZE_DEFAULT, NETNS_POOL_SIZE_MAX,
+};
 pub use policy::{Limits, Policy, Tier, UnknownTier};
 pub use pool::{
     ExecSandbox, PoolConfig, PoolKey, PoolMode, PoolStats, ServeSandbox, WarmPool, WarmSandbox,

@@ -164,10 +164,10 @@ fn supervisor_main(
     plan: &Plan,
     parent_pid: i32,
     stdio: [i32; 3],
-    control: [i32; 3],
+    control: &[i32],
     affinity: Option<CpuMask>,
 ) -> ! {
-    if sys::adopt_fds(stdio, &control).is_err() {
+    if sys::adopt_fds(stdio, control).is_err() {
         sys::exit_now(120);
     }
     let mut real = RealSys {
@@ -309,7 +309,15 @@ impl Prepared {
         let staging = staging_root()?;
         let (host_id, name) = next_ids();
         let cgroup = Cgroup::create(&name, &spec.limits)?;
-        let plan = Plan::build(spec, cgroup.join_files(), host_id, staging, filters)?;
+        let mut plan = Plan::build(spec, cgroup.join_files(), host_id, staging, filters)?;
+        let netns = if spec.limits.tier.host_network() {
+            None
+        } else {
+            crate::netns::take()
+        };
+        if netns.is_some() {
+            plan.join_network_namespace_ahead();
+        }
         let pipe = || sys::pipe().map_err(|e| SandboxError::syscall("pipe2", e));
         let (sup_status_r, sup_status_w) = pipe()?;
         let (work_r, work_w) = pipe()?;
@@ -324,16 +332,26 @@ impl Prepared {
                 &plan,
                 parent_pid,
                 [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()],
-                [
+                &[
                     sup_status_w.as_raw_fd(),
                     work_r.as_raw_fd(),
                     init_status_w.as_raw_fd(),
-                ],
+                    // Lands on NETNS_FD; absent, nothing is there (and nothing is joined).
+                    netns.as_ref().map_or(-1, AsRawFd::as_raw_fd),
+                ][..if netns.is_some() { 4 } else { 3 }],
                 pin.original,
             ),
             ForkResult::Parent(pid) => pid,
         };
-        drop((sup_status_w, work_r, init_status_w, in_r, out_w, err_w));
+        drop((
+            sup_status_w,
+            work_r,
+            init_status_w,
+            in_r,
+            out_w,
+            err_w,
+            netns,
+        ));
         let mut prepared = Prepared {
             supervisor_pid,
             host_id,

@@ -16,12 +16,12 @@
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
-use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen as Len, SeccompCmpOp as Op, SeccompCondition,
-    SeccompFilter, SeccompRule,
-};
+use seccompiler::BpfProgram;
 
 use crate::error::SandboxError;
+use bpf::{Action, Cmp, Cond, Rules, Width};
+
+mod bpf;
 
 /// Namespace flags that `clone` must not carry.
 const CLONE_NAMESPACE_FLAGS: u64 = (libc::CLONE_NEWNS
@@ -306,95 +306,145 @@ pub const DENIED: &[i64] = &[
     libc::SYS_mknod,
 ];
 
-fn cond(arg: u8, len: Len, op: Op, value: u64) -> SeccompCondition {
-    SeccompCondition::new(arg, len, op, value).expect("argument index is below 6")
+fn cond(arg: u8, width: Width, cmp: Cmp) -> Cond {
+    Cond { arg, width, cmp }
 }
 
-fn rule(conditions: Vec<SeccompCondition>) -> SeccompRule {
-    SeccompRule::new(conditions).expect("a rule with at least one condition")
+fn nr(syscall: i64) -> u32 {
+    u32::try_from(syscall).expect("syscall numbers are small and positive")
 }
 
-fn arch() -> seccompiler::TargetArch {
-    std::env::consts::ARCH
-        .try_into()
-        .expect("seccompiler supports the architectures skiff builds for")
+fn audit_arch() -> u32 {
+    if cfg!(target_arch = "aarch64") {
+        AUDIT_ARCH_AARCH64
+    } else {
+        AUDIT_ARCH_X86_64
+    }
 }
 
-fn allowlist() -> Result<BpfProgram, SandboxError> {
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
-        ALLOWED.iter().map(|nr| (*nr, Vec::new())).collect();
+const AUDIT_ARCH_X86_64: u32 = 62 | 0x8000_0000 | 0x4000_0000;
+const AUDIT_ARCH_AARCH64: u32 = 183 | 0x8000_0000 | 0x4000_0000;
+
+/// The allowlist: every listed syscall, with argument rules on a few; anything else `EPERM`.
+fn allowlist_rules() -> Rules {
+    let mut syscalls: BTreeMap<u32, Vec<Vec<Cond>>> =
+        ALLOWED.iter().map(|n| (nr(*n), Vec::new())).collect();
     // clone: never with a namespace flag (no nested user namespace, no new pid namespace).
-    rules.insert(
-        libc::SYS_clone,
-        vec![rule(vec![cond(
+    syscalls.insert(
+        nr(libc::SYS_clone),
+        vec![vec![cond(
             0,
-            Len::Qword,
-            Op::MaskedEq(CLONE_NAMESPACE_FLAGS),
-            0,
-        )])],
+            Width::Qword,
+            Cmp::MaskedEq {
+                mask: CLONE_NAMESPACE_FLAGS,
+                value: 0,
+            },
+        )]],
     );
     // socket: Unix sockets of any type; TCP over IPv4 and IPv6 only (no UDP, raw, netlink,
     // packet, vsock...). The mask strips SOCK_NONBLOCK and SOCK_CLOEXEC.
-    let stream = libc::SOCK_STREAM as u64;
-    rules.insert(
-        libc::SYS_socket,
+    let stream = Cmp::MaskedEq {
+        mask: 0xf,
+        value: libc::SOCK_STREAM as u64,
+    };
+    syscalls.insert(
+        nr(libc::SYS_socket),
         vec![
-            rule(vec![cond(0, Len::Dword, Op::Eq, libc::AF_UNIX as u64)]),
-            rule(vec![
-                cond(0, Len::Dword, Op::Eq, libc::AF_INET as u64),
-                cond(1, Len::Dword, Op::MaskedEq(0xf), stream),
-            ]),
-            rule(vec![
-                cond(0, Len::Dword, Op::Eq, libc::AF_INET6 as u64),
-                cond(1, Len::Dword, Op::MaskedEq(0xf), stream),
-            ]),
+            vec![cond(0, Width::Dword, Cmp::Eq(libc::AF_UNIX as u64))],
+            vec![
+                cond(0, Width::Dword, Cmp::Eq(libc::AF_INET as u64)),
+                cond(1, Width::Dword, stream),
+            ],
+            vec![
+                cond(0, Width::Dword, Cmp::Eq(libc::AF_INET6 as u64)),
+                cond(1, Width::Dword, stream),
+            ],
         ],
     );
-    rules.insert(
-        libc::SYS_socketpair,
-        vec![rule(vec![cond(
-            0,
-            Len::Dword,
-            Op::Eq,
-            libc::AF_UNIX as u64,
-        )])],
+    syscalls.insert(
+        nr(libc::SYS_socketpair),
+        vec![vec![cond(0, Width::Dword, Cmp::Eq(libc::AF_UNIX as u64))]],
     );
     // ioctl: everything but faking terminal input (TIOCSTI) and the console multiplexer.
-    rules.insert(
-        libc::SYS_ioctl,
-        vec![rule(vec![
-            cond(1, Len::Dword, Op::Ne, libc::TIOCSTI),
-            cond(1, Len::Dword, Op::Ne, libc::TIOCLINUX),
-        ])],
+    syscalls.insert(
+        nr(libc::SYS_ioctl),
+        vec![vec![
+            cond(1, Width::Dword, Cmp::Ne(libc::TIOCSTI)),
+            cond(1, Width::Dword, Cmp::Ne(libc::TIOCLINUX)),
+        ]],
     );
     // personality: the same values as Docker (query, Linux, Linux32, UNAME26).
-    rules.insert(
-        libc::SYS_personality,
+    syscalls.insert(
+        nr(libc::SYS_personality),
         [0u64, 0x0008, 0x0002_0000, 0x0002_0008, 0xffff_ffff]
             .into_iter()
-            .map(|v| rule(vec![cond(0, Len::Dword, Op::Eq, v)]))
+            .map(|v| vec![cond(0, Width::Dword, Cmp::Eq(v))])
             .collect(),
     );
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Errno(libc::EPERM as u32),
-        SeccompAction::Allow,
-        arch(),
-    )
-    .map_err(SandboxError::Seccomp)?;
-    filter.try_into().map_err(SandboxError::Seccomp)
+    Rules {
+        syscalls,
+        on_match: Action::Allow,
+        on_mismatch: Action::Errno(libc::EPERM as u16),
+        arch: audit_arch(),
+    }
 }
 
-fn clone3_enosys() -> Result<BpfProgram, SandboxError> {
-    let rules = BTreeMap::from([(libc::SYS_clone3, Vec::new())]);
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::ENOSYS as u32),
-        arch(),
-    )
-    .map_err(SandboxError::Seccomp)?;
-    filter.try_into().map_err(SandboxError::Seccomp)
+/// `clone3` answered with `ENOSYS`, everything else allowed (left to the allowlist).
+fn clone3_rules() -> Rules {
+    Rules {
+        syscalls: BTreeMap::from([(nr(libc::SYS_clone3), Vec::new())]),
+        on_match: Action::Errno(libc::ENOSYS as u16),
+        on_mismatch: Action::Allow,
+        arch: audit_arch(),
+    }
+}
+
+fn compiled(rules: &Rules) -> Result<BpfProgram, SandboxError> {
+    bpf::compile(rules).map_err(|e| SandboxError::Protocol {
+        detail: format!("seccomp filter: {e}"),
+    })
+}
+
+/// Runs the compiled programs on known syscalls before any sandbox gets them: a compiler bug
+/// must fail every start with an error, never install a filter that allows what it should not.
+fn check(filters: &[BpfProgram]) -> Result<(), SandboxError> {
+    let [clone3, allowlist] = filters else {
+        return Err(SandboxError::Protocol {
+            detail: format!("seccomp filter: {} programs, not 2", filters.len()),
+        });
+    };
+    let arch = audit_arch();
+    let answer =
+        |program: &BpfProgram, syscall: i64| bpf::interpret(program, nr(syscall), arch, [0; 6]);
+    let eperm = Some(libc::SECCOMP_RET_ERRNO | libc::EPERM as u32);
+    let mut wrong: Vec<i64> = DENIED
+        .iter()
+        .copied()
+        .filter(|syscall| answer(allowlist, *syscall) != eperm)
+        .collect();
+    let allow = Some(libc::SECCOMP_RET_ALLOW);
+    wrong.extend(
+        [
+            libc::SYS_read,
+            libc::SYS_write,
+            libc::SYS_execve,
+            libc::SYS_exit_group,
+        ]
+        .into_iter()
+        .filter(|syscall| {
+            answer(allowlist, *syscall) != allow || answer(clone3, *syscall) != allow
+        }),
+    );
+    if answer(clone3, libc::SYS_clone3) != Some(libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32) {
+        wrong.push(libc::SYS_clone3);
+    }
+    if wrong.is_empty() {
+        Ok(())
+    } else {
+        Err(SandboxError::Protocol {
+            detail: format!("seccomp filter answers syscalls {wrong:?} wrongly"),
+        })
+    }
 }
 
 /// The compiled filters, in the order they are installed. Built once per process.
@@ -402,13 +452,23 @@ pub(crate) fn filters() -> Result<&'static [BpfProgram], SandboxError> {
     static FILTERS: OnceLock<Result<Vec<BpfProgram>, String>> = OnceLock::new();
     FILTERS
         .get_or_init(|| {
-            let build = || Ok::<_, SandboxError>(vec![clone3_enosys()?, allowlist()?]);
-            build().map_err(|e| format!("{e}: {:?}", std::error::Error::source(&e)))
+            let build = || {
+                Ok::<_, SandboxError>(vec![
+                    compiled(&clone3_rules())?,
+                    compiled(&allowlist_rules())?,
+                ])
+            };
+            build()
+                .and_then(|filters| {
+                    check(&filters)?;
+                    Ok(filters)
+                })
+                .map_err(|e| e.to_string())
         })
         .as_ref()
         .map(Vec::as_slice)
         .map_err(|detail| SandboxError::Protocol {
-            detail: format!("seccomp filter: {detail}"),
+            detail: detail.clone(),
         })
 }
 
@@ -421,6 +481,120 @@ mod tests {
         let filters = filters().expect("filters compile");
         assert_eq!(filters.len(), 2);
         assert!(filters.iter().all(|f| !f.is_empty()));
+        let reference_len = reference(&allowlist_rules()).len();
+        eprintln!(
+            "allowlist: {} instructions (seccompiler's chain: {reference_len})",
+            filters[1].len()
+        );
+    }
+
+    /// The same rules through seccompiler's compiler, as the reference for the semantics.
+    fn reference(rules: &Rules) -> BpfProgram {
+        use seccompiler::{
+            SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+            SeccompRule,
+        };
+        let action = |a: Action| match a {
+            Action::Allow => SeccompAction::Allow,
+            Action::Errno(e) => SeccompAction::Errno(u32::from(e)),
+            Action::KillProcess => SeccompAction::KillProcess,
+        };
+        let map = rules
+            .syscalls
+            .iter()
+            .map(|(nr, rules)| {
+                let rules = rules
+                    .iter()
+                    .map(|conds| {
+                        let conds = conds
+                            .iter()
+                            .map(|c| {
+                                let len = match c.width {
+                                    Width::Dword => SeccompCmpArgLen::Dword,
+                                    Width::Qword => SeccompCmpArgLen::Qword,
+                                };
+                                let (op, v) = match c.cmp {
+                                    Cmp::Eq(v) => (SeccompCmpOp::Eq, v),
+                                    Cmp::Ne(v) => (SeccompCmpOp::Ne, v),
+                                    Cmp::MaskedEq { mask, value } => {
+                                        (SeccompCmpOp::MaskedEq(mask), value)
+                                    }
+                                };
+                                SeccompCondition::new(c.arg, len, op, v).expect("valid")
+                            })
+                            .collect();
+                        SeccompRule::new(conds).expect("valid")
+                    })
+                    .collect();
+                (i64::from(*nr), rules)
+            })
+            .collect();
+        let arch = std::env::consts::ARCH.try_into().expect("supported");
+        SeccompFilter::new(map, action(rules.on_mismatch), action(rules.on_match), arch)
+            .expect("valid")
+            .try_into()
+            .expect("compiles")
+    }
+
+    #[test]
+    fn the_search_tree_answers_like_seccompilers_chain() {
+        let arch = audit_arch();
+        for rules in [allowlist_rules(), clone3_rules()] {
+            let ours = bpf::compile(&rules).expect("compiles");
+            let theirs = reference(&rules);
+            assert!(
+                ours.len() * 2 < theirs.len() || theirs.len() < 16,
+                "{} instructions against {}",
+                ours.len(),
+                theirs.len()
+            );
+            // Every syscall number, each with argument values that hit every condition:
+            // the constants the rules name, each with and without every flag bit.
+            let mut values: Vec<u64> = vec![0, 1, u64::MAX, 0xffff_ffff, 1 << 32];
+            for conds in rules.syscalls.values().flatten() {
+                for c in conds {
+                    let (v, m) = match c.cmp {
+                        Cmp::Eq(v) | Cmp::Ne(v) => (v, 0),
+                        Cmp::MaskedEq { mask, value } => (value, mask),
+                    };
+                    values.extend([v, v | (1 << 32), v ^ 1]);
+                    values.extend((0..64).filter(|b| m & (1 << b) != 0).map(|b| v | (1 << b)));
+                }
+            }
+            let second = [
+                0,
+                1,
+                2,
+                5,
+                0x801,
+                libc::TIOCSTI,
+                libc::TIOCLINUX,
+                libc::TCGETS,
+            ];
+            for nr in (0..600).chain([0x4000_0000, 0x4000_0001, u32::MAX]) {
+                // Arguments only matter to the syscalls with conditions.
+                let with_args = rules.syscalls.get(&nr).is_some_and(|r| !r.is_empty());
+                let (first, second) = if with_args {
+                    (&values[..], &second[..])
+                } else {
+                    (&values[..2], &second[..1])
+                };
+                for v0 in first {
+                    for v1 in second.iter().copied() {
+                        let args = [*v0, v1, 0, 0, 0, 0];
+                        assert_eq!(
+                            bpf::interpret(&ours, nr, arch, args),
+                            bpf::interpret(&theirs, nr, arch, args),
+                            "syscall {nr} args {args:x?}"
+                        );
+                    }
+                }
+            }
+            assert_eq!(
+                bpf::interpret(&ours, 0, 0x4000_0003, [0; 6]),
+                Some(libc::SECCOMP_RET_KILL_PROCESS)
+            );
+        }
     }
 
     #[test]

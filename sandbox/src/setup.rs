@@ -56,6 +56,8 @@ const ETC_NSSWITCH: &[u8] = b"passwd: files\ngroup: files\nhosts: files dns\n";
 pub(crate) const HOSTNAME: &str = "sandbox";
 /// fds the init keeps until exec: 0..=2 stdio, 3 work, 4 status.
 pub(crate) const INIT_FDS_KEPT: i32 = 5;
+/// Where the supervisor finds a network namespace made ahead (after stdio and its three pipes).
+pub(crate) const NETNS_FD: i32 = 6;
 
 /// One step of building the root file system (paths are already under the staging root).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,6 +86,9 @@ pub(crate) enum RootOp {
 #[derive(Debug, Clone)]
 pub(crate) struct Plan {
     pub namespaces: Namespaces,
+    /// Join the network namespace open at [`NETNS_FD`] (made ahead by the node) instead of
+    /// creating one.
+    pub join_network_namespace: bool,
     pub cgroup_join_files: Vec<PathBuf>,
     /// Host uid and gid that root inside maps to.
     pub host_id: u32,
@@ -344,6 +349,7 @@ impl Plan {
 
         Ok(Plan {
             namespaces: Namespaces(namespaces),
+            join_network_namespace: false,
             cgroup_join_files,
             host_id,
             staging_root: root.to_path_buf(),
@@ -358,11 +364,26 @@ impl Plan {
     }
 }
 
+impl Plan {
+    /// Takes the network namespace from [`NETNS_FD`] instead of creating one. Only for a plan
+    /// that has a network namespace of its own (below the trusted tier).
+    pub(crate) fn join_network_namespace_ahead(&mut self) {
+        debug_assert!(self.namespaces.0 & Namespaces::NET != 0);
+        self.namespaces = Namespaces(self.namespaces.0 & !Namespaces::NET);
+        self.join_network_namespace = true;
+    }
+}
+
 /// Steps of the supervisor, up to (not including) the fork of the init.
 pub(crate) fn supervisor(sys: &mut impl Syscalls, plan: &Plan) -> StepResult {
     sys.drop_supplementary_groups()?;
     for file in &plan.cgroup_join_files {
         sys.join_cgroup(file)?;
+    }
+    // setns needs the host's root (the namespace belongs to the host's user namespace), so
+    // before the host ids are dropped.
+    if plan.join_network_namespace {
+        sys.enter_network_namespace(NETNS_FD)?;
     }
     sys.set_host_ids(plan.host_id)?;
     sys.unshare(plan.namespaces)?;
@@ -447,6 +468,26 @@ mod tests {
         assert!(pos(&sys, "pdeathsig") < pos(&sys, "id_maps 100007"));
         assert!(pos(&sys, "id_maps") < pos(&sys, "become_root"));
         assert_eq!(sys.calls.last().map(String::as_str), Some("become_root"));
+    }
+
+    #[test]
+    fn a_network_namespace_made_ahead_is_joined_while_privileged() {
+        let mut plan = plan(Tier::Untrusted);
+        plan.join_network_namespace_ahead();
+        assert!(!plan.namespaces.contains(Namespaces::NET));
+        let mut sys = RecordingSys::new();
+        supervisor(&mut sys, &plan).expect("fake succeeds");
+        assert!(pos(&sys, "join_cgroup") < pos(&sys, "setns_net 6"));
+        assert!(pos(&sys, "setns_net") < pos(&sys, "set_host_ids"));
+        let unshare = &sys.calls[pos(&sys, "unshare")];
+        let flags =
+            i32::from_str_radix(unshare.trim_start_matches("unshare 0x"), 16).expect("hex flags");
+        assert_eq!(flags & Namespaces::NET, 0, "{unshare}");
+        // Without one, nothing is joined and the namespace is created.
+        let plan = super::tests::plan(Tier::Untrusted);
+        let mut sys = RecordingSys::new();
+        supervisor(&mut sys, &plan).expect("fake succeeds");
+        assert!(sys.position("setns_net").is_none());
     }
 
     #[test]

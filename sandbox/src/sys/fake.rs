@@ -54,6 +54,9 @@ impl Syscalls for RecordingSys {
     fn set_host_ids(&mut self, id: u32) -> StepResult {
         self.record(format!("set_host_ids {id}"))
     }
+    fn enter_network_namespace(&mut self, fd: i32) -> StepResult {
+        self.record(format!("setns_net {fd}"))
+    }
     fn unshare(&mut self, namespaces: Namespaces) -> StepResult {
         self.record(format!("unshare {:#x}", namespaces.0))
     }

@@ -126,6 +126,14 @@ impl Syscalls for RealSys {
             .map_err(|e| StepError::new("join cgroup", Some(join_file), io_errno(&e)))
     }
 
+    fn enter_network_namespace(&mut self, fd: i32) -> StepResult {
+        // SAFETY: setns takes an fd (inherited from the node, open in this process) and a flag.
+        let ret = unsafe { libc::setns(fd, libc::CLONE_NEWNET) };
+        let result = check(ret, "setns(network)", None);
+        close_fd(fd);
+        result
+    }
+
     fn unshare(&mut self, namespaces: Namespaces) -> StepResult {
         // SAFETY: unshare takes flags only.
         let ret = unsafe { libc::unshare(namespaces.0) };
@@ -507,6 +515,18 @@ pub(crate) fn fork() -> io::Result<ForkResult> {
 pub(crate) fn exit_now(code: i32) -> ! {
     // SAFETY: _exit never returns and is async-signal-safe.
     unsafe { libc::_exit(code) }
+}
+
+/// Moves the calling thread into a new network namespace and returns an fd that keeps the
+/// namespace alive. Only for a thread that does nothing else: every later socket it opens, and
+/// every process it forks, would live in that namespace.
+pub(crate) fn new_network_namespace() -> io::Result<OwnedFd> {
+    // SAFETY: unshare takes flags only; CLONE_NEWNET affects the calling thread alone.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    let file = File::open("/proc/thread-self/ns/net")?;
+    Ok(OwnedFd::from(file))
 }
 
 /// Moves `stdio` onto fds 0..=2 and `control` onto 3.. (in order), without close-on-exec on

@@ -13,9 +13,9 @@ pub(crate) mod fake;
 pub(crate) mod linux;
 
 pub(crate) use linux::{
-    adopt_fds, adopt_init_fds, close_fd, exec_work, exit_now, fork, kill_pid, pin_to_current_cpu,
-    pipe, poll_fds, read_fd, set_affinity, set_nonblocking, wait_pid, write_fd, CpuMask,
-    ForkResult, PollWant, RealSys,
+    adopt_fds, adopt_init_fds, close_fd, exec_work, exit_now, fork, kill_pid,
+    new_network_namespace, pin_to_current_cpu, pipe, poll_fds, read_fd, set_affinity,
+    set_nonblocking, wait_pid, write_fd, CpuMask, ForkResult, PollWant, RealSys,
 };
 
 /// A failed setup step, as reported from the child to the parent.
@@ -95,6 +95,8 @@ pub(crate) trait Syscalls {
     fn join_cgroup(&mut self, join_file: &Path) -> StepResult;
     /// Becomes the unprivileged host uid and gid `id` (while still in the host's namespace).
     fn set_host_ids(&mut self, id: u32) -> StepResult;
+    /// Joins the network namespace open at `fd` (one the node created ahead), then closes it.
+    fn enter_network_namespace(&mut self, fd: i32) -> StepResult;
     fn unshare(&mut self, namespaces: Namespaces) -> StepResult;
     /// Maps root of the new user namespace to the host id `id` (its own ids, which an
     /// unprivileged process may map for itself) with `setgroups` denied.

@@ -635,3 +635,57 @@ fn sandboxes_die_with_the_node_and_their_cgroups_are_swept() {
     assert!(swept >= 1);
     assert!(!cgroup.exists(), "{} left behind", cgroup.display());
 }
+
+/// The network namespace `readlink /proc/self/ns/net` names inside a sandbox of `tier`.
+fn net_namespace_inside(sandbox: ExecSandbox) -> String {
+    let out = sandbox
+        .run_blocking(&argv(&["/bin/sh", "-c", "readlink /proc/self/ns/net"]), b"")
+        .expect("sandbox runs");
+    assert_eq!(out.status, ExitStatus::Exited(0), "{}", text(&out.stderr));
+    text(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn each_sandbox_gets_a_network_namespace_of_its_own_made_ahead_or_not() {
+    if !can_sandbox() {
+        return;
+    }
+    let code = code_dir(&[]);
+    let host = std::fs::read_link("/proc/self/ns/net")
+        .expect("host namespace")
+        .to_string_lossy()
+        .into_owned();
+    let untrusted = SandboxSpec::new(Tier::Untrusted, code.path());
+    // The first start sets the maker going; wait (bounded) until namespaces are ready so the
+    // sandboxes below join ones made ahead.
+    run_blocking(&untrusted, &argv(&["/bin/true"]), b"").expect("runs");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while skiff_sandbox::netns_pool_ready() < skiff_sandbox::NETNS_POOL_SIZE_DEFAULT {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pool never filled"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for pool_on in [true, false] {
+        if !pool_on {
+            skiff_sandbox::set_netns_pool_size(0);
+        }
+        // Alive at the same time, so no namespace (or its number) can be recycled among them.
+        let sandboxes: Vec<ExecSandbox> = (0..6)
+            .map(|_| ExecSandbox::create(&untrusted).expect("sandbox"))
+            .collect();
+        for sandbox in sandboxes {
+            let inside = net_namespace_inside(sandbox);
+            assert!(inside.starts_with("net:["), "{inside}");
+            assert_ne!(inside, host, "a sandbox shares the host's network");
+            assert!(seen.insert(inside.clone()), "{inside} served two sandboxes");
+        }
+        seen.clear();
+    }
+    // Only the trusted tier keeps the host's network.
+    let trusted =
+        ExecSandbox::create(&SandboxSpec::new(Tier::Trusted, code.path())).expect("sandbox");
+    assert_eq!(net_namespace_inside(trusted), host);
+}
