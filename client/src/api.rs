@@ -84,6 +84,24 @@ pub trait ClientApi {
     async fn stream_cancel(request_id: RequestId, id: StreamId) -> Result<(), ApiError>;
     /// Runs a stream job's failed items again (latest function version); returns how many.
     async fn stream_redrive(request_id: RequestId, id: StreamId) -> Result<u64, ApiError>;
+    /// One chunk of a backup of the whole state. `export: None` starts a new backup (the
+    /// leader confirms its leadership, exports its applied state and keeps it in memory) and
+    /// returns its first chunk; then `Some(id)` with the next offset, until `total_bytes`.
+    async fn backup_chunk(export: Option<u64>, offset: u64) -> Result<BackupChunk, ApiError>;
+}
+
+/// A piece of a backup (see [`ClientApi::backup_chunk`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupChunk {
+    pub export_id: u64,
+    /// The log index the backup's state covers.
+    pub covers_index: u64,
+    pub total_bytes: u64,
+    /// SHA-256 of the whole backup, hex.
+    pub sha256: String,
+    pub offset: u64,
+    #[serde(with = "serde_bytes")]
+    pub bytes: Vec<u8>,
 }
 
 /// An invocation.

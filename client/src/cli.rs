@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use base64::Engine;
@@ -214,6 +214,9 @@ pub enum ClusterCmd {
     AddNode { id: NodeId, addr: String },
     /// Remove a node from the membership.
     RemoveNode { id: NodeId },
+    /// Download a backup of the whole state (every acknowledged write) into FILE; restore it
+    /// into a new cluster with `skiffd restore` (see docs/operations.md).
+    Backup { file: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -624,7 +627,47 @@ async fn cluster(client: &Client, cmd: ClusterCmd, json: bool) -> Result<(), Cli
                 out(&format!("node {id} removed"));
             }
         }
+        ClusterCmd::Backup { file } => {
+            let backup = client.backup(|_, _| {}).await?;
+            write_file_atomically(&file, &backup.bytes)?;
+            if json {
+                out(&json!({
+                    "file": file.display().to_string(),
+                    "bytes": backup.bytes.len(),
+                    "covers_index": backup.covers_index,
+                    "sha256": backup.sha256,
+                })
+                .to_string());
+            } else {
+                out(&format!(
+                    "backup of {} bytes (state at log index {}, sha256 {}) written to {}",
+                    backup.bytes.len(),
+                    backup.covers_index,
+                    backup.sha256,
+                    file.display()
+                ));
+            }
+        }
     }
+    Ok(())
+}
+
+/// Writes `bytes` to `path` through a temporary file in the same directory, synced, then
+/// renamed: a crash never leaves a half-written file under the final name.
+fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<(), CliError> {
+    use std::io::Write as _;
+    let failed = |e: std::io::Error| CliError {
+        code: ExitCode::Failure,
+        message: format!("cannot write {}: {e}", path.display()),
+    };
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(failed)?;
+    tmp.write_all(bytes).map_err(failed)?;
+    tmp.as_file().sync_all().map_err(failed)?;
+    tmp.persist(path).map_err(|e| failed(e.error))?;
     Ok(())
 }
 

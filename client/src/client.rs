@@ -36,6 +36,21 @@ use skiff_raft_store::functions::{
 };
 use skiff_raft_store::model::{InvalidCommand, DEDUP_WINDOW_MS};
 
+/// How many times [`Client::backup`] starts a backup that was interrupted.
+pub const BACKUP_ATTEMPTS_MAX: u32 = 3;
+/// The largest backup [`Client::backup`] accepts (the cluster's bound on its whole state).
+pub const BACKUP_BYTES_MAX: u64 = 2 << 30;
+
+/// A downloaded, checked backup (see [`Client::backup`]).
+#[derive(Debug, Clone)]
+pub struct Backup {
+    /// The log index the state covers.
+    pub covers_index: u64,
+    /// SHA-256 of `bytes`, hex.
+    pub sha256: String,
+    pub bytes: Vec<u8>,
+}
+
 /// Errors of the client library.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -618,6 +633,70 @@ impl Client {
         Ok(out)
     }
 
+    /// Downloads a backup of the cluster's whole state (every write acknowledged before the
+    /// call began is in it) and checks it against the leader's SHA-256. `progress(done,
+    /// total)` is called in bytes. A backup interrupted by a newer one or a leader change is
+    /// started again, at most [`BACKUP_ATTEMPTS_MAX`] times.
+    pub async fn backup(&self, mut progress: impl FnMut(u64, u64)) -> Result<Backup, ClientError> {
+        use sha2::Digest;
+        let mut attempt = 0;
+        'attempts: loop {
+            attempt += 1;
+            let first = self
+                .call(|c, ctx| async move { c.backup_chunk(ctx, None, 0).await })
+                .await?;
+            if first.total_bytes > BACKUP_BYTES_MAX {
+                return Err(ClientError::Protocol(format!(
+                    "a backup of {} bytes, more than {BACKUP_BYTES_MAX}",
+                    first.total_bytes
+                )));
+            }
+            let total = first.total_bytes;
+            let (id, covers_index, sha256) = (first.export_id, first.covers_index, first.sha256);
+            let mut bytes = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
+            let mut chunk = first.bytes;
+            loop {
+                bytes.extend_from_slice(&chunk);
+                let done = bytes.len() as u64;
+                progress(done, total);
+                if done >= total || chunk.is_empty() {
+                    break;
+                }
+                let next = self
+                    .call(|c, ctx| async move { c.backup_chunk(ctx, Some(id), done).await })
+                    .await;
+                match next {
+                    Ok(next) if next.export_id == id && next.offset == done => chunk = next.bytes,
+                    Ok(next) => {
+                        return Err(ClientError::Protocol(format!(
+                            "asked for backup {id} at {done}, got backup {} at {}",
+                            next.export_id, next.offset
+                        )))
+                    }
+                    Err(ClientError::Api(ApiError::FailedPrecondition(reason)))
+                        if attempt < BACKUP_ATTEMPTS_MAX =>
+                    {
+                        tracing::info!(%reason, attempt, "backup interrupted; starting again");
+                        continue 'attempts;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if bytes.len() as u64 != total || hex::encode(sha2::Sha256::digest(&bytes)) != sha256 {
+                return Err(ClientError::Protocol(format!(
+                    "the backup downloaded ({} bytes) does not match the leader's ({total} bytes, \
+                     sha256 {sha256})",
+                    bytes.len()
+                )));
+            }
+            return Ok(Backup {
+                covers_index,
+                sha256,
+                bytes,
+            });
+        }
+    }
+
     /// Worker nodes as their heartbeats describe them, and scheduler counters (linearizable).
     pub async fn workers(&self) -> Result<Workers, ClientError> {
         self.workers_with(ReadConsistency::Linearizable).await
@@ -887,6 +966,11 @@ mod tests {
         invoke_ids: Vec<RequestId>,
         /// Answers to the next invocations, first first; then success.
         invoke_errors: Vec<ApiError>,
+        /// The image a backup serves, in chunks of `backup_chunk` bytes.
+        backup_image: Vec<u8>,
+        backup_chunk: usize,
+        /// Exports started so far; the first one is superseded after its first chunk.
+        backup_exports: u64,
     }
 
     #[derive(Clone, Default)]
@@ -1121,6 +1205,60 @@ mod tests {
         ) -> Result<u64, ApiError> {
             Err(ApiError::Internal("not faked".into()))
         }
+
+        async fn backup_chunk(
+            self,
+            _: context::Context,
+            export: Option<u64>,
+            offset: u64,
+        ) -> Result<crate::api::BackupChunk, ApiError> {
+            use sha2::Digest;
+            let mut st = self.state();
+            let id = match export {
+                None => {
+                    st.backup_exports += 1;
+                    st.backup_exports
+                }
+                // A newer backup replaced the first one.
+                Some(1) => return Err(ApiError::FailedPrecondition("backup 1 is gone".into())),
+                Some(id) => id,
+            };
+            let start = (offset as usize).min(st.backup_image.len());
+            let end = (start + st.backup_chunk).min(st.backup_image.len());
+            Ok(crate::api::BackupChunk {
+                export_id: id,
+                covers_index: 42,
+                total_bytes: st.backup_image.len() as u64,
+                sha256: hex::encode(sha2::Sha256::digest(&st.backup_image)),
+                offset: start as u64,
+                bytes: st.backup_image[start..end].to_vec(),
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_backup_is_downloaded_in_chunks_and_restarted_when_superseded() {
+        let image: Vec<u8> = (0..1000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let fake = Fake::default();
+        {
+            let mut st = fake.state();
+            st.backup_image = image.clone();
+            st.backup_chunk = 64;
+        }
+        let client = serve(fake.clone()).await;
+        let mut calls = 0;
+        let backup = client
+            .backup(|done, total| {
+                calls += 1;
+                assert!(done <= total);
+            })
+            .await
+            .expect("backup");
+        assert_eq!(backup.bytes, image);
+        assert_eq!(backup.covers_index, 42);
+        // The first export was superseded after one chunk, the second one served all 16.
+        assert_eq!(fake.state().backup_exports, 2);
+        assert_eq!(calls, 1 + 16);
     }
 
     /// Serves `fake` on a loopback port; returns a client of it.

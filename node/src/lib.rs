@@ -7,6 +7,7 @@
 //!   its shutdown future resolves (binaries and tests call it the same way);
 //! - [`peer`]: the node-to-node service (Raft RPCs, forwarding to the leader) and the Raft
 //!   network built on it;
+//! - [`backup`]: backups of the state and their restore into a new cluster;
 //! - [`batcher`]: group commit — many client commands per log entry;
 //! - [`dev`]: `skiffd dev`, a local multi-process cluster in one command;
 //! - [`metrics`]: Prometheus metrics and the `/metrics` endpoint;
@@ -22,6 +23,7 @@
 //! through the leader's batcher; reads that claim linearizability are confirmed by a quorum.
 #![forbid(unsafe_code)]
 
+pub mod backup;
 pub mod batcher;
 pub mod config;
 pub mod data_service;

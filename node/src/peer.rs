@@ -69,6 +69,11 @@ pub enum ReadOp {
         id: StreamId,
     },
     Streams,
+    /// A chunk of a backup; served by the leader only (see [`crate::backup`]).
+    Backup {
+        export: Option<u64>,
+        offset: u64,
+    },
 }
 
 /// The answer to a [`ReadOp`].
@@ -83,6 +88,7 @@ pub enum ReadResult {
     Workers(Workers),
     Stream(Option<Box<StreamJob>>),
     Streams(Vec<StreamJob>),
+    Backup(Box<crate::backup::BackupChunk>),
 }
 
 /// A stream request forwarded to the leader (which reads the sources).

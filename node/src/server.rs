@@ -19,10 +19,10 @@ use futures::StreamExt;
 use openraft::error::{CheckIsLeaderError, InitializeError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState};
 use skiff_client::api::{
-    ApiError, ClientApi, ClientCommand, ClusterStatus, Command, CommandResult, FunctionRecord,
-    FunctionVersion, InvokeRequest, KvEntry, KvPage, MemberRole, NodeId, NodeStatus,
-    ReadConsistency, RequestId, StreamId, StreamJob, StreamStartRequest, Task, TaskFilter, TaskId,
-    Workers,
+    ApiError, BackupChunk, ClientApi, ClientCommand, ClusterStatus, Command, CommandResult,
+    FunctionRecord, FunctionVersion, InvokeRequest, KvEntry, KvPage, MemberRole, NodeId,
+    NodeStatus, ReadConsistency, RequestId, StreamId, StreamJob, StreamStartRequest, Task,
+    TaskFilter, TaskId, Workers,
 };
 use skiff_client::transport::{self, Service};
 use skiff_raft_store::functions::validate_function_name;
@@ -66,6 +66,8 @@ pub struct NodeInner {
     pub read_index: crate::read_index::ReadIndex,
     /// Set once shutdown begins; background loops stop.
     pub stopping: std::sync::atomic::AtomicBool,
+    /// The backup being downloaded from this node (as leader), if any.
+    pub exports: crate::backup::Exports,
 }
 
 impl NodeInner {
@@ -156,6 +158,7 @@ pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
         worker,
         read_index: Default::default(),
         stopping: std::sync::atomic::AtomicBool::new(false),
+        exports: crate::backup::Exports::default(),
     }));
     crate::worker::start_loops(&node);
     crate::streams::start_driver(&node);
@@ -398,6 +401,13 @@ impl Node {
             | ReadOp::Workers
             | ReadOp::Stream { .. }
             | ReadOp::Streams => {}
+            ReadOp::Backup { .. } => {
+                if consistency == ReadConsistency::Local {
+                    return Err(ApiError::InvalidArgument(
+                        "a backup is always read from the leader".to_string(),
+                    ));
+                }
+            }
         }
         if consistency == ReadConsistency::Local {
             return Ok(self.read_local(op));
@@ -417,7 +427,21 @@ impl Node {
     }
 
     async fn read_on_leader(&self, op: ReadOp) -> Result<ReadResult, ApiError> {
+        if let ReadOp::Backup {
+            export: Some(id),
+            offset,
+        } = op
+        {
+            // Later chunks of an export taken after a confirmation: no new round.
+            return self
+                .0
+                .exports
+                .chunk(id, offset)
+                .map(|c| ReadResult::Backup(Box::new(c)))
+                .map_err(ApiError::FailedPrecondition);
+        }
         match self.0.read_index.barrier(&self.0.raft).await {
+            Ok(_) if matches!(op, ReadOp::Backup { .. }) => self.start_backup().await,
             Ok(_) => Ok(self.read_local(op)),
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
                 Err(ApiError::NoLeader {
@@ -434,6 +458,21 @@ impl Node {
             }
             Err(RaftError::Fatal(f)) => Err(batcher::fatal_error(&f)),
         }
+    }
+
+    /// Exports the applied state (after the caller's leadership confirmation, so it holds
+    /// every acknowledged write) and returns the first chunk.
+    async fn start_backup(&self) -> Result<ReadResult, ApiError> {
+        let store = self.0.store.clone();
+        let (covers, bytes) = tokio::task::spawn_blocking(move || store.export())
+            .await
+            .map_err(|e| ApiError::Internal(format!("backup export: {e}")))?
+            .map_err(|e| ApiError::Internal(format!("backup export: {e}")))?;
+        let covers_index = covers.map_or(0, |id| id.index);
+        tracing::info!(covers_index, bytes = bytes.len(), "backup exported");
+        Ok(ReadResult::Backup(Box::new(
+            self.0.exports.start(covers_index, bytes),
+        )))
     }
 
     fn read_local(&self, op: ReadOp) -> ReadResult {
@@ -488,6 +527,17 @@ impl Node {
                     .store
                     .read(|sm| sm.sched().streams().cloned().collect()),
             ),
+            ReadOp::Backup { export, offset } => {
+                // Only reached on a follower's local read, which `read` refuses.
+                ReadResult::Backup(Box::new(crate::backup::BackupChunk {
+                    export_id: export.unwrap_or(0),
+                    covers_index: 0,
+                    total_bytes: 0,
+                    sha256: String::new(),
+                    offset,
+                    bytes: Vec::new(),
+                }))
+            }
             ReadOp::Workers => ReadResult::Workers(self.0.store.read(|sm| {
                 let s = sm.sched();
                 Workers {
@@ -963,6 +1013,21 @@ impl ClientApi for Node {
             other => Err(ApiError::Internal(format!(
                 "a stream redrive was answered with {other:?}"
             ))),
+        }
+    }
+
+    async fn backup_chunk(
+        self,
+        _: Context,
+        export: Option<u64>,
+        offset: u64,
+    ) -> Result<BackupChunk, ApiError> {
+        let op = ReadOp::Backup { export, offset };
+        match self.read(op, ReadConsistency::Linearizable).await? {
+            ReadResult::Backup(chunk) => Ok(*chunk),
+            _ => Err(ApiError::Internal(
+                "a backup read was answered with another read".into(),
+            )),
         }
     }
 

@@ -16,6 +16,7 @@
 //! - [`apply`] (feature `storage`): the in-memory state and the pure apply function.
 //! - [`log_store`] (feature `storage`): the Raft log on RocksDB.
 //! - [`state_machine`] (feature `storage`): the state machine on RocksDB, reads and snapshots.
+//! - [`backup`] (feature `storage`): restoring a backup (an exported state) into a new cluster.
 //! - `db` (private): the shared RocksDB instance, its column families and value encoding.
 //!
 //! On disk, one RocksDB directory (see [`open`]) holds five column families, all values
@@ -40,6 +41,8 @@ pub mod sched;
 
 #[cfg(feature = "storage")]
 pub mod apply;
+#[cfg(feature = "storage")]
+pub mod backup;
 #[cfg(feature = "storage")]
 mod db;
 #[cfg(feature = "storage")]

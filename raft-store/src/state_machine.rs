@@ -536,6 +536,57 @@ impl StateMachineStore {
         })
     }
 
+    /// The whole applied state in the snapshot format (framed, checksummed), without storing
+    /// it as the current snapshot: a backup. Returns the log id it covers.
+    pub fn export(&self) -> Result<(Option<LogId>, Vec<u8>), StorageError> {
+        let (data, last_applied, last_membership) = {
+            let state = self.state();
+            (
+                state.data.clone(),
+                state.last_applied,
+                state.last_membership.clone(),
+            )
+        };
+        let bytes = encode_snapshot(&data, last_applied, &last_membership)
+            .map_err(|e| storage_error(ErrorSubject::Snapshot(None), ErrorVerb::Write, &e))?;
+        Ok((last_applied, bytes))
+    }
+
+    /// Installs a backup made by [`Self::export`] (on any cluster) as this store's state, at
+    /// the log id it covers, with `membership` instead of the one it was made under. For a
+    /// fresh store only (the caller checks); the image is checked like a received snapshot.
+    pub(crate) fn install_backup(
+        &self,
+        image: &[u8],
+        membership: crate::types::Membership,
+    ) -> Result<LogId, String> {
+        let mut decoded = decode_snapshot(image)?;
+        let Some(last) = decoded.last_applied else {
+            return Err("the backup holds an empty state (nothing was ever applied)".to_string());
+        };
+        decoded.last_membership = StoredMembership::new(Some(last), membership);
+        let data = StateMachineData::from_parts(
+            decoded.kv,
+            decoded.dedup,
+            decoded
+                .objects
+                .into_iter()
+                .map(|(k, v)| (k.into_vec(), v.into_vec())),
+            decoded.revision,
+            decoded.last_time_ms,
+        )
+        .map_err(|e| format!("the backup's state breaks an invariant: {e}"))?;
+        let bytes = encode_snapshot(&data, Some(last), &decoded.last_membership)
+            .map_err(|e| format!("cannot encode the restored state: {e}"))?;
+        let meta = SnapshotMeta {
+            last_log_id: Some(last),
+            last_membership: decoded.last_membership,
+            snapshot_id: format!("{last}-restored"),
+        };
+        self.install(&meta, bytes).map_err(|e| e.to_string())?;
+        Ok(last)
+    }
+
     fn install(&self, meta: &SnapshotMeta, bytes: Vec<u8>) -> Result<(), StorageError> {
         let subject = || ErrorSubject::Snapshot(Some(meta.signature()));
         let reject = |message: String| storage_failure(subject(), ErrorVerb::Read, message);

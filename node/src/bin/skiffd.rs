@@ -62,6 +62,23 @@ enum Cmd {
         #[arg(long, default_value_t = 7001)]
         base_port: u16,
     },
+    /// Write a backup (`skiff cluster backup`) into the new, empty data directory of one member
+    /// of a new cluster. Run it for every member with the same file and members, then start
+    /// the nodes: they elect a leader without `cluster init`.
+    Restore {
+        /// The backup file.
+        #[arg(long)]
+        backup: PathBuf,
+        /// This node's id in the new cluster.
+        #[arg(long)]
+        id: u64,
+        /// This node's new data directory (must not exist or be empty).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Every member of the new cluster: `1=HOST:PORT,2=HOST:PORT,3=HOST:PORT`.
+        #[arg(long)]
+        members: String,
+    },
 }
 
 fn init_logging(format: LogFormat) {
@@ -132,6 +149,26 @@ fn main() -> anyhow::Result<()> {
             runtime
                 .block_on(skiff_node::dev::run(opts, shutdown_signal(None)))
                 .context("skiffd dev")?;
+        }
+        Some(Cmd::Restore {
+            backup,
+            id,
+            data_dir,
+            members,
+        }) => {
+            init_logging(args.log_format.unwrap_or(LogFormat::Human));
+            let members = skiff_client::cli::parse_members(&members)
+                .map_err(|e| anyhow::anyhow!("--members: {}", e.message))?;
+            let index = runtime
+                .block_on(skiff_node::backup::restore_file(
+                    &backup, id, &data_dir, &members,
+                ))
+                .context("skiffd restore")?;
+            println!(
+                "restored {} into {} at log index {index}",
+                backup.display(),
+                data_dir.display()
+            );
         }
         None => {
             let overrides = Overrides {

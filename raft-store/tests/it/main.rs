@@ -288,3 +288,80 @@ async fn a_failed_apply_leaves_memory_equal_to_disk() {
     assert_eq!(sm.digest(), digest);
     assert_eq!(sm.applied(), Some(log_id(2, 5)));
 }
+
+#[tokio::test]
+async fn a_backup_restores_into_a_new_cluster_with_its_membership() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (_log, mut sm) = open(dir.path()).await.expect("open");
+    sm.apply(sample_entries()).await.expect("apply");
+    let (covered, backup) = sm.export().expect("export");
+    assert_eq!(covered, Some(log_id(2, 5)));
+
+    let members: BTreeMap<u64, String> = [(7, "127.0.0.1:9007"), (8, "127.0.0.1:9008")]
+        .into_iter()
+        .map(|(id, addr)| (id, addr.to_string()))
+        .collect();
+    let new_root = tempfile::tempdir().expect("tempdir");
+    let target = new_root.path().join("node-7");
+    let last = skiff_raft_store::backup::restore(&target, 7, &members, &backup)
+        .await
+        .expect("restore");
+    assert_eq!(last, log_id(2, 5));
+
+    let (mut log, mut restored) = open(&target).await.expect("open the restored store");
+    assert_eq!(restored.digest(), sm.digest());
+    assert_eq!(restored.get("a"), sm.get("a"));
+    let (applied, membership) = restored.applied_state().await.expect("applied state");
+    assert_eq!(applied, Some(log_id(2, 5)));
+    let voters: BTreeSet<u64> = membership.membership().voter_ids().collect();
+    assert_eq!(voters, BTreeSet::from([7, 8]));
+    assert_eq!(
+        membership.membership().get_node(&8),
+        Some(&BasicNode {
+            addr: "127.0.0.1:9008".to_string()
+        })
+    );
+    // The log is empty and purged up to the restored state; the snapshot is that state.
+    let state = log.get_log_state().await.expect("log state");
+    assert_eq!(state.last_purged_log_id, Some(log_id(2, 5)));
+    assert_eq!(state.last_log_id, Some(log_id(2, 5)));
+    assert_eq!(log.read_vote().await.expect("vote"), None);
+    let current = restored
+        .get_current_snapshot()
+        .await
+        .expect("snapshot")
+        .expect("the restored state is the current snapshot");
+    assert_eq!(current.meta.last_log_id, Some(log_id(2, 5)));
+
+    // Never into a directory that holds anything, never a node outside the members, never a
+    // corrupt backup (and nothing is left behind by one).
+    let again = skiff_raft_store::backup::restore(&target, 7, &members, &backup).await;
+    assert!(
+        matches!(
+            again,
+            Err(skiff_raft_store::backup::RestoreError::NotEmpty(_))
+        ),
+        "{again:?}"
+    );
+    let other = new_root.path().join("node-9");
+    let outsider = skiff_raft_store::backup::restore(&other, 9, &members, &backup).await;
+    assert!(
+        matches!(
+            outsider,
+            Err(skiff_raft_store::backup::RestoreError::NotAMember(9))
+        ),
+        "{outsider:?}"
+    );
+    let mut corrupt = backup.clone();
+    let middle = corrupt.len() / 2;
+    corrupt[middle] ^= 0xff;
+    let bad = skiff_raft_store::backup::restore(&other, 8, &members, &corrupt).await;
+    assert!(
+        matches!(
+            bad,
+            Err(skiff_raft_store::backup::RestoreError::BadBackup(_))
+        ),
+        "{bad:?}"
+    );
+    assert!(!other.exists(), "a refused backup left {other:?} behind");
+}
