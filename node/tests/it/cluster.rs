@@ -338,3 +338,34 @@ async fn a_node_is_added_as_learner_then_voter_and_removed() {
         .await
         .expect("write after removal");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line() {
+    let cluster = TestCluster::start(3, "log_format = \"json\"\n").await;
+    cluster
+        .client()
+        .put("logged", b"x".to_vec())
+        .await
+        .expect("put");
+    for id in cluster.ids() {
+        let log = cluster.log_of(id);
+        let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert!(!lines.is_empty(), "node {id} logged nothing");
+        let mut own = 0;
+        for line in lines {
+            let value: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("node {id}: not JSON ({e}): {line}"));
+            assert!(value["level"].is_string(), "no level: {line}");
+            assert!(value["timestamp"].is_string(), "no timestamp: {line}");
+            assert!(value["fields"].is_object(), "no fields: {line}");
+            let target = value["target"].as_str().expect("a target");
+            if target.starts_with("skiff") && value["fields"]["message"].is_string() {
+                own += 1;
+            }
+        }
+        assert!(
+            own > 0,
+            "node {id} has no message of its own in the JSON log"
+        );
+    }
+}
