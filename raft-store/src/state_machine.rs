@@ -494,7 +494,8 @@ impl StateMachineStore {
             .map_err(|e| storage_error(ErrorSubject::Snapshot(None), ErrorVerb::Read, &e))
     }
 
-    fn build(&self) -> Result<Snapshot, StorageError> {
+    /// The applied state encoded in the snapshot format, and what it covers.
+    fn encode_state(&self) -> Result<(Option<LogId>, StoredMembership, Vec<u8>), StorageError> {
         // A consistent copy, taken under the lock; encoding happens without it so apply is
         // held up only for the copy.
         let (data, last_applied, last_membership) = {
@@ -507,7 +508,11 @@ impl StateMachineStore {
         };
         let bytes = encode_snapshot(&data, last_applied, &last_membership)
             .map_err(|e| storage_error(ErrorSubject::Snapshot(None), ErrorVerb::Write, &e))?;
-        drop(data);
+        Ok((last_applied, last_membership, bytes))
+    }
+
+    fn build(&self) -> Result<Snapshot, StorageError> {
+        let (last_applied, last_membership, bytes) = self.encode_state()?;
         if bytes.len() > SNAPSHOT_BYTES_MAX {
             return Err(storage_failure(
                 ErrorSubject::Snapshot(None),
@@ -539,16 +544,7 @@ impl StateMachineStore {
     /// The whole applied state in the snapshot format (framed, checksummed), without storing
     /// it as the current snapshot: a backup. Returns the log id it covers.
     pub fn export(&self) -> Result<(Option<LogId>, Vec<u8>), StorageError> {
-        let (data, last_applied, last_membership) = {
-            let state = self.state();
-            (
-                state.data.clone(),
-                state.last_applied,
-                state.last_membership.clone(),
-            )
-        };
-        let bytes = encode_snapshot(&data, last_applied, &last_membership)
-            .map_err(|e| storage_error(ErrorSubject::Snapshot(None), ErrorVerb::Write, &e))?;
+        let (last_applied, _, bytes) = self.encode_state()?;
         Ok((last_applied, bytes))
     }
 

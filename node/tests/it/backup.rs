@@ -62,10 +62,8 @@ async fn a_backup_restored_into_a_new_cluster_gives_the_same_state() {
     let exe = env!("CARGO_BIN_EXE_skiffd");
     let config = root.path().join("node.toml");
     std::fs::write(&config, CONFIG).expect("config");
-    let mut children = Vec::new();
-    for (id, addr) in &members {
-        let data = root.path().join(format!("node-{id}"));
-        let restored = Process::new(exe)
+    let restore = |id: NodeId, data: &std::path::Path| {
+        Process::new(exe)
             .args([
                 "restore",
                 "--id",
@@ -76,29 +74,21 @@ async fn a_backup_restored_into_a_new_cluster_gives_the_same_state() {
             .arg("--backup")
             .arg(&file)
             .arg("--data-dir")
-            .arg(&data)
+            .arg(data)
             .output()
-            .expect("run skiffd restore");
+            .expect("run skiffd restore")
+    };
+    let mut children = Vec::new();
+    for (id, addr) in &members {
+        let data = root.path().join(format!("node-{id}"));
+        let restored = restore(*id, &data);
         assert!(
             restored.status.success(),
             "restore of node {id}: {}",
             String::from_utf8_lossy(&restored.stderr)
         );
         // A second restore into the same directory is refused and changes nothing.
-        let again = Process::new(exe)
-            .args([
-                "restore",
-                "--id",
-                &id.to_string(),
-                "--members",
-                &member_list,
-            ])
-            .arg("--backup")
-            .arg(&file)
-            .arg("--data-dir")
-            .arg(&data)
-            .output()
-            .expect("run skiffd restore");
+        let again = restore(*id, &data);
         assert!(!again.status.success());
         assert!(
             String::from_utf8_lossy(&again.stderr).contains("not empty"),
