@@ -21,11 +21,11 @@ pub use skiff_raft_store::functions::{
 pub use skiff_raft_store::model::{
     ClientCommand, Command, CommandResult, KvEntry, KvPage, NodeId, RequestId,
 };
-pub use skiff_raft_store::tokens::{Role, TokenId, TokenInfo};
 pub use skiff_raft_store::streams::{
     FailedItem, StreamCounters, StreamId, StreamJob, StreamOptions, StreamSource,
     StreamStartRequest, StreamState,
 };
+pub use skiff_raft_store::tokens::{Role, TokenId, TokenInfo};
 
 /// Largest frame either side accepts on a client connection, in bytes. A frame carries one
 /// request or response; values are at most 1 MiB, so 8 MiB leaves room for a page of a listing.

@@ -24,11 +24,10 @@ use futures::StreamExt;
 use sha2::{Digest, Sha256};
 
 use crate::api::{
-    ApiError, ClientApiClient, ClientCommand, ClusterStatus, Command, CommandResult,
-    CreatedToken, FunctionRecord, FunctionSpec, InvokeRequest, KvEntry, KvPage, NodeId,
-    ReadConsistency, RequestId, Role, StreamId, StreamJob, StreamOptions, StreamSource,
-    StreamStartRequest, Task, TaskFilter, TaskId, TokenId, TokenInfo, Workers,
-    CLIENT_FRAME_BYTES_MAX,
+    ApiError, ClientApiClient, ClientCommand, ClusterStatus, Command, CommandResult, CreatedToken,
+    FunctionRecord, FunctionSpec, InvokeRequest, KvEntry, KvPage, NodeId, ReadConsistency,
+    RequestId, Role, StreamId, StreamJob, StreamOptions, StreamSource, StreamStartRequest, Task,
+    TaskFilter, TaskId, TokenId, TokenInfo, Workers, CLIENT_FRAME_BYTES_MAX,
 };
 use crate::transport;
 use skiff_raft_store::functions::{

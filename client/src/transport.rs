@@ -12,10 +12,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use skiff_raft_store::tokens::TOKEN_SECRET_BYTES_MAX;
 use tarpc::serde_transport::Transport;
 use tarpc::tokio_serde::formats::Bincode;
 use tarpc::tokio_util::codec::{Framed, LengthDelimitedCodec};
-use skiff_raft_store::tokens::TOKEN_SECRET_BYTES_MAX;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 

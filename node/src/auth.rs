@@ -160,7 +160,6 @@ impl Session {
     }
 }
 
-
 /// The role one command sent through `write` needs, and what to call it in a refusal.
 pub fn write_role(command: &Command) -> (Role, String) {
     match command {
@@ -182,10 +181,7 @@ pub fn deploy_role(spec: &FunctionSpec) -> (Role, String) {
     if spec.tier == TRUSTED_TIER {
         (
             Role::Admin,
-            format!(
-                "deploying function {} at tier {TRUSTED_TIER}",
-                spec.name
-            ),
+            format!("deploying function {} at tier {TRUSTED_TIER}", spec.name),
         )
     } else {
         (Role::Deployer, format!("deploying function {}", spec.name))

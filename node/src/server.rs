@@ -222,7 +222,9 @@ async fn serve_connection(node: Node, mut stream: tokio::net::TcpStream) -> std:
         Some(Service::Client) => {
             let token = tokio::time::timeout(PREAMBLE_TIMEOUT, transport::read_token(&mut stream))
                 .await
-                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no token byte"))??;
+                .map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "no token byte")
+                })??;
             let t = transport::framed(stream, limits.client_frame_bytes_max);
             let session = Session::new(node, token);
             BaseChannel::with_defaults(t)
@@ -498,9 +500,11 @@ impl Node {
                     .store
                     .read(|sm| sm.sched().streams().cloned().collect()),
             ),
-            ReadOp::Tokens => {
-                ReadResult::Tokens(self.0.store.read(|sm| sm.tokens().list().cloned().collect()))
-            }
+            ReadOp::Tokens => ReadResult::Tokens(
+                self.0
+                    .store
+                    .read(|sm| sm.tokens().list().cloned().collect()),
+            ),
             ReadOp::Workers => ReadResult::Workers(self.0.store.read(|sm| {
                 let s = sm.sched();
                 Workers {
@@ -800,7 +804,11 @@ impl Node {
         };
         match result.as_slice() {
             [CommandResult::TokenCreated { token }] => {
-                tracing::info!(token = token.id, fresh, "cluster initialized with its first admin token");
+                tracing::info!(
+                    token = token.id,
+                    fresh,
+                    "cluster initialized with its first admin token"
+                );
                 Ok(token.clone())
             }
             [CommandResult::Rejected { .. }] => Err(ApiError::FailedPrecondition(
@@ -872,7 +880,6 @@ impl Node {
             ))),
         }
     }
-
 
     fn check_target(&self, target: NodeId) -> Result<(), PeerRefusal> {
         if target != self.0.id {

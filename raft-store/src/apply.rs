@@ -823,15 +823,30 @@ mod tests {
                 create(1, Role::Admin, Some("bootstrap"), "s1", true),
                 create(2, Role::Invoker, Some("ci"), "s2", false),
                 create(3, Role::Admin, None, "s3", true),
-                create(4, Role::Invoker, Some(&"n".repeat(TOKEN_NAME_BYTES_MAX + 1)), "s4", false),
+                create(
+                    4,
+                    Role::Invoker,
+                    Some(&"n".repeat(TOKEN_NAME_BYTES_MAX + 1)),
+                    "s4",
+                    false,
+                ),
                 create(5, Role::Deployer, None, "s5", true),
             ],
         });
         assert!(matches!(r.results[0], CommandResult::TokenCreated { .. }));
         assert!(matches!(r.results[1], CommandResult::TokenCreated { .. }));
-        assert!(matches!(r.results[2], CommandResult::Rejected { .. }), "second bootstrap");
-        assert!(matches!(r.results[3], CommandResult::Invalid(_)), "name too long");
-        assert!(matches!(r.results[4], CommandResult::Invalid(_)), "non-admin bootstrap");
+        assert!(
+            matches!(r.results[2], CommandResult::Rejected { .. }),
+            "second bootstrap"
+        );
+        assert!(
+            matches!(r.results[3], CommandResult::Invalid(_)),
+            "name too long"
+        );
+        assert!(
+            matches!(r.results[4], CommandResult::Invalid(_)),
+            "non-admin bootstrap"
+        );
         assert_eq!(sm.tokens().len(), 2);
         let token_writes = mutations
             .iter()
@@ -848,7 +863,10 @@ mod tests {
         );
         assert!(matches!(&r.results[0], CommandResult::TokenRevoked { token } if token.revoked));
         assert!(sm.tokens().authenticate("s2").is_none());
-        assert_eq!(sm.tokens().authenticate("s1").map(|t| t.role), Some(Role::Admin));
+        assert_eq!(
+            sm.tokens().authenticate("s1").map(|t| t.role),
+            Some(Role::Admin)
+        );
         let copy = StateMachineData::from_parts(
             sm.iter().cloned(),
             sm.dedup_iter().map(|(i, r)| (*i, r.clone())),

@@ -22,11 +22,11 @@ use crate::functions::{
     IDEMPOTENCY_KEY_BYTES_MAX, INVOCATION_DEPS_MAX, LOG_BYTES_MAX, OUTPUT_BYTES_MAX,
     PAYLOAD_BYTES_MAX, TRACKED_READS_MAX,
 };
-use crate::tokens::{validate_hash, validate_token_name, Role, TokenId, TokenInfo};
 use crate::streams::{
     StreamId, StreamItem, StreamStartRequest, STREAM_ADVANCE_BYTES_MAX, STREAM_ADVANCE_ITEMS_MAX,
     STREAM_CURSOR_BYTES_MAX, STREAM_ERROR_BYTES_MAX,
 };
+use crate::tokens::{validate_hash, validate_token_name, Role, TokenId, TokenInfo};
 
 /// Identifies a node of the cluster. Never reused after a node's data is wiped.
 pub type NodeId = u64;

@@ -130,8 +130,7 @@ pub fn validate_secret(secret: &str) -> Result<(), String> {
 
 /// Checks a token name: 1 to [`TOKEN_NAME_BYTES_MAX`] bytes, no control characters.
 pub fn validate_token_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > TOKEN_NAME_BYTES_MAX || name.chars().any(char::is_control)
-    {
+    if name.is_empty() || name.len() > TOKEN_NAME_BYTES_MAX || name.chars().any(char::is_control) {
         return Err(format!(
             "a token name is 1 to {TOKEN_NAME_BYTES_MAX} bytes without control characters"
         ));
@@ -396,7 +395,10 @@ mod tests {
     fn bootstrap_only_on_an_empty_table_and_retries_answer_the_same() {
         let mut t = Tokens::default();
         let first = created(t.create(5, Role::Admin, Some("bootstrap"), &token_hash("a"), true));
-        assert_eq!((first.id, first.created_ms, first.role), (1, 5, Role::Admin));
+        assert_eq!(
+            (first.id, first.created_ms, first.role),
+            (1, 5, Role::Admin)
+        );
         // The same bootstrap again (a retried init): the same token, nothing new.
         let again = created(t.create(6, Role::Admin, Some("bootstrap"), &token_hash("a"), true));
         assert_eq!(again, first);
@@ -415,9 +417,18 @@ mod tests {
     fn create_revoke_and_authenticate() {
         let mut t = Tokens::default();
         created(t.create(1, Role::Admin, None, &token_hash("admin-secret"), true));
-        let d = created(t.create(2, Role::Deployer, Some("ci"), &token_hash("ci-secret"), false));
+        let d = created(t.create(
+            2,
+            Role::Deployer,
+            Some("ci"),
+            &token_hash("ci-secret"),
+            false,
+        ));
         assert_eq!((d.id, d.name.as_deref()), (2, Some("ci")));
-        assert_eq!(t.authenticate("ci-secret").map(|i| i.role), Some(Role::Deployer));
+        assert_eq!(
+            t.authenticate("ci-secret").map(|i| i.role),
+            Some(Role::Deployer)
+        );
         assert!(t.authenticate("other").is_none());
         // A duplicate hash is refused.
         let r = t.create(3, Role::Invoker, None, &token_hash("ci-secret"), false);

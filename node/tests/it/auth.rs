@@ -40,9 +40,15 @@ async fn without_a_valid_token_nothing_is_read_or_written_and_bootstrap_happens_
     }
     // A well-formed secret the cluster never made is refused the same way.
     let stranger = cluster.client_with(&[2], Some(new_token_secret()));
-    let e = stranger.put("k", b"stranger".to_vec()).await.expect_err("unknown token");
+    let e = stranger
+        .put("k", b"stranger".to_vec())
+        .await
+        .expect_err("unknown token");
     assert!(unauthenticated(&e), "{e}");
-    let e = stranger.tokens().await.expect_err("unknown token lists nothing");
+    let e = stranger
+        .tokens()
+        .await
+        .expect_err("unknown token lists nothing");
     assert!(unauthenticated(&e), "{e}");
     // A raw connection with no token gets the error and no data either.
     let raw = rpc_as(&cluster.node(3).addr, None).await;
@@ -110,7 +116,10 @@ async fn roles_bound_what_a_token_may_do_and_trusted_needs_an_admin() {
         .await
         .expect_err("invoker deploy");
     assert!(denied(&e), "{e}");
-    let e = as_invoker.put("k", b"v".to_vec()).await.expect_err("kv put");
+    let e = as_invoker
+        .put("k", b"v".to_vec())
+        .await
+        .expect_err("kv put");
     assert!(denied(&e), "{e}");
     let e = as_invoker
         .token_create(Role::Admin, None)
@@ -143,9 +152,15 @@ async fn roles_bound_what_a_token_may_do_and_trusted_needs_an_admin() {
         .expect_err("deployer deploys trusted");
     assert!(denied(&e) && e.to_string().contains("trusted"), "{e}");
     assert!(admin.function("t").await.expect("fn show").is_none());
-    let e = as_deployer.tokens().await.expect_err("deployer lists tokens");
+    let e = as_deployer
+        .tokens()
+        .await
+        .expect_err("deployer lists tokens");
     assert!(denied(&e), "{e}");
-    let e = as_deployer.cluster_remove_node(3).await.expect_err("membership");
+    let e = as_deployer
+        .cluster_remove_node(3)
+        .await
+        .expect_err("membership");
     assert!(denied(&e), "{e}");
     // An admin may.
     admin.deploy(trusted).await.expect("admin deploys trusted");
@@ -161,10 +176,17 @@ async fn roles_bound_what_a_token_may_do_and_trusted_needs_an_admin() {
 
     // The invoker reads what it may: functions, keys, and invokes (async: the task is
     // queued; running it needs root, which this test does not).
-    as_deployer.put("k", b"v".to_vec()).await.expect("deployer put");
+    as_deployer
+        .put("k", b"v".to_vec())
+        .await
+        .expect("deployer put");
     let v = as_invoker.get("k").await.expect("invoker get").expect("k");
     assert_eq!(v.value, b"v");
-    assert!(as_invoker.function("f").await.expect("invoker fn show").is_some());
+    assert!(as_invoker
+        .function("f")
+        .await
+        .expect("invoker fn show")
+        .is_some());
     let task = as_invoker
         .invoke("f", None, b"x".to_vec(), false)
         .await
@@ -204,7 +226,9 @@ async fn a_revoked_token_stops_working_on_every_node_and_listings_show_no_secret
         !text.contains(&skiff_raft_store::tokens::token_hash(&made.secret)),
         "{text}"
     );
-    assert!(listed.iter().any(|t| t.name.as_deref() == Some("to-revoke")));
+    assert!(listed
+        .iter()
+        .any(|t| t.name.as_deref() == Some("to-revoke")));
 
     let revoked = admin.token_revoke(made.token.id).await.expect("revoke");
     assert!(revoked.revoked);

@@ -322,7 +322,12 @@ fn token_entries() -> Vec<Entry> {
                 ),
             ],
         ),
-        normal(1, 2, 2_000, vec![command(3, Command::TokenRevoke { id: 2 })]),
+        normal(
+            1,
+            2,
+            2_000,
+            vec![command(3, Command::TokenRevoke { id: 2 })],
+        ),
     ]
 }
 
