@@ -781,10 +781,24 @@ impl Node {
             }
             Err(RaftError::Fatal(f)) => return Err(batcher::fatal_error(&f)),
         };
+        let hash = token_hash(admin_secret);
+        // An initialized cluster that already has other tokens refuses here, from this
+        // node's applied state, so that a caller without a token cannot make log entries.
+        // (A node behind on its log falls through; the log's answer is the same.)
+        let refused_here = !fresh
+            && self.0.store.read(|sm| {
+                let tokens = sm.tokens();
+                !tokens.is_empty() && tokens.by_hash(&hash).is_none()
+            });
+        if refused_here {
+            return Err(ApiError::FailedPrecondition(
+                "the cluster is already initialized".into(),
+            ));
+        }
         let bootstrap = Command::TokenCreate {
             role: Role::Admin,
             name: Some("bootstrap".into()),
-            hash: token_hash(admin_secret),
+            hash,
             bootstrap: true,
         };
         // The first leader is being elected: retry while there is none, within the bound.
