@@ -242,15 +242,14 @@ impl Cluster {
         let client = cluster.client()?;
         let members: BTreeMap<u64, String> =
             addrs.iter().map(|(id, a)| (*id, a.to_string())).collect();
-        // A retried init can be refused because the first attempt already worked, so an init
-        // error only matters if the cluster then never becomes writable.
-        let init = client.cluster_init(members).await;
-        if let Err(e) = cluster.wait_writable(CLUSTER_READY_TIMEOUT).await {
-            return Err(match init {
-                Err(init) => ChaosError::Cluster(format!("cluster init failed: {init}; {e}")),
-                Ok(()) => e,
-            });
-        }
+        // The client's retries of init carry the same admin secret, so a retry after a lost
+        // answer still returns the token; without it no client could do anything.
+        let admin = client
+            .cluster_init(members)
+            .await
+            .map_err(|e| ChaosError::Cluster(format!("cluster init failed: {e}")))?;
+        remember_token(&cluster.endpoints(), &admin.secret);
+        cluster.wait_writable(CLUSTER_READY_TIMEOUT).await?;
         Ok(cluster)
     }
 
@@ -447,10 +446,31 @@ impl Cluster {
     }
 }
 
+/// The admin token of each cluster this process initialized, by client endpoint, so that
+/// every client [`client_for`] builds presents it without its callers passing it along.
+static TOKENS: std::sync::Mutex<BTreeMap<String, String>> = std::sync::Mutex::new(BTreeMap::new());
+
+fn remember_token(endpoints: &[String], secret: &str) {
+    let mut tokens = TOKENS
+        .lock()
+        .expect("token registry lock poisoned by a panic");
+    for e in endpoints {
+        tokens.insert(e.clone(), secret.to_string());
+    }
+}
+
 /// Client settings for the harness: few attempts and short deadlines, so that an operation
 /// under a fault ends (as unknown) instead of hanging.
 pub fn client_for(endpoints: Vec<String>) -> Result<Client, ChaosError> {
+    let token = endpoints.first().and_then(|e| {
+        TOKENS
+            .lock()
+            .expect("token registry lock poisoned by a panic")
+            .get(e)
+            .cloned()
+    });
     let mut config = ClientConfig::new(endpoints);
+    config.token = token;
     config.attempts_max = 4;
     config.backoff_initial = Duration::from_millis(50);
     config.backoff_max = Duration::from_millis(400);

@@ -247,6 +247,8 @@ fn log_file(path: &Path) -> anyhow::Result<(Stdio, Stdio)> {
 /// A running three-node skiff cluster.
 struct SkiffCluster {
     endpoints: String,
+    /// The admin token `cluster init` returned.
+    token: String,
     _processes: Processes,
 }
 
@@ -291,23 +293,28 @@ async fn start_skiff(s: &Settings, dir: &Path) -> anyhow::Result<SkiffCluster> {
     }
     let endpoints: Vec<String> = members.values().cloned().collect();
     let first = Client::new(ClientConfig::new(vec![endpoints[0].clone()]))?;
-    let all = Client::new(ClientConfig::new(endpoints.clone()))?;
     let deadline = Instant::now() + READY_TIMEOUT;
     let mut last = String::from("not tried");
+    // The cluster is fresh: the init that succeeds returns its admin token.
+    let token = loop {
+        if Instant::now() > deadline {
+            bail!("the skiff cluster was not initialized in {READY_TIMEOUT:?}: {last}");
+        }
+        processes.check_running("skiffd", dir)?;
+        match first.cluster_init(members.clone()).await {
+            Ok(admin) => break admin.secret,
+            Err(e) => {
+                last = e.to_string();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    let all = Client::new(ClientConfig::new(endpoints.clone()).with_token(token.clone()))?;
     let leader = loop {
         if Instant::now() > deadline {
             bail!("the skiff cluster did not become ready in {READY_TIMEOUT:?}: {last}");
         }
         processes.check_running("skiffd", dir)?;
-        match first.cluster_init(members.clone()).await {
-            Ok(()) => {}
-            Err(e) if e.to_string().contains("already initialized") => {}
-            Err(e) => {
-                last = e.to_string();
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
-            }
-        }
         match all.cluster_status().await {
             Ok(st) if st.nodes.len() == members.len() && st.nodes.iter().all(|n| n.reachable) => {
                 if let Some(leader) = st.leader {
@@ -334,6 +341,7 @@ async fn start_skiff(s: &Settings, dir: &Path) -> anyhow::Result<SkiffCluster> {
     );
     Ok(SkiffCluster {
         endpoints: ordered.join(","),
+        token,
         _processes: processes,
     })
 }
@@ -542,7 +550,7 @@ async fn bench_skiff(
         keys: s.keys,
         connections: s.connections,
     };
-    bench_kv(&cluster.endpoints, &args)
+    bench_kv(&cluster.endpoints, Some(&cluster.token), &args)
         .await
         .map_err(|e| anyhow!("skiff bench failed: {}", e.message))
 }

@@ -3,6 +3,12 @@
 //! Every node serves [`ClientApi`]; a node that is not the leader forwards writes and
 //! linearizable reads to the leader itself, so a client may talk to any node. Errors are
 //! values ([`ApiError`]) so that they cross the wire with their context.
+//!
+//! Every call but `cluster_init` needs a bearer token, presented once per connection (see
+//! [`crate::transport`]) and checked on every call against the answering node's applied
+//! token table; the role each call needs is in docs/security.md. A call without a valid
+//! token gets [`ApiError::Unauthenticated`], one whose role is too low
+//! [`ApiError::PermissionDenied`], and nothing else happens.
 
 use std::collections::BTreeMap;
 
@@ -19,6 +25,7 @@ pub use skiff_raft_store::streams::{
     FailedItem, StreamCounters, StreamId, StreamJob, StreamOptions, StreamSource,
     StreamStartRequest, StreamState,
 };
+pub use skiff_raft_store::tokens::{Role, TokenId, TokenInfo};
 
 /// Largest frame either side accepts on a client connection, in bytes. A frame carries one
 /// request or response; values are at most 1 MiB, so 8 MiB leaves room for a page of a listing.
@@ -40,8 +47,16 @@ pub trait ClientApi {
         limit: u32,
         read: ReadConsistency,
     ) -> Result<KvPage, ApiError>;
-    /// Initializes a new cluster with these members (id -> address). Called once, on one node.
-    async fn cluster_init(members: BTreeMap<NodeId, String>) -> Result<(), ApiError>;
+    /// Initializes a new cluster with these members (id -> address) and makes `admin_token`
+    /// (a secret the caller drew; only its hash is stored) its first admin token. Called
+    /// once, on one node; needs no token. A retry with the same secret answers the same
+    /// token; any other call on an initialized cluster is refused (`FailedPrecondition`).
+    /// The caller draws the secret, unlike `token_create`, so that a retried init whose
+    /// first answer was lost still ends with a token the caller holds.
+    async fn cluster_init(
+        members: BTreeMap<NodeId, String>,
+        admin_token: String,
+    ) -> Result<TokenInfo, ApiError>;
     /// Adds a node: first as a learner (it catches up), then as a voter.
     async fn cluster_add_node(id: NodeId, addr: String) -> Result<(), ApiError>;
     /// Removes a voter or learner from the membership.
@@ -88,6 +103,13 @@ pub trait ClientApi {
     /// leader confirms its leadership, exports its applied state and keeps it in memory) and
     /// returns its first chunk; then `Some(id)` with the next offset, until `total_bytes`.
     async fn backup_chunk(export: Option<u64>, offset: u64) -> Result<BackupChunk, ApiError>;
+    /// Makes a token of `role`. The answering node draws the secret and returns it here,
+    /// once; the cluster keeps only its hash.
+    async fn token_create(role: Role, name: Option<String>) -> Result<CreatedToken, ApiError>;
+    /// Every token (revoked ones included), never a secret or a hash.
+    async fn token_list(read: ReadConsistency) -> Result<Vec<TokenInfo>, ApiError>;
+    /// Revokes a token: every node refuses it once it has applied the revocation.
+    async fn token_revoke(request_id: RequestId, id: TokenId) -> Result<TokenInfo, ApiError>;
 }
 
 /// A piece of a backup (see [`ClientApi::backup_chunk`]).
@@ -102,6 +124,13 @@ pub struct BackupChunk {
     pub offset: u64,
     #[serde(with = "serde_bytes")]
     pub bytes: Vec<u8>,
+}
+
+/// A new token and its secret, which is shown this once and never stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreatedToken {
+    pub token: TokenInfo,
+    pub secret: String,
 }
 
 /// An invocation.
@@ -177,6 +206,13 @@ pub enum ApiError {
     /// The node is shutting down.
     #[error("node is shutting down")]
     ShuttingDown,
+    /// The connection presented no token, or one no applied token matches (unknown or
+    /// revoked); nothing was done.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// The token is valid but its role may not make this call; nothing was done.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
     /// Anything else, with its message.
     #[error("internal error: {0}")]
     Internal(String),

@@ -20,9 +20,9 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
 use crate::api::{
-    ApiError, CacheOutcome, FnMode, FunctionRecord, FunctionSpec, FunctionVersion, KvEntry,
-    MissReason, NodeId, ReadConsistency, StreamJob, StreamOptions, StreamSource, StreamState, Task,
-    TaskFilter, TaskId, TaskState, Workers,
+    ApiError, CacheOutcome, CreatedToken, FnMode, FunctionRecord, FunctionSpec, FunctionVersion,
+    KvEntry, MissReason, NodeId, ReadConsistency, Role, StreamJob, StreamOptions, StreamSource,
+    StreamState, Task, TaskFilter, TaskId, TaskState, TokenId, TokenInfo, Workers,
 };
 use crate::bench;
 use crate::client::{Client, ClientError};
@@ -51,6 +51,9 @@ pub enum ExitCode {
     /// Any other failure, including an invocation that ran and failed or timed out (its error
     /// and log are printed on stderr).
     Failure = 5,
+    /// Not allowed: no token, an unknown or revoked token, or a token whose role may not make
+    /// this call (e.g. a deployer deploying at tier `trusted`). Nothing was done.
+    Denied = 6,
 }
 
 /// A failed command: the one-line message and the exit code.
@@ -74,6 +77,7 @@ impl From<ClientError> for CliError {
         let code = match &e {
             ClientError::NoEndpoints
             | ClientError::InvalidEndpoint(_)
+            | ClientError::InvalidToken(_)
             | ClientError::Invalid(_)
             | ClientError::CodeSize { .. } => ExitCode::Usage,
             ClientError::Unreachable { .. } => ExitCode::Unavailable,
@@ -92,6 +96,7 @@ impl From<ClientError> for CliError {
                 ApiError::NotFound(_) => ExitCode::NotFound,
                 ApiError::FailedPrecondition(_) => ExitCode::Conflict,
                 ApiError::Internal(_) => ExitCode::Failure,
+                ApiError::Unauthenticated(_) | ApiError::PermissionDenied(_) => ExitCode::Denied,
             },
         };
         CliError {
@@ -148,6 +153,26 @@ pub enum Cmd {
     /// Load generators.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Bearer tokens: create (prints the secret once), list, revoke. Needs an admin token.
+    #[command(subcommand)]
+    Token(TokenCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCmd {
+    /// Make a token; prints its secret, which is shown this once and never stored.
+    Create {
+        /// admin, deployer or invoker (see docs/security.md).
+        #[arg(long)]
+        role: Role,
+        /// A label for `token ls` (1-64 bytes).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Every token with its id, name, role, creation time and state; never a secret.
+    Ls,
+    /// Revoke a token: every node refuses it once it has applied the revocation.
+    Revoke { id: TokenId },
 }
 
 #[derive(Debug, Subcommand)]
@@ -452,8 +477,9 @@ pub struct BenchKvArgs {
 
 /// Runs a parsed command line. Returns what to print on success.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
-    let client = Client::from_endpoint_list(&cli.endpoints)?;
+    let client = Client::from_endpoint_list(&cli.endpoints, cli.token.clone())?;
     let json = cli.json;
+    let token = cli.token.as_deref();
     match cli.command {
         Cmd::Cluster(cmd) => cluster(&client, cmd, json).await,
         Cmd::Kv(cmd) => kv(&client, cmd, json).await,
@@ -461,7 +487,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Invoke(args) => invoke(&client, args, json).await,
         Cmd::Task(cmd) => tasks(&client, cmd, json).await,
         Cmd::Bench(BenchCmd::Invoke(args)) => {
-            let r = bench_invoke(&cli.endpoints, &args).await?;
+            let r = bench_invoke(&cli.endpoints, token, &args).await?;
             if json {
                 out(&serde_json::to_string(&r).expect("report serializes"));
             } else {
@@ -482,8 +508,9 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
             Ok(())
         }
         Cmd::Stream(cmd) => streams(&client, cmd, json).await,
+        Cmd::Token(cmd) => tokens(&client, cmd, json).await,
         Cmd::Bench(BenchCmd::Kv(args)) => {
-            let report = bench_kv(&cli.endpoints, &args).await?;
+            let report = bench_kv(&cli.endpoints, token, &args).await?;
             if json {
                 out(&serde_json::to_string(&report).expect("report serializes"));
             } else {
@@ -507,6 +534,68 @@ fn out(s: &str) {
     let mut stdout = std::io::stdout().lock();
     // A closed stdout (e.g. piped into `head`) is not an error of the command.
     let _ = writeln!(stdout, "{s}");
+}
+
+async fn tokens(client: &Client, cmd: TokenCmd, json: bool) -> Result<(), CliError> {
+    match cmd {
+        TokenCmd::Create { role, name } => {
+            let CreatedToken { token, secret } = client.token_create(role, name).await?;
+            if json {
+                out(&json!({"token": token_json(&token), "secret": secret}).to_string());
+            } else {
+                eprintln!(
+                    "token {} ({}) created; its secret follows, shown this once:",
+                    token.id, token.role
+                );
+                out(&secret);
+            }
+        }
+        TokenCmd::Ls => {
+            let list = client.tokens().await?;
+            if json {
+                let items: Vec<serde_json::Value> = list.iter().map(token_json).collect();
+                out(&serde_json::Value::Array(items).to_string());
+            } else {
+                let mut table = comfy_table::Table::new();
+                table.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY);
+                table.set_header(["id", "name", "role", "created", "state"]);
+                for t in &list {
+                    table.add_row([
+                        t.id.to_string(),
+                        t.name.clone().unwrap_or_else(|| "-".into()),
+                        t.role.to_string(),
+                        fmt_time(t.created_ms),
+                        match t.revoked_ms {
+                            Some(ms) => format!("revoked {}", fmt_time(ms)),
+                            None => "active".into(),
+                        },
+                    ]);
+                }
+                out(&table.to_string());
+            }
+        }
+        TokenCmd::Revoke { id } => {
+            let token = client.token_revoke(id).await?;
+            if json {
+                out(&token_json(&token).to_string());
+            } else {
+                out(&format!("token {} revoked", token.id));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A token as `--json` shows it: never a secret.
+fn token_json(t: &TokenInfo) -> serde_json::Value {
+    json!({
+        "id": t.id,
+        "name": t.name,
+        "role": t.role.as_str(),
+        "created_ms": t.created_ms,
+        "revoked": t.revoked,
+        "revoked_ms": t.revoked_ms,
+    })
 }
 
 /// Parses `1=127.0.0.1:7001,2=...` into a member map.
@@ -542,11 +631,24 @@ async fn cluster(client: &Client, cmd: ClusterCmd, json: bool) -> Result<(), Cli
     match cmd {
         ClusterCmd::Init { members } => {
             let members = parse_members(&members)?;
-            client.cluster_init(members.clone()).await?;
+            let admin = client.cluster_init(members.clone()).await?;
             if json {
-                out(&json!({"initialized": true, "members": members}).to_string());
+                out(&json!({
+                    "initialized": true,
+                    "members": members,
+                    "token": token_json(&admin.token),
+                    "secret": admin.secret,
+                })
+                .to_string());
             } else {
-                out(&format!("initialized a cluster of {} nodes", members.len()));
+                // The secret goes to stdout alone on its line so that scripts can capture it;
+                // the explanation goes to stderr.
+                eprintln!(
+                    "initialized a cluster of {} nodes; its first admin token (id {}) follows, shown this once:",
+                    members.len(),
+                    admin.token.id
+                );
+                out(&admin.secret);
             }
         }
         ClusterCmd::Status => {
@@ -1538,7 +1640,11 @@ pub struct BenchReport {
 }
 
 /// Drives `args.clients` concurrent writers for `args.duration` (or `args.ops_max` writes).
-pub async fn bench_kv(endpoints: &str, args: &BenchKvArgs) -> Result<BenchReport, CliError> {
+pub async fn bench_kv(
+    endpoints: &str,
+    token: Option<&str>,
+    args: &BenchKvArgs,
+) -> Result<BenchReport, CliError> {
     if args.clients == 0 || args.connections == 0 || args.keys == 0 {
         return Err(CliError::usage(
             "--clients, --connections and --keys must be positive",
@@ -1547,7 +1653,7 @@ pub async fn bench_kv(endpoints: &str, args: &BenchKvArgs) -> Result<BenchReport
     if args.value_bytes > skiff_raft_store::model::VALUE_BYTES_MAX {
         return Err(CliError::usage("--value-bytes is over the value limit"));
     }
-    let clients = connected_clients(endpoints, args.connections.min(args.clients))?;
+    let clients = connected_clients(endpoints, token, args.connections.min(args.clients))?;
     // Warm the connections (and learn the leader) before the clock starts.
     for c in clients.iter() {
         c.put("bench/warmup", vec![0]).await?;
@@ -1574,10 +1680,17 @@ pub async fn bench_kv(endpoints: &str, args: &BenchKvArgs) -> Result<BenchReport
     })
 }
 
-fn connected_clients(endpoints: &str, n: usize) -> Result<std::sync::Arc<Vec<Client>>, CliError> {
+fn connected_clients(
+    endpoints: &str,
+    token: Option<&str>,
+    n: usize,
+) -> Result<std::sync::Arc<Vec<Client>>, CliError> {
     let mut clients = Vec::with_capacity(n);
     for _ in 0..n.max(1) {
-        clients.push(Client::from_endpoint_list(endpoints)?);
+        clients.push(Client::from_endpoint_list(
+            endpoints,
+            token.map(str::to_string),
+        )?);
     }
     Ok(std::sync::Arc::new(clients))
 }
@@ -1605,6 +1718,7 @@ pub struct InvokeBenchReport {
 /// command for comparison.
 pub async fn bench_invoke(
     endpoints: &str,
+    token: Option<&str>,
     args: &BenchInvokeArgs,
 ) -> Result<InvokeBenchReport, CliError> {
     use crate::api::{DataGrant, FunctionSpec};
@@ -1613,7 +1727,7 @@ pub async fn bench_invoke(
             "--clients and --connections must be positive",
         ));
     }
-    let clients = connected_clients(endpoints, args.connections.min(args.clients))?;
+    let clients = connected_clients(endpoints, token, args.connections.min(args.clients))?;
     let function = format!(
         "bench-echo-{}{}",
         args.mode.as_str(),
@@ -2114,10 +2228,62 @@ mod tests {
                 ClientError::Api(ApiError::InvalidArgument("x".into())),
                 ExitCode::Usage,
             ),
+            (
+                ClientError::Api(ApiError::Unauthenticated("no token".into())),
+                ExitCode::Denied,
+            ),
+            (
+                ClientError::Api(ApiError::PermissionDenied("tier trusted".into())),
+                ExitCode::Denied,
+            ),
+            (ClientError::InvalidToken("short".into()), ExitCode::Usage),
         ];
         for (e, code) in cases {
             assert_eq!(CliError::from(e).code, code);
         }
+        assert_eq!(ExitCode::Denied as i32, 6);
+    }
+
+    #[test]
+    fn token_commands_parse() {
+        match parse(&["token", "create", "--role", "deployer", "--name", "ci"])
+            .expect("parses")
+            .command
+        {
+            Cmd::Token(TokenCmd::Create { role, name }) => {
+                assert_eq!((role, name.as_deref()), (Role::Deployer, Some("ci")));
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        assert!(parse(&["token", "create", "--role", "root"]).is_err());
+        assert!(parse(&["token", "create"]).is_err(), "--role is required");
+        assert!(matches!(
+            parse(&["token", "revoke", "3"]).expect("parses").command,
+            Cmd::Token(TokenCmd::Revoke { id: 3 })
+        ));
+        assert!(parse(&["token", "revoke", "x"]).is_err());
+        let cli = parse(&["--token", "skiff_abc", "token", "ls", "--json"]).expect("parses");
+        assert_eq!(cli.token.as_deref(), Some("skiff_abc"));
+        assert!(cli.json && matches!(cli.command, Cmd::Token(TokenCmd::Ls)));
+    }
+
+    #[test]
+    fn token_json_never_holds_a_secret_field() {
+        let v = token_json(&TokenInfo {
+            id: 2,
+            name: Some("ci".into()),
+            role: Role::Invoker,
+            created_ms: 5,
+            revoked: false,
+            revoked_ms: None,
+        });
+        let mut keys: Vec<&String> = v.as_object().expect("object").keys().collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            ["created_ms", "id", "name", "revoked", "revoked_ms", "role"]
+        );
+        assert_eq!(v["role"], "invoker");
     }
 
     #[test]

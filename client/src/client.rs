@@ -24,12 +24,12 @@ use futures::StreamExt;
 use sha2::{Digest, Sha256};
 
 use crate::api::{
-    ApiError, ClientApiClient, ClientCommand, ClusterStatus, Command, CommandResult,
+    ApiError, ClientApiClient, ClientCommand, ClusterStatus, Command, CommandResult, CreatedToken,
     FunctionRecord, FunctionSpec, InvokeRequest, KvEntry, KvPage, NodeId, ReadConsistency,
-    RequestId, StreamId, StreamJob, StreamOptions, StreamSource, StreamStartRequest, Task,
-    TaskFilter, TaskId, Workers, CLIENT_FRAME_BYTES_MAX,
+    RequestId, Role, StreamId, StreamJob, StreamOptions, StreamSource, StreamStartRequest, Task,
+    TaskFilter, TaskId, TokenId, TokenInfo, Workers, CLIENT_FRAME_BYTES_MAX,
 };
-use crate::transport::{self, Service};
+use crate::transport;
 use skiff_raft_store::functions::{
     chunk_count, validate_function_name, CODE_BYTES_MAX, CODE_CHUNK_BYTES, PAYLOAD_BYTES_MAX,
     TIMEOUT_MS_MAX,
@@ -58,6 +58,8 @@ pub enum ClientError {
     NoEndpoints,
     #[error("invalid endpoint: {0}")]
     InvalidEndpoint(String),
+    #[error("invalid token (check --token or SKIFF_TOKEN): {0}")]
+    InvalidToken(String),
     #[error("could not reach the cluster at {endpoints} after {attempts} attempts: {last}")]
     Unreachable {
         endpoints: String,
@@ -96,6 +98,9 @@ pub struct ClientConfig {
     pub backoff_max: Duration,
     /// Deadline of one attempt.
     pub rpc_timeout: Duration,
+    /// The bearer token presented on every connection (`None`: none; only `cluster_init`
+    /// works without one).
+    pub token: Option<String>,
 }
 
 impl ClientConfig {
@@ -106,8 +111,25 @@ impl ClientConfig {
             backoff_initial: Duration::from_millis(50),
             backoff_max: Duration::from_secs(1),
             rpc_timeout: Duration::from_secs(10),
+            token: None,
         }
     }
+
+    /// The same settings presenting `token`.
+    pub fn with_token(mut self, token: impl Into<String>) -> ClientConfig {
+        self.token = Some(token.into());
+        self
+    }
+}
+
+/// Draws a new token secret: the prefix and 32 random bytes (hex) from the thread's
+/// cryptographically secure generator (OS-seeded ChaCha).
+pub fn new_token_secret() -> String {
+    format!(
+        "{}{}",
+        skiff_raft_store::tokens::TOKEN_SECRET_PREFIX,
+        hex::encode(rand::random::<[u8; 32]>())
+    )
 }
 
 /// Inputs of an idempotent function's invocation.
@@ -168,6 +190,9 @@ impl Client {
         for e in &config.endpoints {
             transport::parse_endpoint(e).map_err(ClientError::InvalidEndpoint)?;
         }
+        if let Some(token) = &config.token {
+            skiff_raft_store::tokens::validate_secret(token).map_err(ClientError::InvalidToken)?;
+        }
         let endpoints = config
             .endpoints
             .iter()
@@ -188,15 +213,19 @@ impl Client {
         })
     }
 
-    /// Parses a comma-separated endpoint list, as `SKIFF_ENDPOINTS` holds it.
-    pub fn from_endpoint_list(list: &str) -> Result<Client, ClientError> {
+    /// Parses a comma-separated endpoint list, as `SKIFF_ENDPOINTS` holds it, and presents
+    /// `token` (as `SKIFF_TOKEN` holds it).
+    pub fn from_endpoint_list(list: &str, token: Option<String>) -> Result<Client, ClientError> {
         let endpoints: Vec<String> = list
             .split(',')
             .map(str::trim)
             .filter(|s| !s.is_empty())
             .map(String::from)
             .collect();
-        Client::new(ClientConfig::new(endpoints))
+        Client::new(ClientConfig {
+            token,
+            ..ClientConfig::new(endpoints)
+        })
     }
 
     /// A fresh request id for one write.
@@ -350,16 +379,56 @@ impl Client {
         }
     }
 
-    /// Initializes a new cluster. Only the first call on a fresh cluster succeeds.
-    pub async fn cluster_init(&self, members: BTreeMap<NodeId, String>) -> Result<(), ClientError> {
+    /// Initializes a new cluster and returns its first admin token with the secret, which
+    /// this call draws: retries carry the same secret, so a retried init whose first answer
+    /// was lost still returns it. Only the call that initializes a cluster gets a token.
+    pub async fn cluster_init(
+        &self,
+        members: BTreeMap<NodeId, String>,
+    ) -> Result<CreatedToken, ClientError> {
         for addr in members.values() {
             transport::parse_endpoint(addr).map_err(ClientError::InvalidEndpoint)?;
         }
+        let secret = new_token_secret();
+        let token = self
+            .call(|c, ctx| {
+                let members = members.clone();
+                let secret = secret.clone();
+                async move { c.cluster_init(ctx, members, secret).await }
+            })
+            .await?;
+        Ok(CreatedToken { token, secret })
+    }
+
+    /// Makes a token of `role`; the answer holds its secret, shown this once. A create
+    /// whose answer was lost and retried may leave an extra token nobody holds (`token ls`
+    /// shows it; revoke it).
+    pub async fn token_create(
+        &self,
+        role: Role,
+        name: Option<String>,
+    ) -> Result<CreatedToken, ClientError> {
+        if let Some(name) = &name {
+            skiff_raft_store::tokens::validate_token_name(name).map_err(InvalidCommand::Other)?;
+        }
         self.call(|c, ctx| {
-            let members = members.clone();
-            async move { c.cluster_init(ctx, members).await }
+            let name = name.clone();
+            async move { c.token_create(ctx, role, name).await }
         })
         .await
+    }
+
+    /// Every token, revoked ones included (linearizable); never a secret.
+    pub async fn tokens(&self) -> Result<Vec<TokenInfo>, ClientError> {
+        self.call(|c, ctx| async move { c.token_list(ctx, ReadConsistency::Linearizable).await })
+            .await
+    }
+
+    /// Revokes a token; revoking a revoked token succeeds and changes nothing.
+    pub async fn token_revoke(&self, id: TokenId) -> Result<TokenInfo, ClientError> {
+        let request_id = self.next_request_id();
+        self.call(|c, ctx| async move { c.token_revoke(ctx, request_id, id).await })
+            .await
     }
 
     pub async fn cluster_add_node(&self, id: NodeId, addr: &str) -> Result<(), ClientError> {
@@ -855,7 +924,7 @@ impl Client {
         if let Some(conn) = &ep.conn {
             return Ok((idx, conn.clone()));
         }
-        let stream = transport::dial(&ep.addr, Service::Client)
+        let stream = transport::dial_client(&ep.addr, self.inner.config.token.as_deref())
             .await
             .map_err(|e| format!("{}: {e}", ep.addr))?;
         let transport = transport::framed(stream, CLIENT_FRAME_BYTES_MAX);
@@ -1091,7 +1160,8 @@ mod tests {
             self,
             _: context::Context,
             _: BTreeMap<NodeId, String>,
-        ) -> Result<(), ApiError> {
+            _: String,
+        ) -> Result<TokenInfo, ApiError> {
             unimplemented!("not used by these tests")
         }
         async fn cluster_add_node(
@@ -1234,6 +1304,32 @@ mod tests {
                 bytes: st.backup_image[start..end].to_vec(),
             })
         }
+
+        async fn token_create(
+            self,
+            _: context::Context,
+            _: Role,
+            _: Option<String>,
+        ) -> Result<CreatedToken, ApiError> {
+            Err(ApiError::Internal("not faked".into()))
+        }
+
+        async fn token_list(
+            self,
+            _: context::Context,
+            _: ReadConsistency,
+        ) -> Result<Vec<TokenInfo>, ApiError> {
+            Err(ApiError::Internal("not faked".into()))
+        }
+
+        async fn token_revoke(
+            self,
+            _: context::Context,
+            _: RequestId,
+            _: TokenId,
+        ) -> Result<TokenInfo, ApiError> {
+            Err(ApiError::Internal("not faked".into()))
+        }
     }
 
     #[tokio::test]
@@ -1272,7 +1368,9 @@ mod tests {
                 let fake = fake.clone();
                 tokio::spawn(async move {
                     let mut preamble = [0u8; 1];
-                    if stream.read_exact(&mut preamble).await.is_err() {
+                    if stream.read_exact(&mut preamble).await.is_err()
+                        || transport::read_token(&mut stream).await.is_err()
+                    {
                         return;
                     }
                     let t = transport::framed(stream, CLIENT_FRAME_BYTES_MAX);

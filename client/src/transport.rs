@@ -1,14 +1,22 @@
 //! Framing shared by clients and nodes: one TCP port per node carries two services, chosen by
 //! the first byte a connection sends ([`Service`]); after it, length-delimited bincode frames
 //! with a maximum size on both sides.
+//!
+//! A client connection says who it is once, right after the service byte: one length byte
+//! (0: no token) and that many bytes of bearer token ([`write_token`], [`read_token`]). Once
+//! per connection rather than a field on every request, so the RPC types stay as they are,
+//! the secret crosses the wire (and is hashed) once per connection instead of once per call,
+//! and a request cannot forget it. The node still checks the token on every call against
+//! its applied token table, so a revocation also ends connections already open.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use skiff_raft_store::tokens::TOKEN_SECRET_BYTES_MAX;
 use tarpc::serde_transport::Transport;
 use tarpc::tokio_serde::formats::Bincode;
 use tarpc::tokio_util::codec::{Framed, LengthDelimitedCodec};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Which service a connection speaks, sent as its first byte.
@@ -58,7 +66,7 @@ where
 }
 
 /// Opens a TCP connection to `addr` and announces `service`.
-pub async fn dial(addr: &str, service: Service) -> std::io::Result<TcpStream> {
+async fn dial(addr: &str, service: Service) -> std::io::Result<TcpStream> {
     let addr = resolve(addr)?;
     let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
         .await
@@ -71,6 +79,58 @@ pub async fn dial(addr: &str, service: Service) -> std::io::Result<TcpStream> {
     stream.set_nodelay(true)?;
     stream.write_all(&[service.preamble()]).await?;
     Ok(stream)
+}
+
+// The handshake's length byte must be able to say every allowed length.
+const _: () = assert!(TOKEN_SECRET_BYTES_MAX <= u8::MAX as usize);
+
+/// Opens a peer (node-to-node) connection to `addr`.
+pub async fn dial_peer(addr: &str) -> std::io::Result<TcpStream> {
+    dial(addr, Service::Peer).await
+}
+
+/// Opens a client connection to `addr` presenting `token` (`None`: no token; the node then
+/// answers every call but `cluster_init` with `Unauthenticated`).
+pub async fn dial_client(addr: &str, token: Option<&str>) -> std::io::Result<TcpStream> {
+    let mut stream = dial(addr, Service::Client).await?;
+    write_token(&mut stream, token).await?;
+    Ok(stream)
+}
+
+/// Writes the client handshake that follows the service byte: a length byte, then the token.
+pub async fn write_token<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    token: Option<&str>,
+) -> std::io::Result<()> {
+    let token = token.unwrap_or("").as_bytes();
+    if token.len() > TOKEN_SECRET_BYTES_MAX {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("a token is at most {TOKEN_SECRET_BYTES_MAX} bytes"),
+        ));
+    }
+    let mut hello = Vec::with_capacity(token.len() + 1);
+    hello.push(token.len() as u8);
+    hello.extend_from_slice(token);
+    w.write_all(&hello).await
+}
+
+/// Reads the client handshake: `Ok(None)` when the client presented no token. A token that
+/// is not UTF-8 is returned lossily (it matches no token); one over the bound is an error.
+pub async fn read_token<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Option<String>> {
+    let len = r.read_u8().await? as usize;
+    if len == 0 {
+        return Ok(None);
+    }
+    if len > TOKEN_SECRET_BYTES_MAX {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a token of {len} bytes; the limit is {TOKEN_SECRET_BYTES_MAX}"),
+        ));
+    }
+    let mut token = vec![0; len];
+    r.read_exact(&mut token).await?;
+    Ok(Some(String::from_utf8_lossy(&token).into_owned()))
 }
 
 /// Parses `host:port` into a socket address, with a clear error for anything else.
@@ -127,6 +187,23 @@ mod tests {
         ] {
             assert!(parse_endpoint(bad).is_err(), "{bad:?} must be refused");
         }
+    }
+
+    #[tokio::test]
+    async fn the_token_handshake_round_trips_and_is_bounded() {
+        for token in [None, Some("skiff_0123456789abcdef0123456789abcdef")] {
+            let mut buf = Vec::new();
+            write_token(&mut buf, token).await.expect("write");
+            let read = read_token(&mut buf.as_slice()).await.expect("read");
+            assert_eq!(read.as_deref(), token);
+        }
+        let long = "x".repeat(TOKEN_SECRET_BYTES_MAX + 1);
+        assert!(write_token(&mut Vec::new(), Some(&long)).await.is_err());
+        let mut over = vec![u8::try_from(TOKEN_SECRET_BYTES_MAX + 1).expect("fits a byte")];
+        over.extend(long.as_bytes());
+        assert!(read_token(&mut over.as_slice()).await.is_err());
+        // A cut-off handshake is an error, not a shorter token.
+        assert!(read_token(&mut [5u8, b'a'].as_slice()).await.is_err());
     }
 
     #[test]

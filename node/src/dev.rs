@@ -2,8 +2,9 @@
 //!
 //! Each node is a separate `skiffd` process (so one can be killed with `kill -9` and started
 //! again from its data directory). The command initializes the cluster, waits for a leader,
-//! runs a sample write and read, deploys and invokes a sample function, writes `DIR/env` and `DIR/nodes`, and then waits for Ctrl-C or
-//! SIGTERM, on which it stops every node it started.
+//! runs a sample write and read, deploys and invokes a sample function, prints the first admin
+//! token, writes `DIR/env` (`SKIFF_ENDPOINTS` and `SKIFF_TOKEN`) and `DIR/nodes`, and then waits
+//! for Ctrl-C or SIGTERM, on which it stops every node it started.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -171,9 +172,28 @@ fn spawn_node(exe: &Path, dir: &Path, id: NodeId, addr: &str) -> Result<DevNode,
     })
 }
 
-fn write_files(dir: &Path, nodes: &[DevNode]) -> Result<(), NodeError> {
+/// The admin token an earlier run of `skiffd dev` wrote to `DIR/env`.
+fn previous_token(dir: &Path) -> Result<String, NodeError> {
+    let path = dir.join("env");
+    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix("SKIFF_TOKEN="))
+        .map(str::to_string)
+        .ok_or_else(|| {
+            dev_err(format!(
+                "the cluster in {} is already initialized and {} holds no SKIFF_TOKEN",
+                dir.display(),
+                path.display()
+            ))
+        })
+}
+
+fn write_files(dir: &Path, nodes: &[DevNode], token: &str) -> Result<(), NodeError> {
     let endpoints: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
-    let env = format!("SKIFF_ENDPOINTS={}\n", endpoints.join(","));
+    let env = format!(
+        "SKIFF_ENDPOINTS={}\nSKIFF_TOKEN={token}\n",
+        endpoints.join(",")
+    );
     let mut list = String::new();
     for n in nodes {
         list.push_str(&format!("{} {} {}\n", n.id, n.child.id(), n.addr));
@@ -282,19 +302,17 @@ pub async fn run(
 async fn bring_up(opts: &DevOptions, dir: &Path, nodes: &mut [DevNode]) -> Result<(), NodeError> {
     let members: BTreeMap<NodeId, String> = nodes.iter().map(|n| (n.id, n.addr.clone())).collect();
     let endpoints: Vec<String> = members.values().cloned().collect();
-    let mut cfg = ClientConfig::new(endpoints.clone());
-    cfg.attempts_max = 3;
-    let client = Client::new(cfg).map_err(|e| dev_err(e.to_string()))?;
     // Wait for every node to listen, then initialize from node 1.
     let first = Client::new(ClientConfig::new(vec![endpoints[0].clone()]))
         .map_err(|e| dev_err(e.to_string()))?;
     let deadline = Instant::now() + READY_TIMEOUT;
-    loop {
+    let token = loop {
         match first.cluster_init(members.clone()).await {
-            Ok(()) => break,
+            Ok(admin) => break admin.secret,
+            // A directory reused from an earlier run: its env file holds the token.
             Err(skiff_client::ClientError::Api(
                 skiff_client::api::ApiError::FailedPrecondition(m),
-            )) if m.contains("already initialized") => break,
+            )) if m.contains("already initialized") => break previous_token(dir)?,
             Err(e) if Instant::now() < deadline => {
                 tracing::debug!(error = %e, "waiting for nodes to start");
                 for n in nodes.iter_mut() {
@@ -310,9 +328,12 @@ async fn bring_up(opts: &DevOptions, dir: &Path, nodes: &mut [DevNode]) -> Resul
             }
             Err(e) => return Err(dev_err(format!("cannot initialize the cluster: {e}"))),
         }
-    }
+    };
+    let mut cfg = ClientConfig::new(endpoints.clone()).with_token(token.clone());
+    cfg.attempts_max = 3;
+    let client = Client::new(cfg).map_err(|e| dev_err(e.to_string()))?;
     let leader = wait_ready(&client, &members).await?;
-    write_files(dir, nodes)?;
+    write_files(dir, nodes, &token)?;
 
     // The sample: a replicated write, read back linearizably.
     let version = client
@@ -355,6 +376,7 @@ async fn bring_up(opts: &DevOptions, dir: &Path, nodes: &mut [DevNode]) -> Resul
         }
     }
     let _ = writeln!(out, "endpoints: {}", endpoints.join(","));
+    let _ = writeln!(out, "admin token: {token}");
     let _ = writeln!(
         out,
         "use it:    source {}/env && skiff cluster status",

@@ -5,6 +5,8 @@
 //! - [`config`]: the TOML configuration, flag overrides and validation;
 //! - [`server`]: [`server::run`] starts a node and serves clients and peers on one port until
 //!   its shutdown future resolves (binaries and tests call it the same way);
+//! - [`auth`]: client sessions: the token a connection presented, checked with its role on
+//!   every call;
 //! - [`peer`]: the node-to-node service (Raft RPCs, forwarding to the leader) and the Raft
 //!   network built on it;
 //! - [`backup`]: backups of the state and their restore into a new cluster;
@@ -23,6 +25,7 @@
 //! through the leader's batcher; reads that claim linearizability are confirmed by a quorum.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod backup;
 pub mod batcher;
 pub mod config;

@@ -27,7 +27,7 @@ use skiff_client::api::{
     InvokeRequest, KvEntry, KvPage, NodeId, RequestId, StreamId, StreamJob, StreamStartRequest,
     Task, TaskFilter, TaskId, Workers,
 };
-use skiff_client::transport::{self, Service};
+use skiff_client::transport;
 use skiff_raft_store::types::TypeConfig;
 use tarpc::context;
 use tokio::sync::Mutex;
@@ -74,6 +74,7 @@ pub enum ReadOp {
         export: Option<u64>,
         offset: u64,
     },
+    Tokens,
 }
 
 /// The answer to a [`ReadOp`].
@@ -89,6 +90,7 @@ pub enum ReadResult {
     Stream(Option<Box<StreamJob>>),
     Streams(Vec<StreamJob>),
     Backup(Box<crate::backup::BackupChunk>),
+    Tokens(Vec<skiff_raft_store::tokens::TokenInfo>),
 }
 
 /// A stream request forwarded to the leader (which reads the sources).
@@ -174,7 +176,7 @@ pub trait PeerApi {
 
 /// Opens a peer connection to `addr`.
 pub async fn connect(addr: &str, frame_bytes_max: usize) -> std::io::Result<PeerApiClient> {
-    let stream = transport::dial(addr, Service::Peer).await?;
+    let stream = transport::dial_peer(addr).await?;
     let t = transport::framed(stream, frame_bytes_max);
     let mut config = tarpc::client::Config::default();
     config.max_in_flight_requests = 1024;

@@ -20,13 +20,14 @@ use openraft::error::{CheckIsLeaderError, InitializeError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState};
 use skiff_client::api::{
     ApiError, BackupChunk, ClientApi, ClientCommand, ClusterStatus, Command, CommandResult,
-    FunctionRecord, FunctionVersion, InvokeRequest, KvEntry, KvPage, MemberRole, NodeId,
-    NodeStatus, ReadConsistency, RequestId, StreamId, StreamJob, StreamStartRequest, Task,
-    TaskFilter, TaskId, Workers,
+    CreatedToken, FunctionRecord, FunctionVersion, InvokeRequest, KvEntry, KvPage, MemberRole,
+    NodeId, NodeStatus, ReadConsistency, RequestId, Role, StreamId, StreamJob, StreamStartRequest,
+    Task, TaskFilter, TaskId, TokenId, TokenInfo, Workers,
 };
 use skiff_client::transport::{self, Service};
 use skiff_raft_store::functions::validate_function_name;
 use skiff_raft_store::model::{validate_key, KEY_BYTES_MAX, LIST_LIMIT_MAX};
+use skiff_raft_store::tokens::{token_hash, validate_secret, validate_token_name};
 use skiff_raft_store::types::Raft;
 use skiff_raft_store::StateMachineStore;
 use tarpc::context::Context;
@@ -35,6 +36,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use crate::auth::Session;
 use crate::batcher::{self, Batcher};
 use crate::config::NodeConfig;
 use crate::metrics::Metrics;
@@ -49,7 +51,10 @@ use crate::NodeError;
 const LEADER_WAIT: Duration = Duration::from_secs(3);
 /// Deadline of a reachability probe in `cluster status`.
 const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
-/// How long a new connection may take to send its service byte.
+/// How long `cluster init` keeps proposing the bootstrap token while the first leader is
+/// being elected.
+const INIT_BOOTSTRAP_WAIT: Duration = Duration::from_secs(10);
+/// How long a new connection may take to send its service byte (and a client its token).
 const PREAMBLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// State shared by every request handler of one node.
@@ -218,10 +223,16 @@ async fn serve_connection(node: Node, mut stream: tokio::net::TcpStream) -> std:
     let per_conn = limits.requests_per_connection_max;
     match Service::from_preamble(first[0]) {
         Some(Service::Client) => {
+            let token = tokio::time::timeout(PREAMBLE_TIMEOUT, transport::read_token(&mut stream))
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "no token byte")
+                })??;
             let t = transport::framed(stream, limits.client_frame_bytes_max);
+            let session = Session::new(node, token);
             BaseChannel::with_defaults(t)
                 .max_concurrent_requests(per_conn)
-                .execute(ClientApi::serve(node))
+                .execute(ClientApi::serve(session))
                 .for_each_concurrent(per_conn, |fut| fut)
                 .await;
         }
@@ -400,7 +411,8 @@ impl Node {
             | ReadOp::Functions
             | ReadOp::Workers
             | ReadOp::Stream { .. }
-            | ReadOp::Streams => {}
+            | ReadOp::Streams
+            | ReadOp::Tokens => {}
             ReadOp::Backup { .. } => {
                 if consistency == ReadConsistency::Local {
                     return Err(ApiError::InvalidArgument(
@@ -538,6 +550,11 @@ impl Node {
                     bytes: Vec::new(),
                 }))
             }
+            ReadOp::Tokens => ReadResult::Tokens(
+                self.0
+                    .store
+                    .read(|sm| sm.tokens().list().cloned().collect()),
+            ),
             ReadOp::Workers => ReadResult::Workers(self.0.store.read(|sm| {
                 let s = sm.sched();
                 Workers {
@@ -750,7 +767,17 @@ impl Node {
         }
     }
 
-    async fn init(&self, members: BTreeMap<NodeId, String>) -> Result<(), ApiError> {
+    /// Initializes the cluster with `members` and makes `admin_secret` its first admin
+    /// token. On a cluster already initialized the bootstrap is still attempted: it succeeds
+    /// only for a retry of the call that made the first token (same secret) or on a cluster
+    /// initialized without one, and is refused otherwise.
+    async fn init(
+        &self,
+        members: BTreeMap<NodeId, String>,
+        admin_secret: &str,
+    ) -> Result<TokenInfo, ApiError> {
+        validate_secret(admin_secret)
+            .map_err(|e| ApiError::InvalidArgument(format!("admin token: {e}")))?;
         if members.is_empty() {
             return Err(ApiError::InvalidArgument("no members given".into()));
         }
@@ -796,15 +823,125 @@ impl Node {
             .into_iter()
             .map(|(id, addr)| (id, BasicNode { addr }))
             .collect();
-        match self.0.raft.initialize(nodes).await {
-            Ok(()) => Ok(()),
-            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Err(
-                ApiError::FailedPrecondition("the cluster is already initialized".into()),
-            ),
+        let fresh = match self.0.raft.initialize(nodes).await {
+            Ok(()) => true,
+            Err(RaftError::APIError(InitializeError::NotAllowed(_))) => false,
             Err(RaftError::APIError(InitializeError::NotInMembers(e))) => {
-                Err(ApiError::InvalidArgument(e.to_string()))
+                return Err(ApiError::InvalidArgument(e.to_string()))
             }
-            Err(RaftError::Fatal(f)) => Err(batcher::fatal_error(&f)),
+            Err(RaftError::Fatal(f)) => return Err(batcher::fatal_error(&f)),
+        };
+        let hash = token_hash(admin_secret);
+        // An initialized cluster that already has other tokens refuses here, from this
+        // node's applied state, so that a caller without a token cannot make log entries.
+        // (A node behind on its log falls through; the log's answer is the same.)
+        let refused_here = !fresh
+            && self.0.store.read(|sm| {
+                let tokens = sm.tokens();
+                !tokens.is_empty() && tokens.by_hash(&hash).is_none()
+            });
+        if refused_here {
+            return Err(ApiError::FailedPrecondition(
+                "the cluster is already initialized".into(),
+            ));
+        }
+        let bootstrap = Command::TokenCreate {
+            role: Role::Admin,
+            name: Some("bootstrap".into()),
+            hash,
+            bootstrap: true,
+        };
+        // The first leader is being elected: retry while there is none, within the bound.
+        let deadline = tokio::time::Instant::now() + INIT_BOOTSTRAP_WAIT;
+        let result = loop {
+            let command = ClientCommand {
+                request_id: node_request_id(),
+                command: bootstrap.clone(),
+            };
+            match self.write(vec![command]).await {
+                Err(e) if e.is_retryable() && tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "bootstrap token: waiting for a leader");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                other => break other?,
+            }
+        };
+        match result.as_slice() {
+            [CommandResult::TokenCreated { token }] => {
+                tracing::info!(
+                    token = token.id,
+                    fresh,
+                    "cluster initialized with its first admin token"
+                );
+                Ok(token.clone())
+            }
+            [CommandResult::Rejected { .. }] => Err(ApiError::FailedPrecondition(
+                "the cluster is already initialized".into(),
+            )),
+            other => Err(ApiError::Internal(format!(
+                "the bootstrap token was answered with {other:?}"
+            ))),
+        }
+    }
+
+    /// Makes a token: draws its secret here, so that only the hash enters the log.
+    pub(crate) async fn token_create(
+        &self,
+        role: Role,
+        name: Option<String>,
+    ) -> Result<CreatedToken, ApiError> {
+        if let Some(name) = &name {
+            validate_token_name(name).map_err(ApiError::InvalidArgument)?;
+        }
+        let secret = skiff_client::client::new_token_secret();
+        // A fresh request id per call, not the client's: a retried call draws a new secret,
+        // and an id of the first attempt would answer with the first attempt's token, whose
+        // secret this call does not hold.
+        let command = ClientCommand {
+            request_id: node_request_id(),
+            command: Command::TokenCreate {
+                role,
+                name,
+                hash: token_hash(&secret),
+                bootstrap: false,
+            },
+        };
+        match self.write(vec![command]).await?.as_slice() {
+            [CommandResult::TokenCreated { token }] => {
+                tracing::info!(token = token.id, role = %token.role, "token created");
+                Ok(CreatedToken {
+                    token: token.clone(),
+                    secret,
+                })
+            }
+            [CommandResult::Rejected { reason }] => {
+                Err(ApiError::FailedPrecondition(reason.clone()))
+            }
+            other => Err(ApiError::Internal(format!(
+                "a token create was answered with {other:?}"
+            ))),
+        }
+    }
+
+    /// Revokes a token (idempotent under the client's request id).
+    pub(crate) async fn token_revoke(
+        &self,
+        request_id: RequestId,
+        id: TokenId,
+    ) -> Result<TokenInfo, ApiError> {
+        let command = ClientCommand {
+            request_id,
+            command: Command::TokenRevoke { id },
+        };
+        match self.write(vec![command]).await?.as_slice() {
+            [CommandResult::TokenRevoked { token }] => {
+                tracing::info!(token = token.id, "token revoked");
+                Ok(token.clone())
+            }
+            [CommandResult::NotFound] => Err(ApiError::NotFound(format!("token {id}"))),
+            other => Err(ApiError::Internal(format!(
+                "a token revoke was answered with {other:?}"
+            ))),
         }
     }
 
@@ -819,12 +956,15 @@ impl Node {
     }
 }
 
-impl ClientApi for Node {
+/// Every call first checks the connection's token ([`Session::allow`]); the role each call
+/// needs is the table in docs/security.md.
+impl ClientApi for Session {
     async fn write(
         self,
         _: Context,
         commands: Vec<ClientCommand>,
     ) -> Result<Vec<CommandResult>, ApiError> {
+        self.allow_write(&commands).await?;
         self.client_commands_only(&commands)?;
         Node::write(&self, commands).await
     }
@@ -835,6 +975,7 @@ impl ClientApi for Node {
         key: String,
         read: ReadConsistency,
     ) -> Result<Option<KvEntry>, ApiError> {
+        self.allow(Role::Invoker, "reading a key").await?;
         match self.read(ReadOp::Get { key }, read).await? {
             ReadResult::Get(e) => Ok(e),
             _ => Err(ApiError::Internal(
@@ -851,6 +992,7 @@ impl ClientApi for Node {
         limit: u32,
         read: ReadConsistency,
     ) -> Result<KvPage, ApiError> {
+        self.allow(Role::Invoker, "listing keys").await?;
         match self
             .read(
                 ReadOp::List {
@@ -873,19 +1015,25 @@ impl ClientApi for Node {
         self,
         _: Context,
         members: BTreeMap<NodeId, String>,
-    ) -> Result<(), ApiError> {
-        self.init(members).await
+        admin_token: String,
+    ) -> Result<TokenInfo, ApiError> {
+        // No token needed: on a fresh cluster there is none yet. Once the cluster has
+        // tokens the bootstrap inside is refused, so this gives nothing away.
+        self.init(members, &admin_token).await
     }
 
     async fn cluster_add_node(self, _: Context, id: NodeId, addr: String) -> Result<(), ApiError> {
+        self.allow(Role::Admin, "adding a node").await?;
         self.admin(AdminOp::AddNode { id, addr }).await.map(|_| ())
     }
 
     async fn cluster_remove_node(self, _: Context, id: NodeId) -> Result<(), ApiError> {
+        self.allow(Role::Admin, "removing a node").await?;
         self.admin(AdminOp::RemoveNode { id }).await.map(|_| ())
     }
 
     async fn cluster_status(self, _: Context) -> Result<ClusterStatus, ApiError> {
+        self.allow(Role::Invoker, "cluster status").await?;
         match self.admin(AdminOp::Status).await? {
             AdminResult::Status(s) => Ok(s),
             AdminResult::Done => Err(ApiError::Internal(
@@ -895,6 +1043,7 @@ impl ClientApi for Node {
     }
 
     async fn invoke(self, _: Context, req: InvokeRequest) -> Result<Task, ApiError> {
+        self.allow(Role::Invoker, "invoking a function").await?;
         Node::invoke(&self, req).await
     }
 
@@ -904,6 +1053,7 @@ impl ClientApi for Node {
         id: TaskId,
         read: ReadConsistency,
     ) -> Result<Option<Task>, ApiError> {
+        self.allow(Role::Invoker, "reading a task").await?;
         match self.read(ReadOp::Task { id }, read).await? {
             ReadResult::Task(t) => Ok(t.map(|t| *t)),
             _ => Err(ApiError::Internal(
@@ -920,6 +1070,7 @@ impl ClientApi for Node {
         limit: u32,
         read: ReadConsistency,
     ) -> Result<Vec<Task>, ApiError> {
+        self.allow(Role::Invoker, "listing tasks").await?;
         let op = ReadOp::Tasks {
             filter,
             after,
@@ -939,6 +1090,7 @@ impl ClientApi for Node {
         name: String,
         read: ReadConsistency,
     ) -> Result<Option<FunctionRecord>, ApiError> {
+        self.allow(Role::Invoker, "reading a function").await?;
         match self.read(ReadOp::Function { name }, read).await? {
             ReadResult::Function(f) => Ok(f.map(|f| *f)),
             _ => Err(ApiError::Internal(
@@ -952,6 +1104,7 @@ impl ClientApi for Node {
         _: Context,
         read: ReadConsistency,
     ) -> Result<Vec<FunctionRecord>, ApiError> {
+        self.allow(Role::Invoker, "listing functions").await?;
         match self.read(ReadOp::Functions, read).await? {
             ReadResult::Functions(f) => Ok(f),
             _ => Err(ApiError::Internal(
@@ -966,6 +1119,7 @@ impl ClientApi for Node {
         request_id: RequestId,
         req: StreamStartRequest,
     ) -> Result<StreamId, ApiError> {
+        self.allow(Role::Deployer, "starting a stream").await?;
         match self.stream_op(StreamOp::Start { request_id, req }).await? {
             StreamReply::Started(id) => Ok(id),
             other => Err(ApiError::Internal(format!(
@@ -980,6 +1134,7 @@ impl ClientApi for Node {
         id: StreamId,
         read: ReadConsistency,
     ) -> Result<Option<StreamJob>, ApiError> {
+        self.allow(Role::Invoker, "reading a stream").await?;
         Node::stream_get(&self, id, read).await
     }
 
@@ -988,6 +1143,7 @@ impl ClientApi for Node {
         _: Context,
         read: ReadConsistency,
     ) -> Result<Vec<StreamJob>, ApiError> {
+        self.allow(Role::Invoker, "listing streams").await?;
         Node::stream_list(&self, read).await
     }
 
@@ -997,6 +1153,7 @@ impl ClientApi for Node {
         request_id: RequestId,
         id: StreamId,
     ) -> Result<(), ApiError> {
+        self.allow(Role::Deployer, "cancelling a stream").await?;
         self.stream_op(StreamOp::Cancel { request_id, id })
             .await
             .map(|_| ())
@@ -1008,6 +1165,7 @@ impl ClientApi for Node {
         request_id: RequestId,
         id: StreamId,
     ) -> Result<u64, ApiError> {
+        self.allow(Role::Deployer, "redriving a stream").await?;
         match self.stream_op(StreamOp::Redrive { request_id, id }).await? {
             StreamReply::Redriven(n) => Ok(n),
             other => Err(ApiError::Internal(format!(
@@ -1022,6 +1180,8 @@ impl ClientApi for Node {
         export: Option<u64>,
         offset: u64,
     ) -> Result<BackupChunk, ApiError> {
+        // The whole state, token hashes included: admins only.
+        self.allow(Role::Admin, "a backup").await?;
         let op = ReadOp::Backup { export, offset };
         match self.read(op, ReadConsistency::Linearizable).await? {
             ReadResult::Backup(chunk) => Ok(*chunk),
@@ -1032,12 +1192,47 @@ impl ClientApi for Node {
     }
 
     async fn workers(self, _: Context, read: ReadConsistency) -> Result<Workers, ApiError> {
+        self.allow(Role::Invoker, "reading the workers").await?;
         match self.read(ReadOp::Workers, read).await? {
             ReadResult::Workers(w) => Ok(w),
             _ => Err(ApiError::Internal(
                 "a workers read was answered with another read".into(),
             )),
         }
+    }
+
+    async fn token_create(
+        self,
+        _: Context,
+        role: Role,
+        name: Option<String>,
+    ) -> Result<CreatedToken, ApiError> {
+        self.allow(Role::Admin, "creating a token").await?;
+        Node::token_create(&self, role, name).await
+    }
+
+    async fn token_list(
+        self,
+        _: Context,
+        read: ReadConsistency,
+    ) -> Result<Vec<TokenInfo>, ApiError> {
+        self.allow(Role::Admin, "listing tokens").await?;
+        match self.read(ReadOp::Tokens, read).await? {
+            ReadResult::Tokens(t) => Ok(t),
+            _ => Err(ApiError::Internal(
+                "a token list was answered with another read".into(),
+            )),
+        }
+    }
+
+    async fn token_revoke(
+        self,
+        _: Context,
+        request_id: RequestId,
+        id: TokenId,
+    ) -> Result<TokenInfo, ApiError> {
+        self.allow(Role::Admin, "revoking a token").await?;
+        Node::token_revoke(&self, request_id, id).await
     }
 }
 
@@ -1137,6 +1332,15 @@ impl PeerApi for Node {
             tokio::spawn(crate::worker::run_task(self.clone(), task, function));
         }
         Ok(())
+    }
+}
+
+/// A request id for a command the node itself makes on a client's behalf: random, so that it
+/// meets no client's.
+fn node_request_id() -> RequestId {
+    RequestId {
+        client: rand::random(),
+        seq: 1,
     }
 }
 

@@ -27,6 +27,7 @@ use crate::model::{
     DEDUP_ENTRIES_MAX, DEDUP_WINDOW_MS, LIST_LIMIT_MAX, VALUE_BYTES_MAX,
 };
 use crate::sched::Sched;
+use crate::tokens::Tokens;
 
 /// What the state machine remembers about an applied command, to answer its retries.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +77,8 @@ pub struct StateMachineData {
     dedup_entries_max: usize,
     /// Functions, code, tasks and worker nodes.
     sched: Sched,
+    /// Bearer tokens of the control plane.
+    tokens: Tokens,
 }
 
 impl Default for StateMachineData {
@@ -88,6 +91,7 @@ impl Default for StateMachineData {
             dedup_order: BTreeSet::new(),
             dedup_entries_max: DEDUP_ENTRIES_MAX,
             sched: Sched::default(),
+            tokens: Tokens::default(),
         }
     }
 }
@@ -107,10 +111,16 @@ impl StateMachineData {
         revision: u64,
         last_time_ms: u64,
     ) -> Result<Self, InvalidImage> {
+        // Tokens and scheduler objects share one column family (and the snapshot's object
+        // list); their tags are disjoint.
+        let (tokens, sched): (Vec<_>, Vec<_>) = objects
+            .into_iter()
+            .partition(|(key, _)| Tokens::is_token_key(key));
         let mut state = StateMachineData {
             revision,
             last_time_ms,
-            sched: Sched::from_objects(objects, last_time_ms).map_err(InvalidImage)?,
+            sched: Sched::from_objects(sched, last_time_ms).map_err(InvalidImage)?,
+            tokens: Tokens::from_objects(tokens).map_err(InvalidImage)?,
             ..Self::default()
         };
         let mut versions = HashSet::new();
@@ -192,6 +202,9 @@ impl StateMachineData {
             results.push(result);
         }
         for (key, value) in self.sched.take_changes() {
+            mutations.push(Mutation::Obj { key, value });
+        }
+        for (key, value) in self.tokens.take_changes() {
             mutations.push(Mutation::Obj { key, value });
         }
         mutations.push(Mutation::Meta {
@@ -321,6 +334,15 @@ impl StateMachineData {
             Command::StreamRedrive { job } => {
                 self.sched.stream_redrive(self.last_time_ms, *job, &self.kv)
             }
+            Command::TokenCreate {
+                role,
+                name,
+                hash,
+                bootstrap,
+            } => self
+                .tokens
+                .create(self.last_time_ms, *role, name.as_deref(), hash, *bootstrap),
+            Command::TokenRevoke { id } => self.tokens.revoke(self.last_time_ms, *id),
         }
     }
 
@@ -349,6 +371,20 @@ impl StateMachineData {
     /// The scheduler state: functions, code, tasks, nodes.
     pub fn sched(&self) -> &Sched {
         &self.sched
+    }
+
+    /// The token table: who may call what.
+    pub fn tokens(&self) -> &Tokens {
+        &self.tokens
+    }
+
+    /// Every persisted object (scheduler and tokens), in key order: the object column
+    /// family's content and the snapshot's object list.
+    pub fn objects(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut out = self.sched.objects();
+        out.extend(self.tokens.objects());
+        out.sort();
+        out
     }
 
     /// The key-value entries, for decisions that depend on versions (idempotency).
@@ -485,6 +521,12 @@ impl StateMachineData {
             hasher.update(entry.create_version.to_be_bytes());
         }
         self.sched.hash_into(&mut hasher);
+        for (k, v) in self.tokens.objects() {
+            hasher.update((k.len() as u64).to_be_bytes());
+            hasher.update(&k);
+            hasher.update((v.len() as u64).to_be_bytes());
+            hasher.update(&v);
+        }
         hex::encode(hasher.finalize())
     }
 }
@@ -754,12 +796,88 @@ mod tests {
         let copy = StateMachineData::from_parts(
             sm.iter().cloned(),
             sm.dedup_iter().map(|(i, r)| (*i, r.clone())),
-            sm.sched().objects(),
+            sm.objects(),
             sm.revision(),
             sm.last_time_ms(),
         )
         .expect("valid image");
         assert_eq!(copy, sm);
+    }
+
+    #[test]
+    fn tokens_apply_persist_and_rebuild() {
+        use crate::tokens::{token_hash, Role, TOKEN_NAME_BYTES_MAX};
+        let create = |seq, role, name: Option<&str>, secret: &str, bootstrap| ClientCommand {
+            request_id: id(seq),
+            command: Command::TokenCreate {
+                role,
+                name: name.map(str::to_string),
+                hash: token_hash(secret),
+                bootstrap,
+            },
+        };
+        let mut sm = StateMachineData::new();
+        let (r, mutations) = sm.apply_request(&Request {
+            time_ms: 10,
+            commands: vec![
+                create(1, Role::Admin, Some("bootstrap"), "s1", true),
+                create(2, Role::Invoker, Some("ci"), "s2", false),
+                create(3, Role::Admin, None, "s3", true),
+                create(
+                    4,
+                    Role::Invoker,
+                    Some(&"n".repeat(TOKEN_NAME_BYTES_MAX + 1)),
+                    "s4",
+                    false,
+                ),
+                create(5, Role::Deployer, None, "s5", true),
+            ],
+        });
+        assert!(matches!(r.results[0], CommandResult::TokenCreated { .. }));
+        assert!(matches!(r.results[1], CommandResult::TokenCreated { .. }));
+        assert!(
+            matches!(r.results[2], CommandResult::Rejected { .. }),
+            "second bootstrap"
+        );
+        assert!(
+            matches!(r.results[3], CommandResult::Invalid(_)),
+            "name too long"
+        );
+        assert!(
+            matches!(r.results[4], CommandResult::Invalid(_)),
+            "non-admin bootstrap"
+        );
+        assert_eq!(sm.tokens().len(), 2);
+        let token_writes = mutations
+            .iter()
+            .filter(|m| matches!(m, Mutation::Obj { key, .. } if Tokens::is_token_key(key)))
+            .count();
+        assert_eq!(token_writes, 2);
+        let r = apply(
+            &mut sm,
+            20,
+            vec![ClientCommand {
+                request_id: id(6),
+                command: Command::TokenRevoke { id: 2 },
+            }],
+        );
+        assert!(matches!(&r.results[0], CommandResult::TokenRevoked { token } if token.revoked));
+        assert!(sm.tokens().authenticate("s2").is_none());
+        assert_eq!(
+            sm.tokens().authenticate("s1").map(|t| t.role),
+            Some(Role::Admin)
+        );
+        let copy = StateMachineData::from_parts(
+            sm.iter().cloned(),
+            sm.dedup_iter().map(|(i, r)| (*i, r.clone())),
+            sm.objects(),
+            sm.revision(),
+            sm.last_time_ms(),
+        )
+        .expect("valid image");
+        assert_eq!(copy, sm);
+        assert_eq!(copy.digest(), sm.digest());
+        assert!(copy.tokens().get(2).is_some_and(|t| t.revoked));
     }
 
     mod properties {
@@ -790,6 +908,24 @@ mod tests {
                         }
                     }
                 });
+            // Token commands too, so replay and rebuild cover the token table.
+            let token = (0u8..4, any::<bool>(), 1u64..4).prop_map(|(secret, bootstrap, revoke)| {
+                if secret == 3 {
+                    Command::TokenRevoke { id: revoke }
+                } else {
+                    Command::TokenCreate {
+                        role: if bootstrap {
+                            crate::tokens::Role::Admin
+                        } else {
+                            crate::tokens::Role::Invoker
+                        },
+                        name: None,
+                        hash: crate::tokens::token_hash(&secret.to_string()),
+                        bootstrap,
+                    }
+                }
+            });
+            let op = prop_oneof![4 => op, 1 => token];
             (id, op).prop_map(|(request_id, command)| ClientCommand {
                 request_id,
                 command,

@@ -12,6 +12,7 @@
 //!
 //! # Layout
 //! - [`model`]: commands, responses and key-value types (no storage dependency; clients use it).
+//! - [`tokens`]: bearer tokens, roles and the replicated token table (shared with clients).
 //! - [`types`] (feature `storage`): the openraft type configuration and aliases.
 //! - [`apply`] (feature `storage`): the in-memory state and the pure apply function.
 //! - [`log_store`] (feature `storage`): the Raft log on RocksDB.
@@ -35,6 +36,7 @@
 pub mod functions;
 pub mod model;
 pub mod streams;
+pub mod tokens;
 
 #[cfg(feature = "storage")]
 pub mod sched;

@@ -26,6 +26,7 @@ use crate::streams::{
     StreamId, StreamItem, StreamStartRequest, STREAM_ADVANCE_BYTES_MAX, STREAM_ADVANCE_ITEMS_MAX,
     STREAM_CURSOR_BYTES_MAX, STREAM_ERROR_BYTES_MAX,
 };
+use crate::tokens::{validate_hash, validate_token_name, Role, TokenId, TokenInfo};
 
 /// Identifies a node of the cluster. Never reused after a node's data is wiped.
 pub type NodeId = u64;
@@ -143,6 +144,17 @@ pub enum Command {
     StreamCancel { job: StreamId },
     /// Run a job's failed items again, with the function's latest version.
     StreamRedrive { job: StreamId },
+    /// Make a token of `role`; `hash` is the SHA-256 of a secret the receiving node drew
+    /// (the secret itself never enters the log). With `bootstrap`, only on a cluster that
+    /// has no token yet (the first admin token, made by `cluster init`).
+    TokenCreate {
+        role: Role,
+        name: Option<String>,
+        hash: String,
+        bootstrap: bool,
+    },
+    /// Revoke a token: from the entry on, no node accepts it.
+    TokenRevoke { id: TokenId },
 }
 
 impl Command {
@@ -204,11 +216,16 @@ impl Command {
                     + items.iter().map(|i| i.bytes() + 8).sum::<usize>()
             }
             Command::StreamCancel { .. } | Command::StreamRedrive { .. } => 16,
+            Command::TokenCreate { name, hash, .. } => {
+                32 + hash.len() + name.as_ref().map_or(0, String::len)
+            }
+            Command::TokenRevoke { .. } => 16,
         }
     }
 
     /// Whether a client may send this command through the generic write call. Heartbeats and
-    /// completions come from nodes only, and submissions through `invoke`.
+    /// completions come from nodes only, submissions through `invoke`, and token commands
+    /// through the token calls (the node draws the secret).
     pub fn is_client_command(&self) -> bool {
         matches!(
             self,
@@ -371,6 +388,24 @@ impl Command {
                 Ok(())
             }
             Command::StreamCancel { .. } | Command::StreamRedrive { .. } => Ok(()),
+            Command::TokenCreate {
+                name,
+                hash,
+                bootstrap,
+                role,
+            } => {
+                validate_hash(hash).map_err(InvalidCommand::Other)?;
+                if let Some(name) = name {
+                    validate_token_name(name).map_err(InvalidCommand::Other)?;
+                }
+                if *bootstrap && *role != Role::Admin {
+                    return Err(InvalidCommand::Other(
+                        "a bootstrap token is an admin token".into(),
+                    ));
+                }
+                Ok(())
+            }
+            Command::TokenRevoke { .. } => Ok(()),
         }
     }
 }
@@ -421,7 +456,8 @@ pub enum CommandResult {
     Put { version: u64 },
     /// The key was deleted; it had been at `version`.
     Deleted { version: u64 },
-    /// Delete of a key that does not exist (and no version was expected).
+    /// Delete of a key that does not exist (and no version was expected); revocation of a
+    /// token that does not exist.
     NotFound,
     /// `expect_version` did not match; `current` is the key's version (0: absent).
     Conflict { current: u64 },
@@ -455,6 +491,10 @@ pub enum CommandResult {
     StreamAdvanced { tasks: Vec<TaskId> },
     /// A stream's failed items were put back in flight, in these tasks.
     StreamRedriven { items: u64, tasks: Vec<TaskId> },
+    /// A token was made (or, for a retried bootstrap, already existed).
+    TokenCreated { token: TokenInfo },
+    /// A token is revoked (now, or already before).
+    TokenRevoked { token: TokenInfo },
     /// The command was well formed but refused by the state: unknown function or version,
     /// incomplete code, stale fencing token, a bound reached. Nothing changed.
     Rejected { reason: String },

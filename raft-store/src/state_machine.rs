@@ -133,7 +133,6 @@ fn encode_snapshot(
         kv: data.iter().collect(),
         dedup: data.dedup_iter().collect(),
         objects: data
-            .sched()
             .objects()
             .into_iter()
             .map(|(k, v)| (ByteBuf::from(k), ByteBuf::from(v)))
@@ -625,7 +624,7 @@ impl StateMachineStore {
             );
         }
         let obj_cf = cf(db, CF_SM_OBJ);
-        for (key, value) in data.sched().objects() {
+        for (key, value) in data.objects() {
             batch.put_cf(obj_cf, key, value);
         }
         for (id, record) in data.dedup_iter() {

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use skiff_client::api::{FnMode, NodeId, TaskState};
 
-use crate::functions::{archive, deploy, invoke, is_root, output, rpc, spec, wait_workers, CONFIG};
+use crate::functions::{
+    archive, deploy, invoke, is_root, output, rpc, rpc_as, spec, wait_workers, CONFIG,
+};
 use crate::harness::{free_ports, TestCluster};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -21,7 +23,8 @@ async fn a_backup_restored_into_a_new_cluster_gives_the_same_state() {
     }
     client.put("k/007", b"changed".to_vec()).await.expect("put");
     let leader = old.wait_leader(&old.ids()).await;
-    let c = rpc(&old.node(leader).addr).await;
+    let c = rpc(&old, leader).await;
+    let token = old.token.clone();
     let code = archive(&[("echo.sh", 0o755, "#!/bin/sh\nprintf 'got:'; cat\n")]);
     deploy(
         &c,
@@ -30,6 +33,14 @@ async fn a_backup_restored_into_a_new_cluster_gives_the_same_state() {
     )
     .await;
 
+    // The backup holds the whole state, token hashes included: never without an admin token.
+    let anonymous = old.client_with(&old.ids(), None);
+    assert!(matches!(
+        anonymous.backup(|_, _| {}).await,
+        Err(skiff_client::ClientError::Api(
+            skiff_client::api::ApiError::Unauthenticated(_)
+        ))
+    ));
     let mut progress = Vec::new();
     let backup = client
         .backup(|done, total| progress.push((done, total)))
@@ -115,6 +126,8 @@ async fn a_backup_restored_into_a_new_cluster_gives_the_same_state() {
     let mut cfg = skiff_client::ClientConfig::new(endpoints.clone());
     cfg.rpc_timeout = Duration::from_secs(5);
     cfg.attempts_max = 40;
+    // The restored state holds the old cluster's tokens.
+    cfg.token = Some(token.clone());
     let restored = skiff_client::Client::new(cfg).expect("client");
     // The members elect a leader by themselves: no init.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -144,7 +157,7 @@ async fn a_backup_restored_into_a_new_cluster_gives_the_same_state() {
     if is_root() {
         // The restored code runs on the new cluster's workers.
         let leader = status.leader.expect("leader");
-        let c = rpc(&members[&leader]).await;
+        let c = rpc_as(&members[&leader], Some(&token)).await;
         wait_workers(&c, 3).await;
         let task = invoke(&c, "echo", b"hi", true).await;
         assert_eq!(task.state, TaskState::Succeeded, "{task:?}");

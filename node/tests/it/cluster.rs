@@ -6,7 +6,7 @@ use skiff_client::api::{
     ApiError, ClientApiClient, ClientCommand, Command, CommandResult, ReadConsistency, RequestId,
     CLIENT_FRAME_BYTES_MAX,
 };
-use skiff_client::transport::{self, Service};
+use skiff_client::transport;
 use skiff_client::{Client, ClientConfig, ClientError};
 use skiff_raft_store::model::{NodeId, VALUE_BYTES_MAX};
 
@@ -16,8 +16,10 @@ use crate::harness::TestCluster;
 /// hundred writes can only be caught up by a snapshot.
 const SMALL_LOG: &str = "[raft]\nsnapshot_logs_since_last = 100\nlogs_kept_after_snapshot = 10\n";
 
-async fn raw_client(addr: &str) -> ClientApiClient {
-    let stream = transport::dial(addr, Service::Client).await.expect("dial");
+async fn raw_client(cluster: &TestCluster, id: u64) -> ClientApiClient {
+    let stream = transport::dial_client(&cluster.node(id).addr, Some(&cluster.token))
+        .await
+        .expect("dial");
     ClientApiClient::new(
         tarpc::client::Config::default(),
         transport::framed(stream, CLIENT_FRAME_BYTES_MAX),
@@ -152,7 +154,7 @@ async fn node_behind_a_purged_log_catches_up_by_snapshot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_write_is_applied_once() {
     let cluster = TestCluster::start(3, "").await;
-    let raw = raw_client(&cluster.node(2).addr).await;
+    let raw = raw_client(&cluster, 2).await;
     let id = RequestId { client: 42, seq: 1 };
     let put = |value: &str| {
         vec![ClientCommand {
@@ -208,7 +210,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         .expect_err("too large");
     assert!(matches!(err, ClientError::Invalid(_)), "{err}");
     // ...and by the node when a client skips the check.
-    let raw = raw_client(&cluster.node(1).addr).await;
+    let raw = raw_client(&cluster, 1).await;
     let res = raw
         .write(
             ctx(),

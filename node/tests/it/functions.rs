@@ -12,7 +12,7 @@ use skiff_client::api::{
     ClientApiClient, ClientCommand, Command, CommandResult, DataGrant, FnMode, FunctionSpec,
     InvokeRequest, ReadConsistency, RequestId, Task, TaskFilter, TaskState,
 };
-use skiff_client::transport::{self, Service};
+use skiff_client::transport;
 use skiff_raft_store::functions::CODE_CHUNK_BYTES;
 use tarpc::context;
 
@@ -35,9 +35,14 @@ macro_rules! require_root {
     };
 }
 
-/// A raw RPC connection to one node.
-pub(crate) async fn rpc(addr: &str) -> ClientApiClient {
-    let stream = transport::dial(addr, Service::Client).await.expect("dial");
+/// A raw RPC connection to node `id` presenting the cluster's admin token.
+pub(crate) async fn rpc(cluster: &TestCluster, id: u64) -> ClientApiClient {
+    rpc_as(&cluster.node(id).addr, Some(&cluster.token)).await
+}
+
+/// A raw RPC connection to `addr` presenting `token` (or none).
+pub(crate) async fn rpc_as(addr: &str, token: Option<&str>) -> ClientApiClient {
+    let stream = transport::dial_client(addr, token).await.expect("dial");
     let t = transport::framed(stream, skiff_client::api::CLIENT_FRAME_BYTES_MAX);
     ClientApiClient::new(tarpc::client::Config::default(), t).spawn()
 }
@@ -257,7 +262,7 @@ fn python3() -> bool {
 async fn sync_and_async_exec_and_serve_in_sh_and_python() {
     require_root!();
     let cluster = TestCluster::start(3, CONFIG).await;
-    let c = rpc(&cluster.node(1).addr).await;
+    let c = rpc(&cluster, 1).await;
 
     let sh = archive(&[("main.sh", 0o755, "#!/bin/sh\nprintf 'got:'\ncat\n")]);
     deploy(
@@ -358,7 +363,7 @@ async fn sync_and_async_exec_and_serve_in_sh_and_python() {
 async fn second_call_is_warm_on_the_node_that_had_the_sandbox() {
     require_root!();
     let cluster = TestCluster::start(3, CONFIG).await;
-    let c = rpc(&cluster.node(2).addr).await;
+    let c = rpc(&cluster, 2).await;
     let code = archive(&[("main.sh", 0o755, "cat\n")]);
     deploy(
         &c,
@@ -399,7 +404,7 @@ async fn second_call_is_warm_on_the_node_that_had_the_sandbox() {
 async fn max_concurrency_holds_under_a_burst_and_excess_is_throttled() {
     require_root!();
     let cluster = TestCluster::start(3, CONFIG).await;
-    let c = rpc(&cluster.node(1).addr).await;
+    let c = rpc(&cluster, 1).await;
     // Each run records its start and end times; at most 2 overlap.
     let code = archive(&[("main.sh", 0o755, "sleep 0.3; echo done\n")]);
     let s = FunctionSpec {
@@ -454,7 +459,7 @@ async fn a_killed_worker_loses_its_task_to_another_node() {
     require_root!();
     let mut cluster = TestCluster::start(3, CONFIG).await;
     let leader = cluster.wait_leader(&cluster.ids()).await;
-    let c = rpc(&cluster.node(leader).addr).await;
+    let c = rpc(&cluster, leader).await;
     let code = archive(&[("main.sh", 0o755, "sleep 2; printf 'finished:'; cat\n")]);
     let s = FunctionSpec {
         max_attempts: 1,
@@ -493,7 +498,7 @@ async fn a_killed_worker_loses_its_task_to_another_node() {
 async fn a_thousand_async_invocations_each_complete_once() {
     require_root!();
     let cluster = TestCluster::start(3, CONFIG).await;
-    let c = rpc(&cluster.node(3).addr).await;
+    let c = rpc(&cluster, 3).await;
     let code = archive(&[("main.sh", 0o755, "cat\n")]);
     let s = FunctionSpec {
         max_concurrency: 64,
@@ -575,7 +580,7 @@ async fn a_thousand_async_invocations_each_complete_once() {
 async fn a_function_reads_and_writes_keys_through_the_data_service() {
     require_root!();
     let cluster = TestCluster::start(3, CONFIG).await;
-    let c = rpc(&cluster.node(1).addr).await;
+    let c = rpc(&cluster, 1).await;
     let put = write(
         &c,
         Command::KvPut {
@@ -652,7 +657,7 @@ async fn scrape(addr: &str) -> String {
 async fn metrics_of_every_node_count_real_invocations() {
     require_root!();
     let cluster = TestCluster::start(3, CONFIG).await;
-    let c = rpc(&cluster.node(1).addr).await;
+    let c = rpc(&cluster, 1).await;
     let code = archive(&[("main.sh", 0o755, "cat\n")]);
     deploy(
         &c,
@@ -694,7 +699,7 @@ async fn metrics_of_every_node_count_real_invocations() {
 async fn a_large_code_archive_is_replicated_in_chunks_and_runs() {
     require_root!();
     let cluster = TestCluster::start(3, CONFIG).await;
-    let c = rpc(&cluster.node(1).addr).await;
+    let c = rpc(&cluster, 1).await;
     // 6 MiB of incompressible bytes: twelve chunks, each its own log entry.
     let mut blob = vec![0u8; 6 << 20];
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -733,7 +738,7 @@ async fn a_large_code_archive_is_replicated_in_chunks_and_runs() {
 async fn a_rolling_restart_under_invocation_load_fails_no_acknowledged_call() {
     require_root!();
     let mut cluster = TestCluster::start(3, CONFIG).await;
-    let c = rpc(&cluster.node(1).addr).await;
+    let c = rpc(&cluster, 1).await;
     let code = archive(&[(
         "serve.sh",
         0o755,
@@ -796,7 +801,7 @@ async fn a_rolling_restart_under_invocation_load_fails_no_acknowledged_call() {
 
 /// A raw connection to node `id` (as the rolling restart brings nodes back).
 async fn c_for(cluster: &TestCluster, id: u64) -> ClientApiClient {
-    rpc(&cluster.node(id).addr).await
+    rpc(&cluster, id).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -808,7 +813,7 @@ async fn a_burst_of_first_calls_waits_for_sandboxes_instead_of_cold_starting_eac
         "[worker]\nheartbeat_interval_ms = 200\ncold_start_wait_ms = 2000\n",
     )
     .await;
-    let c = rpc(&cluster.node(1).addr).await;
+    let c = rpc(&cluster, 1).await;
     let code = archive(&[(
         "serve.sh",
         0o755,

@@ -23,6 +23,8 @@ pub struct TestCluster {
     pub dir: tempfile::TempDir,
     pub nodes: Vec<TestNode>,
     config_path: PathBuf,
+    /// The admin token `cluster init` returned; every client the harness makes presents it.
+    pub token: String,
 }
 
 pub fn free_port() -> u16 {
@@ -50,6 +52,7 @@ impl TestCluster {
             nodes: Vec::new(),
             config_path,
             dir,
+            token: String::new(),
         };
         let ports = free_ports(2 * n);
         for i in 1..=n as NodeId {
@@ -73,16 +76,17 @@ impl TestCluster {
             .collect();
         let first = cluster.client_for(&[1]);
         let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
+        let admin = loop {
             match first.cluster_init(members.clone()).await {
-                Ok(()) => break,
+                Ok(admin) => break admin,
                 Err(e) if Instant::now() < deadline => {
                     let _ = e;
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 Err(e) => panic!("cluster init failed: {e}"),
             }
-        }
+        };
+        cluster.token = admin.secret;
         cluster.wait_leader(&cluster.ids()).await;
         cluster
     }
@@ -160,13 +164,20 @@ impl TestCluster {
         }
     }
 
-    /// A client of the given nodes only.
+    /// A client of the given nodes only, with the admin token (none before init).
     pub fn client_for(&self, ids: &[NodeId]) -> Client {
+        let token = (!self.token.is_empty()).then(|| self.token.clone());
+        self.client_with(ids, token)
+    }
+
+    /// A client of the given nodes only presenting `token`.
+    pub fn client_with(&self, ids: &[NodeId], token: Option<String>) -> Client {
         let endpoints = ids.iter().map(|id| self.node(*id).addr.clone()).collect();
         let mut cfg = ClientConfig::new(endpoints);
         cfg.rpc_timeout = Duration::from_secs(5);
         cfg.attempts_max = 20;
-        Client::new(cfg).expect("valid endpoints")
+        cfg.token = token;
+        Client::new(cfg).expect("valid endpoints and token")
     }
 
     pub fn client(&self) -> Client {

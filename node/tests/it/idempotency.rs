@@ -111,7 +111,7 @@ fn idempotent(name: &str, deps: Vec<Dependency>, track_reads: bool) -> FunctionS
 async fn hits_run_nothing_and_each_change_runs_once() {
     require_root!();
     let cluster = TestCluster::start(3, CONFIG).await;
-    let c = rpc(&cluster.node(2).addr).await;
+    let c = rpc(&cluster, 2).await;
     put(&c, "cfg", "one").await;
     let code = archive(&[("main.sh", 0o755, COUNTING)]);
     let s = idempotent("counted", vec![Dependency::Kv("cfg".into())], false);
@@ -211,7 +211,7 @@ async fn hits_run_nothing_and_each_change_runs_once() {
 async fn tracked_reads_and_file_dependencies_cause_one_new_run() {
     require_root!();
     let cluster = TestCluster::start(3, CONFIG).await;
-    let c = rpc(&cluster.node(1).addr).await;
+    let c = rpc(&cluster, 1).await;
     put(&c, "data/x", "10").await;
     // Reads data/x through the data service without declaring it.
     let code = archive(&[(
@@ -273,7 +273,7 @@ async fn a_leader_change_does_not_run_an_idempotent_call_twice() {
     require_root!();
     let mut cluster = TestCluster::start(3, CONFIG).await;
     let leader = cluster.wait_leader(&cluster.ids()).await;
-    let c = rpc(&cluster.node(leader).addr).await;
+    let c = rpc(&cluster, leader).await;
     // Each run counts itself under count/PAYLOAD, slowly enough to outlive an election.
     let code = archive(&[(
         "main.sh",
@@ -311,7 +311,7 @@ async fn a_leader_change_does_not_run_an_idempotent_call_twice() {
     cluster.kill(leader);
     let others: Vec<u64> = cluster.ids().into_iter().filter(|i| *i != leader).collect();
     cluster.wait_leader(&others).await;
-    let c2 = rpc(&cluster.node(others[0]).addr).await;
+    let c2 = rpc(&cluster, others[0]).await;
     // The same invocation after the leader change: it joins the running task or hits its
     // result; it never starts a second run.
     let again = loop {

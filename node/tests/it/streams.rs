@@ -31,7 +31,7 @@ fn jsonl(dir: &Path, n: usize) -> String {
 }
 
 async fn deploy_fn(cluster: &TestCluster, name: &str, script: &str, mode: FnMode) {
-    let c = rpc(&cluster.node(1).addr).await;
+    let c = rpc(&cluster, 1).await;
     let s = FunctionSpec {
         max_concurrency: 64,
         ..spec(name, &["/bin/sh", "main.sh"], mode)
@@ -177,7 +177,7 @@ async fn failed_items_are_kept_and_redriven_after_a_fix() {
     );
     assert_eq!(job.counters.retried, 2, "each failed item was tried twice");
     // The fix: a new version that takes every item.
-    let c = rpc(&cluster.node(1).addr).await;
+    let c = rpc(&cluster, 1).await;
     let fixed = FunctionSpec {
         max_concurrency: 64,
         ..spec("picky", &["/bin/sh", "main.sh"], FnMode::Exec)
@@ -253,7 +253,7 @@ async fn csv_and_directory_sources() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_starts_are_refused_with_a_clear_error() {
     let cluster = TestCluster::start(3, "").await;
-    let c = rpc(&cluster.node(1).addr).await;
+    let c = rpc(&cluster, 1).await;
     deploy(
         &c,
         spec("f", &["/bin/sh", "main.sh"], FnMode::Exec),
@@ -406,7 +406,7 @@ async fn rerunning_a_stream_over_unchanged_items_is_all_hits() {
     let cluster = TestCluster::start(3, CONFIG).await;
     let dir = tempfile::tempdir().expect("dir");
     let path = jsonl(dir.path(), 200);
-    let c = rpc(&cluster.node(1).addr).await;
+    let c = rpc(&cluster, 1).await;
     let s = FunctionSpec {
         max_concurrency: 64,
         idempotency: Some(skiff_client::api::Idempotency {

@@ -1,11 +1,12 @@
 //! Integration tests of the RocksDB store: openraft's storage suite, restart, snapshot
-//! transfer and rejection of garbage snapshots. (The apply logic has its unit and property
+//! transfer (key-value state and tokens) and rejection of garbage snapshots. (The apply logic has its unit and property
 //! tests next to it, in `src/apply.rs`.)
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Cursor;
 
 use skiff_raft_store::model::{ClientCommand, Command, CommandResult, Request, RequestId};
+use skiff_raft_store::tokens::{token_hash, Role};
 use skiff_raft_store::types::openraft::storage::{
     RaftLogStorage, RaftLogStorageExt, RaftStateMachine,
 };
@@ -364,4 +365,126 @@ async fn a_backup_restores_into_a_new_cluster_with_its_membership() {
         "{bad:?}"
     );
     assert!(!other.exists(), "a refused backup left {other:?} behind");
+}
+
+/// A bootstrap admin token, a deployer token and the deployer's revocation.
+fn token_entries() -> Vec<Entry> {
+    let command = |seq, command| ClientCommand {
+        request_id: RequestId { client: 5, seq },
+        command,
+    };
+    vec![
+        normal(
+            1,
+            1,
+            1_000,
+            vec![
+                command(
+                    1,
+                    Command::TokenCreate {
+                        role: Role::Admin,
+                        name: Some("bootstrap".into()),
+                        hash: token_hash("admin-secret"),
+                        bootstrap: true,
+                    },
+                ),
+                command(
+                    2,
+                    Command::TokenCreate {
+                        role: Role::Deployer,
+                        name: None,
+                        hash: token_hash("deployer-secret"),
+                        bootstrap: false,
+                    },
+                ),
+            ],
+        ),
+        normal(
+            1,
+            2,
+            2_000,
+            vec![command(3, Command::TokenRevoke { id: 2 })],
+        ),
+    ]
+}
+
+fn assert_tokens(sm: &StateMachineStore) {
+    sm.read(|d| {
+        let t = d.tokens();
+        assert_eq!(t.len(), 2);
+        assert_eq!(
+            t.authenticate("admin-secret").map(|i| (i.id, i.role)),
+            Some((1, Role::Admin))
+        );
+        assert!(t.authenticate("deployer-secret").is_none(), "revoked");
+        let d = t.get(2).expect("the revoked token is kept");
+        assert!(d.revoked && d.revoked_ms == Some(2_000) && d.created_ms == 1_000);
+    });
+}
+
+#[tokio::test]
+async fn tokens_survive_a_restart_and_travel_in_snapshots() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let digest = {
+        let (_log, mut sm) = open(dir.path()).await.expect("open");
+        let responses = sm.apply(token_entries()).await.expect("apply");
+        assert!(matches!(
+            responses[0].results[..],
+            [
+                CommandResult::TokenCreated { .. },
+                CommandResult::TokenCreated { .. }
+            ]
+        ));
+        assert_tokens(&sm);
+        sm.digest()
+    };
+    let (_log, mut sm) = open(dir.path()).await.expect("reopen");
+    assert_tokens(&sm);
+    assert_eq!(sm.digest(), digest);
+
+    let snapshot = sm
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .expect("build snapshot");
+    let follower_dir = tempfile::tempdir().expect("tempdir");
+    let (_log_f, mut follower) = open(follower_dir.path()).await.expect("open follower");
+    follower
+        .install_snapshot(
+            &snapshot.meta,
+            Box::new(Cursor::new(snapshot.snapshot.into_inner())),
+        )
+        .await
+        .expect("install");
+    assert_tokens(&follower);
+    assert_eq!(follower.digest(), digest);
+    drop((_log_f, follower));
+    let (_log_f, follower) = open(follower_dir.path()).await.expect("reopen follower");
+    assert_tokens(&follower);
+
+    // A second bootstrap on the restored state is refused and changes nothing.
+    let mut follower = follower;
+    let r = follower
+        .apply([normal(
+            1,
+            3,
+            3_000,
+            vec![ClientCommand {
+                request_id: RequestId { client: 5, seq: 4 },
+                command: Command::TokenCreate {
+                    role: Role::Admin,
+                    name: None,
+                    hash: token_hash("another-admin"),
+                    bootstrap: true,
+                },
+            }],
+        )])
+        .await
+        .expect("apply");
+    assert!(
+        matches!(r[0].results[0], CommandResult::Rejected { .. }),
+        "{r:?}"
+    );
+    assert_tokens(&follower);
 }

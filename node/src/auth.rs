@@ -1,0 +1,189 @@
+//! Client authentication and authorization: a client connection presents a bearer token once,
+//! after its service byte (see `skiff_client::transport`); every call it makes is checked
+//! against this node's applied token table before anything else happens.
+//!
+//! Invariants:
+//! - a call is answered only after [`Session::allow`] found an active token of a role that
+//!   may make it; otherwise the answer is `Unauthenticated` or `PermissionDenied` and the
+//!   call has no effect (nothing forwarded, proposed or read);
+//! - the check reads the answering node's applied state on every call, not a cache, so a
+//!   node refuses a revoked token from the moment it applies the revocation, on connections
+//!   already open too;
+//! - a follower checks before it forwards; the leader trusts forwarded calls (they come over
+//!   the peer service, whose authentication is the cluster's, not a client's);
+//! - which role a deploy needs is decided in one place, [`deploy_role`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use skiff_client::api::{ApiError, ClientCommand, Command, FunctionSpec, Role, TokenInfo};
+use skiff_raft_store::tokens::{token_hash, validate_secret};
+use tokio::sync::OnceCell;
+
+use crate::server::Node;
+
+/// How long a node waits, once per connection, for a token it does not know to appear in its
+/// applied state: a token created a moment ago through another node may not have reached
+/// this one yet.
+pub const TOKEN_CATCH_UP_MS: u64 = 2_000;
+
+/// The tier only admin tokens may deploy at.
+pub const TRUSTED_TIER: &str = "trusted";
+
+/// What a connection presented.
+#[derive(Debug)]
+enum Presented {
+    None,
+    /// Malformed (too short, not printable): no token can match it.
+    Malformed(String),
+    /// The SHA-256 of a well-formed secret; the secret itself is not kept.
+    Hash(String),
+}
+
+/// One client connection: the node it talks to and the token it presented.
+#[derive(Clone)]
+pub struct Session {
+    node: Node,
+    presented: Arc<Presented>,
+    /// Set once this connection has waited for an unknown token ([`TOKEN_CATCH_UP_MS`]).
+    caught_up: Arc<OnceCell<()>>,
+}
+
+impl std::ops::Deref for Session {
+    type Target = Node;
+
+    fn deref(&self) -> &Node {
+        &self.node
+    }
+}
+
+impl Session {
+    /// A session for a connection that presented `token` in its handshake.
+    pub fn new(node: Node, token: Option<String>) -> Session {
+        let presented = match token {
+            None => Presented::None,
+            Some(secret) => match validate_secret(&secret) {
+                Ok(()) => Presented::Hash(token_hash(&secret)),
+                Err(e) => Presented::Malformed(e),
+            },
+        };
+        Session {
+            node,
+            presented: Arc::new(presented),
+            caught_up: Arc::new(OnceCell::new()),
+        }
+    }
+
+    /// Checks that this connection's token is active on this node and that its role
+    /// allows `needed`; `what` names the call in the refusal.
+    pub async fn allow(&self, needed: Role, what: &str) -> Result<TokenInfo, ApiError> {
+        let token = self.authenticate().await.inspect_err(|_| {
+            self.node.0.metrics.rejected("unauthenticated");
+        })?;
+        if !token.role.allows(needed) {
+            return Err(self.denied(what, needed, &token));
+        }
+        Ok(token)
+    }
+
+    /// Checks a group of commands sent through `write`: each needs the role
+    /// [`write_role`] gives it.
+    pub async fn allow_write(&self, commands: &[ClientCommand]) -> Result<TokenInfo, ApiError> {
+        let token = self.authenticate().await.inspect_err(|_| {
+            self.node.0.metrics.rejected("unauthenticated");
+        })?;
+        for c in commands {
+            let (needed, what) = write_role(&c.command);
+            if !token.role.allows(needed) {
+                return Err(self.denied(&what, needed, &token));
+            }
+        }
+        Ok(token)
+    }
+
+    fn denied(&self, what: &str, needed: Role, token: &TokenInfo) -> ApiError {
+        self.node.0.metrics.rejected("permission_denied");
+        ApiError::PermissionDenied(format!(
+            "{what} needs the {needed} role; token {} has the {} role",
+            token.id, token.role
+        ))
+    }
+
+    async fn authenticate(&self) -> Result<TokenInfo, ApiError> {
+        let hash = match &*self.presented {
+            Presented::None => {
+                return Err(ApiError::Unauthenticated(
+                    "this call needs a token (skiff --token or SKIFF_TOKEN)".into(),
+                ))
+            }
+            Presented::Malformed(e) => return Err(ApiError::Unauthenticated(e.clone())),
+            Presented::Hash(hash) => hash,
+        };
+        if let Some(found) = self.lookup(hash) {
+            return found;
+        }
+        // Unknown here: give this node's state, once per connection, a moment to apply a
+        // token made through another node.
+        self.caught_up
+            .get_or_init(|| async {
+                let deadline =
+                    tokio::time::Instant::now() + Duration::from_millis(TOKEN_CATCH_UP_MS);
+                let mut metrics = self.node.0.raft.metrics();
+                while self.lookup(hash).is_none() {
+                    match tokio::time::timeout_at(deadline, metrics.changed()).await {
+                        Ok(Ok(())) => {}
+                        // Out of time, or Raft stopped.
+                        _ => break,
+                    }
+                }
+            })
+            .await;
+        self.lookup(hash)
+            .unwrap_or_else(|| Err(ApiError::Unauthenticated("unknown token".into())))
+    }
+
+    /// `None` when no token has this hash; else the token, or why it no longer works.
+    fn lookup(&self, hash: &str) -> Option<Result<TokenInfo, ApiError>> {
+        let token = self
+            .node
+            .0
+            .store
+            .read(|sm| sm.tokens().by_hash(hash).cloned())?;
+        Some(if token.revoked {
+            Err(ApiError::Unauthenticated(format!(
+                "token {} is revoked",
+                token.id
+            )))
+        } else {
+            Ok(token)
+        })
+    }
+}
+
+/// The role one command sent through `write` needs, and what to call it in a refusal.
+pub fn write_role(command: &Command) -> (Role, String) {
+    match command {
+        Command::KvPut { .. } | Command::KvDelete { .. } => (Role::Deployer, "a key write".into()),
+        Command::CodeChunk { .. } => (Role::Deployer, "a code upload".into()),
+        Command::FnDeploy { spec } => deploy_role(spec),
+        Command::FnRemove { .. } => (Role::Deployer, "removing a function".into()),
+        Command::FnPurgeCache { .. } => (Role::Deployer, "purging a function's cache".into()),
+        // Everything else is refused by `write` for any token (node-only commands, or
+        // commands with their own call), so the strictest role is the safe answer.
+        _ => (Role::Admin, "this command".into()),
+    }
+}
+
+/// The role a deploy needs: a deployer's, or an admin's for a function that runs at the
+/// `trusted` tier. The one place that decides it, so that a function made of several
+/// parts can extend it to every part's tier.
+pub fn deploy_role(spec: &FunctionSpec) -> (Role, String) {
+    if spec.tier == TRUSTED_TIER {
+        (
+            Role::Admin,
+            format!("deploying function {} at tier {TRUSTED_TIER}", spec.name),
+        )
+    } else {
+        (Role::Deployer, format!("deploying function {}", spec.name))
+    }
+}
