@@ -801,7 +801,7 @@ async fn a_rolling_restart_under_invocation_load_fails_no_acknowledged_call() {
 
 /// A raw connection to node `id` (as the rolling restart brings nodes back).
 async fn c_for(cluster: &TestCluster, id: u64) -> ClientApiClient {
-    rpc(&cluster, id).await
+    rpc(cluster, id).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

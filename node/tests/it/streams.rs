@@ -31,7 +31,7 @@ fn jsonl(dir: &Path, n: usize) -> String {
 }
 
 async fn deploy_fn(cluster: &TestCluster, name: &str, script: &str, mode: FnMode) {
-    let c = rpc(&cluster, 1).await;
+    let c = rpc(cluster, 1).await;
     let s = FunctionSpec {
         max_concurrency: 64,
         ..spec(name, &["/bin/sh", "main.sh"], mode)
