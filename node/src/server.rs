@@ -476,10 +476,13 @@ impl Node {
     /// every acknowledged write) and returns the first chunk.
     async fn start_backup(&self) -> Result<ReadResult, ApiError> {
         let store = self.0.store.clone();
-        let (covers, bytes) = tokio::task::spawn_blocking(move || store.export())
-            .await
-            .map_err(|e| ApiError::Internal(format!("backup export: {e}")))?
-            .map_err(|e| ApiError::Internal(format!("backup export: {e}")))?;
+        // The storage error is turned into text on the blocking thread: openraft's error type
+        // is large, and only its message goes to the client.
+        let (covers, bytes) =
+            tokio::task::spawn_blocking(move || store.export().map_err(|e| e.to_string()))
+                .await
+                .map_err(|e| ApiError::Internal(format!("backup export: {e}")))?
+                .map_err(|e| ApiError::Internal(format!("backup export: {e}")))?;
         let covers_index = covers.map_or(0, |id| id.index);
         tracing::info!(covers_index, bytes = bytes.len(), "backup exported");
         Ok(ReadResult::Backup(Box::new(

@@ -22,15 +22,23 @@ use std::collections::BTreeMap;
 
 use seccompiler::sock_filter;
 
-// Classic BPF opcodes (linux/filter.h, linux/bpf_common.h).
-const BPF_LD_W_ABS: u16 = 0x00 | 0x00 | 0x20;
-const BPF_ALU_AND_K: u16 = 0x04 | 0x50 | 0x00;
-const BPF_JMP_JA: u16 = 0x05 | 0x00;
-const BPF_JMP_JEQ_K: u16 = 0x05 | 0x10 | 0x00;
-const BPF_JMP_JGE_K: u16 = 0x05 | 0x30 | 0x00;
-const BPF_JMP_JGT_K: u16 = 0x05 | 0x20 | 0x00;
-const BPF_JMP_JSET_K: u16 = 0x05 | 0x40 | 0x00;
-const BPF_RET_K: u16 = 0x06 | 0x00;
+// Classic BPF opcodes (linux/filter.h, linux/bpf_common.h), class | size/op | source.
+/// `BPF_LD | BPF_W | BPF_ABS`
+const BPF_LD_W_ABS: u16 = 0x20;
+/// `BPF_ALU | BPF_AND | BPF_K`
+const BPF_ALU_AND_K: u16 = 0x54;
+/// `BPF_JMP | BPF_JA`
+const BPF_JMP_JA: u16 = 0x05;
+/// `BPF_JMP | BPF_JEQ | BPF_K`
+const BPF_JMP_JEQ_K: u16 = 0x15;
+/// `BPF_JMP | BPF_JGE | BPF_K`
+const BPF_JMP_JGE_K: u16 = 0x35;
+/// `BPF_JMP | BPF_JGT | BPF_K`
+const BPF_JMP_JGT_K: u16 = 0x25;
+/// `BPF_JMP | BPF_JSET | BPF_K`
+const BPF_JMP_JSET_K: u16 = 0x45;
+/// `BPF_RET | BPF_K`
+const BPF_RET_K: u16 = 0x06;
 
 /// Offsets in `struct seccomp_data`.
 const DATA_NR: u32 = 0;
