@@ -4,7 +4,9 @@
 //! same inputs give the same schedule, which is printed at the start of a run. One fault is
 //! active at a time: it starts at `at`, holds for `hold`, is healed, and a quiet gap follows.
 //! Targets are node ids from the seed, or "the leader at that moment", resolved when the step
-//! runs (the resolved node is logged), as Jepsen's leader-targeted partitions do.
+//! runs (the resolved node is logged), as Jepsen's leader-targeted partitions do. Node
+//! numbers are slots ([`crate::cluster::Node::id`]); a membership change gives a slot a new
+//! Raft id.
 
 use std::fmt;
 use std::str::FromStr;
@@ -15,7 +17,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, Removal};
 use crate::proxy::{LinkFault, NodeId};
 use crate::ChaosError;
 
@@ -54,10 +56,13 @@ pub enum FaultKind {
     CrashMajority,
     /// kill -9 every node at once, restart them all after the hold.
     CrashAll,
+    /// Remove one node from the membership (`cluster remove-node`), stop it and wipe its
+    /// data; after the hold add it back under a new id (`cluster add-node`).
+    Membership,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 10] = [
+    pub const ALL: [FaultKind; 11] = [
         FaultKind::Isolate,
         FaultKind::Halves,
         FaultKind::OneWay,
@@ -68,6 +73,7 @@ impl FaultKind {
         FaultKind::Pause,
         FaultKind::CrashMajority,
         FaultKind::CrashAll,
+        FaultKind::Membership,
     ];
 
     pub fn name(self) -> &'static str {
@@ -82,6 +88,7 @@ impl FaultKind {
             FaultKind::Pause => "pause",
             FaultKind::CrashMajority => "crash-majority",
             FaultKind::CrashAll => "crash-all",
+            FaultKind::Membership => "membership",
         }
     }
 }
@@ -158,6 +165,11 @@ pub enum Fault {
     },
     CrashMajority,
     CrashAll,
+    /// Remove `node` from the membership and wipe it; re-add it under a new id after the
+    /// hold. Skipped when it would leave fewer voters than a quorum.
+    Membership {
+        node: Target,
+    },
 }
 
 impl fmt::Display for Fault {
@@ -188,6 +200,10 @@ impl fmt::Display for Fault {
             Fault::Pause { node } => write!(f, "SIGSTOP {node}, SIGCONT after the hold"),
             Fault::CrashMajority => write!(f, "kill -9 a majority with the leader, restart"),
             Fault::CrashAll => write!(f, "kill -9 every node, restart"),
+            Fault::Membership { node } => write!(
+                f,
+                "remove {node} from the membership and wipe it, re-add under a new id"
+            ),
         }
     }
 }
@@ -263,6 +279,9 @@ impl Schedule {
                 },
                 FaultKind::CrashMajority => Fault::CrashMajority,
                 FaultKind::CrashAll => Fault::CrashAll,
+                FaultKind::Membership => Fault::Membership {
+                    node: pick_target(&mut rng, nodes),
+                },
             };
             steps.push(Step {
                 at_ms: t,
@@ -323,6 +342,8 @@ enum Undo {
     Network,
     Restart(Vec<NodeId>),
     Resume(NodeId),
+    Rejoin(NodeId),
+    Nothing,
 }
 
 async fn apply(cluster: &mut Cluster, fault: &Fault) -> Result<(Undo, String), ChaosError> {
@@ -433,6 +454,19 @@ async fn apply(cluster: &mut Cluster, fault: &Fault) -> Result<(Undo, String), C
                 format!("killed every node {ids:?} (SIGKILL)"),
             )
         }
+        Fault::Membership { node } => {
+            let slot = resolve(cluster, *node).await;
+            match cluster.remove_member(slot).await? {
+                Removal::Removed(id) => (
+                    Undo::Rejoin(slot),
+                    format!("removed node {id} (slot {slot}) from the membership, wiped it"),
+                ),
+                Removal::Refused(why) => (
+                    Undo::Nothing,
+                    format!("membership change on slot {slot} skipped: {why}"),
+                ),
+            }
+        }
     })
 }
 
@@ -452,6 +486,11 @@ async fn undo(cluster: &mut Cluster, undo: Undo) -> Result<String, ChaosError> {
             cluster.resume_node(id)?;
             format!("resumed node {id} (SIGCONT)")
         }
+        Undo::Rejoin(slot) => match cluster.rejoin(slot).await? {
+            Ok(id) => format!("added slot {slot} back as node {id} (a voter)"),
+            Err(why) => format!("re-adding slot {slot} failed ({why}); heal retries"),
+        },
+        Undo::Nothing => "nothing to undo".to_string(),
     })
 }
 
@@ -529,5 +568,11 @@ mod tests {
         assert!(Schedule::generate(1, Duration::from_secs(60), 3, &[])
             .steps
             .is_empty());
+        let members = Schedule::generate(1, Duration::from_secs(60), 3, &[FaultKind::Membership]);
+        assert!(!members.steps.is_empty());
+        assert!(members
+            .steps
+            .iter()
+            .all(|s| matches!(s.fault, Fault::Membership { .. })));
     }
 }

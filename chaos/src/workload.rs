@@ -151,7 +151,7 @@ async fn worker_loop(
 
 /// The outcome of a write that returned an error: unknown unless the error proves nothing
 /// was applied (the command was refused as invalid before it was sent).
-fn write_error(e: ClientError) -> Outcome {
+pub(crate) fn write_error(e: ClientError) -> Outcome {
     match e {
         ClientError::Invalid(_) | ClientError::NoEndpoints | ClientError::InvalidEndpoint(_) => {
             Outcome::Fail(e.to_string())
