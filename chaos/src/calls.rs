@@ -50,7 +50,7 @@ pub const IDEMPOTENT_WORKERS: u32 = 2;
 /// Most calls one worker makes.
 pub const CALLS_PER_WORKER_MAX: u32 = 2_000;
 /// Percentage of an idempotent worker's operations that rewrite the dependency.
-const DEPENDENCY_WRITE_PCT: u32 = 15;
+const DEPENDENCY_WRITE_PCT: u32 = 6;
 /// Mean pause between two calls of one worker, in milliseconds.
 const THINK_MS_MEAN: u64 = 40;
 /// First worker number of the call workers in the history (the kv workers count from 0).

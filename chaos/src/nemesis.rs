@@ -233,19 +233,27 @@ fn pick_target(rng: &mut StdRng, nodes: usize) -> Target {
 
 impl Schedule {
     /// The schedule for `seed`: steps from [`WARMUP`] until [`COOLDOWN`] before `duration`,
-    /// faults drawn uniformly from `kinds` (none if `kinds` is empty).
+    /// faults drawn from `kinds` in rounds: every kind once per round, in a seeded order
+    /// (none if `kinds` is empty).
     pub fn generate(seed: u64, duration: Duration, nodes: usize, kinds: &[FaultKind]) -> Schedule {
         let mut rng = StdRng::seed_from_u64(seed);
         let mut steps = Vec::new();
         let end_ms = duration.saturating_sub(COOLDOWN).as_millis() as u64;
         let mut t = WARMUP.as_millis() as u64;
+        let mut bag: Vec<FaultKind> = Vec::new();
         // Bounded by the duration and STEPS_MAX.
         while !kinds.is_empty() && steps.len() < STEPS_MAX {
             let hold_ms = rng.gen_range(HOLD_MS_RANGE.0..=HOLD_MS_RANGE.1);
             if t + hold_ms > end_ms {
                 break;
             }
-            let kind = *kinds.choose(&mut rng).expect("kinds is not empty");
+            // Drawn from a shuffled bag of every kind, refilled when empty: each kind comes
+            // once per round, so a run long enough for one round gets every fault.
+            if bag.is_empty() {
+                bag = kinds.to_vec();
+                bag.shuffle(&mut rng);
+            }
+            let kind = bag.pop().expect("the bag was just refilled from a non-empty list");
             let fault = match kind {
                 FaultKind::Isolate => Fault::Isolate {
                     node: pick_target(&mut rng, nodes),
@@ -552,6 +560,17 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn every_kind_comes_once_per_round() {
+        let s = Schedule::generate(9, Duration::from_secs(600), 3, &FaultKind::ALL);
+        assert!(s.steps.len() >= FaultKind::ALL.len());
+        let first: std::collections::BTreeSet<String> = s.steps[..FaultKind::ALL.len()]
+            .iter()
+            .map(|step| format!("{:?}", step.fault).split([' ', '{']).next().unwrap_or("").to_string())
+            .collect();
+        assert_eq!(first.len(), FaultKind::ALL.len(), "{first:?}");
     }
 
     #[test]

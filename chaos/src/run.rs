@@ -160,6 +160,9 @@ impl Report {
                 c.stream_starts
             ));
         }
+        for e in &self.nemesis.events {
+            out.push_str(&format!("  nemesis {e}\n"));
+        }
         if let Some(e) = &self.nemesis_error {
             out.push_str(&format!("nemesis error: {e}\n"));
         }

@@ -24,13 +24,13 @@ use crate::workload::{ERROR_PAUSE, OP_TIMEOUT};
 use crate::{cluster, invocations, ChaosError};
 
 /// Items in each job's file.
-pub const ITEMS_PER_JOB: u64 = 200;
+pub const ITEMS_PER_JOB: u64 = 500;
 /// Items per invocation (the echo function answers a batch's array with itself).
 pub const BATCH: u32 = 4;
 /// Items in flight per job.
 pub const MAX_CONCURRENCY: u32 = 16;
 /// Most jobs one run starts.
-pub const JOBS_MAX: u64 = 16;
+pub const JOBS_MAX: u64 = 32;
 /// Attempts of each batch before its items count as failed.
 const MAX_ATTEMPTS: u32 = 5;
 /// Pause between two looks at a running job.
