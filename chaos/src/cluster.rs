@@ -129,8 +129,10 @@ pub struct Node {
     /// Removed from the membership and wiped; waiting to be re-added under a new id.
     pub removed: bool,
     /// An add of `raft_id` failed without a clear answer: the id may be a learner or a voter.
-    /// The node is stopped, its data kept, until [`Cluster::heal`] finds out.
+    /// The node is stopped, its data kept, until [`Cluster::ensure_members`] finds out.
     unsure: bool,
+    /// A re-add under a new id is starting the slot.
+    rejoining: bool,
     /// The address it listens on; clients and the membership use it.
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
@@ -262,6 +264,7 @@ impl Cluster {
                 incarnation: 0,
                 removed: false,
                 unsure: false,
+                rejoining: false,
                 addr: addrs[&id],
                 data_dir,
                 config,
@@ -329,6 +332,21 @@ impl Cluster {
         build_client(self.endpoints(), Deadlines::Admin)
     }
 
+    /// [`Cluster::admin_client`] without slot `slot`: a node being re-added is not a member
+    /// yet and would only answer that it knows no leader.
+    fn admin_client_without(&self, slot: NodeId) -> Result<Client, ChaosError> {
+        let endpoints: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|n| n.id != slot)
+            .map(|n| n.addr.to_string())
+            .collect();
+        if endpoints.is_empty() {
+            return self.admin_client();
+        }
+        build_client(endpoints, Deadlines::Admin)
+    }
+
     /// A client that talks to node `id` only (for local reads and probes).
     pub fn node_client(&self, id: NodeId) -> Result<Client, ChaosError> {
         client_for(vec![self.node(id)?.addr.to_string()])
@@ -339,6 +357,12 @@ impl Cluster {
         let skiffd = self.skiffd.clone();
         let node = self.node_mut(id)?;
         if node.child.is_some() {
+            return Ok(());
+        }
+        // A removed slot's data is wiped: starting it under its old id would reuse the id.
+        // Only a re-add (a new id) starts it; `rejoin` clears `removed` first.
+        if node.removed && !node.unsure && !node.rejoining {
+            tracing::info!("slot {id} is removed; it starts only when re-added");
             return Ok(());
         }
         let log = std::fs::OpenOptions::new()
@@ -434,8 +458,8 @@ impl Cluster {
         Ok(())
     }
 
-    /// Heals everything: network faults off, paused nodes resumed, dead nodes restarted,
-    /// removed nodes (and nodes a failed add left unsure) re-added.
+    /// Heals faults: network faults off, paused nodes resumed, dead nodes restarted. Removed
+    /// nodes (and nodes a failed add left unsure) are re-added by [`Cluster::ensure_members`].
     pub async fn heal(&mut self) -> Result<(), ChaosError> {
         self.faults.heal();
         for id in self.ids() {
@@ -446,17 +470,11 @@ impl Cluster {
                 self.start_node(id).await?;
             }
         }
-        for id in self.ids() {
-            let n = self.node(id)?;
-            if n.removed || n.unsure {
-                self.ensure_voter(id).await?;
-            }
-        }
         Ok(())
     }
 
     /// Makes sure every slot's node is a voter (after heal, before the final checks), re-adding
-    /// any that is not; returns the membership's voter ids.
+    /// any that is not (each slot within [`CLUSTER_READY_TIMEOUT`]); returns the slots' ids.
     pub async fn ensure_members(&mut self) -> Result<Vec<NodeId>, ChaosError> {
         for id in self.ids() {
             self.ensure_voter(id).await?;
@@ -473,26 +491,36 @@ impl Cluster {
         self.nodes.iter().find(|n| n.raft_id == leader).map(|n| n.id)
     }
 
-    /// The membership as the leader sees it: (leader id, term, voters, learners).
-    async fn membership(&self, admin: &Client) -> Option<Membership> {
-        let s = tokio::time::timeout(STATUS_TIMEOUT, admin.cluster_status())
-            .await
-            .ok()?
-            .ok()?;
-        let leader = s.leader.filter(|l| *l == s.answered_by)?;
-        let mut m = Membership {
-            leader,
-            term: s.term,
-            voters: Vec::new(),
-            learners: Vec::new(),
-        };
-        for n in &s.nodes {
-            match n.role {
-                MemberRole::Voter => m.voters.push(n.id),
-                MemberRole::Learner => m.learners.push(n.id),
+    /// The membership as the leader sees it, asked of each slot in turn (a follower forwards
+    /// the question to the leader; a node that is not a member yet answers for itself, so an
+    /// answer counts only when the leader gave it).
+    async fn membership(&self) -> Option<Membership> {
+        for id in self.ids() {
+            let Ok(client) = self.node_client(id) else {
+                continue;
+            };
+            let Ok(Ok(s)) = tokio::time::timeout(STATUS_TIMEOUT, client.cluster_status()).await
+            else {
+                continue;
+            };
+            let Some(leader) = s.leader.filter(|l| *l == s.answered_by) else {
+                continue;
+            };
+            let mut m = Membership {
+                leader,
+                term: s.term,
+                voters: Vec::new(),
+                learners: Vec::new(),
+            };
+            for n in &s.nodes {
+                match n.role {
+                    MemberRole::Voter => m.voters.push(n.id),
+                    MemberRole::Learner => m.learners.push(n.id),
+                }
             }
+            return Some(m);
         }
-        Some(m)
+        None
     }
 
     /// Whether node `raft_id` is certainly out of the committed membership: the leader does
@@ -502,7 +530,7 @@ impl Cluster {
     async fn removal_committed(&self, admin: &Client, raft_id: NodeId) -> bool {
         // Bounded by MEMBERSHIP_ATTEMPTS_MAX.
         for _ in 0..MEMBERSHIP_ATTEMPTS_MAX {
-            let Some(before) = self.membership(admin).await else {
+            let Some(before) = self.membership().await else {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             };
@@ -517,7 +545,7 @@ impl Cluster {
             if !matches!(write, Ok(Ok(_))) {
                 continue;
             }
-            if let Some(after) = self.membership(admin).await {
+            if let Some(after) = self.membership().await {
                 if after.leader == before.leader
                     && after.term == before.term
                     && !after.contains(raft_id)
@@ -537,7 +565,16 @@ impl Cluster {
         let n = self.nodes.len();
         let raft_id = self.node(slot)?.raft_id;
         let admin = self.admin_client()?;
-        let Some(m) = self.membership(&admin).await else {
+        let mut asked = None;
+        // Bounded by MEMBERSHIP_ATTEMPTS_MAX: a leader may be settling after the last fault.
+        for _ in 0..MEMBERSHIP_ATTEMPTS_MAX {
+            asked = self.membership().await;
+            if asked.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let Some(m) = asked else {
             return Ok(Removal::Refused("no leader to ask".into()));
         };
         if !m.voters.contains(&raft_id) {
@@ -593,7 +630,13 @@ impl Cluster {
 
     /// Re-adds a removed slot under a new id (`cluster add-node`): starts a fresh node on its
     /// wiped directory and adds it (learner, then voter). Returns the new id, or why not.
-    pub async fn rejoin(&mut self, slot: NodeId) -> Result<Result<NodeId, String>, ChaosError> {
+    /// Gives up (the node stopped, "unsure") once `within` has passed.
+    pub async fn rejoin(
+        &mut self,
+        slot: NodeId,
+        within: Duration,
+    ) -> Result<Result<NodeId, String>, ChaosError> {
+        let give_up = tokio::time::Instant::now() + within;
         let n = self.nodes.len();
         let node = self.node_mut(slot)?;
         if !node.removed {
@@ -612,14 +655,23 @@ impl Cluster {
         node.incarnation += 1;
         node.raft_id = raft_id(slot, node.incarnation, n);
         let (new_id, addr) = (node.raft_id, node.addr.to_string());
-        self.start_node(slot).await?;
-        let admin = self.admin_client()?;
+        node.rejoining = true;
+        let started = self.start_node(slot).await;
+        self.node_mut(slot)?.rejoining = false;
+        started?;
+        let admin = self.admin_client_without(slot)?;
         let mut last = String::new();
-        // Bounded by MEMBERSHIP_ATTEMPTS_MAX.
+        // Bounded by MEMBERSHIP_ATTEMPTS_MAX and `within`.
         for _ in 0..MEMBERSHIP_ATTEMPTS_MAX {
-            let add =
-                tokio::time::timeout(MEMBERSHIP_CALL_TIMEOUT, admin.cluster_add_node(new_id, &addr))
-                    .await;
+            let left = give_up.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let add = tokio::time::timeout(
+                left.min(MEMBERSHIP_CALL_TIMEOUT),
+                admin.cluster_add_node(new_id, &addr),
+            )
+            .await;
             match add {
                 Ok(Ok(())) => {
                     self.node_mut(slot)?.removed = false;
@@ -630,7 +682,7 @@ impl Cluster {
             }
             // A retried add after one that worked is refused as "already a member".
             if self
-                .membership(&admin)
+                .membership()
                 .await
                 .is_some_and(|m| m.voters.contains(&new_id))
             {
@@ -654,13 +706,13 @@ impl Cluster {
         let mut rejoins = 0;
         // Bounded by the deadline and MEMBERSHIP_ATTEMPTS_MAX re-adds.
         while rejoins < MEMBERSHIP_ATTEMPTS_MAX && tokio::time::Instant::now() < deadline {
-            let admin = self.admin_client()?;
+            let admin = self.admin_client_without(slot)?;
             let (raft_id, removed, unsure) = {
                 let n = self.node(slot)?;
                 (n.raft_id, n.removed, n.unsure)
             };
             if !removed || unsure {
-                let Some(m) = self.membership(&admin).await else {
+                let Some(m) = self.membership().await else {
                     last = "no leader".into();
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
@@ -688,7 +740,8 @@ impl Cluster {
                 self.wipe(slot)?;
             }
             rejoins += 1;
-            match self.rejoin(slot).await? {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.rejoin(slot, left.max(Duration::from_secs(1))).await? {
                 Ok(id) => {
                     tracing::info!("heal: slot {slot} is node {id} again, a voter");
                     return Ok(());

@@ -29,6 +29,9 @@ pub const COOLDOWN: Duration = Duration::from_secs(2);
 pub const HOLD_MS_RANGE: (u64, u64) = (2_000, 8_000);
 /// Range of the quiet gap after a fault is healed, in milliseconds.
 pub const QUIET_MS_RANGE: (u64, u64) = (1_000, 3_000);
+/// How long the nemesis tries to re-add a removed node before leaving it to the final
+/// membership check (so a slow add does not push the rest of the schedule far back).
+pub const REJOIN_WITHIN: Duration = Duration::from_secs(30);
 /// Most steps in one schedule, whatever the duration.
 pub const STEPS_MAX: usize = 10_000;
 
@@ -494,7 +497,7 @@ async fn undo(cluster: &mut Cluster, undo: Undo) -> Result<String, ChaosError> {
             cluster.resume_node(id)?;
             format!("resumed node {id} (SIGCONT)")
         }
-        Undo::Rejoin(slot) => match cluster.rejoin(slot).await? {
+        Undo::Rejoin(slot) => match cluster.rejoin(slot, REJOIN_WITHIN).await? {
             Ok(id) => format!("added slot {slot} back as node {id} (a voter)"),
             Err(why) => format!("re-adding slot {slot} failed ({why}); heal retries"),
         },

@@ -95,7 +95,10 @@ async fn a_removed_node_comes_back_under_a_new_id() {
     }
     written.expect("two voters of three accept writes");
 
-    let back = cluster.rejoin(3).await.expect("rejoin");
+    let back = cluster
+        .rejoin(3, Duration::from_secs(60))
+        .await
+        .expect("rejoin");
     assert_eq!(back, Ok(6), "slot 3's next id is 3 + 3");
     let voters = cluster.ensure_members().await.expect("every slot a voter");
     assert_eq!(voters, vec![1, 2, 6]);
