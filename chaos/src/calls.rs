@@ -253,7 +253,11 @@ pub async fn execute(client: &Client, kind: &CallKind) -> Outcome<CallResult> {
 pub fn invoked(answer: Result<Task, ClientError>) -> Outcome<CallResult> {
     match answer {
         Ok(t) if t.state == TaskState::Succeeded => {
-            let output = t.result.as_ref().map(|r| r.output.clone()).unwrap_or_default();
+            let output = t
+                .result
+                .as_ref()
+                .map(|r| r.output.clone())
+                .unwrap_or_default();
             Outcome::Ok(CallResult::Succeeded {
                 task: t.id,
                 output: String::from_utf8_lossy(&output).into_owned(),

@@ -236,9 +236,7 @@ impl Cluster {
             let overrides: Vec<String> = ids
                 .iter()
                 .filter(|&&b| b != id)
-                .flat_map(|&b| {
-                    (0..INCARNATIONS_MAX).map(move |k| (raft_id(b, k, n), (id, b)))
-                })
+                .flat_map(|&b| (0..INCARNATIONS_MAX).map(move |k| (raft_id(b, k, n), (id, b))))
                 .map(|(rid, link)| format!("\"{rid}\" = \"{}\"", proxies[&link]))
                 .collect();
             let text = format!(
@@ -488,7 +486,10 @@ impl Cluster {
         let client = self.client().ok()?;
         let status = tokio::time::timeout(Duration::from_secs(3), client.cluster_status()).await;
         let leader = status.ok()?.ok()?.leader?;
-        self.nodes.iter().find(|n| n.raft_id == leader).map(|n| n.id)
+        self.nodes
+            .iter()
+            .find(|n| n.raft_id == leader)
+            .map(|n| n.id)
     }
 
     /// The membership as the leader sees it, asked of each slot in turn (a follower forwards
@@ -861,7 +862,10 @@ mod tests {
         let mut seen = std::collections::BTreeSet::new();
         for slot in 1..=5 {
             for k in 0..INCARNATIONS_MAX {
-                assert!(seen.insert(raft_id(slot, k, 5)), "slot {slot} incarnation {k}");
+                assert!(
+                    seen.insert(raft_id(slot, k, 5)),
+                    "slot {slot} incarnation {k}"
+                );
             }
         }
         assert_eq!(raft_id(2, 0, 3), 2, "the first id of a slot is its number");

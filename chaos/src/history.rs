@@ -175,11 +175,7 @@ impl<K: Clone, R: Clone> Recorder<K, R> {
 
     /// Records the invocation of an operation built from its own id (so a write's value can
     /// name it); returns its id and a copy of what it asks, or `None` once the history is full.
-    pub fn invoke(
-        &self,
-        process: u32,
-        make: impl FnOnce(OpId) -> K,
-    ) -> Option<(OpId, K)> {
+    pub fn invoke(&self, process: u32, make: impl FnOnce(OpId) -> K) -> Option<(OpId, K)> {
         let mut ops = self
             .ops
             .lock()

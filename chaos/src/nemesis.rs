@@ -256,7 +256,9 @@ impl Schedule {
                 bag = kinds.to_vec();
                 bag.shuffle(&mut rng);
             }
-            let kind = bag.pop().expect("the bag was just refilled from a non-empty list");
+            let kind = bag
+                .pop()
+                .expect("the bag was just refilled from a non-empty list");
             let fault = match kind {
                 FaultKind::Isolate => Fault::Isolate {
                     node: pick_target(&mut rng, nodes),
@@ -571,7 +573,13 @@ mod tests {
         assert!(s.steps.len() >= FaultKind::ALL.len());
         let first: std::collections::BTreeSet<String> = s.steps[..FaultKind::ALL.len()]
             .iter()
-            .map(|step| format!("{:?}", step.fault).split([' ', '{']).next().unwrap_or("").to_string())
+            .map(|step| {
+                format!("{:?}", step.fault)
+                    .split([' ', '{'])
+                    .next()
+                    .unwrap_or("")
+                    .to_string()
+            })
             .collect();
         assert_eq!(first.len(), FaultKind::ALL.len(), "{first:?}");
     }

@@ -18,10 +18,10 @@ use crate::calls::{self, CallCounts, CallOp, CallRecorder};
 use crate::checker::{self, NodeView, Status, Verdict};
 use crate::cluster::{self, Cluster, RaftTiming};
 use crate::history::{describe, Counts, OpKind, Outcome, ReadValue, Recorder, FINAL_READER};
-use crate::{invocations, streams};
 use crate::nemesis::{self, FaultKind, NemesisLog, Schedule};
 use crate::workload::{self, WorkloadConfig};
 use crate::ChaosError;
+use crate::{invocations, streams};
 
 /// Most operations one run records; the workload stops issuing past it.
 pub const OPS_MAX: usize = 500_000;
@@ -410,7 +410,7 @@ async fn drive(
     if let Some((acked, jobs)) = &invoked {
         checks.push(invocations::check(&client, acked, INVOCATIONS_SETTLE).await);
         checks.push(checker::calls::sync_outputs(&call_history));
-        checks.push(idempotent_check(&client).await);
+        checks.push(idempotent_check(&client, &call_history).await);
         let settled = streams::settle(&client, jobs, STREAMS_SETTLE).await;
         checks.push(checker::calls::stream_items(&settled));
     }
@@ -439,8 +439,12 @@ fn dir_of(cluster: &Cluster) -> Result<PathBuf, ChaosError> {
 
 /// Lists the idempotent function's succeeded tasks, then its markers (in that order: a run
 /// writes its marker before it reports, so every listed task's marker is already there),
-/// and checks them.
-async fn idempotent_check(client: &skiff_client::Client) -> checker::CheckReport {
+/// and checks them. The ok answers in the call history are added (a hit's task is not always
+/// in the listing by function), each task once.
+async fn idempotent_check(
+    client: &skiff_client::Client,
+    call_history: &[CallOp],
+) -> checker::CheckReport {
     let filter = TaskFilter {
         function: Some(calls::IDEMPOTENT_FUNCTION.into()),
         state: Some(TaskState::Succeeded),
@@ -483,6 +487,30 @@ async fn idempotent_check(client: &skiff_client::Client) -> checker::CheckReport
         }
         _ => (Vec::new(), false),
     };
+    let mut runs: Vec<checker::calls::RunRecord> = runs;
+    let listed: BTreeSet<u64> = runs.iter().map(|r| r.task).collect();
+    for op in call_history {
+        if let (
+            calls::CallKind::Idempotent { payload },
+            Some(calls::CallResult::Succeeded {
+                task,
+                output,
+                cache,
+            }),
+        ) = (&op.kind, op.ok())
+        {
+            if !listed.contains(task) {
+                runs.push(checker::calls::RunRecord {
+                    task: *task,
+                    payload: payload.clone(),
+                    output: output.clone(),
+                    cache: cache.clone(),
+                });
+            }
+        }
+    }
+    runs.sort_by_key(|r| r.task);
+    runs.dedup_by_key(|r| r.task);
     checker::calls::idempotent_effects(&runs, &keys, tasks_read && markers_read)
 }
 

@@ -124,7 +124,11 @@ fn rerun_explained(reason: &MissReason) -> bool {
 /// miss reason does not explain a rerun (e.g. `first run` after a run was recorded: the
 /// ledger forgot it, or two concurrent identical calls both ran); a reported run whose
 /// marker is missing; a hit whose output is not its source run's.
-pub fn idempotent_effects(runs: &[RunRecord], effect_keys: &[String], complete: bool) -> CheckReport {
+pub fn idempotent_effects(
+    runs: &[RunRecord],
+    effect_keys: &[String],
+    complete: bool,
+) -> CheckReport {
     let effects: BTreeSet<Effect> = effect_keys.iter().filter_map(|k| parse_effect(k)).collect();
     let by_task: HashMap<u64, &RunRecord> = runs.iter().map(|r| (r.task, r)).collect();
     let mut violations = Vec::new();
@@ -137,7 +141,10 @@ pub fn idempotent_effects(runs: &[RunRecord], effect_keys: &[String], complete: 
             Some(CacheOutcome::Joined { task }) => format!("joined task {task}"),
             None => "no cache outcome".into(),
         };
-        format!("task {} payload {:?} -> {:?} ({cache})", r.task, r.payload, r.output)
+        format!(
+            "task {} payload {:?} -> {:?} ({cache})",
+            r.task, r.payload, r.output
+        )
     };
     let mut reported = BTreeSet::new();
     for r in runs {
@@ -168,7 +175,10 @@ pub fn idempotent_effects(runs: &[RunRecord], effect_keys: &[String], complete: 
         let Some(e) = parse_output(&r.output).filter(|e| e.payload == r.payload) else {
             violations.push(Violation {
                 key: r.payload.clone(),
-                message: format!("a run answered {:?}, not its own payload's output", r.output),
+                message: format!(
+                    "a run answered {:?}, not its own payload's output",
+                    r.output
+                ),
                 ops: vec![show(r)],
             });
             continue;
@@ -228,7 +238,11 @@ pub fn idempotent_effects(runs: &[RunRecord], effect_keys: &[String], complete: 
              explained by the ledger, {} violations{}",
             effects.len(),
             violations.len(),
-            if complete { "" } else { "; the listings were not read in full" }
+            if complete {
+                ""
+            } else {
+                "; the listings were not read in full"
+            }
         ),
         violations,
     }
@@ -305,7 +319,11 @@ pub fn stream_items(jobs: &[Settled]) -> CheckReport {
                     s.succeeded,
                     s.failed,
                     shown.join(", "),
-                    if missing.len() > shown.len() { ", ..." } else { "" }
+                    if missing.len() > shown.len() {
+                        ", ..."
+                    } else {
+                        ""
+                    }
                 ),
                 ops: vec![],
             });
@@ -368,7 +386,13 @@ mod tests {
     fn one_run_per_dependency_value_with_hits_is_valid() {
         let runs = vec![
             run(1, "q0", "d5", "aa", miss(MissReason::FirstRun)),
-            run(2, "q0", "d5", "aa", Some(CacheOutcome::Hit { source_task: 1 })),
+            run(
+                2,
+                "q0",
+                "d5",
+                "aa",
+                Some(CacheOutcome::Hit { source_task: 1 }),
+            ),
             run(3, "q0", "d5", "aa", Some(CacheOutcome::Joined { task: 1 })),
             run(
                 4,
@@ -420,7 +444,13 @@ mod tests {
         assert_eq!(r.status, Status::Invalid, "{r:?}");
         assert!(r.violations[0].message.contains("marker is missing"));
 
-        let mut hit = run(2, "q3", "d5", "zz", Some(CacheOutcome::Hit { source_task: 1 }));
+        let mut hit = run(
+            2,
+            "q3",
+            "d5",
+            "zz",
+            Some(CacheOutcome::Hit { source_task: 1 }),
+        );
         hit.output = "q3 d5 zz".into();
         let runs = vec![runs[0].clone(), hit];
         let r = idempotent_effects(&runs, &[marker("q3", "d5", "aa")], true);

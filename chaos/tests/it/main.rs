@@ -49,7 +49,10 @@ async fn short_run_under_every_fault_is_valid() {
         "the CI schedule must change the membership:\n{text}"
     );
     if let Some(calls) = &report.calls {
-        assert!(calls.ok > 10, "the function workload must get work done:\n{text}");
+        assert!(
+            calls.ok > 10,
+            "the function workload must get work done:\n{text}"
+        );
         for name in ["sync-outputs", "idempotent-effects", "stream-items"] {
             assert!(
                 report.verdict.checks.iter().any(|c| c.name == name),
@@ -81,7 +84,10 @@ async fn a_removed_node_comes_back_under_a_new_id() {
         .count();
     assert_eq!(data, 0, "a removed node's data is wiped");
     // A second removal would leave fewer voters than a quorum of three.
-    let refused = cluster.remove_member(2).await.expect("ask to remove node 2");
+    let refused = cluster
+        .remove_member(2)
+        .await
+        .expect("ask to remove node 2");
     assert!(matches!(refused, Removal::Refused(_)), "{refused:?}");
 
     let client = cluster.client().expect("client");
@@ -115,7 +121,10 @@ async fn a_removed_node_comes_back_under_a_new_id() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     cluster.stop().await;
-    assert!(seen, "node 6 caught up with the write made while slot 3 was out");
+    assert!(
+        seen,
+        "node 6 caught up with the write made while slot 3 was out"
+    );
 }
 
 /// The checker must be able to fail on a real cluster's history: local reads from a node cut
