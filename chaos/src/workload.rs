@@ -3,8 +3,9 @@
 //!
 //! Keys rotate: a small set of active keys is replaced by fresh ones every
 //! [`WorkloadConfig::ops_per_key`] operations per key, so each key's history stays short
-//! enough for the linearizability search (Jepsen's "independent keys"). New operation kinds
-//! (functions, invocations, streams) are added as new [`OpKind`]s with their own model.
+//! enough for the linearizability search (Jepsen's "independent keys"). The function workload
+//! (invocations, dependency writes, stream starts) has its own history of
+//! [`crate::calls::CallKind`]s on the same clock.
 //!
 //! Invariants: every worker loop is bounded by a deadline and by the history's capacity;
 //! every operation by [`OP_TIMEOUT`]; a write whose answer did not arrive is unknown.
