@@ -87,36 +87,37 @@ pub enum OpResult {
     Read { found: Option<ReadValue> },
 }
 
-/// How an operation ended.
+/// How an operation ended. `R` is the answer of the operation's kind: [`OpResult`] for the
+/// key-value workload, [`crate::calls::CallResult`] for invocations and streams.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "detail", rename_all = "snake_case")]
-pub enum Outcome {
+pub enum Outcome<R = OpResult> {
     /// Completed with an answer.
-    Ok(OpResult),
+    Ok(R),
     /// Certainly did not take effect.
     Fail(String),
     /// May have taken effect, at any time after its invocation.
     Unknown(String),
 }
 
-/// One operation of the history.
+/// One operation of the history: what it asked (`K`) and how it ended (answers `R`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Op {
+pub struct Op<K = OpKind, R = OpResult> {
     pub id: OpId,
     /// The worker that issued it ([`FINAL_READER`] for the reads after heal).
     pub process: u32,
-    pub kind: OpKind,
+    pub kind: K,
     /// Nanoseconds since the start of the run when the request was about to be sent.
     pub invoke_ns: u64,
     /// Nanoseconds since the start when the answer (or the error) arrived.
     pub complete_ns: Option<u64>,
     /// `None` while in progress; read as unknown by the checkers.
-    pub outcome: Option<Outcome>,
+    pub outcome: Option<Outcome<R>>,
 }
 
-impl Op {
+impl<K, R> Op<K, R> {
     /// The answer, if the operation completed with one.
-    pub fn ok(&self) -> Option<&OpResult> {
+    pub fn ok(&self) -> Option<&R> {
         match &self.outcome {
             Some(Outcome::Ok(r)) => Some(r),
             _ => None,
@@ -141,17 +142,28 @@ pub fn value_for(process: u32, id: OpId) -> String {
 
 /// Collects the history of a run; shared by all workers.
 #[derive(Debug)]
-pub struct Recorder {
+pub struct Recorder<K = OpKind, R = OpResult> {
     start: Instant,
-    ops: Mutex<Vec<Op>>,
+    ops: Mutex<Vec<Op<K, R>>>,
     ops_max: usize,
 }
 
-impl Recorder {
+impl<K: Clone, R: Clone> Recorder<K, R> {
     /// A recorder that refuses operations past `ops_max`, so a run's memory is bounded.
-    pub fn new(ops_max: usize) -> Recorder {
+    pub fn new(ops_max: usize) -> Recorder<K, R> {
+        Self::starting_at(Instant::now(), ops_max)
+    }
+
+    /// When this recorder's clock started.
+    pub fn start(&self) -> Instant {
+        self.start
+    }
+
+    /// A recorder whose clock starts at `start`, so that two histories of one run (the
+    /// key-value one and the invocation one) share a time line.
+    pub fn starting_at(start: Instant, ops_max: usize) -> Recorder<K, R> {
         Recorder {
-            start: Instant::now(),
+            start,
             ops: Mutex::new(Vec::new()),
             ops_max,
         }
@@ -163,11 +175,7 @@ impl Recorder {
 
     /// Records the invocation of an operation built from its own id (so a write's value can
     /// name it); returns its id and a copy of what it asks, or `None` once the history is full.
-    pub fn invoke(
-        &self,
-        process: u32,
-        make: impl FnOnce(OpId) -> OpKind,
-    ) -> Option<(OpId, OpKind)> {
+    pub fn invoke(&self, process: u32, make: impl FnOnce(OpId) -> K) -> Option<(OpId, K)> {
         let mut ops = self
             .ops
             .lock()
@@ -189,7 +197,7 @@ impl Recorder {
     }
 
     /// Records how operation `id` ended. Completing an operation twice is a harness bug.
-    pub fn complete(&self, id: OpId, outcome: Outcome) {
+    pub fn complete(&self, id: OpId, outcome: Outcome<R>) {
         let now = self.now_ns();
         let mut ops = self
             .ops
@@ -216,7 +224,7 @@ impl Recorder {
     }
 
     /// A copy of the history as it stands.
-    pub fn snapshot(&self) -> Vec<Op> {
+    pub fn snapshot(&self) -> Vec<Op<K, R>> {
         self.ops
             .lock()
             .expect("history lock is never poisoned")

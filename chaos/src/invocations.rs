@@ -34,25 +34,31 @@ pub struct Acked {
     pub payload: String,
 }
 
-/// Deploys the echo function (serve mode: one line in, the same line out).
-pub async fn deploy(client: &Client) -> Result<(), ChaosError> {
+/// Packs one shell script as a code archive and uploads it; returns the archive's digest.
+pub async fn upload(client: &Client, name: &str, script: &str) -> Result<String, ChaosError> {
     let dir = tempfile::tempdir().map_err(|source| ChaosError::Io {
         what: "create a code directory".into(),
         source,
     })?;
-    std::fs::write(
-        dir.path().join("echo.sh"),
-        "while IFS= read -r l; do printf '%s\\n' \"$l\"; done\n",
-    )
-    .map_err(|source| ChaosError::Io {
-        what: "write the echo function".into(),
+    std::fs::write(dir.path().join(name), script).map_err(|source| ChaosError::Io {
+        what: format!("write {name}"),
         source,
     })?;
     let archive = skiff_client::deploy::pack_directory(dir.path()).map_err(ChaosError::Cluster)?;
-    let digest = client
+    client
         .upload_code(&archive, |_, _| {})
         .await
-        .map_err(|e| ChaosError::Cluster(format!("uploading the echo function: {e}")))?;
+        .map_err(|e| ChaosError::Cluster(format!("uploading {name}: {e}")))
+}
+
+/// Deploys the echo function (serve mode: one line in, the same line out).
+pub async fn deploy(client: &Client) -> Result<(), ChaosError> {
+    let digest = upload(
+        client,
+        "echo.sh",
+        "while IFS= read -r l; do printf '%s\\n' \"$l\"; done\n",
+    )
+    .await?;
     client
         .deploy(FunctionSpec {
             name: FUNCTION.into(),

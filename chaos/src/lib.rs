@@ -1,18 +1,26 @@
 //! skiff-chaos: fault-injection testing of a real skiff cluster.
 //!
 //! A run starts `skiffd` processes on loopback with a fault proxy on every node-to-node link,
-//! drives a recorded kv workload while a seeded nemesis injects network and process faults,
-//! heals, and checks the history: linearizability per key, no acknowledged write lost, equal
-//! replicas, writes accepted soon after heal. The verdict is valid, invalid (with the
-//! violating operations) or unknown.
+//! drives a recorded kv workload (and, as root, a function workload: async, sync and
+//! idempotent invocations, dependency changes, stream jobs) while a seeded nemesis injects
+//! network, process and membership faults, heals, and checks the histories: linearizability
+//! per key, no acknowledged write lost, equal replicas, writes accepted soon after heal,
+//! every acknowledged invocation completed, sync answers carry their own output, at most one
+//! effect per unchanged idempotent run, every stream item has its result. The verdict is
+//! valid, invalid (with the violating operations) or unknown.
 //!
 //! # Layout
 //! - [`proxy`]: the per-link TCP proxies and the per-flow fault table;
-//! - [`cluster`]: the `skiffd` processes, their configs, kill -9 / SIGSTOP / restart;
+//! - [`cluster`]: the `skiffd` processes, their configs, kill -9 / SIGSTOP / restart,
+//!   membership removal (wipe) and re-add under a new id; every client is built here;
 //! - [`nemesis`]: the seeded fault schedule and its execution;
-//! - [`workload`]: the workers and how an answer becomes ok / fail / unknown;
+//! - [`workload`]: the kv workers and how an answer becomes ok / fail / unknown;
+//! - [`invocations`]: asynchronous invocations and their completion check;
+//! - [`calls`]: sync and idempotent invocations and dependency changes, recorded;
+//! - [`streams`]: stream jobs over JSONL files during the run, settled after heal;
 //! - [`history`]: the recorded operations;
-//! - [`checker`]: the checks and the verdict ([`checker::linear`] is the linearizability search);
+//! - [`checker`]: the checks and the verdict ([`checker::linear`] is the linearizability search,
+//!   [`checker::calls`] the function workload's checks);
 //! - [`run`](mod@run): one run from start to [`Report`]; `src/bin/skiff-chaos.rs` only parses
 //!   flags and calls [`run()`].
 //!
@@ -21,6 +29,7 @@
 //! recorded as failed.
 #![forbid(unsafe_code)]
 
+pub mod calls;
 pub mod checker;
 pub mod cluster;
 pub mod history;
@@ -28,6 +37,7 @@ pub mod invocations;
 pub mod nemesis;
 pub mod proxy;
 pub mod run;
+pub mod streams;
 pub mod workload;
 
 pub use run::{run, Report, RunOptions};

@@ -4,7 +4,9 @@
 //! same inputs give the same schedule, which is printed at the start of a run. One fault is
 //! active at a time: it starts at `at`, holds for `hold`, is healed, and a quiet gap follows.
 //! Targets are node ids from the seed, or "the leader at that moment", resolved when the step
-//! runs (the resolved node is logged), as Jepsen's leader-targeted partitions do.
+//! runs (the resolved node is logged), as Jepsen's leader-targeted partitions do. Node
+//! numbers are slots ([`crate::cluster::Node::id`]); a membership change gives a slot a new
+//! Raft id.
 
 use std::fmt;
 use std::str::FromStr;
@@ -15,7 +17,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, Removal};
 use crate::proxy::{LinkFault, NodeId};
 use crate::ChaosError;
 
@@ -27,6 +29,9 @@ pub const COOLDOWN: Duration = Duration::from_secs(2);
 pub const HOLD_MS_RANGE: (u64, u64) = (2_000, 8_000);
 /// Range of the quiet gap after a fault is healed, in milliseconds.
 pub const QUIET_MS_RANGE: (u64, u64) = (1_000, 3_000);
+/// How long the nemesis tries to re-add a removed node before leaving it to the final
+/// membership check (so a slow add does not push the rest of the schedule far back).
+pub const REJOIN_WITHIN: Duration = Duration::from_secs(30);
 /// Most steps in one schedule, whatever the duration.
 pub const STEPS_MAX: usize = 10_000;
 
@@ -54,10 +59,13 @@ pub enum FaultKind {
     CrashMajority,
     /// kill -9 every node at once, restart them all after the hold.
     CrashAll,
+    /// Remove one node from the membership (`cluster remove-node`), stop it and wipe its
+    /// data; after the hold add it back under a new id (`cluster add-node`).
+    Membership,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 10] = [
+    pub const ALL: [FaultKind; 11] = [
         FaultKind::Isolate,
         FaultKind::Halves,
         FaultKind::OneWay,
@@ -68,6 +76,7 @@ impl FaultKind {
         FaultKind::Pause,
         FaultKind::CrashMajority,
         FaultKind::CrashAll,
+        FaultKind::Membership,
     ];
 
     pub fn name(self) -> &'static str {
@@ -82,6 +91,7 @@ impl FaultKind {
             FaultKind::Pause => "pause",
             FaultKind::CrashMajority => "crash-majority",
             FaultKind::CrashAll => "crash-all",
+            FaultKind::Membership => "membership",
         }
     }
 }
@@ -158,6 +168,11 @@ pub enum Fault {
     },
     CrashMajority,
     CrashAll,
+    /// Remove `node` from the membership and wipe it; re-add it under a new id after the
+    /// hold. Skipped when it would leave fewer voters than a quorum.
+    Membership {
+        node: Target,
+    },
 }
 
 impl fmt::Display for Fault {
@@ -188,6 +203,10 @@ impl fmt::Display for Fault {
             Fault::Pause { node } => write!(f, "SIGSTOP {node}, SIGCONT after the hold"),
             Fault::CrashMajority => write!(f, "kill -9 a majority with the leader, restart"),
             Fault::CrashAll => write!(f, "kill -9 every node, restart"),
+            Fault::Membership { node } => write!(
+                f,
+                "remove {node} from the membership and wipe it, re-add under a new id"
+            ),
         }
     }
 }
@@ -217,19 +236,29 @@ fn pick_target(rng: &mut StdRng, nodes: usize) -> Target {
 
 impl Schedule {
     /// The schedule for `seed`: steps from [`WARMUP`] until [`COOLDOWN`] before `duration`,
-    /// faults drawn uniformly from `kinds` (none if `kinds` is empty).
+    /// faults drawn from `kinds` in rounds: every kind once per round, in a seeded order
+    /// (none if `kinds` is empty).
     pub fn generate(seed: u64, duration: Duration, nodes: usize, kinds: &[FaultKind]) -> Schedule {
         let mut rng = StdRng::seed_from_u64(seed);
         let mut steps = Vec::new();
         let end_ms = duration.saturating_sub(COOLDOWN).as_millis() as u64;
         let mut t = WARMUP.as_millis() as u64;
+        let mut bag: Vec<FaultKind> = Vec::new();
         // Bounded by the duration and STEPS_MAX.
         while !kinds.is_empty() && steps.len() < STEPS_MAX {
             let hold_ms = rng.gen_range(HOLD_MS_RANGE.0..=HOLD_MS_RANGE.1);
             if t + hold_ms > end_ms {
                 break;
             }
-            let kind = *kinds.choose(&mut rng).expect("kinds is not empty");
+            // Drawn from a shuffled bag of every kind, refilled when empty: each kind comes
+            // once per round, so a run long enough for one round gets every fault.
+            if bag.is_empty() {
+                bag = kinds.to_vec();
+                bag.shuffle(&mut rng);
+            }
+            let kind = bag
+                .pop()
+                .expect("the bag was just refilled from a non-empty list");
             let fault = match kind {
                 FaultKind::Isolate => Fault::Isolate {
                     node: pick_target(&mut rng, nodes),
@@ -263,6 +292,9 @@ impl Schedule {
                 },
                 FaultKind::CrashMajority => Fault::CrashMajority,
                 FaultKind::CrashAll => Fault::CrashAll,
+                FaultKind::Membership => Fault::Membership {
+                    node: pick_target(&mut rng, nodes),
+                },
             };
             steps.push(Step {
                 at_ms: t,
@@ -323,6 +355,8 @@ enum Undo {
     Network,
     Restart(Vec<NodeId>),
     Resume(NodeId),
+    Rejoin(NodeId),
+    Nothing,
 }
 
 async fn apply(cluster: &mut Cluster, fault: &Fault) -> Result<(Undo, String), ChaosError> {
@@ -433,6 +467,19 @@ async fn apply(cluster: &mut Cluster, fault: &Fault) -> Result<(Undo, String), C
                 format!("killed every node {ids:?} (SIGKILL)"),
             )
         }
+        Fault::Membership { node } => {
+            let slot = resolve(cluster, *node).await;
+            match cluster.remove_member(slot).await? {
+                Removal::Removed(id) => (
+                    Undo::Rejoin(slot),
+                    format!("removed node {id} (slot {slot}) from the membership, wiped it"),
+                ),
+                Removal::Refused(why) => (
+                    Undo::Nothing,
+                    format!("membership change on slot {slot} skipped: {why}"),
+                ),
+            }
+        }
     })
 }
 
@@ -452,6 +499,11 @@ async fn undo(cluster: &mut Cluster, undo: Undo) -> Result<String, ChaosError> {
             cluster.resume_node(id)?;
             format!("resumed node {id} (SIGCONT)")
         }
+        Undo::Rejoin(slot) => match cluster.rejoin(slot, REJOIN_WITHIN).await? {
+            Ok(id) => format!("added slot {slot} back as node {id} (a voter)"),
+            Err(why) => format!("re-adding slot {slot} failed ({why}); heal retries"),
+        },
+        Undo::Nothing => "nothing to undo".to_string(),
     })
 }
 
@@ -516,6 +568,23 @@ mod tests {
     }
 
     #[test]
+    fn every_kind_comes_once_per_round() {
+        let s = Schedule::generate(9, Duration::from_secs(600), 3, &FaultKind::ALL);
+        assert!(s.steps.len() >= FaultKind::ALL.len());
+        let first: std::collections::BTreeSet<String> = s.steps[..FaultKind::ALL.len()]
+            .iter()
+            .map(|step| {
+                format!("{:?}", step.fault)
+                    .split([' ', '{'])
+                    .next()
+                    .unwrap_or("")
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(first.len(), FaultKind::ALL.len(), "{first:?}");
+    }
+
+    #[test]
     fn fault_kinds_parse_and_filter() {
         for k in FaultKind::ALL {
             assert_eq!(k.name().parse::<FaultKind>(), Ok(k));
@@ -529,5 +598,11 @@ mod tests {
         assert!(Schedule::generate(1, Duration::from_secs(60), 3, &[])
             .steps
             .is_empty());
+        let members = Schedule::generate(1, Duration::from_secs(60), 3, &[FaultKind::Membership]);
+        assert!(!members.steps.is_empty());
+        assert!(members
+            .steps
+            .iter()
+            .all(|s| matches!(s.fault, Fault::Membership { .. })));
     }
 }

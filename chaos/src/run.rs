@@ -11,16 +11,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use skiff_client::api::ReadConsistency;
+use skiff_client::api::{ReadConsistency, TaskFilter, TaskState};
 use tokio::time::Instant;
 
+use crate::calls::{self, CallCounts, CallOp, CallRecorder};
 use crate::checker::{self, NodeView, Status, Verdict};
 use crate::cluster::{self, Cluster, RaftTiming};
 use crate::history::{describe, Counts, OpKind, Outcome, ReadValue, Recorder, FINAL_READER};
-use crate::invocations;
 use crate::nemesis::{self, FaultKind, NemesisLog, Schedule};
 use crate::workload::{self, WorkloadConfig};
 use crate::ChaosError;
+use crate::{invocations, streams};
 
 /// Most operations one run records; the workload stops issuing past it.
 pub const OPS_MAX: usize = 500_000;
@@ -31,6 +32,12 @@ pub const CONVERGE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long acknowledged invocations may take to finish after heal (a task lost with a node
 /// is reassigned after the node's lease).
 pub const INVOCATIONS_SETTLE: Duration = Duration::from_secs(90);
+/// How long stream jobs may take to end after heal.
+pub const STREAMS_SETTLE: Duration = Duration::from_secs(90);
+/// Most tasks of the idempotent function and markers listed after heal.
+pub const IDEMPOTENT_LISTED_MAX: usize = 50_000;
+/// Deadline of each listing after heal.
+const LISTING_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most violations printed per check (all are in `report.json`).
 const VIOLATIONS_SHOWN_MAX: usize = 5;
 
@@ -52,8 +59,9 @@ pub struct RunOptions {
     pub search_steps_max: u64,
     /// How soon after heal the cluster must accept a write.
     pub heal_write_bound: Duration,
-    /// Also invoke a function asynchronously during the run and check every acknowledged
-    /// invocation completed after heal (needs root on the nodes: sandboxes).
+    /// Also run the function workload (needs root on the nodes: sandboxes): asynchronous,
+    /// synchronous and idempotent invocations, dependency changes and stream jobs, with their
+    /// checks after heal.
     pub invocations: bool,
 }
 
@@ -110,6 +118,8 @@ pub struct Report {
     /// A nemesis step that failed (the run still healed and checked).
     pub nemesis_error: Option<String>,
     pub counts: Counts,
+    /// Counts of the function workload's calls (with `invocations`).
+    pub calls: Option<CallCounts>,
     pub node_starts: BTreeMap<u64, u32>,
     pub verdict: Verdict,
 }
@@ -136,6 +146,23 @@ impl Report {
             "operations {} (ok {}, fail {}, unknown {}; reads {}, writes {}); node starts {:?}\n",
             c.ops, c.ok, c.fail, c.unknown, c.reads, c.writes, self.node_starts
         ));
+        if let Some(c) = &self.calls {
+            out.push_str(&format!(
+                "calls {} (ok {}, fail {}, unknown {}; sync {}, idempotent {}, dependency \
+                 writes {}, stream starts {})\n",
+                c.calls,
+                c.ok,
+                c.fail,
+                c.unknown,
+                c.sync,
+                c.idempotent,
+                c.dependency_writes,
+                c.stream_starts
+            ));
+        }
+        for e in &self.nemesis.events {
+            out.push_str(&format!("  nemesis {e}\n"));
+        }
         if let Some(e) = &self.nemesis_error {
             out.push_str(&format!("nemesis error: {e}\n"));
         }
@@ -208,7 +235,7 @@ pub async fn run(opts: RunOptions) -> Result<Report, ChaosError> {
     let outcome = drive(&opts, &mut cluster, &schedule).await;
     let node_starts = cluster.starts();
     cluster.stop().await;
-    let (history, nemesis_log, nemesis_error, verdict) = outcome?;
+    let (history, call_history, nemesis_log, nemesis_error, verdict) = outcome?;
 
     let keep = opts.dir.is_some() || verdict.status != Status::Valid;
     let report = Report {
@@ -223,10 +250,11 @@ pub async fn run(opts: RunOptions) -> Result<Report, ChaosError> {
         nemesis: nemesis_log,
         nemesis_error,
         counts: Counts::of(&history),
+        calls: opts.invocations.then(|| CallCounts::of(&call_history)),
         node_starts,
         verdict,
     };
-    write_files(&dir, &history, &report)?;
+    write_files(&dir, &history, &call_history, &report)?;
     if keep {
         if let Some(t) = temp {
             let _ = t.keep();
@@ -235,14 +263,21 @@ pub async fn run(opts: RunOptions) -> Result<Report, ChaosError> {
     Ok(report)
 }
 
-type Driven = (Vec<crate::history::Op>, NemesisLog, Option<String>, Verdict);
+type Driven = (
+    Vec<crate::history::Op>,
+    Vec<CallOp>,
+    NemesisLog,
+    Option<String>,
+    Verdict,
+);
 
 async fn drive(
     opts: &RunOptions,
     cluster: &mut Cluster,
     schedule: &Schedule,
 ) -> Result<Driven, ChaosError> {
-    let recorder = Arc::new(Recorder::new(OPS_MAX));
+    let recorder: Arc<Recorder> = Arc::new(Recorder::new(OPS_MAX));
+    let call_recorder = Arc::new(CallRecorder::starting_at(recorder.start(), OPS_MAX));
     let start = Instant::now();
     let config = WorkloadConfig {
         workers: opts.workers,
@@ -253,11 +288,27 @@ async fn drive(
         key_prefix: format!("chaos/{:x}", opts.seed),
     };
     let invoking = if opts.invocations {
-        invocations::deploy(&cluster.client()?).await?;
-        Some(tokio::spawn(invocations::run(
-            cluster.endpoints(),
-            start + opts.duration,
-        )))
+        let client = cluster.client()?;
+        invocations::deploy(&client).await?;
+        calls::deploy(&client).await?;
+        let deadline = start + opts.duration;
+        let stream_dir = dir_of(cluster)?;
+        Some((
+            tokio::spawn(invocations::run(cluster.endpoints(), deadline)),
+            tokio::spawn(calls::run(
+                cluster.endpoints(),
+                Arc::clone(&call_recorder),
+                opts.seed,
+                deadline,
+            )),
+            tokio::spawn(streams::run(
+                cluster.endpoints(),
+                stream_dir,
+                format!("chaos-stream/{:x}", opts.seed),
+                Arc::clone(&call_recorder),
+                deadline,
+            )),
+        ))
     } else {
         None
     };
@@ -277,17 +328,26 @@ async fn drive(
     };
     load.await
         .map_err(|e| ChaosError::Cluster(format!("the workload panicked: {e}")))??;
-    let acked = match invoking {
-        Some(h) => Some(
-            h.await
-                .map_err(|e| ChaosError::Cluster(format!("the invokers panicked: {e}")))??,
-        ),
+    let panicked = |e| ChaosError::Cluster(format!("the invokers panicked: {e}"));
+    let invoked = match invoking {
+        Some((acked, calling, streaming)) => {
+            let acked = acked.await.map_err(panicked)??;
+            calling.await.map_err(panicked)??;
+            let jobs = streaming.await.map_err(panicked)??;
+            Some((acked, jobs))
+        }
         None => None,
     };
 
     cluster.heal().await?;
     tracing::info!("healed at t={:.1}s", start.elapsed().as_secs_f64());
     let first_write = cluster.wait_writable(opts.heal_write_bound).await.ok();
+    // After a membership fault every slot must be a voter again before the final reads.
+    let membership = if opts.faults.contains(&FaultKind::Membership) {
+        Some(cluster.ensure_members().await)
+    } else {
+        None
+    };
 
     // Final linearizable reads of every key, recorded in the history.
     let keys: BTreeSet<String> = recorder
@@ -331,10 +391,127 @@ async fn drive(
         checker::replicas(&views, opts.nodes, converged),
         checker::availability(first_write, opts.heal_write_bound),
     ];
-    if let Some(acked) = &acked {
-        checks.push(invocations::check(&client, acked, INVOCATIONS_SETTLE).await);
+    match membership {
+        Some(Ok(voters)) => checks.push(checker::CheckReport {
+            name: "membership-restored".into(),
+            status: Status::Valid,
+            summary: format!("every slot's node is a voter again: {voters:?}"),
+            violations: vec![],
+        }),
+        Some(Err(e)) => checks.push(checker::CheckReport {
+            name: "membership-restored".into(),
+            status: Status::Unknown,
+            summary: format!("the harness could not make every node a voter again: {e}"),
+            violations: vec![],
+        }),
+        None => {}
     }
-    Ok((history, nemesis_log, nemesis_error, Verdict::of(checks)))
+    let call_history = call_recorder.snapshot();
+    if let Some((acked, jobs)) = &invoked {
+        checks.push(invocations::check(&client, acked, INVOCATIONS_SETTLE).await);
+        checks.push(checker::calls::sync_outputs(&call_history));
+        checks.push(idempotent_check(&client, &call_history).await);
+        let settled = streams::settle(&client, jobs, STREAMS_SETTLE).await;
+        checks.push(checker::calls::stream_items(&settled));
+    }
+    Ok((
+        history,
+        call_history,
+        nemesis_log,
+        nemesis_error,
+        Verdict::of(checks),
+    ))
+}
+
+/// The run's directory as an absolute path (stream jobs' files are read by the leader).
+fn dir_of(cluster: &Cluster) -> Result<PathBuf, ChaosError> {
+    let node_dir = cluster
+        .nodes
+        .first()
+        .and_then(|n| n.log.parent())
+        .and_then(|d| d.parent())
+        .ok_or_else(|| ChaosError::Cluster("the cluster has no node directory".into()))?;
+    node_dir.canonicalize().map_err(|source| ChaosError::Io {
+        what: format!("resolve {}", node_dir.display()),
+        source,
+    })
+}
+
+/// Lists the idempotent function's succeeded tasks, then its markers (in that order: a run
+/// writes its marker before it reports, so every listed task's marker is already there),
+/// and checks them. The ok answers in the call history are added (a hit's task is not always
+/// in the listing by function), each task once.
+async fn idempotent_check(
+    client: &skiff_client::Client,
+    call_history: &[CallOp],
+) -> checker::CheckReport {
+    let filter = TaskFilter {
+        function: Some(calls::IDEMPOTENT_FUNCTION.into()),
+        state: Some(TaskState::Succeeded),
+        dead_letter: false,
+    };
+    let tasks = tokio::time::timeout(
+        LISTING_TIMEOUT,
+        client.tasks_all(filter, IDEMPOTENT_LISTED_MAX),
+    )
+    .await;
+    let markers = tokio::time::timeout(
+        LISTING_TIMEOUT,
+        client.list_all(calls::EFFECT_PREFIX, IDEMPOTENT_LISTED_MAX),
+    )
+    .await;
+    let (runs, tasks_read) = match tasks {
+        Ok(Ok(t)) => {
+            let full = t.len() < IDEMPOTENT_LISTED_MAX;
+            let runs = t
+                .into_iter()
+                .map(|t| checker::calls::RunRecord {
+                    task: t.id,
+                    payload: String::from_utf8_lossy(&t.payload).into_owned(),
+                    output: t
+                        .result
+                        .as_ref()
+                        .map(|r| String::from_utf8_lossy(&r.output).into_owned())
+                        .unwrap_or_default(),
+                    cache: t.cache,
+                })
+                .collect();
+            (runs, full)
+        }
+        _ => (Vec::new(), false),
+    };
+    let (keys, markers_read) = match markers {
+        Ok(Ok(m)) => {
+            let full = m.len() < IDEMPOTENT_LISTED_MAX;
+            (m.into_iter().map(|e| e.key).collect::<Vec<_>>(), full)
+        }
+        _ => (Vec::new(), false),
+    };
+    let mut runs: Vec<checker::calls::RunRecord> = runs;
+    let listed: BTreeSet<u64> = runs.iter().map(|r| r.task).collect();
+    for op in call_history {
+        if let (
+            calls::CallKind::Idempotent { payload },
+            Some(calls::CallResult::Succeeded {
+                task,
+                output,
+                cache,
+            }),
+        ) = (&op.kind, op.ok())
+        {
+            if !listed.contains(task) {
+                runs.push(checker::calls::RunRecord {
+                    task: *task,
+                    payload: payload.clone(),
+                    output: output.clone(),
+                    cache: cache.clone(),
+                });
+            }
+        }
+    }
+    runs.sort_by_key(|r| r.task);
+    runs.dedup_by_key(|r| r.task);
+    checker::calls::idempotent_effects(&runs, &keys, tasks_read && markers_read)
 }
 
 /// Waits until every node reports the same applied index, then reads `keys` from each node's
@@ -400,6 +577,7 @@ async fn read_replicas(
 fn write_files(
     dir: &std::path::Path,
     history: &[crate::history::Op],
+    call_history: &[CallOp],
     report: &Report,
 ) -> Result<(), ChaosError> {
     let io = |what: &str| {
@@ -414,6 +592,16 @@ fn write_files(
     std::fs::write(dir.join("history.jsonl"), lines).map_err(io("write history.jsonl"))?;
     let text: Vec<String> = history.iter().map(describe).collect();
     std::fs::write(dir.join("history.txt"), text.join("\n")).map_err(io("write history.txt"))?;
+    if !call_history.is_empty() {
+        let mut lines = String::new();
+        for op in call_history {
+            lines.push_str(&serde_json::to_string(op)?);
+            lines.push('\n');
+        }
+        std::fs::write(dir.join("calls.jsonl"), lines).map_err(io("write calls.jsonl"))?;
+        let text: Vec<String> = call_history.iter().map(calls::describe).collect();
+        std::fs::write(dir.join("calls.txt"), text.join("\n")).map_err(io("write calls.txt"))?;
+    }
     let json = serde_json::to_string_pretty(report)?;
     std::fs::write(dir.join("report.json"), json).map_err(io("write report.json"))?;
     Ok(())

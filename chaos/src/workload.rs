@@ -3,8 +3,9 @@
 //!
 //! Keys rotate: a small set of active keys is replaced by fresh ones every
 //! [`WorkloadConfig::ops_per_key`] operations per key, so each key's history stays short
-//! enough for the linearizability search (Jepsen's "independent keys"). New operation kinds
-//! (functions, invocations, streams) are added as new [`OpKind`]s with their own model.
+//! enough for the linearizability search (Jepsen's "independent keys"). The function workload
+//! (invocations, dependency writes, stream starts) has its own history of
+//! [`crate::calls::CallKind`]s on the same clock.
 //!
 //! Invariants: every worker loop is bounded by a deadline and by the history's capacity;
 //! every operation by [`OP_TIMEOUT`]; a write whose answer did not arrive is unknown.
@@ -151,7 +152,7 @@ async fn worker_loop(
 
 /// The outcome of a write that returned an error: unknown unless the error proves nothing
 /// was applied (the command was refused as invalid before it was sent).
-fn write_error(e: ClientError) -> Outcome {
+pub(crate) fn write_error(e: ClientError) -> Outcome {
     match e {
         ClientError::Invalid(_) | ClientError::NoEndpoints | ClientError::InvalidEndpoint(_) => {
             Outcome::Fail(e.to_string())

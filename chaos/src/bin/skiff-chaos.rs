@@ -45,7 +45,8 @@ enum Cmd {
         #[arg(long)]
         dir: Option<PathBuf>,
         /// Comma-separated fault kinds (default: all): isolate, halves, one-way, delay, drop,
-        /// bandwidth, kill, pause, crash-majority, crash-all. Empty ("") for no faults.
+        /// bandwidth, kill, pause, crash-majority, crash-all, membership. Empty ("") for no
+        /// faults.
         #[arg(long, value_delimiter = ',')]
         faults: Option<Vec<String>>,
         /// Concurrent workload clients.
@@ -54,8 +55,8 @@ enum Cmd {
         /// DELIBERATELY BROKEN: read with local (possibly stale) reads, to see the checker fail.
         #[arg(long)]
         unsafe_local_reads: bool,
-        /// Also invoke a function during the run and check every acknowledged invocation
-        /// completed (needs root: functions run in sandboxes).
+        /// Also run the function workload and its checks (needs root: functions run in
+        /// sandboxes): async, sync and idempotent invocations, dependency changes, stream jobs.
         #[arg(long)]
         invocations: bool,
         /// Print the report as JSON.

@@ -4,12 +4,15 @@
 //! - [`acknowledged_writes`]: every acknowledged write is still visible after heal (or was
 //!   overwritten by a write that may come after it);
 //! - [`replicas`]: every node holds the same state once their applied indexes are equal;
-//! - [`availability`]: the healed cluster accepts a write within a bound.
+//! - [`availability`]: the healed cluster accepts a write within a bound;
+//! - [`calls`]: sync outputs, idempotent effects and stream items of the function workload
+//!   (the acknowledged-invocations check is [`crate::invocations::check`]).
 //!
 //! Each check is valid, invalid (with the violating operations) or unknown (it could not decide,
 //! e.g. the search bound was hit or a final read failed). The run's verdict is invalid if any
 //! check is, else unknown if any is, else valid: unknown is never reported as valid.
 
+pub mod calls;
 pub mod linear;
 
 use std::collections::{BTreeMap, HashMap};

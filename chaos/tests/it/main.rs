@@ -1,12 +1,13 @@
 //! Integration test of skiff-chaos against real `skiffd` processes: a short run with every
-//! fault kind must end valid. `skiffd` is found like the binary finds it (`$SKIFFD`, next to
+//! fault kind (and, as root, the function workload) must end valid; a removed node comes back
+//! under a new id; stale local reads are found invalid. `skiffd` is found like the binary finds it (`$SKIFFD`, next to
 //! the test executable, `$CARGO_MANIFEST_DIR/../target/debug/skiffd`); if it is missing the
 //! test fails and says how to build it.
 
 use std::time::Duration;
 
 use skiff_chaos::checker::Status;
-use skiff_chaos::nemesis::FaultKind;
+use skiff_chaos::nemesis::{Fault, FaultKind};
 use skiff_chaos::{run, RunOptions};
 
 /// Seed of the CI scenario; its schedule is printed by the run.
@@ -39,7 +40,91 @@ async fn short_run_under_every_fault_is_valid() {
         !report.schedule.steps.is_empty() && report.nemesis.events.len() >= 2,
         "the nemesis must inject faults:\n{text}"
     );
+    assert!(
+        report
+            .schedule
+            .steps
+            .iter()
+            .any(|s| matches!(s.fault, Fault::Membership { .. })),
+        "the CI schedule must change the membership:\n{text}"
+    );
+    if let Some(calls) = &report.calls {
+        assert!(
+            calls.ok > 10,
+            "the function workload must get work done:\n{text}"
+        );
+        for name in ["sync-outputs", "idempotent-effects", "stream-items"] {
+            assert!(
+                report.verdict.checks.iter().any(|c| c.name == name),
+                "the {name} check must run:\n{text}"
+            );
+        }
+    }
     assert_eq!(report.verdict.status, Status::Valid, "\n{text}");
+}
+
+/// A membership change the way the nemesis makes it: node 3 is removed (committed), stopped
+/// and wiped; the cluster keeps accepting writes with two voters; the slot comes back as node
+/// 6 (a new id), catches up by snapshot or log, and holds the writes made while it was out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_node_comes_back_under_a_new_id() {
+    use skiff_chaos::cluster::{Cluster, RaftTiming, Removal};
+
+    let skiffd = skiff_chaos::cluster::find_skiffd(None)
+        .unwrap_or_else(|e| panic!("this test needs the skiffd binary: {e}"));
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let mut cluster = Cluster::start(&skiffd, dir.path(), 3, RaftTiming::default(), 2)
+        .await
+        .unwrap_or_else(|e| panic!("the cluster must start: {e}"));
+    let removal = cluster.remove_member(3).await.expect("remove node 3");
+    assert_eq!(removal, Removal::Removed(3));
+    assert!(!cluster.nodes[2].is_running(), "a removed node is stopped");
+    let data = std::fs::read_dir(&cluster.nodes[2].data_dir)
+        .expect("data dir")
+        .count();
+    assert_eq!(data, 0, "a removed node's data is wiped");
+    // A second removal would leave fewer voters than a quorum of three.
+    let refused = cluster
+        .remove_member(2)
+        .await
+        .expect("ask to remove node 2");
+    assert!(matches!(refused, Removal::Refused(_)), "{refused:?}");
+
+    let client = cluster.client().expect("client");
+    let mut written = None;
+    for _ in 0..20 {
+        if let Ok(v) = client.put("while-out", b"yes".to_vec()).await {
+            written = Some(v);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    written.expect("two voters of three accept writes");
+
+    let back = cluster
+        .rejoin(3, Duration::from_secs(60))
+        .await
+        .expect("rejoin");
+    assert_eq!(back, Ok(6), "slot 3's next id is 3 + 3");
+    let voters = cluster.ensure_members().await.expect("every slot a voter");
+    assert_eq!(voters, vec![1, 2, 6]);
+    let local = cluster.node_client(3).expect("client of slot 3");
+    let mut seen = false;
+    for _ in 0..100 {
+        let read = local
+            .get_with("while-out", skiff_client::api::ReadConsistency::Local)
+            .await;
+        if read.is_ok_and(|e| e.is_some_and(|e| e.value == b"yes")) {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.stop().await;
+    assert!(
+        seen,
+        "node 6 caught up with the write made while slot 3 was out"
+    );
 }
 
 /// The checker must be able to fail on a real cluster's history: local reads from a node cut
