@@ -1194,6 +1194,7 @@ mod tests {
                 data: Default::default(),
                 env: Vec::new(),
                 idempotency: None,
+                stages: Vec::new(),
             })
             .await
             .expect("deploy");
@@ -1239,6 +1240,7 @@ mod tests {
                 data: Default::default(),
                 env: Vec::new(),
                 idempotency: None,
+                stages: Vec::new(),
             })
             .await
             .expect_err("code not uploaded");
