@@ -302,3 +302,42 @@ async fn bad_pipelines_are_refused_with_nothing_deployed() {
     let e = refused_deploy(&c, with_code(serve)).await;
     assert!(e.contains("exec mode only"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_example_pipeline_deploys_from_its_manifest_and_runs() {
+    require_root!();
+    if !std::path::Path::new("/usr/bin/python3").exists() {
+        eprintln!("skipping: the example's parser stage needs /usr/bin/python3");
+        return;
+    }
+    let manifest =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/stages/skiff.toml");
+    let plan = skiff_client::deploy::read_manifest(&manifest, None).expect("the manifest");
+    let code = skiff_client::deploy::read_code(&plan.code).expect("the code");
+    let cluster = TestCluster::start(3, CONFIG).await;
+    let c = rpc(&cluster.node(1).addr).await;
+    deploy(&c, plan.spec.clone(), &code).await;
+
+    let t = invoke(&c, "scores", br#"{"user":"ada","score":42}"#, true).await;
+    assert_eq!(t.state, TaskState::Succeeded, "{t:?}");
+    assert!(
+        output(&t).starts_with("{\"stored\":\"scores/ada\",\"version\":"),
+        "{}",
+        output(&t)
+    );
+    assert_eq!(get(&c, "scores/ada").await, r#"{"user":"ada","score":42}"#);
+
+    // Refused by the parser: the trusted stage never runs, and the parser is named.
+    let t = invoke(&c, "scores", br#"{"user":"../etc","score":1}"#, true).await;
+    assert_eq!(t.state, TaskState::Failed, "{t:?}");
+    let r = t.result.as_ref().expect("a result");
+    assert_eq!(
+        r.error.as_deref(),
+        Some("stage 1 of 2 (parse) failed: exit status 2")
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&r.log),
+        "user must be 1-32 characters of a-z 0-9 _ -\n"
+    );
+    assert_eq!(get(&c, "scores/../etc").await, "");
+}
