@@ -127,6 +127,7 @@ pub async fn deploy(client: &Client) -> Result<(), ChaosError> {
                 write_prefixes: vec![EFFECT_PREFIX.into()],
             },
             env: Vec::new(),
+            stages: Vec::new(),
             idempotency: Some(Idempotency {
                 dependencies: vec![Dependency::Kv(DEPENDENCY_KEY.into())],
                 // Longer than any run: a rerun at an unchanged dependency is never "expired".

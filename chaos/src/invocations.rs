@@ -77,6 +77,7 @@ pub async fn deploy(client: &Client) -> Result<(), ChaosError> {
             data: DataGrant::default(),
             env: Vec::new(),
             idempotency: None,
+            stages: Vec::new(),
         })
         .await
         .map_err(|e| ChaosError::Cluster(format!("deploying the echo function: {e}")))?;

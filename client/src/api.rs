@@ -15,8 +15,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 pub use skiff_raft_store::functions::{
     CacheOutcome, DataGrant, Dependency, FnMode, FunctionRecord, FunctionSpec, FunctionVersion,
-    Idempotency, MissReason, NodeRecord, RunStatus, SchedStats, Task, TaskFilter, TaskId,
-    TaskResult, TaskState, WarmReport,
+    Idempotency, MissReason, NodeRecord, RunStatus, SchedStats, StageSpec, Task, TaskFilter,
+    TaskId, TaskResult, TaskState, WarmReport,
 };
 pub use skiff_raft_store::model::{
     ClientCommand, Command, CommandResult, KvEntry, KvPage, NodeId, RequestId,

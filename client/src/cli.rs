@@ -1004,6 +1004,7 @@ pub fn deploy_plan(args: DeployArgs) -> Result<DeployPlan, CliError> {
                 !args.no_track_reads,
             )
             .map_err(CliError::usage)?,
+            stages: Vec::new(),
         },
     };
     plan.validate().map_err(CliError::usage)?;
@@ -1110,7 +1111,7 @@ async fn functions(client: &Client, cmd: FnCmd, json: bool) -> Result<(), CliErr
                     table.add_row([
                         f.name.clone(),
                         f.latest.to_string(),
-                        v.spec.mode.as_str().to_string(),
+                        mode_text(&v.spec),
                         v.spec.tier.clone(),
                         fmt_bytes(v.spec.memory_bytes),
                         fmt_ms(v.spec.timeout_ms),
@@ -1185,11 +1186,46 @@ fn version_json(v: &FunctionVersion) -> serde_json::Map<String, serde_json::Valu
         "data_read": s.data.read_prefixes,
         "data_write": s.data.write_prefixes,
         "env": env,
+        "stages": s.stages.iter().map(stage_json).collect::<Vec<_>>(),
     });
     match value {
         serde_json::Value::Object(map) => map,
         _ => unreachable!("json! of an object literal is an object"),
     }
+}
+
+/// One stage of a staged function as a JSON object.
+fn stage_json(stage: &crate::api::StageSpec) -> serde_json::Value {
+    let env: serde_json::Map<String, serde_json::Value> = stage
+        .env
+        .iter()
+        .map(|(k, v)| (k.clone(), json!(v)))
+        .collect();
+    json!({
+        "name": stage.name,
+        "entry": stage.entry,
+        "tier": stage.tier,
+        "policy": stage.policy,
+        "data_read": stage.data.read_prefixes,
+        "data_write": stage.data.write_prefixes,
+        "env": env,
+    })
+}
+
+/// The mode column: `exec`, `serve`, or `exec, N stages`.
+fn mode_text(spec: &FunctionSpec) -> String {
+    if spec.is_staged() {
+        format!("{}, {} stages", spec.mode.as_str(), spec.stages.len())
+    } else {
+        spec.mode.as_str().to_string()
+    }
+}
+
+/// The policy row: its size, or `-`.
+fn policy_text(policy: &Option<String>) -> String {
+    policy
+        .as_ref()
+        .map_or("-".to_string(), |p| format!("{} bytes", p.len()))
 }
 
 /// `fn show` for people: every kept version, newest first.
@@ -1220,10 +1256,10 @@ fn function_text(f: &FunctionRecord) -> String {
             v.version,
             fmt_time(v.deployed_ms)
         ));
-        let rows = [
+        let mut rows = vec![
             ("code", format!("sha256 {}", s.code_digest)),
             ("entry", s.entry.join(" ")),
-            ("mode", s.mode.as_str().to_string()),
+            ("mode", mode_text(s)),
             ("tier", s.tier.clone()),
             ("memory", fmt_bytes(s.memory_bytes)),
             ("timeout", fmt_ms(s.timeout_ms)),
@@ -1241,15 +1277,30 @@ fn function_text(f: &FunctionRecord) -> String {
             ("data read", list(&s.data.read_prefixes)),
             ("data write", list(&s.data.write_prefixes)),
             ("env", list(&env)),
-            (
-                "policy",
-                s.policy
-                    .as_ref()
-                    .map_or("-".to_string(), |p| format!("{} bytes", p.len())),
-            ),
+            ("policy", policy_text(&s.policy)),
         ];
+        if s.is_staged() {
+            // The per-sandbox settings are the stages'; the function has none of its own.
+            rows.retain(|(k, _)| {
+                !matches!(*k, "entry" | "data read" | "data write" | "env" | "policy")
+            });
+        }
         for (k, v) in rows {
             text.push_str(&format!("  {k:<16} {v}\n"));
+        }
+        for (i, stage) in s.stages.iter().enumerate() {
+            let env: Vec<String> = stage.env.iter().map(|(k, _)| k.clone()).collect();
+            text.push_str(&format!("  stage {} {}\n", i + 1, stage.name));
+            for (k, v) in [
+                ("entry", stage.entry.join(" ")),
+                ("tier", stage.tier.clone()),
+                ("data read", list(&stage.data.read_prefixes)),
+                ("data write", list(&stage.data.write_prefixes)),
+                ("env", list(&env)),
+                ("policy", policy_text(&stage.policy)),
+            ] {
+                text.push_str(&format!("    {k:<14} {v}\n"));
+            }
         }
     }
     text.truncate(text.trim_end().len());
@@ -1764,6 +1815,7 @@ pub async fn bench_invoke(
                 cache_failures: false,
                 track_reads: false,
             }),
+            stages: Vec::new(),
         })
         .await?;
     // Let min-warm fill the pools, and warm each connection.
@@ -2496,6 +2548,48 @@ mod tests {
         let e = deploy_plan(deploy_args(&["fn", "deploy", "-f", path_arg])).expect_err("unknown");
         assert_eq!(e.code, ExitCode::Usage);
         assert!(e.message.contains("cpus"), "{}", e.message);
+    }
+
+    #[test]
+    fn show_lists_the_stages_of_a_pipeline() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let manifest = dir.path().join("skiff.toml");
+        std::fs::write(
+            &manifest,
+            "name = \"p\"\ncode = \".\"\ntier = \"trusted\"\n\
+             [[stage]]\nname = \"parse\"\nentry = \"python3 parse.py\"\ntier = \"untrusted\"\n\
+             [[stage]]\nname = \"store\"\nentry = \"sh store.sh\"\ndata_write = [\"out/\"]\n\
+             env = { TOKEN = \"secret\" }\n",
+        )
+        .expect("write");
+        let plan = deploy::read_manifest(&manifest, None).expect("manifest");
+        let record = FunctionRecord {
+            name: "p".into(),
+            versions: vec![FunctionVersion {
+                version: 1,
+                spec: plan.with_digest(&"ab".repeat(32)),
+                deployed_ms: 0,
+            }],
+            latest: 1,
+            created_ms: 0,
+        };
+        let text = function_text(&record);
+        assert!(text.contains("mode             exec, 2 stages"), "{text}");
+        assert!(text.contains("  stage 1 parse\n    entry          python3 parse.py\n    tier           untrusted\n"), "{text}");
+        assert!(text.contains("  stage 2 store\n"), "{text}");
+        assert!(text.contains("    data write     out/\n"), "{text}");
+        assert!(text.contains("    env            TOKEN\n"), "{text}");
+        assert!(
+            !text.contains("secret"),
+            "environment values stay out of show: {text}"
+        );
+        assert!(
+            !text.contains("\n  entry"),
+            "no function-level entry row: {text}"
+        );
+        let json = version_json(&record.versions[0]);
+        assert_eq!(json["stages"][1]["data_write"][0], "out/");
+        assert_eq!(json["stages"][0]["tier"], "untrusted");
     }
 
     #[test]

@@ -1430,6 +1430,7 @@ mod tests {
                 data: Default::default(),
                 env: Vec::new(),
                 idempotency: None,
+                stages: Vec::new(),
             })
             .await
             .expect("deploy");
@@ -1475,6 +1476,7 @@ mod tests {
                 data: Default::default(),
                 env: Vec::new(),
                 idempotency: None,
+                stages: Vec::new(),
             })
             .await
             .expect_err("code not uploaded");

@@ -21,8 +21,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use skiff_raft_store::functions::{
-    validate_spec, DataGrant, Dependency, FunctionSpec, Idempotency, CODE_BYTES_MAX,
-    PAYLOAD_BYTES_MAX, POLICY_BYTES_MAX,
+    validate_spec, DataGrant, Dependency, FunctionSpec, Idempotency, StageSpec, CODE_BYTES_MAX,
+    PAYLOAD_BYTES_MAX, POLICY_BYTES_MAX, STAGES_MAX,
 };
 
 /// Largest manifest file.
@@ -68,13 +68,22 @@ impl DeployPlan {
     /// reported before anything is packed or uploaded.
     pub fn validate(&self) -> Result<(), String> {
         validate_spec(&self.with_digest(PLACEHOLDER_DIGEST))?;
-        let mut names: Vec<&str> = self.spec.env.iter().map(|(k, _)| k.as_str()).collect();
-        names.sort_unstable();
-        if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
-            return Err(format!("environment variable {} is given twice", w[0]));
+        unique_env(&self.spec.env)?;
+        for (i, stage) in self.spec.stages.iter().enumerate() {
+            unique_env(&stage.env)
+                .map_err(|e| format!("stage {} ({:?}): {e}", i + 1, stage.name))?;
         }
         Ok(())
     }
+}
+
+fn unique_env(env: &[(String, String)]) -> Result<(), String> {
+    let mut names: Vec<&str> = env.iter().map(|(k, _)| k.as_str()).collect();
+    names.sort_unstable();
+    if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+        return Err(format!("environment variable {} is given twice", w[0]));
+    }
+    Ok(())
 }
 
 /// Splits an entry command line on whitespace (no shell quoting: use an array in a manifest
@@ -409,16 +418,19 @@ fn walk(root: &Path) -> Result<Vec<Found>, String> {
     Ok(found)
 }
 
-/// A `skiff.toml` manifest. Every field but `code` and `entry` is optional; unknown fields
-/// are refused so that a typo is not silently ignored.
+/// A `skiff.toml` manifest. Every field but `code` and `entry` (or `[[stage]]` tables) is
+/// optional; unknown fields are refused so that a typo is not silently ignored.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Manifest {
     name: Option<String>,
     /// Relative to the manifest's directory.
     code: PathBuf,
-    /// A string split on whitespace, or an array of arguments.
-    entry: toml::Value,
+    /// A string split on whitespace, or an array of arguments. Absent for a staged function.
+    entry: Option<toml::Value>,
+    /// The stages of a staged function, in order (`[[stage]]` tables).
+    #[serde(default, rename = "stage")]
+    stages: Vec<StageManifest>,
     mode: Option<String>,
     tier: Option<String>,
     memory: Option<String>,
@@ -450,6 +462,37 @@ struct Manifest {
     track_reads: Option<bool>,
 }
 
+/// One `[[stage]]` table: what runs in one sandbox of a staged function.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StageManifest {
+    name: String,
+    entry: toml::Value,
+    /// Default: the function's tier.
+    tier: Option<String>,
+    /// A policy file, relative to the manifest's directory.
+    policy: Option<PathBuf>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    data_read: Vec<String>,
+    #[serde(default)]
+    data_write: Vec<String>,
+}
+
+/// An entry command: a string split on whitespace or an array of arguments.
+fn entry_value(value: &toml::Value) -> Result<Vec<String>, String> {
+    match value {
+        toml::Value::String(line) => Ok(split_entry(line)),
+        toml::Value::Array(items) => items
+            .iter()
+            .map(|v| v.as_str().map(String::from))
+            .collect::<Option<Vec<String>>>()
+            .ok_or_else(|| "entry must be a string or an array of strings".to_string()),
+        _ => Err("entry must be a string or an array of strings".into()),
+    }
+}
+
 /// Reads and checks a manifest file (at most [`MANIFEST_BYTES_MAX`] bytes). `name`, when
 /// given, replaces the manifest's `name`.
 pub fn read_manifest(path: &Path, name: Option<String>) -> Result<DeployPlan, String> {
@@ -470,14 +513,42 @@ pub fn parse_manifest(text: &str, dir: &Path, name: Option<String>) -> Result<De
         "no function name (add name = \"...\" or give NAME on the command line)".to_string()
     })?;
     let entry = match &m.entry {
-        toml::Value::String(line) => split_entry(line),
-        toml::Value::Array(items) => items
-            .iter()
-            .map(|v| v.as_str().map(String::from))
-            .collect::<Option<Vec<String>>>()
-            .ok_or("entry must be a string or an array of strings")?,
-        _ => return Err("entry must be a string or an array of strings".into()),
+        Some(value) => entry_value(value)?,
+        None if m.stages.is_empty() => {
+            return Err("no entry (add entry = \"...\", or [[stage]] tables)".into())
+        }
+        None => Vec::new(),
     };
+    // Checked before any stage's policy file is read.
+    if m.stages.len() > STAGES_MAX {
+        return Err(format!(
+            "{} stages: a function has at most {STAGES_MAX}",
+            m.stages.len()
+        ));
+    }
+    let tier = m.tier.unwrap_or_else(|| DEFAULT_TIER.to_string());
+    let stages = m
+        .stages
+        .into_iter()
+        .enumerate()
+        .map(|(i, st)| {
+            let at = |e: String| format!("stage {} ({:?}): {e}", i + 1, st.name);
+            Ok(StageSpec {
+                entry: entry_value(&st.entry).map_err(&at)?,
+                tier: st.tier.clone().unwrap_or_else(|| tier.clone()),
+                policy: match &st.policy {
+                    Some(p) => Some(read_policy(&dir.join(p)).map_err(&at)?),
+                    None => None,
+                },
+                data: DataGrant {
+                    read_prefixes: st.data_read,
+                    write_prefixes: st.data_write,
+                },
+                env: st.env.into_iter().collect(),
+                name: st.name,
+            })
+        })
+        .collect::<Result<Vec<StageSpec>, String>>()?;
     let field = |what: &str, e: String| format!("{what}: {e}");
     let plan = DeployPlan {
         code: dir.join(&m.code),
@@ -491,7 +562,7 @@ pub fn parse_manifest(text: &str, dir: &Path, name: Option<String>) -> Result<De
                 .unwrap_or(DEFAULT_MODE)
                 .parse()
                 .map_err(|e| field("mode", e))?,
-            tier: m.tier.unwrap_or_else(|| DEFAULT_TIER.to_string()),
+            tier,
             policy: match &m.policy {
                 Some(p) => Some(read_policy(&dir.join(p))?),
                 None => None,
@@ -520,6 +591,7 @@ pub fn parse_manifest(text: &str, dir: &Path, name: Option<String>) -> Result<De
                 m.cache_failures,
                 m.track_reads.unwrap_or(true),
             )?,
+            stages,
         },
     };
     plan.validate()?;
@@ -802,6 +874,92 @@ LEVEL = "debug"
         for (text, word) in cases {
             let e = parse_manifest(&text, dir, None).expect_err(word);
             assert!(e.contains(word), "{word}: {e}");
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
+    }
+
+    const STAGED: &str = r#"
+name = "ingest"
+code = "."
+tier = "trusted"
+timeout = "5s"
+
+[[stage]]
+name = "parse"
+entry = "python3 parse.py"
+tier = "untrusted"
+
+[[stage]]
+name = "store"
+entry = ["/bin/sh", "store.sh"]
+data_write = ["scores/"]
+env = { TOKEN = "t" }
+"#;
+
+    #[test]
+    fn a_staged_manifest_parses_stage_by_stage() {
+        let plan = parse_manifest(STAGED, Path::new("/srv"), None).expect("good");
+        let s = &plan.spec;
+        assert!(s.entry.is_empty() && s.data.is_empty() && s.env.is_empty());
+        assert_eq!((s.tier.as_str(), s.timeout_ms), ("trusted", 5_000));
+        assert_eq!(s.stages.len(), 2);
+        assert_eq!(s.stages[0].name, "parse");
+        assert_eq!(s.stages[0].entry, ["python3", "parse.py"]);
+        assert_eq!(s.stages[0].tier, "untrusted");
+        assert!(s.stages[0].data.is_empty() && s.stages[0].env.is_empty());
+        // A stage without a tier takes the function's.
+        assert_eq!(s.stages[1].tier, "trusted");
+        assert_eq!(s.stages[1].entry, ["/bin/sh", "store.sh"]);
+        assert_eq!(s.stages[1].data.write_prefixes, ["scores/"]);
+        assert_eq!(s.stages[1].env, [("TOKEN".to_string(), "t".to_string())]);
+    }
+
+    #[test]
+    fn bad_staged_manifests_are_refused_naming_the_stage() {
+        let dir = Path::new(".");
+        let nine: String = (0..9)
+            .map(|i| format!("[[stage]]\nname = \"s{i}\"\nentry = \"true\"\n"))
+            .collect();
+        let cases = [
+            (
+                format!("code = \".\"\nname = \"f\"\n{nine}"),
+                "9 stages: a function has at most 8".to_string(),
+            ),
+            (
+                STAGED.replace("\"python3 parse.py\"", "\" \""),
+                "stage 1 (\"parse\"): the entry command is empty".to_string(),
+            ),
+            (
+                STAGED
+                    .replace("tier = \"trusted\"", "tier = \"standard\"")
+                    .replace("name = \"store\"", "name = \"store\"\ntier = \"trusted\""),
+                "stage 2 (\"store\"): tier trusted is above the function's tier standard"
+                    .to_string(),
+            ),
+            (
+                STAGED.replace("timeout = \"5s\"", "entry = \"sh x\""),
+                "gives its entry per stage".to_string(),
+            ),
+            (
+                STAGED.replace("timeout = \"5s\"", "mode = \"serve\""),
+                "exec mode only".to_string(),
+            ),
+            (
+                STAGED.replace("tier = \"untrusted\"", "colour = \"red\""),
+                "colour".to_string(),
+            ),
+            (
+                STAGED.replace("env = { TOKEN = \"t\" }", "policy = \"absent.toml\""),
+                "stage 2 (\"store\"): cannot read policy".to_string(),
+            ),
+            (
+                "code = \".\"\nname = \"f\"\n".to_string(),
+                "no entry".to_string(),
+            ),
+        ];
+        for (text, expected) in cases {
+            let e = parse_manifest(&text, dir, None).expect_err(&expected);
+            assert!(e.contains(&expected), "{expected:?} not in {e:?}");
             assert!(!e.contains('\n'), "one line: {e}");
         }
     }

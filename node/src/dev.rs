@@ -78,6 +78,7 @@ async fn sample_function(client: &Client) -> Result<String, String> {
         data: DataGrant::default(),
         env: Vec::new(),
         idempotency: None,
+        stages: Vec::new(),
     };
     let version = client
         .deploy(spec)

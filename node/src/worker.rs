@@ -24,7 +24,9 @@ use skiff_client::api::{
     ApiError, ClientCommand, Command, CommandResult, FnMode, FunctionVersion, NodeId, RequestId,
     RunStatus, Task, TaskId, TaskResult, TaskState, WarmReport,
 };
-use skiff_raft_store::functions::{Heartbeat, LOG_BYTES_MAX, OUTPUT_BYTES_MAX};
+use skiff_raft_store::functions::{
+    DataGrant, Heartbeat, StageSpec, LOG_BYTES_MAX, OUTPUT_BYTES_MAX, STAGES_MAX,
+};
 use skiff_sandbox::{
     ExitStatus, Policy, PoolConfig, PoolKey, PoolMode, SandboxError, SandboxSpec, Tier, WarmPool,
     WarmSandbox,
@@ -47,6 +49,13 @@ const INCOMPLETE_READS: &str = "(reads not fully tracked)";
 /// How long a worker keeps retrying to report a completion.
 const REPORT_DEADLINE: Duration = Duration::from_secs(120);
 
+/// Most stderr bytes of one stage kept in a successful pipeline's log (the log as a whole is
+/// still bounded by `LOG_BYTES_MAX`), so one chatty stage cannot push the others out.
+const STAGE_LOG_BYTES_MAX: usize = LOG_BYTES_MAX / STAGES_MAX;
+
+/// Which socket: function name, version, and the stage index for a staged function.
+type SocketKey = (String, u64, Option<usize>);
+
 /// The worker of one node.
 pub struct Worker {
     id: NodeId,
@@ -64,8 +73,9 @@ pub struct Worker {
     /// so a new request may wait for one instead of cold-starting another.
     busy: Mutex<HashMap<PoolKey, usize>>,
     unpack_lock: tokio::sync::Mutex<()>,
-    /// Data-service sockets, one per function version that has a data grant.
-    data_sockets: tokio::sync::Mutex<HashMap<(String, u64), Arc<DataSocket>>>,
+    /// Data-service sockets, one per sandbox kind that has a data grant: a plain function
+    /// version, or one stage of a staged one.
+    data_sockets: tokio::sync::Mutex<HashMap<SocketKey, Arc<DataSocket>>>,
     /// The `skiff-data` helper bound into sandboxes, if found.
     helper_binary: Option<PathBuf>,
     request_client: u64,
@@ -165,20 +175,47 @@ impl Worker {
         let mut spec = SandboxSpec::with_policy(tier, &policy, code).map_err(|e| e.to_string())?;
         spec.env = fv.spec.env.clone();
         if !fv.spec.data.is_empty() {
-            let socket = self.data_socket(node, fv).await?;
+            let socket = self.data_socket(node, fv, None, &fv.spec.data).await?;
             spec.data_socket = Some(socket.path().to_path_buf());
             spec.helper_binary = self.helper_binary.clone();
         }
         Ok(spec)
     }
 
-    /// The data-service socket of a function version, bound on first use.
+    /// The sandbox of stage `index` of a staged function version, given the time left of the
+    /// pipeline: the stage's tier narrowed by its policy, the function's memory and that time;
+    /// its own environment, and a data socket limited to its own grant (none without one).
+    async fn stage_sandbox_spec(
+        &self,
+        node: &Node,
+        fv: &FunctionVersion,
+        index: usize,
+        code: &Path,
+        remaining_ms: u64,
+    ) -> Result<SandboxSpec, String> {
+        let stage = &fv.spec.stages[index];
+        let tier: Tier = stage.tier.parse().map_err(|e| format!("{e}"))?;
+        let policy = stage_policy(&fv.spec, stage, tier, remaining_ms)?;
+        let mut spec = SandboxSpec::with_policy(tier, &policy, code).map_err(|e| e.to_string())?;
+        spec.env = stage.env.clone();
+        if !stage.data.is_empty() {
+            let socket = self.data_socket(node, fv, Some(index), &stage.data).await?;
+            spec.data_socket = Some(socket.path().to_path_buf());
+            spec.helper_binary = self.helper_binary.clone();
+        }
+        Ok(spec)
+    }
+
+    /// The data-service socket of a function version (or of one of its stages) serving
+    /// `grant`, bound on first use.
     async fn data_socket(
         &self,
         node: &Node,
         fv: &FunctionVersion,
+        stage: Option<usize>,
+        grant: &DataGrant,
     ) -> Result<Arc<DataSocket>, String> {
-        let key = (fv.spec.name.clone(), fv.version);
+        let key = (fv.spec.name.clone(), fv.version, stage);
         let mut sockets = self.data_sockets.lock().await;
         if let Some(s) = sockets.get(&key) {
             return Ok(s.clone());
@@ -193,10 +230,14 @@ impl Worker {
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755));
         }
-        let path = dir.join(format!("{}-{}.sock", fv.spec.name, fv.version));
+        let file = match stage {
+            None => format!("{}-{}.sock", fv.spec.name, fv.version),
+            Some(i) => format!("{}-{}-stage{}.sock", fv.spec.name, fv.version, i + 1),
+        };
+        let path = dir.join(file);
         let access = DataAccess {
-            read_prefixes: fv.spec.data.read_prefixes.clone(),
-            write_prefixes: fv.spec.data.write_prefixes.clone(),
+            read_prefixes: grant.read_prefixes.clone(),
+            write_prefixes: grant.write_prefixes.clone(),
         };
         let backend: Arc<dyn KvBackend> = Arc::new(NodeKv(node.clone()));
         let socket = data_service::bind(&path, access, backend)
@@ -313,6 +354,9 @@ impl Worker {
         task: &Task,
         fv: &FunctionVersion,
     ) -> (TaskResult, Vec<(String, u64)>) {
+        if fv.spec.is_staged() {
+            return self.execute_stages(node, task, fv).await;
+        }
         let spec = match self.sandbox_spec(node, fv).await {
             Ok(s) => s,
             Err(e) => {
@@ -345,7 +389,7 @@ impl Worker {
         };
         let (result, uid) = result;
         let reads = match uid {
-            Some(uid) => self.take_reads(fv, uid).await,
+            Some(uid) => self.take_reads(fv, None, uid).await,
             None => Vec::new(),
         };
         let target = self.warm_target(node, fv, true);
@@ -356,12 +400,17 @@ impl Worker {
     /// The reads a run (the sandbox running as `uid`) made through the data service. When
     /// the log could not hold them all, a marker read no state can match makes sure the run's
     /// result is never reused as an idempotent hit.
-    async fn take_reads(&self, fv: &FunctionVersion, uid: u32) -> Vec<(String, u64)> {
+    async fn take_reads(
+        &self,
+        fv: &FunctionVersion,
+        stage: Option<usize>,
+        uid: u32,
+    ) -> Vec<(String, u64)> {
         let socket = self
             .data_sockets
             .lock()
             .await
-            .get(&(fv.spec.name.clone(), fv.version))
+            .get(&(fv.spec.name.clone(), fv.version, stage))
             .cloned();
         let Some(socket) = socket else {
             return Vec::new();
@@ -378,6 +427,150 @@ impl Worker {
         }
         reads.truncate(skiff_raft_store::functions::TRACKED_READS_MAX);
         reads
+    }
+
+    /// Runs the stages of a staged function one after the other, each in a fresh sandbox of
+    /// its own: the payload into the first, each stage's stdout into the next, the last one's
+    /// stdout as the result. The pipeline stops at the first stage that fails, and the result
+    /// names it and carries its stderr as the log. Every stage's reads through its own data
+    /// socket are returned, for the idempotency ledger.
+    async fn execute_stages(
+        &self,
+        node: &Node,
+        task: &Task,
+        fv: &FunctionVersion,
+    ) -> (TaskResult, Vec<(String, u64)>) {
+        let started = Instant::now();
+        let code = match self.code_dir(node, &fv.spec.code_digest).await {
+            Ok(c) => c,
+            Err(e) => {
+                return (
+                    self.failed(format!("cannot prepare the sandbox: {e}")),
+                    Vec::new(),
+                )
+            }
+        };
+        let stages = &fv.spec.stages;
+        let mut input = task.payload.clone();
+        let mut reads: Vec<(String, u64)> = Vec::new();
+        let mut log: Vec<u8> = Vec::new();
+        let mut cpu = Duration::ZERO;
+        let mut peak_memory_bytes = 0u64;
+        for (index, stage) in stages.iter().enumerate() {
+            let label = stage_label(index, stages.len(), stage);
+            let elapsed_ms = started.elapsed().as_millis() as u64;
+            let remaining_ms = fv.spec.timeout_ms.saturating_sub(elapsed_ms);
+            // Ends the pipeline at this stage, with its log and the reads made so far.
+            macro_rules! end {
+                ($status:expr, $exit_code:expr, $error:expr, $log:expr) => {
+                    return (
+                        TaskResult {
+                            status: $status,
+                            node: self.id,
+                            exit_code: $exit_code,
+                            output: Vec::new(),
+                            log: tail($log, LOG_BYTES_MAX),
+                            error: Some(truncate_text($error)),
+                            warm: false,
+                            wall_ms: started.elapsed().as_millis() as u64,
+                            cpu_ms: cpu.as_millis() as u64,
+                            peak_memory_bytes,
+                        },
+                        bounded_reads(reads),
+                    )
+                };
+            }
+            if remaining_ms == 0 {
+                end!(
+                    RunStatus::TimedOut,
+                    None,
+                    format!("{label} timed out: the function's timeout passed before it started"),
+                    &[]
+                );
+            }
+            let spec = match self
+                .stage_sandbox_spec(node, fv, index, &code, remaining_ms)
+                .await
+            {
+                Ok(s) => s,
+                Err(e) => end!(
+                    RunStatus::Failed,
+                    None,
+                    format!("{label}: cannot prepare the sandbox: {e}"),
+                    &[]
+                ),
+            };
+            let stdout_bytes_max = spec.limits.stdout_bytes_max;
+            let o = match skiff_sandbox::run(&spec, &stage.entry, &input).await {
+                Ok(o) => o,
+                Err(e) => end!(
+                    RunStatus::Failed,
+                    None,
+                    format!("{label}: sandbox error: {e}"),
+                    &[]
+                ),
+            };
+            let stage_reads = self.take_reads(fv, Some(index), o.host_uid).await;
+            reads.extend(stage_reads);
+            cpu += o.cpu;
+            peak_memory_bytes = peak_memory_bytes.max(o.peak_memory_bytes);
+            let last = index + 1 == stages.len();
+            let failure = match o.status {
+                // A cut intermediate output would hand the next stage a different input than
+                // the one this stage produced; the last stage's is cut like a plain function's.
+                ExitStatus::Exited(0) if o.stdout_truncated && !last => Some((
+                    RunStatus::Failed,
+                    Some(0),
+                    format!(
+                        "{label} failed: its output is over its limit of {stdout_bytes_max} bytes"
+                    ),
+                )),
+                ExitStatus::Exited(0) => None,
+                ExitStatus::Exited(c) => Some((
+                    RunStatus::Failed,
+                    Some(c),
+                    format!("{label} failed: exit status {c}"),
+                )),
+                ExitStatus::Signaled(sig) => Some((
+                    RunStatus::Failed,
+                    None,
+                    format!("{label} failed: killed by signal {sig}"),
+                )),
+                ExitStatus::TimedOut => {
+                    Some((RunStatus::TimedOut, None, format!("{label} timed out")))
+                }
+                ExitStatus::OutOfMemory => Some((
+                    RunStatus::Failed,
+                    None,
+                    format!("{label} failed: out of memory"),
+                )),
+            };
+            if let Some((status, exit_code, error)) = failure {
+                end!(status, exit_code, error, &o.stderr);
+            }
+            if !o.stderr.is_empty() {
+                log.extend_from_slice(format!("[{label}]\n").as_bytes());
+                log.extend_from_slice(&tail(&o.stderr, STAGE_LOG_BYTES_MAX));
+                if !log.ends_with(b"\n") {
+                    log.push(b'\n');
+                }
+            }
+            input = o.stdout;
+        }
+        input.truncate(OUTPUT_BYTES_MAX);
+        let result = TaskResult {
+            status: RunStatus::Succeeded,
+            node: self.id,
+            exit_code: Some(0),
+            output: input,
+            log: tail(&log, LOG_BYTES_MAX),
+            error: None,
+            warm: false,
+            wall_ms: started.elapsed().as_millis() as u64,
+            cpu_ms: cpu.as_millis() as u64,
+            peak_memory_bytes,
+        };
+        (result, bounded_reads(reads))
     }
 
     async fn serve(
@@ -799,12 +992,72 @@ pub fn function_policy(spec: &skiff_client::api::FunctionSpec) -> Result<Policy,
     Ok(policy)
 }
 
-/// Checks at deploy time that a function's tier and policy resolve to valid limits.
+/// The sandbox policy of one stage: its own policy narrowed further by the function's memory
+/// and by `remaining_ms`, what is left of the function's timeout for the rest of the pipeline.
+/// Those two are the function's, for every stage, so a stage whose tier allows less keeps its
+/// tier's ceiling instead (an untrusted stage of a pipeline with 30 s in all still stops at
+/// its tier's 10 s); only the stage's own policy can be refused for widening its tier.
+pub fn stage_policy(
+    spec: &skiff_client::api::FunctionSpec,
+    stage: &StageSpec,
+    tier: Tier,
+    remaining_ms: u64,
+) -> Result<Policy, String> {
+    let mut policy = match &stage.policy {
+        Some(text) => Policy::from_toml(text).map_err(|e| format!("bad policy: {e}"))?,
+        None => Policy::default(),
+    };
+    let ceiling = tier.limits();
+    policy.memory_bytes_max = Some(match policy.memory_bytes_max {
+        Some(m) => m.min(spec.memory_bytes),
+        None => spec.memory_bytes.min(ceiling.memory_bytes_max),
+    });
+    policy.timeout_ms = Some(match policy.timeout_ms {
+        Some(t) => t.min(remaining_ms),
+        None => remaining_ms.min(ceiling.timeout_ms),
+    });
+    Ok(policy)
+}
+
+/// Checks at deploy time that a function's tier and policy resolve to valid limits (for a
+/// staged function: every stage's tier and policy, naming the stage that fails).
 pub fn check_function_sandbox(spec: &skiff_client::api::FunctionSpec) -> Result<(), String> {
+    for (index, stage) in spec.stages.iter().enumerate() {
+        let label = stage_label(index, spec.stages.len(), stage);
+        let tier: Tier = stage.tier.parse().map_err(|e| format!("{label}: {e}"))?;
+        let policy = stage_policy(spec, stage, tier, spec.timeout_ms)
+            .map_err(|e| format!("{label}: {e}"))?;
+        policy.resolve(tier).map_err(|e| format!("{label}: {e}"))?;
+        // The stage's own policy alone, so a field it widens is refused even where the
+        // function's memory or timeout would have narrowed it back.
+        if let Some(text) = &stage.policy {
+            let own = Policy::from_toml(text).map_err(|e| format!("{label}: bad policy: {e}"))?;
+            own.resolve(tier).map_err(|e| format!("{label}: {e}"))?;
+        }
+    }
+    if spec.is_staged() {
+        return Ok(());
+    }
     let tier: Tier = spec.tier.parse().map_err(|e| format!("{e}"))?;
     let policy = function_policy(spec)?;
     policy.resolve(tier).map_err(|e| e.to_string())?;
     Ok(())
+}
+
+/// How errors and logs name a stage: `stage 2 of 3 (store)`.
+fn stage_label(index: usize, count: usize, stage: &StageSpec) -> String {
+    format!("stage {} of {count} ({})", index + 1, stage.name)
+}
+
+/// The reads of all stages of a run within what one completion may carry; past it, the marker
+/// read keeps the run's result from ever being reused, as for a plain run's overflow.
+fn bounded_reads(mut reads: Vec<(String, u64)>) -> Vec<(String, u64)> {
+    let max = skiff_raft_store::functions::TRACKED_READS_MAX;
+    if reads.len() > max {
+        reads.truncate(max - 1);
+        reads.push((INCOMPLETE_READS.to_string(), u64::MAX));
+    }
+    reads
 }
 
 /// Unpacks a tar archive into `root/digest`, atomically, with only regular files and

@@ -124,7 +124,20 @@ impl DataGrant {
 }
 
 /// Everything a deploy states about one version of a function.
+///
+/// A function is either **plain** (`stages` empty: `entry` runs in one sandbox of `tier`,
+/// narrowed by `policy`, reaching the store through `data`) or **staged**: a pipeline of
+/// [`StageSpec`]s, each in its own sandbox at its own tier with its own policy, grant and
+/// environment, sharing the one code archive; stage 1 reads the payload, each next stage the
+/// previous stage's output, and the last stage's output is the result. For a staged function
+/// `tier` is the ceiling of its stages' tiers (so whoever may deploy that tier may deploy the
+/// pipeline), `memory_bytes` bounds every stage, `timeout_ms` bounds the whole pipeline, and
+/// the per-sandbox settings (`entry`, `policy`, `data`, `env`) live in the stages only.
+///
+/// The binary encoding of a plain function is the one it had before stages existed (see
+/// `spec_wire`), so stored functions and older clients' deploys read the same.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "spec_wire::SpecWire", into = "spec_wire::SpecWire")]
 pub struct FunctionSpec {
     pub name: String,
     /// SHA-256 (hex) of the code archive (a tar file), uploaded before the deploy.
@@ -152,6 +165,250 @@ pub struct FunctionSpec {
     pub env: Vec<(String, String)>,
     /// Skip runs whose inputs have not changed (see [`Idempotency`]).
     pub idempotency: Option<Idempotency>,
+    /// The pipeline of a staged function, in order; empty for a plain function.
+    pub stages: Vec<StageSpec>,
+}
+
+impl FunctionSpec {
+    pub fn is_staged(&self) -> bool {
+        !self.stages.is_empty()
+    }
+}
+
+/// Most stages of one function.
+pub const STAGES_MAX: usize = 8;
+/// Longest stage name.
+pub const STAGE_NAME_BYTES_MAX: usize = 64;
+
+/// One stage of a staged function: what runs, at which trust level, with which limits and
+/// which part of the store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageSpec {
+    /// Unique within the function: 1 to [`STAGE_NAME_BYTES_MAX`] bytes of `[A-Za-z0-9_.-]`.
+    pub name: String,
+    /// The command and its arguments, run with `/code` as working directory.
+    pub entry: Vec<String>,
+    /// `untrusted`, `standard` or `trusted`; at most the function's tier.
+    pub tier: String,
+    /// A sandbox policy (TOML) narrowing the stage's tier, if any.
+    pub policy: Option<String>,
+    /// What this stage may reach through the data service; empty: no data socket.
+    pub data: DataGrant,
+    /// Environment variables of this stage only (a credential given to one stage is not
+    /// visible to the others).
+    pub env: Vec<(String, String)>,
+}
+
+/// Trust order of the tier names, for the rule that a stage stays within its function's tier.
+fn tier_rank(tier: &str) -> Option<u8> {
+    match tier {
+        "untrusted" => Some(0),
+        "standard" => Some(1),
+        "trusted" => Some(2),
+        _ => None,
+    }
+}
+
+/// The binary encoding of [`FunctionSpec`]. bincode is not self-describing: a plain new field
+/// would change the bytes of every function, so stored state and older clients' deploys would
+/// no longer decode. Instead the pipeline rides in the tag of the last field, `idempotency`:
+/// an `Option` is encoded as the byte 0 or 1 (then the value), and a staged spec writes the
+/// byte [`spec_wire::STAGED_TAG`] followed by the idempotency option and the stages. A plain
+/// spec is therefore byte for byte what it was, and a build that predates stages refuses a
+/// staged spec (an invalid option tag) rather than misreading it. In human-readable formats a
+/// plain spec is also as before, and a staged one holds `{"idempotency", "stages"}` in that
+/// field.
+mod spec_wire {
+    use std::fmt;
+
+    use serde::de::{self, SeqAccess, Visitor};
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::{DataGrant, FnMode, FunctionSpec, Idempotency, StageSpec};
+
+    /// The tag of the last field of a staged spec; 0 and 1 are `None` and `Some`.
+    pub(super) const STAGED_TAG: u8 = 2;
+
+    #[derive(Serialize, Deserialize)]
+    pub(super) struct SpecWire {
+        name: String,
+        code_digest: String,
+        entry: Vec<String>,
+        mode: FnMode,
+        tier: String,
+        policy: Option<String>,
+        memory_bytes: u64,
+        timeout_ms: u64,
+        max_concurrency: u32,
+        queue_max: u32,
+        min_warm: u32,
+        max_attempts: u32,
+        retry_backoff_ms: u64,
+        data: DataGrant,
+        env: Vec<(String, String)>,
+        idempotency: Tail,
+    }
+
+    /// `idempotency` and `stages` as one field.
+    pub(super) struct Tail {
+        idempotency: Option<Idempotency>,
+        stages: Vec<StageSpec>,
+    }
+
+    /// The layout of a staged [`Tail`] in human-readable formats (a plain one is the option
+    /// alone, as before stages).
+    #[derive(Serialize, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct TailText {
+        idempotency: Option<Idempotency>,
+        stages: Vec<StageSpec>,
+    }
+
+    /// What a human-readable `idempotency` field may hold.
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum TailTextIn {
+        Staged(TailText),
+        Plain(Option<Idempotency>),
+    }
+
+    impl From<FunctionSpec> for SpecWire {
+        fn from(s: FunctionSpec) -> Self {
+            SpecWire {
+                name: s.name,
+                code_digest: s.code_digest,
+                entry: s.entry,
+                mode: s.mode,
+                tier: s.tier,
+                policy: s.policy,
+                memory_bytes: s.memory_bytes,
+                timeout_ms: s.timeout_ms,
+                max_concurrency: s.max_concurrency,
+                queue_max: s.queue_max,
+                min_warm: s.min_warm,
+                max_attempts: s.max_attempts,
+                retry_backoff_ms: s.retry_backoff_ms,
+                data: s.data,
+                env: s.env,
+                idempotency: Tail {
+                    idempotency: s.idempotency,
+                    stages: s.stages,
+                },
+            }
+        }
+    }
+
+    impl From<SpecWire> for FunctionSpec {
+        fn from(w: SpecWire) -> Self {
+            FunctionSpec {
+                name: w.name,
+                code_digest: w.code_digest,
+                entry: w.entry,
+                mode: w.mode,
+                tier: w.tier,
+                policy: w.policy,
+                memory_bytes: w.memory_bytes,
+                timeout_ms: w.timeout_ms,
+                max_concurrency: w.max_concurrency,
+                queue_max: w.queue_max,
+                min_warm: w.min_warm,
+                max_attempts: w.max_attempts,
+                retry_backoff_ms: w.retry_backoff_ms,
+                data: w.data,
+                env: w.env,
+                idempotency: w.idempotency.idempotency,
+                stages: w.idempotency.stages,
+            }
+        }
+    }
+
+    impl Serialize for Tail {
+        fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            use serde::ser::SerializeTuple;
+            if self.stages.is_empty() {
+                return self.idempotency.serialize(serializer);
+            }
+            if serializer.is_human_readable() {
+                return TailText {
+                    idempotency: self.idempotency.clone(),
+                    stages: self.stages.clone(),
+                }
+                .serialize(serializer);
+            }
+            let mut t = serializer.serialize_tuple(3)?;
+            t.serialize_element(&STAGED_TAG)?;
+            t.serialize_element(&self.idempotency)?;
+            t.serialize_element(&self.stages)?;
+            t.end()
+        }
+    }
+
+    impl<'de> Deserialize<'de> for Tail {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            if deserializer.is_human_readable() {
+                return Ok(match TailTextIn::deserialize(deserializer)? {
+                    TailTextIn::Staged(t) => Tail {
+                        idempotency: t.idempotency,
+                        stages: t.stages,
+                    },
+                    TailTextIn::Plain(idempotency) => Tail {
+                        idempotency,
+                        stages: Vec::new(),
+                    },
+                });
+            }
+            // A tuple of up to three elements whose first one, the tag, says how many follow:
+            // the reader stops after the tag for `None`.
+            deserializer.deserialize_tuple(3, TailVisitor)
+        }
+    }
+
+    struct TailVisitor;
+
+    impl<'de> Visitor<'de> for TailVisitor {
+        type Value = Tail;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an idempotency option, or the staged tag, the option and the stages")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Tail, A::Error> {
+            let tag: u8 = seq
+                .next_element()?
+                .ok_or_else(|| de::Error::invalid_length(0, &self))?;
+            let (idempotency, stages) = match tag {
+                0 => (None, Vec::new()),
+                1 => {
+                    let idem: Idempotency = seq
+                        .next_element()?
+                        .ok_or_else(|| de::Error::invalid_length(1, &self))?;
+                    (Some(idem), Vec::new())
+                }
+                STAGED_TAG => {
+                    let idem: Option<Idempotency> = seq
+                        .next_element()?
+                        .ok_or_else(|| de::Error::invalid_length(1, &self))?;
+                    let stages: Vec<StageSpec> = seq
+                        .next_element()?
+                        .ok_or_else(|| de::Error::invalid_length(2, &self))?;
+                    if stages.is_empty() {
+                        return Err(de::Error::custom("a staged spec without stages"));
+                    }
+                    (idem, stages)
+                }
+                other => {
+                    return Err(de::Error::invalid_value(
+                        de::Unexpected::Unsigned(u64::from(other)),
+                        &self,
+                    ))
+                }
+            };
+            Ok(Tail {
+                idempotency,
+                stages,
+            })
+        }
+    }
 }
 
 /// Most declared dependencies of an idempotent function.
@@ -369,31 +626,14 @@ pub fn validate_spec(spec: &FunctionSpec) -> Result<(), String> {
     if spec.code_digest.len() != 64 || !spec.code_digest.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err("code digest must be 64 hex digits (SHA-256)".into());
     }
-    if spec.entry.is_empty() || spec.entry[0].is_empty() {
-        return Err("the entry command is empty".into());
-    }
-    if spec.entry.len() > ENTRY_ARGS_MAX
-        || spec
-            .entry
-            .iter()
-            .any(|a| a.len() > ENTRY_ARG_BYTES_MAX || a.contains('\0'))
-    {
-        return Err(format!(
-            "the entry command is limited to {ENTRY_ARGS_MAX} arguments of {ENTRY_ARG_BYTES_MAX} bytes without NUL"
-        ));
-    }
-    if !matches!(spec.tier.as_str(), "untrusted" | "standard" | "trusted") {
-        return Err(format!(
-            "unknown tier {:?} (untrusted, standard or trusted)",
-            spec.tier
-        ));
-    }
-    if spec
-        .policy
-        .as_ref()
-        .is_some_and(|p| p.len() > POLICY_BYTES_MAX)
-    {
-        return Err(format!("the policy is limited to {POLICY_BYTES_MAX} bytes"));
+    if spec.is_staged() {
+        validate_pipeline(spec)?;
+    } else {
+        validate_entry(&spec.entry)?;
+        validate_tier(&spec.tier)?;
+        validate_policy_text(spec.policy.as_deref())?;
+        validate_grant(&spec.data)?;
+        validate_env(&spec.env)?;
     }
     if spec.memory_bytes < 8 * 1024 * 1024 {
         return Err("memory must be at least 8 MiB".into());
@@ -424,20 +664,6 @@ pub fn validate_spec(spec: &FunctionSpec) -> Result<(), String> {
             RETRY_BACKOFF_MS_MAX / 1000
         ));
     }
-    let prefixes = spec.data.read_prefixes.len() + spec.data.write_prefixes.len();
-    if prefixes > DATA_PREFIXES_MAX {
-        return Err(format!("at most {DATA_PREFIXES_MAX} data-service prefixes"));
-    }
-    for p in spec
-        .data
-        .read_prefixes
-        .iter()
-        .chain(&spec.data.write_prefixes)
-    {
-        if p.len() > crate::model::KEY_BYTES_MAX || p.chars().any(char::is_control) {
-            return Err(format!("bad data-service prefix {p:?}"));
-        }
-    }
     if let Some(idem) = &spec.idempotency {
         if idem.dependencies.len() > DEPENDENCIES_MAX {
             return Err(format!("at most {DEPENDENCIES_MAX} dependencies"));
@@ -463,8 +689,128 @@ pub fn validate_spec(spec: &FunctionSpec) -> Result<(), String> {
             }
         }
     }
-    if spec.env.len() > ENV_VARS_MAX
-        || spec.env.iter().any(|(k, v)| {
+    Ok(())
+}
+
+/// The rules only a staged function has: a bounded pipeline of valid, uniquely named stages,
+/// each within the function's tier, exec mode, no warm pool, and every per-sandbox setting
+/// given per stage rather than for the function.
+fn validate_pipeline(spec: &FunctionSpec) -> Result<(), String> {
+    if spec.stages.len() > STAGES_MAX {
+        return Err(format!(
+            "{} stages: a function has at most {STAGES_MAX}",
+            spec.stages.len()
+        ));
+    }
+    if spec.mode != FnMode::Exec {
+        return Err(
+            "a staged function runs in exec mode only (serve mode keeps one process per sandbox, a pipeline has several)"
+                .into(),
+        );
+    }
+    if spec.min_warm > 0 {
+        return Err(
+            "a staged function starts each stage in a fresh sandbox: min-warm must be 0".into(),
+        );
+    }
+    let per_stage = [
+        ("entry", !spec.entry.is_empty()),
+        ("policy", spec.policy.is_some()),
+        ("data grant", !spec.data.is_empty()),
+        ("environment", !spec.env.is_empty()),
+    ];
+    if let Some((what, _)) = per_stage.iter().find(|(_, set)| *set) {
+        return Err(format!(
+            "a staged function gives its {what} per stage, not for the whole function"
+        ));
+    }
+    validate_tier(&spec.tier)?;
+    let ceiling = tier_rank(&spec.tier).expect("the tier was just validated");
+    for (i, stage) in spec.stages.iter().enumerate() {
+        let at = |e: String| format!("stage {} ({:?}): {e}", i + 1, stage.name);
+        validate_stage_name(&stage.name).map_err(at)?;
+        if spec.stages[..i].iter().any(|s| s.name == stage.name) {
+            return Err(at("the name is used by an earlier stage".into()));
+        }
+        validate_entry(&stage.entry).map_err(at)?;
+        validate_tier(&stage.tier).map_err(at)?;
+        if tier_rank(&stage.tier).expect("the tier was just validated") > ceiling {
+            return Err(at(format!(
+                "tier {} is above the function's tier {}",
+                stage.tier, spec.tier
+            )));
+        }
+        validate_policy_text(stage.policy.as_deref()).map_err(at)?;
+        validate_grant(&stage.data).map_err(at)?;
+        validate_env(&stage.env).map_err(at)?;
+    }
+    Ok(())
+}
+
+/// A stage name: 1 to [`STAGE_NAME_BYTES_MAX`] bytes of `[A-Za-z0-9_.-]`.
+fn validate_stage_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= STAGE_NAME_BYTES_MAX
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "bad stage name: 1-{STAGE_NAME_BYTES_MAX} characters of A-Z a-z 0-9 _ - ."
+        ))
+    }
+}
+
+fn validate_entry(entry: &[String]) -> Result<(), String> {
+    if entry.is_empty() || entry[0].is_empty() {
+        return Err("the entry command is empty".into());
+    }
+    if entry.len() > ENTRY_ARGS_MAX
+        || entry
+            .iter()
+            .any(|a| a.len() > ENTRY_ARG_BYTES_MAX || a.contains('\0'))
+    {
+        return Err(format!(
+            "the entry command is limited to {ENTRY_ARGS_MAX} arguments of {ENTRY_ARG_BYTES_MAX} bytes without NUL"
+        ));
+    }
+    Ok(())
+}
+
+fn validate_tier(tier: &str) -> Result<(), String> {
+    if tier_rank(tier).is_none() {
+        return Err(format!(
+            "unknown tier {tier:?} (untrusted, standard or trusted)"
+        ));
+    }
+    Ok(())
+}
+
+fn validate_policy_text(policy: Option<&str>) -> Result<(), String> {
+    if policy.is_some_and(|p| p.len() > POLICY_BYTES_MAX) {
+        return Err(format!("the policy is limited to {POLICY_BYTES_MAX} bytes"));
+    }
+    Ok(())
+}
+
+fn validate_grant(data: &DataGrant) -> Result<(), String> {
+    let prefixes = data.read_prefixes.len() + data.write_prefixes.len();
+    if prefixes > DATA_PREFIXES_MAX {
+        return Err(format!("at most {DATA_PREFIXES_MAX} data-service prefixes"));
+    }
+    for p in data.read_prefixes.iter().chain(&data.write_prefixes) {
+        if p.len() > crate::model::KEY_BYTES_MAX || p.chars().any(char::is_control) {
+            return Err(format!("bad data-service prefix {p:?}"));
+        }
+    }
+    Ok(())
+}
+
+fn validate_env(env: &[(String, String)]) -> Result<(), String> {
+    if env.len() > ENV_VARS_MAX
+        || env.iter().any(|(k, v)| {
             k.is_empty()
                 || k.len() + v.len() > ENV_VAR_BYTES_MAX
                 || k.contains(['=', '\0'])
@@ -727,4 +1073,263 @@ pub struct SchedStats {
     pub code_blobs: usize,
     pub code_bytes: u64,
     pub task_bytes: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bincode::Options as _;
+
+    fn plain() -> FunctionSpec {
+        FunctionSpec {
+            name: "f".into(),
+            code_digest: "ab".repeat(32),
+            entry: vec!["sh".into(), "main.sh".into()],
+            mode: FnMode::Exec,
+            tier: "standard".into(),
+            policy: Some("pids_max = 4\n".into()),
+            memory_bytes: 64 << 20,
+            timeout_ms: 1_000,
+            max_concurrency: 4,
+            queue_max: 10,
+            min_warm: 1,
+            max_attempts: 3,
+            retry_backoff_ms: 100,
+            data: DataGrant {
+                read_prefixes: vec!["in/".into()],
+                write_prefixes: vec!["out/".into()],
+            },
+            env: vec![("A".into(), "b".into())],
+            idempotency: None,
+            stages: vec![],
+        }
+    }
+
+    fn stage(name: &str, tier: &str) -> StageSpec {
+        StageSpec {
+            name: name.into(),
+            entry: vec!["sh".into(), format!("{name}.sh")],
+            tier: tier.into(),
+            policy: None,
+            data: DataGrant::default(),
+            env: vec![],
+        }
+    }
+
+    fn staged() -> FunctionSpec {
+        FunctionSpec {
+            entry: vec![],
+            policy: None,
+            data: DataGrant::default(),
+            env: vec![],
+            min_warm: 0,
+            tier: "trusted".into(),
+            stages: vec![stage("parse", "untrusted"), stage("store", "trusted")],
+            ..plain()
+        }
+    }
+
+    /// [`FunctionSpec`] as it was before stages, with its derived encoding.
+    #[derive(Serialize, Deserialize, PartialEq, Debug)]
+    struct LegacySpec {
+        name: String,
+        code_digest: String,
+        entry: Vec<String>,
+        mode: FnMode,
+        tier: String,
+        policy: Option<String>,
+        memory_bytes: u64,
+        timeout_ms: u64,
+        max_concurrency: u32,
+        queue_max: u32,
+        min_warm: u32,
+        max_attempts: u32,
+        retry_backoff_ms: u64,
+        data: DataGrant,
+        env: Vec<(String, String)>,
+        idempotency: Option<Idempotency>,
+    }
+
+    fn legacy(s: &FunctionSpec) -> LegacySpec {
+        LegacySpec {
+            name: s.name.clone(),
+            code_digest: s.code_digest.clone(),
+            entry: s.entry.clone(),
+            mode: s.mode,
+            tier: s.tier.clone(),
+            policy: s.policy.clone(),
+            memory_bytes: s.memory_bytes,
+            timeout_ms: s.timeout_ms,
+            max_concurrency: s.max_concurrency,
+            queue_max: s.queue_max,
+            min_warm: s.min_warm,
+            max_attempts: s.max_attempts,
+            retry_backoff_ms: s.retry_backoff_ms,
+            data: s.data.clone(),
+            env: s.env.clone(),
+            idempotency: s.idempotency.clone(),
+        }
+    }
+
+    fn idempotency() -> Idempotency {
+        Idempotency {
+            dependencies: vec![Dependency::Kv("cfg".into())],
+            ttl_ms: 60_000,
+            cache_failures: false,
+            track_reads: true,
+        }
+    }
+
+    #[test]
+    fn a_plain_spec_encodes_as_before_stages_existed() {
+        let with_idem = FunctionSpec {
+            idempotency: Some(idempotency()),
+            ..plain()
+        };
+        for spec in [plain(), with_idem] {
+            // The store's encoding (fixed-width integers) and bincode's default (the RPCs').
+            let fixint = bincode::DefaultOptions::new().with_fixint_encoding();
+            let old = fixint.serialize(&legacy(&spec)).expect("encodes");
+            assert_eq!(fixint.serialize(&spec).expect("encodes"), old);
+            let decoded: FunctionSpec = fixint.deserialize(&old).expect("decodes");
+            assert_eq!(decoded, spec);
+            let varint = bincode::DefaultOptions::new();
+            let old = varint.serialize(&legacy(&spec)).expect("encodes");
+            assert_eq!(varint.serialize(&spec).expect("encodes"), old);
+            // Inside a larger value, as in a function record, what follows still decodes.
+            let version = FunctionVersion {
+                version: 7,
+                spec: spec.clone(),
+                deployed_ms: 99,
+            };
+            let bytes = fixint.serialize(&version).expect("encodes");
+            let back: FunctionVersion = fixint.deserialize(&bytes).expect("decodes");
+            assert_eq!(back, version);
+        }
+    }
+
+    #[test]
+    fn a_staged_spec_round_trips_and_an_older_build_refuses_it() {
+        let fixint = bincode::DefaultOptions::new().with_fixint_encoding();
+        for idem in [None, Some(idempotency())] {
+            let spec = FunctionSpec {
+                idempotency: idem,
+                ..staged()
+            };
+            let version = FunctionVersion {
+                version: 3,
+                spec: spec.clone(),
+                deployed_ms: 5,
+            };
+            let bytes = fixint.serialize(&version).expect("encodes");
+            let back: FunctionVersion = fixint.deserialize(&bytes).expect("decodes");
+            assert_eq!(back, version);
+            let bytes = fixint.serialize(&spec).expect("encodes");
+            assert!(
+                fixint.deserialize::<LegacySpec>(&bytes).is_err(),
+                "a build without stages must not read a pipeline as a plain function"
+            );
+        }
+        // Human-readable formats: a plain spec as before, a staged one with named fields.
+        let json = serde_json::to_value(staged()).expect("json");
+        assert_eq!(json["idempotency"]["stages"][1]["name"], "store");
+        let back: FunctionSpec = serde_json::from_value(json).expect("from json");
+        assert_eq!(back, staged());
+        for idem in [None, Some(idempotency())] {
+            let plain = FunctionSpec {
+                idempotency: idem,
+                ..plain()
+            };
+            let json = serde_json::to_value(&plain).expect("json");
+            assert_eq!(json, serde_json::to_value(legacy(&plain)).expect("json"));
+            let back: FunctionSpec = serde_json::from_value(json).expect("from json");
+            assert_eq!(back, plain);
+        }
+    }
+
+    #[test]
+    fn a_valid_pipeline_passes_and_plain_rules_are_unchanged() {
+        validate_spec(&plain()).expect("plain");
+        validate_spec(&staged()).expect("staged");
+        let eight = FunctionSpec {
+            stages: (0..STAGES_MAX)
+                .map(|i| stage(&format!("s{i}"), "standard"))
+                .collect(),
+            ..staged()
+        };
+        validate_spec(&eight).expect("the bound itself is allowed");
+        let plain_empty = FunctionSpec {
+            entry: vec![],
+            ..plain()
+        };
+        assert_eq!(
+            validate_spec(&plain_empty).expect_err("no entry"),
+            "the entry command is empty"
+        );
+    }
+
+    #[test]
+    fn bad_pipelines_are_refused_naming_the_stage() {
+        let mut cases: Vec<(FunctionSpec, &str)> = Vec::new();
+        let mut too_many = staged();
+        too_many.stages = (0..=STAGES_MAX)
+            .map(|i| stage(&format!("s{i}"), "standard"))
+            .collect();
+        cases.push((too_many, "9 stages: a function has at most 8"));
+        let mut empty = staged();
+        empty.stages[1].entry = vec![];
+        cases.push((empty, "stage 2 (\"store\"): the entry command is empty"));
+        let mut blank = staged();
+        blank.stages[0].entry = vec![String::new()];
+        cases.push((blank, "stage 1 (\"parse\"): the entry command is empty"));
+        let mut wider = staged();
+        wider.tier = "standard".into();
+        cases.push((
+            wider,
+            "stage 2 (\"store\"): tier trusted is above the function's tier standard",
+        ));
+        let mut bad_tier = staged();
+        bad_tier.stages[0].tier = "root".into();
+        cases.push((bad_tier, "stage 1 (\"parse\"): unknown tier \"root\""));
+        let mut twice = staged();
+        twice.stages[1].name = "parse".into();
+        cases.push((
+            twice,
+            "stage 2 (\"parse\"): the name is used by an earlier stage",
+        ));
+        let mut unnamed = staged();
+        unnamed.stages[0].name = "a b".into();
+        cases.push((unnamed, "stage 1 (\"a b\"): bad stage name"));
+        let mut serve = staged();
+        serve.mode = FnMode::Serve;
+        cases.push((serve, "a staged function runs in exec mode only"));
+        let mut warm = staged();
+        warm.min_warm = 1;
+        cases.push((warm, "min-warm must be 0"));
+        let mut entry = staged();
+        entry.entry = vec!["sh".into()];
+        cases.push((entry, "gives its entry per stage"));
+        let mut grant = staged();
+        grant.data.read_prefixes = vec!["x/".into()];
+        cases.push((grant, "gives its data grant per stage"));
+        let mut env = staged();
+        env.env = vec![("K".into(), "v".into())];
+        cases.push((env, "gives its environment per stage"));
+        let mut stage_env = staged();
+        stage_env.stages[1].env = vec![("=".into(), "v".into())];
+        cases.push((
+            stage_env,
+            "stage 2 (\"store\"): at most 64 environment variables",
+        ));
+        let mut stage_grant = staged();
+        stage_grant.stages[0].data.write_prefixes = vec!["a\nb".into()];
+        cases.push((stage_grant, "stage 1 (\"parse\"): bad data-service prefix"));
+        let mut big_policy = staged();
+        big_policy.stages[0].policy = Some("#".repeat(POLICY_BYTES_MAX + 1));
+        cases.push((big_policy, "stage 1 (\"parse\"): the policy is limited"));
+        for (spec, expected) in cases {
+            let e = validate_spec(&spec).expect_err(expected);
+            assert!(e.contains(expected), "{expected:?} not in {e:?}");
+        }
+    }
 }

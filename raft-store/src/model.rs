@@ -165,12 +165,25 @@ impl Command {
             Command::KvDelete { key, .. } => key.len(),
             Command::CodeChunk { digest, bytes, .. } => digest.len() + bytes.len(),
             Command::FnDeploy { spec } => {
-                1024 + spec.policy.as_ref().map_or(0, String::len)
-                    + spec.entry.iter().map(String::len).sum::<usize>()
+                let sandbox = |entry: &[String],
+                               policy: &Option<String>,
+                               env: &[(String, String)],
+                               data: &crate::functions::DataGrant| {
+                    policy.as_ref().map_or(0, String::len)
+                        + entry.iter().map(String::len).sum::<usize>()
+                        + env.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+                        + data
+                            .read_prefixes
+                            .iter()
+                            .chain(&data.write_prefixes)
+                            .map(String::len)
+                            .sum::<usize>()
+                };
+                1024 + sandbox(&spec.entry, &spec.policy, &spec.env, &spec.data)
                     + spec
-                        .env
+                        .stages
                         .iter()
-                        .map(|(k, v)| k.len() + v.len())
+                        .map(|s| 256 + sandbox(&s.entry, &s.policy, &s.env, &s.data))
                         .sum::<usize>()
             }
             Command::FnRemove { name } | Command::FnPurgeCache { name } => name.len(),

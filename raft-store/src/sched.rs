@@ -1716,6 +1716,7 @@ mod tests {
             data: DataGrant::default(),
             env: vec![],
             idempotency: None,
+            stages: Vec::new(),
         }
     }
 

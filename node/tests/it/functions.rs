@@ -150,6 +150,7 @@ pub(crate) fn spec(name: &str, entry: &[&str], mode: FnMode) -> FunctionSpec {
         data: DataGrant::default(),
         env: vec![],
         idempotency: None,
+        stages: Vec::new(),
     }
 }
 

@@ -42,7 +42,7 @@ async fn call_with(
     .expect("rpc")
 }
 
-async fn put(c: &ClientApiClient, key: &str, value: &str) {
+pub(crate) async fn put(c: &ClientApiClient, key: &str, value: &str) {
     let r = write(
         c,
         Command::KvPut {
@@ -55,7 +55,7 @@ async fn put(c: &ClientApiClient, key: &str, value: &str) {
     assert!(matches!(r, CommandResult::Put { .. }), "{r:?}");
 }
 
-async fn get(c: &ClientApiClient, key: &str) -> String {
+pub(crate) async fn get(c: &ClientApiClient, key: &str) -> String {
     // Retried while a read is refused for want of a quorum (a leader change, or load).
     for _ in 0..100 {
         match c
@@ -75,14 +75,14 @@ async fn get(c: &ClientApiClient, key: &str) -> String {
     panic!("get {key}: no answer after 100 tries");
 }
 
-fn miss_reason(t: &Task) -> MissReason {
+pub(crate) fn miss_reason(t: &Task) -> MissReason {
     match &t.cache {
         Some(CacheOutcome::Miss { reason }) => reason.clone(),
         other => panic!("expected a miss, got {other:?} for {t:?}"),
     }
 }
 
-fn is_hit(t: &Task) -> bool {
+pub(crate) fn is_hit(t: &Task) -> bool {
     matches!(t.cache, Some(CacheOutcome::Hit { .. }))
 }
 

@@ -8,4 +8,5 @@ mod data;
 mod functions;
 mod harness;
 mod idempotency;
+mod stages;
 mod streams;
