@@ -536,6 +536,18 @@ mod tests {
     use super::*;
     use crate::model::{ClientCommand, InvalidCommand};
 
+    /// The state rebuilt from its parts, as a restart or a snapshot install does.
+    fn rebuilt(sm: &StateMachineData) -> StateMachineData {
+        StateMachineData::from_parts(
+            sm.iter().cloned(),
+            sm.dedup_iter().map(|(i, r)| (*i, r.clone())),
+            sm.objects(),
+            sm.revision(),
+            sm.last_time_ms(),
+        )
+        .expect("valid image")
+    }
+
     #[test]
     fn dedup_evicts_oldest_first_at_the_bound() {
         let mut sm = StateMachineData {
@@ -793,14 +805,7 @@ mod tests {
             vec![put(1, "a", b"1", None), put(2, "b", b"2", None)],
         );
         apply(&mut sm, 4, vec![del(3, "a", None)]);
-        let copy = StateMachineData::from_parts(
-            sm.iter().cloned(),
-            sm.dedup_iter().map(|(i, r)| (*i, r.clone())),
-            sm.objects(),
-            sm.revision(),
-            sm.last_time_ms(),
-        )
-        .expect("valid image");
+        let copy = rebuilt(&sm);
         assert_eq!(copy, sm);
     }
 
@@ -867,14 +872,7 @@ mod tests {
             sm.tokens().authenticate("s1").map(|t| t.role),
             Some(Role::Admin)
         );
-        let copy = StateMachineData::from_parts(
-            sm.iter().cloned(),
-            sm.dedup_iter().map(|(i, r)| (*i, r.clone())),
-            sm.objects(),
-            sm.revision(),
-            sm.last_time_ms(),
-        )
-        .expect("valid image");
+        let copy = rebuilt(&sm);
         assert_eq!(copy, sm);
         assert_eq!(copy.digest(), sm.digest());
         assert!(copy.tokens().get(2).is_some_and(|t| t.revoked));
