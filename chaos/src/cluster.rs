@@ -26,6 +26,7 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use skiff_client::api::MemberRole;
+use skiff_client::tls::TlsConnector;
 use skiff_client::{Client, ClientConfig};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
@@ -167,6 +168,8 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     pub faults: FaultTable,
     skiffd: PathBuf,
+    /// The cluster's CA and the certificate of every node id a slot may take.
+    tls_dir: PathBuf,
     shutdown: watch::Sender<bool>,
 }
 
@@ -225,6 +228,15 @@ impl Cluster {
                 proxies.insert((a, b), p.listen);
             }
         }
+        // Mutual TLS as in production: one CA, a certificate for every id a slot may take.
+        let tls_dir = dir.join("tls");
+        let all_ids: Vec<NodeId> = ids
+            .iter()
+            .flat_map(|&b| (0..INCARNATIONS_MAX).map(move |k| raft_id(b, k, n)))
+            .collect();
+        make_certs(skiffd, &tls_dir, &all_ids).await?;
+        let endpoints: Vec<String> = addrs.values().map(|a| a.to_string()).collect();
+        remember_ca(&endpoints, &tls_dir.join("ca.pem"))?;
         let mut nodes = Vec::new();
         for &id in &ids {
             let node_dir = dir.join(format!("node{id}"));
@@ -276,6 +288,7 @@ impl Cluster {
             nodes,
             faults,
             skiffd: skiffd.to_path_buf(),
+            tls_dir,
             shutdown,
         };
         for &id in &ids {
@@ -352,6 +365,7 @@ impl Cluster {
     /// Starts (or restarts) node `id` from its data directory and waits until it listens.
     pub async fn start_node(&mut self, id: NodeId) -> Result<(), ChaosError> {
         let skiffd = self.skiffd.clone();
+        let tls_dir = self.tls_dir.clone();
         let node = self.node_mut(id)?;
         if node.child.is_some() {
             return Ok(());
@@ -376,6 +390,12 @@ impl Cluster {
             .arg(&node.data_dir)
             .arg("--config")
             .arg(&node.config)
+            .arg("--tls-ca")
+            .arg(tls_dir.join("ca.pem"))
+            .arg("--tls-cert")
+            .arg(tls_dir.join(format!("node-{}.pem", node.raft_id)))
+            .arg("--tls-key")
+            .arg(tls_dir.join(format!("node-{}.key", node.raft_id)))
             .arg("--exit-with-parent")
             .arg(std::process::id().to_string())
             .stdin(std::process::Stdio::null())
@@ -806,6 +826,40 @@ fn remember_token(endpoints: &[String], secret: &str) {
     }
 }
 
+/// The CA of each cluster this process started, by client endpoint (as [`TOKENS`]).
+static CAS: std::sync::Mutex<BTreeMap<String, TlsConnector>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
+fn remember_ca(endpoints: &[String], ca: &Path) -> Result<(), ChaosError> {
+    let tls = TlsConnector::client(ca)
+        .map_err(|e| ChaosError::Cluster(format!("the cluster CA: {e}")))?;
+    let mut cas = CAS.lock().expect("CA registry lock poisoned by a panic");
+    for e in endpoints {
+        cas.insert(e.clone(), tls.clone());
+    }
+    Ok(())
+}
+
+/// Runs `skiffd certs` for `ids` (hosts: 127.0.0.1, where nodes and proxies listen).
+async fn make_certs(skiffd: &Path, dir: &Path, ids: &[NodeId]) -> Result<(), ChaosError> {
+    let mut cmd = Command::new(skiffd);
+    cmd.arg("certs").arg("--dir").arg(dir);
+    for id in ids {
+        cmd.arg("--node").arg(format!("{id}=127.0.0.1"));
+    }
+    let out = cmd
+        .output()
+        .await
+        .map_err(io_err(format!("run {} certs", skiffd.display())))?;
+    if !out.status.success() {
+        return Err(ChaosError::Cluster(format!(
+            "skiffd certs failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
 /// The membership as a leader sees it.
 #[derive(Debug, Clone)]
 struct Membership {
@@ -855,8 +909,13 @@ pub fn build_client(endpoints: Vec<String>, deadlines: Deadlines) -> Result<Clie
             .expect("token registry lock poisoned by a panic");
         endpoints.iter().find_map(|e| tokens.get(e).cloned())
     };
+    let tls = {
+        let cas = CAS.lock().expect("CA registry lock poisoned by a panic");
+        endpoints.iter().find_map(|e| cas.get(e).cloned())
+    };
     let mut config = ClientConfig::new(endpoints);
     config.token = token;
+    config.tls = tls;
     match deadlines {
         Deadlines::Workload => {
             config.attempts_max = 4;

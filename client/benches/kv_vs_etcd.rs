@@ -278,6 +278,8 @@ async fn start_skiff(s: &Settings, dir: &Path) -> anyhow::Result<SkiffCluster> {
             .arg(addr)
             .arg("--data-dir")
             .arg(&data_dir)
+            // etcd runs without TLS here too: both sides are measured in plaintext.
+            .arg("--insecure-plaintext")
             .arg("--exit-with-parent")
             .arg(std::process::id().to_string());
         if let Some(config) = &s.skiff_config {
@@ -550,7 +552,8 @@ async fn bench_skiff(
         keys: s.keys,
         connections: s.connections,
     };
-    bench_kv(&cluster.endpoints, Some(&cluster.token), &args)
+    let config = ClientConfig::from_endpoint_list(&cluster.endpoints).with_token(&cluster.token);
+    bench_kv(&config, &args)
         .await
         .map_err(|e| anyhow!("skiff bench failed: {}", e.message))
 }

@@ -25,7 +25,7 @@ use crate::api::{
     StreamState, Task, TaskFilter, TaskId, TaskState, TokenId, TokenInfo, Workers,
 };
 use crate::bench;
-use crate::client::{Client, ClientError};
+use crate::client::{Client, ClientConfig, ClientError};
 use crate::deploy::{self, DeployPlan};
 use crate::transport;
 use skiff_raft_store::functions::{
@@ -124,6 +124,11 @@ pub struct Cli {
     /// Bearer token for the cluster.
     #[arg(long, env = "SKIFF_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
+    /// The cluster's CA certificate (PEM): connect over TLS and check each node against it.
+    /// Without it the client speaks plaintext, which only a node configured with
+    /// `tls.insecure_plaintext` accepts.
+    #[arg(long, env = "SKIFF_CA", global = true)]
+    pub ca: Option<std::path::PathBuf>,
     /// Print machine-readable JSON.
     #[arg(long, global = true)]
     pub json: bool,
@@ -477,9 +482,15 @@ pub struct BenchKvArgs {
 
 /// Runs a parsed command line. Returns what to print on success.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
-    let client = Client::from_endpoint_list(&cli.endpoints, cli.token.clone())?;
+    let mut config = ClientConfig::from_endpoint_list(&cli.endpoints);
+    config.token = cli.token.clone();
+    if let Some(ca) = &cli.ca {
+        config = config
+            .with_ca(ca)
+            .map_err(|e| CliError::usage(e.to_string()))?;
+    }
+    let client = Client::new(config.clone())?;
     let json = cli.json;
-    let token = cli.token.as_deref();
     match cli.command {
         Cmd::Cluster(cmd) => cluster(&client, cmd, json).await,
         Cmd::Kv(cmd) => kv(&client, cmd, json).await,
@@ -487,7 +498,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Invoke(args) => invoke(&client, args, json).await,
         Cmd::Task(cmd) => tasks(&client, cmd, json).await,
         Cmd::Bench(BenchCmd::Invoke(args)) => {
-            let r = bench_invoke(&cli.endpoints, token, &args).await?;
+            let r = bench_invoke(&config, &args).await?;
             if json {
                 out(&serde_json::to_string(&r).expect("report serializes"));
             } else {
@@ -510,7 +521,7 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
         Cmd::Stream(cmd) => streams(&client, cmd, json).await,
         Cmd::Token(cmd) => tokens(&client, cmd, json).await,
         Cmd::Bench(BenchCmd::Kv(args)) => {
-            let report = bench_kv(&cli.endpoints, token, &args).await?;
+            let report = bench_kv(&config, &args).await?;
             if json {
                 out(&serde_json::to_string(&report).expect("report serializes"));
             } else {
@@ -1691,11 +1702,7 @@ pub struct BenchReport {
 }
 
 /// Drives `args.clients` concurrent writers for `args.duration` (or `args.ops_max` writes).
-pub async fn bench_kv(
-    endpoints: &str,
-    token: Option<&str>,
-    args: &BenchKvArgs,
-) -> Result<BenchReport, CliError> {
+pub async fn bench_kv(config: &ClientConfig, args: &BenchKvArgs) -> Result<BenchReport, CliError> {
     if args.clients == 0 || args.connections == 0 || args.keys == 0 {
         return Err(CliError::usage(
             "--clients, --connections and --keys must be positive",
@@ -1704,7 +1711,7 @@ pub async fn bench_kv(
     if args.value_bytes > skiff_raft_store::model::VALUE_BYTES_MAX {
         return Err(CliError::usage("--value-bytes is over the value limit"));
     }
-    let clients = connected_clients(endpoints, token, args.connections.min(args.clients))?;
+    let clients = connected_clients(config, args.connections.min(args.clients))?;
     // Warm the connections (and learn the leader) before the clock starts.
     for c in clients.iter() {
         c.put("bench/warmup", vec![0]).await?;
@@ -1732,16 +1739,12 @@ pub async fn bench_kv(
 }
 
 fn connected_clients(
-    endpoints: &str,
-    token: Option<&str>,
+    config: &ClientConfig,
     n: usize,
 ) -> Result<std::sync::Arc<Vec<Client>>, CliError> {
     let mut clients = Vec::with_capacity(n);
     for _ in 0..n.max(1) {
-        clients.push(Client::from_endpoint_list(
-            endpoints,
-            token.map(str::to_string),
-        )?);
+        clients.push(Client::new(config.clone())?);
     }
     Ok(std::sync::Arc::new(clients))
 }
@@ -1768,8 +1771,7 @@ pub struct InvokeBenchReport {
 /// then measures sync latency and async throughput, and a local bwrap one-shot of the same
 /// command for comparison.
 pub async fn bench_invoke(
-    endpoints: &str,
-    token: Option<&str>,
+    config: &ClientConfig,
     args: &BenchInvokeArgs,
 ) -> Result<InvokeBenchReport, CliError> {
     use crate::api::{DataGrant, FunctionSpec};
@@ -1778,7 +1780,7 @@ pub async fn bench_invoke(
             "--clients and --connections must be positive",
         ));
     }
-    let clients = connected_clients(endpoints, token, args.connections.min(args.clients))?;
+    let clients = connected_clients(config, args.connections.min(args.clients))?;
     let function = format!(
         "bench-echo-{}{}",
         args.mode.as_str(),

@@ -101,6 +101,9 @@ pub struct ClientConfig {
     /// The bearer token presented on every connection (`None`: none; only `cluster_init`
     /// works without one).
     pub token: Option<String>,
+    /// TLS to the nodes, checked against the cluster CA (`None`: plaintext, for a cluster
+    /// configured without TLS).
+    pub tls: Option<crate::tls::TlsConnector>,
 }
 
 impl ClientConfig {
@@ -112,7 +115,25 @@ impl ClientConfig {
             backoff_max: Duration::from_secs(1),
             rpc_timeout: Duration::from_secs(10),
             token: None,
+            tls: None,
         }
+    }
+
+    /// Parses a comma-separated endpoint list, as `SKIFF_ENDPOINTS` holds it.
+    pub fn from_endpoint_list(list: &str) -> ClientConfig {
+        let endpoints: Vec<String> = list
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect();
+        ClientConfig::new(endpoints)
+    }
+
+    /// The same settings over TLS, trusting the cluster CA certificate in `ca` (PEM).
+    pub fn with_ca(mut self, ca: &std::path::Path) -> Result<ClientConfig, crate::tls::TlsError> {
+        self.tls = Some(crate::tls::TlsConnector::client(ca)?);
+        Ok(self)
     }
 
     /// The same settings presenting `token`.
@@ -210,21 +231,6 @@ impl Client {
                 client_id: rand::random(),
                 seq: AtomicU64::new(1),
             }),
-        })
-    }
-
-    /// Parses a comma-separated endpoint list, as `SKIFF_ENDPOINTS` holds it, and presents
-    /// `token` (as `SKIFF_TOKEN` holds it).
-    pub fn from_endpoint_list(list: &str, token: Option<String>) -> Result<Client, ClientError> {
-        let endpoints: Vec<String> = list
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(String::from)
-            .collect();
-        Client::new(ClientConfig {
-            token,
-            ..ClientConfig::new(endpoints)
         })
     }
 
@@ -924,7 +930,8 @@ impl Client {
         if let Some(conn) = &ep.conn {
             return Ok((idx, conn.clone()));
         }
-        let stream = transport::dial_client(&ep.addr, self.inner.config.token.as_deref())
+        let config = &self.inner.config;
+        let stream = transport::dial_client(&ep.addr, config.token.as_deref(), config.tls.as_ref())
             .await
             .map_err(|e| format!("{}: {e}", ep.addr))?;
         let transport = transport::framed(stream, CLIENT_FRAME_BYTES_MAX);

@@ -15,6 +15,7 @@ pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod deploy;
+pub mod tls;
 pub mod transport;
 
 pub use client::{Client, ClientConfig, ClientError, InvokeOptions};

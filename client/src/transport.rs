@@ -1,6 +1,8 @@
 //! Framing shared by clients and nodes: one TCP port per node carries two services, chosen by
 //! the first byte a connection sends ([`Service`]); after it, length-delimited bincode frames
-//! with a maximum size on both sides.
+//! with a maximum size on both sides. On a cluster with TLS (the default; see [`crate::tls`])
+//! the handshake comes first and everything after it, the service byte included, is
+//! encrypted.
 //!
 //! A client connection says who it is once, right after the service byte: one length byte
 //! (0: no token) and that many bytes of bearer token ([`write_token`], [`read_token`]). Once
@@ -18,6 +20,8 @@ use tarpc::tokio_serde::formats::Bincode;
 use tarpc::tokio_util::codec::{Framed, LengthDelimitedCodec};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+pub use crate::tls::{Conn, TlsAcceptor, TlsConnector};
 
 /// Which service a connection speaks, sent as its first byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,36 +69,50 @@ where
     tarpc::serde_transport::new(Framed::new(io, codec), Bincode::default())
 }
 
-/// Opens a TCP connection to `addr` and announces `service`.
-async fn dial(addr: &str, service: Service) -> std::io::Result<TcpStream> {
-    let addr = resolve(addr)?;
-    let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+/// Opens a connection to `addr` (TLS when `tls` is given, checking the node's certificate
+/// names the host dialed) and announces `service`.
+async fn dial(addr: &str, service: Service, tls: Option<&TlsConnector>) -> std::io::Result<Conn> {
+    let (host, _) = parse_endpoint(addr)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let sock = resolve(addr)?;
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(sock))
         .await
         .map_err(|_| {
             std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
-                format!("connect to {addr} timed out after {CONNECT_TIMEOUT:?}"),
+                format!("connect to {sock} timed out after {CONNECT_TIMEOUT:?}"),
             )
         })??;
     stream.set_nodelay(true)?;
-    stream.write_all(&[service.preamble()]).await?;
-    Ok(stream)
+    let mut conn = match tls {
+        Some(tls) => tls.connect(host, stream).await?,
+        None => Conn::Plain(stream),
+    };
+    conn.write_all(&[service.preamble()]).await?;
+    conn.flush().await?;
+    Ok(conn)
 }
 
 // The handshake's length byte must be able to say every allowed length.
 const _: () = assert!(TOKEN_SECRET_BYTES_MAX <= u8::MAX as usize);
 
-/// Opens a peer (node-to-node) connection to `addr`.
-pub async fn dial_peer(addr: &str) -> std::io::Result<TcpStream> {
-    dial(addr, Service::Peer).await
+/// Opens a peer (node-to-node) connection to `addr`, presenting the node's certificate.
+pub async fn dial_peer(addr: &str, tls: Option<&TlsConnector>) -> std::io::Result<Conn> {
+    dial(addr, Service::Peer, tls).await
 }
 
 /// Opens a client connection to `addr` presenting `token` (`None`: no token; the node then
-/// answers every call but `cluster_init` with `Unauthenticated`).
-pub async fn dial_client(addr: &str, token: Option<&str>) -> std::io::Result<TcpStream> {
-    let mut stream = dial(addr, Service::Client).await?;
-    write_token(&mut stream, token).await?;
-    Ok(stream)
+/// answers every call but `cluster_init` with `Unauthenticated`). The token is written only
+/// after the TLS handshake when `tls` is given.
+pub async fn dial_client(
+    addr: &str,
+    token: Option<&str>,
+    tls: Option<&TlsConnector>,
+) -> std::io::Result<Conn> {
+    let mut conn = dial(addr, Service::Client, tls).await?;
+    write_token(&mut conn, token).await?;
+    conn.flush().await?;
+    Ok(conn)
 }
 
 /// Writes the client handshake that follows the service byte: a length byte, then the token.

@@ -35,11 +35,29 @@ pub struct NodeConfig {
     pub limits: Limits,
     #[serde(default)]
     pub worker: WorkerSettings,
+    #[serde(default)]
+    pub tls: TlsSettings,
     /// Addresses to dial instead of the membership's for some peers (node id -> `host:port`):
     /// for a proxy or NAT between nodes. The fault-injection harness routes every link through
     /// its own proxy this way.
     #[serde(default)]
     pub dial_overrides: std::collections::BTreeMap<String, String>,
+}
+
+/// Transport security (see `skiff_client::tls`): every connection to the node is TLS; peers
+/// must present a certificate the cluster CA signed. `skiffd certs` makes the files.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSettings {
+    /// The cluster CA certificate (PEM) that peers' certificates must chain to.
+    pub ca: Option<PathBuf>,
+    /// This node's certificate chain (PEM), naming the hosts it is dialed at.
+    pub cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    pub key: Option<PathBuf>,
+    /// Serve and dial in plaintext: nothing encrypted, any process that reaches the port may
+    /// act as a peer. Only for a test bench on loopback; refused together with the paths.
+    pub insecure_plaintext: bool,
 }
 
 /// Log line format.
@@ -208,6 +226,10 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     pub metrics_listen: Option<String>,
     pub log_format: Option<LogFormat>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub insecure_plaintext: Option<bool>,
 }
 
 /// A partial config as a file may hold it (the required fields may come from flags).
@@ -226,6 +248,8 @@ struct FileConfig {
     limits: Limits,
     #[serde(default)]
     worker: WorkerSettings,
+    #[serde(default)]
+    tls: TlsSettings,
     #[serde(default)]
     dial_overrides: std::collections::BTreeMap<String, String>,
 }
@@ -276,6 +300,14 @@ impl NodeConfig {
             raft: file.raft,
             limits: file.limits,
             worker: file.worker,
+            tls: TlsSettings {
+                ca: overrides.tls_ca.or(file.tls.ca),
+                cert: overrides.tls_cert.or(file.tls.cert),
+                key: overrides.tls_key.or(file.tls.key),
+                insecure_plaintext: overrides
+                    .insecure_plaintext
+                    .unwrap_or(file.tls.insecure_plaintext),
+            },
             dial_overrides: file.dial_overrides,
         };
         config.validate()?;
@@ -322,6 +354,35 @@ impl NodeConfig {
             }
             skiff_client::transport::parse_endpoint(addr)
                 .map_err(|e| invalid("dial_overrides", e))?;
+        }
+        let t = &self.tls;
+        let paths = [&t.ca, &t.cert, &t.key];
+        if t.insecure_plaintext {
+            if paths.iter().any(|p| p.is_some()) {
+                return Err(invalid(
+                    "tls.insecure_plaintext",
+                    "is set together with TLS files: choose one",
+                ));
+            }
+        } else {
+            for (field, path) in [
+                ("tls.ca", &t.ca),
+                ("tls.cert", &t.cert),
+                ("tls.key", &t.key),
+            ] {
+                match path {
+                    None => {
+                        return Err(invalid(
+                            field,
+                            "is missing: nodes speak mutual TLS; give tls.ca, tls.cert and \
+                             tls.key (`skiffd certs` makes them), or tls.insecure_plaintext = \
+                             true for a loopback test bench",
+                        ))
+                    }
+                    Some(p) if p.as_os_str().is_empty() => return Err(invalid(field, "is empty")),
+                    Some(_) => {}
+                }
+            }
         }
         let r = &self.raft;
         if r.heartbeat_interval_ms == 0 {
@@ -428,12 +489,19 @@ impl NodeConfig {
             raft: RaftSettings::default(),
             limits: Limits::default(),
             worker: WorkerSettings::default(),
+            tls: TlsSettings {
+                ca: Some(PathBuf::from("/etc/skiff/tls/ca.pem")),
+                cert: Some(PathBuf::from("/etc/skiff/tls/node-1.pem")),
+                key: Some(PathBuf::from("/etc/skiff/tls/node-1.key")),
+                insecure_plaintext: false,
+            },
             dial_overrides: Default::default(),
         };
         let body = toml::to_string_pretty(&example).expect("the default config serializes");
         format!(
             "# skiffd configuration. Flags (--id, --listen, --data-dir, --metrics-listen, \
-             --log-format)\n# and their SKIFFD_* environment variables override these values.\n\
+             --log-format,\n# --tls-ca, --tls-cert, --tls-key, --insecure-plaintext) and their \
+             SKIFFD_* environment\n# variables override these values.\n\
              # advertise = \"10.0.0.1:7001\"   # address peers dial, if not `listen`\n{body}"
         )
     }
@@ -478,8 +546,49 @@ mod tests {
             id: Some(1),
             listen: Some("127.0.0.1:7001".into()),
             data_dir: Some("/tmp/x".into()),
+            insecure_plaintext: Some(true),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn tls_is_required_unless_plaintext_is_asked_for() {
+        let no_tls = Overrides {
+            insecure_plaintext: None,
+            ..overrides()
+        };
+        let err = with_file("", no_tls.clone())
+            .expect_err("no TLS files")
+            .to_string();
+        assert!(
+            err.contains("`tls.ca`") && err.contains("skiffd certs"),
+            "{err}"
+        );
+        let err = with_file(
+            "[tls]\nca = \"/c/ca.pem\"\ncert = \"/c/n.pem\"\n",
+            no_tls.clone(),
+        )
+        .expect_err("no key")
+        .to_string();
+        assert!(err.contains("`tls.key`"), "{err}");
+        let c = with_file(
+            "[tls]\nca = \"/c/ca.pem\"\ncert = \"/c/n.pem\"\nkey = \"/c/n.key\"\n",
+            no_tls.clone(),
+        )
+        .expect("all three files");
+        assert!(!c.tls.insecure_plaintext);
+        let flags = Overrides {
+            tls_ca: Some("/f/ca.pem".into()),
+            tls_cert: Some("/f/n.pem".into()),
+            tls_key: Some("/f/n.key".into()),
+            ..no_tls
+        };
+        let c = with_file("[tls]\nca = \"/c/ca.pem\"\n", flags).expect("flags complete it");
+        assert_eq!(c.tls.ca.as_deref(), Some(Path::new("/f/ca.pem")));
+        let err = with_file("[tls]\nca = \"/c/ca.pem\"\n", overrides())
+            .expect_err("both plaintext and a file")
+            .to_string();
+        assert!(err.contains("`tls.insecure_plaintext`"), "{err}");
     }
 
     fn with_file(text: &str, o: Overrides) -> Result<NodeConfig, ConfigError> {

@@ -3,8 +3,12 @@
 //! Each node is a separate `skiffd` process (so one can be killed with `kill -9` and started
 //! again from its data directory). The command initializes the cluster, waits for a leader,
 //! runs a sample write and read, deploys and invokes a sample function, prints the first admin
-//! token, writes `DIR/env` (`SKIFF_ENDPOINTS` and `SKIFF_TOKEN`) and `DIR/nodes`, and then waits
-//! for Ctrl-C or SIGTERM, on which it stops every node it started.
+//! token, writes `DIR/env` (`SKIFF_ENDPOINTS`, `SKIFF_TOKEN` and `SKIFF_CA`) and `DIR/nodes`,
+//! and then waits for Ctrl-C or SIGTERM, on which it stops every node it started.
+//!
+//! The nodes speak mutual TLS like a production cluster: the first run makes a CA and node
+//! certificates for 127.0.0.1 in `DIR/tls` (`skiffd certs`), later runs in the same directory
+//! reuse them.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -130,12 +134,39 @@ fn pick_ports(base: u16, n: usize) -> Result<Vec<u16>, NodeError> {
 }
 
 /// The command line that (re)starts one dev node.
-pub fn node_command_line(exe: &Path, id: NodeId, addr: &str, data_dir: &Path) -> String {
+pub fn node_command_line(
+    exe: &Path,
+    id: NodeId,
+    addr: &str,
+    data_dir: &Path,
+    tls_dir: &Path,
+) -> String {
+    let (ca, cert, key) = crate::certs::node_files(tls_dir, id);
     format!(
-        "{} --id {id} --listen {addr} --data-dir {}",
+        "{} --id {id} --listen {addr} --data-dir {} --tls-ca {} --tls-cert {} --tls-key {}",
         exe.display(),
-        data_dir.display()
+        data_dir.display(),
+        ca.display(),
+        cert.display(),
+        key.display()
     )
+}
+
+/// Makes the dev cluster's CA and node certificates in `DIR/tls`, unless a run before did.
+fn ensure_certs(dir: &Path, ids: impl Iterator<Item = NodeId>) -> Result<PathBuf, NodeError> {
+    let tls = dir.join("tls");
+    let missing: Vec<crate::certs::NodeCert> = ids
+        .filter(|&id| !crate::certs::node_files(&tls, id).1.exists())
+        .map(|id| crate::certs::NodeCert {
+            id,
+            hosts: vec!["127.0.0.1".into(), "localhost".into()],
+        })
+        .collect();
+    if !missing.is_empty() || !tls.join("ca.pem").exists() {
+        crate::certs::generate(&tls, &missing, false)
+            .map_err(|e| dev_err(format!("cannot make TLS certificates: {e}")))?;
+    }
+    Ok(tls)
 }
 
 fn spawn_node(exe: &Path, dir: &Path, id: NodeId, addr: &str) -> Result<DevNode, NodeError> {
@@ -158,6 +189,7 @@ fn spawn_node(exe: &Path, dir: &Path, id: NodeId, addr: &str) -> Result<DevNode,
         .arg(addr)
         .arg("--data-dir")
         .arg(&data_dir)
+        .args(tls_args(&dir.join("tls"), id))
         .arg("--exit-with-parent")
         .arg(std::process::id().to_string())
         .stdin(Stdio::null())
@@ -173,12 +205,24 @@ fn spawn_node(exe: &Path, dir: &Path, id: NodeId, addr: &str) -> Result<DevNode,
     })
 }
 
+fn tls_args(tls_dir: &Path, id: NodeId) -> Vec<std::ffi::OsString> {
+    let (ca, cert, key) = crate::certs::node_files(tls_dir, id);
+    vec![
+        "--tls-ca".into(),
+        ca.into(),
+        "--tls-cert".into(),
+        cert.into(),
+        "--tls-key".into(),
+        key.into(),
+    ]
+}
+
 /// The admin token an earlier run of `skiffd dev` wrote to `DIR/env`.
 fn previous_token(dir: &Path) -> Result<String, NodeError> {
     let path = dir.join("env");
     let text = std::fs::read_to_string(&path).unwrap_or_default();
     text.lines()
-        .find_map(|l| l.strip_prefix("SKIFF_TOKEN="))
+        .find_map(|l| l.trim_start_matches("export ").strip_prefix("SKIFF_TOKEN="))
         .map(str::to_string)
         .ok_or_else(|| {
             dev_err(format!(
@@ -192,8 +236,9 @@ fn previous_token(dir: &Path) -> Result<String, NodeError> {
 fn write_files(dir: &Path, nodes: &[DevNode], token: &str) -> Result<(), NodeError> {
     let endpoints: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
     let env = format!(
-        "SKIFF_ENDPOINTS={}\nSKIFF_TOKEN={token}\n",
-        endpoints.join(",")
+        "export SKIFF_ENDPOINTS={}\nexport SKIFF_TOKEN={token}\nexport SKIFF_CA={}\n",
+        endpoints.join(","),
+        dir.join("tls").join("ca.pem").display()
     );
     let mut list = String::new();
     for n in nodes {
@@ -257,6 +302,7 @@ pub async fn run(
         }
     };
     let ports = pick_ports(opts.base_port, opts.nodes)?;
+    ensure_certs(&dir, 1..=opts.nodes as NodeId)?;
     let mut nodes = Vec::with_capacity(opts.nodes);
     for (i, port) in ports.iter().enumerate() {
         let id = i as NodeId + 1;
@@ -287,7 +333,7 @@ pub async fn run(
                             eprintln!(
                                 "node {} exited ({status}); restart it with:\n  {}",
                                 n.id,
-                                node_command_line(&opts.exe, n.id, &n.addr, &n.data_dir)
+                                node_command_line(&opts.exe, n.id, &n.addr, &n.data_dir, &dir.join("tls"))
                             );
                         }
                     }
@@ -304,8 +350,11 @@ async fn bring_up(opts: &DevOptions, dir: &Path, nodes: &mut [DevNode]) -> Resul
     let members: BTreeMap<NodeId, String> = nodes.iter().map(|n| (n.id, n.addr.clone())).collect();
     let endpoints: Vec<String> = members.values().cloned().collect();
     // Wait for every node to listen, then initialize from node 1.
-    let first = Client::new(ClientConfig::new(vec![endpoints[0].clone()]))
+    let ca = dir.join("tls").join("ca.pem");
+    let first = ClientConfig::new(vec![endpoints[0].clone()])
+        .with_ca(&ca)
         .map_err(|e| dev_err(e.to_string()))?;
+    let first = Client::new(first).map_err(|e| dev_err(e.to_string()))?;
     let deadline = Instant::now() + READY_TIMEOUT;
     let token = loop {
         match first.cluster_init(members.clone()).await {
@@ -330,7 +379,10 @@ async fn bring_up(opts: &DevOptions, dir: &Path, nodes: &mut [DevNode]) -> Resul
             Err(e) => return Err(dev_err(format!("cannot initialize the cluster: {e}"))),
         }
     };
-    let mut cfg = ClientConfig::new(endpoints.clone()).with_token(token.clone());
+    let mut cfg = ClientConfig::new(endpoints.clone())
+        .with_token(token.clone())
+        .with_ca(&ca)
+        .map_err(|e| dev_err(e.to_string()))?;
     cfg.attempts_max = 3;
     let client = Client::new(cfg).map_err(|e| dev_err(e.to_string()))?;
     let leader = wait_ready(&client, &members).await?;
@@ -385,9 +437,10 @@ async fn bring_up(opts: &DevOptions, dir: &Path, nodes: &mut [DevNode]) -> Resul
     );
     let _ = writeln!(
         out,
-        "restart a killed node: {} --id N --listen ADDR --data-dir {}/node-N   (ADDR: see {}/nodes)",
-        opts.exe.display(),
-        dir.display(),
+        "restart a killed node: {}   (ADDR: see {}/nodes)",
+        node_command_line(&opts.exe, 0, "ADDR", &dir.join("node-N"), &dir.join("tls"))
+            .replace("--id 0", "--id N")
+            .replace("node-0.", "node-N."),
         dir.display()
     );
     let _ = writeln!(

@@ -9,6 +9,7 @@
 //!   every call;
 //! - [`peer`]: the node-to-node service (Raft RPCs, forwarding to the leader) and the Raft
 //!   network built on it;
+//! - [`certs`]: `skiffd certs` — the cluster CA and the node certificates of mutual TLS;
 //! - [`backup`]: backups of the state and their restore into a new cluster;
 //! - [`batcher`]: group commit — many client commands per log entry;
 //! - [`dev`]: `skiffd dev`, a local multi-process cluster in one command;
@@ -28,6 +29,7 @@
 pub mod auth;
 pub mod backup;
 pub mod batcher;
+pub mod certs;
 pub mod config;
 pub mod data_service;
 pub mod dev;
@@ -62,4 +64,6 @@ pub enum NodeError {
     Raft(String),
     #[error("dev cluster: {0}")]
     Dev(String),
+    #[error("TLS: {0}")]
+    Tls(#[from] skiff_client::tls::TlsError),
 }

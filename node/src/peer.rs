@@ -27,7 +27,7 @@ use skiff_client::api::{
     InvokeRequest, KvEntry, KvPage, NodeId, RequestId, StreamId, StreamJob, StreamStartRequest,
     Task, TaskFilter, TaskId, Workers,
 };
-use skiff_client::transport;
+use skiff_client::transport::{self, TlsConnector};
 use skiff_raft_store::types::TypeConfig;
 use tarpc::context;
 use tokio::sync::Mutex;
@@ -174,9 +174,13 @@ pub trait PeerApi {
     ) -> Result<(), PeerRefusal>;
 }
 
-/// Opens a peer connection to `addr`.
-pub async fn connect(addr: &str, frame_bytes_max: usize) -> std::io::Result<PeerApiClient> {
-    let stream = transport::dial_peer(addr).await?;
+/// Opens a peer connection to `addr`, over mutual TLS when `tls` is given.
+pub async fn connect(
+    addr: &str,
+    frame_bytes_max: usize,
+    tls: Option<&TlsConnector>,
+) -> std::io::Result<PeerApiClient> {
+    let stream = transport::dial_peer(addr, tls).await?;
     let t = transport::framed(stream, frame_bytes_max);
     let mut config = tarpc::client::Config::default();
     config.max_in_flight_requests = 1024;
@@ -188,6 +192,7 @@ pub struct PeerPool {
     self_id: NodeId,
     frame_bytes_max: usize,
     overrides: Arc<HashMap<NodeId, String>>,
+    tls: Option<TlsConnector>,
     conns: Mutex<HashMap<NodeId, (String, PeerApiClient)>>,
 }
 
@@ -196,11 +201,13 @@ impl PeerPool {
         self_id: NodeId,
         frame_bytes_max: usize,
         overrides: Arc<HashMap<NodeId, String>>,
+        tls: Option<TlsConnector>,
     ) -> PeerPool {
         PeerPool {
             self_id,
             frame_bytes_max,
             overrides,
+            tls,
             conns: Mutex::new(HashMap::new()),
         }
     }
@@ -220,7 +227,7 @@ impl PeerPool {
                 return Ok(c.clone());
             }
         }
-        let c = connect(addr, self.frame_bytes_max).await?;
+        let c = connect(addr, self.frame_bytes_max, self.tls.as_ref()).await?;
         conns.insert(id, (addr.to_string(), c.clone()));
         Ok(c)
     }
@@ -244,6 +251,8 @@ pub struct Network {
     pub frame_bytes_max: usize,
     /// Addresses dialed instead of the membership's, by node id.
     pub overrides: Arc<HashMap<NodeId, String>>,
+    /// This node's TLS identity for dialing peers (`None`: plaintext cluster).
+    pub tls: Option<TlsConnector>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -259,6 +268,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
                 .cloned()
                 .unwrap_or_else(|| node.addr.clone()),
             frame_bytes_max: self.frame_bytes_max,
+            tls: self.tls.clone(),
             conn: None,
             snapshot_conn: None,
         }
@@ -272,6 +282,7 @@ pub struct PeerLink {
     target: NodeId,
     addr: String,
     frame_bytes_max: usize,
+    tls: Option<TlsConnector>,
     conn: Option<PeerApiClient>,
     snapshot_conn: Option<PeerApiClient>,
 }
@@ -296,7 +307,7 @@ impl PeerLink {
         if let Some(c) = slot {
             return Ok(c.clone());
         }
-        let c = connect(&self.addr, self.frame_bytes_max)
+        let c = connect(&self.addr, self.frame_bytes_max, self.tls.as_ref())
             .await
             .map_err(|e| {
                 Unreachable::new(&LinkError(format!(

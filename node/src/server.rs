@@ -24,7 +24,7 @@ use skiff_client::api::{
     NodeId, NodeStatus, ReadConsistency, RequestId, Role, StreamId, StreamJob, StreamStartRequest,
     Task, TaskFilter, TaskId, TokenId, TokenInfo, Workers,
 };
-use skiff_client::transport::{self, Service};
+use skiff_client::transport::{self, Conn, Service, TlsAcceptor, TlsConnector};
 use skiff_raft_store::functions::validate_function_name;
 use skiff_raft_store::model::{validate_key, KEY_BYTES_MAX, LIST_LIMIT_MAX};
 use skiff_raft_store::tokens::{token_hash, validate_secret, validate_token_name};
@@ -73,6 +73,8 @@ pub struct NodeInner {
     pub stopping: std::sync::atomic::AtomicBool,
     /// The backup being downloaded from this node (as leader), if any.
     pub exports: crate::backup::Exports,
+    /// The TLS side of the listener (`None`: plaintext, `tls.insecure_plaintext`).
+    pub tls: Option<TlsAcceptor>,
 }
 
 impl NodeInner {
@@ -134,10 +136,12 @@ pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
         .map_err(|e| NodeError::Store(e.to_string()))?;
     let raft_config = Arc::new(config.openraft()?);
     let overrides = Arc::new(config.dial_override_map());
+    let (acceptor, connector) = load_tls(&config.tls)?;
     let network = Network {
         self_id: config.id,
         frame_bytes_max: config.limits.peer_frame_bytes_max,
         overrides: overrides.clone(),
+        tls: connector.clone(),
     };
     let raft = Raft::new(config.id, raft_config, network, log_store, store.clone())
         .await
@@ -150,7 +154,12 @@ pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
         config.limits.writes_in_flight_max,
         config.limits.entry_bytes_max,
     );
-    let peers = PeerPool::new(config.id, config.limits.peer_frame_bytes_max, overrides);
+    let peers = PeerPool::new(
+        config.id,
+        config.limits.peer_frame_bytes_max,
+        overrides,
+        connector,
+    );
     let worker = Arc::new(Worker::new(config.id, config.worker.clone()));
     let node = Node(Arc::new(NodeInner {
         id: config.id,
@@ -164,10 +173,28 @@ pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
         read_index: Default::default(),
         stopping: std::sync::atomic::AtomicBool::new(false),
         exports: crate::backup::Exports::default(),
+        tls: acceptor,
     }));
     crate::worker::start_loops(&node);
     crate::streams::start_driver(&node);
     Ok(node)
+}
+
+/// The listener's and the dialer's TLS from the settings (validated: all three files, or
+/// plaintext by choice). A file that cannot be read or used stops the node before it serves.
+fn load_tls(
+    tls: &crate::config::TlsSettings,
+) -> Result<(Option<TlsAcceptor>, Option<TlsConnector>), NodeError> {
+    let (Some(ca), Some(cert), Some(key)) = (&tls.ca, &tls.cert, &tls.key) else {
+        tracing::warn!(
+            "tls.insecure_plaintext: connections are not encrypted and peers are not authenticated"
+        );
+        return Ok((None, None));
+    };
+    Ok((
+        Some(TlsAcceptor::node(ca, cert, key)?),
+        Some(TlsConnector::node(ca, cert, key)?),
+    ))
 }
 
 /// Stops Raft (no more votes or appends from this node) and lets the store close.
@@ -205,7 +232,7 @@ async fn accept_loop(node: Node, listener: TcpListener) -> Result<(), NodeError>
         };
         let node = node.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_connection(node, stream).await {
+            if let Err(e) = serve_connection(node, stream, peer_addr).await {
                 tracing::debug!(%peer_addr, error = %e, "connection closed");
             }
             drop(permit);
@@ -213,8 +240,19 @@ async fn accept_loop(node: Node, listener: TcpListener) -> Result<(), NodeError>
     }
 }
 
-async fn serve_connection(node: Node, mut stream: tokio::net::TcpStream) -> std::io::Result<()> {
-    stream.set_nodelay(true)?;
+async fn serve_connection(
+    node: Node,
+    tcp: tokio::net::TcpStream,
+    peer_addr: std::net::SocketAddr,
+) -> std::io::Result<()> {
+    tcp.set_nodelay(true)?;
+    let mut stream = match &node.0.tls {
+        Some(tls) => tls.accept(tcp).await.inspect_err(|_| {
+            // Plaintext clients, certificates the CA did not sign, scanners.
+            node.0.metrics.rejected("tls_handshake");
+        })?,
+        None => Conn::Plain(tcp),
+    };
     let mut first = [0u8; 1];
     tokio::time::timeout(PREAMBLE_TIMEOUT, stream.read_exact(&mut first))
         .await
@@ -237,6 +275,15 @@ async fn serve_connection(node: Node, mut stream: tokio::net::TcpStream) -> std:
                 .await;
         }
         Some(Service::Peer) => {
+            if node.0.tls.is_some() && !stream.peer_verified() {
+                // Votes, appends and forwarded reads are for nodes of this cluster only.
+                node.0.metrics.rejected("peer_without_certificate");
+                tracing::warn!(%peer_addr, "peer connection without a node certificate refused");
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    "peer service without a node certificate",
+                ));
+            }
             let t = transport::framed(stream, limits.peer_frame_bytes_max);
             BaseChannel::with_defaults(t)
                 .max_concurrent_requests(per_conn)

@@ -39,6 +39,19 @@ struct Args {
     /// Log line format on stderr.
     #[arg(long, env = "SKIFFD_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
+    /// The cluster CA certificate (PEM) for mutual TLS (`skiffd certs` makes it).
+    #[arg(long, env = "SKIFFD_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// This node's certificate (PEM).
+    #[arg(long, env = "SKIFFD_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    #[arg(long, env = "SKIFFD_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Serve and dial without TLS: nothing encrypted, peers not authenticated. For a loopback
+    /// test bench only.
+    #[arg(long, env = "SKIFFD_INSECURE_PLAINTEXT")]
+    insecure_plaintext: bool,
     /// Print a complete default configuration and exit.
     #[arg(long)]
     print_default_config: bool,
@@ -51,6 +64,19 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
+    /// Make the cluster's TLS files in DIR: a CA (once; reused when DIR already holds one) and
+    /// a certificate and key per node, naming the hosts the node is dialed at.
+    Certs {
+        /// Directory of ca.pem, ca.key, node-ID.pem and node-ID.key.
+        #[arg(long)]
+        dir: PathBuf,
+        /// A node: `ID=HOST[,HOST...]` (addresses or DNS names); repeat for each node.
+        #[arg(long = "node", required = true, value_parser = skiff_node::certs::parse_node)]
+        nodes: Vec<skiff_node::certs::NodeCert>,
+        /// Replace existing node certificates (renewal) instead of refusing.
+        #[arg(long)]
+        replace: bool,
+    },
     /// Start a local cluster of N node processes on loopback, initialize it, run a sample.
     Dev {
         #[arg(long, default_value_t = 3)]
@@ -150,6 +176,23 @@ fn main() -> anyhow::Result<()> {
                 .block_on(skiff_node::dev::run(opts, shutdown_signal(None)))
                 .context("skiffd dev")?;
         }
+        Some(Cmd::Certs {
+            dir,
+            nodes,
+            replace,
+        }) => {
+            let made =
+                skiff_node::certs::generate(&dir, &nodes, replace).context("skiffd certs")?;
+            if made.new_ca {
+                println!(
+                    "made a new cluster CA; keep {} secret and off the nodes",
+                    dir.join("ca.key").display()
+                );
+            }
+            for path in &made.written {
+                println!("wrote {}", path.display());
+            }
+        }
         Some(Cmd::Restore {
             backup,
             id,
@@ -178,6 +221,10 @@ fn main() -> anyhow::Result<()> {
                 data_dir: args.data_dir,
                 metrics_listen: args.metrics_listen,
                 log_format: args.log_format,
+                tls_ca: args.tls_ca,
+                tls_cert: args.tls_cert,
+                tls_key: args.tls_key,
+                insecure_plaintext: args.insecure_plaintext.then_some(true),
             };
             let config = NodeConfig::load(args.config.as_deref(), overrides)?;
             init_logging(config.log_format);

@@ -51,7 +51,7 @@ async fn without_a_valid_token_nothing_is_read_or_written_and_bootstrap_happens_
         .expect_err("unknown token lists nothing");
     assert!(unauthenticated(&e), "{e}");
     // A raw connection with no token gets the error and no data either.
-    let raw = rpc_as(&cluster.node(3).addr, None).await;
+    let raw = rpc_as(&cluster.tls(), &cluster.node(3).addr, None).await;
     let r = raw
         .kv_get(ctx(10), "k".into(), ReadConsistency::Local)
         .await

@@ -9,7 +9,7 @@ use skiff_client::api::{FnMode, NodeId, TaskState};
 use crate::functions::{
     archive, deploy, invoke, is_root, output, rpc, rpc_as, spec, wait_workers, CONFIG,
 };
-use crate::harness::{free_ports, TestCluster};
+use crate::harness::{free_ports, node_tls_args, TestCluster};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_restored_into_a_new_cluster_gives_the_same_state() {
@@ -89,6 +89,8 @@ async fn a_backup_restored_into_a_new_cluster_gives_the_same_state() {
             .output()
             .expect("run skiffd restore")
     };
+    // The new cluster has its own CA.
+    let tls_dir = root.path().join("tls");
     let mut children = Vec::new();
     for (id, addr) in &members {
         let data = root.path().join(format!("node-{id}"));
@@ -114,6 +116,7 @@ async fn a_backup_restored_into_a_new_cluster_gives_the_same_state() {
                 .arg(&data)
                 .arg("--config")
                 .arg(&config)
+                .args(node_tls_args(&tls_dir, *id))
                 .stdout(log.try_clone().expect("log"))
                 .stderr(log)
                 .spawn()
@@ -128,6 +131,8 @@ async fn a_backup_restored_into_a_new_cluster_gives_the_same_state() {
     cfg.attempts_max = 40;
     // The restored state holds the old cluster's tokens.
     cfg.token = Some(token.clone());
+    let tls = skiff_client::tls::TlsConnector::client(&tls_dir.join("ca.pem")).expect("CA");
+    cfg.tls = Some(tls.clone());
     let restored = skiff_client::Client::new(cfg).expect("client");
     // The members elect a leader by themselves: no init.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -157,7 +162,7 @@ async fn a_backup_restored_into_a_new_cluster_gives_the_same_state() {
     if is_root() {
         // The restored code runs on the new cluster's workers.
         let leader = status.leader.expect("leader");
-        let c = rpc_as(&members[&leader], Some(&token)).await;
+        let c = rpc_as(&tls, &members[&leader], Some(&token)).await;
         wait_workers(&c, 3).await;
         let task = invoke(&c, "echo", b"hi", true).await;
         assert_eq!(task.state, TaskState::Succeeded, "{task:?}");

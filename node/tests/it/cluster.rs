@@ -17,9 +17,13 @@ use crate::harness::TestCluster;
 const SMALL_LOG: &str = "[raft]\nsnapshot_logs_since_last = 100\nlogs_kept_after_snapshot = 10\n";
 
 async fn raw_client(cluster: &TestCluster, id: u64) -> ClientApiClient {
-    let stream = transport::dial_client(&cluster.node(id).addr, Some(&cluster.token))
-        .await
-        .expect("dial");
+    let stream = transport::dial_client(
+        &cluster.node(id).addr,
+        Some(&cluster.token),
+        Some(&cluster.tls()),
+    )
+    .await
+    .expect("dial");
     ClientApiClient::new(
         tarpc::client::Config::default(),
         transport::framed(stream, CLIENT_FRAME_BYTES_MAX),

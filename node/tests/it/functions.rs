@@ -37,12 +37,18 @@ macro_rules! require_root {
 
 /// A raw RPC connection to node `id` presenting the cluster's admin token.
 pub(crate) async fn rpc(cluster: &TestCluster, id: u64) -> ClientApiClient {
-    rpc_as(&cluster.node(id).addr, Some(&cluster.token)).await
+    rpc_as(&cluster.tls(), &cluster.node(id).addr, Some(&cluster.token)).await
 }
 
-/// A raw RPC connection to `addr` presenting `token` (or none).
-pub(crate) async fn rpc_as(addr: &str, token: Option<&str>) -> ClientApiClient {
-    let stream = transport::dial_client(addr, token).await.expect("dial");
+/// A raw RPC connection to `addr` over `tls` presenting `token` (or none).
+pub(crate) async fn rpc_as(
+    tls: &skiff_client::tls::TlsConnector,
+    addr: &str,
+    token: Option<&str>,
+) -> ClientApiClient {
+    let stream = transport::dial_client(addr, token, Some(tls))
+        .await
+        .expect("dial");
     let t = transport::framed(stream, skiff_client::api::CLIENT_FRAME_BYTES_MAX);
     ClientApiClient::new(tarpc::client::Config::default(), t).spawn()
 }

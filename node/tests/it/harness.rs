@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use skiff_client::api::{ClusterStatus, NodeId};
+use skiff_client::tls::TlsConnector;
 use skiff_client::{Client, ClientConfig};
 
 pub struct TestNode {
@@ -25,6 +26,27 @@ pub struct TestCluster {
     config_path: PathBuf,
     /// The admin token `cluster init` returned; every client the harness makes presents it.
     pub token: String,
+}
+
+/// Makes the certificate of node `id` under the CA in `tls_dir` (the CA too, the first time)
+/// unless it exists, and returns the `skiffd` flags that use it.
+pub fn node_tls_args(tls_dir: &std::path::Path, id: NodeId) -> Vec<std::ffi::OsString> {
+    let (ca, cert, key) = skiff_node::certs::node_files(tls_dir, id);
+    if !cert.exists() {
+        let node = skiff_node::certs::NodeCert {
+            id,
+            hosts: vec!["127.0.0.1".into(), "localhost".into()],
+        };
+        skiff_node::certs::generate(tls_dir, &[node], false).expect("make node certificate");
+    }
+    vec![
+        "--tls-ca".into(),
+        ca.into(),
+        "--tls-cert".into(),
+        cert.into(),
+        "--tls-key".into(),
+        key.into(),
+    ]
 }
 
 pub fn free_port() -> u16 {
@@ -114,6 +136,7 @@ impl TestCluster {
         let exe = env!("CARGO_BIN_EXE_skiffd");
         let log_path = self.dir.path().join(format!("node-{id}.log"));
         let config_path = self.config_path.clone();
+        let tls_dir = self.tls_dir();
         let node = self.node_mut(id);
         assert!(node.child.is_none(), "node {id} is already running");
         let log = std::fs::OpenOptions::new()
@@ -128,6 +151,7 @@ impl TestCluster {
             .arg(&node.data_dir)
             .arg("--config")
             .arg(&config_path)
+            .args(node_tls_args(&tls_dir, id))
             .env("SKIFF_LOG", "info,tarpc=warn,openraft=info")
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone().expect("clone log fd")))
@@ -177,7 +201,18 @@ impl TestCluster {
         cfg.rpc_timeout = Duration::from_secs(5);
         cfg.attempts_max = 20;
         cfg.token = token;
+        cfg.tls = Some(self.tls());
         Client::new(cfg).expect("valid endpoints and token")
+    }
+
+    /// The cluster's CA and node certificates.
+    pub fn tls_dir(&self) -> PathBuf {
+        self.dir.path().join("tls")
+    }
+
+    /// A client's TLS: trusts the cluster CA, presents no certificate.
+    pub fn tls(&self) -> TlsConnector {
+        TlsConnector::client(&self.tls_dir().join("ca.pem")).expect("cluster CA")
     }
 
     pub fn client(&self) -> Client {
