@@ -645,7 +645,7 @@ fn metric_sum(text: &str, family: &str) -> f64 {
     sum
 }
 
-async fn scrape(addr: &str) -> String {
+pub(crate) async fn scrape(addr: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr)
         .await

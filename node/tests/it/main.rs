@@ -10,3 +10,4 @@ mod harness;
 mod idempotency;
 mod stages;
 mod streams;
+mod tls;
