@@ -34,6 +34,8 @@ struct Pending {
 pub struct Batcher {
     tx: mpsc::Sender<Pending>,
     metrics: Arc<Metrics>,
+    /// Set while a stopping leader hands over: new writes are refused as `NoLeader`.
+    paused: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Approximate encoded size of a command, to keep entries under `entry_bytes_max`.
@@ -58,7 +60,17 @@ impl Batcher {
             in_flight_max,
             entry_bytes_max,
         ));
-        Batcher { tx, metrics }
+        Batcher {
+            tx,
+            metrics,
+            paused: Default::default(),
+        }
+    }
+
+    /// Refuses (`true`) or takes again (`false`) new writes. Writes already queued still go.
+    pub fn pause(&self, paused: bool) {
+        self.paused
+            .store(paused, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Client calls waiting to be packed into an entry.
@@ -82,6 +94,14 @@ impl Batcher {
         }
         let bytes = commands.iter().map(command_bytes).sum();
         let n = commands.len() as u64;
+        if self.paused.load(std::sync::atomic::Ordering::SeqCst) {
+            // Retryable: the client tries the other nodes, one of which leads in a moment.
+            self.metrics.write(WriteOutcome::NoLeader, n);
+            return Err(ApiError::NoLeader {
+                leader: None,
+                leader_addr: None,
+            });
+        }
         let (reply, rx) = oneshot::channel();
         self.tx
             .try_send(Pending {

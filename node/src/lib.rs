@@ -11,6 +11,7 @@
 //!   network built on it;
 //! - [`certs`]: `skiffd certs` — the cluster CA and the node certificates of mutual TLS;
 //! - [`backup`]: backups of the state and their restore into a new cluster;
+//! - [`handover`]: a stopping leader hands leadership to a caught-up voter first;
 //! - [`batcher`]: group commit — many client commands per log entry;
 //! - [`dev`]: `skiffd dev`, a local multi-process cluster in one command;
 //! - [`metrics`]: Prometheus metrics and the `/metrics` endpoint;
@@ -33,6 +34,7 @@ pub mod certs;
 pub mod config;
 pub mod data_service;
 pub mod dev;
+pub mod handover;
 pub mod invoke;
 pub mod metrics;
 pub mod peer;

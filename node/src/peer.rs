@@ -160,6 +160,8 @@ pub trait PeerApi {
     async fn forward_read(op: ReadOp) -> Result<ReadResult, ApiError>;
     async fn forward_admin(op: AdminOp) -> Result<AdminResult, ApiError>;
     async fn probe() -> Probe;
+    /// Start an election now (a stopping leader hands over to this node; see `handover`).
+    async fn campaign(target: NodeId) -> Result<(), PeerRefusal>;
     /// Submits (and, with `wait`, waits for) an invocation on the leader.
     async fn forward_invoke(req: InvokeRequest) -> Result<Task, ApiError>;
     /// A stream request, for the leader.

@@ -118,9 +118,28 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
     }
     tracing::info!(id = node.0.id, listen = %node.0.config.listen, "node started");
     let accept = accept_loop(node.clone(), listener);
+    tokio::pin!(accept);
     tokio::select! {
         () = shutdown => tracing::info!("shutdown requested"),
-        r = accept => r?,
+        r = &mut accept => r?,
+    }
+    // Still accepting: the voter taking over may have to dial this node for its vote.
+    let handover = tokio::select! {
+        h = crate::handover::hand_over(&node) => h,
+        r = &mut accept => return r,
+    };
+    match handover {
+        crate::handover::Handover::NotNeeded => {}
+        crate::handover::Handover::Done { to, elapsed } => {
+            tracing::info!(
+                to,
+                elapsed_ms = elapsed.as_millis() as u64,
+                "leadership handed over"
+            )
+        }
+        crate::handover::Handover::Failed(why) => {
+            tracing::warn!(%why, "leadership not handed over; the others will elect")
+        }
     }
     stop(node).await
 }
@@ -1354,6 +1373,23 @@ impl PeerApi for Node {
 
     async fn probe(self, _: Context) -> Probe {
         self.own_probe()
+    }
+
+    async fn campaign(self, _: Context, target: NodeId) -> Result<(), PeerRefusal> {
+        self.check_target(target)?;
+        if self.stopping() {
+            return Err(PeerRefusal::ShuttingDown);
+        }
+        tracing::info!(
+            id = self.0.id,
+            "asked to campaign: the leader is handing over"
+        );
+        self.0
+            .raft
+            .trigger()
+            .elect()
+            .await
+            .map_err(|_| PeerRefusal::ShuttingDown)
     }
 
     async fn forward_invoke(self, _: Context, req: InvokeRequest) -> Result<Task, ApiError> {

@@ -1,0 +1,157 @@
+//! Leader handover before a planned stop.
+//!
+//! A leader that simply stops leaves the cluster without one for a leader lease plus an
+//! election timeout (followers refuse to vote while the lease of the leader they last heard
+//! runs: up to `election_timeout_max` + `election_timeout_max` ≈ 3 s with the defaults), and
+//! writes in flight at that moment end unknown to their clients. On SIGTERM a leader instead:
+//!
+//! 1. stops taking new writes (the batcher refuses them as `NoLeader`, which clients retry
+//!    elsewhere) and waits until everything it proposed is applied;
+//! 2. picks a voter whose replicated log matches its own last entry;
+//! 3. asks that voter to campaign (`PeerApi::campaign`). The voter's request for a higher term
+//!    carries a log as long as the leader's, and the leader grants it: a leader's own vote was
+//!    last refreshed when it was elected, so its lease check passes once it has led for one
+//!    lease. With the leader's vote the candidate has a majority of three at once, whatever
+//!    the other follower (still under the lease) answers;
+//! 4. waits until another node leads, then stops as before.
+//!
+//! Every step is bounded ([`HANDOVER_TIMEOUT`] in all); if one fails (no caught-up voter, the
+//! voter unreachable, no new leader in time) the node logs why and stops anyway — the cluster
+//! then elects as after a crash. This is what openraft's own documentation of
+//! `become_leader` describes as a leader transferring to a follower by having it elect.
+
+use std::time::{Duration, Instant};
+
+use skiff_client::api::NodeId;
+
+use crate::peer;
+use crate::server::Node;
+
+/// Longest a stopping leader spends handing over before it stops regardless.
+pub const HANDOVER_TIMEOUT: Duration = Duration::from_secs(6);
+
+/// How a handover ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handover {
+    /// This node was not the leader, or the only voter: nothing to hand over.
+    NotNeeded,
+    /// `to` leads now.
+    Done { to: NodeId, elapsed: Duration },
+    /// It did not happen; the reason.
+    Failed(String),
+}
+
+/// Hands leadership to a caught-up voter if this node leads. Leaves the batcher paused on
+/// success (the node is stopping); resumes it on failure so the node keeps serving until it
+/// stops.
+pub async fn hand_over(node: &Node) -> Handover {
+    let me = node.0.id;
+    let started = Instant::now();
+    let deadline = started + HANDOVER_TIMEOUT;
+    let m = node.0.raft.metrics().borrow().clone();
+    if m.current_leader != Some(me) {
+        return Handover::NotNeeded;
+    }
+    let voters: Vec<NodeId> = m
+        .membership_config
+        .membership()
+        .voter_ids()
+        .filter(|&v| v != me)
+        .collect();
+    if voters.is_empty() {
+        return Handover::NotNeeded;
+    }
+    node.0.batcher.pause(true);
+    let result = run(node, &voters, deadline).await;
+    match result {
+        Ok(to) => Handover::Done {
+            to,
+            elapsed: started.elapsed(),
+        },
+        Err(why) => {
+            node.0.batcher.pause(false);
+            Handover::Failed(why)
+        }
+    }
+}
+
+async fn run(node: &Node, voters: &[NodeId], deadline: Instant) -> Result<NodeId, String> {
+    let me = node.0.id;
+    // 1-2. Everything proposed is applied, and a voter holds all of it.
+    let target = loop {
+        let m = node.0.raft.metrics().borrow().clone();
+        if m.current_leader != Some(me) {
+            return Err("leadership moved before the handover began".into());
+        }
+        let last = m.last_log_index;
+        let applied = m.last_applied.map(|l| l.index);
+        let matched = |v: &NodeId| {
+            m.replication
+                .as_ref()
+                .and_then(|r| r.get(v).cloned().flatten())
+                .map(|l| l.index)
+        };
+        if node.0.batcher.queue_depth() == 0 && applied == last {
+            // A voter holding every entry; the lowest such id.
+            if let Some(&v) = voters.iter().find(|v| matched(v) == last) {
+                break v;
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "no voter caught up to index {last:?} in time (applied {applied:?})"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let addr = node
+        .0
+        .raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .get_node(&target)
+        .map(|n| n.addr.clone())
+        .ok_or_else(|| format!("node {target} has no address"))?;
+    // 3-4. Ask it to campaign until another node leads. A leader elected less than a lease
+    // ago refuses the first request; the voter, now a candidate, tries again on its own
+    // election timer, and so does this loop.
+    let election_max = Duration::from_millis(node.0.config.raft.election_timeout_max_ms);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!("node {target} did not take over in time"));
+        }
+        let c = node
+            .0
+            .peers
+            .get(target, &addr)
+            .await
+            .map_err(|e| format!("node {target} at {addr}: {e}"))?;
+        match c
+            .campaign(peer::deadline(left.min(Duration::from_secs(2))), target)
+            .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(refusal)) => return Err(format!("node {target} refused: {refusal}")),
+            Err(e) => {
+                node.0.peers.forget(target).await;
+                return Err(format!("node {target} at {addr}: {e}"));
+            }
+        }
+        let wait = left.min(election_max + Duration::from_millis(200));
+        let moved = node
+            .0
+            .raft
+            .wait(Some(wait))
+            .metrics(
+                |m| m.current_leader.is_some_and(|l| l != me),
+                "another node leads",
+            )
+            .await;
+        if let Ok(m) = moved {
+            return Ok(m.current_leader.expect("checked by the condition"));
+        }
+    }
+}
