@@ -77,9 +77,7 @@ impl Session {
     /// Checks that this connection's token is active on this node and that its role
     /// allows `needed`; `what` names the call in the refusal.
     pub async fn allow(&self, needed: Role, what: &str) -> Result<TokenInfo, ApiError> {
-        let token = self.authenticate().await.inspect_err(|_| {
-            self.node.0.metrics.rejected("unauthenticated");
-        })?;
+        let token = self.authenticate().await?;
         if !token.role.allows(needed) {
             return Err(self.denied(what, needed, &token));
         }
@@ -89,9 +87,7 @@ impl Session {
     /// Checks a group of commands sent through `write`: each needs the role
     /// [`write_role`] gives it.
     pub async fn allow_write(&self, commands: &[ClientCommand]) -> Result<TokenInfo, ApiError> {
-        let token = self.authenticate().await.inspect_err(|_| {
-            self.node.0.metrics.rejected("unauthenticated");
-        })?;
+        let token = self.authenticate().await?;
         for c in commands {
             let (needed, what) = write_role(&c.command);
             if !token.role.allows(needed) {
@@ -102,7 +98,6 @@ impl Session {
     }
 
     fn denied(&self, what: &str, needed: Role, token: &TokenInfo) -> ApiError {
-        self.node.0.metrics.rejected("permission_denied");
         ApiError::PermissionDenied(format!(
             "{what} needs the {needed} role; token {} has the {} role",
             token.id, token.role

@@ -29,11 +29,9 @@ impl Node {
     /// Submits an invocation (through the leader) and, if asked, waits for its result.
     pub async fn invoke(&self, req: InvokeRequest) -> Result<Task, ApiError> {
         if let Err(e) = validate_function_name(&req.function) {
-            self.0.metrics.rejected("invalid_invocation");
             return Err(ApiError::InvalidArgument(e));
         }
         if req.payload.len() > PAYLOAD_BYTES_MAX {
-            self.0.metrics.rejected("payload_too_large");
             return Err(ApiError::InvalidArgument(format!(
                 "payload is {} bytes, the limit is {PAYLOAD_BYTES_MAX}",
                 req.payload.len()

@@ -272,20 +272,30 @@ async fn serve_connection(
         })?,
         None => Conn::Plain(tcp),
     };
+    let metrics = node.0.metrics.clone();
+    let refused = |reason: &'static str| {
+        let metrics = metrics.clone();
+        move |e: std::io::Error| {
+            metrics.rejected(reason);
+            e
+        }
+    };
     let mut first = [0u8; 1];
     tokio::time::timeout(PREAMBLE_TIMEOUT, stream.read_exact(&mut first))
         .await
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no service byte"))??;
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no service byte"))
+        .map_err(refused("handshake_timeout"))??;
     let limits = &node.0.config.limits;
     let per_conn = limits.requests_per_connection_max;
     match Service::from_preamble(first[0]) {
         Some(Service::Client) => {
             let token = tokio::time::timeout(PREAMBLE_TIMEOUT, transport::read_token(&mut stream))
                 .await
-                .map_err(|_| {
-                    std::io::Error::new(std::io::ErrorKind::TimedOut, "no token byte")
-                })??;
-            let t = transport::framed(stream, limits.client_frame_bytes_max);
+                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no token byte"))
+                .map_err(refused("handshake_timeout"))?
+                .map_err(refused("bad_token_handshake"))?;
+            let t = transport::framed(stream, limits.client_frame_bytes_max)
+                .inspect(count_bad_frames(metrics.clone()));
             let session = Session::new(node, token);
             BaseChannel::with_defaults(t)
                 .max_concurrent_requests(per_conn)
@@ -303,7 +313,8 @@ async fn serve_connection(
                     "peer service without a node certificate",
                 ));
             }
-            let t = transport::framed(stream, limits.peer_frame_bytes_max);
+            let t = transport::framed(stream, limits.peer_frame_bytes_max)
+                .inspect(count_bad_frames(metrics.clone()));
             BaseChannel::with_defaults(t)
                 .max_concurrent_requests(per_conn)
                 .execute(PeerApi::serve(node))
@@ -311,13 +322,35 @@ async fn serve_connection(
                 .await;
         }
         None => {
+            metrics.rejected("unknown_service");
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 format!("unknown service byte {:#04x}", first[0]),
-            ))
+            ));
         }
     }
     Ok(())
+}
+
+/// Counts a request frame the connection could not take: over the frame limit, or not a
+/// request at all (both end the connection; a closed or reset one is not counted).
+fn count_bad_frames<T>(metrics: Arc<Metrics>) -> impl FnMut(&std::io::Result<T>) {
+    move |item| {
+        if let Err(e) = item {
+            // The transport wraps the codec's error in one of kind `Other`.
+            let kind = e
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<std::io::Error>())
+                .map_or(e.kind(), std::io::Error::kind);
+            if kind == std::io::ErrorKind::InvalidData {
+                metrics.rejected(if e.to_string().contains("frame size too big") {
+                    "frame_too_large"
+                } else {
+                    "undecodable_request"
+                });
+            }
+        }
+    }
 }
 
 impl Node {
@@ -390,12 +423,10 @@ impl Node {
     fn validate(&self, commands: &[ClientCommand]) -> Result<(), ApiError> {
         for c in commands {
             if let Err(e) = c.command.validate() {
-                self.0.metrics.rejected("invalid_command");
                 return Err(ApiError::InvalidArgument(e.to_string()));
             }
             if let Command::FnDeploy { spec } = &c.command {
                 if let Err(e) = crate::worker::check_function_sandbox(spec) {
-                    self.0.metrics.rejected("invalid_function");
                     return Err(ApiError::InvalidArgument(format!(
                         "function {}: {e}",
                         spec.name
@@ -410,7 +441,6 @@ impl Node {
     /// own call (submissions go through `invoke`).
     fn client_commands_only(&self, commands: &[ClientCommand]) -> Result<(), ApiError> {
         if commands.iter().any(|c| !c.command.is_client_command()) {
-            self.0.metrics.rejected("node_only_command");
             return Err(ApiError::InvalidArgument(
                 "heartbeats, completions and submissions cannot be sent with write (use invoke)"
                     .into(),
@@ -1027,15 +1057,43 @@ impl Node {
 
 /// Every call first checks the connection's token ([`Session::allow`]); the role each call
 /// needs is the table in docs/security.md.
+/// The `rejected_inputs` reason of a refused client call, if it is a refusal of the input (not
+/// of the moment: overload, no leader and timeouts are counted elsewhere or not at all).
+fn refusal_reason(e: &ApiError) -> Option<&'static str> {
+    match e {
+        ApiError::InvalidArgument(_) => Some("invalid_argument"),
+        ApiError::Unauthenticated(_) => Some("unauthenticated"),
+        ApiError::PermissionDenied(_) => Some("permission_denied"),
+        _ => None,
+    }
+}
+
+impl Session {
+    /// Every client call's answer passes here: a refused input is counted once, on the node
+    /// that answered, whichever check refused it.
+    fn counted<T>(&self, answer: Result<T, ApiError>) -> Result<T, ApiError> {
+        if let Err(Some(reason)) = answer.as_ref().map_err(refusal_reason) {
+            self.0.metrics.rejected(reason);
+        }
+        answer
+    }
+}
+
 impl ClientApi for Session {
     async fn write(
         self,
         _: Context,
         commands: Vec<ClientCommand>,
     ) -> Result<Vec<CommandResult>, ApiError> {
-        self.allow_write(&commands).await?;
-        self.client_commands_only(&commands)?;
-        Node::write(&self, commands).await
+        let counter = self.clone();
+        counter.counted(
+            async move {
+                self.allow_write(&commands).await?;
+                self.client_commands_only(&commands)?;
+                Node::write(&self, commands).await
+            }
+            .await,
+        )
     }
 
     async fn kv_get(
@@ -1044,13 +1102,19 @@ impl ClientApi for Session {
         key: String,
         read: ReadConsistency,
     ) -> Result<Option<KvEntry>, ApiError> {
-        self.allow(Role::Invoker, "reading a key").await?;
-        match self.read(ReadOp::Get { key }, read).await? {
-            ReadResult::Get(e) => Ok(e),
-            _ => Err(ApiError::Internal(
-                "a get was answered with another read".into(),
-            )),
-        }
+        let counter = self.clone();
+        counter.counted(
+            async move {
+                self.allow(Role::Invoker, "reading a key").await?;
+                match self.read(ReadOp::Get { key }, read).await? {
+                    ReadResult::Get(e) => Ok(e),
+                    _ => Err(ApiError::Internal(
+                        "a get was answered with another read".into(),
+                    )),
+                }
+            }
+            .await,
+        )
     }
 
     async fn kv_list(
@@ -1061,23 +1125,29 @@ impl ClientApi for Session {
         limit: u32,
         read: ReadConsistency,
     ) -> Result<KvPage, ApiError> {
-        self.allow(Role::Invoker, "listing keys").await?;
-        match self
-            .read(
-                ReadOp::List {
-                    prefix,
-                    start_after,
-                    limit,
-                },
-                read,
-            )
-            .await?
-        {
-            ReadResult::List(p) => Ok(p),
-            _ => Err(ApiError::Internal(
-                "a list was answered with another read".into(),
-            )),
-        }
+        let counter = self.clone();
+        counter.counted(
+            async move {
+                self.allow(Role::Invoker, "listing keys").await?;
+                match self
+                    .read(
+                        ReadOp::List {
+                            prefix,
+                            start_after,
+                            limit,
+                        },
+                        read,
+                    )
+                    .await?
+                {
+                    ReadResult::List(p) => Ok(p),
+                    _ => Err(ApiError::Internal(
+                        "a list was answered with another read".into(),
+                    )),
+                }
+            }
+            .await,
+        )
     }
 
     async fn cluster_init(
@@ -1086,34 +1156,64 @@ impl ClientApi for Session {
         members: BTreeMap<NodeId, String>,
         admin_token: String,
     ) -> Result<TokenInfo, ApiError> {
-        // No token needed: on a fresh cluster there is none yet. Once the cluster has
-        // tokens the bootstrap inside is refused, so this gives nothing away.
-        self.init(members, &admin_token).await
+        let counter = self.clone();
+        counter.counted(
+            async move {
+                // No token needed: on a fresh cluster there is none yet. Once the cluster has
+                // tokens the bootstrap inside is refused, so this gives nothing away.
+                self.init(members, &admin_token).await
+            }
+            .await,
+        )
     }
 
     async fn cluster_add_node(self, _: Context, id: NodeId, addr: String) -> Result<(), ApiError> {
-        self.allow(Role::Admin, "adding a node").await?;
-        self.admin(AdminOp::AddNode { id, addr }).await.map(|_| ())
+        let counter = self.clone();
+        counter.counted(
+            async move {
+                self.allow(Role::Admin, "adding a node").await?;
+                self.admin(AdminOp::AddNode { id, addr }).await.map(|_| ())
+            }
+            .await,
+        )
     }
 
     async fn cluster_remove_node(self, _: Context, id: NodeId) -> Result<(), ApiError> {
-        self.allow(Role::Admin, "removing a node").await?;
-        self.admin(AdminOp::RemoveNode { id }).await.map(|_| ())
+        let counter = self.clone();
+        counter.counted(
+            async move {
+                self.allow(Role::Admin, "removing a node").await?;
+                self.admin(AdminOp::RemoveNode { id }).await.map(|_| ())
+            }
+            .await,
+        )
     }
 
     async fn cluster_status(self, _: Context) -> Result<ClusterStatus, ApiError> {
-        self.allow(Role::Invoker, "cluster status").await?;
-        match self.admin(AdminOp::Status).await? {
-            AdminResult::Status(s) => Ok(s),
-            AdminResult::Done => Err(ApiError::Internal(
-                "status answered without a status".into(),
-            )),
-        }
+        let counter = self.clone();
+        counter.counted(
+            async move {
+                self.allow(Role::Invoker, "cluster status").await?;
+                match self.admin(AdminOp::Status).await? {
+                    AdminResult::Status(s) => Ok(s),
+                    AdminResult::Done => Err(ApiError::Internal(
+                        "status answered without a status".into(),
+                    )),
+                }
+            }
+            .await,
+        )
     }
 
     async fn invoke(self, _: Context, req: InvokeRequest) -> Result<Task, ApiError> {
-        self.allow(Role::Invoker, "invoking a function").await?;
-        Node::invoke(&self, req).await
+        let counter = self.clone();
+        counter.counted(
+            async move {
+                self.allow(Role::Invoker, "invoking a function").await?;
+                Node::invoke(&self, req).await
+            }
+            .await,
+        )
     }
 
     async fn task_get(
@@ -1122,13 +1222,19 @@ impl ClientApi for Session {
         id: TaskId,
         read: ReadConsistency,
     ) -> Result<Option<Task>, ApiError> {
-        self.allow(Role::Invoker, "reading a task").await?;
-        match self.read(ReadOp::Task { id }, read).await? {
-            ReadResult::Task(t) => Ok(t.map(|t| *t)),
-            _ => Err(ApiError::Internal(
-                "a task read was answered with another read".into(),
-            )),
-        }
+        let counter = self.clone();
+        counter.counted(
+            async move {
+                self.allow(Role::Invoker, "reading a task").await?;
+                match self.read(ReadOp::Task { id }, read).await? {
+                    ReadResult::Task(t) => Ok(t.map(|t| *t)),
+                    _ => Err(ApiError::Internal(
+                        "a task read was answered with another read".into(),
+                    )),
+                }
+            }
+            .await,
+        )
     }
 
     async fn task_list(
@@ -1139,18 +1245,24 @@ impl ClientApi for Session {
         limit: u32,
         read: ReadConsistency,
     ) -> Result<Vec<Task>, ApiError> {
-        self.allow(Role::Invoker, "listing tasks").await?;
-        let op = ReadOp::Tasks {
-            filter,
-            after,
-            limit,
-        };
-        match self.read(op, read).await? {
-            ReadResult::Tasks(t) => Ok(t),
-            _ => Err(ApiError::Internal(
-                "a task list was answered with another read".into(),
-            )),
-        }
+        let counter = self.clone();
+        counter.counted(
+            async move {
+                self.allow(Role::Invoker, "listing tasks").await?;
+                let op = ReadOp::Tasks {
+                    filter,
+                    after,
+                    limit,
+                };
+                match self.read(op, read).await? {
+                    ReadResult::Tasks(t) => Ok(t),
+                    _ => Err(ApiError::Internal(
+                        "a task list was answered with another read".into(),
+                    )),
+                }
+            }
+            .await,
+        )
     }
 
     async fn fn_get(
@@ -1159,13 +1271,19 @@ impl ClientApi for Session {
         name: String,
         read: ReadConsistency,
     ) -> Result<Option<FunctionRecord>, ApiError> {
-        self.allow(Role::Invoker, "reading a function").await?;
-        match self.read(ReadOp::Function { name }, read).await? {
-            ReadResult::Function(f) => Ok(f.map(|f| *f)),
-            _ => Err(ApiError::Internal(
-                "a function read was answered with another read".into(),
-            )),
-        }
+        let counter = self.clone();
+        counter.counted(
+            async move {
+                self.allow(Role::Invoker, "reading a function").await?;
+                match self.read(ReadOp::Function { name }, read).await? {
+                    ReadResult::Function(f) => Ok(f.map(|f| *f)),
+                    _ => Err(ApiError::Internal(
+                        "a function read was answered with another read".into(),
+                    )),
+                }
+            }
+            .await,
+        )
     }
 
     async fn fn_list(
@@ -1173,13 +1291,19 @@ impl ClientApi for Session {
         _: Context,
         read: ReadConsistency,
     ) -> Result<Vec<FunctionRecord>, ApiError> {
-        self.allow(Role::Invoker, "listing functions").await?;
-        match self.read(ReadOp::Functions, read).await? {
-            ReadResult::Functions(f) => Ok(f),
-            _ => Err(ApiError::Internal(
-                "a function list was answered with another read".into(),
-            )),
-        }
+        let counter = self.clone();
+        counter.counted(
+            async move {
+                self.allow(Role::Invoker, "listing functions").await?;
+                match self.read(ReadOp::Functions, read).await? {
+                    ReadResult::Functions(f) => Ok(f),
+                    _ => Err(ApiError::Internal(
+                        "a function list was answered with another read".into(),
+                    )),
+                }
+            }
+            .await,
+        )
     }
 
     async fn stream_start(
@@ -1188,13 +1312,19 @@ impl ClientApi for Session {
         request_id: RequestId,
         req: StreamStartRequest,
     ) -> Result<StreamId, ApiError> {
-        self.allow(Role::Deployer, "starting a stream").await?;
-        match self.stream_op(StreamOp::Start { request_id, req }).await? {
-            StreamReply::Started(id) => Ok(id),
-            other => Err(ApiError::Internal(format!(
-                "a stream start was answered with {other:?}"
-            ))),
-        }
+        let counter = self.clone();
+        counter.counted(
+            async move {
+                self.allow(Role::Deployer, "starting a stream").await?;
+                match self.stream_op(StreamOp::Start { request_id, req }).await? {
+                    StreamReply::Started(id) => Ok(id),
+                    other => Err(ApiError::Internal(format!(
+                        "a stream start was answered with {other:?}"
+                    ))),
+                }
+            }
+            .await,
+        )
     }
 
     async fn stream_get(
@@ -1203,8 +1333,14 @@ impl ClientApi for Session {
         id: StreamId,
         read: ReadConsistency,
     ) -> Result<Option<StreamJob>, ApiError> {
-        self.allow(Role::Invoker, "reading a stream").await?;
-        Node::stream_get(&self, id, read).await
+        let counter = self.clone();
+        counter.counted(
+            async move {
+                self.allow(Role::Invoker, "reading a stream").await?;
+                Node::stream_get(&self, id, read).await
+            }
+            .await,
+        )
     }
 
     async fn stream_list(
@@ -1212,8 +1348,14 @@ impl ClientApi for Session {
         _: Context,
         read: ReadConsistency,
     ) -> Result<Vec<StreamJob>, ApiError> {
-        self.allow(Role::Invoker, "listing streams").await?;
-        Node::stream_list(&self, read).await
+        let counter = self.clone();
+        counter.counted(
+            async move {
+                self.allow(Role::Invoker, "listing streams").await?;
+                Node::stream_list(&self, read).await
+            }
+            .await,
+        )
     }
 
     async fn stream_cancel(
@@ -1222,10 +1364,16 @@ impl ClientApi for Session {
         request_id: RequestId,
         id: StreamId,
     ) -> Result<(), ApiError> {
-        self.allow(Role::Deployer, "cancelling a stream").await?;
-        self.stream_op(StreamOp::Cancel { request_id, id })
-            .await
-            .map(|_| ())
+        let counter = self.clone();
+        counter.counted(
+            async move {
+                self.allow(Role::Deployer, "cancelling a stream").await?;
+                self.stream_op(StreamOp::Cancel { request_id, id })
+                    .await
+                    .map(|_| ())
+            }
+            .await,
+        )
     }
 
     async fn stream_redrive(
@@ -1234,13 +1382,19 @@ impl ClientApi for Session {
         request_id: RequestId,
         id: StreamId,
     ) -> Result<u64, ApiError> {
-        self.allow(Role::Deployer, "redriving a stream").await?;
-        match self.stream_op(StreamOp::Redrive { request_id, id }).await? {
-            StreamReply::Redriven(n) => Ok(n),
-            other => Err(ApiError::Internal(format!(
-                "a stream redrive was answered with {other:?}"
-            ))),
-        }
+        let counter = self.clone();
+        counter.counted(
+            async move {
+                self.allow(Role::Deployer, "redriving a stream").await?;
+                match self.stream_op(StreamOp::Redrive { request_id, id }).await? {
+                    StreamReply::Redriven(n) => Ok(n),
+                    other => Err(ApiError::Internal(format!(
+                        "a stream redrive was answered with {other:?}"
+                    ))),
+                }
+            }
+            .await,
+        )
     }
 
     async fn backup_chunk(
@@ -1249,25 +1403,37 @@ impl ClientApi for Session {
         export: Option<u64>,
         offset: u64,
     ) -> Result<BackupChunk, ApiError> {
-        // The whole state, token hashes included: admins only.
-        self.allow(Role::Admin, "a backup").await?;
-        let op = ReadOp::Backup { export, offset };
-        match self.read(op, ReadConsistency::Linearizable).await? {
-            ReadResult::Backup(chunk) => Ok(*chunk),
-            _ => Err(ApiError::Internal(
-                "a backup read was answered with another read".into(),
-            )),
-        }
+        let counter = self.clone();
+        counter.counted(
+            async move {
+                // The whole state, token hashes included: admins only.
+                self.allow(Role::Admin, "a backup").await?;
+                let op = ReadOp::Backup { export, offset };
+                match self.read(op, ReadConsistency::Linearizable).await? {
+                    ReadResult::Backup(chunk) => Ok(*chunk),
+                    _ => Err(ApiError::Internal(
+                        "a backup read was answered with another read".into(),
+                    )),
+                }
+            }
+            .await,
+        )
     }
 
     async fn workers(self, _: Context, read: ReadConsistency) -> Result<Workers, ApiError> {
-        self.allow(Role::Invoker, "reading the workers").await?;
-        match self.read(ReadOp::Workers, read).await? {
-            ReadResult::Workers(w) => Ok(w),
-            _ => Err(ApiError::Internal(
-                "a workers read was answered with another read".into(),
-            )),
-        }
+        let counter = self.clone();
+        counter.counted(
+            async move {
+                self.allow(Role::Invoker, "reading the workers").await?;
+                match self.read(ReadOp::Workers, read).await? {
+                    ReadResult::Workers(w) => Ok(w),
+                    _ => Err(ApiError::Internal(
+                        "a workers read was answered with another read".into(),
+                    )),
+                }
+            }
+            .await,
+        )
     }
 
     async fn token_create(
@@ -1276,8 +1442,14 @@ impl ClientApi for Session {
         role: Role,
         name: Option<String>,
     ) -> Result<CreatedToken, ApiError> {
-        self.allow(Role::Admin, "creating a token").await?;
-        Node::token_create(&self, role, name).await
+        let counter = self.clone();
+        counter.counted(
+            async move {
+                self.allow(Role::Admin, "creating a token").await?;
+                Node::token_create(&self, role, name).await
+            }
+            .await,
+        )
     }
 
     async fn token_list(
@@ -1285,13 +1457,19 @@ impl ClientApi for Session {
         _: Context,
         read: ReadConsistency,
     ) -> Result<Vec<TokenInfo>, ApiError> {
-        self.allow(Role::Admin, "listing tokens").await?;
-        match self.read(ReadOp::Tokens, read).await? {
-            ReadResult::Tokens(t) => Ok(t),
-            _ => Err(ApiError::Internal(
-                "a token list was answered with another read".into(),
-            )),
-        }
+        let counter = self.clone();
+        counter.counted(
+            async move {
+                self.allow(Role::Admin, "listing tokens").await?;
+                match self.read(ReadOp::Tokens, read).await? {
+                    ReadResult::Tokens(t) => Ok(t),
+                    _ => Err(ApiError::Internal(
+                        "a token list was answered with another read".into(),
+                    )),
+                }
+            }
+            .await,
+        )
     }
 
     async fn token_revoke(
@@ -1300,8 +1478,14 @@ impl ClientApi for Session {
         request_id: RequestId,
         id: TokenId,
     ) -> Result<TokenInfo, ApiError> {
-        self.allow(Role::Admin, "revoking a token").await?;
-        Node::token_revoke(&self, request_id, id).await
+        let counter = self.clone();
+        counter.counted(
+            async move {
+                self.allow(Role::Admin, "revoking a token").await?;
+                Node::token_revoke(&self, request_id, id).await
+            }
+            .await,
+        )
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod auth;
 mod backup;
+mod bounds;
 mod cluster;
 mod data;
 mod functions;

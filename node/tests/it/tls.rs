@@ -24,7 +24,7 @@ fn ctx() -> tarpc::context::Context {
 }
 
 /// The value of `rejected_inputs` for `reason` in a node's metrics (0 if never counted).
-async fn rejected(cluster: &TestCluster, id: NodeId, reason: &str) -> f64 {
+pub(crate) async fn rejected(cluster: &TestCluster, id: NodeId, reason: &str) -> f64 {
     let text = scrape(&cluster.node(id).metrics_addr).await;
     let label = format!("reason=\"{reason}\"");
     text.lines()
