@@ -916,6 +916,12 @@ impl Client {
                 }
             }
         }
+        let last = if cfg.tls.is_none() {
+            // A node with TLS closes a plaintext connection without a word.
+            format!("{last} (this client speaks plaintext; if the cluster uses TLS, give its CA with --ca or SKIFF_CA)")
+        } else {
+            last
+        };
         Err(ClientError::Unreachable {
             endpoints: cfg.endpoints.join(","),
             attempts,
