@@ -138,6 +138,10 @@ pub trait KvBackend: Send + Sync + 'static {
         start_after: Option<String>,
         limit: u32,
     ) -> BoxFuture<'static, Result<KvPage, String>>;
+    /// Told of every request the service refused as the function's fault (a key its grant
+    /// does not cover: `data_denied`; a malformed or oversize request: `data_invalid`), so
+    /// the node can count it.
+    fn refused(&self, _reason: &'static str) {}
 }
 
 /// An unreplicated [`KvBackend`]: one ordered map behind a mutex, with versions drawn from one
@@ -512,7 +516,7 @@ async fn serve_connection(stream: UnixStream, service: &Service) -> io::Result<(
             return Ok(());
         }
         if line.last() != Some(&b'\n') && line.len() > REQUEST_LINE_BYTES_MAX {
-            let reply = Reply::error(&RequestError::Invalid(format!(
+            let reply = service.refusal(&RequestError::Invalid(format!(
                 "request line is longer than {REQUEST_LINE_BYTES_MAX} bytes; closing"
             )));
             send(&mut write, &reply).await?;
@@ -715,12 +719,22 @@ impl Service {
         let request = match serde_json::from_slice::<WireRequest>(line) {
             Ok(request) => request,
             Err(e) => {
-                return Reply::error(&RequestError::Invalid(format!("malformed request: {e}")))
+                return self.refusal(&RequestError::Invalid(format!("malformed request: {e}")))
             }
         };
         self.execute(request)
             .await
-            .unwrap_or_else(|e| Reply::error(&e))
+            .unwrap_or_else(|e| self.refusal(&e))
+    }
+
+    /// The reply to a failed request; a refusal of the function's input is also counted.
+    fn refusal(&self, e: &RequestError) -> Reply {
+        match e {
+            RequestError::Denied { .. } => self.backend.refused("data_denied"),
+            RequestError::Invalid(_) => self.backend.refused("data_invalid"),
+            _ => {}
+        }
+        Reply::error(e)
     }
 
     async fn execute(&self, request: WireRequest) -> Result<Reply, RequestError> {

@@ -1175,6 +1175,10 @@ impl NodeKv {
 }
 
 impl KvBackend for NodeKv {
+    fn refused(&self, reason: &'static str) {
+        self.0 .0.metrics.rejected(reason);
+    }
+
     fn get(
         &self,
         key: String,

@@ -618,6 +618,9 @@ async fn a_function_reads_and_writes_keys_through_the_data_service() {
         out.contains("denied:4"),
         "the denied read is refused: {out}"
     );
+    // And counted by the node that ran it.
+    let node = t.result.as_ref().expect("result").node;
+    assert!(crate::tls::rejected(&cluster, node, "data_denied").await >= 1.0);
     let v = c
         .kv_get(ctx(10), "out/result".into(), ReadConsistency::Linearizable)
         .await
