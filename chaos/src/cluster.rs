@@ -398,6 +398,11 @@ impl Cluster {
             .arg(tls_dir.join(format!("node-{}.key", node.raft_id)))
             .arg("--exit-with-parent")
             .arg(std::process::id().to_string())
+            // openraft's own account of its core stopping is at info level.
+            .env(
+                "SKIFF_LOG",
+                "info,tarpc=warn,openraft=warn,openraft::raft::raft_inner=info",
+            )
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(log)

@@ -119,14 +119,18 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
     tracing::info!(id = node.0.id, listen = %node.0.config.listen, "node started");
     let accept = accept_loop(node.clone(), listener);
     tokio::pin!(accept);
+    let core = raft_core_stopped(node.0.raft.clone());
+    tokio::pin!(core);
     tokio::select! {
         () = shutdown => tracing::info!("shutdown requested"),
         r = &mut accept => r?,
+        why = &mut core => return Err(core_died(why)),
     }
     // Still accepting: the voter taking over may have to dial this node for its vote.
     let handover = tokio::select! {
         h = crate::handover::hand_over(&node) => h,
         r = &mut accept => return r,
+        why = &mut core => return Err(core_died(why)),
     };
     match handover {
         crate::handover::Handover::NotNeeded => {}
@@ -142,6 +146,26 @@ pub async fn run(config: NodeConfig, shutdown: impl Future<Output = ()>) -> Resu
         }
     }
     stop(node).await
+}
+
+/// Resolves, with the reason, once this node's Raft core has stopped. Before shutdown begins
+/// that is fatal: a node without its core can neither vote nor serve, so it exits (for its
+/// supervisor to restart it) instead of answering every call with an error.
+async fn raft_core_stopped(raft: Raft) -> String {
+    let mut m = raft.metrics();
+    loop {
+        if let Err(e) = &m.borrow_and_update().running_state {
+            return e.to_string();
+        }
+        if m.changed().await.is_err() {
+            return "its metrics channel closed".into();
+        }
+    }
+}
+
+fn core_died(why: String) -> NodeError {
+    tracing::error!(%why, "the Raft core stopped; the node exits");
+    NodeError::Raft(format!("the Raft core stopped: {why}"))
 }
 
 /// Opens the store and starts Raft, without serving.
@@ -1627,5 +1651,35 @@ impl Node {
             leader: m.current_leader.filter(|_| m.state != ServerState::Leader),
             leader_addr: addr.filter(|_| m.state != ServerState::Leader),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stopped_raft_core_is_noticed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let overrides = crate::config::Overrides {
+            id: Some(1),
+            listen: Some("127.0.0.1:1".into()),
+            data_dir: Some(dir.path().join("data")),
+            insecure_plaintext: Some(true),
+            ..Default::default()
+        };
+        let mut config = NodeConfig::load(None, overrides).expect("config");
+        config.worker.enabled = false;
+        let node = start(config).await.expect("start");
+        let raft = node.0.raft.clone();
+        // Running: not noticed.
+        let early =
+            tokio::time::timeout(Duration::from_millis(200), raft_core_stopped(raft.clone())).await;
+        assert!(early.is_err(), "a running core is not reported as stopped");
+        raft.shutdown().await.expect("shutdown");
+        let why = tokio::time::timeout(Duration::from_secs(5), raft_core_stopped(raft))
+            .await
+            .expect("a stopped core is noticed at once");
+        assert!(!why.is_empty());
     }
 }
