@@ -149,6 +149,15 @@ impl Node {
         self.child.is_some()
     }
 
+    /// Forgets the process if it has exited on its own (a node exits when its Raft core
+    /// stops); returns how it ended.
+    fn reap_exited(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        self.paused = false;
+        Some(status)
+    }
+
     pub fn is_paused(&self) -> bool {
         self.paused
     }
@@ -367,6 +376,9 @@ impl Cluster {
         let skiffd = self.skiffd.clone();
         let tls_dir = self.tls_dir.clone();
         let node = self.node_mut(id)?;
+        if let Some(status) = node.reap_exited() {
+            tracing::warn!(%status, "node {id} had exited on its own");
+        }
         if node.child.is_some() {
             return Ok(());
         }
@@ -485,6 +497,10 @@ impl Cluster {
     pub async fn heal(&mut self) -> Result<(), ChaosError> {
         self.faults.heal();
         for id in self.ids() {
+            if let Some(status) = self.node_mut(id)?.reap_exited() {
+                // As a supervisor would: start it again from its data.
+                tracing::warn!(%status, "node {id} had exited on its own; restarting it");
+            }
             if self.node(id)?.is_paused() {
                 self.resume_node(id)?;
             }
