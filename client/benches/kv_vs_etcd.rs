@@ -278,8 +278,7 @@ async fn start_skiff(s: &Settings, dir: &Path) -> anyhow::Result<SkiffCluster> {
             .arg(addr)
             .arg("--data-dir")
             .arg(&data_dir)
-            // etcd runs without TLS here too: both sides are measured in plaintext.
-            .arg("--insecure-plaintext")
+            // No TLS files: plaintext, as etcd runs here too.
             .arg("--exit-with-parent")
             .arg(std::process::id().to_string());
         if let Some(config) = &s.skiff_config {

@@ -125,8 +125,8 @@ pub struct Cli {
     #[arg(long, env = "SKIFF_TOKEN", global = true, hide_env_values = true)]
     pub token: Option<String>,
     /// The cluster's CA certificate (PEM): connect over TLS and check each node against it.
-    /// Without it the client speaks plaintext, which only a node configured with
-    /// `tls.insecure_plaintext` accepts.
+    /// Without it the client speaks plaintext, which a node with TLS refuses unless it allows
+    /// plaintext clients (as `skiffd dev` does).
     #[arg(long, env = "SKIFF_CA", global = true)]
     pub ca: Option<std::path::PathBuf>,
     /// Print machine-readable JSON.

@@ -44,8 +44,9 @@ pub struct NodeConfig {
     pub dial_overrides: std::collections::BTreeMap<String, String>,
 }
 
-/// Transport security (see `skiff_client::tls`): every connection to the node is TLS; peers
-/// must present a certificate the cluster CA signed. `skiffd certs` makes the files.
+/// Transport security (see `skiff_client::tls`). With the three files every connection to the
+/// node is TLS and peers must present a certificate the cluster CA signed (`skiffd certs`
+/// makes the files); without them the node speaks plaintext and says so at start.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsSettings {
@@ -55,9 +56,9 @@ pub struct TlsSettings {
     pub cert: Option<PathBuf>,
     /// This node's private key (PEM).
     pub key: Option<PathBuf>,
-    /// Serve and dial in plaintext: nothing encrypted, any process that reaches the port may
-    /// act as a peer. Only for a test bench on loopback; refused together with the paths.
-    pub insecure_plaintext: bool,
+    /// With TLS: also take plaintext *client* connections (the peer service still needs a
+    /// node certificate). For a loopback-only cluster whose clients have no CA file.
+    pub allow_plaintext_clients: bool,
 }
 
 /// Log line format.
@@ -229,7 +230,7 @@ pub struct Overrides {
     pub tls_ca: Option<PathBuf>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
-    pub insecure_plaintext: Option<bool>,
+    pub allow_plaintext_clients: Option<bool>,
 }
 
 /// A partial config as a file may hold it (the required fields may come from flags).
@@ -304,9 +305,9 @@ impl NodeConfig {
                 ca: overrides.tls_ca.or(file.tls.ca),
                 cert: overrides.tls_cert.or(file.tls.cert),
                 key: overrides.tls_key.or(file.tls.key),
-                insecure_plaintext: overrides
-                    .insecure_plaintext
-                    .unwrap_or(file.tls.insecure_plaintext),
+                allow_plaintext_clients: overrides
+                    .allow_plaintext_clients
+                    .unwrap_or(file.tls.allow_plaintext_clients),
             },
             dial_overrides: file.dial_overrides,
         };
@@ -356,33 +357,30 @@ impl NodeConfig {
                 .map_err(|e| invalid("dial_overrides", e))?;
         }
         let t = &self.tls;
-        let paths = [&t.ca, &t.cert, &t.key];
-        if t.insecure_plaintext {
-            if paths.iter().any(|p| p.is_some()) {
-                return Err(invalid(
-                    "tls.insecure_plaintext",
-                    "is set together with TLS files: choose one",
-                ));
-            }
-        } else {
-            for (field, path) in [
-                ("tls.ca", &t.ca),
-                ("tls.cert", &t.cert),
-                ("tls.key", &t.key),
-            ] {
+        let given = [
+            ("tls.ca", &t.ca),
+            ("tls.cert", &t.cert),
+            ("tls.key", &t.key),
+        ];
+        if given.iter().any(|(_, p)| p.is_some()) {
+            for (field, path) in given {
                 match path {
                     None => {
                         return Err(invalid(
                             field,
-                            "is missing: nodes speak mutual TLS; give tls.ca, tls.cert and \
-                             tls.key (`skiffd certs` makes them), or tls.insecure_plaintext = \
-                             true for a loopback test bench",
+                            "is missing: mutual TLS needs tls.ca, tls.cert and tls.key \
+                             (`skiffd certs` makes them)",
                         ))
                     }
                     Some(p) if p.as_os_str().is_empty() => return Err(invalid(field, "is empty")),
                     Some(_) => {}
                 }
             }
+        } else if t.allow_plaintext_clients {
+            return Err(invalid(
+                "tls.allow_plaintext_clients",
+                "only means something with TLS files (without them everything is plaintext)",
+            ));
         }
         let r = &self.raft;
         if r.heartbeat_interval_ms == 0 {
@@ -489,20 +487,18 @@ impl NodeConfig {
             raft: RaftSettings::default(),
             limits: Limits::default(),
             worker: WorkerSettings::default(),
-            tls: TlsSettings {
-                ca: Some(PathBuf::from("/etc/skiff/tls/ca.pem")),
-                cert: Some(PathBuf::from("/etc/skiff/tls/node-1.pem")),
-                key: Some(PathBuf::from("/etc/skiff/tls/node-1.key")),
-                insecure_plaintext: false,
-            },
+            tls: TlsSettings::default(),
             dial_overrides: Default::default(),
         };
         let body = toml::to_string_pretty(&example).expect("the default config serializes");
         format!(
             "# skiffd configuration. Flags (--id, --listen, --data-dir, --metrics-listen, \
-             --log-format,\n# --tls-ca, --tls-cert, --tls-key, --insecure-plaintext) and their \
+             --log-format,\n# --tls-ca, --tls-cert, --tls-key, --allow-plaintext-clients) and their \
              SKIFFD_* environment\n# variables override these values.\n\
-             # advertise = \"10.0.0.1:7001\"   # address peers dial, if not `listen`\n{body}"
+             # advertise = \"10.0.0.1:7001\"   # address peers dial, if not `listen`\n\
+             # Mutual TLS (files from `skiffd certs`); without them the node speaks plaintext:\n\
+             # [tls] ca = \"/etc/skiff/tls/ca.pem\", cert = \"/etc/skiff/tls/node-1.pem\", \
+             key = \"/etc/skiff/tls/node-1.key\"\n{body}"
         )
     }
 
@@ -546,49 +542,44 @@ mod tests {
             id: Some(1),
             listen: Some("127.0.0.1:7001".into()),
             data_dir: Some("/tmp/x".into()),
-            insecure_plaintext: Some(true),
             ..Default::default()
         }
     }
 
     #[test]
-    fn tls_is_required_unless_plaintext_is_asked_for() {
-        let no_tls = Overrides {
-            insecure_plaintext: None,
-            ..overrides()
-        };
-        let err = with_file("", no_tls.clone())
-            .expect_err("no TLS files")
-            .to_string();
-        assert!(
-            err.contains("`tls.ca`") && err.contains("skiffd certs"),
-            "{err}"
-        );
+    fn tls_takes_all_three_files_or_none() {
+        let c = with_file("", overrides()).expect("no TLS: plaintext");
+        assert_eq!(c.tls, TlsSettings::default());
         let err = with_file(
             "[tls]\nca = \"/c/ca.pem\"\ncert = \"/c/n.pem\"\n",
-            no_tls.clone(),
+            overrides(),
         )
         .expect_err("no key")
         .to_string();
-        assert!(err.contains("`tls.key`"), "{err}");
+        assert!(
+            err.contains("`tls.key`") && err.contains("skiffd certs"),
+            "{err}"
+        );
         let c = with_file(
             "[tls]\nca = \"/c/ca.pem\"\ncert = \"/c/n.pem\"\nkey = \"/c/n.key\"\n",
-            no_tls.clone(),
+            overrides(),
         )
         .expect("all three files");
-        assert!(!c.tls.insecure_plaintext);
+        assert!(!c.tls.allow_plaintext_clients);
         let flags = Overrides {
-            tls_ca: Some("/f/ca.pem".into()),
             tls_cert: Some("/f/n.pem".into()),
             tls_key: Some("/f/n.key".into()),
-            ..no_tls
+            allow_plaintext_clients: Some(true),
+            ..overrides()
         };
-        let c = with_file("[tls]\nca = \"/c/ca.pem\"\n", flags).expect("flags complete it");
-        assert_eq!(c.tls.ca.as_deref(), Some(Path::new("/f/ca.pem")));
-        let err = with_file("[tls]\nca = \"/c/ca.pem\"\n", overrides())
-            .expect_err("both plaintext and a file")
+        let c = with_file("[tls]\nca = \"/c/ca.pem\"\ncert = \"/c/x.pem\"\n", flags)
+            .expect("flags complete and override the file");
+        assert_eq!(c.tls.cert.as_deref(), Some(Path::new("/f/n.pem")));
+        assert!(c.tls.allow_plaintext_clients);
+        let err = with_file("[tls]\nallow_plaintext_clients = true\n", overrides())
+            .expect_err("plaintext clients without TLS")
             .to_string();
-        assert!(err.contains("`tls.insecure_plaintext`"), "{err}");
+        assert!(err.contains("`tls.allow_plaintext_clients`"), "{err}");
     }
 
     fn with_file(text: &str, o: Overrides) -> Result<NodeConfig, ConfigError> {

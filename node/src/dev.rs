@@ -143,7 +143,8 @@ pub fn node_command_line(
 ) -> String {
     let (ca, cert, key) = crate::certs::node_files(tls_dir, id);
     format!(
-        "{} --id {id} --listen {addr} --data-dir {} --tls-ca {} --tls-cert {} --tls-key {}",
+        "{} --id {id} --listen {addr} --data-dir {} --tls-ca {} --tls-cert {} --tls-key {} \
+         --allow-plaintext-clients",
         exe.display(),
         data_dir.display(),
         ca.display(),
@@ -214,6 +215,8 @@ fn tls_args(tls_dir: &Path, id: NodeId) -> Vec<std::ffi::OsString> {
         cert.into(),
         "--tls-key".into(),
         key.into(),
+        // Loopback only: a script that reads the endpoints and token but not the CA still works.
+        "--allow-plaintext-clients".into(),
     ]
 }
 

@@ -73,7 +73,7 @@ pub struct NodeInner {
     pub stopping: std::sync::atomic::AtomicBool,
     /// The backup being downloaded from this node (as leader), if any.
     pub exports: crate::backup::Exports,
-    /// The TLS side of the listener (`None`: plaintext, `tls.insecure_plaintext`).
+    /// The TLS side of the listener (`None`: plaintext, no TLS files configured).
     pub tls: Option<TlsAcceptor>,
 }
 
@@ -230,7 +230,8 @@ fn load_tls(
 ) -> Result<(Option<TlsAcceptor>, Option<TlsConnector>), NodeError> {
     let (Some(ca), Some(cert), Some(key)) = (&tls.ca, &tls.cert, &tls.key) else {
         tracing::warn!(
-            "tls.insecure_plaintext: connections are not encrypted and peers are not authenticated"
+            "no TLS configured: connections are not encrypted and peers are not authenticated \
+             (make certificates with `skiffd certs` and set [tls])"
         );
         return Ok((None, None));
     };
@@ -290,11 +291,16 @@ async fn serve_connection(
 ) -> std::io::Result<()> {
     tcp.set_nodelay(true)?;
     let mut stream = match &node.0.tls {
-        Some(tls) => tls.accept(tcp).await.inspect_err(|_| {
-            // Plaintext clients, certificates the CA did not sign, scanners.
-            node.0.metrics.rejected("tls_handshake");
-        })?,
-        None => Conn::Plain(tcp),
+        Some(tls)
+            if !(node.0.config.tls.allow_plaintext_clients && starts_plaintext(&tcp).await) =>
+        {
+            tls.accept(tcp).await.inspect_err(|_| {
+                // Plaintext connections, certificates the CA did not sign, scanners.
+                node.0.metrics.rejected("tls_handshake");
+            })?
+        }
+        // A plaintext connection gets the client service only: `peer_verified` is false.
+        _ => Conn::Plain(tcp),
     };
     let metrics = node.0.metrics.clone();
     let refused = |reason: &'static str| {
@@ -354,6 +360,16 @@ async fn serve_connection(
         }
     }
     Ok(())
+}
+
+/// Whether a new connection starts with a service byte rather than a TLS record (whose first
+/// byte is 22, a handshake); waits at most [`PREAMBLE_TIMEOUT`] for that byte.
+async fn starts_plaintext(tcp: &tokio::net::TcpStream) -> bool {
+    let mut first = [0u8; 1];
+    matches!(
+        tokio::time::timeout(PREAMBLE_TIMEOUT, tcp.peek(&mut first)).await,
+        Ok(Ok(1)) if Service::from_preamble(first[0]).is_some()
+    )
 }
 
 /// Counts a request frame the connection could not take: over the frame limit, or not a
@@ -1665,7 +1681,6 @@ mod tests {
             id: Some(1),
             listen: Some("127.0.0.1:1".into()),
             data_dir: Some(dir.path().join("data")),
-            insecure_plaintext: Some(true),
             ..Default::default()
         };
         let mut config = NodeConfig::load(None, overrides).expect("config");

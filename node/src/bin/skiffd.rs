@@ -48,10 +48,9 @@ struct Args {
     /// This node's private key (PEM).
     #[arg(long, env = "SKIFFD_TLS_KEY")]
     tls_key: Option<PathBuf>,
-    /// Serve and dial without TLS: nothing encrypted, peers not authenticated. For a loopback
-    /// test bench only.
-    #[arg(long, env = "SKIFFD_INSECURE_PLAINTEXT")]
-    insecure_plaintext: bool,
+    /// With TLS: also take plaintext client connections (peers still need a certificate).
+    #[arg(long, env = "SKIFFD_ALLOW_PLAINTEXT_CLIENTS")]
+    allow_plaintext_clients: bool,
     /// Print a complete default configuration and exit.
     #[arg(long)]
     print_default_config: bool,
@@ -224,7 +223,7 @@ fn main() -> anyhow::Result<()> {
                 tls_ca: args.tls_ca,
                 tls_cert: args.tls_cert,
                 tls_key: args.tls_key,
-                insecure_plaintext: args.insecure_plaintext.then_some(true),
+                allow_plaintext_clients: args.allow_plaintext_clients.then_some(true),
             };
             let config = NodeConfig::load(args.config.as_deref(), overrides)?;
             init_logging(config.log_format);

@@ -166,3 +166,35 @@ async fn a_client_needs_the_cluster_ca_and_refuses_a_node_it_cannot_verify() {
         "the error says why: {err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_clients_if_allowed_but_never_plaintext_peers() {
+    // As `skiffd dev` runs its loopback nodes.
+    let cluster = TestCluster::start(1, "[tls]\nallow_plaintext_clients = true\n").await;
+    let addr = cluster.node(1).addr.clone();
+    let mut plain = ClientConfig::new(vec![addr.clone()]).with_token(&cluster.token);
+    plain.attempts_max = 2;
+    let plain = Client::new(plain).expect("client");
+    plain
+        .put("p", b"1".to_vec())
+        .await
+        .expect("a plaintext client is served");
+    cluster
+        .client()
+        .get("p")
+        .await
+        .expect("and a TLS client too")
+        .expect("present");
+    let refused = rejected(&cluster, 1, "peer_without_certificate").await;
+    let c = peer::connect(&addr, PEER_FRAME, None)
+        .await
+        .expect("tcp connects");
+    assert!(
+        c.probe(ctx()).await.is_err(),
+        "a plaintext peer gets nothing"
+    );
+    assert_eq!(
+        rejected(&cluster, 1, "peer_without_certificate").await,
+        refused + 1.0
+    );
+}
