@@ -598,18 +598,28 @@ pub fn parse_manifest(text: &str, dir: &Path, name: Option<String>) -> Result<De
     Ok(plan)
 }
 
-/// A TOML error on one line: its message and the line it points at.
+/// A TOML error on one line: the line it points at and its message, whose parts the parser
+/// puts on lines of their own ("invalid string", "expected ...") joined with semicolons.
 fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let message = e
+        .message()
+        .lines()
+        .map(str::trim)
+        .filter(|part| !part.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ");
     match e.span() {
         Some(span) => {
-            let line = text[..span.start.min(text.len())]
-                .bytes()
-                .filter(|&b| b == b'\n')
+            // Counted in bytes: slicing the `str` would panic on a span that does not start
+            // on a character boundary.
+            let line = text.as_bytes()[..span.start.min(text.len())]
+                .iter()
+                .filter(|&&b| b == b'\n')
                 .count()
                 + 1;
-            format!("line {line}: {}", e.message().trim())
+            format!("line {line}: {message}")
         }
-        None => e.message().trim().to_string(),
+        None => message,
     }
 }
 
@@ -874,6 +884,15 @@ LEVEL = "debug"
         for (text, word) in cases {
             let e = parse_manifest(&text, dir, None).expect_err(word);
             assert!(e.contains(word), "{word}: {e}");
+            assert!(!e.contains('\n'), "one line: {e}");
+        }
+        // Syntax errors whose message the TOML parser writes on two lines.
+        for (text, expected) in [
+            ("\"\\\t", "line 1: invalid escape sequence; expected "),
+            ("env = { a = }\n", "line 1: invalid string; expected "),
+        ] {
+            let e = parse_manifest(text, dir, None).expect_err(text);
+            assert!(e.starts_with(expected), "{expected:?} does not start {e:?}");
             assert!(!e.contains('\n'), "one line: {e}");
         }
     }
