@@ -57,16 +57,61 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub fn framed<S, Item, SinkItem>(
     io: S,
     frame_bytes_max: usize,
-) -> Transport<S, Item, SinkItem, Bincode<Item, SinkItem>>
+) -> Transport<S, Item, SinkItem, GuardedBincode<Item, SinkItem>>
 where
     S: AsyncRead + AsyncWrite,
-    Item: for<'de> serde::Deserialize<'de>,
-    SinkItem: serde::Serialize,
+    Item: for<'de> serde::Deserialize<'de> + Unpin,
+    SinkItem: serde::Serialize + Unpin,
 {
     let codec = LengthDelimitedCodec::builder()
         .max_frame_length(frame_bytes_max)
         .new_codec();
-    tarpc::serde_transport::new(Framed::new(io, codec), Bincode::default())
+    tarpc::serde_transport::new(Framed::new(io, codec), GuardedBincode(Bincode::default()))
+}
+
+/// The bincode codec, with a decode that panics turned into an error. tarpc's own types can
+/// panic while decoding (a request deadline further away than the clock can count overflows
+/// the `Instant` it is added to); one such frame must end its connection, not a task of the
+/// node, whatever the build's panic strategy.
+pub struct GuardedBincode<Item, SinkItem>(Bincode<Item, SinkItem>);
+
+impl<Item, SinkItem> tarpc::tokio_serde::Deserializer<Item> for GuardedBincode<Item, SinkItem>
+where
+    Item: for<'de> serde::Deserialize<'de> + Unpin,
+    SinkItem: Unpin,
+{
+    type Error = std::io::Error;
+
+    fn deserialize(
+        self: std::pin::Pin<&mut Self>,
+        src: &tarpc::tokio_util::bytes::BytesMut,
+    ) -> Result<Item, Self::Error> {
+        let inner = &mut self.get_mut().0;
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            std::pin::Pin::new(inner).deserialize(src)
+        }))
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "a frame whose decoding panicked",
+            ))
+        })
+    }
+}
+
+impl<Item, SinkItem> tarpc::tokio_serde::Serializer<SinkItem> for GuardedBincode<Item, SinkItem>
+where
+    SinkItem: serde::Serialize + Unpin,
+    Item: Unpin,
+{
+    type Error = std::io::Error;
+
+    fn serialize(
+        self: std::pin::Pin<&mut Self>,
+        item: &SinkItem,
+    ) -> Result<tarpc::tokio_util::bytes::Bytes, Self::Error> {
+        std::pin::Pin::new(&mut self.get_mut().0).serialize(item)
+    }
 }
 
 /// Opens a connection to `addr` (TLS when `tls` is given, checking the node's certificate

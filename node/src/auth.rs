@@ -104,6 +104,12 @@ impl Session {
         ))
     }
 
+    /// Whether the connection's token is active here now (after the same once-per-connection
+    /// wait for a token made a moment ago elsewhere).
+    pub async fn token_is_active(&self) -> bool {
+        self.authenticate().await.is_ok()
+    }
+
     async fn authenticate(&self) -> Result<TokenInfo, ApiError> {
         let hash = match &*self.presented {
             Presented::None => {

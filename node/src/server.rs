@@ -324,9 +324,16 @@ async fn serve_connection(
                 .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no token byte"))
                 .map_err(refused("handshake_timeout"))?
                 .map_err(refused("bad_token_handshake"))?;
-            let t = transport::framed(stream, limits.client_frame_bytes_max)
+            let session = Session::new(node.clone(), token);
+            // A connection without an active token can do nothing but `cluster_init`: it gets
+            // small frames, so that what a stranger can make the node decode stays small.
+            let frame_bytes_max = if session.token_is_active().await {
+                limits.client_frame_bytes_max
+            } else {
+                UNAUTHENTICATED_FRAME_BYTES_MAX
+            };
+            let t = transport::framed(stream, frame_bytes_max)
                 .inspect(count_bad_frames(metrics.clone()));
-            let session = Session::new(node, token);
             BaseChannel::with_defaults(t)
                 .max_concurrent_requests(per_conn)
                 .execute(ClientApi::serve(session))
@@ -361,6 +368,10 @@ async fn serve_connection(
     }
     Ok(())
 }
+
+/// Largest frame on a client connection whose token is not active (or absent): room for a
+/// `cluster_init` and the refusals of everything else.
+pub const UNAUTHENTICATED_FRAME_BYTES_MAX: usize = 64 * 1024;
 
 /// Whether a new connection starts with a service byte rather than a TLS record (whose first
 /// byte is 22, a handshake); waits at most [`PREAMBLE_TIMEOUT`] for that byte.

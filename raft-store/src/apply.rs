@@ -980,6 +980,11 @@ mod tests {
         }
 
         proptest! {
+            // A failure is printed with its seed and shrunk input, never written into the tree.
+            #![proptest_config(ProptestConfig {
+                failure_persistence: None,
+                ..ProptestConfig::default()
+            })]
             #[test]
             fn replay_is_deterministic(reqs in requests()) {
                 let mut a = StateMachineData::new();

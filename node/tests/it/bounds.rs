@@ -77,6 +77,12 @@ async fn each_refused_input_is_a_clear_error_and_a_counted_metric() {
             "frame_too_large",
             vec![client_byte, 0, 0x40, 0x00, 0x00, 0x00, 1, 2, 3],
         ),
+        // No token, then a 100 KiB frame: more than a connection without an active token may
+        // send (a token holder may send up to the client frame limit, below).
+        (
+            "frame_too_large",
+            vec![client_byte, 0, 0x00, 0x01, 0x90, 0x00, 1, 2, 3],
+        ),
         // No token, then a 4-byte frame that is no request.
         (
             "undecodable_request",
@@ -89,6 +95,9 @@ async fn each_refused_input_is_a_clear_error_and_a_counted_metric() {
         let after = rejected(&cluster, 1, reason).await;
         assert_eq!(after, before + 1.0, "{reason} is counted once");
     }
-    // The node still serves.
-    client.put("still", b"up".to_vec()).await.expect("write");
+    // The node still serves, and a token holder sends large frames.
+    client
+        .put("still", vec![b'u'; 200 * 1024])
+        .await
+        .expect("a 200 KiB value with a token");
 }
