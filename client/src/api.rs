@@ -36,7 +36,7 @@ pub const CLIENT_FRAME_BYTES_MAX: usize = 8 * 1024 * 1024;
 pub trait ClientApi {
     /// Applies a group of commands through the log (forwarded to the leader if needed) and
     /// returns one result per command, in order.
-    async fn write(commands: Vec<ClientCommand>) -> Result<Vec<CommandResult>, ApiError>;
+    async fn write(commands: Commands) -> Result<Vec<CommandResult>, ApiError>;
     /// Reads one key. `Linearizable` confirms leadership with a quorum first; `Local` reads
     /// the answering node's applied state (may be stale).
     async fn kv_get(key: String, read: ReadConsistency) -> Result<Option<KvEntry>, ApiError>;
@@ -286,5 +286,107 @@ impl std::fmt::Display for MemberRole {
             MemberRole::Voter => "voter",
             MemberRole::Learner => "learner",
         })
+    }
+}
+
+/// The commands of one `write`: at most [`skiff_raft_store::model::COMMANDS_PER_ENTRY_MAX`],
+/// checked while the request is decoded, so that a frame of many tiny commands cannot make a
+/// node hold millions of them before the call is looked at. On the wire it is a plain
+/// sequence (the same bytes as a `Vec<ClientCommand>`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[serde(transparent)]
+pub struct Commands(pub Vec<ClientCommand>);
+
+impl Commands {
+    pub fn into_inner(self) -> Vec<ClientCommand> {
+        self.0
+    }
+}
+
+impl From<Vec<ClientCommand>> for Commands {
+    fn from(commands: Vec<ClientCommand>) -> Commands {
+        Commands(commands)
+    }
+}
+
+impl std::ops::Deref for Commands {
+    type Target = [ClientCommand];
+
+    fn deref(&self) -> &[ClientCommand] {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Commands {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Commands, D::Error> {
+        use serde::de::{Error, SeqAccess, Visitor};
+        const MAX: usize = skiff_raft_store::model::COMMANDS_PER_ENTRY_MAX;
+        struct Bounded;
+        impl<'de> Visitor<'de> for Bounded {
+            type Value = Commands;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                write!(f, "a sequence of at most {MAX} commands")
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Commands, A::Error> {
+                let claimed = seq.size_hint().unwrap_or(0);
+                if claimed > MAX {
+                    return Err(A::Error::invalid_length(claimed, &self));
+                }
+                let mut commands = Vec::with_capacity(claimed);
+                while let Some(c) = seq.next_element()? {
+                    if commands.len() == MAX {
+                        return Err(A::Error::invalid_length(MAX + 1, &self));
+                    }
+                    commands.push(c);
+                }
+                Ok(Commands(commands))
+            }
+        }
+        d.deserialize_seq(Bounded)
+    }
+}
+
+#[cfg(test)]
+mod commands_tests {
+    use super::*;
+
+    fn put(i: usize) -> ClientCommand {
+        ClientCommand {
+            request_id: skiff_raft_store::model::RequestId {
+                client: 1,
+                seq: i as u64,
+            },
+            command: skiff_raft_store::model::Command::KvPut {
+                key: format!("k{i}"),
+                value: vec![],
+                expect_version: None,
+            },
+        }
+    }
+
+    #[test]
+    fn commands_are_a_plain_sequence_and_bounded_when_decoded() {
+        const MAX: usize = skiff_raft_store::model::COMMANDS_PER_ENTRY_MAX;
+        let some: Vec<ClientCommand> = (0..3).map(put).collect();
+        let bytes = bincode::serialize(&Commands(some.clone())).expect("encode");
+        assert_eq!(
+            bytes,
+            bincode::serialize(&some).expect("encode"),
+            "same wire"
+        );
+        let back: Commands = bincode::deserialize(&bytes).expect("decode");
+        assert_eq!(back.into_inner(), some);
+        let at: Vec<ClientCommand> = (0..MAX).map(put).collect();
+        let bytes = bincode::serialize(&at).expect("encode");
+        assert!(
+            bincode::deserialize::<Commands>(&bytes).is_ok(),
+            "the limit itself"
+        );
+        let over: Vec<ClientCommand> = (0..=MAX).map(put).collect();
+        let bytes = bincode::serialize(&over).expect("encode");
+        let err = bincode::deserialize::<Commands>(&bytes).expect_err("one over");
+        assert!(err.to_string().contains(&MAX.to_string()), "{err}");
     }
 }

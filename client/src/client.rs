@@ -245,6 +245,13 @@ impl Client {
     /// Applies commands as one group; each gets its own request id. Retries keep the ids, so
     /// a command is applied at most once even if an attempt's answer was lost.
     pub async fn execute(&self, commands: Vec<Command>) -> Result<Vec<CommandResult>, ClientError> {
+        let max = skiff_raft_store::model::COMMANDS_PER_ENTRY_MAX;
+        if commands.len() > max {
+            return Err(ClientError::Api(ApiError::InvalidArgument(format!(
+                "{} commands in one call, the limit is {max}",
+                commands.len()
+            ))));
+        }
         for c in &commands {
             c.validate()?;
         }
@@ -259,7 +266,7 @@ impl Client {
         let results = self
             .call(|c, ctx| {
                 let commands = commands.clone();
-                async move { c.write(ctx, commands).await }
+                async move { c.write(ctx, commands.into()).await }
             })
             .await?;
         if results.len() != n {
@@ -1096,11 +1103,11 @@ mod tests {
         async fn write(
             self,
             _: context::Context,
-            commands: Vec<ClientCommand>,
+            commands: crate::api::Commands,
         ) -> Result<Vec<CommandResult>, ApiError> {
             let mut st = self.state();
             let mut results = Vec::new();
-            for c in commands {
+            for c in commands.into_inner() {
                 results.push(match c.command {
                     Command::CodeChunk {
                         digest,

@@ -593,7 +593,9 @@ where
 fn message() -> impl Strategy<Value = Sent> {
     prop_oneof![
         kind(prop::collection::vec(client_command(), 0..6), |commands| {
-            ClientApiRequest::Write { commands }
+            ClientApiRequest::Write {
+                commands: commands.into(),
+            }
         }),
         kind((text(), read()), |(key, read)| ClientApiRequest::KvGet {
             key,
@@ -1005,7 +1007,12 @@ fn densest_requests(frame_bytes_max: usize) -> Vec<(&'static str, Vec<u8>)> {
         (
             "commands of five bytes",
             ClientApiRequest::Write {
-                commands: vec![delete; room / 5],
+                // At most `COMMANDS_PER_ENTRY_MAX`: more are refused while decoding.
+                commands: vec![
+                    delete;
+                    (room / 5).min(skiff_raft_store::model::COMMANDS_PER_ENTRY_MAX)
+                ]
+                .into(),
             },
         ),
         (
@@ -1016,7 +1023,8 @@ fn densest_requests(frame_bytes_max: usize) -> Vec<(&'static str, Vec<u8>)> {
                     command: Command::FnDeploy {
                         spec: Box::new(entry_spec),
                     },
-                }],
+                }]
+                .into(),
             },
         ),
         (

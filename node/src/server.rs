@@ -1134,11 +1134,12 @@ impl ClientApi for Session {
     async fn write(
         self,
         _: Context,
-        commands: Vec<ClientCommand>,
+        commands: skiff_client::api::Commands,
     ) -> Result<Vec<CommandResult>, ApiError> {
         let counter = self.clone();
         counter.counted(
             async move {
+                let commands = commands.into_inner();
                 self.allow_write(&commands).await?;
                 self.client_commands_only(&commands)?;
                 Node::write(&self, commands).await

@@ -171,19 +171,19 @@ async fn a_retried_write_is_applied_once() {
         }]
     };
     let first = raw
-        .write(ctx(), put("a"))
+        .write(ctx(), put("a").into())
         .await
         .expect("rpc")
         .expect("write");
     let again = raw
-        .write(ctx(), put("a"))
+        .write(ctx(), put("a").into())
         .await
         .expect("rpc")
         .expect("write");
     assert_eq!(first, again, "a retry returns the first result");
     // Even a retry that (wrongly) changed its payload changes nothing.
     let third = raw
-        .write(ctx(), put("b"))
+        .write(ctx(), put("b").into())
         .await
         .expect("rpc")
         .expect("write");
@@ -225,7 +225,8 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
                     value: vec![0; VALUE_BYTES_MAX + 1],
                     expect_version: None,
                 },
-            }],
+            }]
+            .into(),
         )
         .await
         .expect("rpc");

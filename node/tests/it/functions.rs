@@ -98,7 +98,8 @@ pub(crate) async fn write(c: &ClientApiClient, command: Command) -> CommandResul
                     seq: 1,
                 },
                 command,
-            }],
+            }]
+            .into(),
         )
         .await
         .expect("rpc")

@@ -220,7 +220,8 @@ async fn refused_deploy(c: &skiff_client::api::ClientApiClient, spec: FunctionSp
                 command: Command::FnDeploy {
                     spec: Box::new(spec),
                 },
-            }],
+            }]
+            .into(),
         )
         .await
         .expect("rpc");
