@@ -44,6 +44,9 @@ mod sys;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use cgroup::{
+    cgroup_pool_ready, set_cgroup_pool_size, CGROUP_POOL_SIZE_DEFAULT, CGROUP_POOL_SIZE_MAX,
+};
 pub use error::{PolicyError, SandboxError};
 pub use netns::{
     netns_pool_ready, set_netns_pool_size, NETNS_POOL_SIZE_DEFAULT, NETNS_POOL_SIZE_MAX,

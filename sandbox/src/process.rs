@@ -42,12 +42,11 @@ const STAGING_ROOT: &str = "/run/skiff-sandbox/root";
 
 static SANDBOX_COUNTER: AtomicU32 = AtomicU32::new(0);
 
-fn next_ids() -> (u32, String) {
+fn next_host_id() -> u32 {
     let n = SANDBOX_COUNTER.fetch_add(1, Ordering::Relaxed);
     let pid = std::process::id();
     // Spread node processes over the range so that two of them rarely collide.
-    let host_id = HOST_ID_BASE + (pid.wrapping_mul(7919).wrapping_add(n)) % HOST_ID_RANGE;
-    (host_id, format!("sb-{pid}-{n}"))
+    HOST_ID_BASE + (pid.wrapping_mul(7919).wrapping_add(n)) % HOST_ID_RANGE
 }
 
 fn staging_root() -> Result<&'static Path, SandboxError> {
@@ -307,8 +306,8 @@ impl Prepared {
     ) -> Result<Self, SandboxError> {
         let filters = crate::seccomp::filters()?;
         let staging = staging_root()?;
-        let (host_id, name) = next_ids();
-        let cgroup = Cgroup::create(&name, &spec.limits)?;
+        let host_id = next_host_id();
+        let cgroup = Cgroup::create(&spec.limits)?;
         let mut plan = Plan::build(spec, cgroup.join_files(), host_id, staging, filters)?;
         let netns = if spec.limits.tier.host_network() {
             None
@@ -522,7 +521,15 @@ impl Prepared {
                     }
                     Slot::Supervisor => match self.supervisor_status.read(&mut buf) {
                         Ok(0) | Err(_) => sup_open = false,
-                        Ok(n) => sup_msg.extend_from_slice(&buf[..n]),
+                        Ok(n) => {
+                            sup_msg.extend_from_slice(&buf[..n]);
+                            // The init's exit status: the sandbox's processes are all gone
+                            // (its pid namespace died with it). The supervisor's own exit is
+                            // not waited for here.
+                            if exit_report(&sup_msg).is_some() {
+                                sup_open = false;
+                            }
+                        }
                     },
                 }
             }
@@ -531,9 +538,20 @@ impl Prepared {
             self.cgroup.kill_all()?;
         }
         let wall = start.elapsed();
-        self.reap()?;
-        let stats = self.cgroup.stats()?;
-        self.cgroup.remove()?;
+        let reported = exit_report(&sup_msg).filter(|_| !timed_out);
+        let stats = if reported.is_some() {
+            // Only the supervisor is left, and it has nothing more to do: the counters are
+            // final, and reaping it and removing the cgroup happen off the run's path.
+            let stats = self.cgroup.stats()?;
+            self.reaped = true;
+            crate::cgroup::remove_behind(self.supervisor_pid, self.cgroup.take());
+            stats
+        } else {
+            self.reap()?;
+            let stats = self.cgroup.stats()?;
+            self.cgroup.remove()?;
+            stats
+        };
         if init_msg.first() == Some(&b'E') {
             return Err(parse_report(&init_msg));
         }
@@ -541,8 +559,7 @@ impl Prepared {
             ExitStatus::TimedOut
         } else if stats.oom_kills > 0 {
             ExitStatus::OutOfMemory
-        } else if sup_msg.len() >= 5 && sup_msg[0] == b'X' {
-            let raw = i32::from_le_bytes([sup_msg[1], sup_msg[2], sup_msg[3], sup_msg[4]]);
+        } else if let Some(raw) = reported {
             decode_wait_status(raw)
         } else {
             // The supervisor died without reporting: only a kill from outside does that.
@@ -664,6 +681,14 @@ impl Capture {
                 }
             }
         }
+    }
+}
+
+/// The init's raw wait status from the supervisor's `X` report, once all of it has arrived.
+fn exit_report(msg: &[u8]) -> Option<i32> {
+    match msg {
+        [b'X', a, b, c, d, ..] => Some(i32::from_le_bytes([*a, *b, *c, *d])),
+        _ => None,
     }
 }
 

@@ -245,11 +245,28 @@ impl Syscalls for RealSys {
         Ok(())
     }
 
-    fn mount_proc(&mut self, target: &Path) -> StepResult {
+    fn mount_proc(&mut self, target: &Path, pid_only: bool) -> Result<bool, StepError> {
         let ctarget = cpath(target, "mount proc")?;
         let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+        if pid_only {
+            let ret = mount(
+                Some(c"proc"),
+                &ctarget,
+                Some(c"proc"),
+                flags,
+                Some(c"subset=pid"),
+            );
+            if ret == 0 {
+                return Ok(true);
+            }
+            // A kernel before 5.8 does not know the option: a full /proc, masked instead.
+            let e = errno();
+            if e != libc::EINVAL {
+                return Err(StepError::new("mount proc", Some(target), e));
+            }
+        }
         let ret = mount(Some(c"proc"), &ctarget, Some(c"proc"), flags, None);
-        check(ret, "mount proc", Some(target))
+        check(ret, "mount proc", Some(target)).map(|()| false)
     }
 
     fn remount_read_only(&mut self, target: &Path) -> StepResult {
@@ -515,6 +532,14 @@ pub(crate) fn fork() -> io::Result<ForkResult> {
 pub(crate) fn exit_now(code: i32) -> ! {
     // SAFETY: _exit never returns and is async-signal-safe.
     unsafe { libc::_exit(code) }
+}
+
+/// Registers `handler` to run at a normal process exit (`exit(3)`, a return from `main`);
+/// false if libc has no room for it.
+pub(crate) fn at_exit(handler: extern "C" fn()) -> bool {
+    // SAFETY: `handler` is a plain function that lives as long as the program; atexit only
+    // stores the pointer.
+    unsafe { libc::atexit(handler) == 0 }
 }
 
 /// Moves the calling thread into a new network namespace and returns an fd that keeps the

@@ -13,7 +13,7 @@ pub(crate) mod fake;
 pub(crate) mod linux;
 
 pub(crate) use linux::{
-    adopt_fds, adopt_init_fds, close_fd, exec_work, exit_now, fork, kill_pid,
+    adopt_fds, adopt_init_fds, at_exit, close_fd, exec_work, exit_now, fork, kill_pid,
     new_network_namespace, pin_to_current_cpu, pipe, poll_fds, read_fd, set_affinity,
     set_nonblocking, wait_pid, write_fd, CpuMask, ForkResult, PollWant, RealSys,
 };
@@ -111,7 +111,9 @@ pub(crate) trait Syscalls {
     fn make_file(&mut self, path: &Path, contents: &[u8]) -> StepResult;
     fn make_symlink(&mut self, target: &Path, link: &Path) -> StepResult;
     fn bind_mount(&mut self, source: &Path, target: &Path, read_only: bool) -> StepResult;
-    fn mount_proc(&mut self, target: &Path) -> StepResult;
+    /// Mounts a fresh `/proc`; with `pid_only`, `subset=pid` if the kernel knows it (≥ 5.8).
+    /// Returns whether the mount holds only the process directories.
+    fn mount_proc(&mut self, target: &Path, pid_only: bool) -> Result<bool, StepError>;
     fn remount_read_only(&mut self, target: &Path) -> StepResult;
     /// `pivot_root` into `new_root` and detach the old root.
     fn pivot_root(&mut self, new_root: &Path) -> StepResult;
