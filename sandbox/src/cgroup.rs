@@ -6,8 +6,13 @@
 //! files (limits, three counters, the process list, `cgroup.kill`), and the crate would add a
 //! large dependency tree and its own v1/v2 detection that does not know about our hybrid mount.
 //!
+//! A thread of the node makes a few empty cgroups ahead and removes finished ones behind (see
+//! `ahead`), so neither `mkdir` nor `rmdir` is on a sandbox's start.
+//!
 //! Invariants: every cgroup lives under `<our own cgroup>/skiff-sandbox/` in each hierarchy; a
-//! `Cgroup` is removed (after all its processes are dead) before the run that made it returns.
+//! `Cgroup` serves one sandbox and is removed only after all its processes are dead: before
+//! the run that made it returns, or, after a normal end, by the cgroup thread within
+//! milliseconds (`removals_pending` counts those not yet done).
 
 use std::fs;
 use std::io;
@@ -595,7 +600,7 @@ pub fn removals_pending() -> usize {
 }
 
 /// Hands a finished sandbox to the cgroup thread: reap its supervisor (which has reported the
-/// init's exit and has nothing left to do), then remove its cgroup. Off the run's path: the
+/// init's exit and only exits after that), then remove its cgroup. Off the run's path: the
 /// supervisor's exit tears down its copy of the node's address space and the sandbox's mount
 /// namespace, and removing v1 cgroups takes a few hundred microseconds more. Done here, by the
 /// caller, when the queue is full or the thread cannot run.
@@ -634,8 +639,8 @@ mod ahead {
 
     impl Finished {
         pub(super) fn complete(mut self) {
-            // Already reported and about to exit; the kill only bounds the wait.
-            sys::kill_pid(self.supervisor_pid);
+            // It has reported and is exiting on its own, at idle priority (a kill here would
+            // make it exit at the node's priority, on the CPU of the node's next start).
             if let Err(error) = sys::wait_pid(self.supervisor_pid) {
                 tracing::warn!(%error, pid = self.supervisor_pid, "supervisor not reaped");
             }

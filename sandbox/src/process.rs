@@ -2,10 +2,12 @@
 //! ([`Prepared`]), hand it the work, collect its output within limits, report, clean up.
 //!
 //! Processes: the node forks a *supervisor* (stays in the host pid namespace, in the sandbox's
-//! cgroup, waits for the init and reports its exit status), which forks the *init* (pid 1 of
-//! the new pid namespace), which builds the file system, locks itself down and, once work
-//! arrives on its work pipe, execs the function. When the init dies, the kernel kills every
-//! other process of its pid namespace; on timeout the parent kills the whole cgroup.
+//! cgroup, waits for the init and reports its exit status), which starts the *init* (pid 1 of
+//! the new pid namespace, sharing the supervisor's memory until it execs), which builds the
+//! file system, locks itself down and, once work arrives on its work pipe, execs the function.
+//! When the init dies, the kernel kills every other process of its pid namespace; on timeout
+//! the parent kills the whole cgroup. A run ends at the supervisor's report of the init's exit;
+//! the supervisor is reaped and the cgroup removed behind it (`cgroup::remove_behind`).
 //!
 //! Pipes (all close-on-exec in the parent): supervisor status (`E...` = setup error, `X` +
 //! wait status at the end), work (parent → init: the command; EOF ends it), init status
@@ -194,6 +196,13 @@ fn supervisor_main(
             let mut msg = vec![b'X'];
             msg.extend_from_slice(&status.to_le_bytes());
             let _ = sys::write_fd(3, &msg);
+            // What is left (tearing down this copy of the node's address space and the
+            // sandbox's namespaces) is nobody's wait: it must not take the CPU from the node's
+            // next start, which is pinned to the same one.
+            if let Some(mask) = affinity {
+                let _ = sys::set_affinity(&mask);
+            }
+            sys::lower_to_idle_priority();
             sys::exit_now(0);
         }
     }

@@ -9,8 +9,9 @@
 //!    namespace, parent-death signal (credential changes clear it, so after them), then the
 //!    process maps root inside to its own host ids — what any unprivileged process may do, so
 //!    no round trip to the parent is needed — and takes uid/gid 0 inside.
-//! 2. init (pid 1 of the new pid namespace, so the fresh `/proc` is its own): mounts private,
-//!    tmpfs root with the read-only binds, `/code`, `/tmp`, `/dev`, `/proc` with masks, root
+//! 2. init (pid 1 of the new pid namespace, so the fresh `/proc` is its own; it shares the
+//!    supervisor's memory until its exec): mounts private, tmpfs root with the read-only
+//!    binds, `/code`, `/tmp`, `/dev`, `/proc` (pid-only below the trusted tier, else masked), root
 //!    read-only, `pivot_root` + detach → hostname, rlimits, new session, parent-death signal,
 //!    default signals, inherited fds closed → `no_new_privs`, capabilities dropped →
 //!    Landlock → seccomp, last, because every earlier step needs syscalls it denies.

@@ -868,6 +868,14 @@ pub(crate) fn pin_to_current_cpu() -> io::Result<CpuMask> {
     Ok(CpuMask(old))
 }
 
+/// Moves the calling thread to `SCHED_IDLE`: it runs only when nothing else wants the CPU.
+/// Best effort (lowering one's own priority needs no privilege).
+pub(crate) fn lower_to_idle_priority() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid sched_param that outlives the call; pid 0 is the caller.
+    unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+}
+
 /// Sets the calling thread's affinity.
 pub(crate) fn set_affinity(mask: &CpuMask) -> io::Result<()> {
     // SAFETY: `mask.0` is a valid cpu_set_t of the size passed.
