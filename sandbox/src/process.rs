@@ -192,16 +192,19 @@ fn supervisor_main(
             for fd in [0, 1, 2, 4, 5] {
                 sys::close_fd(fd);
             }
+            // The init has exec'd the function (or died): the setup's ping-pong is over, and
+            // the function may run on any CPU, so the wake-up at its end need not cross to
+            // this one.
+            if let Some(mask) = affinity {
+                let _ = sys::set_affinity(&mask);
+            }
             let status = sys::wait_pid(init_pid).unwrap_or(255 << 8);
             let mut msg = vec![b'X'];
             msg.extend_from_slice(&status.to_le_bytes());
             let _ = sys::write_fd(3, &msg);
             // What is left (tearing down this copy of the node's address space and the
             // sandbox's namespaces) is nobody's wait: it must not take the CPU from the node's
-            // next start, which is pinned to the same one.
-            if let Some(mask) = affinity {
-                let _ = sys::set_affinity(&mask);
-            }
+            // next start.
             sys::lower_to_idle_priority();
             sys::exit_now(0);
         }
