@@ -568,7 +568,7 @@ mod tests {
         assert!(pos(&sys, "close_fds") < pos(&sys, "no_new_privs"));
         assert!(pos(&sys, "no_new_privs") < pos(&sys, "drop_caps"));
         assert!(pos(&sys, "drop_caps") < pos(&sys, "landlock"));
-        assert_eq!(sys.calls.last().map(String::as_str), Some("seccomp 2"));
+        assert_eq!(sys.calls.last().map(String::as_str), Some("seccomp 1"));
         // /code is bound read-only, /etc/shadow never.
         assert!(sys
             .calls
