@@ -301,6 +301,8 @@ pub(crate) struct Cgroup {
     layout: &'static Layout,
     /// Distinct directories, one per hierarchy.
     dirs: Vec<PathBuf>,
+    /// What the limit files hold, when this process wrote all of them.
+    limits: Option<LimitValues>,
     removed: bool,
 }
 
@@ -338,6 +340,7 @@ fn make_dirs(layout: &'static Layout, name: &str) -> Result<Cgroup, SandboxError
     let mut cgroup = Cgroup {
         layout,
         dirs: Vec::new(),
+        limits: None,
         removed: false,
     };
     for base in layout.bases() {
@@ -359,23 +362,50 @@ fn next_name() -> String {
     format!("sb-{}-{n}", std::process::id())
 }
 
+/// The values a sandbox cgroup's limit files hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LimitValues {
+    memory_bytes: u64,
+    /// Including the supervisor.
+    pids_max: u32,
+    cpu_quota_us: u64,
+}
+
+impl LimitValues {
+    fn of(limits: &Limits) -> Self {
+        Self {
+            memory_bytes: limits.memory_bytes_max,
+            pids_max: limits.pids_max + SUPERVISOR_PIDS,
+            cpu_quota_us: u64::from(limits.cpu_millis_max) * CPU_PERIOD_US / 1000,
+        }
+    }
+}
+
 impl Cgroup {
     /// A cgroup of its own for one sandbox, with `limits` written: one made ahead by the
-    /// node's cgroup thread when one is ready, else made now.
+    /// node's cgroup thread when one is ready (with these limits already written when they are
+    /// the ones the previous sandbox asked for), else made now.
     pub(crate) fn create(limits: &Limits) -> Result<Self, SandboxError> {
         let layout = layout()?;
-        let cgroup = match ahead::take() {
+        let values = LimitValues::of(limits);
+        let mut cgroup = match ahead::take(values) {
             Some(cgroup) => cgroup,
             None => make_dirs(layout, &next_name())?,
         };
-        cgroup.write_limits(limits)?;
+        cgroup.write_limits(values)?;
         Ok(cgroup)
     }
 
-    fn write_limits(&self, limits: &Limits) -> Result<(), SandboxError> {
-        let pids_max = (limits.pids_max + SUPERVISOR_PIDS).to_string();
-        let quota_us = u64::from(limits.cpu_millis_max) * CPU_PERIOD_US / 1000;
-        let memory = limits.memory_bytes_max.to_string();
+    /// Writes the limit files, unless they already hold `values`.
+    fn write_limits(&mut self, values: LimitValues) -> Result<(), SandboxError> {
+        if self.limits == Some(values) {
+            return Ok(());
+        }
+        // Unknown until every write has succeeded.
+        let before = self.limits.take();
+        let pids_max = values.pids_max.to_string();
+        let quota_us = values.cpu_quota_us;
+        let memory = values.memory_bytes.to_string();
         match self.layout {
             Layout::V2 { .. } => {
                 let dir = &self.dirs[0];
@@ -392,15 +422,25 @@ impl Cgroup {
                 ..
             } => {
                 let mem_dir = self.dir_under(mem_base);
-                write_file(mem_dir, "memory.limit_in_bytes", &memory)?;
-                // Absent without swap accounting; then there is no swap to limit either.
-                let _ = fs::write(mem_dir.join("memory.memsw.limit_in_bytes"), &memory);
+                // memsw may not go below the memory limit: lower the memory limit first when
+                // shrinking, raise memsw first when growing (a cgroup made ahead may hold
+                // another sandbox's values).
+                let memsw = mem_dir.join("memory.memsw.limit_in_bytes");
+                if before.is_some_and(|b| values.memory_bytes > b.memory_bytes) {
+                    // Absent without swap accounting; then there is no swap to limit either.
+                    let _ = fs::write(&memsw, &memory);
+                    write_file(mem_dir, "memory.limit_in_bytes", &memory)?;
+                } else {
+                    write_file(mem_dir, "memory.limit_in_bytes", &memory)?;
+                    let _ = fs::write(&memsw, &memory);
+                }
                 write_file(self.dir_under(pids), "pids.max", &pids_max)?;
                 let cpu_dir = self.dir_under(cpu);
                 write_file(cpu_dir, "cpu.cfs_period_us", &CPU_PERIOD_US.to_string())?;
                 write_file(cpu_dir, "cpu.cfs_quota_us", &quota_us.to_string())?;
             }
         }
+        self.limits = Some(values);
         Ok(())
     }
 
@@ -554,6 +594,7 @@ impl Cgroup {
         Cgroup {
             layout: self.layout,
             dirs: std::mem::take(&mut self.dirs),
+            limits: self.limits,
             removed: std::mem::replace(&mut self.removed, true),
         }
     }
@@ -627,7 +668,9 @@ mod ahead {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 
-    use super::{layout, make_dirs, next_name, Cgroup, REMOVALS_QUEUED_MAX, RETRY_PAUSE};
+    use super::{
+        layout, make_dirs, next_name, Cgroup, LimitValues, REMOVALS_QUEUED_MAX, RETRY_PAUSE,
+    };
     use crate::sys;
 
     pub(super) static TARGET: AtomicUsize = AtomicUsize::new(super::CGROUP_POOL_SIZE_DEFAULT);
@@ -656,6 +699,8 @@ mod ahead {
         finished: VecDeque<Finished>,
         /// Finished sandboxes queued or being cleaned up.
         pub(super) pending: usize,
+        /// The limits the last sandbox asked for: cgroups made ahead get them written.
+        last_limits: Option<LimitValues>,
     }
 
     pub(super) struct Shared {
@@ -701,12 +746,22 @@ mod ahead {
         })
     }
 
-    /// A ready cgroup, or `None` (pool off, empty, or the thread not running).
-    pub(super) fn take() -> Option<Cgroup> {
+    /// A ready cgroup, one with `limits` already written if there is one, or `None` (pool
+    /// off, empty, or the thread not running).
+    pub(super) fn take(limits: LimitValues) -> Option<Cgroup> {
         if TARGET.load(Ordering::Relaxed) == 0 || !ensure_running() {
             return None;
         }
-        let taken = lock().ready.pop_front();
+        let taken = {
+            let mut work = lock();
+            work.last_limits = Some(limits);
+            let at = work
+                .ready
+                .iter()
+                .position(|c| c.limits == Some(limits))
+                .unwrap_or(0);
+            work.ready.remove(at)
+        };
         shared().wake.notify_one();
         taken
     }
@@ -767,7 +822,15 @@ mod ahead {
                 }
             };
             match job {
-                Job::Make => match layout().and_then(|layout| make_dirs(layout, &next_name())) {
+                Job::Make => match layout()
+                    .and_then(|layout| make_dirs(layout, &next_name()))
+                    .and_then(|mut cgroup| {
+                        let last = lock().last_limits;
+                        if let Some(limits) = last {
+                            cgroup.write_limits(limits)?;
+                        }
+                        Ok(cgroup)
+                    }) {
                     Ok(cgroup) => {
                         failing_since = None;
                         lock().ready.push_back(cgroup);

@@ -401,9 +401,17 @@ impl Prepared {
                 // some containers forbid lowering the score even to root, and a killed
                 // supervisor still takes the sandbox down (parent-death signal) and the OOM is
                 // still reported from the cgroup's counter.
-                let path = format!("/proc/{}/oom_score_adj", self.supervisor_pid);
-                if let Err(error) = std::fs::write(&path, "-1000") {
-                    tracing::debug!(%error, "supervisor oom_score_adj not lowered");
+                // Asked once per process when refused: the refusal is the host's policy.
+                static REFUSED: std::sync::atomic::AtomicBool =
+                    std::sync::atomic::AtomicBool::new(false);
+                if !REFUSED.load(Ordering::Relaxed) {
+                    let path = format!("/proc/{}/oom_score_adj", self.supervisor_pid);
+                    if let Err(error) = std::fs::write(&path, "-1000") {
+                        tracing::debug!(%error, "supervisor oom_score_adj not lowered");
+                        if matches!(error.kind(), io::ErrorKind::PermissionDenied) {
+                            REFUSED.store(true, Ordering::Relaxed);
+                        }
+                    }
                 }
                 Ok(())
             }

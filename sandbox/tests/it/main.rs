@@ -324,6 +324,41 @@ fn a_finished_run_leaves_its_cleanup_to_the_cgroup_thread_which_does_it_at_once(
         assert_eq!(procs.lines().count(), 2, "{}: {procs}", dir.display());
     }
     drop((a, b));
+    // A cgroup made ahead holds the previous sandbox's limits; every sandbox gets its own.
+    let limit_file = |sandbox: &ExecSandbox| -> Option<u64> {
+        sandbox.cgroup_dirs().iter().find_map(|d| {
+            std::fs::read_to_string(d.join("memory.limit_in_bytes"))
+                .or_else(|_| std::fs::read_to_string(d.join("memory.max")))
+                .ok()
+                .and_then(|t| t.trim().parse().ok())
+        })
+    };
+    let small = spec_with(
+        Tier::Untrusted,
+        code.path(),
+        "memory_bytes_max = 67108864
+pids_max = 9",
+    );
+    for (want_memory, spec) in [
+        (256u64 << 20, &spec),
+        (64 << 20, &small),
+        (64 << 20, &small),
+        (256 << 20, &spec),
+    ] {
+        let sandbox = ExecSandbox::create(spec).expect("sandbox");
+        assert_eq!(limit_file(&sandbox), Some(want_memory));
+        let pids = sandbox
+            .cgroup_dirs()
+            .iter()
+            .find_map(|d| std::fs::read_to_string(d.join("pids.max")).ok());
+        let want_pids = spec.limits.pids_max + 1;
+        assert_eq!(
+            pids.map(|p| p.trim().to_string()),
+            Some(want_pids.to_string())
+        );
+        // The pool refills in the background with these limits.
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // Turned off, the pool removes what it kept ready.
     skiff_sandbox::set_cgroup_pool_size(0);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
