@@ -483,7 +483,11 @@ impl Prepared {
         let mut sup_msg = Vec::new();
         let mut sup_open = true;
         let mut timed_out = false;
-        let mut buf = vec![0u8; READ_CHUNK_BYTES];
+        // Output goes straight into the kept bytes; this is only for output past a limit,
+        // made when first needed (zeroing it at every start wrote 16 pages that the
+        // supervisor's copy of this process shares, each a copy-on-write fault).
+        let mut scratch = Vec::new();
+        let mut status_buf = [0u8; 512];
         loop {
             if !sup_open && stdout.file.is_none() && stderr.file.is_none() {
                 break;
@@ -533,19 +537,19 @@ impl Prepared {
                             stdin_file = None;
                         }
                     }
-                    Slot::Stdout => stdout.read(&mut buf),
-                    Slot::Stderr => stderr.read(&mut buf),
+                    Slot::Stdout => stdout.read(&mut scratch),
+                    Slot::Stderr => stderr.read(&mut scratch),
                     Slot::InitStatus => {
                         let f = init_status.as_mut().expect("polled");
-                        match f.read(&mut buf) {
+                        match f.read(&mut status_buf) {
                             Ok(0) | Err(_) => init_status = None,
-                            Ok(n) => init_msg.extend_from_slice(&buf[..n]),
+                            Ok(n) => init_msg.extend_from_slice(&status_buf[..n]),
                         }
                     }
-                    Slot::Supervisor => match self.supervisor_status.read(&mut buf) {
+                    Slot::Supervisor => match self.supervisor_status.read(&mut status_buf) {
                         Ok(0) | Err(_) => sup_open = false,
                         Ok(n) => {
-                            sup_msg.extend_from_slice(&buf[..n]);
+                            sup_msg.extend_from_slice(&status_buf[..n]);
                             // The init's exit status: the sandbox's processes are all gone
                             // (its pid namespace died with it). The supervisor's own exit is
                             // not waited for here.
@@ -689,20 +693,27 @@ impl Capture {
         }
     }
 
-    fn read(&mut self, buf: &mut [u8]) {
+    /// One read: into the kept bytes while there is room, else into `scratch` (made on first
+    /// use) and dropped, which marks the output truncated.
+    fn read(&mut self, scratch: &mut Vec<u8>) {
         let Some(file) = self.file.as_mut() else {
             return;
         };
-        match file.read(buf) {
-            Ok(0) | Err(_) => self.file = None,
-            Ok(n) => {
-                let room = self.limit.saturating_sub(self.data.len());
-                let keep = n.min(room);
-                self.data.extend_from_slice(&buf[..keep]);
-                if keep < n {
-                    self.truncated = true;
-                }
+        let room = self.limit.saturating_sub(self.data.len());
+        let got = if room > 0 {
+            sys::read_into_spare(file.as_raw_fd(), &mut self.data, room.min(READ_CHUNK_BYTES))
+        } else {
+            if scratch.is_empty() {
+                scratch.resize(READ_CHUNK_BYTES, 0);
             }
+            let got = sys::read_fd(file.as_raw_fd(), scratch);
+            if matches!(got, Ok(n) if n > 0) {
+                self.truncated = true;
+            }
+            got
+        };
+        if matches!(got, Ok(0) | Err(_)) {
+            self.file = None;
         }
     }
 }

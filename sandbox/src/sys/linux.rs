@@ -703,6 +703,30 @@ pub(crate) fn read_fd(fd: RawFd, buf: &mut [u8]) -> Result<usize, i32> {
     }
 }
 
+/// `read(2)` once, retrying on EINTR, into the spare capacity of `buf` (at most `max` bytes,
+/// reserved first), appending what was read. Nothing is zeroed: the pages of `buf` are written
+/// only as data arrives.
+pub(crate) fn read_into_spare(fd: RawFd, buf: &mut Vec<u8>, max: usize) -> Result<usize, i32> {
+    buf.reserve(max);
+    loop {
+        let spare = buf.spare_capacity_mut();
+        let len = spare.len().min(max);
+        // SAFETY: pointer and length describe writable spare capacity of `buf`; read(2) writes
+        // at most `len` bytes there.
+        let n = unsafe { libc::read(fd, spare.as_mut_ptr().cast(), len) };
+        if n >= 0 {
+            let n = n as usize;
+            // SAFETY: read(2) initialised the first `n` bytes of the spare capacity.
+            unsafe { buf.set_len(buf.len() + n) };
+            return Ok(n);
+        }
+        let e = errno();
+        if e != libc::EINTR {
+            return Err(e);
+        }
+    }
+}
+
 /// Waits for `pid` and returns its raw wait status.
 pub(crate) fn wait_pid(pid: i32) -> io::Result<i32> {
     let mut status = 0;

@@ -15,8 +15,8 @@ pub(crate) mod linux;
 pub(crate) use linux::{
     adopt_fds, adopt_init_fds, at_exit, close_fd, exec_work, exit_now, fork, kill_pid,
     lower_to_idle_priority, new_network_namespace, pin_to_current_cpu, pipe, poll_fds, read_fd,
-    set_affinity, set_nonblocking, spawn_sharing_memory, wait_pid, write_fd, CpuMask, ForkResult,
-    PollWant, RealSys,
+    read_into_spare, set_affinity, set_nonblocking, spawn_sharing_memory, wait_pid, write_fd,
+    CpuMask, ForkResult, PollWant, RealSys,
 };
 
 /// A failed setup step, as reported from the child to the parent.
