@@ -645,10 +645,16 @@ pub fn removals_pending() -> usize {
 /// supervisor's exit tears down its copy of the node's address space and the sandbox's mount
 /// namespace, and removing v1 cgroups takes a few hundred microseconds more. Done here, by the
 /// caller, when the queue is full or the thread cannot run.
-pub(crate) fn remove_behind(supervisor_pid: i32, cgroup: Cgroup) {
+/// `keep` is freed only once the supervisor is reaped (memory its copy of the node shares).
+pub(crate) fn remove_behind(
+    supervisor_pid: i32,
+    cgroup: Cgroup,
+    keep: Box<dyn std::any::Any + Send>,
+) {
     let finished = ahead::Finished {
         supervisor_pid,
         cgroup,
+        keep,
     };
     if let Some(finished) = ahead::queue_removal(finished) {
         finished.complete();
@@ -678,6 +684,7 @@ mod ahead {
     pub(super) struct Finished {
         pub(super) supervisor_pid: i32,
         pub(super) cgroup: Cgroup,
+        pub(super) keep: Box<dyn std::any::Any + Send>,
     }
 
     impl Finished {
@@ -687,6 +694,7 @@ mod ahead {
             if let Err(error) = sys::wait_pid(self.supervisor_pid) {
                 tracing::warn!(%error, pid = self.supervisor_pid, "supervisor not reaped");
             }
+            drop(self.keep);
             if let Err(error) = self.cgroup.remove() {
                 tracing::warn!(%error, "sandbox cgroup left behind");
             }

@@ -305,6 +305,9 @@ pub(crate) struct Prepared {
     stdout: Option<File>,
     stderr: Option<File>,
     reaped: bool,
+    /// Kept until the supervisor is gone: its copy of this process shares the plan's pages, so
+    /// freeing the plan while it lives costs a copy-on-write fault per page touched.
+    plan: Option<Plan>,
 }
 
 impl Prepared {
@@ -340,6 +343,8 @@ impl Prepared {
         let (out_r, out_w) = pipe()?;
         let (err_r, err_w) = pipe()?;
         let parent_pid = i32::try_from(std::process::id()).expect("pids fit in i32");
+        // Everything the parent keeps is made before the fork, for the same reason as `plan`.
+        let limits = spec.limits.clone();
         let pin = Pin::current_cpu();
         let supervisor_pid = match sys::fork().map_err(|e| SandboxError::syscall("fork", e))? {
             ForkResult::Child => supervisor_main(
@@ -370,7 +375,7 @@ impl Prepared {
             supervisor_pid,
             host_id,
             cgroup,
-            limits: spec.limits.clone(),
+            limits,
             supervisor_status: File::from(sup_status_r),
             work: Some(File::from(work_w)),
             init_status: Some(File::from(init_status_r)),
@@ -379,6 +384,7 @@ impl Prepared {
             stdout: Some(File::from(out_r)),
             stderr: Some(File::from(err_r)),
             reaped: false,
+            plan: Some(plan),
         };
         if let Some(frame) = work {
             prepared.hand_off(frame)?;
@@ -571,7 +577,11 @@ impl Prepared {
             // final, and reaping it and removing the cgroup happen off the run's path.
             let stats = self.cgroup.stats()?;
             self.reaped = true;
-            crate::cgroup::remove_behind(self.supervisor_pid, self.cgroup.take());
+            crate::cgroup::remove_behind(
+                self.supervisor_pid,
+                self.cgroup.take(),
+                Box::new(self.plan.take()),
+            );
             stats
         } else {
             self.reap()?;
