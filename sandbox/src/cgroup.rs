@@ -301,6 +301,9 @@ pub(crate) struct Cgroup {
     layout: &'static Layout,
     /// Distinct directories, one per hierarchy.
     dirs: Vec<PathBuf>,
+    /// The join files (see [`Cgroup::join_files`]), open for writing, in the same order; the
+    /// supervisor inherits them, so the node closes its copies once it has forked.
+    join_fds: Vec<std::os::fd::OwnedFd>,
     /// What the limit files hold, when this process wrote all of them.
     limits: Option<LimitValues>,
     removed: bool,
@@ -340,6 +343,7 @@ fn make_dirs(layout: &'static Layout, name: &str) -> Result<Cgroup, SandboxError
     let mut cgroup = Cgroup {
         layout,
         dirs: Vec::new(),
+        join_fds: Vec::new(),
         limits: None,
         removed: false,
     };
@@ -351,6 +355,16 @@ fn make_dirs(layout: &'static Layout, name: &str) -> Result<Cgroup, SandboxError
         fs::create_dir(&dir).map_err(cg_err("mkdir", &dir))?;
         // Pushed at once: a later failure drops (and so removes) what exists.
         cgroup.dirs.push(dir);
+    }
+    // Opened here (ahead, on the cgroup thread, for a cgroup made ahead) by the node as root:
+    // the kernel checks a migration against the opener's credentials, and the supervisor then
+    // only writes, without looking up the long cgroup paths on the start.
+    for file in cgroup.join_files() {
+        let fd = fs::OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .map_err(cg_err("open", &file))?;
+        cgroup.join_fds.push(std::os::fd::OwnedFd::from(fd));
     }
     Ok(cgroup)
 }
@@ -456,6 +470,17 @@ impl Cgroup {
             Layout::V1 { .. } => "tasks",
         };
         self.dirs.iter().map(|d| d.join(file)).collect()
+    }
+
+    /// The open join files, in the order of [`Cgroup::join_files`].
+    pub(crate) fn join_fds(&self) -> Vec<i32> {
+        use std::os::fd::AsRawFd;
+        self.join_fds.iter().map(AsRawFd::as_raw_fd).collect()
+    }
+
+    /// Closes this process's copies of the join files (the supervisor has its own).
+    pub(crate) fn close_join_fds(&mut self) {
+        self.join_fds.clear();
     }
 
     /// The directory that holds memory counters (for errors and tests).
@@ -594,6 +619,7 @@ impl Cgroup {
         Cgroup {
             layout: self.layout,
             dirs: std::mem::take(&mut self.dirs),
+            join_fds: std::mem::take(&mut self.join_fds),
             limits: self.limits,
             removed: std::mem::replace(&mut self.removed, true),
         }

@@ -345,23 +345,32 @@ impl Prepared {
         let parent_pid = i32::try_from(std::process::id()).expect("pids fit in i32");
         // Everything the parent keeps is made before the fork, for the same reason as `plan`.
         let limits = spec.limits.clone();
+        // The supervisor's fds 3.. in order: its status, work, init status, the cgroup's join
+        // files (from JOIN_FDS_FIRST), then the network namespace if one was made ahead.
+        let mut control = vec![
+            sup_status_w.as_raw_fd(),
+            work_r.as_raw_fd(),
+            init_status_w.as_raw_fd(),
+        ];
+        control.extend(cgroup.join_fds());
+        control.extend(netns.as_ref().map(AsRawFd::as_raw_fd));
+        debug_assert_eq!(
+            control.len(),
+            3 + plan.cgroup_join_files.len() + usize::from(netns.is_some())
+        );
         let pin = Pin::current_cpu();
         let supervisor_pid = match sys::fork().map_err(|e| SandboxError::syscall("fork", e))? {
             ForkResult::Child => supervisor_main(
                 &plan,
                 parent_pid,
                 [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()],
-                &[
-                    sup_status_w.as_raw_fd(),
-                    work_r.as_raw_fd(),
-                    init_status_w.as_raw_fd(),
-                    // Lands on NETNS_FD; absent, nothing is there (and nothing is joined).
-                    netns.as_ref().map_or(-1, AsRawFd::as_raw_fd),
-                ][..if netns.is_some() { 4 } else { 3 }],
+                &control,
                 pin.original,
             ),
             ForkResult::Parent(pid) => pid,
         };
+        let mut cgroup = cgroup;
+        cgroup.close_join_fds();
         drop((
             sup_status_w,
             work_r,

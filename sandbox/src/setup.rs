@@ -59,8 +59,9 @@ const ETC_NSSWITCH: &[u8] = b"passwd: files\ngroup: files\nhosts: files dns\n";
 pub(crate) const HOSTNAME: &str = "sandbox";
 /// fds the init keeps until exec: 0..=2 stdio, 3 work, 4 status.
 pub(crate) const INIT_FDS_KEPT: i32 = 5;
-/// Where the supervisor finds a network namespace made ahead (after stdio and its three pipes).
-pub(crate) const NETNS_FD: i32 = 6;
+/// Where the supervisor finds the cgroup's join files, open (after stdio and its three pipes);
+/// a network namespace made ahead follows them (see [`Plan::netns_fd`]).
+pub(crate) const JOIN_FDS_FIRST: i32 = 6;
 
 /// One step of building the root file system (paths are already under the staging root).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,7 +97,7 @@ pub(crate) enum RootOp {
 #[derive(Debug, Clone)]
 pub(crate) struct Plan {
     pub namespaces: Namespaces,
-    /// Join the network namespace open at [`NETNS_FD`] (made ahead by the node) instead of
+    /// Join the network namespace open at [`Plan::netns_fd`] (made ahead by the node) instead of
     /// creating one.
     pub join_network_namespace: bool,
     pub cgroup_join_files: Vec<PathBuf>,
@@ -413,7 +414,12 @@ impl Plan {
 }
 
 impl Plan {
-    /// Takes the network namespace from [`NETNS_FD`] instead of creating one. Only for a plan
+    /// Where the supervisor finds a network namespace made ahead: after the join files.
+    pub(crate) fn netns_fd(&self) -> i32 {
+        JOIN_FDS_FIRST + i32::try_from(self.cgroup_join_files.len()).expect("a few hierarchies")
+    }
+
+    /// Takes the network namespace from [`Plan::netns_fd`] instead of creating one. Only for a plan
     /// that has a network namespace of its own (below the trusted tier).
     pub(crate) fn join_network_namespace_ahead(&mut self) {
         debug_assert!(self.namespaces.0 & Namespaces::NET != 0);
@@ -425,13 +431,13 @@ impl Plan {
 /// Steps of the supervisor, up to (not including) the fork of the init.
 pub(crate) fn supervisor(sys: &mut impl Syscalls, plan: &Plan) -> StepResult {
     sys.drop_supplementary_groups()?;
-    for file in &plan.cgroup_join_files {
-        sys.join_cgroup(file)?;
+    for (fd, file) in (JOIN_FDS_FIRST..).zip(&plan.cgroup_join_files) {
+        sys.join_cgroup(fd, file)?;
     }
     // setns needs the host's root (the namespace belongs to the host's user namespace), so
     // before the host ids are dropped.
     if plan.join_network_namespace {
-        sys.enter_network_namespace(NETNS_FD)?;
+        sys.enter_network_namespace(plan.netns_fd())?;
     }
     sys.set_host_ids(plan.host_id)?;
     sys.unshare(plan.namespaces)?;
@@ -539,7 +545,7 @@ mod tests {
         assert!(!plan.namespaces.contains(Namespaces::NET));
         let mut sys = RecordingSys::new();
         supervisor(&mut sys, &plan).expect("fake succeeds");
-        assert!(pos(&sys, "join_cgroup") < pos(&sys, "setns_net 6"));
+        assert!(pos(&sys, "join_cgroup 6 /cg/memory/x/tasks") < pos(&sys, "setns_net 7"));
         assert!(pos(&sys, "setns_net") < pos(&sys, "set_host_ids"));
         let unshare = &sys.calls[pos(&sys, "unshare")];
         let flags =

@@ -50,8 +50,8 @@ impl Syscalls for RecordingSys {
     fn drop_supplementary_groups(&mut self) -> StepResult {
         self.record("setgroups".into())
     }
-    fn join_cgroup(&mut self, join_file: &Path) -> StepResult {
-        self.record(format!("join_cgroup {}", join_file.display()))
+    fn join_cgroup(&mut self, fd: i32, join_file: &Path) -> StepResult {
+        self.record(format!("join_cgroup {fd} {}", join_file.display()))
     }
     fn set_host_ids(&mut self, id: u32) -> StepResult {
         self.record(format!("set_host_ids {id}"))

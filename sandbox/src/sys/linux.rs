@@ -117,13 +117,12 @@ impl Syscalls for RealSys {
         check(ret, "setgroups", None)
     }
 
-    fn join_cgroup(&mut self, join_file: &Path) -> StepResult {
+    fn join_cgroup(&mut self, fd: i32, join_file: &Path) -> StepResult {
         // Writing "0" moves the writing process itself, on v1 and v2 alike.
-        OpenOptions::new()
-            .write(true)
-            .open(join_file)
-            .and_then(|mut f| f.write_all(b"0"))
-            .map_err(|e| StepError::new("join cgroup", Some(join_file), io_errno(&e)))
+        let result = write_fd(fd, b"0")
+            .map_err(|errno| StepError::new("join cgroup", Some(join_file), errno));
+        close_fd(fd);
+        result
     }
 
     fn enter_network_namespace(&mut self, fd: i32) -> StepResult {

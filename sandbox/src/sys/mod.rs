@@ -93,7 +93,9 @@ pub(crate) trait Syscalls {
     // Supervisor (outside the new pid namespace).
     fn set_parent_death_signal(&mut self) -> StepResult;
     fn drop_supplementary_groups(&mut self) -> StepResult;
-    fn join_cgroup(&mut self, join_file: &Path) -> StepResult;
+    /// Joins a cgroup by writing "0" into its join file `join_file`, open at `fd` (opened by
+    /// the node as root), then closes it.
+    fn join_cgroup(&mut self, fd: i32, join_file: &Path) -> StepResult;
     /// Becomes the unprivileged host uid and gid `id` (while still in the host's namespace).
     fn set_host_ids(&mut self, id: u32) -> StepResult;
     /// Joins the network namespace open at `fd` (one the node created ahead), then closes it.
