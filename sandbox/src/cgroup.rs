@@ -660,6 +660,30 @@ pub fn cgroup_pool_ready() -> usize {
     ahead::lock().ready.len()
 }
 
+/// Marks a sandbox start in its setup (from before its cgroup is taken until its init is
+/// ready): meanwhile the cgroup thread holds back its `mkdir`s and `rmdir`s (at most
+/// [`SETUP_YIELD_MAX`]), which hold the cgroup mutex the start's supervisor needs to join.
+pub(crate) struct StartInSetup(());
+
+/// The longest the cgroup thread holds back for starts in their setup.
+const SETUP_YIELD_MAX: Duration = Duration::from_millis(3);
+
+impl StartInSetup {
+    pub(crate) fn begin() -> Self {
+        ahead::lock().starts_in_setup += 1;
+        StartInSetup(())
+    }
+}
+
+impl Drop for StartInSetup {
+    fn drop(&mut self) {
+        let mut work = ahead::lock();
+        work.starts_in_setup = work.starts_in_setup.saturating_sub(1);
+        drop(work);
+        ahead::shared().wake.notify_all();
+    }
+}
+
 /// How many finished sandboxes still wait for their supervisor to be reaped and their cgroup
 /// removed by the cgroup thread (each is done within a few milliseconds of its run's end).
 pub fn removals_pending() -> usize {
@@ -702,6 +726,7 @@ mod ahead {
 
     use super::{
         layout, make_dirs, next_name, Cgroup, LimitValues, REMOVALS_QUEUED_MAX, RETRY_PAUSE,
+        SETUP_YIELD_MAX,
     };
     use crate::sys;
 
@@ -735,6 +760,8 @@ mod ahead {
         pub(super) pending: usize,
         /// The limits the last sandbox asked for: cgroups made ahead get them written.
         last_limits: Option<LimitValues>,
+        /// See [`super::StartInSetup`].
+        pub(super) starts_in_setup: usize,
     }
 
     pub(super) struct Shared {
@@ -827,6 +854,19 @@ mod ahead {
         loop {
             let job = {
                 let mut work = lock();
+                // Let the starts in their setup join their cgroups first (bounded).
+                let until = std::time::Instant::now() + SETUP_YIELD_MAX;
+                while work.starts_in_setup > 0 {
+                    let left = until.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    work = shared()
+                        .wake
+                        .wait_timeout(work, left)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .0;
+                }
                 loop {
                     let target = TARGET.load(Ordering::Relaxed);
                     let may_make = failing_since.is_none_or(|t| t.elapsed() >= RETRY_PAUSE);

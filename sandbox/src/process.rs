@@ -325,6 +325,7 @@ impl Prepared {
         let filters = crate::seccomp::filters()?;
         let staging = staging_root()?;
         let host_id = next_host_id();
+        let in_setup = crate::cgroup::StartInSetup::begin();
         let cgroup = Cgroup::create(&spec.limits)?;
         let mut plan = Plan::build(spec, cgroup.join_files(), host_id, staging, filters)?;
         let netns = if spec.limits.tier.host_network() {
@@ -399,6 +400,7 @@ impl Prepared {
             prepared.hand_off(frame)?;
         }
         prepared.handshake()?;
+        drop(in_setup);
         drop(pin);
         Ok(prepared)
     }
