@@ -1,4 +1,6 @@
 //! Runs one command in a sandbox and prints the outcome: `once TIER CODE_DIR CMD...`.
+//! `ONCE_REPEAT=N` runs it N times; `ONCE_NETNS_POOL=N` and `ONCE_CGROUP_POOL=N` set the
+//! sizes of the pools made ahead (0 turns one off).
 fn main() {
     let mut args = std::env::args().skip(1);
     let tier: skiff_sandbox::Tier = args
@@ -13,6 +15,13 @@ fn main() {
     } else {
         argv
     };
+    let size = |var: &str| std::env::var(var).ok().and_then(|v| v.parse().ok());
+    if let Some(n) = size("ONCE_NETNS_POOL") {
+        skiff_sandbox::set_netns_pool_size(n);
+    }
+    if let Some(n) = size("ONCE_CGROUP_POOL") {
+        skiff_sandbox::set_cgroup_pool_size(n);
+    }
     let spec = skiff_sandbox::SandboxSpec::new(tier, code);
     let n: usize = std::env::var("ONCE_REPEAT")
         .ok()

@@ -6,12 +6,18 @@
 //! files (limits, three counters, the process list, `cgroup.kill`), and the crate would add a
 //! large dependency tree and its own v1/v2 detection that does not know about our hybrid mount.
 //!
+//! A thread of the node makes a few empty cgroups ahead and removes finished ones behind (see
+//! `ahead`), so neither `mkdir` nor `rmdir` is on a sandbox's start.
+//!
 //! Invariants: every cgroup lives under `<our own cgroup>/skiff-sandbox/` in each hierarchy; a
-//! `Cgroup` is removed (after all its processes are dead) before the run that made it returns.
+//! `Cgroup` serves one sandbox and is removed only after all its processes are dead: before
+//! the run that made it returns, or, after a normal end, by the cgroup thread within
+//! milliseconds (`removals_pending` counts those not yet done).
 
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -295,6 +301,11 @@ pub(crate) struct Cgroup {
     layout: &'static Layout,
     /// Distinct directories, one per hierarchy.
     dirs: Vec<PathBuf>,
+    /// The join files (see [`Cgroup::join_files`]), open for writing, in the same order; the
+    /// supervisor inherits them, so the node closes its copies once it has forked.
+    join_fds: Vec<std::os::fd::OwnedFd>,
+    /// What the limit files hold, when this process wrote all of them.
+    limits: Option<LimitValues>,
     removed: bool,
 }
 
@@ -326,54 +337,125 @@ fn keyed_value(text: &str, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// The directories of one sandbox cgroup, one per hierarchy (in [`Layout::bases`] order, a
+/// hierarchy mounted twice counted once), created without limits.
+fn make_dirs(layout: &'static Layout, name: &str) -> Result<Cgroup, SandboxError> {
+    let mut cgroup = Cgroup {
+        layout,
+        dirs: Vec::new(),
+        join_fds: Vec::new(),
+        limits: None,
+        removed: false,
+    };
+    for base in layout.bases() {
+        let dir = base.join(name);
+        if cgroup.dirs.contains(&dir) {
+            continue;
+        }
+        fs::create_dir(&dir).map_err(cg_err("mkdir", &dir))?;
+        // Pushed at once: a later failure drops (and so removes) what exists.
+        cgroup.dirs.push(dir);
+    }
+    // Opened here (ahead, on the cgroup thread, for a cgroup made ahead) by the node as root:
+    // the kernel checks a migration against the opener's credentials, and the supervisor then
+    // only writes, without looking up the long cgroup paths on the start.
+    for file in cgroup.join_files() {
+        let fd = fs::OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .map_err(cg_err("open", &file))?;
+        cgroup.join_fds.push(std::os::fd::OwnedFd::from(fd));
+    }
+    Ok(cgroup)
+}
+
+/// A fresh sandbox cgroup name: `sb-<node pid>-<n>`, never used before by this process.
+fn next_name() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("sb-{}-{n}", std::process::id())
+}
+
+/// The values a sandbox cgroup's limit files hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct LimitValues {
+    memory_bytes: u64,
+    /// Including the supervisor.
+    pids_max: u32,
+    cpu_quota_us: u64,
+}
+
+impl LimitValues {
+    fn of(limits: &Limits) -> Self {
+        Self {
+            memory_bytes: limits.memory_bytes_max,
+            pids_max: limits.pids_max + SUPERVISOR_PIDS,
+            cpu_quota_us: u64::from(limits.cpu_millis_max) * CPU_PERIOD_US / 1000,
+        }
+    }
+}
+
 impl Cgroup {
-    /// Creates the cgroup `name` and writes its limits.
-    pub(crate) fn create(name: &str, limits: &Limits) -> Result<Self, SandboxError> {
+    /// A cgroup of its own for one sandbox, with `limits` written: one made ahead by the
+    /// node's cgroup thread when one is ready (with these limits already written when they are
+    /// the ones the previous sandbox asked for), else made now.
+    pub(crate) fn create(limits: &Limits) -> Result<Self, SandboxError> {
         let layout = layout()?;
-        let pids_max = (limits.pids_max + SUPERVISOR_PIDS).to_string();
-        let quota_us = u64::from(limits.cpu_millis_max) * CPU_PERIOD_US / 1000;
-        let memory = limits.memory_bytes_max.to_string();
-        let mut cgroup = Cgroup {
-            layout,
-            dirs: Vec::new(),
-            removed: false,
+        let values = LimitValues::of(limits);
+        let mut cgroup = match ahead::take(values) {
+            Some(cgroup) => cgroup,
+            None => make_dirs(layout, &next_name())?,
         };
-        match layout {
-            Layout::V2 { base } => {
-                let dir = base.join(name);
-                fs::create_dir(&dir).map_err(cg_err("mkdir", &dir))?;
-                cgroup.dirs.push(dir.clone());
-                write_file(&dir, "memory.max", &memory)?;
+        cgroup.write_limits(values)?;
+        Ok(cgroup)
+    }
+
+    /// Writes the limit files, unless they already hold `values`.
+    fn write_limits(&mut self, values: LimitValues) -> Result<(), SandboxError> {
+        if self.limits == Some(values) {
+            return Ok(());
+        }
+        // Unknown until every write has succeeded.
+        let before = self.limits.take();
+        let pids_max = values.pids_max.to_string();
+        let quota_us = values.cpu_quota_us;
+        let memory = values.memory_bytes.to_string();
+        match self.layout {
+            Layout::V2 { .. } => {
+                let dir = &self.dirs[0];
+                write_file(dir, "memory.max", &memory)?;
                 // Swap would let a function exceed its memory limit silently.
                 let _ = fs::write(dir.join("memory.swap.max"), "0");
-                write_file(&dir, "pids.max", &pids_max)?;
-                write_file(&dir, "cpu.max", &format!("{quota_us} {CPU_PERIOD_US}"))?;
+                write_file(dir, "pids.max", &pids_max)?;
+                write_file(dir, "cpu.max", &format!("{quota_us} {CPU_PERIOD_US}"))?;
             }
             Layout::V1 {
                 memory: mem_base,
                 pids,
                 cpu,
-                cpuacct,
+                ..
             } => {
-                for base in [mem_base, pids, cpu, cpuacct] {
-                    let dir = base.join(name);
-                    if cgroup.dirs.contains(&dir) {
-                        continue;
-                    }
-                    fs::create_dir(&dir).map_err(cg_err("mkdir", &dir))?;
-                    cgroup.dirs.push(dir);
+                let mem_dir = self.dir_under(mem_base);
+                // memsw may not go below the memory limit: lower the memory limit first when
+                // shrinking, raise memsw first when growing (a cgroup made ahead may hold
+                // another sandbox's values).
+                let memsw = mem_dir.join("memory.memsw.limit_in_bytes");
+                if before.is_some_and(|b| values.memory_bytes > b.memory_bytes) {
+                    // Absent without swap accounting; then there is no swap to limit either.
+                    let _ = fs::write(&memsw, &memory);
+                    write_file(mem_dir, "memory.limit_in_bytes", &memory)?;
+                } else {
+                    write_file(mem_dir, "memory.limit_in_bytes", &memory)?;
+                    let _ = fs::write(&memsw, &memory);
                 }
-                let mem_dir = mem_base.join(name);
-                write_file(&mem_dir, "memory.limit_in_bytes", &memory)?;
-                // Absent without swap accounting; then there is no swap to limit either.
-                let _ = fs::write(mem_dir.join("memory.memsw.limit_in_bytes"), &memory);
-                write_file(&pids.join(name), "pids.max", &pids_max)?;
-                let cpu_dir = cpu.join(name);
-                write_file(&cpu_dir, "cpu.cfs_period_us", &CPU_PERIOD_US.to_string())?;
-                write_file(&cpu_dir, "cpu.cfs_quota_us", &quota_us.to_string())?;
+                write_file(self.dir_under(pids), "pids.max", &pids_max)?;
+                let cpu_dir = self.dir_under(cpu);
+                write_file(cpu_dir, "cpu.cfs_period_us", &CPU_PERIOD_US.to_string())?;
+                write_file(cpu_dir, "cpu.cfs_quota_us", &quota_us.to_string())?;
             }
         }
-        Ok(cgroup)
+        self.limits = Some(values);
+        Ok(())
     }
 
     /// The files a single-threaded process writes "0" into to join this cgroup.
@@ -388,6 +470,17 @@ impl Cgroup {
             Layout::V1 { .. } => "tasks",
         };
         self.dirs.iter().map(|d| d.join(file)).collect()
+    }
+
+    /// The open join files, in the order of [`Cgroup::join_files`].
+    pub(crate) fn join_fds(&self) -> Vec<i32> {
+        use std::os::fd::AsRawFd;
+        self.join_fds.iter().map(AsRawFd::as_raw_fd).collect()
+    }
+
+    /// Closes this process's copies of the join files (the supervisor has its own).
+    pub(crate) fn close_join_fds(&mut self) {
+        self.join_fds.clear();
     }
 
     /// The directory that holds memory counters (for errors and tests).
@@ -450,12 +543,18 @@ impl Cgroup {
 
     /// Pids of the processes in the cgroup (every hierarchy holds the same set).
     pub(crate) fn pids(&self) -> Result<Vec<i32>, SandboxError> {
-        let text = read_file(&self.dirs[0], "cgroup.procs")?;
+        let Some(dir) = self.dirs.first() else {
+            return Ok(Vec::new());
+        };
+        let text = read_file(dir, "cgroup.procs")?;
         Ok(text.lines().filter_map(|l| l.trim().parse().ok()).collect())
     }
 
     /// Kills every process in the cgroup and waits until it is empty.
     pub(crate) fn kill_all(&self) -> Result<(), SandboxError> {
+        if self.dirs.is_empty() {
+            return Ok(());
+        }
         if matches!(self.layout, Layout::V2 { .. }) {
             let _ = fs::write(self.dirs[0].join("cgroup.kill"), "1");
         }
@@ -515,6 +614,17 @@ impl Cgroup {
         Ok(())
     }
 
+    /// Moves the directories into a new handle; this one is left owning nothing.
+    pub(crate) fn take(&mut self) -> Cgroup {
+        Cgroup {
+            layout: self.layout,
+            dirs: std::mem::take(&mut self.dirs),
+            join_fds: std::mem::take(&mut self.join_fds),
+            limits: self.limits,
+            removed: std::mem::replace(&mut self.removed, true),
+        }
+    }
+
     pub(crate) fn dirs(&self) -> &[PathBuf] {
         &self.dirs
     }
@@ -524,6 +634,310 @@ impl Drop for Cgroup {
     fn drop(&mut self) {
         if let Err(error) = self.remove() {
             tracing::warn!(%error, "sandbox cgroup left behind");
+        }
+    }
+}
+
+/// Cgroups kept ready by default (see [`set_cgroup_pool_size`]).
+pub const CGROUP_POOL_SIZE_DEFAULT: usize = 4;
+/// The largest pool [`set_cgroup_pool_size`] accepts.
+pub const CGROUP_POOL_SIZE_MAX: usize = 64;
+/// Finished sandboxes whose cgroups wait for the cgroup thread; beyond this, the run that
+/// finished removes its own (as it would without the thread).
+const REMOVALS_QUEUED_MAX: usize = 64;
+/// Pause after a failed creation ahead before the next try (it must not spin).
+const RETRY_PAUSE: Duration = Duration::from_secs(5);
+
+/// Sets how many empty sandbox cgroups the process keeps ready (0 turns the pool off and
+/// removes the ready ones; clamped to [`CGROUP_POOL_SIZE_MAX`]).
+pub fn set_cgroup_pool_size(size: usize) {
+    ahead::TARGET.store(size.min(CGROUP_POOL_SIZE_MAX), Ordering::Relaxed);
+    ahead::shared().wake.notify_one();
+}
+
+/// How many sandbox cgroups are ready now.
+pub fn cgroup_pool_ready() -> usize {
+    ahead::lock().ready.len()
+}
+
+/// Marks a sandbox start in its setup (from before its cgroup is taken until its init is
+/// ready): meanwhile the cgroup thread holds back its `mkdir`s and `rmdir`s (at most
+/// [`SETUP_YIELD_MAX`]), which hold the cgroup mutex the start's supervisor needs to join.
+pub(crate) struct StartInSetup(());
+
+/// The longest the cgroup thread holds back for starts in their setup.
+const SETUP_YIELD_MAX: Duration = Duration::from_millis(3);
+
+impl StartInSetup {
+    pub(crate) fn begin() -> Self {
+        ahead::lock().starts_in_setup += 1;
+        StartInSetup(())
+    }
+}
+
+impl Drop for StartInSetup {
+    fn drop(&mut self) {
+        let mut work = ahead::lock();
+        work.starts_in_setup = work.starts_in_setup.saturating_sub(1);
+        drop(work);
+        ahead::shared().wake.notify_all();
+    }
+}
+
+/// How many finished sandboxes still wait for their supervisor to be reaped and their cgroup
+/// removed by the cgroup thread (each is done within a few milliseconds of its run's end).
+pub fn removals_pending() -> usize {
+    ahead::lock().pending
+}
+
+/// Hands a finished sandbox to the cgroup thread: reap its supervisor (which has reported the
+/// init's exit and only exits after that), then remove its cgroup. Off the run's path: the
+/// supervisor's exit tears down its copy of the node's address space and the sandbox's mount
+/// namespace, and removing v1 cgroups takes a few hundred microseconds more. Done here, by the
+/// caller, when the queue is full or the thread cannot run.
+/// `keep` is freed only once the supervisor is reaped (memory its copy of the node shares).
+pub(crate) fn remove_behind(
+    supervisor_pid: i32,
+    cgroup: Cgroup,
+    keep: Box<dyn std::any::Any + Send>,
+) {
+    let finished = ahead::Finished {
+        supervisor_pid,
+        cgroup,
+        keep,
+    };
+    if let Some(finished) = ahead::queue_removal(finished) {
+        finished.complete();
+    }
+}
+
+/// Cgroups made ahead and removed behind by one thread of the node (`skiff-cgroup`), the way
+/// `netns` makes network namespaces ahead.
+///
+/// Invariants: a cgroup made ahead is empty and has never held a process; it is handed to one
+/// sandbox and never back (a finished sandbox's cgroup is removed, never pooled). Ready
+/// cgroups are named like any other (`sb-<pid>-<n>`), so a node that dies with some ready
+/// leaves them to the next node's [`sweep_stale`]; a process that exits normally removes them
+/// (an exit handler), as does [`set_cgroup_pool_size`]`(0)`.
+mod ahead {
+    use std::collections::VecDeque;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
+
+    use super::{
+        layout, make_dirs, next_name, Cgroup, LimitValues, REMOVALS_QUEUED_MAX, RETRY_PAUSE,
+        SETUP_YIELD_MAX,
+    };
+    use crate::sys;
+
+    pub(super) static TARGET: AtomicUsize = AtomicUsize::new(super::CGROUP_POOL_SIZE_DEFAULT);
+
+    pub(super) struct Finished {
+        pub(super) supervisor_pid: i32,
+        pub(super) cgroup: Cgroup,
+        pub(super) keep: Box<dyn std::any::Any + Send>,
+    }
+
+    impl Finished {
+        pub(super) fn complete(mut self) {
+            // It has reported and is exiting on its own, at idle priority (a kill here would
+            // make it exit at the node's priority, on the CPU of the node's next start).
+            if let Err(error) = sys::wait_pid(self.supervisor_pid) {
+                tracing::warn!(%error, pid = self.supervisor_pid, "supervisor not reaped");
+            }
+            drop(self.keep);
+            if let Err(error) = self.cgroup.remove() {
+                tracing::warn!(%error, "sandbox cgroup left behind");
+            }
+        }
+    }
+
+    #[derive(Default)]
+    pub(super) struct Work {
+        pub(super) ready: VecDeque<Cgroup>,
+        finished: VecDeque<Finished>,
+        /// Finished sandboxes queued or being cleaned up.
+        pub(super) pending: usize,
+        /// The limits the last sandbox asked for: cgroups made ahead get them written.
+        last_limits: Option<LimitValues>,
+        /// See [`super::StartInSetup`].
+        pub(super) starts_in_setup: usize,
+    }
+
+    pub(super) struct Shared {
+        work: Mutex<Work>,
+        pub(super) wake: Condvar,
+        /// Whether the thread runs (set on first use).
+        running: OnceLock<bool>,
+    }
+
+    pub(super) fn shared() -> &'static Shared {
+        static SHARED: OnceLock<Shared> = OnceLock::new();
+        SHARED.get_or_init(|| Shared {
+            work: Mutex::new(Work::default()),
+            wake: Condvar::new(),
+            running: OnceLock::new(),
+        })
+    }
+
+    pub(super) fn lock() -> MutexGuard<'static, Work> {
+        shared()
+            .work
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn ensure_running() -> bool {
+        *shared().running.get_or_init(|| {
+            let spawned = std::thread::Builder::new()
+                .name("skiff-cgroup".to_string())
+                .spawn(run_forever);
+            match spawned {
+                Ok(_) => {
+                    if !sys::at_exit(remove_at_exit) {
+                        tracing::debug!("no exit handler: ready cgroups left to the next sweep");
+                    }
+                    true
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cgroup thread not started");
+                    false
+                }
+            }
+        })
+    }
+
+    /// A ready cgroup, one with `limits` already written if there is one, or `None` (pool
+    /// off, empty, or the thread not running).
+    pub(super) fn take(limits: LimitValues) -> Option<Cgroup> {
+        if TARGET.load(Ordering::Relaxed) == 0 || !ensure_running() {
+            return None;
+        }
+        let taken = {
+            let mut work = lock();
+            work.last_limits = Some(limits);
+            let at = work
+                .ready
+                .iter()
+                .position(|c| c.limits == Some(limits))
+                .unwrap_or(0);
+            work.ready.remove(at)
+        };
+        shared().wake.notify_one();
+        taken
+    }
+
+    /// Queues a finished sandbox; gives it back when the caller must clean it up itself.
+    pub(super) fn queue_removal(finished: Finished) -> Option<Finished> {
+        if !ensure_running() {
+            return Some(finished);
+        }
+        let mut work = lock();
+        if work.finished.len() >= REMOVALS_QUEUED_MAX {
+            return Some(finished);
+        }
+        work.finished.push_back(finished);
+        work.pending += 1;
+        drop(work);
+        shared().wake.notify_one();
+        None
+    }
+
+    enum Job {
+        Make,
+        Remove(Finished),
+        Discard(Cgroup),
+    }
+
+    fn run_forever() {
+        let mut failing_since: Option<std::time::Instant> = None;
+        loop {
+            let job = {
+                let mut work = lock();
+                // Let the starts in their setup join their cgroups first (bounded).
+                let until = std::time::Instant::now() + SETUP_YIELD_MAX;
+                while work.starts_in_setup > 0 {
+                    let left = until.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    work = shared()
+                        .wake
+                        .wait_timeout(work, left)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .0;
+                }
+                loop {
+                    let target = TARGET.load(Ordering::Relaxed);
+                    let may_make = failing_since.is_none_or(|t| t.elapsed() >= RETRY_PAUSE);
+                    // The next start waits for a ready cgroup; a finished one only for itself.
+                    if work.ready.len() < target && may_make {
+                        break Job::Make;
+                    }
+                    if let Some(finished) = work.finished.pop_front() {
+                        break Job::Remove(finished);
+                    }
+                    if work.ready.len() > target {
+                        let extra = work.ready.pop_back().expect("longer than the target");
+                        break Job::Discard(extra);
+                    }
+                    work = if may_make {
+                        shared()
+                            .wake
+                            .wait(work)
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    } else {
+                        shared()
+                            .wake
+                            .wait_timeout(work, RETRY_PAUSE)
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .0
+                    };
+                }
+            };
+            match job {
+                Job::Make => match layout()
+                    .and_then(|layout| make_dirs(layout, &next_name()))
+                    .and_then(|mut cgroup| {
+                        let last = lock().last_limits;
+                        if let Some(limits) = last {
+                            cgroup.write_limits(limits)?;
+                        }
+                        Ok(cgroup)
+                    }) {
+                    Ok(cgroup) => {
+                        failing_since = None;
+                        lock().ready.push_back(cgroup);
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, "cgroup not made ahead");
+                        failing_since = Some(std::time::Instant::now());
+                    }
+                },
+                Job::Remove(finished) => {
+                    finished.complete();
+                    let mut work = lock();
+                    work.pending = work.pending.saturating_sub(1);
+                }
+                // Dropping removes it.
+                Job::Discard(cgroup) => drop(cgroup),
+            }
+        }
+    }
+
+    /// At a normal exit: remove the ready cgroups and finish the queued removals, unless the
+    /// cgroup thread holds the lock (then they are left to the next node's sweep).
+    extern "C" fn remove_at_exit() {
+        TARGET.store(0, Ordering::Relaxed);
+        let Ok(mut work) = shared().work.try_lock() else {
+            return;
+        };
+        let ready = std::mem::take(&mut work.ready);
+        let finished = std::mem::take(&mut work.finished);
+        drop(work);
+        drop(ready);
+        for finished in finished {
+            finished.complete();
         }
     }
 }

@@ -4,7 +4,9 @@
 //! mount, ipc, uts and cgroup namespaces, and a network namespace below the trusted tier; its
 //! own cgroup (memory, pids, CPU quota; v2 or v1, detected at run time); a tmpfs root holding
 //! read-only binds of the host paths its tier allows, `/code` read-only, a size-limited `/tmp`,
-//! a minimal `/dev` and a fresh `/proc` with sensitive files masked, entered with `pivot_root`
+//! a minimal `/dev` and a fresh `/proc` (below the trusted tier only the process directories,
+//! `subset=pid`; at the trusted tier a full one with sensitive files masked), entered with
+//! `pivot_root`
 //! and the old root detached; rlimits, a new session, the parent-death signal, inherited fds
 //! closed; `no_new_privs` and no capability; Landlock file-system, TCP and scope rules; a
 //! seccomp allowlist stricter than Docker's default. The security model is in
@@ -15,14 +17,16 @@
 //! - `setup`: the plan of a sandbox and the order of its setup steps, driven through the
 //!   `sys::Syscalls` seam (a recording fake unit-tests the order without root).
 //! - `sys`: the only module with `unsafe` and raw syscalls.
-//! - [`cgroup`]: cgroup v1/v2 detection, limits, counters, kill and removal.
+//! - [`cgroup`]: cgroup v1/v2 detection, limits, counters, kill and removal; cgroups made ahead
+//!   and removed behind by a thread of the node.
 //! - `seccomp`: the seccomp filter (compiled by its own binary-search compiler, `seccomp::bpf`).
 //! - `netns`: network namespaces made ahead by a thread of the node, joined by sandboxes.
 //! - `process`: the parent's side of one sandbox (fork, handshake, hand-off, output, cleanup).
 //! - [`pool`]: the warm pool (exec and serve modes).
 //!
 //! # Invariants
-//! - Every cgroup a run creates is removed before the run returns (or on drop); every mount
+//! - Every cgroup a run uses is removed once its processes are dead: before the run returns,
+//!   or, after a normal end, by the node's cgroup thread right after (or on drop); every mount
 //!   lives in the sandbox's own mount namespace and disappears with it.
 //! - A resolved [`Limits`] is never wider than its tier.
 //! - Setup errors from the children come back as [`SandboxError::Setup`] with the step, the
@@ -44,6 +48,9 @@ mod sys;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use cgroup::{
+    cgroup_pool_ready, set_cgroup_pool_size, CGROUP_POOL_SIZE_DEFAULT, CGROUP_POOL_SIZE_MAX,
+};
 pub use error::{PolicyError, SandboxError};
 pub use netns::{
     netns_pool_ready, set_netns_pool_size, NETNS_POOL_SIZE_DEFAULT, NETNS_POOL_SIZE_MAX,

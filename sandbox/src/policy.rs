@@ -101,6 +101,13 @@ impl Tier {
         matches!(self, Tier::Trusted)
     }
 
+    /// Whether the sandbox's `/proc` is a full one (masked). Below the trusted tier it holds
+    /// only the process directories (`subset=pid`), so the host's kernel files are absent
+    /// rather than masked.
+    pub fn full_proc(self) -> bool {
+        matches!(self, Tier::Trusted)
+    }
+
     /// Whether a policy of this tier may list TCP ports to connect to.
     pub fn allows_tcp_connect(self) -> bool {
         matches!(self, Tier::Trusted)

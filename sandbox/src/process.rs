@@ -2,10 +2,12 @@
 //! ([`Prepared`]), hand it the work, collect its output within limits, report, clean up.
 //!
 //! Processes: the node forks a *supervisor* (stays in the host pid namespace, in the sandbox's
-//! cgroup, waits for the init and reports its exit status), which forks the *init* (pid 1 of
-//! the new pid namespace), which builds the file system, locks itself down and, once work
-//! arrives on its work pipe, execs the function. When the init dies, the kernel kills every
-//! other process of its pid namespace; on timeout the parent kills the whole cgroup.
+//! cgroup, waits for the init and reports its exit status), which starts the *init* (pid 1 of
+//! the new pid namespace, sharing the supervisor's memory until it execs), which builds the
+//! file system, locks itself down and, once work arrives on its work pipe, execs the function.
+//! When the init dies, the kernel kills every other process of its pid namespace; on timeout
+//! the parent kills the whole cgroup. A run ends at the supervisor's report of the init's exit;
+//! the supervisor is reaped and the cgroup removed behind it (`cgroup::remove_behind`).
 //!
 //! Pipes (all close-on-exec in the parent): supervisor status (`E...` = setup error, `X` +
 //! wait status at the end), work (parent → init: the command; EOF ends it), init status
@@ -42,12 +44,11 @@ const STAGING_ROOT: &str = "/run/skiff-sandbox/root";
 
 static SANDBOX_COUNTER: AtomicU32 = AtomicU32::new(0);
 
-fn next_ids() -> (u32, String) {
+fn next_host_id() -> u32 {
     let n = SANDBOX_COUNTER.fetch_add(1, Ordering::Relaxed);
     let pid = std::process::id();
     // Spread node processes over the range so that two of them rarely collide.
-    let host_id = HOST_ID_BASE + (pid.wrapping_mul(7919).wrapping_add(n)) % HOST_ID_RANGE;
-    (host_id, format!("sb-{pid}-{n}"))
+    HOST_ID_BASE + (pid.wrapping_mul(7919).wrapping_add(n)) % HOST_ID_RANGE
 }
 
 fn staging_root() -> Result<&'static Path, SandboxError> {
@@ -177,21 +178,34 @@ fn supervisor_main(
         report(3, &e);
         sys::exit_now(121);
     }
-    match sys::fork() {
+    // The init shares the supervisor's memory until it execs (the supervisor waits for it
+    // anyway): no copy of the node's page tables, no copy-on-write faults in the init, no
+    // copy to tear down at its exec. Everything else of the init is its own.
+    let mut init = || -> i32 { init_main(plan, affinity) };
+    match sys::spawn_sharing_memory(&mut init) {
         Err(e) => {
             let errno = e.raw_os_error().unwrap_or(0);
-            report(3, &StepError::new("fork init", None, errno));
+            report(3, &StepError::new("start init", None, errno));
             sys::exit_now(122);
         }
-        Ok(ForkResult::Child) => init_main(plan, affinity),
-        Ok(ForkResult::Parent(init_pid)) => {
+        Ok(init_pid) => {
             for fd in [0, 1, 2, 4, 5] {
                 sys::close_fd(fd);
+            }
+            // The init has exec'd the function (or died): the setup's ping-pong is over, and
+            // the function may run on any CPU, so the wake-up at its end need not cross to
+            // this one.
+            if let Some(mask) = affinity {
+                let _ = sys::set_affinity(&mask);
             }
             let status = sys::wait_pid(init_pid).unwrap_or(255 << 8);
             let mut msg = vec![b'X'];
             msg.extend_from_slice(&status.to_le_bytes());
             let _ = sys::write_fd(3, &msg);
+            // What is left (tearing down this copy of the node's address space and the
+            // sandbox's namespaces) is nobody's wait: it must not take the CPU from the node's
+            // next start.
+            sys::lower_to_idle_priority();
             sys::exit_now(0);
         }
     }
@@ -291,6 +305,9 @@ pub(crate) struct Prepared {
     stdout: Option<File>,
     stderr: Option<File>,
     reaped: bool,
+    /// Kept until the supervisor is gone: its copy of this process shares the plan's pages, so
+    /// freeing the plan while it lives costs a copy-on-write fault per page touched.
+    plan: Option<Plan>,
 }
 
 impl Prepared {
@@ -307,8 +324,9 @@ impl Prepared {
     ) -> Result<Self, SandboxError> {
         let filters = crate::seccomp::filters()?;
         let staging = staging_root()?;
-        let (host_id, name) = next_ids();
-        let cgroup = Cgroup::create(&name, &spec.limits)?;
+        let host_id = next_host_id();
+        let in_setup = crate::cgroup::StartInSetup::begin();
+        let cgroup = Cgroup::create(&spec.limits)?;
         let mut plan = Plan::build(spec, cgroup.join_files(), host_id, staging, filters)?;
         let netns = if spec.limits.tier.host_network() {
             None
@@ -326,23 +344,34 @@ impl Prepared {
         let (out_r, out_w) = pipe()?;
         let (err_r, err_w) = pipe()?;
         let parent_pid = i32::try_from(std::process::id()).expect("pids fit in i32");
+        // Everything the parent keeps is made before the fork, for the same reason as `plan`.
+        let limits = spec.limits.clone();
+        // The supervisor's fds 3.. in order: its status, work, init status, the cgroup's join
+        // files (from JOIN_FDS_FIRST), then the network namespace if one was made ahead.
+        let mut control = vec![
+            sup_status_w.as_raw_fd(),
+            work_r.as_raw_fd(),
+            init_status_w.as_raw_fd(),
+        ];
+        control.extend(cgroup.join_fds());
+        control.extend(netns.as_ref().map(AsRawFd::as_raw_fd));
+        debug_assert_eq!(
+            control.len(),
+            3 + plan.cgroup_join_files.len() + usize::from(netns.is_some())
+        );
         let pin = Pin::current_cpu();
         let supervisor_pid = match sys::fork().map_err(|e| SandboxError::syscall("fork", e))? {
             ForkResult::Child => supervisor_main(
                 &plan,
                 parent_pid,
                 [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()],
-                &[
-                    sup_status_w.as_raw_fd(),
-                    work_r.as_raw_fd(),
-                    init_status_w.as_raw_fd(),
-                    // Lands on NETNS_FD; absent, nothing is there (and nothing is joined).
-                    netns.as_ref().map_or(-1, AsRawFd::as_raw_fd),
-                ][..if netns.is_some() { 4 } else { 3 }],
+                &control,
                 pin.original,
             ),
             ForkResult::Parent(pid) => pid,
         };
+        let mut cgroup = cgroup;
+        cgroup.close_join_fds();
         drop((
             sup_status_w,
             work_r,
@@ -356,7 +385,7 @@ impl Prepared {
             supervisor_pid,
             host_id,
             cgroup,
-            limits: spec.limits.clone(),
+            limits,
             supervisor_status: File::from(sup_status_r),
             work: Some(File::from(work_w)),
             init_status: Some(File::from(init_status_r)),
@@ -365,11 +394,13 @@ impl Prepared {
             stdout: Some(File::from(out_r)),
             stderr: Some(File::from(err_r)),
             reaped: false,
+            plan: Some(plan),
         };
         if let Some(frame) = work {
             prepared.hand_off(frame)?;
         }
         prepared.handshake()?;
+        drop(in_setup);
         drop(pin);
         Ok(prepared)
     }
@@ -387,9 +418,17 @@ impl Prepared {
                 // some containers forbid lowering the score even to root, and a killed
                 // supervisor still takes the sandbox down (parent-death signal) and the OOM is
                 // still reported from the cgroup's counter.
-                let path = format!("/proc/{}/oom_score_adj", self.supervisor_pid);
-                if let Err(error) = std::fs::write(&path, "-1000") {
-                    tracing::debug!(%error, "supervisor oom_score_adj not lowered");
+                // Asked once per process when refused: the refusal is the host's policy.
+                static REFUSED: std::sync::atomic::AtomicBool =
+                    std::sync::atomic::AtomicBool::new(false);
+                if !REFUSED.load(Ordering::Relaxed) {
+                    let path = format!("/proc/{}/oom_score_adj", self.supervisor_pid);
+                    if let Err(error) = std::fs::write(&path, "-1000") {
+                        tracing::debug!(%error, "supervisor oom_score_adj not lowered");
+                        if matches!(error.kind(), io::ErrorKind::PermissionDenied) {
+                            REFUSED.store(true, Ordering::Relaxed);
+                        }
+                    }
                 }
                 Ok(())
             }
@@ -461,7 +500,11 @@ impl Prepared {
         let mut sup_msg = Vec::new();
         let mut sup_open = true;
         let mut timed_out = false;
-        let mut buf = vec![0u8; READ_CHUNK_BYTES];
+        // Output goes straight into the kept bytes; this is only for output past a limit,
+        // made when first needed (zeroing it at every start wrote 16 pages that the
+        // supervisor's copy of this process shares, each a copy-on-write fault).
+        let mut scratch = Vec::new();
+        let mut status_buf = [0u8; 512];
         loop {
             if !sup_open && stdout.file.is_none() && stderr.file.is_none() {
                 break;
@@ -511,18 +554,26 @@ impl Prepared {
                             stdin_file = None;
                         }
                     }
-                    Slot::Stdout => stdout.read(&mut buf),
-                    Slot::Stderr => stderr.read(&mut buf),
+                    Slot::Stdout => stdout.read(&mut scratch),
+                    Slot::Stderr => stderr.read(&mut scratch),
                     Slot::InitStatus => {
                         let f = init_status.as_mut().expect("polled");
-                        match f.read(&mut buf) {
+                        match f.read(&mut status_buf) {
                             Ok(0) | Err(_) => init_status = None,
-                            Ok(n) => init_msg.extend_from_slice(&buf[..n]),
+                            Ok(n) => init_msg.extend_from_slice(&status_buf[..n]),
                         }
                     }
-                    Slot::Supervisor => match self.supervisor_status.read(&mut buf) {
+                    Slot::Supervisor => match self.supervisor_status.read(&mut status_buf) {
                         Ok(0) | Err(_) => sup_open = false,
-                        Ok(n) => sup_msg.extend_from_slice(&buf[..n]),
+                        Ok(n) => {
+                            sup_msg.extend_from_slice(&status_buf[..n]);
+                            // The init's exit status: the sandbox's processes are all gone
+                            // (its pid namespace died with it). The supervisor's own exit is
+                            // not waited for here.
+                            if exit_report(&sup_msg).is_some() {
+                                sup_open = false;
+                            }
+                        }
                     },
                 }
             }
@@ -531,9 +582,24 @@ impl Prepared {
             self.cgroup.kill_all()?;
         }
         let wall = start.elapsed();
-        self.reap()?;
-        let stats = self.cgroup.stats()?;
-        self.cgroup.remove()?;
+        let reported = exit_report(&sup_msg).filter(|_| !timed_out);
+        let stats = if reported.is_some() {
+            // Only the supervisor is left, and it has nothing more to do: the counters are
+            // final, and reaping it and removing the cgroup happen off the run's path.
+            let stats = self.cgroup.stats()?;
+            self.reaped = true;
+            crate::cgroup::remove_behind(
+                self.supervisor_pid,
+                self.cgroup.take(),
+                Box::new(self.plan.take()),
+            );
+            stats
+        } else {
+            self.reap()?;
+            let stats = self.cgroup.stats()?;
+            self.cgroup.remove()?;
+            stats
+        };
         if init_msg.first() == Some(&b'E') {
             return Err(parse_report(&init_msg));
         }
@@ -541,8 +607,7 @@ impl Prepared {
             ExitStatus::TimedOut
         } else if stats.oom_kills > 0 {
             ExitStatus::OutOfMemory
-        } else if sup_msg.len() >= 5 && sup_msg[0] == b'X' {
-            let raw = i32::from_le_bytes([sup_msg[1], sup_msg[2], sup_msg[3], sup_msg[4]]);
+        } else if let Some(raw) = reported {
             decode_wait_status(raw)
         } else {
             // The supervisor died without reporting: only a kill from outside does that.
@@ -649,21 +714,36 @@ impl Capture {
         }
     }
 
-    fn read(&mut self, buf: &mut [u8]) {
+    /// One read: into the kept bytes while there is room, else into `scratch` (made on first
+    /// use) and dropped, which marks the output truncated.
+    fn read(&mut self, scratch: &mut Vec<u8>) {
         let Some(file) = self.file.as_mut() else {
             return;
         };
-        match file.read(buf) {
-            Ok(0) | Err(_) => self.file = None,
-            Ok(n) => {
-                let room = self.limit.saturating_sub(self.data.len());
-                let keep = n.min(room);
-                self.data.extend_from_slice(&buf[..keep]);
-                if keep < n {
-                    self.truncated = true;
-                }
+        let room = self.limit.saturating_sub(self.data.len());
+        let got = if room > 0 {
+            sys::read_into_spare(file.as_raw_fd(), &mut self.data, room.min(READ_CHUNK_BYTES))
+        } else {
+            if scratch.is_empty() {
+                scratch.resize(READ_CHUNK_BYTES, 0);
             }
+            let got = sys::read_fd(file.as_raw_fd(), scratch);
+            if matches!(got, Ok(n) if n > 0) {
+                self.truncated = true;
+            }
+            got
+        };
+        if matches!(got, Ok(0) | Err(_)) {
+            self.file = None;
         }
+    }
+}
+
+/// The init's raw wait status from the supervisor's `X` report, once all of it has arrived.
+fn exit_report(msg: &[u8]) -> Option<i32> {
+    match msg {
+        [b'X', a, b, c, d, ..] => Some(i32::from_le_bytes([*a, *b, *c, *d])),
+        _ => None,
     }
 }
 

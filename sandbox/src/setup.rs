@@ -9,8 +9,9 @@
 //!    namespace, parent-death signal (credential changes clear it, so after them), then the
 //!    process maps root inside to its own host ids — what any unprivileged process may do, so
 //!    no round trip to the parent is needed — and takes uid/gid 0 inside.
-//! 2. init (pid 1 of the new pid namespace, so the fresh `/proc` is its own): mounts private,
-//!    tmpfs root with the read-only binds, `/code`, `/tmp`, `/dev`, `/proc` with masks, root
+//! 2. init (pid 1 of the new pid namespace, so the fresh `/proc` is its own; it shares the
+//!    supervisor's memory until its exec): mounts private, tmpfs root with the read-only
+//!    binds, `/code`, `/tmp`, `/dev`, `/proc` (pid-only below the trusted tier, else masked), root
 //!    read-only, `pivot_root` + detach → hostname, rlimits, new session, parent-death signal,
 //!    default signals, inherited fds closed → `no_new_privs`, capabilities dropped →
 //!    Landlock → seccomp, last, because every earlier step needs syscalls it denies.
@@ -18,6 +19,7 @@
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use seccompiler::BpfProgram;
 
@@ -31,7 +33,8 @@ pub const DATA_SOCKET_PATH: &str = "/run/skiff/data.sock";
 pub const HELPER_DIR: &str = "/run/skiff/bin";
 /// Where the helper binary appears inside the sandbox.
 pub const HELPER_BINARY_PATH: &str = "/run/skiff/bin/skiff-data";
-/// Files masked with `/dev/null` in the fresh `/proc` (as Docker does).
+/// Files masked with `/dev/null` in a full fresh `/proc` (as Docker does): the trusted tier's,
+/// or any tier's on a kernel that refuses `subset=pid`.
 const PROC_MASKED_FILES: &[&str] = &[
     "kcore",
     "keys",
@@ -56,8 +59,9 @@ const ETC_NSSWITCH: &[u8] = b"passwd: files\ngroup: files\nhosts: files dns\n";
 pub(crate) const HOSTNAME: &str = "sandbox";
 /// fds the init keeps until exec: 0..=2 stdio, 3 work, 4 status.
 pub(crate) const INIT_FDS_KEPT: i32 = 5;
-/// Where the supervisor finds a network namespace made ahead (after stdio and its three pipes).
-pub(crate) const NETNS_FD: i32 = 6;
+/// Where the supervisor finds the cgroup's join files, open (after stdio and its three pipes);
+/// a network namespace made ahead follows them (see [`Plan::netns_fd`]).
+pub(crate) const JOIN_FDS_FIRST: i32 = 6;
 
 /// One step of building the root file system (paths are already under the staging root).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,7 +82,14 @@ pub(crate) enum RootOp {
         data: String,
         flags: TmpfsFlags,
     },
-    Proc(PathBuf),
+    /// A fresh `/proc`; with `pid_only`, mounted `subset=pid` when the kernel allows it (only
+    /// the process directories, `self` and `thread-self`: nothing of the host to mask).
+    Proc {
+        target: PathBuf,
+        pid_only: bool,
+    },
+    /// A mask over part of `/proc`, applied only when the `/proc` mounted is a full one.
+    ProcMask(Box<RootOp>),
     RemountReadOnly(PathBuf),
 }
 
@@ -86,7 +97,7 @@ pub(crate) enum RootOp {
 #[derive(Debug, Clone)]
 pub(crate) struct Plan {
     pub namespaces: Namespaces,
-    /// Join the network namespace open at [`NETNS_FD`] (made ahead by the node) instead of
+    /// Join the network namespace open at [`Plan::netns_fd`] (made ahead by the node) instead of
     /// creating one.
     pub join_network_namespace: bool,
     pub cgroup_join_files: Vec<PathBuf>,
@@ -97,6 +108,40 @@ pub(crate) struct Plan {
     pub rlimits: Vec<(Rlimit, u64)>,
     pub landlock: LandlockRules,
     pub filters: &'static [BpfProgram],
+}
+
+/// Which of the masked entries the host's `/proc` has (the fresh one has the same), looked up
+/// once per process: the kernel's `/proc` does not grow entries at run time.
+struct HostProc {
+    masked_files: Vec<&'static str>,
+    masked_dirs: Vec<&'static str>,
+    read_only_dirs: Vec<&'static str>,
+}
+
+fn host_proc() -> &'static HostProc {
+    static HOST: OnceLock<HostProc> = OnceLock::new();
+    HOST.get_or_init(|| {
+        let proc_dir = Path::new("/proc");
+        let present = |names: &[&'static str], dir: bool| -> Vec<&'static str> {
+            names
+                .iter()
+                .copied()
+                .filter(|name| {
+                    let path = proc_dir.join(name);
+                    if dir {
+                        path.is_dir()
+                    } else {
+                        path.exists()
+                    }
+                })
+                .collect()
+        };
+        HostProc {
+            masked_files: present(PROC_MASKED_FILES, false),
+            masked_dirs: present(PROC_MASKED_DIRS, true),
+            read_only_dirs: present(PROC_READ_ONLY, true),
+        }
+    })
 }
 
 fn under(root: &Path, path: &Path) -> PathBuf {
@@ -301,40 +346,44 @@ impl Plan {
 
         let proc_dir = under(root, Path::new("/proc"));
         ops.push(RootOp::Dir(proc_dir.clone()));
-        ops.push(RootOp::Proc(proc_dir.clone()));
-        let host_proc = Path::new("/proc");
-        for name in PROC_MASKED_FILES {
-            if host_proc.join(name).exists() {
-                ops.push(RootOp::Bind {
-                    source: dev.join("null"),
-                    target: proc_dir.join(name),
-                    read_only: false,
-                });
-            }
+        ops.push(RootOp::Proc {
+            target: proc_dir.clone(),
+            pid_only: !limits.tier.full_proc(),
+        });
+        let host = host_proc();
+        for name in &host.masked_files {
+            ops.push(RootOp::ProcMask(Box::new(RootOp::Bind {
+                source: dev.join("null"),
+                target: proc_dir.join(name),
+                read_only: false,
+            })));
         }
-        for name in PROC_MASKED_DIRS {
-            if host_proc.join(name).is_dir() {
-                ops.push(RootOp::Tmpfs {
-                    target: proc_dir.join(name),
-                    data: "size=0,mode=555".to_string(),
-                    flags: TmpfsFlags {
-                        read_only: true,
-                        no_exec: true,
-                    },
-                });
-            }
-        }
-        for name in PROC_READ_ONLY {
-            if host_proc.join(name).is_dir() {
-                let path = proc_dir.join(name);
-                ops.push(RootOp::Bind {
-                    source: path.clone(),
-                    target: path,
+        for name in &host.masked_dirs {
+            ops.push(RootOp::ProcMask(Box::new(RootOp::Tmpfs {
+                target: proc_dir.join(name),
+                data: "size=0,mode=555".to_string(),
+                flags: TmpfsFlags {
                     read_only: true,
-                });
-            }
+                    no_exec: true,
+                },
+            })));
+        }
+        for name in &host.read_only_dirs {
+            let path = proc_dir.join(name);
+            ops.push(RootOp::ProcMask(Box::new(RootOp::Bind {
+                source: path.clone(),
+                target: path,
+                read_only: true,
+            })));
         }
         ops.push(RootOp::RemountReadOnly(root.to_path_buf()));
+        // The root exists (it is the first mount); a directory made twice costs a failed
+        // mkdir and a stat in the init each time.
+        let mut dirs_made = std::collections::HashSet::new();
+        ops.retain(|op| match op {
+            RootOp::Dir(path) => path.as_path() != root && dirs_made.insert(path.clone()),
+            _ => true,
+        });
 
         let mut namespaces = Namespaces::USER
             | Namespaces::PID
@@ -365,7 +414,12 @@ impl Plan {
 }
 
 impl Plan {
-    /// Takes the network namespace from [`NETNS_FD`] instead of creating one. Only for a plan
+    /// Where the supervisor finds a network namespace made ahead: after the join files.
+    pub(crate) fn netns_fd(&self) -> i32 {
+        JOIN_FDS_FIRST + i32::try_from(self.cgroup_join_files.len()).expect("a few hierarchies")
+    }
+
+    /// Takes the network namespace from [`Plan::netns_fd`] instead of creating one. Only for a plan
     /// that has a network namespace of its own (below the trusted tier).
     pub(crate) fn join_network_namespace_ahead(&mut self) {
         debug_assert!(self.namespaces.0 & Namespaces::NET != 0);
@@ -377,13 +431,13 @@ impl Plan {
 /// Steps of the supervisor, up to (not including) the fork of the init.
 pub(crate) fn supervisor(sys: &mut impl Syscalls, plan: &Plan) -> StepResult {
     sys.drop_supplementary_groups()?;
-    for file in &plan.cgroup_join_files {
-        sys.join_cgroup(file)?;
+    for (fd, file) in (JOIN_FDS_FIRST..).zip(&plan.cgroup_join_files) {
+        sys.join_cgroup(fd, file)?;
     }
     // setns needs the host's root (the namespace belongs to the host's user namespace), so
     // before the host ids are dropped.
     if plan.join_network_namespace {
-        sys.enter_network_namespace(NETNS_FD)?;
+        sys.enter_network_namespace(plan.netns_fd())?;
     }
     sys.set_host_ids(plan.host_id)?;
     sys.unshare(plan.namespaces)?;
@@ -397,23 +451,15 @@ pub(crate) fn supervisor(sys: &mut impl Syscalls, plan: &Plan) -> StepResult {
 pub(crate) fn init(sys: &mut impl Syscalls, plan: &Plan) -> StepResult {
     sys.set_parent_death_signal()?;
     sys.make_mounts_private()?;
+    let mut proc_is_pid_only = false;
     for op in &plan.root_ops {
         match op {
-            RootOp::Dir(path) => sys.make_dir(path)?,
-            RootOp::File(path, contents) => sys.make_file(path, contents)?,
-            RootOp::Symlink { target, link } => sys.make_symlink(target, link)?,
-            RootOp::Bind {
-                source,
-                target,
-                read_only,
-            } => sys.bind_mount(source, target, *read_only)?,
-            RootOp::Tmpfs {
-                target,
-                data,
-                flags,
-            } => sys.mount_tmpfs(target, data, *flags)?,
-            RootOp::Proc(path) => sys.mount_proc(path)?,
-            RootOp::RemountReadOnly(path) => sys.remount_read_only(path)?,
+            RootOp::ProcMask(_) if proc_is_pid_only => {}
+            RootOp::ProcMask(mask) => root_op(sys, mask)?,
+            RootOp::Proc { target, pid_only } => {
+                proc_is_pid_only = sys.mount_proc(target, *pid_only)?;
+            }
+            op => root_op(sys, op)?,
         }
     }
     sys.pivot_root(&plan.staging_root)?;
@@ -428,6 +474,28 @@ pub(crate) fn init(sys: &mut impl Syscalls, plan: &Plan) -> StepResult {
     sys.drop_capabilities()?;
     sys.landlock(&plan.landlock)?;
     sys.seccomp(plan.filters)
+}
+
+/// One step of building the root that needs no state of the setup.
+fn root_op(sys: &mut impl Syscalls, op: &RootOp) -> StepResult {
+    match op {
+        RootOp::Dir(path) => sys.make_dir(path),
+        RootOp::File(path, contents) => sys.make_file(path, contents),
+        RootOp::Symlink { target, link } => sys.make_symlink(target, link),
+        RootOp::Bind {
+            source,
+            target,
+            read_only,
+        } => sys.bind_mount(source, target, *read_only),
+        RootOp::Tmpfs {
+            target,
+            data,
+            flags,
+        } => sys.mount_tmpfs(target, data, *flags),
+        RootOp::Proc { target, pid_only } => sys.mount_proc(target, *pid_only).map(drop),
+        RootOp::ProcMask(mask) => root_op(sys, mask),
+        RootOp::RemountReadOnly(path) => sys.remount_read_only(path),
+    }
 }
 
 #[cfg(test)]
@@ -477,7 +545,7 @@ mod tests {
         assert!(!plan.namespaces.contains(Namespaces::NET));
         let mut sys = RecordingSys::new();
         supervisor(&mut sys, &plan).expect("fake succeeds");
-        assert!(pos(&sys, "join_cgroup") < pos(&sys, "setns_net 6"));
+        assert!(pos(&sys, "join_cgroup 6 /cg/memory/x/tasks") < pos(&sys, "setns_net 7"));
         assert!(pos(&sys, "setns_net") < pos(&sys, "set_host_ids"));
         let unshare = &sys.calls[pos(&sys, "unshare")];
         let flags =
@@ -506,7 +574,7 @@ mod tests {
         assert!(pos(&sys, "close_fds") < pos(&sys, "no_new_privs"));
         assert!(pos(&sys, "no_new_privs") < pos(&sys, "drop_caps"));
         assert!(pos(&sys, "drop_caps") < pos(&sys, "landlock"));
-        assert_eq!(sys.calls.last().map(String::as_str), Some("seccomp 2"));
+        assert_eq!(sys.calls.last().map(String::as_str), Some("seccomp 1"));
         // /code is bound read-only, /etc/shadow never.
         assert!(sys
             .calls
@@ -562,6 +630,66 @@ mod tests {
         )
         .expect_err("a directory is not a helper binary");
         assert!(err.to_string().contains("helper binary"), "{err}");
+    }
+
+    #[test]
+    fn proc_is_pid_only_below_trusted_and_masked_when_full() {
+        let masks = |sys: &RecordingSys| {
+            sys.calls
+                .iter()
+                .filter(|c| c.contains("/staging/proc/"))
+                .count()
+        };
+        for tier in Tier::ALL {
+            let plan = plan(tier);
+            let mut sys = RecordingSys::new();
+            init(&mut sys, &plan).expect("fake succeeds");
+            let full = tier.full_proc();
+            assert!(
+                sys.position(&format!("proc /staging/proc pid_only={}", !full))
+                    .is_some(),
+                "{tier}: {:#?}",
+                sys.calls
+            );
+            let planned = plan
+                .root_ops
+                .iter()
+                .filter(|op| matches!(op, RootOp::ProcMask(_)))
+                .count();
+            if full {
+                assert_eq!(masks(&sys), planned, "{tier}: every mask applied");
+            } else {
+                assert_eq!(
+                    masks(&sys),
+                    0,
+                    "{tier}: nothing to mask in a pid-only /proc"
+                );
+            }
+            // A kernel without subset=pid gets the full /proc, masked, at every tier.
+            let mut sys = RecordingSys {
+                proc_subset_unknown: true,
+                ..RecordingSys::default()
+            };
+            init(&mut sys, &plan).expect("fake succeeds");
+            assert!(sys.position("proc /staging/proc pid_only=false").is_some());
+            assert_eq!(masks(&sys), planned, "{tier}: masked as before");
+        }
+    }
+
+    #[test]
+    fn no_directory_is_made_twice() {
+        let plan = plan(Tier::Standard);
+        let dirs: Vec<&PathBuf> = plan
+            .root_ops
+            .iter()
+            .filter_map(|op| match op {
+                RootOp::Dir(path) => Some(path),
+                _ => None,
+            })
+            .collect();
+        let unique: std::collections::HashSet<&PathBuf> = dirs.iter().copied().collect();
+        assert_eq!(dirs.len(), unique.len(), "{dirs:#?}");
+        assert!(!dirs.contains(&&PathBuf::from("/staging")));
     }
 
     #[test]

@@ -269,6 +269,28 @@ fn push_range(ranges: &mut Vec<(u32, Leaf)>, start: u32, leaf: Leaf) {
     }
 }
 
+/// `program` with `nr` on `arch` answered `errno` before it runs: the two filters one would
+/// stack, as one program (a filter costs ≈ 40 µs to attach here before its size matters).
+/// Every other number, and every other architecture, reaches `program` unchanged; jumps in
+/// classic BPF are relative and forward, so prepending leaves `program`'s own intact.
+pub(crate) fn errno_first(
+    program: &[sock_filter],
+    nr: u32,
+    errno: u16,
+    arch: u32,
+) -> Vec<sock_filter> {
+    let mut out = vec![
+        stmt(BPF_LD_W_ABS, DATA_ARCH),
+        // Another architecture: straight to `program`, which kills it.
+        jump(BPF_JMP_JEQ_K, arch, 0, 3),
+        stmt(BPF_LD_W_ABS, DATA_NR),
+        jump(BPF_JMP_JEQ_K, nr, 0, 1),
+        stmt(BPF_RET_K, Action::Errno(errno).ret()),
+    ];
+    out.extend_from_slice(program);
+    out
+}
+
 /// Compiles `set` into a program ready for `seccomp(SECCOMP_SET_MODE_FILTER)`.
 pub(crate) fn compile(set: &Rules) -> Result<Vec<sock_filter>, CompileError> {
     let mut blocks: Vec<Vec<sock_filter>> = Vec::new();

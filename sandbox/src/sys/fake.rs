@@ -12,6 +12,8 @@ pub(crate) struct RecordingSys {
     pub calls: Vec<String>,
     /// The first call whose name starts with this fails with EPERM.
     pub fail_on: Option<&'static str>,
+    /// Plays a kernel without `subset=pid` for `/proc` (before 5.8): a full `/proc` instead.
+    pub proc_subset_unknown: bool,
 }
 
 #[cfg_attr(not(test), allow(dead_code))]
@@ -48,8 +50,8 @@ impl Syscalls for RecordingSys {
     fn drop_supplementary_groups(&mut self) -> StepResult {
         self.record("setgroups".into())
     }
-    fn join_cgroup(&mut self, join_file: &Path) -> StepResult {
-        self.record(format!("join_cgroup {}", join_file.display()))
+    fn join_cgroup(&mut self, fd: i32, join_file: &Path) -> StepResult {
+        self.record(format!("join_cgroup {fd} {}", join_file.display()))
     }
     fn set_host_ids(&mut self, id: u32) -> StepResult {
         self.record(format!("set_host_ids {id}"))
@@ -97,8 +99,10 @@ impl Syscalls for RecordingSys {
             target.display()
         ))
     }
-    fn mount_proc(&mut self, target: &Path) -> StepResult {
-        self.record(format!("proc {}", target.display()))
+    fn mount_proc(&mut self, target: &Path, pid_only: bool) -> Result<bool, StepError> {
+        let pid_only = pid_only && !self.proc_subset_unknown;
+        self.record(format!("proc {} pid_only={pid_only}", target.display()))?;
+        Ok(pid_only)
     }
     fn remount_read_only(&mut self, target: &Path) -> StepResult {
         self.record(format!("remount_ro {}", target.display()))

@@ -117,13 +117,12 @@ impl Syscalls for RealSys {
         check(ret, "setgroups", None)
     }
 
-    fn join_cgroup(&mut self, join_file: &Path) -> StepResult {
+    fn join_cgroup(&mut self, fd: i32, join_file: &Path) -> StepResult {
         // Writing "0" moves the writing process itself, on v1 and v2 alike.
-        OpenOptions::new()
-            .write(true)
-            .open(join_file)
-            .and_then(|mut f| f.write_all(b"0"))
-            .map_err(|e| StepError::new("join cgroup", Some(join_file), io_errno(&e)))
+        let result = write_fd(fd, b"0")
+            .map_err(|errno| StepError::new("join cgroup", Some(join_file), errno));
+        close_fd(fd);
+        result
     }
 
     fn enter_network_namespace(&mut self, fd: i32) -> StepResult {
@@ -245,11 +244,28 @@ impl Syscalls for RealSys {
         Ok(())
     }
 
-    fn mount_proc(&mut self, target: &Path) -> StepResult {
+    fn mount_proc(&mut self, target: &Path, pid_only: bool) -> Result<bool, StepError> {
         let ctarget = cpath(target, "mount proc")?;
         let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+        if pid_only {
+            let ret = mount(
+                Some(c"proc"),
+                &ctarget,
+                Some(c"proc"),
+                flags,
+                Some(c"subset=pid"),
+            );
+            if ret == 0 {
+                return Ok(true);
+            }
+            // A kernel before 5.8 does not know the option: a full /proc, masked instead.
+            let e = errno();
+            if e != libc::EINVAL {
+                return Err(StepError::new("mount proc", Some(target), e));
+            }
+        }
         let ret = mount(Some(c"proc"), &ctarget, Some(c"proc"), flags, None);
-        check(ret, "mount proc", Some(target))
+        check(ret, "mount proc", Some(target)).map(|()| false)
     }
 
     fn remount_read_only(&mut self, target: &Path) -> StepResult {
@@ -510,11 +526,86 @@ pub(crate) fn fork() -> io::Result<ForkResult> {
     }
 }
 
+/// Stack of a child started by [`spawn_sharing_memory`]; only the pages it touches are ever
+/// backed.
+const SHARED_CHILD_STACK_BYTES: usize = 1 << 20;
+const GUARD_BYTES: usize = 64 << 10;
+
+/// Starts `child` in a new process that shares this one's memory (`CLONE_VM`) on a stack of
+/// its own, and suspends the caller until the child has exec'd or exited (`CLONE_VFORK`);
+/// returns the child's pid. Everything else (fds, signal handlers, credentials, namespaces,
+/// seccomp, Landlock) is the child's own copy, as after `fork`.
+///
+/// What it saves against `fork`: copying the page tables of the whole address space, the
+/// copy-on-write faults of every page the child writes, and tearing the copy down at the
+/// child's exec. The rules are vfork's: the caller must be single-threaded (nothing else can
+/// run in the shared memory while the child does), and `child` must end with an exec or
+/// [`exit_now`], never return.
+pub(crate) fn spawn_sharing_memory(child: &mut dyn FnMut() -> i32) -> io::Result<i32> {
+    extern "C" fn trampoline(arg: *mut libc::c_void) -> libc::c_int {
+        // SAFETY: `arg` is the `&mut &mut dyn FnMut` passed to clone below; the caller is
+        // suspended, so the closure is not used by anyone else while the child runs.
+        let child = unsafe { &mut *arg.cast::<&mut dyn FnMut() -> i32>() };
+        let code = child();
+        exit_now(code)
+    }
+    let len = SHARED_CHILD_STACK_BYTES + GUARD_BYTES;
+    // SAFETY: an anonymous private mapping at an address the kernel picks; no existing memory
+    // is touched.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+            -1,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    // A stack overflow faults on the guard instead of writing into other memory.
+    // SAFETY: the lowest GUARD_BYTES of the mapping just made.
+    unsafe { libc::mprotect(base, GUARD_BYTES, libc::PROT_NONE) };
+    // SAFETY: in bounds of the mapping; x86_64 stacks grow down from its end (16-aligned).
+    let top = unsafe { base.cast::<u8>().add(len) }.cast::<libc::c_void>();
+    let mut child: &mut dyn FnMut() -> i32 = child;
+    let arg = (&mut child as *mut &mut dyn FnMut() -> i32).cast::<libc::c_void>();
+    // SAFETY: `trampoline` never returns into the caller's frames (it exits); the stack is a
+    // fresh mapping of the given size; `arg` lives until clone returns, which with
+    // CLONE_VFORK is after the child has exec'd or exited and so stopped using it.
+    let pid = unsafe {
+        libc::clone(
+            trampoline,
+            top,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            arg,
+        )
+    };
+    let spawned = if pid == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(pid)
+    };
+    // SAFETY: the child no longer runs on the stack (it has exec'd or exited).
+    unsafe { libc::munmap(base, len) };
+    spawned
+}
+
 /// Ends the process without running destructors or atexit handlers (a forked child must not
 /// flush the parent's buffers).
 pub(crate) fn exit_now(code: i32) -> ! {
     // SAFETY: _exit never returns and is async-signal-safe.
     unsafe { libc::_exit(code) }
+}
+
+/// Registers `handler` to run at a normal process exit (`exit(3)`, a return from `main`);
+/// false if libc has no room for it.
+pub(crate) fn at_exit(handler: extern "C" fn()) -> bool {
+    // SAFETY: `handler` is a plain function that lives as long as the program; atexit only
+    // stores the pointer.
+    unsafe { libc::atexit(handler) == 0 }
 }
 
 /// Moves the calling thread into a new network namespace and returns an fd that keeps the
@@ -603,6 +694,30 @@ pub(crate) fn read_fd(fd: RawFd, buf: &mut [u8]) -> Result<usize, i32> {
         let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
         if n >= 0 {
             return Ok(n as usize);
+        }
+        let e = errno();
+        if e != libc::EINTR {
+            return Err(e);
+        }
+    }
+}
+
+/// `read(2)` once, retrying on EINTR, into the spare capacity of `buf` (at most `max` bytes,
+/// reserved first), appending what was read. Nothing is zeroed: the pages of `buf` are written
+/// only as data arrives.
+pub(crate) fn read_into_spare(fd: RawFd, buf: &mut Vec<u8>, max: usize) -> Result<usize, i32> {
+    buf.reserve(max);
+    loop {
+        let spare = buf.spare_capacity_mut();
+        let len = spare.len().min(max);
+        // SAFETY: pointer and length describe writable spare capacity of `buf`; read(2) writes
+        // at most `len` bytes there.
+        let n = unsafe { libc::read(fd, spare.as_mut_ptr().cast(), len) };
+        if n >= 0 {
+            let n = n as usize;
+            // SAFETY: read(2) initialised the first `n` bytes of the spare capacity.
+            unsafe { buf.set_len(buf.len() + n) };
+            return Ok(n);
         }
         let e = errno();
         if e != libc::EINTR {
@@ -774,6 +889,14 @@ pub(crate) fn pin_to_current_cpu() -> io::Result<CpuMask> {
     unsafe { libc::CPU_SET(cpu as usize, &mut pinned) };
     set_affinity(&CpuMask(pinned))?;
     Ok(CpuMask(old))
+}
+
+/// Moves the calling thread to `SCHED_IDLE`: it runs only when nothing else wants the CPU.
+/// Best effort (lowering one's own priority needs no privilege).
+pub(crate) fn lower_to_idle_priority() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid sched_param that outlives the call; pid 0 is the caller.
+    unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
 }
 
 /// Sets the calling thread's affinity.

@@ -13,9 +13,10 @@ pub(crate) mod fake;
 pub(crate) mod linux;
 
 pub(crate) use linux::{
-    adopt_fds, adopt_init_fds, close_fd, exec_work, exit_now, fork, kill_pid,
-    new_network_namespace, pin_to_current_cpu, pipe, poll_fds, read_fd, set_affinity,
-    set_nonblocking, wait_pid, write_fd, CpuMask, ForkResult, PollWant, RealSys,
+    adopt_fds, adopt_init_fds, at_exit, close_fd, exec_work, exit_now, fork, kill_pid,
+    lower_to_idle_priority, new_network_namespace, pin_to_current_cpu, pipe, poll_fds, read_fd,
+    read_into_spare, set_affinity, set_nonblocking, spawn_sharing_memory, wait_pid, write_fd,
+    CpuMask, ForkResult, PollWant, RealSys,
 };
 
 /// A failed setup step, as reported from the child to the parent.
@@ -92,7 +93,9 @@ pub(crate) trait Syscalls {
     // Supervisor (outside the new pid namespace).
     fn set_parent_death_signal(&mut self) -> StepResult;
     fn drop_supplementary_groups(&mut self) -> StepResult;
-    fn join_cgroup(&mut self, join_file: &Path) -> StepResult;
+    /// Joins a cgroup by writing "0" into its join file `join_file`, open at `fd` (opened by
+    /// the node as root), then closes it.
+    fn join_cgroup(&mut self, fd: i32, join_file: &Path) -> StepResult;
     /// Becomes the unprivileged host uid and gid `id` (while still in the host's namespace).
     fn set_host_ids(&mut self, id: u32) -> StepResult;
     /// Joins the network namespace open at `fd` (one the node created ahead), then closes it.
@@ -111,7 +114,9 @@ pub(crate) trait Syscalls {
     fn make_file(&mut self, path: &Path, contents: &[u8]) -> StepResult;
     fn make_symlink(&mut self, target: &Path, link: &Path) -> StepResult;
     fn bind_mount(&mut self, source: &Path, target: &Path, read_only: bool) -> StepResult;
-    fn mount_proc(&mut self, target: &Path) -> StepResult;
+    /// Mounts a fresh `/proc`; with `pid_only`, `subset=pid` if the kernel knows it (≥ 5.8).
+    /// Returns whether the mount holds only the process directories.
+    fn mount_proc(&mut self, target: &Path, pid_only: bool) -> Result<bool, StepError>;
     fn remount_read_only(&mut self, target: &Path) -> StepResult;
     /// `pivot_root` into `new_root` and detach the old root.
     fn pivot_root(&mut self, new_root: &Path) -> StepResult;

@@ -36,6 +36,7 @@ attempt("write_tmp", lambda: open("/tmp/ok", "w").write("ok") and None)
 attempt("read_kcore", lambda: "EMPTY" if open("/proc/kcore", "rb").read(16) == b"" else "DATA")
 attempt("read_proc_keys", lambda: "EMPTY" if open("/proc/keys", "rb").read(16) == b"" else "DATA")
 attempt("read_timer_list", lambda: "EMPTY" if open("/proc/timer_list", "rb").read(16) == b"" else "DATA")
+attempt("list_proc_sys", lambda: os.listdir("/proc/sys") and None)
 attempt("list_sys_firmware", lambda: os.listdir("/sys/firmware") and None)
 attempt("symlink_file_escape", lambda: open("/code/escape_file").read() and None)
 attempt("symlink_dir_escape", lambda: os.listdir("/code/escape_dir") and None)
@@ -85,17 +86,30 @@ fn expected(tier: Tier) -> BTreeMap<&'static str, &'static str> {
         ("write_rootfs", "EROFS"),
         ("append_passwd", "EROFS"),
         ("write_tmp", "OK"),
-        // Masked with /dev/null where the kernel has it (this one may be built without).
+        // Below the trusted tier /proc holds only the process directories (subset=pid):
+        // the kernel's files are absent. The trusted tier's full /proc masks them with
+        // /dev/null (kcore only where the kernel has it; this one is built without).
         (
             "read_kcore",
-            if std::path::Path::new("/proc/kcore").exists() {
+            if tier.full_proc() && std::path::Path::new("/proc/kcore").exists() {
                 "EMPTY"
             } else {
                 "ENOENT"
             },
         ),
-        ("read_proc_keys", "EMPTY"),
-        ("read_timer_list", "EMPTY"),
+        (
+            "read_proc_keys",
+            if tier.full_proc() { "EMPTY" } else { "ENOENT" },
+        ),
+        (
+            "read_timer_list",
+            if tier.full_proc() { "EMPTY" } else { "ENOENT" },
+        ),
+        // Bound read-only in a full /proc; absent from a pid-only one.
+        (
+            "list_proc_sys",
+            if tier.full_proc() { "OK" } else { "ENOENT" },
+        ),
         ("list_sys_firmware", "ENOENT"),
         ("symlink_file_escape", "ENOENT"),
         ("symlink_dir_escape", "ENOENT"),

@@ -68,6 +68,20 @@ pub fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
+/// Waits (at most 5 s, else fails) until the cgroup thread has reaped every finished
+/// sandbox's supervisor and removed its cgroup: a normal run leaves both to it.
+pub fn await_removals() {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while skiff_sandbox::cgroup::removals_pending() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "removals still pending after 5 s: {}",
+            skiff_sandbox::cgroup::removals_pending()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// Every process whose parent is this test process and that is a zombie.
 fn our_zombies() -> Vec<i32> {
     let me = std::process::id().to_string();
@@ -270,6 +284,94 @@ fn every_cgroup_mount_and_process_is_gone_after_a_timeout() {
 }
 
 #[test]
+fn a_finished_run_leaves_its_cleanup_to_the_cgroup_thread_which_does_it_at_once() {
+    if !can_sandbox() {
+        return;
+    }
+    let code = code_dir(&[]);
+    let spec = spec(Tier::Untrusted, code.path(), "");
+    for _ in 0..3 {
+        let sandbox = ExecSandbox::create(&spec).expect("sandbox");
+        let dirs = sandbox.cgroup_dirs();
+        assert!(!dirs.is_empty() && dirs.iter().all(|d| d.exists()));
+        let out = sandbox
+            .run_blocking(&argv(&["sh", "-c", "echo done"]), b"")
+            .expect("runs");
+        assert_eq!(out.status, ExitStatus::Exited(0));
+        assert_eq!(out.stdout, b"done\n");
+        await_removals();
+        for dir in &dirs {
+            assert!(!dir.exists(), "cgroup {} left behind", dir.display());
+        }
+        assert!(our_zombies().is_empty(), "zombies: {:?}", our_zombies());
+    }
+    // Made ahead: fresh cgroups wait, none of them one a sandbox has used.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while skiff_sandbox::cgroup_pool_ready() < skiff_sandbox::CGROUP_POOL_SIZE_DEFAULT {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pool never filled"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let a = ExecSandbox::create(&spec).expect("sandbox");
+    let b = ExecSandbox::create(&spec).expect("sandbox");
+    let (dirs_a, dirs_b) = (a.cgroup_dirs(), b.cgroup_dirs());
+    assert!(dirs_a.iter().all(|d| !dirs_b.contains(d)));
+    for dir in dirs_a.iter().chain(&dirs_b) {
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).expect("procs");
+        // The supervisor and the init of its own sandbox, nobody else.
+        assert_eq!(procs.lines().count(), 2, "{}: {procs}", dir.display());
+    }
+    drop((a, b));
+    // A cgroup made ahead holds the previous sandbox's limits; every sandbox gets its own.
+    let limit_file = |sandbox: &ExecSandbox| -> Option<u64> {
+        sandbox.cgroup_dirs().iter().find_map(|d| {
+            std::fs::read_to_string(d.join("memory.limit_in_bytes"))
+                .or_else(|_| std::fs::read_to_string(d.join("memory.max")))
+                .ok()
+                .and_then(|t| t.trim().parse().ok())
+        })
+    };
+    let small = spec_with(
+        Tier::Untrusted,
+        code.path(),
+        "memory_bytes_max = 67108864
+pids_max = 9",
+    );
+    for (want_memory, spec) in [
+        (256u64 << 20, &spec),
+        (64 << 20, &small),
+        (64 << 20, &small),
+        (256 << 20, &spec),
+    ] {
+        let sandbox = ExecSandbox::create(spec).expect("sandbox");
+        assert_eq!(limit_file(&sandbox), Some(want_memory));
+        let pids = sandbox
+            .cgroup_dirs()
+            .iter()
+            .find_map(|d| std::fs::read_to_string(d.join("pids.max")).ok());
+        let want_pids = spec.limits.pids_max + 1;
+        assert_eq!(
+            pids.map(|p| p.trim().to_string()),
+            Some(want_pids.to_string())
+        );
+        // The pool refills in the background with these limits.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Turned off, the pool removes what it kept ready.
+    skiff_sandbox::set_cgroup_pool_size(0);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while skiff_sandbox::cgroup_pool_ready() > 0 {
+        assert!(std::time::Instant::now() < deadline, "ready cgroups kept");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let out = sh(&spec, "echo still runs", b"");
+    assert_eq!(out.stdout, b"still runs\n");
+    skiff_sandbox::set_cgroup_pool_size(skiff_sandbox::CGROUP_POOL_SIZE_DEFAULT);
+}
+
+#[test]
 fn spinning_past_the_wall_clock_is_killed_on_time() {
     if !can_sandbox() {
         return;
@@ -389,6 +491,7 @@ fn a_fork_bomb_hits_the_pids_limit_and_the_host_stays_responsive() {
         let out = sh(&spec_with(tier, code.path(), ""), "echo alive", b"");
         assert_eq!(out.stdout, b"alive\n");
     }
+    await_removals();
     assert!(our_zombies().is_empty());
 }
 
