@@ -36,6 +36,8 @@ pub struct Batcher {
     metrics: Arc<Metrics>,
     /// Set while a stopping leader hands over: new writes are refused as `NoLeader`.
     paused: Arc<std::sync::atomic::AtomicBool>,
+    /// Batches taken from the queue and not yet answered by Raft (proposed or about to be).
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Approximate encoded size of a command, to keep entries under `entry_bytes_max`.
@@ -53,18 +55,26 @@ impl Batcher {
         entry_bytes_max: usize,
     ) -> Batcher {
         let (tx, rx) = mpsc::channel(queue_max);
+        let batches: Arc<std::sync::atomic::AtomicUsize> = Default::default();
         tokio::spawn(run(
             raft,
             metrics.clone(),
             rx,
             in_flight_max,
             entry_bytes_max,
+            batches.clone(),
         ));
         Batcher {
             tx,
             metrics,
             paused: Default::default(),
+            in_flight: batches,
         }
+    }
+
+    /// Whether nothing is queued or being proposed: every write taken so far has its answer.
+    pub fn idle(&self) -> bool {
+        self.queue_depth() == 0 && self.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 0
     }
 
     /// Refuses (`true`) or takes again (`false`) new writes. Writes already queued still go.
@@ -126,15 +136,21 @@ async fn run(
     mut rx: mpsc::Receiver<Pending>,
     in_flight_max: usize,
     entry_bytes_max: usize,
+    batches: Arc<std::sync::atomic::AtomicUsize>,
 ) {
     let in_flight = Arc::new(Semaphore::new(in_flight_max));
     // A command that did not fit the previous entry starts the next one.
     let mut carry: Option<Pending> = None;
     loop {
+        // A batch is counted from the moment its first write leaves the queue until Raft
+        // answers it (a carried write was counted when it was put aside).
         let first = match carry.take() {
             Some(p) => p,
             None => match rx.recv().await {
-                Some(p) => p,
+                Some(p) => {
+                    batches.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    p
+                }
                 None => return,
             },
         };
@@ -153,6 +169,8 @@ async fn run(
                     if count + p.commands.len() > COMMANDS_PER_ENTRY_MAX
                         || bytes + p.bytes > entry_bytes_max
                     {
+                        // The next batch, counted now: it has left the queue.
+                        batches.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         carry = Some(p);
                         break;
                     }
@@ -165,9 +183,11 @@ async fn run(
         }
         let raft = raft.clone();
         let metrics = metrics.clone();
+        let batches = batches.clone();
         tokio::spawn(async move {
             propose(&raft, &metrics, batch).await;
             drop(permit);
+            batches.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         });
     }
 }

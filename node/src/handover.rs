@@ -62,6 +62,9 @@ pub async fn hand_over(node: &Node) -> Handover {
         return Handover::NotNeeded;
     }
     node.0.batcher.pause(true);
+    // Once it steps down it must not campaign again itself: its log may still be a little
+    // longer than the voter's, and it would win back what it is giving away.
+    node.0.raft.runtime_config().elect(false);
     let result = run(node, &voters, deadline).await;
     match result {
         Ok(to) => Handover::Done {
@@ -69,6 +72,7 @@ pub async fn hand_over(node: &Node) -> Handover {
             elapsed: started.elapsed(),
         },
         Err(why) => {
+            node.0.raft.runtime_config().elect(true);
             node.0.batcher.pause(false);
             Handover::Failed(why)
         }
@@ -77,48 +81,28 @@ pub async fn hand_over(node: &Node) -> Handover {
 
 async fn run(node: &Node, voters: &[NodeId], deadline: Instant) -> Result<NodeId, String> {
     let me = node.0.id;
-    // 1-2. Everything proposed is applied, and a voter holds all of it.
-    let target = loop {
-        let m = node.0.raft.metrics().borrow().clone();
-        if m.current_leader != Some(me) {
-            return Err("leadership moved before the handover began".into());
-        }
-        let last = m.last_log_index;
-        let applied = m.last_applied.map(|l| l.index);
-        let matched = |v: &NodeId| {
-            m.replication
-                .as_ref()
-                .and_then(|r| r.get(v).cloned().flatten())
-                .map(|l| l.index)
-        };
-        if node.0.batcher.queue_depth() == 0 && applied == last {
-            // A voter holding every entry; the lowest such id.
-            if let Some(&v) = voters.iter().find(|v| matched(v) == last) {
-                break v;
-            }
-        }
-        if Instant::now() >= deadline {
-            return Err(format!(
-                "no voter caught up to index {last:?} in time (applied {applied:?})"
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
-    let addr = node
-        .0
-        .raft
-        .metrics()
-        .borrow()
-        .membership_config
-        .membership()
-        .get_node(&target)
-        .map(|n| n.addr.clone())
-        .ok_or_else(|| format!("node {target} has no address"))?;
-    // 3-4. Ask it to campaign until another node leads. A leader elected less than a lease
-    // ago refuses the first request; the voter, now a candidate, tries again on its own
-    // election timer, and so does this loop.
     let election_max = Duration::from_millis(node.0.config.raft.election_timeout_max_ms);
     loop {
+        if let Some(l) = node.0.raft.metrics().borrow().current_leader {
+            if l != me {
+                return Ok(l);
+            }
+        }
+        let target = caught_up_voter(node, voters, deadline).await?;
+        let addr = node
+            .0
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_node(&target)
+            .map(|n| n.addr.clone())
+            .ok_or_else(|| format!("node {target} has no address"))?;
+        // Ask it to campaign, then wait for another node to lead. A leader elected less than
+        // a lease ago refuses the first request; the voter, now a candidate, tries again on
+        // its own election timer, and so does this loop (after checking again that the voter
+        // holds every entry).
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(format!("node {target} did not take over in time"));
@@ -140,6 +124,7 @@ async fn run(node: &Node, voters: &[NodeId], deadline: Instant) -> Result<NodeId
                 return Err(format!("node {target} at {addr}: {e}"));
             }
         }
+        let left = deadline.saturating_duration_since(Instant::now());
         let wait = left.min(election_max + Duration::from_millis(200));
         let moved = node
             .0
@@ -153,5 +138,45 @@ async fn run(node: &Node, voters: &[NodeId], deadline: Instant) -> Result<NodeId
         if let Ok(m) = moved {
             return Ok(m.current_leader.expect("checked by the condition"));
         }
+        if Instant::now() >= deadline {
+            return Err(format!("node {target} did not take over in time"));
+        }
+    }
+}
+
+/// Waits until every write this node took is applied and a voter's log holds all of it;
+/// returns that voter (the lowest such id).
+async fn caught_up_voter(
+    node: &Node,
+    voters: &[NodeId],
+    deadline: Instant,
+) -> Result<NodeId, String> {
+    loop {
+        let m = node.0.raft.metrics().borrow().clone();
+        let last = m.last_log_index;
+        let applied = m.last_applied.map(|l| l.index);
+        let matched = |v: &NodeId| {
+            m.replication
+                .as_ref()
+                .and_then(|r| r.get(v).cloned().flatten())
+                .map(|l| l.index)
+        };
+        // Replication progress is known only while this node leads; after it stepped down
+        // (a candidate's higher term), the voters' logs are compared by the election itself.
+        if node.0.batcher.idle() && applied == last {
+            if m.replication.is_none() {
+                if let Some(&v) = voters.first() {
+                    return Ok(v);
+                }
+            } else if let Some(&v) = voters.iter().find(|v| matched(v) == last) {
+                return Ok(v);
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "no voter caught up to index {last:?} in time (applied {applied:?})"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
