@@ -36,11 +36,8 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Why TLS material could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("{0}")]
+    Read(String),
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
     #[error("TLS configuration: {0}")]
@@ -48,18 +45,7 @@ pub enum TlsError {
 }
 
 fn read_pem(path: &Path) -> Result<Vec<u8>, TlsError> {
-    let read_err = |source| TlsError::Read {
-        path: path.to_path_buf(),
-        source,
-    };
-    let len = std::fs::metadata(path).map_err(read_err)?.len();
-    if len > PEM_FILE_BYTES_MAX {
-        return Err(TlsError::Invalid {
-            path: path.to_path_buf(),
-            message: format!("{len} bytes; a PEM file is at most {PEM_FILE_BYTES_MAX}"),
-        });
-    }
-    std::fs::read(path).map_err(read_err)
+    crate::deploy::read_bounded(path, PEM_FILE_BYTES_MAX, "PEM file").map_err(TlsError::Read)
 }
 
 fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
@@ -108,14 +94,11 @@ fn config_err(e: rustls::Error) -> TlsError {
 #[derive(Clone)]
 pub struct TlsConnector {
     connector: tokio_rustls::TlsConnector,
-    has_identity: bool,
 }
 
 impl std::fmt::Debug for TlsConnector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsConnector")
-            .field("has_identity", &self.has_identity)
-            .finish()
+        f.debug_struct("TlsConnector").finish_non_exhaustive()
     }
 }
 
@@ -129,7 +112,6 @@ impl TlsConnector {
             .with_no_client_auth();
         Ok(TlsConnector {
             connector: Arc::new(config).into(),
-            has_identity: false,
         })
     }
 
@@ -143,7 +125,6 @@ impl TlsConnector {
             .map_err(config_err)?;
         Ok(TlsConnector {
             connector: Arc::new(config).into(),
-            has_identity: true,
         })
     }
 
@@ -231,10 +212,6 @@ impl Conn {
                 tokio_rustls::TlsStream::Client(_) => false,
             },
         }
-    }
-
-    pub fn is_tls(&self) -> bool {
-        matches!(self, Conn::Tls(_))
     }
 }
 

@@ -93,6 +93,19 @@ pub fn node_files(dir: &Path, id: NodeId) -> (PathBuf, PathBuf, PathBuf) {
     )
 }
 
+/// The `skiffd` flags that give node `id` its files in `dir`.
+pub fn node_flags(dir: &Path, id: NodeId) -> Vec<std::ffi::OsString> {
+    let (ca, cert, key) = node_files(dir, id);
+    vec![
+        "--tls-ca".into(),
+        ca.into(),
+        "--tls-cert".into(),
+        cert.into(),
+        "--tls-key".into(),
+        key.into(),
+    ]
+}
+
 /// What [`generate`] wrote.
 #[derive(Debug, Default)]
 pub struct Generated {
@@ -167,9 +180,9 @@ pub fn generate(dir: &Path, nodes: &[NodeCert], replace: bool) -> Result<Generat
     Ok(out)
 }
 
-/// The CA's parameters. Deterministic apart from the validity, so a CA read back from its key
-/// signs certificates that chain to the `ca.pem` written when it was made (the issuer name
-/// and the key identifier both come from here and the key).
+/// The CA's parameters. The name is fixed, so a CA read back from its key signs certificates
+/// that chain to the `ca.pem` written when it was made (the issuer name comes from here, the
+/// key identifier from the key; the serial and validity need not match).
 fn ca_params() -> CertificateParams {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();

@@ -141,15 +141,15 @@ pub fn node_command_line(
     data_dir: &Path,
     tls_dir: &Path,
 ) -> String {
-    let (ca, cert, key) = crate::certs::node_files(tls_dir, id);
+    let tls: Vec<String> = tls_args(tls_dir, id)
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
     format!(
-        "{} --id {id} --listen {addr} --data-dir {} --tls-ca {} --tls-cert {} --tls-key {} \
-         --allow-plaintext-clients",
+        "{} --id {id} --listen {addr} --data-dir {} {}",
         exe.display(),
         data_dir.display(),
-        ca.display(),
-        cert.display(),
-        key.display()
+        tls.join(" ")
     )
 }
 
@@ -207,17 +207,10 @@ fn spawn_node(exe: &Path, dir: &Path, id: NodeId, addr: &str) -> Result<DevNode,
 }
 
 fn tls_args(tls_dir: &Path, id: NodeId) -> Vec<std::ffi::OsString> {
-    let (ca, cert, key) = crate::certs::node_files(tls_dir, id);
-    vec![
-        "--tls-ca".into(),
-        ca.into(),
-        "--tls-cert".into(),
-        cert.into(),
-        "--tls-key".into(),
-        key.into(),
-        // Loopback only: a script that reads the endpoints and token but not the CA still works.
-        "--allow-plaintext-clients".into(),
-    ]
+    let mut args = crate::certs::node_flags(tls_dir, id);
+    // Loopback only: a script that reads the endpoints and token but not the CA still works.
+    args.push("--allow-plaintext-clients".into());
+    args
 }
 
 /// The admin token an earlier run of `skiffd dev` wrote to `DIR/env`.

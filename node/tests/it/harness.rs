@@ -31,22 +31,14 @@ pub struct TestCluster {
 /// Makes the certificate of node `id` under the CA in `tls_dir` (the CA too, the first time)
 /// unless it exists, and returns the `skiffd` flags that use it.
 pub fn node_tls_args(tls_dir: &std::path::Path, id: NodeId) -> Vec<std::ffi::OsString> {
-    let (ca, cert, key) = skiff_node::certs::node_files(tls_dir, id);
-    if !cert.exists() {
+    if !skiff_node::certs::node_files(tls_dir, id).1.exists() {
         let node = skiff_node::certs::NodeCert {
             id,
             hosts: vec!["127.0.0.1".into(), "localhost".into()],
         };
         skiff_node::certs::generate(tls_dir, &[node], false).expect("make node certificate");
     }
-    vec![
-        "--tls-ca".into(),
-        ca.into(),
-        "--tls-cert".into(),
-        cert.into(),
-        "--tls-key".into(),
-        key.into(),
-    ]
+    skiff_node::certs::node_flags(tls_dir, id)
 }
 
 pub fn free_port() -> u16 {
