@@ -27,8 +27,6 @@ use crate::sys;
 
 /// Directory created under our own cgroup in every hierarchy.
 const BASE_NAME: &str = "skiff-sandbox";
-/// The supervisor process of each sandbox lives in its cgroup too.
-pub(crate) const SUPERVISOR_PIDS: u32 = 1;
 const CPU_PERIOD_US: u64 = 100_000;
 const KILL_WAIT_MAX: Duration = Duration::from_secs(5);
 const REMOVE_WAIT_MAX: Duration = Duration::from_secs(5);
@@ -380,7 +378,7 @@ fn next_name() -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct LimitValues {
     memory_bytes: u64,
-    /// Including the supervisor.
+    /// The init and everything it starts (the supervisor stays outside).
     pids_max: u32,
     cpu_quota_us: u64,
 }
@@ -389,7 +387,7 @@ impl LimitValues {
     fn of(limits: &Limits) -> Self {
         Self {
             memory_bytes: limits.memory_bytes_max,
-            pids_max: limits.pids_max + SUPERVISOR_PIDS,
+            pids_max: limits.pids_max,
             cpu_quota_us: u64::from(limits.cpu_millis_max) * CPU_PERIOD_US / 1000,
         }
     }
@@ -690,14 +688,15 @@ pub fn removals_pending() -> usize {
     ahead::lock().pending
 }
 
-/// Hands a finished sandbox to the cgroup thread: reap its supervisor (which has reported the
-/// init's exit and only exits after that), then remove its cgroup. Off the run's path: the
-/// supervisor's exit tears down its copy of the node's address space and the sandbox's mount
-/// namespace, and removing v1 cgroups takes a few hundred microseconds more. Done here, by the
-/// caller, when the queue is full or the thread cannot run.
+/// Hands a finished sandbox to the cgroup thread: reap its supervisor if it has one (which has
+/// reported the init's exit and only exits after that), drop `keep`, then remove its cgroup.
+/// Off the run's path: the supervisor's exit tears down its copy of the node's address space
+/// and the sandbox's mount namespace (a one-shot run's `keep` holds that namespace instead),
+/// and removing v1 cgroups takes a few hundred microseconds more. Done here, by the caller,
+/// when the queue is full or the thread cannot run.
 /// `keep` is freed only once the supervisor is reaped (memory its copy of the node shares).
 pub(crate) fn remove_behind(
-    supervisor_pid: i32,
+    supervisor_pid: Option<i32>,
     cgroup: Cgroup,
     keep: Box<dyn std::any::Any + Send>,
 ) {
@@ -733,7 +732,7 @@ mod ahead {
     pub(super) static TARGET: AtomicUsize = AtomicUsize::new(super::CGROUP_POOL_SIZE_DEFAULT);
 
     pub(super) struct Finished {
-        pub(super) supervisor_pid: i32,
+        pub(super) supervisor_pid: Option<i32>,
         pub(super) cgroup: Cgroup,
         pub(super) keep: Box<dyn std::any::Any + Send>,
     }
@@ -742,8 +741,10 @@ mod ahead {
         pub(super) fn complete(mut self) {
             // It has reported and is exiting on its own, at idle priority (a kill here would
             // make it exit at the node's priority, on the CPU of the node's next start).
-            if let Err(error) = sys::wait_pid(self.supervisor_pid) {
-                tracing::warn!(%error, pid = self.supervisor_pid, "supervisor not reaped");
+            if let Some(pid) = self.supervisor_pid {
+                if let Err(error) = sys::wait_pid(pid) {
+                    tracing::warn!(%error, pid, "supervisor not reaped");
+                }
             }
             drop(self.keep);
             if let Err(error) = self.cgroup.remove() {
@@ -850,6 +851,7 @@ mod ahead {
     }
 
     fn run_forever() {
+        sys::lower_to_background_priority();
         let mut failing_since: Option<std::time::Instant> = None;
         loop {
             let job = {

@@ -17,9 +17,10 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -171,9 +172,7 @@ fn supervisor_main(
     if sys::adopt_fds(stdio, control).is_err() {
         sys::exit_now(120);
     }
-    let mut real = RealSys {
-        parent_pid: Some(parent_pid),
-    };
+    let mut real = RealSys::new(Some(parent_pid), false);
     if let Err(e) = setup::supervisor(&mut real, plan) {
         report(3, &e);
         sys::exit_now(121);
@@ -182,14 +181,19 @@ fn supervisor_main(
     // anyway): no copy of the node's page tables, no copy-on-write faults in the init, no
     // copy to tear down at its exec. Everything else of the init is its own.
     let mut init = || -> i32 { init_main(plan, affinity) };
-    match sys::spawn_sharing_memory(&mut init) {
+    match sys::spawn_sharing_memory(&mut init, false, None) {
         Err(e) => {
             let errno = e.raw_os_error().unwrap_or(0);
             report(3, &StepError::new("start init", None, errno));
             sys::exit_now(122);
         }
         Ok(init_pid) => {
-            for fd in [0, 1, 2, 4, 5] {
+            // Everything but its status pipe (3) is the init's.
+            let joins = i32::try_from(plan.cgroup_join_files.len()).expect("a few hierarchies");
+            for fd in [0, 1, 2]
+                .into_iter()
+                .chain(4..setup::JOIN_FDS_FIRST + joins)
+            {
                 sys::close_fd(fd);
             }
             // The init has exec'd the function (or died): the setup's ping-pong is over, and
@@ -211,18 +215,140 @@ fn supervisor_main(
     }
 }
 
+/// What the starter of a one-shot run (see [`Prepared::start`]) works from: all of it owned by
+/// the suspended calling thread.
+struct Starter<'a> {
+    plan: &'a Plan,
+    image: &'a sys::ExecImage,
+    parent_pid: i32,
+    stdio: [i32; 3],
+    control: &'a [i32],
+    affinity: Option<CpuMask>,
+    /// Where the starter leaves the init's pid for the calling thread.
+    init_pid: &'a AtomicI32,
+    init_stack: &'a sys::ChildStack,
+}
+
+impl Starter<'_> {
+    /// Body of the starter: the supervisor's steps, then the init as a sibling (a child of the
+    /// node), then exit with the code returned. Runs in the node's memory while the calling
+    /// thread is suspended: it allocates only what it frees.
+    fn main(&self) -> i32 {
+        if sys::adopt_fds(self.stdio, self.control).is_err() {
+            return 120;
+        }
+        let mut real = RealSys::new(Some(self.parent_pid), true);
+        let steps = setup::supervisor(&mut real, self.plan);
+        // Gives the turn back on a failure too.
+        drop(real);
+        if let Err(e) = steps {
+            report(3, &e);
+            return 121;
+        }
+        let mut init = || -> i32 { init_exec_main(self.plan, self.image, self.affinity) };
+        match sys::spawn_sharing_memory(&mut init, true, Some(self.init_stack)) {
+            Err(e) => {
+                let errno = e.raw_os_error().unwrap_or(0);
+                report(3, &StepError::new("start init", None, errno));
+                122
+            }
+            Ok(pid) => {
+                self.init_pid.store(pid, Ordering::Release);
+                0
+            }
+        }
+    }
+}
+
+/// Body of the init of a one-shot run: the setup, then the exec of `image`. In the node's
+/// memory like the starter; returns (to exit) only on failure.
+fn init_exec_main(plan: &Plan, image: &sys::ExecImage, affinity: Option<CpuMask>) -> i32 {
+    if sys::adopt_init_fds(plan.cgroup_join_files.len()).is_err() {
+        return 123;
+    }
+    let mut real = RealSys::new(None, false);
+    if let Err(e) = setup::init(&mut real, plan) {
+        report(4, &e);
+        return 124;
+    }
+    // The setup's ping-pong is over: the function gets every CPU the node had.
+    if let Some(mask) = affinity {
+        let _ = sys::set_affinity(&mask);
+    }
+    let errno = image.exec();
+    let program = Path::new(std::ffi::OsStr::from_bytes(image.program().to_bytes()));
+    report(4, &StepError::new("exec", Some(program), errno));
+    127
+}
+
+/// What both ways of starting a sandbox make before any child exists.
+struct Groundwork {
+    host_id: u32,
+    in_setup: crate::cgroup::StartInSetup,
+    cgroup: Cgroup,
+    plan: Plan,
+    netns: Option<std::os::fd::OwnedFd>,
+}
+
+impl Groundwork {
+    fn lay(spec: &SandboxSpec) -> Result<Self, SandboxError> {
+        let filters = crate::seccomp::filters()?;
+        let staging = staging_root()?;
+        let host_id = next_host_id();
+        let in_setup = crate::cgroup::StartInSetup::begin();
+        let cgroup = Cgroup::create(&spec.limits)?;
+        let mut plan = Plan::build(spec, cgroup.join_files(), host_id, staging, filters)?;
+        let netns = if spec.limits.tier.host_network() {
+            None
+        } else {
+            crate::netns::take()
+        };
+        if netns.is_some() {
+            plan.join_network_namespace_ahead();
+        }
+        Ok(Self {
+            host_id,
+            in_setup,
+            cgroup,
+            plan,
+            netns,
+        })
+    }
+
+    /// The children's fds from 3, in order: `first` (the supervisor's status, work, init
+    /// status), the cgroup's join files (from `JOIN_FDS_FIRST`), then the network namespace if
+    /// one was made ahead.
+    fn control(&self, first: [i32; 3]) -> Vec<i32> {
+        let mut control = first.to_vec();
+        control.extend(self.cgroup.join_fds());
+        control.extend(self.netns.as_ref().map(AsRawFd::as_raw_fd));
+        debug_assert_eq!(
+            control.len(),
+            3 + self.plan.cgroup_join_files.len() + usize::from(self.netns.is_some())
+        );
+        control
+    }
+}
+
 /// Body of the init (pid 1 of the sandbox). Never returns.
 fn init_main(plan: &Plan, affinity: Option<CpuMask>) -> ! {
-    if sys::adopt_init_fds().is_err() {
+    if sys::adopt_init_fds(plan.cgroup_join_files.len()).is_err() {
         sys::exit_now(123);
     }
-    let mut real = RealSys { parent_pid: None };
+    let mut real = RealSys::new(None, false);
     if let Err(e) = setup::init(&mut real, plan) {
         report(4, &e);
         sys::exit_now(124);
     }
     if sys::write_fd(4, b"R").is_err() {
         sys::exit_now(125);
+    }
+    // The setup's ping-pong is over: the function gets every CPU the node had, and a warm
+    // sandbox waits for its work free to wake on an idle CPU rather than on the one the
+    // hand-off runs on (where it would take the CPU from the thread handing off until its
+    // exec).
+    if let Some(mask) = affinity {
+        let _ = sys::set_affinity(&mask);
     }
     let mut frame = Vec::new();
     let mut buf = [0u8; 4096];
@@ -237,10 +363,6 @@ fn init_main(plan: &Plan, affinity: Option<CpuMask>) -> ! {
     if frame.is_empty() {
         // Discarded without work (pool shrinking, node shutting down).
         sys::exit_now(0);
-    }
-    // The function gets every CPU the node had; only the setup stayed on one.
-    if let Some(mask) = affinity {
-        let _ = sys::set_affinity(&mask);
     }
     let (errno, program) = sys::exec_work(&frame);
     let program = PathBuf::from(String::from_utf8_lossy(&program).into_owned());
@@ -288,15 +410,25 @@ fn read_message(file: &mut File, deadline: Instant) -> Result<Vec<u8>, SandboxEr
     }
 }
 
-/// A sandbox whose setup is complete, blocked waiting for its work.
+/// Who tells the parent that a run has ended.
+#[derive(Debug)]
+enum Watch {
+    /// The supervisor (sandboxes made ahead): its `X` report carries the init's wait status.
+    Supervisor { pid: i32, status: File },
+    /// The init itself, a child of this process (one-shot runs, see [`Prepared::start`]): its
+    /// pidfd turns readable when it has exited.
+    Init { pid: i32, pidfd: OwnedFd },
+}
+
+/// A sandbox whose setup is complete, blocked waiting for its work (or, from
+/// [`Prepared::start`], already running it).
 #[derive(Debug)]
 pub(crate) struct Prepared {
-    pub(crate) supervisor_pid: i32,
+    watch: Watch,
     /// The host uid (and gid) the sandbox's root maps to: unique per sandbox.
     pub(crate) host_id: u32,
     pub(crate) cgroup: Cgroup,
     pub(crate) limits: Limits,
-    supervisor_status: File,
     work: Option<File>,
     init_status: Option<File>,
     /// Bytes the init sent after its `R` (an exec error may follow it in the same read).
@@ -308,34 +440,16 @@ pub(crate) struct Prepared {
     /// Kept until the supervisor is gone: its copy of this process shares the plan's pages, so
     /// freeing the plan while it lives costs a copy-on-write fault per page touched.
     plan: Option<Plan>,
+    /// The sandbox's mount namespace, held open by a one-shot run so that its teardown (an RCU
+    /// grace period) happens after the run, not in the init's exit before its parent learns
+    /// of it.
+    mount_namespace: Option<File>,
 }
 
 impl Prepared {
     /// Creates a sandbox for `spec` and waits until it is ready for work.
     pub(crate) fn create(spec: &SandboxSpec) -> Result<Self, SandboxError> {
-        Self::create_with_work(spec, None)
-    }
-
-    /// Creates a sandbox; with `work`, the command is queued in the work pipe at once, so the
-    /// init execs it as soon as its setup is done, without a round trip through the parent.
-    pub(crate) fn create_with_work(
-        spec: &SandboxSpec,
-        work: Option<&[u8]>,
-    ) -> Result<Self, SandboxError> {
-        let filters = crate::seccomp::filters()?;
-        let staging = staging_root()?;
-        let host_id = next_host_id();
-        let in_setup = crate::cgroup::StartInSetup::begin();
-        let cgroup = Cgroup::create(&spec.limits)?;
-        let mut plan = Plan::build(spec, cgroup.join_files(), host_id, staging, filters)?;
-        let netns = if spec.limits.tier.host_network() {
-            None
-        } else {
-            crate::netns::take()
-        };
-        if netns.is_some() {
-            plan.join_network_namespace_ahead();
-        }
+        let ground = Groundwork::lay(spec)?;
         let pipe = || sys::pipe().map_err(|e| SandboxError::syscall("pipe2", e));
         let (sup_status_r, sup_status_w) = pipe()?;
         let (work_r, work_w) = pipe()?;
@@ -346,21 +460,20 @@ impl Prepared {
         let parent_pid = i32::try_from(std::process::id()).expect("pids fit in i32");
         // Everything the parent keeps is made before the fork, for the same reason as `plan`.
         let limits = spec.limits.clone();
-        // The supervisor's fds 3.. in order: its status, work, init status, the cgroup's join
-        // files (from JOIN_FDS_FIRST), then the network namespace if one was made ahead.
-        let mut control = vec![
+        let control = ground.control([
             sup_status_w.as_raw_fd(),
             work_r.as_raw_fd(),
             init_status_w.as_raw_fd(),
-        ];
-        control.extend(cgroup.join_fds());
-        control.extend(netns.as_ref().map(AsRawFd::as_raw_fd));
-        debug_assert_eq!(
-            control.len(),
-            3 + plan.cgroup_join_files.len() + usize::from(netns.is_some())
-        );
+        ]);
+        let Groundwork {
+            host_id,
+            in_setup,
+            mut cgroup,
+            plan,
+            netns,
+        } = ground;
         let pin = Pin::current_cpu();
-        let supervisor_pid = match sys::fork().map_err(|e| SandboxError::syscall("fork", e))? {
+        let pid = match sys::fork().map_err(|e| SandboxError::syscall("fork", e))? {
             ForkResult::Child => supervisor_main(
                 &plan,
                 parent_pid,
@@ -370,7 +483,6 @@ impl Prepared {
             ),
             ForkResult::Parent(pid) => pid,
         };
-        let mut cgroup = cgroup;
         cgroup.close_join_fds();
         drop((
             sup_status_w,
@@ -382,11 +494,13 @@ impl Prepared {
             netns,
         ));
         let mut prepared = Prepared {
-            supervisor_pid,
+            watch: Watch::Supervisor {
+                pid,
+                status: File::from(sup_status_r),
+            },
             host_id,
             cgroup,
             limits,
-            supervisor_status: File::from(sup_status_r),
             work: Some(File::from(work_w)),
             init_status: Some(File::from(init_status_r)),
             init_pending: Vec::new(),
@@ -395,47 +509,155 @@ impl Prepared {
             stderr: Some(File::from(err_r)),
             reaped: false,
             plan: Some(plan),
+            mount_namespace: None,
         };
-        if let Some(frame) = work {
-            prepared.hand_off(frame)?;
-        }
         prepared.handshake()?;
         drop(in_setup);
         drop(pin);
         Ok(prepared)
     }
 
+    /// Starts `frame` (see [`encode_work`]) in a new sandbox for one run, without a supervisor:
+    /// a *starter* sharing this process's memory, while the calling thread is suspended, does
+    /// the supervisor's steps and starts the init as this process's own child, sharing the
+    /// memory as well; the init builds the sandbox and execs the command, and the calling
+    /// thread resumes at that exec (or at a failure). Nothing of this process's address space
+    /// is copied, no supervisor is torn down, and the init's exit comes straight here.
+    ///
+    /// The calling thread cannot time the setup out while suspended; the setup only touches
+    /// local files (the tier's binds, `/code`), and its own steps are bounded.
+    pub(crate) fn start(spec: &SandboxSpec, frame: &[u8]) -> Result<Self, SandboxError> {
+        let image = sys::ExecImage::new(frame).map_err(|_| SandboxError::InvalidCommand {
+            reason: "malformed command frame".to_string(),
+        })?;
+        let ground = Groundwork::lay(spec)?;
+        let pipe = || sys::pipe().map_err(|e| SandboxError::syscall("pipe2", e));
+        let (status_r, status_w) = pipe()?;
+        let (in_r, in_w) = pipe()?;
+        let (out_r, out_w) = pipe()?;
+        let (err_r, err_w) = pipe()?;
+        let parent_pid = i32::try_from(std::process::id()).expect("pids fit in i32");
+        let limits = spec.limits.clone();
+        // The supervisor's layout, with the one status pipe in all three places: the starter
+        // reports on its fd 3, the init on its fd 4 (fd 5 before `adopt_init_fds`); there is
+        // no work pipe, the command is `image`.
+        let status_fd = status_w.as_raw_fd();
+        let control = ground.control([status_fd, status_fd, status_fd]);
+        let init_pid = AtomicI32::new(0);
+        let stack = || sys::ChildStack::take().map_err(|e| SandboxError::syscall("mmap", e));
+        let (starter_stack, init_stack) = (stack()?, stack()?);
+        let pin = Pin::current_cpu();
+        let started = {
+            // The children run this thread's signal handlers until the init resets them.
+            let _blocked = sys::block_all_signals()
+                .map_err(|e| SandboxError::syscall("pthread_sigmask", e))?;
+            let starter = Starter {
+                plan: &ground.plan,
+                image: &image,
+                parent_pid,
+                stdio: [in_r.as_raw_fd(), out_w.as_raw_fd(), err_w.as_raw_fd()],
+                control: &control,
+                affinity: pin.original,
+                init_pid: &init_pid,
+                init_stack: &init_stack,
+            };
+            sys::spawn_sharing_memory(&mut || starter.main(), false, Some(&starter_stack))
+        };
+        // Both children are done with their stacks: the starter has exited, the init exec'd
+        // or died.
+        starter_stack.give_back();
+        init_stack.give_back();
+        drop(pin);
+        let Groundwork {
+            host_id,
+            in_setup,
+            mut cgroup,
+            plan,
+            netns,
+        } = ground;
+        cgroup.close_join_fds();
+        drop((status_w, in_r, out_w, err_w, netns, image));
+        let starter_pid = started.map_err(|e| SandboxError::syscall("clone", e))?;
+        sys::wait_pid(starter_pid).map_err(|e| SandboxError::syscall("waitpid", e))?;
+        // Every writer is gone (the starter exited, the init exec'd or died): an error line
+        // from either, or nothing.
+        let mut report = Vec::new();
+        File::from(status_r)
+            .read_to_end(&mut report)
+            .map_err(|e| SandboxError::syscall("read", e))?;
+        let pid = init_pid.load(Ordering::Acquire);
+        if pid <= 0 {
+            let mut cgroup = cgroup;
+            cgroup.remove()?;
+            return Err(if report.first() == Some(&b'E') {
+                parse_report(&report)
+            } else {
+                SandboxError::Protocol {
+                    detail: "the sandbox's starter exited without starting it".to_string(),
+                }
+            });
+        }
+        let pidfd = match sys::pidfd_open(pid) {
+            Ok(pidfd) => pidfd,
+            Err(error) => {
+                // Without a pidfd the run cannot be watched: end it (the init is our child,
+                // so its pid is its own until reaped).
+                sys::kill_pid(pid);
+                let _ = sys::wait_pid(pid);
+                let mut cgroup = cgroup;
+                cgroup.remove()?;
+                return Err(SandboxError::syscall("pidfd_open", error));
+            }
+        };
+        // Best effort: if the command is already gone, its exit tore the namespace down.
+        let mount_namespace = File::open(format!("/proc/{pid}/ns/mnt")).ok();
+        let prepared = Prepared {
+            watch: Watch::Init { pid, pidfd },
+            host_id,
+            cgroup,
+            limits,
+            work: None,
+            init_status: None,
+            init_pending: Vec::new(),
+            stdin: Some(File::from(in_w)),
+            stdout: Some(File::from(out_r)),
+            stderr: Some(File::from(err_r)),
+            reaped: false,
+            plan: Some(plan),
+            mount_namespace,
+        };
+        drop(in_setup);
+        if report.first() == Some(&b'E') {
+            // The init failed in its setup or exec and is exiting; dropping reaps it.
+            let error = parse_report(&report);
+            drop(prepared);
+            return Err(error);
+        }
+        Ok(prepared)
+    }
+
     fn handshake(&mut self) -> Result<(), SandboxError> {
         let deadline = Instant::now() + SETUP_TIMEOUT;
+        let Watch::Supervisor {
+            status: supervisor_status,
+            ..
+        } = &mut self.watch
+        else {
+            return Err(SandboxError::Protocol {
+                detail: "no handshake with a sandbox started for one run".to_string(),
+            });
+        };
         let init_status = self.init_status.as_mut().expect("set at creation");
         let msg = read_message(init_status, deadline)?;
         match msg.first() {
             Some(b'R') => {
                 self.init_pending = msg[1..].to_vec();
-                // The supervisor is tiny and its death would lose the exit status: keep the OOM
-                // killer on the function's processes. Set from here (we are privileged) only
-                // now, after the init was forked, so the init does not inherit it. Best effort:
-                // some containers forbid lowering the score even to root, and a killed
-                // supervisor still takes the sandbox down (parent-death signal) and the OOM is
-                // still reported from the cgroup's counter.
-                // Asked once per process when refused: the refusal is the host's policy.
-                static REFUSED: std::sync::atomic::AtomicBool =
-                    std::sync::atomic::AtomicBool::new(false);
-                if !REFUSED.load(Ordering::Relaxed) {
-                    let path = format!("/proc/{}/oom_score_adj", self.supervisor_pid);
-                    if let Err(error) = std::fs::write(&path, "-1000") {
-                        tracing::debug!(%error, "supervisor oom_score_adj not lowered");
-                        if matches!(error.kind(), io::ErrorKind::PermissionDenied) {
-                            REFUSED.store(true, Ordering::Relaxed);
-                        }
-                    }
-                }
                 Ok(())
             }
             Some(b'E') => Err(parse_report(&msg)),
             _ => {
                 // The init never started: the supervisor says why.
-                let sup = read_message(&mut self.supervisor_status, deadline)?;
+                let sup = read_message(supervisor_status, deadline)?;
                 if sup.first() == Some(&b'E') {
                     Err(parse_report(&sup))
                 } else {
@@ -498,7 +720,10 @@ impl Prepared {
         let mut init_status = self.init_status.take();
         let mut init_msg = std::mem::take(&mut self.init_pending);
         let mut sup_msg = Vec::new();
-        let mut sup_open = true;
+        // Whether the end of the run is still to come (the supervisor's report or the init's
+        // exit).
+        let mut watching = !self.reaped;
+        let mut init_exit: Option<i32> = None;
         let mut timed_out = false;
         // Output goes straight into the kept bytes; this is only for output past a limit,
         // made when first needed (zeroing it at every start wrote 16 pages that the
@@ -506,7 +731,7 @@ impl Prepared {
         let mut scratch = Vec::new();
         let mut status_buf = [0u8; 512];
         loop {
-            if !sup_open && stdout.file.is_none() && stderr.file.is_none() {
+            if !watching && stdout.file.is_none() && stderr.file.is_none() {
                 break;
             }
             if Instant::now() >= deadline {
@@ -531,9 +756,13 @@ impl Prepared {
                 fds.push((f.as_raw_fd(), PollWant::Read));
                 slots.push(Slot::InitStatus);
             }
-            if sup_open {
-                fds.push((self.supervisor_status.as_raw_fd(), PollWant::Read));
-                slots.push(Slot::Supervisor);
+            if watching {
+                let fd = match &self.watch {
+                    Watch::Supervisor { status, .. } => status.as_raw_fd(),
+                    Watch::Init { pidfd, .. } => pidfd.as_raw_fd(),
+                };
+                fds.push((fd, PollWant::Read));
+                slots.push(Slot::Watch);
             }
             let ready = sys::poll_fds(&fds, remaining_ms(deadline))
                 .map_err(|e| SandboxError::syscall("poll", e))?;
@@ -563,16 +792,26 @@ impl Prepared {
                             Ok(n) => init_msg.extend_from_slice(&status_buf[..n]),
                         }
                     }
-                    Slot::Supervisor => match self.supervisor_status.read(&mut status_buf) {
-                        Ok(0) | Err(_) => sup_open = false,
-                        Ok(n) => {
-                            sup_msg.extend_from_slice(&status_buf[..n]);
-                            // The init's exit status: the sandbox's processes are all gone
-                            // (its pid namespace died with it). The supervisor's own exit is
-                            // not waited for here.
-                            if exit_report(&sup_msg).is_some() {
-                                sup_open = false;
+                    Slot::Watch => match &mut self.watch {
+                        Watch::Supervisor { status, .. } => match status.read(&mut status_buf) {
+                            Ok(0) | Err(_) => watching = false,
+                            Ok(n) => {
+                                sup_msg.extend_from_slice(&status_buf[..n]);
+                                // The init's exit status: the sandbox's processes are all gone
+                                // (its pid namespace died with it). The supervisor's own exit
+                                // is not waited for here.
+                                if exit_report(&sup_msg).is_some() {
+                                    watching = false;
+                                }
                             }
+                        },
+                        Watch::Init { pid, .. } => {
+                            // It has exited: the wait returns at once, and only reaps it.
+                            let raw = sys::wait_pid(*pid)
+                                .map_err(|e| SandboxError::syscall("waitpid", e))?;
+                            self.reaped = true;
+                            init_exit = Some(raw);
+                            watching = false;
                         }
                     },
                 }
@@ -582,16 +821,21 @@ impl Prepared {
             self.cgroup.kill_all()?;
         }
         let wall = start.elapsed();
-        let reported = exit_report(&sup_msg).filter(|_| !timed_out);
+        let reported = exit_report(&sup_msg).or(init_exit).filter(|_| !timed_out);
         let stats = if reported.is_some() {
-            // Only the supervisor is left, and it has nothing more to do: the counters are
-            // final, and reaping it and removing the cgroup happen off the run's path.
+            // Nothing of the sandbox runs any more (at most the supervisor, with nothing left
+            // to do): the counters are final, and reaping the supervisor, dropping the mount
+            // namespace and removing the cgroup happen off the run's path.
             let stats = self.cgroup.stats()?;
+            let supervisor = match &self.watch {
+                Watch::Supervisor { pid, .. } if !self.reaped => Some(*pid),
+                _ => None,
+            };
             self.reaped = true;
             crate::cgroup::remove_behind(
-                self.supervisor_pid,
+                supervisor,
                 self.cgroup.take(),
-                Box::new(self.plan.take()),
+                Box::new((self.plan.take(), self.mount_namespace.take())),
             );
             stats
         } else {
@@ -629,7 +873,10 @@ impl Prepared {
     fn reap(&mut self) -> Result<(), SandboxError> {
         if !self.reaped {
             self.reaped = true;
-            sys::wait_pid(self.supervisor_pid).map_err(|e| SandboxError::syscall("waitpid", e))?;
+            let pid = match &self.watch {
+                Watch::Supervisor { pid, .. } | Watch::Init { pid, .. } => *pid,
+            };
+            sys::wait_pid(pid).map_err(|e| SandboxError::syscall("waitpid", e))?;
         }
         Ok(())
     }
@@ -693,7 +940,7 @@ enum Slot {
     Stdout,
     Stderr,
     InitStatus,
-    Supervisor,
+    Watch,
 }
 
 /// Output kept up to a byte limit; the rest is read and dropped so the writer never blocks.
@@ -764,7 +1011,7 @@ pub(crate) fn run_blocking(
     stdin: &[u8],
 ) -> Result<RunOutcome, SandboxError> {
     let frame = encode_work(argv, default_path(spec), &spec.env)?;
-    let prepared = Prepared::create_with_work(spec, Some(&frame))?;
+    let prepared = Prepared::start(spec, &frame)?;
     prepared.collect(stdin)
 }
 

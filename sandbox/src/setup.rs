@@ -3,18 +3,21 @@
 //! [`Syscalls`] seam).
 //!
 //! Order, and why:
-//! 1. supervisor: supplementary groups dropped (impossible once `setgroups` is denied), into
-//!    the cgroup while still privileged (and before the cgroup namespace, whose root becomes
-//!    this cgroup), switch to the sandbox's unprivileged host uid/gid, `unshare` of every
-//!    namespace, parent-death signal (credential changes clear it, so after them), then the
+//! 1. supervisor (or a one-shot run's starter): supplementary groups dropped (impossible once
+//!    `setgroups` is denied), the network namespace made ahead joined while still privileged,
+//!    switch to the sandbox's unprivileged host uid/gid, `unshare` of every namespace but the
+//!    cgroup one, parent-death signal (credential changes clear it, so after them), then the
 //!    process maps root inside to its own host ids — what any unprivileged process may do, so
 //!    no round trip to the parent is needed — and takes uid/gid 0 inside.
 //! 2. init (pid 1 of the new pid namespace, so the fresh `/proc` is its own; it shares the
-//!    supervisor's memory until its exec): mounts private, tmpfs root with the read-only
-//!    binds, `/code`, `/tmp`, `/dev`, `/proc` (pid-only below the trusted tier, else masked), root
-//!    read-only, `pivot_root` + detach → hostname, rlimits, new session, parent-death signal,
-//!    default signals, inherited fds closed → `no_new_privs`, capabilities dropped →
-//!    Landlock → seccomp, last, because every earlier step needs syscalls it denies.
+//!    supervisor's memory, or a one-shot run's node's, until its exec): parent-death signal,
+//!    into the cgroup (first, so that it alone counts against the limits: the join files were
+//!    opened by the node as root, and the kernel checks a join against the opener), then the
+//!    cgroup namespace (whose root becomes this cgroup) → mounts private, tmpfs root with the
+//!    read-only binds, `/code`, `/tmp`, `/dev`, `/proc` (pid-only below the trusted tier, else
+//!    masked), root read-only, `pivot_root` + detach → hostname, rlimits, new session, default
+//!    signals, inherited fds closed → `no_new_privs`, capabilities dropped → Landlock →
+//!    seccomp, last, because every earlier step needs syscalls it denies.
 
 use std::fs;
 use std::io;
@@ -62,6 +65,8 @@ pub(crate) const INIT_FDS_KEPT: i32 = 5;
 /// Where the supervisor finds the cgroup's join files, open (after stdio and its three pipes);
 /// a network namespace made ahead follows them (see [`Plan::netns_fd`]).
 pub(crate) const JOIN_FDS_FIRST: i32 = 6;
+/// Where the init finds the join files (moved down by `sys::adopt_init_fds`).
+pub(crate) const INIT_JOIN_FDS_FIRST: i32 = INIT_FDS_KEPT;
 
 /// One step of building the root file system (paths are already under the staging root).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -428,19 +433,17 @@ impl Plan {
     }
 }
 
-/// Steps of the supervisor, up to (not including) the fork of the init.
+/// Steps of the supervisor, up to (not including) the start of the init.
 pub(crate) fn supervisor(sys: &mut impl Syscalls, plan: &Plan) -> StepResult {
     sys.drop_supplementary_groups()?;
-    for (fd, file) in (JOIN_FDS_FIRST..).zip(&plan.cgroup_join_files) {
-        sys.join_cgroup(fd, file)?;
-    }
     // setns needs the host's root (the namespace belongs to the host's user namespace), so
     // before the host ids are dropped.
     if plan.join_network_namespace {
         sys.enter_network_namespace(plan.netns_fd())?;
     }
     sys.set_host_ids(plan.host_id)?;
-    sys.unshare(plan.namespaces)?;
+    // The cgroup namespace is the init's, made once it is in the cgroup.
+    sys.unshare(Namespaces(plan.namespaces.0 & !Namespaces::CGROUP))?;
     // Credential changes clear the parent-death signal: arm it after the last of them.
     sys.set_parent_death_signal()?;
     sys.write_own_id_maps(plan.host_id)?;
@@ -450,6 +453,12 @@ pub(crate) fn supervisor(sys: &mut impl Syscalls, plan: &Plan) -> StepResult {
 /// Steps of the init, up to the point where it waits for work.
 pub(crate) fn init(sys: &mut impl Syscalls, plan: &Plan) -> StepResult {
     sys.set_parent_death_signal()?;
+    for (fd, file) in (INIT_JOIN_FDS_FIRST..).zip(&plan.cgroup_join_files) {
+        sys.join_cgroup(fd, file)?;
+    }
+    if plan.namespaces.contains(Namespaces::CGROUP) {
+        sys.unshare(Namespaces(Namespaces::CGROUP))?;
+    }
     sys.make_mounts_private()?;
     let mut proc_is_pid_only = false;
     for op in &plan.root_ops {
@@ -523,14 +532,19 @@ mod tests {
     }
 
     #[test]
-    fn supervisor_joins_cgroup_before_unshare_and_maps_before_root() {
+    fn supervisor_unshares_after_dropping_ids_and_maps_before_root() {
         let plan = plan(Tier::Untrusted);
         let mut sys = RecordingSys::new();
         supervisor(&mut sys, &plan).expect("fake succeeds");
         assert_eq!(pos(&sys, "setgroups"), 0);
-        // Joining needs the host's root; the host ids are dropped right after.
-        assert!(pos(&sys, "join_cgroup") < pos(&sys, "set_host_ids 100007"));
+        // The supervisor stays out of the sandbox's cgroup: only the init's processes count.
+        assert!(sys.position("join_cgroup").is_none());
         assert!(pos(&sys, "set_host_ids") < pos(&sys, "unshare"));
+        let unshare = &sys.calls[pos(&sys, "unshare")];
+        let flags =
+            i32::from_str_radix(unshare.trim_start_matches("unshare 0x"), 16).expect("hex flags");
+        assert_eq!(flags & Namespaces::CGROUP, 0, "{unshare}");
+        assert_ne!(flags & Namespaces::USER, 0, "{unshare}");
         // Every credential change is over before the parent-death signal is armed.
         assert!(pos(&sys, "unshare") < pos(&sys, "pdeathsig"));
         assert!(pos(&sys, "pdeathsig") < pos(&sys, "id_maps 100007"));
@@ -545,7 +559,7 @@ mod tests {
         assert!(!plan.namespaces.contains(Namespaces::NET));
         let mut sys = RecordingSys::new();
         supervisor(&mut sys, &plan).expect("fake succeeds");
-        assert!(pos(&sys, "join_cgroup 6 /cg/memory/x/tasks") < pos(&sys, "setns_net 7"));
+        assert_eq!(pos(&sys, "setns_net 7"), 1);
         assert!(pos(&sys, "setns_net") < pos(&sys, "set_host_ids"));
         let unshare = &sys.calls[pos(&sys, "unshare")];
         let flags =
@@ -564,6 +578,16 @@ mod tests {
         let mut sys = RecordingSys::new();
         init(&mut sys, &plan).expect("fake succeeds");
         let pivot = pos(&sys, "pivot_root");
+        // Into the cgroup first, then its namespace, then the mounts.
+        assert_eq!(pos(&sys, "pdeathsig"), 0);
+        assert_eq!(pos(&sys, "join_cgroup 5 /cg/memory/x/tasks"), 1);
+        assert_eq!(
+            sys.calls[2],
+            format!("unshare {:#x}", Namespaces::CGROUP),
+            "{:#?}",
+            sys.calls
+        );
+        assert!(pos(&sys, "unshare") < pos(&sys, "mounts_private"));
         assert!(pos(&sys, "mounts_private") < pos(&sys, "tmpfs /staging "));
         assert!(pos(&sys, "proc /staging/proc") < pivot);
         // The root is made read-only after everything was created in it, just before pivot.

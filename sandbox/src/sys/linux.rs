@@ -89,11 +89,87 @@ fn preserved_mount_flags(path: &CStr) -> Result<libc::c_ulong, i32> {
     Ok(flags)
 }
 
+// The credential calls go to the kernel directly. glibc's wrappers of setresuid, setresgid
+// and setgroups, in a process it believes multi-threaded, signal every thread to change its
+// credentials too; a child that shares the node's memory (see `spawn_sharing_memory`) would
+// see the node's threads as its own. The raw calls change the calling task only, which is
+// what a single-threaded child wants as well.
+
+fn raw_setresuid(id: u32) -> libc::c_int {
+    // SAFETY: setresuid takes three ids and touches no memory.
+    unsafe { libc::syscall(libc::SYS_setresuid, id, id, id) as libc::c_int }
+}
+
+fn raw_setresgid(id: u32) -> libc::c_int {
+    // SAFETY: setresgid takes three ids and touches no memory.
+    unsafe { libc::syscall(libc::SYS_setresgid, id, id, id) as libc::c_int }
+}
+
+fn raw_setgroups_none() -> libc::c_int {
+    // SAFETY: a zero-length list with a null pointer is valid for setgroups(2).
+    unsafe { libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) as libc::c_int }
+}
+
 /// The real implementation of the setup seam.
 pub(crate) struct RealSys {
     /// The pid the parent-death check expects from `getppid()`; `None` inside a new pid
     /// namespace, where the parent is invisible.
     pub parent_pid: Option<i32>,
+    /// Whether this process shares the node's memory (a one-shot run's starter): its
+    /// credential changes then reset the dumpable flag of the node's memory, which every
+    /// starter needs set while it opens its id maps, so they take turns ([`IdMapTurn`]).
+    pub shares_node_memory: bool,
+    turn: Option<IdMapTurn>,
+}
+
+impl RealSys {
+    pub(crate) fn new(parent_pid: Option<i32>, shares_node_memory: bool) -> Self {
+        Self {
+            parent_pid,
+            shares_node_memory,
+            turn: None,
+        }
+    }
+}
+
+/// One starter's turn at the node memory's dumpable flag, from its first credential change
+/// to its id maps opened (the kernel gives a non-dumpable process's `/proc` files to the
+/// host's root, and every credential change makes a process non-dumpable; the flag belongs
+/// to the memory, which all starters share with the node).
+///
+/// A spin lock with a bounded wait, not a mutex: a starter killed during its turn (nothing
+/// in the node kills one) must not stop every later start; after [`IdMapTurn::WAIT_MAX`] the
+/// next one goes ahead, and at worst its id maps fail to open, a reported setup error.
+struct IdMapTurn;
+
+static ID_MAP_TURN_TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+impl IdMapTurn {
+    const WAIT_MAX: std::time::Duration = std::time::Duration::from_millis(5);
+
+    fn take() -> Option<Self> {
+        use std::sync::atomic::Ordering;
+        let start = std::time::Instant::now();
+        loop {
+            if ID_MAP_TURN_TAKEN
+                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_ok()
+            {
+                return Some(IdMapTurn);
+            }
+            if start.elapsed() >= Self::WAIT_MAX {
+                return None;
+            }
+            // SAFETY: sched_yield takes no arguments.
+            unsafe { libc::sched_yield() };
+        }
+    }
+}
+
+impl Drop for IdMapTurn {
+    fn drop(&mut self) {
+        ID_MAP_TURN_TAKEN.store(false, std::sync::atomic::Ordering::Release);
+    }
 }
 
 impl Syscalls for RealSys {
@@ -112,9 +188,7 @@ impl Syscalls for RealSys {
     }
 
     fn drop_supplementary_groups(&mut self) -> StepResult {
-        // SAFETY: a zero-length list with a null pointer is valid for setgroups(2).
-        let ret = unsafe { libc::setgroups(0, std::ptr::null()) };
-        check(ret, "setgroups", None)
+        check(raw_setgroups_none(), "setgroups", None)
     }
 
     fn join_cgroup(&mut self, fd: i32, join_file: &Path) -> StepResult {
@@ -140,12 +214,11 @@ impl Syscalls for RealSys {
     }
 
     fn set_host_ids(&mut self, id: u32) -> StepResult {
-        // SAFETY: setresgid/setresuid take plain ids; the process is single-threaded here.
-        let ret = unsafe { libc::setresgid(id, id, id) };
-        check(ret, "setresgid(host)", None)?;
-        // SAFETY: as above.
-        let ret = unsafe { libc::setresuid(id, id, id) };
-        check(ret, "setresuid(host)", None)
+        if self.shares_node_memory {
+            self.turn = IdMapTurn::take();
+        }
+        check(raw_setresgid(id), "setresgid(host)", None)?;
+        check(raw_setresuid(id), "setresuid(host)", None)
     }
 
     fn write_own_id_maps(&mut self, id: u32) -> StepResult {
@@ -165,16 +238,15 @@ impl Syscalls for RealSys {
                 .and_then(|mut f| f.write_all(contents.as_bytes()))
                 .map_err(|e| StepError::new("write id map", Some(Path::new(file)), io_errno(&e)))?;
         }
+        // Dumpable again, and no credential change of ours is left (taking uid 0 inside keeps
+        // the same host ids): the next starter may go.
+        self.turn = None;
         Ok(())
     }
 
     fn become_root(&mut self) -> StepResult {
-        // SAFETY: setresgid/setresuid take plain ids; the process is single-threaded here.
-        let ret = unsafe { libc::setresgid(0, 0, 0) };
-        check(ret, "setresgid", None)?;
-        // SAFETY: as above.
-        let ret = unsafe { libc::setresuid(0, 0, 0) };
-        check(ret, "setresuid", None)
+        check(raw_setresgid(0), "setresgid", None)?;
+        check(raw_setresuid(0), "setresuid", None)
     }
 
     fn make_mounts_private(&mut self) -> StepResult {
@@ -530,18 +602,107 @@ pub(crate) fn fork() -> io::Result<ForkResult> {
 /// backed.
 const SHARED_CHILD_STACK_BYTES: usize = 1 << 20;
 const GUARD_BYTES: usize = 64 << 10;
+/// Stacks kept for the next starts (see [`ChildStack::take`]).
+const STACKS_KEPT_MAX: usize = 8;
 
-/// Starts `child` in a new process that shares this one's memory (`CLONE_VM`) on a stack of
-/// its own, and suspends the caller until the child has exec'd or exited (`CLONE_VFORK`);
-/// returns the child's pid. Everything else (fds, signal handlers, credentials, namespaces,
-/// seccomp, Landlock) is the child's own copy, as after `fork`.
+/// A stack for a child that shares this process's memory: a private anonymous mapping with a
+/// guard below it.
+pub(crate) struct ChildStack {
+    base: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by this value alone; moving it between threads moves that
+// ownership, nothing else refers to it.
+unsafe impl Send for ChildStack {}
+
+static STACKS: std::sync::Mutex<Vec<ChildStack>> = std::sync::Mutex::new(Vec::new());
+
+impl ChildStack {
+    /// Maps a new stack.
+    pub(crate) fn new() -> io::Result<Self> {
+        let len = SHARED_CHILD_STACK_BYTES + GUARD_BYTES;
+        // SAFETY: an anonymous private mapping at an address the kernel picks; no existing
+        // memory is touched.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        // A stack overflow faults on the guard instead of writing into other memory.
+        // SAFETY: the lowest GUARD_BYTES of the mapping just made.
+        unsafe { libc::mprotect(base, GUARD_BYTES, libc::PROT_NONE) };
+        Ok(Self { base, len })
+    }
+
+    /// A stack a finished start gave back, or a new one. In a process with many threads, each
+    /// mapping made or removed interrupts every CPU running one of them (to flush its view of
+    /// the memory): kept stacks cost nothing per start, and their pages are already backed.
+    pub(crate) fn take() -> io::Result<Self> {
+        let kept = STACKS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop();
+        kept.map_or_else(Self::new, Ok)
+    }
+
+    /// Gives the stack back for a later start (unmapped when enough are kept). Only once the
+    /// child that ran on it has exec'd or exited.
+    pub(crate) fn give_back(self) {
+        let mut kept = STACKS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if kept.len() < STACKS_KEPT_MAX {
+            kept.push(self);
+        }
+    }
+
+    fn top(&self) -> *mut libc::c_void {
+        // SAFETY: in bounds of the mapping; x86_64 stacks grow down from its end (16-aligned).
+        unsafe { self.base.cast::<u8>().add(self.len) }.cast::<libc::c_void>()
+    }
+}
+
+impl Drop for ChildStack {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, used by no child any more (see `give_back`).
+        unsafe { libc::munmap(self.base, self.len) };
+    }
+}
+
+/// Starts `child` in a new process that shares this one's memory (`CLONE_VM`) on `stack` (a
+/// fresh one when `None`), and suspends the caller until the child has exec'd or exited
+/// (`CLONE_VFORK`); returns the child's pid. Everything else (fds, signal handlers,
+/// credentials, namespaces, seccomp, Landlock) is the child's own copy, as after `fork`.
+///
+/// With `sibling`, the child is the caller's parent's child (`CLONE_PARENT`): its exit goes
+/// to the caller's parent, which waits for it.
 ///
 /// What it saves against `fork`: copying the page tables of the whole address space, the
 /// copy-on-write faults of every page the child writes, and tearing the copy down at the
-/// child's exec. The rules are vfork's: the caller must be single-threaded (nothing else can
-/// run in the shared memory while the child does), and `child` must end with an exec or
-/// [`exit_now`], never return.
-pub(crate) fn spawn_sharing_memory(child: &mut dyn FnMut() -> i32) -> io::Result<i32> {
+/// child's exec. The rules are vfork's, plus one for a multi-threaded caller: `child` must end
+/// with an exec or [`exit_now`], never return; it may use the caller's thread-local state
+/// (the caller is suspended); and in a multi-threaded caller, the other threads keep running
+/// in the shared memory, so `child` may touch only what the caller owns and the allocator
+/// (whose locks are real locks between them), must free before it execs or exits everything
+/// it allocates (its leftovers would stay in the caller's heap), must not fill any
+/// process-wide cache (a cached fd would name the child's fd in the caller), must take no
+/// lock another thread could hold when it is killed, and must run with every signal blocked
+/// until it has reset the handlers (they are the caller's, and would run on the caller's
+/// data).
+pub(crate) fn spawn_sharing_memory(
+    child: &mut dyn FnMut() -> i32,
+    sibling: bool,
+    stack: Option<&ChildStack>,
+) -> io::Result<i32> {
     extern "C" fn trampoline(arg: *mut libc::c_void) -> libc::c_int {
         // SAFETY: `arg` is the `&mut &mut dyn FnMut` passed to clone below; the caller is
         // suspended, so the closure is not used by anyone else while the child runs.
@@ -549,48 +710,157 @@ pub(crate) fn spawn_sharing_memory(child: &mut dyn FnMut() -> i32) -> io::Result
         let code = child();
         exit_now(code)
     }
-    let len = SHARED_CHILD_STACK_BYTES + GUARD_BYTES;
-    // SAFETY: an anonymous private mapping at an address the kernel picks; no existing memory
-    // is touched.
-    let base = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
-            -1,
-            0,
-        )
+    let fresh;
+    let stack = match stack {
+        Some(stack) => stack,
+        None => {
+            fresh = ChildStack::new()?;
+            &fresh
+        }
     };
-    if base == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
-    }
-    // A stack overflow faults on the guard instead of writing into other memory.
-    // SAFETY: the lowest GUARD_BYTES of the mapping just made.
-    unsafe { libc::mprotect(base, GUARD_BYTES, libc::PROT_NONE) };
-    // SAFETY: in bounds of the mapping; x86_64 stacks grow down from its end (16-aligned).
-    let top = unsafe { base.cast::<u8>().add(len) }.cast::<libc::c_void>();
     let mut child: &mut dyn FnMut() -> i32 = child;
     let arg = (&mut child as *mut &mut dyn FnMut() -> i32).cast::<libc::c_void>();
     // SAFETY: `trampoline` never returns into the caller's frames (it exits); the stack is a
-    // fresh mapping of the given size; `arg` lives until clone returns, which with
-    // CLONE_VFORK is after the child has exec'd or exited and so stopped using it.
+    // mapping of its own that nothing else runs on; `arg` lives until clone returns, which
+    // with CLONE_VFORK is after the child has exec'd or exited and so stopped using it.
     let pid = unsafe {
         libc::clone(
             trampoline,
-            top,
-            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            stack.top(),
+            libc::CLONE_VM
+                | libc::CLONE_VFORK
+                | if sibling { libc::CLONE_PARENT } else { 0 }
+                | libc::SIGCHLD,
             arg,
         )
     };
-    let spawned = if pid == -1 {
+    if pid == -1 {
         Err(io::Error::last_os_error())
     } else {
         Ok(pid)
-    };
-    // SAFETY: the child no longer runs on the stack (it has exec'd or exited).
-    unsafe { libc::munmap(base, len) };
-    spawned
+    }
+}
+
+/// Every signal blocked on the calling thread until dropped (then the previous mask is back).
+pub(crate) struct SignalsBlocked {
+    previous: libc::sigset_t,
+}
+
+/// Blocks every signal on the calling thread (glibc keeps its own two unblocked).
+pub(crate) fn block_all_signals() -> io::Result<SignalsBlocked> {
+    let mut all = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+    let mut previous = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: sigfillset initialises the set it is given.
+    unsafe { libc::sigfillset(all.as_mut_ptr()) };
+    // SAFETY: `all` is initialised; `previous` is writable and filled on success.
+    let ret =
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, all.as_ptr(), previous.as_mut_ptr()) };
+    if ret != 0 {
+        return Err(io::Error::from_raw_os_error(ret));
+    }
+    Ok(SignalsBlocked {
+        // SAFETY: pthread_sigmask succeeded, so it filled `previous`.
+        previous: unsafe { previous.assume_init() },
+    })
+}
+
+impl Drop for SignalsBlocked {
+    fn drop(&mut self) {
+        // SAFETY: `previous` is the mask pthread_sigmask gave back; a null old-set is allowed.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.previous, std::ptr::null_mut()) };
+    }
+}
+
+/// A command ready to exec: every string and pointer array made ahead, so the exec allocates
+/// nothing (a child sharing the node's memory must leave nothing behind in its heap).
+pub(crate) struct ExecImage {
+    /// Paths to try, in order (the program itself if it has a slash, else the system dirs).
+    candidates: Vec<CString>,
+    program: CString,
+    argv: Vec<*const libc::c_char>,
+    envp: Vec<*const libc::c_char>,
+    // The strings the pointer arrays point into.
+    _args: Vec<CString>,
+    _env: Vec<CString>,
+}
+
+impl ExecImage {
+    /// Decodes a work frame (see `process::encode_work`); `EINVAL` if it is malformed.
+    pub(crate) fn new(frame: &[u8]) -> Result<Self, i32> {
+        let mut parts = frame.split(|b| *b == 0);
+        let count = |p: Option<&[u8]>| {
+            p.and_then(|s| std::str::from_utf8(s).ok())
+                .and_then(|s| s.parse::<usize>().ok())
+        };
+        let strings = |n: usize, parts: &mut dyn Iterator<Item = &[u8]>| {
+            let mut out = Vec::with_capacity(n);
+            for _ in 0..n {
+                out.push(
+                    CString::new(parts.next().ok_or(libc::EINVAL)?).map_err(|_| libc::EINVAL)?,
+                );
+            }
+            Ok::<_, i32>(out)
+        };
+        let argc = count(parts.next()).ok_or(libc::EINVAL)?;
+        let args = strings(argc, &mut parts)?;
+        let envc = count(parts.next()).ok_or(libc::EINVAL)?;
+        let env = strings(envc, &mut parts)?;
+        let program = args.first().cloned().ok_or(libc::EINVAL)?;
+        let candidates = if program.as_bytes().contains(&b'/') {
+            vec![program.clone()]
+        } else {
+            ["/usr/local/bin/", "/usr/bin/", "/bin/"]
+                .iter()
+                .filter_map(|dir| CString::new([dir.as_bytes(), program.as_bytes()].concat()).ok())
+                .collect()
+        };
+        let pointers = |strings: &[CString]| -> Vec<*const libc::c_char> {
+            strings
+                .iter()
+                .map(|s| s.as_ptr())
+                .chain(std::iter::once(std::ptr::null()))
+                .collect()
+        };
+        Ok(Self {
+            candidates,
+            program,
+            argv: pointers(&args),
+            envp: pointers(&env),
+            _args: args,
+            _env: env,
+        })
+    }
+
+    /// The command's first word, as given.
+    pub(crate) fn program(&self) -> &CStr {
+        &self.program
+    }
+
+    /// Execs the command; returns only on failure, with the errno. Allocates nothing.
+    pub(crate) fn exec(&self) -> i32 {
+        let mut last = libc::ENOENT;
+        for candidate in &self.candidates {
+            // SAFETY: `candidate` is NUL-terminated and both pointer arrays are null-terminated
+            // arrays of pointers into CStrings that `self` keeps alive past the call.
+            unsafe { libc::execve(candidate.as_ptr(), self.argv.as_ptr(), self.envp.as_ptr()) };
+            last = errno();
+            if last != libc::ENOENT {
+                break;
+            }
+        }
+        last
+    }
+}
+
+/// An fd that becomes readable when process `pid` has exited (`pidfd_open`).
+pub(crate) fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the fd was just created by the kernel and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
 /// Ends the process without running destructors or atexit handlers (a forked child must not
@@ -652,17 +922,21 @@ pub(crate) fn adopt_fds(stdio: [RawFd; 3], control: &[RawFd]) -> Result<(), i32>
 }
 
 /// In the init process: the supervisor's layout (0..=2 stdio, 3 its status, 4 work, 5 init
-/// status) becomes 0..=2 stdio, 3 work, 4 status.
-pub(crate) fn adopt_init_fds() -> Result<(), i32> {
-    for (from, to) in [(4, 3), (5, 4)] {
-        // SAFETY: fds 4 and 5 are open (placed by adopt_fds); dup2 replaces 3 and 4.
+/// status, 6.. the `joins` cgroup join files) becomes 0..=2 stdio, 3 work, 4 status, 5.. the
+/// join files; everything after them is closed.
+pub(crate) fn adopt_init_fds(joins: usize) -> Result<(), i32> {
+    let joins = RawFd::try_from(joins).map_err(|_| libc::EINVAL)?;
+    // Each move goes one down, in increasing order: every target has already been moved from.
+    for from in 4..6 + joins {
+        let to = from - 1;
+        // SAFETY: `from` is open (placed by adopt_fds); dup2 replaces `to`.
         if unsafe { libc::dup2(from, to) } == -1 {
             return Err(errno());
         }
         // SAFETY: F_SETFD on an fd we own.
         unsafe { libc::fcntl(to, libc::F_SETFD, libc::FD_CLOEXEC) };
     }
-    close_range_from(5)
+    close_range_from(5 + joins)
 }
 
 pub(crate) fn close_fd(fd: RawFd) {
@@ -785,57 +1059,10 @@ pub(crate) fn poll_fds(fds: &[(RawFd, PollWant)], timeout_ms: i32) -> io::Result
 /// Decodes a work frame (see `process::encode_work`) and execs it; returns only on failure,
 /// with the errno and the program that failed.
 pub(crate) fn exec_work(frame: &[u8]) -> (i32, Vec<u8>) {
-    let mut parts = frame.split(|b| *b == 0);
-    let count = |p: Option<&[u8]>| {
-        p.and_then(|s| std::str::from_utf8(s).ok())
-            .and_then(|s| s.parse::<usize>().ok())
-    };
-    let Some(argc) = count(parts.next()) else {
-        return (libc::EINVAL, Vec::new());
-    };
-    let mut argv = Vec::with_capacity(argc);
-    for _ in 0..argc {
-        match parts.next().map(CString::new) {
-            Some(Ok(arg)) => argv.push(arg),
-            _ => return (libc::EINVAL, Vec::new()),
-        }
+    match ExecImage::new(frame) {
+        Ok(image) => (image.exec(), image.program().to_bytes().to_vec()),
+        Err(errno) => (errno, Vec::new()),
     }
-    let Some(envc) = count(parts.next()) else {
-        return (libc::EINVAL, Vec::new());
-    };
-    let mut envp = Vec::with_capacity(envc);
-    for _ in 0..envc {
-        match parts.next().map(CString::new) {
-            Some(Ok(var)) => envp.push(var),
-            _ => return (libc::EINVAL, Vec::new()),
-        }
-    }
-    let Some(program) = argv.first().cloned() else {
-        return (libc::EINVAL, Vec::new());
-    };
-    let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
-    argv_ptrs.push(std::ptr::null());
-    let mut envp_ptrs: Vec<*const libc::c_char> = envp.iter().map(|a| a.as_ptr()).collect();
-    envp_ptrs.push(std::ptr::null());
-    let candidates: Vec<CString> = if program.as_bytes().contains(&b'/') {
-        vec![program.clone()]
-    } else {
-        ["/usr/local/bin/", "/usr/bin/", "/bin/"]
-            .iter()
-            .filter_map(|dir| CString::new([dir.as_bytes(), program.as_bytes()].concat()).ok())
-            .collect()
-    };
-    let mut last = libc::ENOENT;
-    for candidate in &candidates {
-        // SAFETY: `candidate` is NUL-terminated and both pointer arrays are null-terminated
-        // arrays of pointers into CStrings that live until after the call.
-        unsafe { libc::execve(candidate.as_ptr(), argv_ptrs.as_ptr(), envp_ptrs.as_ptr()) };
-        last = errno();
-        if last != libc::ENOENT {
-            break;
-        }
-    }
-    (last, program.into_bytes())
 }
 
 /// Sets `O_NONBLOCK` on an fd the caller owns.
@@ -897,6 +1124,14 @@ pub(crate) fn lower_to_idle_priority() {
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: `param` is a valid sched_param that outlives the call; pid 0 is the caller.
     unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+}
+
+/// Gives the calling thread the lowest nice value (19): it still gets an idle CPU at once and
+/// a small share of a busy one, but its wake-ups no longer take the CPU from the node's
+/// threads. Best effort (raising one's own nice value needs no privilege).
+pub(crate) fn lower_to_background_priority() {
+    // SAFETY: setpriority takes integers; on Linux PRIO_PROCESS with 0 is the calling thread.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
 }
 
 /// Sets the calling thread's affinity.

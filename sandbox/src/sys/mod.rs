@@ -13,10 +13,11 @@ pub(crate) mod fake;
 pub(crate) mod linux;
 
 pub(crate) use linux::{
-    adopt_fds, adopt_init_fds, at_exit, close_fd, exec_work, exit_now, fork, kill_pid,
-    lower_to_idle_priority, new_network_namespace, pin_to_current_cpu, pipe, poll_fds, read_fd,
-    read_into_spare, set_affinity, set_nonblocking, spawn_sharing_memory, wait_pid, write_fd,
-    CpuMask, ForkResult, PollWant, RealSys,
+    adopt_fds, adopt_init_fds, at_exit, block_all_signals, close_fd, exec_work, exit_now, fork,
+    kill_pid, lower_to_background_priority, lower_to_idle_priority, new_network_namespace,
+    pidfd_open, pin_to_current_cpu, pipe, poll_fds, read_fd, read_into_spare, set_affinity,
+    set_nonblocking, spawn_sharing_memory, wait_pid, write_fd, ChildStack, CpuMask, ExecImage,
+    ForkResult, PollWant, RealSys,
 };
 
 /// A failed setup step, as reported from the child to the parent.
@@ -52,7 +53,6 @@ impl Namespaces {
     pub(crate) const UTS: i32 = libc::CLONE_NEWUTS;
     pub(crate) const CGROUP: i32 = libc::CLONE_NEWCGROUP;
 
-    #[cfg(test)]
     pub(crate) fn contains(self, flag: i32) -> bool {
         self.0 & flag == flag
     }

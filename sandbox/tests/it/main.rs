@@ -320,8 +320,8 @@ fn a_finished_run_leaves_its_cleanup_to_the_cgroup_thread_which_does_it_at_once(
     assert!(dirs_a.iter().all(|d| !dirs_b.contains(d)));
     for dir in dirs_a.iter().chain(&dirs_b) {
         let procs = std::fs::read_to_string(dir.join("cgroup.procs")).expect("procs");
-        // The supervisor and the init of its own sandbox, nobody else.
-        assert_eq!(procs.lines().count(), 2, "{}: {procs}", dir.display());
+        // The init of its own sandbox, nobody else (its supervisor stays outside).
+        assert_eq!(procs.lines().count(), 1, "{}: {procs}", dir.display());
     }
     drop((a, b));
     // A cgroup made ahead holds the previous sandbox's limits; every sandbox gets its own.
@@ -351,7 +351,8 @@ pids_max = 9",
             .cgroup_dirs()
             .iter()
             .find_map(|d| std::fs::read_to_string(d.join("pids.max")).ok());
-        let want_pids = spec.limits.pids_max + 1;
+        // Exactly the policy's: the supervisor is not in the cgroup.
+        let want_pids = spec.limits.pids_max;
         assert_eq!(
             pids.map(|p| p.trim().to_string()),
             Some(want_pids.to_string())
@@ -674,11 +675,17 @@ fn sandboxes_die_with_the_node_and_their_cgroups_are_swept() {
             .into_iter()
             .next()
             .expect("a cgroup dir");
-        let pids = std::fs::read_to_string(dir.join("cgroup.procs")).expect("procs");
-        println!(
-            "PIDS {}",
-            pids.split_whitespace().collect::<Vec<_>>().join(",")
-        );
+        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).expect("procs");
+        let mut pids: Vec<String> = procs.split_whitespace().map(String::from).collect();
+        // The supervisor is outside the cgroup: the function's parent.
+        let status = std::fs::read_to_string(format!("/proc/{}/status", pids[0])).expect("status");
+        let parent = status
+            .lines()
+            .find_map(|l| l.strip_prefix("PPid:"))
+            .map(|p| p.trim().to_string())
+            .expect("a parent");
+        pids.push(parent);
+        println!("PIDS {}", pids.join(","));
         println!("CGROUP {}", dir.display());
         std::thread::sleep(Duration::from_secs(60));
         return;
@@ -717,7 +724,9 @@ fn sandboxes_die_with_the_node_and_their_cgroups_are_swept() {
         }
     }
     let cgroup = cgroup.expect("the helper reported its sandbox");
-    assert!(pids.len() >= 2, "supervisor and function: {pids:?}");
+    assert!(pids.len() >= 2, "function and supervisor: {pids:?}");
+    let helper_pid = i32::try_from(helper.id()).expect("pid");
+    assert!(!pids.contains(&helper_pid), "{pids:?}");
     assert!(pids.iter().all(|p| !process_dead(*p)));
     // Detect the layout now (its first use sweeps), while the helper is alive and so spared.
     skiff_sandbox::cgroup::layout().expect("cgroup layout");
@@ -791,4 +800,34 @@ fn each_sandbox_gets_a_network_namespace_of_its_own_made_ahead_or_not() {
     let trusted =
         ExecSandbox::create(&SandboxSpec::new(Tier::Trusted, code.path())).expect("sandbox");
     assert_eq!(net_namespace_inside(trusted), host);
+}
+
+#[test]
+fn one_shot_runs_started_at_once_from_many_threads_all_run() {
+    if !can_sandbox() {
+        return;
+    }
+    // Each start's helper shares this process's memory for a moment, and their id maps need
+    // the memory's dumpable flag, which their credential changes reset: they take turns.
+    let code = code_dir(&[]);
+    let spec = spec(Tier::Untrusted, code.path(), "");
+    std::thread::scope(|scope| {
+        let runners: Vec<_> = (0..4)
+            .map(|t| {
+                let spec = &spec;
+                scope.spawn(move || {
+                    for i in 0..50 {
+                        let out = sh(spec, "read x; echo \"$x\"", format!("{t}-{i}\n").as_bytes());
+                        assert_eq!(out.status, ExitStatus::Exited(0), "{}", text(&out.stderr));
+                        assert_eq!(text(&out.stdout), format!("{t}-{i}\n"));
+                    }
+                })
+            })
+            .collect();
+        for runner in runners {
+            runner.join().expect("runner");
+        }
+    });
+    await_removals();
+    assert!(our_zombies().is_empty(), "zombies: {:?}", our_zombies());
 }
