@@ -302,9 +302,36 @@ pub(crate) struct Cgroup {
     /// The join files (see [`Cgroup::join_files`]), open for writing, in the same order; the
     /// supervisor inherits them, so the node closes its copies once it has forked.
     join_fds: Vec<std::os::fd::OwnedFd>,
+    /// The counter files [`Cgroup::stats`] reads, opened with the directories (off the run's
+    /// path for a cgroup made ahead); `None` when one would not open.
+    counters: Option<Counters>,
     /// What the limit files hold, when this process wrote all of them.
     limits: Option<LimitValues>,
     removed: bool,
+}
+
+/// Open counter files: v1 `memory.max_usage_in_bytes`, `memory.oom_control`, `cpuacct.usage`;
+/// v2 `memory.peak` (or `memory.current`), `memory.events`, `cpu.stat`.
+#[derive(Debug)]
+struct Counters {
+    peak: fs::File,
+    oom: fs::File,
+    cpu: fs::File,
+}
+
+/// Reads a whole small counter file from its start (the kernel regenerates it at each read
+/// from offset 0).
+fn read_counter(file: &fs::File) -> io::Result<String> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = [0u8; 1024];
+    let n = file.read_at(&mut buf, 0)?;
+    if n == buf.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "counter file larger than expected",
+        ));
+    }
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
 }
 
 fn cg_err<'a>(op: &'static str, dir: &'a Path) -> impl FnOnce(io::Error) -> SandboxError + 'a {
@@ -342,6 +369,7 @@ fn make_dirs(layout: &'static Layout, name: &str) -> Result<Cgroup, SandboxError
         layout,
         dirs: Vec::new(),
         join_fds: Vec::new(),
+        counters: None,
         limits: None,
         removed: false,
     };
@@ -364,6 +392,7 @@ fn make_dirs(layout: &'static Layout, name: &str) -> Result<Cgroup, SandboxError
             .map_err(cg_err("open", &file))?;
         cgroup.join_fds.push(std::os::fd::OwnedFd::from(fd));
     }
+    cgroup.counters = cgroup.open_counters().ok();
     Ok(cgroup)
 }
 
@@ -511,6 +540,27 @@ impl Cgroup {
     }
 
     pub(crate) fn stats(&self) -> Result<CgroupStats, SandboxError> {
+        if let Some(counters) = &self.counters {
+            let read =
+                |f: &fs::File| read_counter(f).map_err(cg_err("read counter", self.memory_dir()));
+            let (peak, oom, cpu) = (
+                read(&counters.peak)?,
+                read(&counters.oom)?,
+                read(&counters.cpu)?,
+            );
+            return Ok(match self.layout {
+                Layout::V2 { .. } => CgroupStats {
+                    peak_memory_bytes: parse_u64(&peak),
+                    cpu: Duration::from_micros(keyed_value(&cpu, "usage_usec")),
+                    oom_kills: keyed_value(&oom, "oom_kill"),
+                },
+                Layout::V1 { .. } => CgroupStats {
+                    peak_memory_bytes: parse_u64(&peak),
+                    cpu: Duration::from_nanos(parse_u64(&cpu)),
+                    oom_kills: keyed_value(&oom, "oom_kill"),
+                },
+            });
+        }
         match self.layout {
             Layout::V2 { .. } => {
                 let dir = &self.dirs[0];
@@ -537,6 +587,28 @@ impl Cgroup {
                 })
             }
         }
+    }
+
+    fn open_counters(&self) -> io::Result<Counters> {
+        let open = |dir: &Path, name: &str| fs::File::open(dir.join(name));
+        Ok(match self.layout {
+            Layout::V2 { .. } => {
+                let dir = &self.dirs[0];
+                Counters {
+                    peak: open(dir, "memory.peak").or_else(|_| open(dir, "memory.current"))?,
+                    oom: open(dir, "memory.events")?,
+                    cpu: open(dir, "cpu.stat")?,
+                }
+            }
+            Layout::V1 { cpuacct, .. } => {
+                let mem = self.memory_dir();
+                Counters {
+                    peak: open(mem, "memory.max_usage_in_bytes")?,
+                    oom: open(mem, "memory.oom_control")?,
+                    cpu: open(self.dir_under(cpuacct), "cpuacct.usage")?,
+                }
+            }
+        })
     }
 
     /// Pids of the processes in the cgroup (every hierarchy holds the same set).
@@ -618,6 +690,7 @@ impl Cgroup {
             layout: self.layout,
             dirs: std::mem::take(&mut self.dirs),
             join_fds: std::mem::take(&mut self.join_fds),
+            counters: self.counters.take(),
             limits: self.limits,
             removed: std::mem::replace(&mut self.removed, true),
         }

@@ -246,7 +246,7 @@ impl Starter<'_> {
             return 121;
         }
         let mut init = || -> i32 { init_exec_main(self.plan, self.image, self.affinity) };
-        match sys::spawn_sharing_memory(&mut init, true, Some(self.init_stack)) {
+        let code = match sys::spawn_sharing_memory(&mut init, true, Some(self.init_stack)) {
             Err(e) => {
                 let errno = e.raw_os_error().unwrap_or(0);
                 report(3, &StepError::new("start init", None, errno));
@@ -256,7 +256,11 @@ impl Starter<'_> {
                 self.init_pid.store(pid, Ordering::Release);
                 0
             }
-        }
+        };
+        // The calling thread resumes while this process is still exiting, and reads the status
+        // pipe at once: this copy must be closed by then.
+        sys::close_fds_from(0);
+        code
     }
 }
 
@@ -416,8 +420,13 @@ enum Watch {
     /// The supervisor (sandboxes made ahead): its `X` report carries the init's wait status.
     Supervisor { pid: i32, status: File },
     /// The init itself, a child of this process (one-shot runs, see [`Prepared::start`]): its
-    /// pidfd turns readable when it has exited.
-    Init { pid: i32, pidfd: OwnedFd },
+    /// pidfd turns readable when it has exited. `starter` is the exited starter, still to be
+    /// reaped (off the run's path).
+    Init {
+        pid: i32,
+        pidfd: OwnedFd,
+        starter: Option<i32>,
+    },
 }
 
 /// A sandbox whose setup is complete, blocked waiting for its work (or, from
@@ -578,15 +587,16 @@ impl Prepared {
         cgroup.close_join_fds();
         drop((status_w, in_r, out_w, err_w, netns, image));
         let starter_pid = started.map_err(|e| SandboxError::syscall("clone", e))?;
-        sys::wait_pid(starter_pid).map_err(|e| SandboxError::syscall("waitpid", e))?;
-        // Every writer is gone (the starter exited, the init exec'd or died): an error line
-        // from either, or nothing.
+        // Every writer is gone (the starter closed its fds before it exited, the init exec'd
+        // or died): an error line from either, or nothing. The starter is reaped later: it
+        // may still be finishing its exit.
         let mut report = Vec::new();
         File::from(status_r)
             .read_to_end(&mut report)
             .map_err(|e| SandboxError::syscall("read", e))?;
         let pid = init_pid.load(Ordering::Acquire);
         if pid <= 0 {
+            let _ = sys::wait_pid(starter_pid);
             let mut cgroup = cgroup;
             cgroup.remove()?;
             return Err(if report.first() == Some(&b'E') {
@@ -604,6 +614,7 @@ impl Prepared {
                 // so its pid is its own until reaped).
                 sys::kill_pid(pid);
                 let _ = sys::wait_pid(pid);
+                let _ = sys::wait_pid(starter_pid);
                 let mut cgroup = cgroup;
                 cgroup.remove()?;
                 return Err(SandboxError::syscall("pidfd_open", error));
@@ -612,7 +623,11 @@ impl Prepared {
         // Best effort: if the command is already gone, its exit tore the namespace down.
         let mount_namespace = File::open(format!("/proc/{pid}/ns/mnt")).ok();
         let prepared = Prepared {
-            watch: Watch::Init { pid, pidfd },
+            watch: Watch::Init {
+                pid,
+                pidfd,
+                starter: Some(starter_pid),
+            },
             host_id,
             cgroup,
             limits,
@@ -827,9 +842,10 @@ impl Prepared {
             // to do): the counters are final, and reaping the supervisor, dropping the mount
             // namespace and removing the cgroup happen off the run's path.
             let stats = self.cgroup.stats()?;
-            let supervisor = match &self.watch {
+            let supervisor = match &mut self.watch {
                 Watch::Supervisor { pid, .. } if !self.reaped => Some(*pid),
-                _ => None,
+                Watch::Init { starter, .. } => starter.take(),
+                Watch::Supervisor { .. } => None,
             };
             self.reaped = true;
             crate::cgroup::remove_behind(
@@ -871,6 +887,11 @@ impl Prepared {
     }
 
     fn reap(&mut self) -> Result<(), SandboxError> {
+        if let Watch::Init { starter, .. } = &mut self.watch {
+            if let Some(pid) = starter.take() {
+                sys::wait_pid(pid).map_err(|e| SandboxError::syscall("waitpid", e))?;
+            }
+        }
         if !self.reaped {
             self.reaped = true;
             let pid = match &self.watch {

@@ -95,7 +95,8 @@ pub(crate) enum RootOp {
     },
     /// A mask over part of `/proc`, applied only when the `/proc` mounted is a full one.
     ProcMask(Box<RootOp>),
-    RemountReadOnly(PathBuf),
+    /// The mount at this path and every mount below it made read-only, in one call.
+    ReadOnlyTree(PathBuf),
 }
 
 /// Everything the children need, computed before the fork.
@@ -232,7 +233,8 @@ impl Plan {
             ops.push(RootOp::Bind {
                 source: path.clone(),
                 target: inside,
-                read_only: true,
+                // Read-only with the whole root (`ReadOnlyTree`).
+                read_only: false,
             });
             landlock.read_exec.push(path.clone());
         }
@@ -254,7 +256,8 @@ impl Plan {
         ops.push(RootOp::Bind {
             source: spec.code_dir.clone(),
             target: code_inside,
-            read_only: true,
+            // Read-only with the whole root (`ReadOnlyTree`).
+            read_only: false,
         });
         landlock.read_exec.push(PathBuf::from("/code"));
 
@@ -270,7 +273,8 @@ impl Plan {
             ops.push(RootOp::Bind {
                 source: socket.clone(),
                 target: inside,
-                read_only: true,
+                // Read-only with the whole root (`ReadOnlyTree`).
+                read_only: false,
             });
         }
 
@@ -293,15 +297,19 @@ impl Plan {
             ops.push(RootOp::Bind {
                 source: helper.clone(),
                 target: inside,
-                read_only: true,
+                // Read-only with the whole root (`ReadOnlyTree`).
+                read_only: false,
             });
             // Landlock rules are opened after pivot_root: the path inside.
             landlock.read_exec.push(PathBuf::from(HELPER_BINARY_PATH));
         }
 
+        // Mounted after the root is made read-only (with every mount under it so far): the
+        // sandbox's own writable or fresh file systems.
+        let mut after = Vec::new();
         let tmp = under(root, Path::new("/tmp"));
         ops.push(RootOp::Dir(tmp.clone()));
-        ops.push(RootOp::Tmpfs {
+        after.push(RootOp::Tmpfs {
             target: tmp,
             data: format!("size={},mode=1777", limits.tmp_bytes_max),
             flags: TmpfsFlags {
@@ -346,25 +354,24 @@ impl Plan {
                 link: dev.join(name),
             });
         }
-        ops.push(RootOp::RemountReadOnly(dev.clone()));
         landlock.list.push(PathBuf::from("/dev"));
 
         let proc_dir = under(root, Path::new("/proc"));
         ops.push(RootOp::Dir(proc_dir.clone()));
-        ops.push(RootOp::Proc {
+        after.push(RootOp::Proc {
             target: proc_dir.clone(),
             pid_only: !limits.tier.full_proc(),
         });
         let host = host_proc();
         for name in &host.masked_files {
-            ops.push(RootOp::ProcMask(Box::new(RootOp::Bind {
+            after.push(RootOp::ProcMask(Box::new(RootOp::Bind {
                 source: dev.join("null"),
                 target: proc_dir.join(name),
                 read_only: false,
             })));
         }
         for name in &host.masked_dirs {
-            ops.push(RootOp::ProcMask(Box::new(RootOp::Tmpfs {
+            after.push(RootOp::ProcMask(Box::new(RootOp::Tmpfs {
                 target: proc_dir.join(name),
                 data: "size=0,mode=555".to_string(),
                 flags: TmpfsFlags {
@@ -375,13 +382,16 @@ impl Plan {
         }
         for name in &host.read_only_dirs {
             let path = proc_dir.join(name);
-            ops.push(RootOp::ProcMask(Box::new(RootOp::Bind {
+            after.push(RootOp::ProcMask(Box::new(RootOp::Bind {
                 source: path.clone(),
                 target: path,
                 read_only: true,
             })));
         }
-        ops.push(RootOp::RemountReadOnly(root.to_path_buf()));
+        // One call for the root, its binds and `/dev` (whose device nodes stay writable: a
+        // read-only mount refuses writes to files, not to devices).
+        ops.push(RootOp::ReadOnlyTree(root.to_path_buf()));
+        ops.extend(after);
         // The root exists (it is the first mount); a directory made twice costs a failed
         // mkdir and a stat in the init each time.
         let mut dirs_made = std::collections::HashSet::new();
@@ -503,7 +513,7 @@ fn root_op(sys: &mut impl Syscalls, op: &RootOp) -> StepResult {
         } => sys.mount_tmpfs(target, data, *flags),
         RootOp::Proc { target, pid_only } => sys.mount_proc(target, *pid_only).map(drop),
         RootOp::ProcMask(mask) => root_op(sys, mask),
-        RootOp::RemountReadOnly(path) => sys.remount_read_only(path),
+        RootOp::ReadOnlyTree(path) => sys.make_tree_read_only(path),
     }
 }
 
@@ -590,25 +600,32 @@ mod tests {
         assert!(pos(&sys, "unshare") < pos(&sys, "mounts_private"));
         assert!(pos(&sys, "mounts_private") < pos(&sys, "tmpfs /staging "));
         assert!(pos(&sys, "proc /staging/proc") < pivot);
-        // The root is made read-only after everything was created in it, just before pivot.
-        assert_eq!(sys.last_position("remount_ro /staging"), Some(pivot - 1));
-        assert!(sys.last_position("mkdir").expect("mkdirs") < pivot);
+        // The root and its binds are made read-only in one call, after everything was created
+        // in them; /tmp and /proc are mounted after that, then the pivot.
+        let read_only = pos(&sys, "read_only_tree /staging");
+        assert_eq!(sys.position("read_only_tree"), Some(read_only));
+        assert!(sys.last_position("mkdir").expect("mkdirs") < read_only);
+        assert!(sys.last_position("bind ").expect("binds") < read_only);
+        assert!(read_only < pos(&sys, "tmpfs /staging/tmp "));
+        assert!(read_only < pos(&sys, "proc /staging/proc"));
         assert!(pivot < pos(&sys, "rlimit"));
         assert!(pos(&sys, "setsid") < pos(&sys, "close_fds 5"));
         assert!(pos(&sys, "close_fds") < pos(&sys, "no_new_privs"));
         assert!(pos(&sys, "no_new_privs") < pos(&sys, "drop_caps"));
         assert!(pos(&sys, "drop_caps") < pos(&sys, "landlock"));
         assert_eq!(sys.calls.last().map(String::as_str), Some("seccomp 1"));
-        // /code is bound read-only, /etc/shadow never.
-        assert!(sys
+        // /code is bound (read-only with the root), /etc/shadow never.
+        let code = sys
             .calls
             .iter()
-            .any(|c| c.starts_with("bind ") && c.contains("/staging/code ro=true")));
+            .position(|c| c.starts_with("bind ") && c.contains("/staging/code "))
+            .expect("code bound");
+        assert!(code < read_only);
         assert!(!sys.calls.iter().any(|c| c.contains("shadow")));
     }
 
     #[test]
-    fn the_helper_binary_is_bound_read_only_and_executable() {
+    fn the_helper_binary_is_bound_under_the_read_only_root_and_executable() {
         let code = std::env::temp_dir();
         let helper = std::env::current_exe().expect("the test binary is a file");
         let mut spec = SandboxSpec::new(Tier::Untrusted, code);
@@ -629,10 +646,16 @@ mod tests {
                 *op == RootOp::Bind {
                     source: helper.clone(),
                     target: target.clone(),
-                    read_only: true,
+                    read_only: false,
                 }
             })
-            .expect("helper bound read-only");
+            .expect("helper bound");
+        let read_only = plan
+            .root_ops
+            .iter()
+            .position(|op| *op == RootOp::ReadOnlyTree(PathBuf::from("/staging")))
+            .expect("the root made read-only");
+        assert!(bind < read_only);
         let file = plan
             .root_ops
             .iter()

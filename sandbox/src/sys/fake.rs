@@ -104,8 +104,8 @@ impl Syscalls for RecordingSys {
         self.record(format!("proc {} pid_only={pid_only}", target.display()))?;
         Ok(pid_only)
     }
-    fn remount_read_only(&mut self, target: &Path) -> StepResult {
-        self.record(format!("remount_ro {}", target.display()))
+    fn make_tree_read_only(&mut self, target: &Path) -> StepResult {
+        self.record(format!("read_only_tree {}", target.display()))
     }
     fn pivot_root(&mut self, new_root: &Path) -> StepResult {
         self.record(format!("pivot_root {}", new_root.display()))

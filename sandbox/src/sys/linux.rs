@@ -340,13 +340,36 @@ impl Syscalls for RealSys {
         check(ret, "mount proc", Some(target)).map(|()| false)
     }
 
-    fn remount_read_only(&mut self, target: &Path) -> StepResult {
-        let ctarget = cpath(target, "remount read-only")?;
-        let kept = preserved_mount_flags(&ctarget)
-            .map_err(|e| StepError::new("statvfs", Some(target), e))?;
-        let flags = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | kept;
-        let ret = mount(None, &ctarget, None, flags, None);
-        check(ret, "remount read-only", Some(target))
+    fn make_tree_read_only(&mut self, target: &Path) -> StepResult {
+        /// `struct mount_attr` of `mount_setattr(2)`.
+        #[repr(C)]
+        struct MountAttr {
+            attr_set: u64,
+            attr_clr: u64,
+            propagation: u64,
+            userns_fd: u64,
+        }
+        const MOUNT_ATTR_RDONLY: u64 = 0x0000_0001;
+        let ctarget = cpath(target, "make read-only")?;
+        let attr = MountAttr {
+            attr_set: MOUNT_ATTR_RDONLY,
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: 0,
+        };
+        // SAFETY: `ctarget` is NUL-terminated and `attr` is a valid mount_attr whose size is
+        // passed; the kernel only reads both.
+        let ret = unsafe {
+            libc::syscall(
+                libc::SYS_mount_setattr,
+                libc::AT_FDCWD,
+                ctarget.as_ptr(),
+                libc::AT_RECURSIVE,
+                &attr as *const MountAttr,
+                std::mem::size_of::<MountAttr>(),
+            )
+        };
+        check(ret as libc::c_int, "make read-only", Some(target))
     }
 
     fn pivot_root(&mut self, new_root: &Path) -> StepResult {
@@ -566,6 +589,11 @@ fn close_range_from(first: i32) -> Result<(), i32> {
     } else {
         Ok(())
     }
+}
+
+/// Closes every fd from `first` on (best effort).
+pub(crate) fn close_fds_from(first: RawFd) {
+    let _ = close_range_from(first);
 }
 
 /// A pipe with both ends close-on-exec: (read end, write end).

@@ -13,11 +13,11 @@ pub(crate) mod fake;
 pub(crate) mod linux;
 
 pub(crate) use linux::{
-    adopt_fds, adopt_init_fds, at_exit, block_all_signals, close_fd, exec_work, exit_now, fork,
-    kill_pid, lower_to_background_priority, lower_to_idle_priority, new_network_namespace,
-    pidfd_open, pin_to_current_cpu, pipe, poll_fds, read_fd, read_into_spare, set_affinity,
-    set_nonblocking, spawn_sharing_memory, wait_pid, write_fd, ChildStack, CpuMask, ExecImage,
-    ForkResult, PollWant, RealSys,
+    adopt_fds, adopt_init_fds, at_exit, block_all_signals, close_fd, close_fds_from, exec_work,
+    exit_now, fork, kill_pid, lower_to_background_priority, lower_to_idle_priority,
+    new_network_namespace, pidfd_open, pin_to_current_cpu, pipe, poll_fds, read_fd,
+    read_into_spare, set_affinity, set_nonblocking, spawn_sharing_memory, wait_pid, write_fd,
+    ChildStack, CpuMask, ExecImage, ForkResult, PollWant, RealSys,
 };
 
 /// A failed setup step, as reported from the child to the parent.
@@ -117,7 +117,8 @@ pub(crate) trait Syscalls {
     /// Mounts a fresh `/proc`; with `pid_only`, `subset=pid` if the kernel knows it (≥ 5.8).
     /// Returns whether the mount holds only the process directories.
     fn mount_proc(&mut self, target: &Path, pid_only: bool) -> Result<bool, StepError>;
-    fn remount_read_only(&mut self, target: &Path) -> StepResult;
+    /// Makes the mount at `target` and every mount below it read-only (`mount_setattr`).
+    fn make_tree_read_only(&mut self, target: &Path) -> StepResult;
     /// `pivot_root` into `new_root` and detach the old root.
     fn pivot_root(&mut self, new_root: &Path) -> StepResult;
     fn set_hostname(&mut self, name: &str) -> StepResult;
