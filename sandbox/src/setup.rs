@@ -173,6 +173,7 @@ impl Plan {
             },
         }];
         let mut landlock = LandlockRules {
+            abi: crate::sys::landlock_abi(),
             list: vec![PathBuf::from("/")],
             read: vec![PathBuf::from("/etc"), PathBuf::from("/proc")],
             ..LandlockRules::default()
@@ -341,7 +342,6 @@ impl Plan {
                 target: inside,
                 read_only: false,
             });
-            landlock.devices.push(host);
         }
         for (name, target) in [
             ("fd", "/proc/self/fd"),
@@ -354,7 +354,8 @@ impl Plan {
                 link: dev.join(name),
             });
         }
-        landlock.list.push(PathBuf::from("/dev"));
+        // One rule for the directory: it holds only these devices and the links, read-only.
+        landlock.devices.push(PathBuf::from("/dev"));
 
         let proc_dir = under(root, Path::new("/proc"));
         ops.push(RootOp::Dir(proc_dir.clone()));

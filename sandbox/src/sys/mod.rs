@@ -14,7 +14,7 @@ pub(crate) mod linux;
 
 pub(crate) use linux::{
     adopt_fds, adopt_init_fds, at_exit, block_all_signals, close_fd, close_fds_from, exec_work,
-    exit_now, fork, kill_pid, lower_to_background_priority, lower_to_idle_priority,
+    exit_now, fork, kill_pid, landlock_abi, lower_to_background_priority, lower_to_idle_priority,
     new_network_namespace, pidfd_open, pin_to_current_cpu, pipe, poll_fds, read_fd,
     read_into_spare, set_affinity, set_nonblocking, spawn_sharing_memory, wait_pid, write_fd,
     ChildStack, CpuMask, ExecImage, ForkResult, PollWant, RealSys,
@@ -75,13 +75,15 @@ pub(crate) struct TmpfsFlags {
 /// What Landlock allows, by path inside the sandbox and by TCP port.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct LandlockRules {
+    /// The kernel's Landlock ABI version (0: none), asked by the node: what can be enforced.
+    pub abi: u32,
     /// Read files, list directories, execute.
     pub read_exec: Vec<PathBuf>,
     /// Read files and list directories.
     pub read: Vec<PathBuf>,
     /// Everything, including creating and removing.
     pub read_write: Vec<PathBuf>,
-    /// Device files: read, write, truncate.
+    /// Device files: read, write, truncate (a directory: every file beneath, and listing it).
     pub devices: Vec<PathBuf>,
     /// Directories that may be listed (not their contents read).
     pub list: Vec<PathBuf>,
