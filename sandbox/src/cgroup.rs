@@ -924,7 +924,6 @@ mod ahead {
     }
 
     fn run_forever() {
-        sys::lower_to_background_priority();
         let mut failing_since: Option<std::time::Instant> = None;
         loop {
             let job = {

@@ -1,19 +1,27 @@
 //! The life of one sandbox, from the parent's side: create it up to "ready, waiting for work"
 //! ([`Prepared`]), hand it the work, collect its output within limits, report, clean up.
 //!
-//! Processes: the node forks a *supervisor* (stays in the host pid namespace, in the sandbox's
-//! cgroup, waits for the init and reports its exit status), which starts the *init* (pid 1 of
-//! the new pid namespace, sharing the supervisor's memory until it execs), which builds the
-//! file system, locks itself down and, once work arrives on its work pipe, execs the function.
+//! Processes of a sandbox made ahead ([`Prepared::create`]): the node forks a *supervisor*
+//! (stays in the host pid namespace, outside the sandbox's cgroup, waits for the init and
+//! reports its exit status), which starts the *init* (pid 1 of the new pid namespace, sharing
+//! the supervisor's memory until it execs), which joins the cgroup, builds the file system,
+//! locks itself down and, once work arrives on its work pipe, execs the function. A run ends
+//! at the supervisor's report of the init's exit; the supervisor is reaped and the cgroup
+//! removed behind it (`cgroup::remove_behind`).
+//!
+//! A one-shot run ([`Prepared::start`]) has no supervisor: a *starter* sharing the node's
+//! memory (the calling thread suspended) does the supervisor's steps and starts the init as
+//! the node's own child; the command is made ready by the node, and the run ends at the
+//! init's exit, seen on its pidfd.
+//!
 //! When the init dies, the kernel kills every other process of its pid namespace; on timeout
-//! the parent kills the whole cgroup. A run ends at the supervisor's report of the init's exit;
-//! the supervisor is reaped and the cgroup removed behind it (`cgroup::remove_behind`).
+//! the parent kills the whole cgroup.
 //!
 //! Pipes (all close-on-exec in the parent): supervisor status (`E...` = setup error, `X` +
 //! wait status at the end), work (parent → init: the command; EOF ends it), init status
 //! (`R` = ready, `E...` = setup or exec error, EOF = exec succeeded), and stdin, stdout, stderr
-//! of the function. The children never wait for the parent during setup: the supervisor maps
-//! its own ids, and a one-shot run's command is in the work pipe before the init looks.
+//! of the function. A one-shot run has one status pipe for starter and init. The children
+//! never wait for the parent during setup: they map their own ids.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -271,6 +279,9 @@ fn init_exec_main(plan: &Plan, image: &sys::ExecImage, affinity: Option<CpuMask>
         return 123;
     }
     let mut real = RealSys::new(None, false);
+    // Its parent is the node: if the node is already gone, the write fails and the init stops
+    // before it runs anything without a parent to time it out.
+    real.parent_alive_fd = Some(4);
     if let Err(e) = setup::init(&mut real, plan) {
         report(4, &e);
         return 124;
@@ -594,6 +605,10 @@ impl Prepared {
         File::from(status_r)
             .read_to_end(&mut report)
             .map_err(|e| SandboxError::syscall("read", e))?;
+        let report = report
+            .strip_prefix(sys::PARENT_ALIVE_BYTE)
+            .unwrap_or(&report)
+            .to_vec();
         let pid = init_pid.load(Ordering::Acquire);
         if pid <= 0 {
             let _ = sys::wait_pid(starter_pid);

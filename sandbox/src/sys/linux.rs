@@ -1,9 +1,12 @@
 //! The real kernel calls: [`RealSys`] for the setup steps, and the process plumbing (fork,
 //! pipes, poll, wait, exec) the parent and the children use.
 //!
-//! Children run these after `fork()` of a possibly multi-threaded parent. glibc's `fork()`
-//! resets its malloc locks in the child, so allocating there is safe; nothing here takes a lock
-//! another thread could hold (no tracing, no stdio).
+//! Children run these after `fork()` of a possibly multi-threaded parent (glibc's `fork()`
+//! resets its malloc locks in the child, so allocating there is safe), or in the node's own
+//! memory as a one-shot run's starter and init (see [`spawn_sharing_memory`] for what that
+//! asks of them: in short, free what they allocate, cache nothing, block signals until the
+//! handlers are reset). Nothing here takes a lock another thread could hold (no tracing, no
+//! stdio), and the credential calls are raw syscalls.
 
 use std::ffi::{CStr, CString};
 use std::fs::{DirBuilder, File, OpenOptions};
@@ -110,6 +113,10 @@ fn raw_setgroups_none() -> libc::c_int {
     unsafe { libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) as libc::c_int }
 }
 
+/// What a one-shot run's init writes to its status pipe to check its parent is alive (the
+/// parent skips it; an error report starts with `E`).
+pub(crate) const PARENT_ALIVE_BYTE: &[u8] = b"P";
+
 /// The real implementation of the setup seam.
 pub(crate) struct RealSys {
     /// The pid the parent-death check expects from `getppid()`; `None` inside a new pid
@@ -119,6 +126,10 @@ pub(crate) struct RealSys {
     /// credential changes then reset the dumpable flag of the node's memory, which every
     /// starter needs set while it opens its id maps, so they take turns ([`IdMapTurn`]).
     pub shares_node_memory: bool,
+    /// A pipe only the parent reads (a one-shot run's status pipe): the parent-death check of
+    /// an init whose parent is outside its pid namespace writes a byte to it, which fails
+    /// (EPIPE) once the parent is gone.
+    pub parent_alive_fd: Option<RawFd>,
     turn: Option<IdMapTurn>,
 }
 
@@ -127,6 +138,7 @@ impl RealSys {
         Self {
             parent_pid,
             shares_node_memory,
+            parent_alive_fd: None,
             turn: None,
         }
     }
@@ -183,6 +195,11 @@ impl Syscalls for RealSys {
                 // The parent died before the signal was armed.
                 return Err(StepError::new("parent alive check", None, libc::ESRCH));
             }
+        }
+        if let Some(fd) = self.parent_alive_fd {
+            // SIGPIPE is blocked here (a one-shot run's init): a dead reader is EPIPE.
+            write_fd(fd, PARENT_ALIVE_BYTE)
+                .map_err(|errno| StepError::new("parent alive check", None, errno))?;
         }
         Ok(())
     }
@@ -1299,14 +1316,6 @@ pub(crate) fn lower_to_idle_priority() {
     let param = libc::sched_param { sched_priority: 0 };
     // SAFETY: `param` is a valid sched_param that outlives the call; pid 0 is the caller.
     unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
-}
-
-/// Gives the calling thread the lowest nice value (19): it still gets an idle CPU at once and
-/// a small share of a busy one, but its wake-ups no longer take the CPU from the node's
-/// threads. Best effort (raising one's own nice value needs no privilege).
-pub(crate) fn lower_to_background_priority() {
-    // SAFETY: setpriority takes integers; on Linux PRIO_PROCESS with 0 is the calling thread.
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
 }
 
 /// Sets the calling thread's affinity.
