@@ -94,6 +94,8 @@ pub fn netns_pool_ready() -> usize {
 /// The maker thread: keeps the pool at its size. It lives in the namespace it made last and
 /// does nothing else, so no socket or process of the node ever lands in one of them.
 fn make_forever(pool: &Pool) {
+    // A namespace takes most of a millisecond of CPU to make: behind the starts, not in front.
+    sys::lower_to_background_priority();
     loop {
         {
             let mut ready = pool

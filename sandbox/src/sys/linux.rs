@@ -1318,6 +1318,14 @@ pub(crate) fn lower_to_idle_priority() {
     unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
 }
 
+/// Gives the calling thread the lowest nice value (19): it still gets an idle CPU at once and
+/// a small share of a busy one, but a start's setup and command come first. Best effort
+/// (raising one's own nice value needs no privilege).
+pub(crate) fn lower_to_background_priority() {
+    // SAFETY: setpriority takes integers; on Linux PRIO_PROCESS with 0 is the calling thread.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
+}
+
 /// Sets the calling thread's affinity.
 pub(crate) fn set_affinity(mask: &CpuMask) -> io::Result<()> {
     // SAFETY: `mask.0` is a valid cpu_set_t of the size passed.

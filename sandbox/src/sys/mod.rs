@@ -14,10 +14,10 @@ pub(crate) mod linux;
 
 pub(crate) use linux::{
     adopt_fds, adopt_init_fds, at_exit, block_all_signals, close_fd, close_fds_from, exec_work,
-    exit_now, fork, kill_pid, landlock_abi, lower_to_idle_priority, new_network_namespace,
-    pidfd_open, pin_to_current_cpu, pipe, poll_fds, read_fd, read_into_spare, set_affinity,
-    set_nonblocking, spawn_sharing_memory, wait_pid, write_fd, ChildStack, CpuMask, ExecImage,
-    ForkResult, PollWant, RealSys, PARENT_ALIVE_BYTE,
+    exit_now, fork, kill_pid, landlock_abi, lower_to_background_priority, lower_to_idle_priority,
+    new_network_namespace, pidfd_open, pin_to_current_cpu, pipe, poll_fds, read_fd,
+    read_into_spare, set_affinity, set_nonblocking, spawn_sharing_memory, wait_pid, write_fd,
+    ChildStack, CpuMask, ExecImage, ForkResult, PollWant, RealSys, PARENT_ALIVE_BYTE,
 };
 
 /// A failed setup step, as reported from the child to the parent.
