@@ -1,6 +1,8 @@
 //! Runs one command in a sandbox and prints the outcome: `once TIER CODE_DIR CMD...`.
 //! `ONCE_REPEAT=N` runs it N times; `ONCE_NETNS_POOL=N` and `ONCE_CGROUP_POOL=N` set the
-//! sizes of the pools made ahead (0 turns one off).
+//! sizes of the pools made ahead (0 turns one off); `ONCE_HEAP_MB=N` first fills N MiB of
+//! this process's heap (a node's size); `ONCE_MADE_AHEAD=1` creates each sandbox the way the
+//! warm pool does (a forked supervisor) and runs the command in it at once.
 fn main() {
     let mut args = std::env::args().skip(1);
     let tier: skiff_sandbox::Tier = args
@@ -22,6 +24,8 @@ fn main() {
     if let Some(n) = size("ONCE_CGROUP_POOL") {
         skiff_sandbox::set_cgroup_pool_size(n);
     }
+    let heap: Vec<u8> = vec![1; size("ONCE_HEAP_MB").unwrap_or(0) << 20];
+    let made_ahead = std::env::var_os("ONCE_MADE_AHEAD").is_some();
     let spec = skiff_sandbox::SandboxSpec::new(tier, code);
     let n: usize = std::env::var("ONCE_REPEAT")
         .ok()
@@ -29,7 +33,14 @@ fn main() {
         .unwrap_or(1);
     for _ in 0..n {
         let t = std::time::Instant::now();
-        let out = skiff_sandbox::run_blocking(&spec, &argv, b"").expect("run");
+        let out = if made_ahead {
+            skiff_sandbox::ExecSandbox::create(&spec)
+                .and_then(|sandbox| sandbox.run_blocking(&argv, b""))
+        } else {
+            skiff_sandbox::run_blocking(&spec, &argv, b"")
+        }
+        .expect("run");
         println!("{:?} in {:?}", out.status, t.elapsed());
     }
+    drop(heap);
 }
