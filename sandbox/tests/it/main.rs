@@ -831,3 +831,68 @@ fn one_shot_runs_started_at_once_from_many_threads_all_run() {
     await_removals();
     assert!(our_zombies().is_empty(), "zombies: {:?}", our_zombies());
 }
+
+/// The heap bytes this process holds, counted by [`LiveBytes`], the test binary's allocator.
+fn heap_in_use() -> usize {
+    LIVE_BYTES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+static LIVE_BYTES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The system allocator, counting the live bytes of the whole process, whoever allocates: a
+/// one-shot run's starter and init run in this process's memory and call it too.
+struct LiveBytes;
+
+#[global_allocator]
+static ALLOCATOR: LiveBytes = LiveBytes;
+
+// SAFETY: every method hands its arguments unchanged to `System` and returns what `System`
+// returned; the counting is one atomic add or subtract, which never allocates.
+unsafe impl std::alloc::GlobalAlloc for LiveBytes {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        // SAFETY: the caller upholds `alloc`'s contract, which is `System`'s.
+        let ptr = unsafe { std::alloc::System.alloc(layout) };
+        if !ptr.is_null() {
+            LIVE_BYTES.fetch_add(layout.size(), std::sync::atomic::Ordering::Relaxed);
+        }
+        ptr
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        // SAFETY: `ptr` came from this allocator, that is from `System`, with `layout`.
+        unsafe { std::alloc::System.dealloc(ptr, layout) };
+        LIVE_BYTES.fetch_sub(layout.size(), std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn one_shot_runs_leave_nothing_in_the_node_heap() {
+    if !can_sandbox() {
+        return;
+    }
+    // A one-shot run's starter and init allocate in this process's heap (they share its
+    // memory): whatever they did not free before their exec or exit would stay here for good.
+    let code = code_dir(&[]);
+    let spec = spec(Tier::Untrusted, code.path(), "");
+    let round = |n: usize| {
+        for i in 0..n {
+            let out = sh(&spec, "cat", format!("{i}").as_bytes());
+            assert_eq!(text(&out.stdout), format!("{i}"));
+            // A failed exec and a failed setup report from inside the sandbox, and so
+            // allocate there.
+            assert!(run_blocking(&spec, &argv(&["/code/missing"]), b"").is_err());
+        }
+        await_removals();
+    };
+    // After a first round the pools hold what they keep; from then on every run gives back
+    // what it took (a leak of the command frame alone would be about 100 bytes a run).
+    round(50);
+    let before = heap_in_use();
+    round(400);
+    let after = heap_in_use();
+    let runs = 800;
+    assert!(
+        after < before + 16 * 1024,
+        "heap in use grew from {before} to {after} bytes over {runs} one-shot runs"
+    );
+}
