@@ -151,13 +151,20 @@ impl RealSys {
 ///
 /// A spin lock with a bounded wait, not a mutex: a starter killed during its turn (nothing
 /// in the node kills one) must not stop every later start; after [`IdMapTurn::WAIT_MAX`] the
-/// next one goes ahead, and at worst its id maps fail to open, a reported setup error.
+/// next one goes ahead, and a starter whose map then fails to open sets the flag again and
+/// retries ([`ID_MAP_OPEN_TRIES`]); past that, a reported setup error.
 struct IdMapTurn;
 
 static ID_MAP_TURN_TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// How often a starter's id map is opened again after a starter without its turn cleared the
+/// dumpable flag under it.
+const ID_MAP_OPEN_TRIES: u32 = 8;
+
 impl IdMapTurn {
-    const WAIT_MAX: std::time::Duration = std::time::Duration::from_millis(5);
+    /// Long enough for a holder preempted on a loaded machine; a killed one (nothing in the
+    /// node kills a starter) costs each later start this once.
+    const WAIT_MAX: std::time::Duration = std::time::Duration::from_millis(100);
 
     fn take() -> Option<Self> {
         use std::sync::atomic::Ordering;
@@ -241,17 +248,36 @@ impl Syscalls for RealSys {
     fn write_own_id_maps(&mut self, id: u32) -> StepResult {
         // Gaining capabilities in the new namespace made the process non-dumpable, which gives
         // its /proc files to the host's root; dumpable, they are ours to write.
-        // SAFETY: PR_SET_DUMPABLE takes an integer.
-        let ret = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) };
-        check(ret, "prctl(PR_SET_DUMPABLE)", None)?;
+        let set_dumpable = || {
+            // SAFETY: PR_SET_DUMPABLE takes an integer.
+            let ret = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) };
+            check(ret, "prctl(PR_SET_DUMPABLE)", None)
+        };
+        set_dumpable()?;
         for (file, contents) in [
             ("/proc/self/setgroups", "deny".to_string()),
             ("/proc/self/uid_map", format!("0 {id} 1\n")),
             ("/proc/self/gid_map", format!("0 {id} 1\n")),
         ] {
-            OpenOptions::new()
-                .write(true)
-                .open(file)
+            let mut tries = 0;
+            let opened = loop {
+                match OpenOptions::new().write(true).open(file) {
+                    // A starter that went ahead without its turn (the holder was too slow)
+                    // made the shared memory non-dumpable again: set it back and retry.
+                    Err(e)
+                        if self.shares_node_memory
+                            && e.kind() == io::ErrorKind::PermissionDenied
+                            && tries < ID_MAP_OPEN_TRIES =>
+                    {
+                        tries += 1;
+                        set_dumpable()?;
+                        // SAFETY: sched_yield takes no arguments.
+                        unsafe { libc::sched_yield() };
+                    }
+                    other => break other,
+                }
+            };
+            opened
                 .and_then(|mut f| f.write_all(contents.as_bytes()))
                 .map_err(|e| StepError::new("write id map", Some(Path::new(file)), io_errno(&e)))?;
         }
