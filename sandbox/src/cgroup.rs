@@ -300,7 +300,8 @@ pub(crate) struct Cgroup {
     /// Distinct directories, one per hierarchy.
     dirs: Vec<PathBuf>,
     /// The join files (see [`Cgroup::join_files`]), open for writing, in the same order; the
-    /// supervisor inherits them, so the node closes its copies once it has forked.
+    /// sandbox's processes inherit them (the init writes into them), so the node closes its
+    /// copies once the children are started.
     join_fds: Vec<std::os::fd::OwnedFd>,
     /// The counter files [`Cgroup::stats`] reads, opened with the directories (off the run's
     /// path for a cgroup made ahead); `None` when one would not open.
@@ -383,8 +384,8 @@ fn make_dirs(layout: &'static Layout, name: &str) -> Result<Cgroup, SandboxError
         cgroup.dirs.push(dir);
     }
     // Opened here (ahead, on the cgroup thread, for a cgroup made ahead) by the node as root:
-    // the kernel checks a migration against the opener's credentials, and the supervisor then
-    // only writes, without looking up the long cgroup paths on the start.
+    // the kernel checks a migration against the opener's credentials, and the init then only
+    // writes, without looking up the long cgroup paths on the start.
     for file in cgroup.join_files() {
         let fd = fs::OpenOptions::new()
             .write(true)
@@ -505,7 +506,7 @@ impl Cgroup {
         self.join_fds.iter().map(AsRawFd::as_raw_fd).collect()
     }
 
-    /// Closes this process's copies of the join files (the supervisor has its own).
+    /// Closes this process's copies of the join files (the sandbox's processes have theirs).
     pub(crate) fn close_join_fds(&mut self) {
         self.join_fds.clear();
     }
@@ -733,7 +734,7 @@ pub fn cgroup_pool_ready() -> usize {
 
 /// Marks a sandbox start in its setup (from before its cgroup is taken until its init is
 /// ready): meanwhile the cgroup thread holds back its `mkdir`s and `rmdir`s (at most
-/// [`SETUP_YIELD_MAX`]), which hold the cgroup mutex the start's supervisor needs to join.
+/// [`SETUP_YIELD_MAX`]), which hold the cgroup mutex the start's init needs to join.
 pub(crate) struct StartInSetup(());
 
 /// The longest the cgroup thread holds back for starts in their setup.
@@ -755,8 +756,8 @@ impl Drop for StartInSetup {
     }
 }
 
-/// How many finished sandboxes still wait for their supervisor to be reaped and their cgroup
-/// removed by the cgroup thread (each is done within a few milliseconds of its run's end).
+/// How many finished sandboxes still wait for their supervisor or starter to be reaped and
+/// their cgroup removed by the cgroup thread (each is done within a few milliseconds of its run's end).
 pub fn removals_pending() -> usize {
     ahead::lock().pending
 }

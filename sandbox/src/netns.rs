@@ -2,7 +2,7 @@
 //!
 //! Creating a network namespace is the dearest step of a cold start below the trusted tier
 //! (≈ 1 ms here: the kernel runs every network subsystem's per-namespace setup). A thread of
-//! the node makes a few ahead and keeps them open; a sandbox's supervisor joins one with
+//! the node makes a few ahead and keeps them open; a sandbox's starter or supervisor joins one with
 //! `setns` before it leaves the host's credentials, instead of creating its own with `unshare`.
 //!
 //! Invariants:

@@ -62,8 +62,9 @@ const ETC_NSSWITCH: &[u8] = b"passwd: files\ngroup: files\nhosts: files dns\n";
 pub(crate) const HOSTNAME: &str = "sandbox";
 /// fds the init keeps until exec: 0..=2 stdio, 3 work, 4 status.
 pub(crate) const INIT_FDS_KEPT: i32 = 5;
-/// Where the supervisor finds the cgroup's join files, open (after stdio and its three pipes);
-/// a network namespace made ahead follows them (see [`Plan::netns_fd`]).
+/// Where the supervisor (or starter) finds the cgroup's join files, open (after stdio and its
+/// three pipes), to pass them on to the init; a network namespace made ahead follows them (see
+/// [`Plan::netns_fd`]).
 pub(crate) const JOIN_FDS_FIRST: i32 = 6;
 /// Where the init finds the join files (moved down by `sys::adopt_init_fds`).
 pub(crate) const INIT_JOIN_FDS_FIRST: i32 = INIT_FDS_KEPT;
