@@ -385,6 +385,11 @@ fn init_main(plan: &Plan, affinity: Option<CpuMask>) -> ! {
     sys::exit_now(127);
 }
 
+/// A pipe, both ends close-on-exec (see `sys::pipe`).
+fn pipe() -> Result<(OwnedFd, OwnedFd), SandboxError> {
+    sys::pipe().map_err(|e| SandboxError::syscall("pipe2", e))
+}
+
 fn remaining_ms(deadline: Instant) -> i32 {
     let left = deadline.saturating_duration_since(Instant::now());
     // Round up so a poll never spins with a zero timeout before the deadline.
@@ -470,7 +475,6 @@ impl Prepared {
     /// Creates a sandbox for `spec` and waits until it is ready for work.
     pub(crate) fn create(spec: &SandboxSpec) -> Result<Self, SandboxError> {
         let ground = Groundwork::lay(spec)?;
-        let pipe = || sys::pipe().map_err(|e| SandboxError::syscall("pipe2", e));
         let (sup_status_r, sup_status_w) = pipe()?;
         let (work_r, work_w) = pipe()?;
         let (init_status_r, init_status_w) = pipe()?;
@@ -551,7 +555,6 @@ impl Prepared {
             reason: "malformed command frame".to_string(),
         })?;
         let ground = Groundwork::lay(spec)?;
-        let pipe = || sys::pipe().map_err(|e| SandboxError::syscall("pipe2", e));
         let (status_r, status_w) = pipe()?;
         let (in_r, in_w) = pipe()?;
         let (out_r, out_w) = pipe()?;

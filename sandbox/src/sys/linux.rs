@@ -151,8 +151,9 @@ impl RealSys {
 ///
 /// A spin lock with a bounded wait, not a mutex: a starter killed during its turn (nothing
 /// in the node kills one) must not stop every later start; after [`IdMapTurn::WAIT_MAX`] the
-/// next one goes ahead, and a starter whose map then fails to open sets the flag again and
-/// retries ([`ID_MAP_OPEN_TRIES`]); past that, a reported setup error.
+/// waiter takes the turn over (and gives it back as any holder does), and a starter whose map
+/// then fails to open because the slow holder was still in its window sets the flag again
+/// and retries ([`ID_MAP_OPEN_TRIES`]); past that, a reported setup error.
 struct IdMapTurn;
 
 static ID_MAP_TURN_TAKEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -163,10 +164,10 @@ const ID_MAP_OPEN_TRIES: u32 = 8;
 
 impl IdMapTurn {
     /// Long enough for a holder preempted on a loaded machine; a killed one (nothing in the
-    /// node kills a starter) costs each later start this once.
+    /// node kills a starter) costs the next start this wait once, which then takes its turn.
     const WAIT_MAX: std::time::Duration = std::time::Duration::from_millis(100);
 
-    fn take() -> Option<Self> {
+    fn take() -> Self {
         use std::sync::atomic::Ordering;
         let start = std::time::Instant::now();
         loop {
@@ -174,10 +175,11 @@ impl IdMapTurn {
                 .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
                 .is_ok()
             {
-                return Some(IdMapTurn);
+                return IdMapTurn;
             }
             if start.elapsed() >= Self::WAIT_MAX {
-                return None;
+                // Taken over: the flag stays set, and this turn's end clears it.
+                return IdMapTurn;
             }
             // SAFETY: sched_yield takes no arguments.
             unsafe { libc::sched_yield() };
@@ -239,7 +241,7 @@ impl Syscalls for RealSys {
 
     fn set_host_ids(&mut self, id: u32) -> StepResult {
         if self.shares_node_memory {
-            self.turn = IdMapTurn::take();
+            self.turn = Some(IdMapTurn::take());
         }
         check(raw_setresgid(id), "setresgid(host)", None)?;
         check(raw_setresuid(id), "setresuid(host)", None)
@@ -626,6 +628,32 @@ mod ll {
 
     /// The rights that apply to a file (the others are about directories).
     pub const FILE_ONLY: u64 = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE | IOCTL_DEV;
+
+    /// The uapi structs a rule is made of (`add_rule` takes nothing else).
+    pub trait RuleAttr {}
+    impl RuleAttr for PathBeneathAttr {}
+    impl RuleAttr for NetPortAttr {}
+
+    /// `landlock_add_rule` of `rule` to `ruleset`: 0, or -1 with errno set.
+    pub fn add_rule<R: RuleAttr>(
+        ruleset: &std::os::fd::OwnedFd,
+        rule_type: libc::c_int,
+        rule: &R,
+    ) -> libc::c_long {
+        use std::os::fd::AsRawFd;
+        // SAFETY: `rule` is one of the rule attribute structs of the uapi (`RuleAttr`), and
+        // callers pass the rule type that names it; the kernel only reads it; the ruleset fd
+        // is open (and so is a path rule's parent fd, held by the caller).
+        unsafe {
+            libc::syscall(
+                libc::SYS_landlock_add_rule,
+                ruleset.as_raw_fd(),
+                rule_type,
+                rule as *const R,
+                0u32,
+            )
+        }
+    }
 }
 
 /// The kernel's Landlock ABI version, 0 without Landlock. Asked once per process, by the node
@@ -724,18 +752,7 @@ fn apply_landlock(rules: &LandlockRules) -> StepResult {
                 allowed_access: allowed,
                 parent_fd: fd.as_raw_fd(),
             };
-            // SAFETY: `rule` is a valid path_beneath_attr for the rule type passed; the
-            // kernel only reads it; both fds are open.
-            let ret = unsafe {
-                libc::syscall(
-                    libc::SYS_landlock_add_rule,
-                    ruleset.as_raw_fd(),
-                    ll::RULE_PATH_BENEATH,
-                    &rule as *const ll::PathBeneathAttr,
-                    0u32,
-                )
-            };
-            if ret != 0 {
+            if ll::add_rule(&ruleset, ll::RULE_PATH_BENEATH, &rule) != 0 {
                 return Err(fail("landlock", Some(path)));
             }
         }
@@ -746,18 +763,7 @@ fn apply_landlock(rules: &LandlockRules) -> StepResult {
                 allowed_access: ll::CONNECT_TCP,
                 port: u64::from(*port),
             };
-            // SAFETY: `rule` is a valid net_port_attr for the rule type passed; the kernel
-            // only reads it.
-            let ret = unsafe {
-                libc::syscall(
-                    libc::SYS_landlock_add_rule,
-                    ruleset.as_raw_fd(),
-                    ll::RULE_NET_PORT,
-                    &rule as *const ll::NetPortAttr,
-                    0u32,
-                )
-            };
-            if ret != 0 {
+            if ll::add_rule(&ruleset, ll::RULE_NET_PORT, &rule) != 0 {
                 return Err(fail("landlock", None));
             }
         }
