@@ -1,6 +1,7 @@
 //! Integration tests of `skiffd`: real three-node clusters of separate processes on loopback,
 //! and the data service's clients against a real socket (in a real sandbox when root).
 
+mod attack;
 mod auth;
 mod backup;
 mod bounds;

@@ -1,0 +1,1 @@
+//! A local unprivileged user on a node: no token, but a shell on the machine.
