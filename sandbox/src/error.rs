@@ -29,6 +29,14 @@ pub enum PolicyError {
         kind: &'static str,
         path: PathBuf,
     },
+    /// A path within the tier's as written resolves, through a symlink among its
+    /// directories, to a real path outside them.
+    #[error("policy widens tier {tier}: readable path {} resolves to {}, which is not within the tier's readable paths", path.display(), real.display())]
+    RealPathNotAllowed {
+        tier: Tier,
+        path: PathBuf,
+        real: PathBuf,
+    },
     /// The tier allows no outgoing TCP connection at all.
     #[error("policy widens tier {tier}: the tier allows no TCP connect port, the policy asks for {ports:?}")]
     PortsNotAllowed { tier: Tier, ports: Vec<u16> },

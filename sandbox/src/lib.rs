@@ -14,12 +14,15 @@
 //!
 //! # Layout
 //! - [`policy`]: tiers (presets) and policies (TOML) that narrow them into [`Limits`].
+//! - `alternatives`: Debian's `/etc/alternatives`, as links to what a sandbox binds.
 //! - `setup`: the plan of a sandbox and the order of its setup steps, driven through the
 //!   `sys::Syscalls` seam (a recording fake unit-tests the order without root).
 //! - `sys`: the only module with `unsafe` and raw syscalls.
 //! - [`cgroup`]: cgroup v1/v2 detection, limits, counters, kill and removal; cgroups made ahead
 //!   and removed behind by a thread of the node.
 //! - `seccomp`: the seccomp filter (compiled by its own binary-search compiler, `seccomp::bpf`).
+//! - [`host_ids`]: the range of host uids and gids sandboxes run as, checked against the
+//!   host's subordinate ids.
 //! - `netns`: network namespaces made ahead by a thread of the node, joined by sandboxes.
 //! - `process`: the parent's side of one sandbox (fork, handshake, hand-off, output, cleanup).
 //! - [`pool`]: the warm pool (exec and serve modes).
@@ -34,8 +37,10 @@
 
 #![deny(unsafe_code)]
 
+mod alternatives;
 pub mod cgroup;
 mod error;
+pub mod host_ids;
 mod netns;
 pub mod policy;
 pub mod pool;
@@ -52,6 +57,7 @@ pub use cgroup::{
     cgroup_pool_ready, set_cgroup_pool_size, CGROUP_POOL_SIZE_DEFAULT, CGROUP_POOL_SIZE_MAX,
 };
 pub use error::{PolicyError, SandboxError};
+pub use host_ids::{host_id_range, set_host_id_range, HostIdError, HostIdRange};
 pub use netns::{
     netns_pool_ready, set_netns_pool_size, NETNS_POOL_SIZE_DEFAULT, NETNS_POOL_SIZE_MAX,
 };
@@ -59,7 +65,7 @@ pub use policy::{Limits, Policy, Tier, UnknownTier};
 pub use pool::{
     ExecSandbox, PoolConfig, PoolKey, PoolMode, PoolStats, ServeSandbox, WarmPool, WarmSandbox,
 };
-pub use process::{HOST_ID_BASE, WORK_BYTES_MAX};
+pub use process::WORK_BYTES_MAX;
 pub use seccomp::DENIED as SECCOMP_DENIED_SYSCALLS;
 pub use setup::{DATA_SOCKET_PATH, HELPER_BINARY_PATH, HELPER_DIR};
 

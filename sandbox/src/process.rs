@@ -39,10 +39,6 @@ use crate::setup::{self, Plan};
 use crate::sys::{self, CpuMask, ForkResult, PollWant, RealSys, StepError};
 use crate::{ExitStatus, RunOutcome, SandboxSpec};
 
-/// First host uid/gid that sandbox root maps to; each sandbox takes the next in the range so
-/// two sandboxes never share a host uid by construction within one node process.
-pub const HOST_ID_BASE: u32 = 100_000;
-const HOST_ID_RANGE: u32 = 60_000;
 /// Longest the setup may take before the sandbox is abandoned.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest encoded command line plus environment.
@@ -53,11 +49,16 @@ const STAGING_ROOT: &str = "/run/skiff-sandbox/root";
 
 static SANDBOX_COUNTER: AtomicU32 = AtomicU32::new(0);
 
-fn next_host_id() -> u32 {
+/// The host uid and gid of the next sandbox: the range's group, and the next uid of the range
+/// (see `host_ids`).
+fn next_host_ids() -> (u32, u32) {
+    let range = crate::host_ids::host_id_range();
+    let uids = range.uids();
     let n = SANDBOX_COUNTER.fetch_add(1, Ordering::Relaxed);
     let pid = std::process::id();
     // Spread node processes over the range so that two of them rarely collide.
-    HOST_ID_BASE + (pid.wrapping_mul(7919).wrapping_add(n)) % HOST_ID_RANGE
+    let uid = uids.start + (pid.wrapping_mul(7919).wrapping_add(n)) % uids.len() as u32;
+    (uid, range.group())
 }
 
 fn staging_root() -> Result<&'static Path, SandboxError> {
@@ -309,10 +310,16 @@ impl Groundwork {
     fn lay(spec: &SandboxSpec) -> Result<Self, SandboxError> {
         let filters = crate::seccomp::filters()?;
         let staging = staging_root()?;
-        let host_id = next_host_id();
+        let (host_id, host_gid) = next_host_ids();
         let in_setup = crate::cgroup::StartInSetup::begin();
         let cgroup = Cgroup::create(&spec.limits)?;
-        let mut plan = Plan::build(spec, cgroup.join_files(), host_id, staging, filters)?;
+        let mut plan = Plan::build(
+            spec,
+            cgroup.join_files(),
+            (host_id, host_gid),
+            staging,
+            filters,
+        )?;
         let netns = if spec.limits.tier.host_network() {
             None
         } else {

@@ -1,5 +1,6 @@
 //! The seccomp filter: an allowlist that is a subset of Docker's default profile, with argument
-//! checks on `clone`, `socket`, `socketpair`, `ioctl` and `personality`.
+//! checks on `clone`, `socket`, `socketpair`, `sendto`/`sendmsg`/`sendmmsg`, `ioctl` and
+//! `personality`.
 //!
 //! One filter is installed: it answers `clone3` with `ENOSYS` first, so that libc falls back
 //! to `clone`, whose flags can be inspected (clone3 passes them in memory, out of seccomp's
@@ -33,6 +34,9 @@ const CLONE_NAMESPACE_FLAGS: u64 = (libc::CLONE_NEWNS
     | libc::CLONE_NEWNET
     | libc::CLONE_NEWCGROUP
     | 0x80) as u64; // CLONE_NEWTIME
+
+/// The protocols a stream socket of IPv4 or IPv6 may ask for: the default (TCP) and TCP.
+const TCP_PROTOCOLS: [i32; 2] = [0, libc::IPPROTO_TCP];
 
 /// Syscalls allowed without conditions.
 const ALLOWED: &[i64] = &[
@@ -208,9 +212,6 @@ const ALLOWED: &[i64] = &[
     libc::SYS_sched_yield,
     libc::SYS_select,
     libc::SYS_sendfile,
-    libc::SYS_sendmmsg,
-    libc::SYS_sendmsg,
-    libc::SYS_sendto,
     libc::SYS_setitimer,
     libc::SYS_setpgid,
     libc::SYS_setpriority,
@@ -342,30 +343,46 @@ fn allowlist_rules() -> Rules {
             },
         )]],
     );
-    // socket: Unix sockets of any type; TCP over IPv4 and IPv6 only (no UDP, raw, netlink,
-    // packet, vsock...). The mask strips SOCK_NONBLOCK and SOCK_CLOEXEC.
+    // socket: Unix sockets of any type; over IPv4 and IPv6 only plain TCP: a stream socket
+    // (the mask strips SOCK_NONBLOCK and SOCK_CLOEXEC) whose protocol is 0 or IPPROTO_TCP.
+    // Landlock's port rules cover TCP alone, so another stream protocol (MPTCP, SCTP) would
+    // connect to and listen on any port; UDP, raw, packet, netlink, vsock... are refused too.
     let stream = Cmp::MaskedEq {
         mask: 0xf,
         value: libc::SOCK_STREAM as u64,
     };
-    syscalls.insert(
-        nr(libc::SYS_socket),
-        vec![
-            vec![cond(0, Width::Dword, Cmp::Eq(libc::AF_UNIX as u64))],
-            vec![
-                cond(0, Width::Dword, Cmp::Eq(libc::AF_INET as u64)),
+    let mut socket_rules = vec![vec![cond(0, Width::Dword, Cmp::Eq(libc::AF_UNIX as u64))]];
+    for family in [libc::AF_INET, libc::AF_INET6] {
+        for protocol in TCP_PROTOCOLS {
+            socket_rules.push(vec![
+                cond(0, Width::Dword, Cmp::Eq(family as u64)),
                 cond(1, Width::Dword, stream),
-            ],
-            vec![
-                cond(0, Width::Dword, Cmp::Eq(libc::AF_INET6 as u64)),
-                cond(1, Width::Dword, stream),
-            ],
-        ],
-    );
+                cond(2, Width::Dword, Cmp::Eq(protocol as u64)),
+            ]);
+        }
+    }
+    syscalls.insert(nr(libc::SYS_socket), socket_rules);
     syscalls.insert(
         nr(libc::SYS_socketpair),
         vec![vec![cond(0, Width::Dword, Cmp::Eq(libc::AF_UNIX as u64))]],
     );
+    // sendto, sendmsg, sendmmsg: never with MSG_FASTOPEN, which connects a TCP socket without
+    // connect(). (A connect() after the TCP_FASTOPEN_CONNECT option is a connect, which
+    // Landlock checks.)
+    let no_fastopen = Cmp::MaskedEq {
+        mask: libc::MSG_FASTOPEN as u64,
+        value: 0,
+    };
+    for (syscall, flags_arg) in [
+        (libc::SYS_sendto, 3),
+        (libc::SYS_sendmsg, 2),
+        (libc::SYS_sendmmsg, 3),
+    ] {
+        syscalls.insert(
+            nr(syscall),
+            vec![vec![cond(flags_arg, Width::Dword, no_fastopen)]],
+        );
+    }
     // ioctl: everything but faking terminal input (TIOCSTI) and the console multiplexer.
     syscalls.insert(
         nr(libc::SYS_ioctl),
@@ -439,6 +456,13 @@ fn check(filters: &[BpfProgram]) -> Result<(), SandboxError> {
     if answer(program, libc::SYS_clone3) != Some(libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32) {
         wrong.push(libc::SYS_clone3);
     }
+    // The argument rules that keep the network within Landlock's reach.
+    let with_args = |syscall: i64, args: [u64; 6]| bpf::interpret(program, nr(syscall), arch, args);
+    for (syscall, args, want) in network_answers() {
+        if with_args(syscall, args) != Some(want) {
+            wrong.push(syscall);
+        }
+    }
     if wrong.is_empty() {
         Ok(())
     } else {
@@ -446,6 +470,64 @@ fn check(filters: &[BpfProgram]) -> Result<(), SandboxError> {
             detail: format!("seccomp filter answers syscalls {wrong:?} wrongly"),
         })
     }
+}
+
+/// Socket calls with the answer the filter must give: plain TCP allowed, whatever its flags;
+/// MPTCP, SCTP, raw and packet sockets, and MSG_FASTOPEN sends refused.
+fn network_answers() -> Vec<(i64, [u64; 6], u32)> {
+    let allow = libc::SECCOMP_RET_ALLOW;
+    let eperm = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
+    let flags = (libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC) as u64;
+    let stream = libc::SOCK_STREAM as u64;
+    let socket = |family: i32, kind: u64, protocol: i32| {
+        (
+            libc::SYS_socket,
+            [family as u64, kind, protocol as u64, 0, 0, 0],
+        )
+    };
+    let mut out = Vec::new();
+    for family in [libc::AF_INET, libc::AF_INET6] {
+        for kind in [stream, stream | flags] {
+            for protocol in TCP_PROTOCOLS {
+                let (syscall, args) = socket(family, kind, protocol);
+                out.push((syscall, args, allow));
+            }
+            for protocol in [libc::IPPROTO_MPTCP, libc::IPPROTO_SCTP, libc::IPPROTO_UDP] {
+                let (syscall, args) = socket(family, kind, protocol);
+                out.push((syscall, args, eperm));
+            }
+        }
+        for (kind, protocol) in [
+            (libc::SOCK_RAW, libc::IPPROTO_TCP),
+            (libc::SOCK_DGRAM, 0),
+            (libc::SOCK_SEQPACKET, libc::IPPROTO_SCTP),
+        ] {
+            let (syscall, args) = socket(family, kind as u64, protocol);
+            out.push((syscall, args, eperm));
+        }
+        out.push((
+            libc::SYS_socketpair,
+            [family as u64, stream, 0, 0, 0, 0],
+            eperm,
+        ));
+    }
+    let (syscall, args) = socket(libc::AF_PACKET, libc::SOCK_RAW as u64, 0);
+    out.push((syscall, args, eperm));
+    let (syscall, args) = socket(libc::AF_UNIX, stream | flags, 0);
+    out.push((syscall, args, allow));
+    let fastopen = libc::MSG_FASTOPEN as u64;
+    for (syscall, flags_arg) in [
+        (libc::SYS_sendto, 3),
+        (libc::SYS_sendmsg, 2),
+        (libc::SYS_sendmmsg, 3),
+    ] {
+        let mut args = [0u64; 6];
+        args[flags_arg] = libc::MSG_NOSIGNAL as u64;
+        out.push((syscall, args, allow));
+        args[flags_arg] |= fastopen;
+        out.push((syscall, args, eperm));
+    }
+    out
 }
 
 /// The compiled filters, in the order they are installed. Built once per process.
@@ -643,6 +725,21 @@ mod tests {
             assert_eq!(
                 bpf::interpret(&ours, 0, 0x4000_0003, [0; 6]),
                 Some(libc::SECCOMP_RET_KILL_PROCESS)
+            );
+        }
+    }
+
+    #[test]
+    fn only_plain_tcp_and_no_fastopen_send_reach_the_network() {
+        let program = &filters().expect("filters compile")[0];
+        let arch = audit_arch();
+        let answers = network_answers();
+        assert!(answers.len() > 30);
+        for (syscall, args, want) in answers {
+            assert_eq!(
+                bpf::interpret(program, nr(syscall), arch, args),
+                Some(want),
+                "syscall {syscall} args {args:x?}"
             );
         }
     }

@@ -26,7 +26,7 @@ use std::sync::OnceLock;
 
 use seccompiler::BpfProgram;
 
-use crate::error::SandboxError;
+use crate::error::{PolicyError, SandboxError};
 use crate::sys::{LandlockRules, Namespaces, Rlimit, StepResult, Syscalls, TmpfsFlags};
 use crate::SandboxSpec;
 
@@ -83,6 +83,11 @@ pub(crate) enum RootOp {
         target: PathBuf,
         read_only: bool,
     },
+    /// A bind of a real path (no symlink in it), refused if one has appeared since.
+    BindExact {
+        source: PathBuf,
+        target: PathBuf,
+    },
     Tmpfs {
         target: PathBuf,
         data: String,
@@ -108,8 +113,10 @@ pub(crate) struct Plan {
     /// creating one.
     pub join_network_namespace: bool,
     pub cgroup_join_files: Vec<PathBuf>,
-    /// Host uid and gid that root inside maps to.
+    /// Host uid that root inside maps to.
     pub host_id: u32,
+    /// Host gid that root inside maps to.
+    pub host_gid: u32,
     pub staging_root: PathBuf,
     pub root_ops: Vec<RootOp>,
     pub rlimits: Vec<(Rlimit, u64)>,
@@ -151,6 +158,39 @@ fn host_proc() -> &'static HostProc {
     })
 }
 
+/// `path` with every symlink among its directories resolved; the last component is kept as
+/// it is (a symlink there is recreated, not followed).
+fn real_dirs(path: &Path) -> io::Result<PathBuf> {
+    match (path.parent(), path.file_name()) {
+        (Some(parent), Some(name)) => Ok(fs::canonicalize(parent)?.join(name)),
+        _ => Ok(path.to_path_buf()),
+    }
+}
+
+/// Whether the real path `real` is within what `tier` allows to read: beneath one of its
+/// preset paths, taken both as written with its directories resolved (`/lib` itself, a link)
+/// and fully resolved (`/lib` -> `/usr/lib`). Resolved once per process and tier.
+fn within_tier(tier: crate::policy::Tier, real: &Path) -> bool {
+    static ROOTS: OnceLock<Vec<(crate::policy::Tier, Vec<PathBuf>)>> = OnceLock::new();
+    let roots = ROOTS.get_or_init(|| {
+        crate::policy::Tier::ALL
+            .iter()
+            .map(|tier| {
+                let mut roots = Vec::new();
+                for base in tier.limits().readable_paths {
+                    roots.extend(real_dirs(&base).ok());
+                    roots.extend(fs::canonicalize(&base).ok());
+                }
+                (*tier, roots)
+            })
+            .collect()
+    });
+    roots
+        .iter()
+        .find(|(t, _)| *t == tier)
+        .is_some_and(|(_, roots)| roots.iter().any(|root| real.starts_with(root)))
+}
+
 fn under(root: &Path, path: &Path) -> PathBuf {
     root.join(path.strip_prefix("/").unwrap_or(path))
 }
@@ -159,7 +199,7 @@ impl Plan {
     pub(crate) fn build(
         spec: &SandboxSpec,
         cgroup_join_files: Vec<PathBuf>,
-        host_id: u32,
+        (host_id, host_gid): (u32, u32),
         staging_root: &Path,
         filters: &'static [BpfProgram],
     ) -> Result<Self, SandboxError> {
@@ -194,31 +234,55 @@ impl Plan {
             ));
         }
 
-        let mut readable = limits.readable_paths.clone();
-        readable.sort();
-        readable.dedup();
-        for path in &readable {
-            let meta = match fs::symlink_metadata(path) {
+        // Every readable path is resolved to its real path and checked against the tier there:
+        // a symlink among its directories (`/usr/lib/ssl/private` -> `/etc/ssl/private`)
+        // would otherwise bind what the tier never allows. What is bound is the real path,
+        // reached again without following any symlink (`RootOp::BindExact`), so a directory
+        // swapped for a symlink after this check fails the setup instead.
+        let mut readable = Vec::with_capacity(limits.readable_paths.len());
+        for path in &limits.readable_paths {
+            let bad_path = |source| SandboxError::BadPath {
+                what: "readable path",
+                path: path.clone(),
+                source,
+            };
+            let real = match real_dirs(path) {
+                Ok(real) => real,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(bad_path(e)),
+            };
+            let meta = match fs::symlink_metadata(&real) {
                 Ok(meta) => meta,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(source) => {
-                    return Err(SandboxError::BadPath {
-                        what: "readable path",
-                        path: path.clone(),
-                        source,
-                    })
-                }
+                Err(e) => return Err(bad_path(e)),
             };
-            let inside = under(root, path);
+            if !within_tier(limits.tier, &real) {
+                return Err(SandboxError::Policy(PolicyError::RealPathNotAllowed {
+                    tier: limits.tier,
+                    path: path.clone(),
+                    real,
+                }));
+            }
+            readable.push((real, meta));
+        }
+        // Sorted, a path lies right after the one it is beneath: bound once, through the
+        // outermost.
+        readable.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut bound: Vec<PathBuf> = Vec::new();
+        for (real, meta) in readable {
+            if bound.last().is_some_and(|b| real.starts_with(b)) {
+                continue;
+            }
+            let inside = under(root, &real);
             if let Some(parent) = inside.parent() {
                 ops.push(RootOp::Dir(parent.to_path_buf()));
             }
             if meta.file_type().is_symlink() {
-                // Debian's merged /usr: /bin -> usr/bin. Recreate the link; what it points to is
-                // bound on its own (or not at all).
-                let target = fs::read_link(path).map_err(|source| SandboxError::BadPath {
+                // Debian's merged /usr: /bin -> usr/bin. Recreate the link: it resolves inside
+                // the sandbox, to what is bound on its own (or to nothing).
+                let target = fs::read_link(&real).map_err(|source| SandboxError::BadPath {
                     what: "readable path",
-                    path: path.clone(),
+                    path: real.clone(),
                     source,
                 })?;
                 ops.push(RootOp::Symlink {
@@ -232,13 +296,26 @@ impl Plan {
             } else {
                 ops.push(RootOp::File(inside.clone(), b""));
             }
+            // Read-only with the whole root (`ReadOnlyTree`).
+            ops.push(RootOp::BindExact {
+                source: real.clone(),
+                target: inside,
+            });
+            landlock.read_exec.push(real.clone());
+            bound.push(real);
+        }
+
+        // Debian's alternatives (`/usr/bin/awk` -> `/etc/alternatives/awk` -> `/usr/bin/mawk`):
+        // the links whose real targets are bound, and only those, in a directory made once.
+        if let Some(view) = crate::alternatives::view(&bound) {
+            let inside = under(root, Path::new(crate::alternatives::ALTERNATIVES_DIR));
+            ops.push(RootOp::Dir(inside.clone()));
             ops.push(RootOp::Bind {
-                source: path.clone(),
+                source: view,
                 target: inside,
                 // Read-only with the whole root (`ReadOnlyTree`).
                 read_only: false,
             });
-            landlock.read_exec.push(path.clone());
         }
 
         let code_meta = fs::metadata(&spec.code_dir).map_err(|source| SandboxError::BadPath {
@@ -418,6 +495,7 @@ impl Plan {
             join_network_namespace: false,
             cgroup_join_files,
             host_id,
+            host_gid,
             staging_root: root.to_path_buf(),
             root_ops: ops,
             rlimits: vec![
@@ -453,12 +531,12 @@ pub(crate) fn supervisor(sys: &mut impl Syscalls, plan: &Plan) -> StepResult {
     if plan.join_network_namespace {
         sys.enter_network_namespace(plan.netns_fd())?;
     }
-    sys.set_host_ids(plan.host_id)?;
+    sys.set_host_ids(plan.host_id, plan.host_gid)?;
     // The cgroup namespace is the init's, made once it is in the cgroup.
     sys.unshare(Namespaces(plan.namespaces.0 & !Namespaces::CGROUP))?;
     // Credential changes clear the parent-death signal: arm it after the last of them.
     sys.set_parent_death_signal()?;
-    sys.write_own_id_maps(plan.host_id)?;
+    sys.write_own_id_maps(plan.host_id, plan.host_gid)?;
     sys.become_root()
 }
 
@@ -508,6 +586,7 @@ fn root_op(sys: &mut impl Syscalls, op: &RootOp) -> StepResult {
             target,
             read_only,
         } => sys.bind_mount(source, target, *read_only),
+        RootOp::BindExact { source, target } => sys.bind_mount_exact(source, target),
         RootOp::Tmpfs {
             target,
             data,
@@ -531,7 +610,7 @@ mod tests {
         Plan::build(
             &spec,
             vec![PathBuf::from("/cg/memory/x/tasks")],
-            100_007,
+            (100_007, 100_000),
             Path::new("/staging"),
             crate::seccomp::filters().expect("filters compile"),
         )
@@ -635,7 +714,7 @@ mod tests {
         let plan = Plan::build(
             &spec,
             Vec::new(),
-            100_007,
+            (100_007, 100_000),
             Path::new("/staging"),
             crate::seccomp::filters().expect("filters compile"),
         )
@@ -673,7 +752,7 @@ mod tests {
         let err = Plan::build(
             &spec,
             Vec::new(),
-            100_007,
+            (100_007, 100_000),
             Path::new("/staging"),
             crate::seccomp::filters().expect("filters compile"),
         )

@@ -53,8 +53,8 @@ impl Syscalls for RecordingSys {
     fn join_cgroup(&mut self, fd: i32, join_file: &Path) -> StepResult {
         self.record(format!("join_cgroup {fd} {}", join_file.display()))
     }
-    fn set_host_ids(&mut self, id: u32) -> StepResult {
-        self.record(format!("set_host_ids {id}"))
+    fn set_host_ids(&mut self, uid: u32, gid: u32) -> StepResult {
+        self.record(format!("set_host_ids {uid}:{gid}"))
     }
     fn enter_network_namespace(&mut self, fd: i32) -> StepResult {
         self.record(format!("setns_net {fd}"))
@@ -62,8 +62,8 @@ impl Syscalls for RecordingSys {
     fn unshare(&mut self, namespaces: Namespaces) -> StepResult {
         self.record(format!("unshare {:#x}", namespaces.0))
     }
-    fn write_own_id_maps(&mut self, id: u32) -> StepResult {
-        self.record(format!("id_maps {id}"))
+    fn write_own_id_maps(&mut self, uid: u32, gid: u32) -> StepResult {
+        self.record(format!("id_maps {uid}:{gid}"))
     }
     fn become_root(&mut self) -> StepResult {
         self.record("become_root".into())
@@ -95,6 +95,13 @@ impl Syscalls for RecordingSys {
     fn bind_mount(&mut self, source: &Path, target: &Path, read_only: bool) -> StepResult {
         self.record(format!(
             "bind {} {} ro={read_only}",
+            source.display(),
+            target.display()
+        ))
+    }
+    fn bind_mount_exact(&mut self, source: &Path, target: &Path) -> StepResult {
+        self.record(format!(
+            "bind {} {} exact",
             source.display(),
             target.display()
         ))

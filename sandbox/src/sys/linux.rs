@@ -239,15 +239,15 @@ impl Syscalls for RealSys {
         check(ret, "unshare", None)
     }
 
-    fn set_host_ids(&mut self, id: u32) -> StepResult {
+    fn set_host_ids(&mut self, uid: u32, gid: u32) -> StepResult {
         if self.shares_node_memory {
             self.turn = Some(IdMapTurn::take());
         }
-        check(raw_setresgid(id), "setresgid(host)", None)?;
-        check(raw_setresuid(id), "setresuid(host)", None)
+        check(raw_setresgid(gid), "setresgid(host)", None)?;
+        check(raw_setresuid(uid), "setresuid(host)", None)
     }
 
-    fn write_own_id_maps(&mut self, id: u32) -> StepResult {
+    fn write_own_id_maps(&mut self, uid: u32, gid: u32) -> StepResult {
         // Gaining capabilities in the new namespace made the process non-dumpable, which gives
         // its /proc files to the host's root; dumpable, they are ours to write.
         let set_dumpable = || {
@@ -258,8 +258,8 @@ impl Syscalls for RealSys {
         set_dumpable()?;
         for (file, contents) in [
             ("/proc/self/setgroups", "deny".to_string()),
-            ("/proc/self/uid_map", format!("0 {id} 1\n")),
-            ("/proc/self/gid_map", format!("0 {id} 1\n")),
+            ("/proc/self/uid_map", format!("0 {uid} 1\n")),
+            ("/proc/self/gid_map", format!("0 {gid} 1\n")),
         ] {
             let mut tries = 0;
             let opened = loop {
@@ -359,6 +359,44 @@ impl Syscalls for RealSys {
             check(ret, "remount bind read-only", Some(target))?;
         }
         Ok(())
+    }
+
+    fn bind_mount_exact(&mut self, source: &Path, target: &Path) -> StepResult {
+        let csource = cpath(source, "open bind source")?;
+        let ctarget = cpath(target, "bind mount")?;
+        // SAFETY: open_how is plain integers, for which all zeros is valid (and asks for
+        // nothing).
+        let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+        how.flags = (libc::O_PATH | libc::O_CLOEXEC) as u64;
+        how.resolve = libc::RESOLVE_NO_SYMLINKS;
+        // SAFETY: the path is NUL-terminated and `how` is a valid open_how whose size is
+        // passed; the returned fd is closed below.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                libc::AT_FDCWD,
+                csource.as_ptr(),
+                &how as *const libc::open_how,
+                std::mem::size_of::<libc::open_how>(),
+            )
+        };
+        if fd < 0 {
+            return Err(StepError::new("open bind source", Some(source), errno()));
+        }
+        let fd = fd as libc::c_int;
+        // The magic link names the object opened above, whatever the path names now.
+        let via = CString::new(format!("/proc/self/fd/{fd}")).expect("no NUL in a number");
+        let ret = mount(
+            Some(&via),
+            &ctarget,
+            None,
+            libc::MS_BIND | libc::MS_REC,
+            None,
+        );
+        let result = check(ret, "bind mount", Some(source));
+        // SAFETY: fd was opened above and is not used after this.
+        unsafe { libc::close(fd) };
+        result
     }
 
     fn mount_proc(&mut self, target: &Path, pid_only: bool) -> Result<bool, StepError> {
@@ -1367,4 +1405,53 @@ pub(crate) fn set_affinity(mask: &CpuMask) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A bind of a checked real path binds that object or nothing: once a directory on the way
+    /// is swapped for a symlink (as a race between the check and the bind would), the bind
+    /// fails instead of following it. Runs in a thread of its own mount namespace.
+    #[test]
+    fn an_exact_bind_refuses_a_path_that_gained_a_symlink() {
+        // SAFETY: geteuid takes no arguments.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipping: mounting needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let checked = dir.path().join("checked");
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::create_dir(&checked).expect("mkdir");
+        std::fs::create_dir(&elsewhere).expect("mkdir");
+        std::fs::write(checked.join("file"), "checked").expect("write");
+        std::fs::write(elsewhere.join("file"), "elsewhere").expect("write");
+        let target = dir.path().join("target");
+        std::fs::write(&target, "").expect("write");
+        let source = checked.join("file");
+        let result = std::thread::spawn(move || {
+            // SAFETY: unshare takes flags only; a mount namespace is per thread here.
+            let ret = unsafe { libc::unshare(libc::CLONE_NEWNS) };
+            assert_eq!(ret, 0, "unshare: {}", io::Error::last_os_error());
+            let mut sys = RealSys::new(None, false);
+            sys.make_mounts_private().expect("private");
+            sys.bind_mount_exact(&source, &target)
+                .expect("a real path binds");
+            let first = std::fs::read_to_string(&target).expect("read");
+            // The check saw `checked`; now it leads elsewhere.
+            std::fs::rename(&checked, checked.with_extension("old")).expect("rename");
+            std::os::unix::fs::symlink(&elsewhere, &checked).expect("symlink");
+            let second = sys.bind_mount_exact(&source, &target);
+            let now = std::fs::read_to_string(&target).expect("read");
+            (first, second, now)
+        })
+        .join()
+        .expect("thread");
+        assert_eq!(result.0, "checked");
+        let err = result.1.expect_err("a symlink on the way is refused");
+        assert_eq!(err.errno, libc::ELOOP);
+        assert_eq!(result.2, "checked", "nothing else was bound");
+    }
 }

@@ -98,14 +98,14 @@ pub(crate) trait Syscalls {
     /// Joins a cgroup by writing "0" into its join file `join_file`, open at `fd` (opened by
     /// the node as root), then closes it.
     fn join_cgroup(&mut self, fd: i32, join_file: &Path) -> StepResult;
-    /// Becomes the unprivileged host uid and gid `id` (while still in the host's namespace).
-    fn set_host_ids(&mut self, id: u32) -> StepResult;
+    /// Becomes the unprivileged host `uid` and `gid` (while still in the host's namespace).
+    fn set_host_ids(&mut self, uid: u32, gid: u32) -> StepResult;
     /// Joins the network namespace open at `fd` (one the node created ahead), then closes it.
     fn enter_network_namespace(&mut self, fd: i32) -> StepResult;
     fn unshare(&mut self, namespaces: Namespaces) -> StepResult;
-    /// Maps root of the new user namespace to the host id `id` (its own ids, which an
+    /// Maps root of the new user namespace to the host `uid` and `gid` (its own ids, which an
     /// unprivileged process may map for itself) with `setgroups` denied.
-    fn write_own_id_maps(&mut self, id: u32) -> StepResult;
+    fn write_own_id_maps(&mut self, uid: u32, gid: u32) -> StepResult;
     /// Takes uid and gid 0 of the new user namespace (the mapped unprivileged host ids).
     fn become_root(&mut self) -> StepResult;
 
@@ -116,6 +116,10 @@ pub(crate) trait Syscalls {
     fn make_file(&mut self, path: &Path, contents: &[u8]) -> StepResult;
     fn make_symlink(&mut self, target: &Path, link: &Path) -> StepResult;
     fn bind_mount(&mut self, source: &Path, target: &Path, read_only: bool) -> StepResult;
+    /// Binds `source`, which must be reached without following any symlink (`openat2` with
+    /// `RESOLVE_NO_SYMLINKS`), at `target`: the object bound is the one whose real path was
+    /// checked, even if a directory on the way was replaced by a symlink since.
+    fn bind_mount_exact(&mut self, source: &Path, target: &Path) -> StepResult;
     /// Mounts a fresh `/proc`; with `pid_only`, `subset=pid` if the kernel knows it (≥ 5.8).
     /// Returns whether the mount holds only the process directories.
     fn mount_proc(&mut self, target: &Path, pid_only: bool) -> Result<bool, StepError>;

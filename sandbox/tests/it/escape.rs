@@ -65,6 +65,30 @@ attempt("bind_port", lambda: socket.socket().bind(("127.0.0.1", 0)))
 attempt("bind_any", lambda: socket.socket().bind(("0.0.0.0", 8080)))
 attempt("udp_socket", lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close())
 attempt("netlink_socket", lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0).close())
+forbidden = ("127.0.0.1", int(os.environ["FORBIDDEN_PORT"]))
+def via(family, kind, proto, action):
+    s = socket.socket(family, kind, proto)
+    try:
+        s.settimeout(3)
+        action(s)
+    finally:
+        s.close()
+MPTCP = 262
+SOCK_FLAGS = socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+attempt("mptcp_connect", lambda: via(socket.AF_INET, socket.SOCK_STREAM, MPTCP, lambda s: s.connect(forbidden)))
+attempt("mptcp6_socket", lambda: via(socket.AF_INET6, socket.SOCK_STREAM, MPTCP, lambda s: None))
+attempt("mptcp_flags_socket", lambda: via(socket.AF_INET, socket.SOCK_STREAM | SOCK_FLAGS, MPTCP, lambda s: None))
+attempt("mptcp_listen", lambda: via(socket.AF_INET, socket.SOCK_STREAM, MPTCP, lambda s: (s.bind(("127.0.0.1", 0)), s.listen())))
+attempt("sctp_stream_socket", lambda: via(socket.AF_INET, socket.SOCK_STREAM, 132, lambda s: None))
+attempt("sctp_seqpacket_socket", lambda: via(socket.AF_INET, socket.SOCK_SEQPACKET, 132, lambda s: None))
+attempt("raw_socket", lambda: via(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP, lambda s: None))
+attempt("packet_socket", lambda: via(17, socket.SOCK_RAW, 0, lambda s: None))
+attempt("inet_socketpair", lambda: [s.close() for s in socket.socketpair(socket.AF_INET, socket.SOCK_STREAM)] and None)
+attempt("tcp_explicit_socket", lambda: via(socket.AF_INET6, socket.SOCK_STREAM | SOCK_FLAGS, socket.IPPROTO_TCP, lambda s: None))
+attempt("unix_socketpair", lambda: [s.close() for s in socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)] and None)
+attempt("fastopen_sendto", lambda: via(socket.AF_INET, socket.SOCK_STREAM, 0, lambda s: s.sendto(b"x", socket.MSG_FASTOPEN, forbidden) and None))
+attempt("fastopen_sendmsg", lambda: via(socket.AF_INET, socket.SOCK_STREAM, 0, lambda s: s.sendmsg([b"x"], [], socket.MSG_FASTOPEN, forbidden) and None))
+attempt("fastopen_connect_option", lambda: via(socket.AF_INET, socket.SOCK_STREAM, 0, lambda s: (s.setsockopt(socket.IPPROTO_TCP, 30, 1), s.connect(forbidden))))
 status = dict(l.split(":\t", 1) for l in open("/proc/self/status").read().splitlines() if ":\t" in l)
 out["cap_eff"] = status["CapEff"].strip()
 out["cap_bnd"] = status["CapBnd"].strip()
@@ -137,6 +161,25 @@ fn expected(tier: Tier) -> BTreeMap<&'static str, &'static str> {
         // seccomp: IPv4/IPv6 sockets must be TCP; netlink is not allowed at all.
         ("udp_socket", "EPERM"),
         ("netlink_socket", "EPERM"),
+        // seccomp: a stream socket of IPv4/IPv6 must be plain TCP (protocol 0 or
+        // IPPROTO_TCP), whatever its flags: Landlock's port rules cover only TCP, so MPTCP
+        // (which would connect to and listen on any port) and SCTP are refused at creation.
+        ("mptcp_connect", "EPERM"),
+        ("mptcp6_socket", "EPERM"),
+        ("mptcp_flags_socket", "EPERM"),
+        ("mptcp_listen", "EPERM"),
+        ("sctp_stream_socket", "EPERM"),
+        ("sctp_seqpacket_socket", "EPERM"),
+        ("raw_socket", "EPERM"),
+        ("packet_socket", "EPERM"),
+        ("inet_socketpair", "EPERM"),
+        ("tcp_explicit_socket", "OK"),
+        ("unix_socketpair", "OK"),
+        // seccomp: MSG_FASTOPEN on sendto/sendmsg (a connect without connect()) is refused;
+        // a connect after TCP_FASTOPEN_CONNECT is still a connect, refused by Landlock.
+        ("fastopen_sendto", "EPERM"),
+        ("fastopen_sendmsg", "EPERM"),
+        ("fastopen_connect_option", "EACCES"),
         ("cap_eff", "0000000000000000"),
         ("cap_bnd", "0000000000000000"),
         ("no_new_privs", "1"),
@@ -197,16 +240,124 @@ fn the_host_uid_outside_is_unprivileged() {
     let spec = spec(Tier::Untrusted, code.path(), "");
     let out = py(
         &spec,
-        "print(open('/proc/self/uid_map').read().split())",
+        "print(open('/proc/self/uid_map').read().split())\n\
+         print(open('/proc/self/gid_map').read().split())",
         b"",
     );
     let stdout = text(&out.stdout);
-    // ['0', '<host uid>', '1']: root inside is one unprivileged uid outside.
-    let host: u32 = stdout
-        .split('\'')
-        .nth(3)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("uid_map: {stdout}"));
-    assert!(host >= skiff_sandbox::HOST_ID_BASE, "{stdout}");
-    assert!(stdout.contains("'1'"), "{stdout}");
+    let range = skiff_sandbox::host_id_range();
+    let mut lines = stdout.lines();
+    for want in [range.uids(), range.group()..range.group() + 1] {
+        // ['0', '<host id>', '1']: root inside is one unprivileged id outside, in the range.
+        let line = lines.next().unwrap_or_else(|| panic!("maps: {stdout}"));
+        let host: u32 = line
+            .split('\'')
+            .nth(3)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("map: {stdout}"));
+        assert!(want.contains(&host), "{host} not in {want:?}: {stdout}");
+        assert!(line.contains("'1'"), "{stdout}");
+    }
+}
+
+/// Links under `/usr/lib` (a prefix every tier may read) that lead out of it, removed on drop.
+struct UsrTrap {
+    dir: std::path::PathBuf,
+}
+
+impl UsrTrap {
+    /// `mid` -> `outside` (absolute), `rel` -> `outside` (relative), `end` -> `outside`,
+    /// `inside` -> `/usr/share/common-licenses` (stays within the tier).
+    fn new(outside: &std::path::Path) -> Self {
+        use std::os::unix::fs::symlink;
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir =
+            std::path::PathBuf::from(format!("/usr/lib/skiff-escape-{}-{n}", std::process::id()));
+        std::fs::create_dir(&dir).expect("mkdir under /usr/lib");
+        let trap = Self { dir };
+        symlink(outside, trap.dir.join("mid")).expect("symlink");
+        let up = "../".repeat(trap.dir.components().count() - 1);
+        let relative = format!(
+            "{up}{}",
+            outside.display().to_string().trim_start_matches('/')
+        );
+        symlink(relative, trap.dir.join("rel")).expect("symlink");
+        symlink(outside, trap.dir.join("end")).expect("symlink");
+        symlink("/usr/share/common-licenses", trap.dir.join("inside")).expect("symlink");
+        trap
+    }
+
+    fn path(&self, rest: &str) -> String {
+        self.dir.join(rest).display().to_string()
+    }
+}
+
+impl Drop for UsrTrap {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A policy with just enough of `/usr` for `cat`, plus `extra`; no path holds `/usr/lib` whole.
+fn cat_policy(extra: &str) -> String {
+    format!(
+        "readable_paths = [\"/usr/bin\", \"/usr/lib/x86_64-linux-gnu\", \"/usr/lib64\", \
+         \"/usr/lib/aarch64-linux-gnu\", \"/lib\", \"/lib64\", \"/bin\", \"/etc/ld.so.cache\", \
+         \"{extra}\"]"
+    )
+}
+
+#[test]
+fn a_readable_path_is_checked_and_bound_at_its_real_path() {
+    if !can_sandbox() {
+        return;
+    }
+    // Readable by anyone but outside every tier's paths: only the check keeps it out.
+    let outside = code_dir(&[("secret.txt", "top secret\n")]);
+    let trap = UsrTrap::new(outside.path());
+    let code = code_dir(&[]);
+    for tier in Tier::ALL {
+        // A symlink among the directories, absolute or relative: refused at the start, naming
+        // the path and where it leads.
+        for via in ["mid", "rel"] {
+            let path = trap.path(&format!("{via}/secret.txt"));
+            let sandbox = spec(tier, code.path(), &cat_policy(&path));
+            let argv = crate::argv(&["/bin/cat", &path]);
+            match skiff_sandbox::run_blocking(&sandbox, &argv, b"") {
+                Err(e @ skiff_sandbox::SandboxError::Policy(_)) => {
+                    let message = format!("{e}: {}", std::error::Error::source(&e).expect("why"));
+                    assert!(message.contains(&path), "{tier}: {message}");
+                    assert!(
+                        message.contains(&outside.path().display().to_string()),
+                        "{tier}: {message}"
+                    );
+                }
+                other => panic!("{tier}: {via}: the secret was reachable: {other:?}"),
+            }
+        }
+        // A symlink as the last component is recreated, and leads nowhere inside.
+        let path = trap.path("end");
+        let sandbox = spec(tier, code.path(), &cat_policy(&path));
+        let out = crate::sh(&sandbox, &format!("cat {path}/secret.txt"), b"");
+        assert!(out.stdout.is_empty(), "{tier}: {}", text(&out.stdout));
+        assert!(
+            text(&out.stderr).contains("No such file"),
+            "{tier}: {}",
+            text(&out.stderr)
+        );
+        // A symlink that stays within the tier: bound at the real path.
+        let path = trap.path("inside/GPL-3");
+        let sandbox = spec(tier, code.path(), &cat_policy(&path));
+        let out = crate::sh(&sandbox, "head -c 42 /usr/share/common-licenses/GPL-3", b"");
+        let want = std::fs::read("/usr/share/common-licenses/GPL-3").expect("host file");
+        assert_eq!(out.stdout, want[..42], "{tier}: {}", text(&out.stderr));
+    }
+    // `..` after a symlink never gets this far.
+    let policy = skiff_sandbox::Policy::from_toml(&format!(
+        "readable_paths = [\"{}\"]",
+        trap.path("mid/../../../etc")
+    ))
+    .expect("parses");
+    assert!(policy.resolve(Tier::Untrusted).is_err());
 }

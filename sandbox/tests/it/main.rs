@@ -896,3 +896,42 @@ fn one_shot_runs_leave_nothing_in_the_node_heap() {
         "heap in use grew from {before} to {after} bytes over {runs} one-shot runs"
     );
 }
+
+#[test]
+fn alternatives_work_at_every_tier_and_only_within_its_paths() {
+    if !can_sandbox() {
+        return;
+    }
+    if std::fs::canonicalize("/etc/alternatives/awk").is_err() {
+        eprintln!("skipping: this host has no awk alternative");
+        return;
+    }
+    let code = code_dir(&[]);
+    let dangling = "for f in /etc/alternatives/*; do \
+                    if [ -L \"$f\" ] && [ ! -e \"$f\" ]; then echo \"dangling $f\"; fi; done; \
+                    [ -e /etc/alternatives/awk ] && echo awk-linked; echo done";
+    for tier in Tier::ALL {
+        let spec = spec(tier, code.path(), "");
+        let out = sh(&spec, "awk 'BEGIN { print 6 * 7 }'", b"");
+        assert_eq!(text(&out.stdout), "42\n", "{tier}: {}", text(&out.stderr));
+        assert_eq!(out.status, ExitStatus::Exited(0));
+        // Every link there leads to something the sandbox has.
+        let out = sh(&spec, dangling, b"");
+        assert_eq!(
+            text(&out.stdout),
+            "awk-linked\ndone\n",
+            "{tier}: {}",
+            text(&out.stderr)
+        );
+    }
+    // Narrowed so that awk's target is not readable: no link to it, none dangling.
+    let spec = spec(
+        Tier::Untrusted,
+        code.path(),
+        "readable_paths = [\"/usr/bin/dash\", \"/usr/lib/x86_64-linux-gnu\", \"/usr/lib64\", \
+         \"/usr/lib/aarch64-linux-gnu\", \"/lib\", \"/lib64\", \"/bin\", \"/etc/ld.so.cache\"]",
+    );
+    let out =
+        run_blocking(&spec, &argv(&["/usr/bin/dash", "-c", dangling]), b"").expect("sandbox runs");
+    assert_eq!(text(&out.stdout), "done\n", "{}", text(&out.stderr));
+}
