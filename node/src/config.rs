@@ -42,6 +42,21 @@ pub struct NodeConfig {
     /// its own proxy this way.
     #[serde(default)]
     pub dial_overrides: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub sandbox: SandboxSettings,
+}
+
+/// How this node's sandboxes sit on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxSettings {
+    /// Host uids and gids sandboxes run as, `"START:COUNT"`: the first is the group of every
+    /// sandbox (the one that may reach the data sockets), each sandbox takes a uid from the
+    /// rest. No entry of `/etc/subuid`, `/etc/subgid`, `/etc/passwd` or `/etc/group` may fall
+    /// in it (checked at start): a local user delegated one of these ids could signal, trace
+    /// or read what a sandbox owns. The default, `1879048192:65536` (0x70000000), lies above
+    /// the ranges `useradd` and systemd hand out.
+    pub host_ids: skiff_sandbox::HostIdRange,
 }
 
 /// Transport security (see `skiff_client::tls`). With the three files every connection to the
@@ -253,6 +268,8 @@ struct FileConfig {
     tls: TlsSettings,
     #[serde(default)]
     dial_overrides: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    sandbox: SandboxSettings,
 }
 
 /// Largest config file read, in bytes.
@@ -310,6 +327,7 @@ impl NodeConfig {
                     .unwrap_or(file.tls.allow_plaintext_clients),
             },
             dial_overrides: file.dial_overrides,
+            sandbox: file.sandbox,
         };
         config.validate()?;
         Ok(config)
@@ -489,6 +507,7 @@ impl NodeConfig {
             worker: WorkerSettings::default(),
             tls: TlsSettings::default(),
             dial_overrides: Default::default(),
+            sandbox: SandboxSettings::default(),
         };
         let body = toml::to_string_pretty(&example).expect("the default config serializes");
         format!(

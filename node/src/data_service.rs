@@ -418,10 +418,13 @@ impl Drop for DataSocket {
 /// returned [`DataSocket`] is dropped. Must be called inside a tokio runtime.
 ///
 /// A socket file left at `path` by an earlier run is removed; any other kind of file there is
-/// an error. The socket is made mode 0666 because the sandbox's root maps to an unprivileged
-/// host uid, which must be able to connect: the access control is the grant, not the file
-/// mode. For the same reason every directory above `path` must be traversable (`o+x`) by that
-/// uid, or the sandbox cannot reach the socket.
+/// an error. Only sandboxes may connect: the socket is `root:G` mode 0660 and the directory
+/// holding it (which must hold data sockets only) `root:G` mode 0710, where G is the group
+/// every sandbox runs as (`skiff_sandbox::host_id_range().group()`), an id no local account
+/// has. A local user can neither reach the socket nor connect to it; a sandbox, whatever its
+/// uid, connects through its group. Every directory above the socket's must be traversable
+/// (`o+x`) by the sandbox's uid. Run by a user other than root (tests), the socket and its
+/// directory keep their owner and group: only that user connects.
 pub async fn bind(
     path: &Path,
     access: DataAccess,
@@ -449,10 +452,10 @@ pub async fn bind(
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(context("inspect", e)),
     }
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    restrict_to_sandboxes(dir, 0o710).map_err(|e| context("restrict the directory of", e))?;
     let listener = UnixListener::bind(path).map_err(|e| context("bind", e))?;
-    tokio::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
-        .await
-        .map_err(|e| context("set the mode of", e))?;
+    restrict_to_sandboxes(path, 0o660).map_err(|e| context("restrict", e))?;
     let access_log = Arc::new(AccessLog::new(ACCESS_RECORDS_MAX));
     let service = Arc::new(Service {
         access,
@@ -465,6 +468,15 @@ pub async fn bind(
         access_log,
         task,
     })
+}
+
+/// Gives `path` to root and the sandboxes' group (when run as root) with `mode`.
+fn restrict_to_sandboxes(path: &Path, mode: u32) -> io::Result<()> {
+    if nix::unistd::geteuid().is_root() {
+        let group = skiff_sandbox::host_id_range().group();
+        std::os::unix::fs::chown(path, Some(0), Some(group))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
 
 async fn accept_loop(listener: UnixListener, service: Arc<Service>) {
@@ -1388,7 +1400,16 @@ mod tests {
             .expect("socket")
             .permissions()
             .mode();
-        assert_eq!(mode & 0o777, 0o666);
+        assert_eq!(mode & 0o777, 0o660);
+        let dir_meta = std::fs::metadata(dir.path()).expect("directory");
+        assert_eq!(dir_meta.permissions().mode() & 0o777, 0o710);
+        if nix::unistd::geteuid().is_root() {
+            use std::os::unix::fs::MetadataExt;
+            let group = skiff_sandbox::host_id_range().group();
+            let meta = std::fs::metadata(&path).expect("socket");
+            assert_eq!((meta.uid(), meta.gid()), (0, group));
+            assert_eq!((dir_meta.uid(), dir_meta.gid()), (0, group));
+        }
         drop(socket);
         assert!(!path.exists());
 

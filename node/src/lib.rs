@@ -66,6 +66,8 @@ pub enum NodeError {
     Raft(String),
     #[error("dev cluster: {0}")]
     Dev(String),
+    #[error(transparent)]
+    HostIds(#[from] skiff_sandbox::HostIdError),
     #[error("TLS: {0}")]
     Tls(#[from] skiff_client::tls::TlsError),
 }

@@ -170,6 +170,11 @@ fn core_died(why: String) -> NodeError {
 
 /// Opens the store and starts Raft, without serving.
 pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
+    if config.worker.enabled {
+        // Before anything else: a range a local user may own or delegate is refused.
+        config.sandbox.host_ids.check_host()?;
+        skiff_sandbox::set_host_id_range(config.sandbox.host_ids);
+    }
     std::fs::create_dir_all(&config.data_dir).map_err(|source| NodeError::DataDir {
         path: config.data_dir.clone(),
         source,

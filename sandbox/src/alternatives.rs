@@ -47,6 +47,8 @@ struct Cache {
     made: usize,
     /// Whether views of dead node processes were removed.
     swept: bool,
+    /// Whether reaching [`VIEWS_MAX`] was logged.
+    warned: bool,
 }
 
 /// The view for a sandbox that binds `bound` (real paths), made on first use; `None` when the
@@ -72,10 +74,14 @@ pub(crate) fn view(bound: &[PathBuf]) -> Option<PathBuf> {
     let view = if kept.is_empty() {
         None
     } else if cache.made >= VIEWS_MAX {
-        tracing::warn!(
-            views = VIEWS_MAX,
-            "too many alternatives views; this sandbox goes without /etc/alternatives"
-        );
+        if !cache.warned {
+            cache.warned = true;
+            tracing::warn!(
+                views = VIEWS_MAX,
+                "too many alternatives views; sandboxes with other readable paths go without \
+                 /etc/alternatives"
+            );
+        }
         return None;
     } else {
         if !cache.swept {
