@@ -31,6 +31,11 @@ pub use skiff_raft_store::tokens::{Role, TokenId, TokenInfo};
 /// request or response; values are at most 1 MiB, so 8 MiB leaves room for a page of a listing.
 pub const CLIENT_FRAME_BYTES_MAX: usize = 8 * 1024 * 1024;
 
+/// Most members one `cluster_init` may list. A cluster starts with its 3 or 5 voters; more
+/// join with `cluster add-node`. The bound keeps what a caller without a token can make a
+/// fresh node dial small.
+pub const INIT_MEMBERS_MAX: usize = 9;
+
 /// The service every node exposes to clients.
 #[tarpc::service]
 pub trait ClientApi {

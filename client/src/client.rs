@@ -402,6 +402,14 @@ impl Client {
         for addr in members.values() {
             transport::parse_endpoint(addr).map_err(ClientError::InvalidEndpoint)?;
         }
+        if members.len() > crate::api::INIT_MEMBERS_MAX {
+            return Err(InvalidCommand::Other(format!(
+                "{} members; a cluster starts with at most {} (add more with `cluster add-node`)",
+                members.len(),
+                crate::api::INIT_MEMBERS_MAX
+            ))
+            .into());
+        }
         let secret = new_token_secret();
         let token = self
             .call(|c, ctx| {

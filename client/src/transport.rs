@@ -51,6 +51,15 @@ impl Service {
 
 /// How long a TCP connect may take before the endpoint counts as unreachable.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a whole dial may take: name resolution, connect, TLS handshake and preamble. An
+/// endpoint that accepts TCP and never answers costs its caller this much, no more.
+pub const DIAL_TIMEOUT: Duration = Duration::from_secs(4);
+/// How long resolving a host name may take.
+pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Most host name resolutions in progress at once in this process. The system resolver
+/// blocks, so each runs on a blocking thread; a resolver that hangs holds these, not the
+/// runtime's threads, and further dials by name wait (within their dial time) for a free one.
+pub const RESOLVES_IN_FLIGHT_MAX: usize = 8;
 
 /// Wraps a byte stream into a bincode tarpc transport whose frames are at most
 /// `frame_bytes_max` long in either direction.
@@ -140,11 +149,26 @@ where
 }
 
 /// Opens a connection to `addr` (TLS when `tls` is given, checking the node's certificate
-/// names the host dialed) and announces `service`.
+/// names the host dialed) and announces `service`, all within [`DIAL_TIMEOUT`].
 async fn dial(addr: &str, service: Service, tls: Option<&TlsConnector>) -> std::io::Result<Conn> {
+    tokio::time::timeout(DIAL_TIMEOUT, dial_unbounded(addr, service, tls))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("dialing {addr} did not finish within {DIAL_TIMEOUT:?}"),
+            )
+        })?
+}
+
+async fn dial_unbounded(
+    addr: &str,
+    service: Service,
+    tls: Option<&TlsConnector>,
+) -> std::io::Result<Conn> {
     let (host, _) = parse_endpoint(addr)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    let sock = resolve(addr)?;
+    let sock = resolve(addr).await?;
     let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(sock))
         .await
         .map_err(|_| {
@@ -221,11 +245,40 @@ pub async fn read_token<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Opti
     Ok(Some(String::from_utf8_lossy(&token).into_owned()))
 }
 
-/// Parses `host:port` into a socket address, with a clear error for anything else.
-pub fn resolve(addr: &str) -> std::io::Result<SocketAddr> {
-    use std::net::ToSocketAddrs;
-    parse_endpoint(addr).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-    addr.to_socket_addrs()?.next().ok_or_else(|| {
+/// Resolves `host:port` into a socket address, with a clear error for anything else. An IP
+/// address is parsed here; a name goes to the system resolver on a blocking thread (never a
+/// runtime thread), at most [`RESOLVES_IN_FLIGHT_MAX`] at once and for [`RESOLVE_TIMEOUT`].
+pub async fn resolve(addr: &str) -> std::io::Result<SocketAddr> {
+    static RESOLVES: tokio::sync::Semaphore =
+        tokio::sync::Semaphore::const_new(RESOLVES_IN_FLIGHT_MAX);
+    let (host, port) = parse_endpoint(addr)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return Ok(SocketAddr::new(ip, port));
+    }
+    let timed_out = || {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("resolving {addr:?} did not finish within {RESOLVE_TIMEOUT:?}"),
+        )
+    };
+    let deadline = tokio::time::Instant::now() + RESOLVE_TIMEOUT;
+    let permit = tokio::time::timeout_at(deadline, RESOLVES.acquire())
+        .await
+        .map_err(|_| timed_out())?
+        .map_err(|_| std::io::Error::other("the resolver limit is closed"))?;
+    let name = addr.to_string();
+    // The permit goes with the lookup: a lookup given up on still holds it until the
+    // resolver returns, so hung lookups cannot pile up blocking threads.
+    let lookup = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        std::net::ToSocketAddrs::to_socket_addrs(&name).map(|mut found| found.next())
+    });
+    let found = tokio::time::timeout_at(deadline, lookup)
+        .await
+        .map_err(|_| timed_out())?
+        .map_err(std::io::Error::other)??;
+    found.ok_or_else(|| {
         std::io::Error::new(
             std::io::ErrorKind::NotFound,
             format!("endpoint {addr:?} resolves to no address"),
@@ -292,6 +345,20 @@ mod tests {
         assert!(read_token(&mut over.as_slice()).await.is_err());
         // A cut-off handshake is an error, not a shorter token.
         assert!(read_token(&mut [5u8, b'a'].as_slice()).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn addresses_are_parsed_and_names_resolved_off_the_runtime() {
+        // An IP address never reaches the resolver.
+        let a = resolve("127.0.0.1:7001").await.expect("ipv4");
+        assert_eq!(a, "127.0.0.1:7001".parse().expect("addr"));
+        let a = resolve("[::1]:7001").await.expect("ipv6");
+        assert_eq!(a, "[::1]:7001".parse().expect("addr"));
+        // A name is resolved on a blocking thread (this runtime has one thread only).
+        let a = resolve("localhost:7001").await.expect("localhost");
+        assert_eq!(a.port(), 7001);
+        assert!(a.ip().is_loopback());
+        assert!(resolve("no-port").await.is_err());
     }
 
     #[test]

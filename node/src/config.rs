@@ -131,6 +131,13 @@ pub struct Limits {
     pub peer_frame_bytes_max: usize,
     /// Most open client and peer connections.
     pub connections_max: usize,
+    /// Most open connections from one source IP address, counted from accept until the
+    /// connection closes; a peer that proves itself with a node certificate leaves the count,
+    /// so that one address (a stranger's) cannot take every slot of `connections_max`.
+    pub connections_per_address_max: usize,
+    /// A client connection with no request in progress for this long is closed (one waiting
+    /// for a long request, a sync invocation say, is not idle). Peer connections are exempt.
+    pub client_idle_timeout_ms: u64,
     /// Most requests one connection may have in progress at once.
     pub requests_per_connection_max: usize,
     /// Most client commands waiting to be batched into the log; past it writes are refused
@@ -151,6 +158,8 @@ impl Default for Limits {
             client_frame_bytes_max: skiff_client::api::CLIENT_FRAME_BYTES_MAX,
             peer_frame_bytes_max: 64 * 1024 * 1024,
             connections_max: 4096,
+            connections_per_address_max: 256,
+            client_idle_timeout_ms: 300_000,
             requests_per_connection_max: 1024,
             write_queue_max: 65_536,
             // Measured on a 3-node loopback cluster (docs/benchmarks.md, "Replicated writes"):
@@ -470,6 +479,19 @@ impl NodeConfig {
             if v == 0 {
                 return Err(invalid(field, "must be positive"));
             }
+        }
+        if l.connections_per_address_max == 0 || l.connections_per_address_max > l.connections_max {
+            return Err(invalid(
+                "limits.connections_per_address_max",
+                "must be between 1 and limits.connections_max",
+            ));
+        }
+        // Below a second, a client between two calls of one command would be cut off.
+        if l.client_idle_timeout_ms < 1000 {
+            return Err(invalid(
+                "limits.client_idle_timeout_ms",
+                "must be at least 1000",
+            ));
         }
         let value_max = skiff_raft_store::model::VALUE_BYTES_MAX;
         if l.client_frame_bytes_max < 2 * value_max {

@@ -3,6 +3,8 @@
 //!
 //! # Layout
 //! - [`config`]: the TOML configuration, flag overrides and validation;
+//! - [`connections`]: admission of connections (in total and per source address) and the
+//!   idle clock of client connections;
 //! - [`server`]: [`server::run`] starts a node and serves clients and peers on one port until
 //!   its shutdown future resolves (binaries and tests call it the same way);
 //! - [`auth`]: client sessions: the token a connection presented, checked with its role on
@@ -32,6 +34,7 @@ pub mod backup;
 pub mod batcher;
 pub mod certs;
 pub mod config;
+pub mod connections;
 pub mod data_service;
 pub mod dev;
 pub mod handover;

@@ -3,7 +3,8 @@
 //! Counters and histograms are updated where the work happens (the batcher, the request
 //! handlers); Raft gauges are read from openraft's metrics at scrape time, so they are never
 //! stale. The HTTP side answers `GET /metrics` only, reads at most `REQUEST_BYTES_MAX` bytes of a
-//! request, and closes every connection after one answer.
+//! request, closes every connection after one answer, and bounds the connections it holds (in
+//! number, per address, and in time: see [`serve`]).
 
 use std::time::Duration;
 
@@ -17,10 +18,18 @@ use skiff_raft_store::types::Raft;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+use crate::connections::Admission;
+
 /// Largest HTTP request read from a scraper.
 const REQUEST_BYTES_MAX: usize = 8 * 1024;
 /// How long a scraper may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long writing one answer may take.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most open connections to the endpoint.
+pub const CONNECTIONS_MAX: usize = 32;
+/// Most open connections to the endpoint from one address.
+pub const CONNECTIONS_PER_ADDRESS_MAX: usize = 4;
 
 /// How a client write ended.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -296,15 +305,27 @@ impl Default for Metrics {
 }
 
 /// Serves `GET /metrics` on `listener` until the task is dropped.
+///
+/// Every connection is bounded: at most [`CONNECTIONS_MAX`] open (and
+/// [`CONNECTIONS_PER_ADDRESS_MAX`] from one address, so that a scraper from elsewhere still
+/// gets in), its request read within [`REQUEST_TIMEOUT`] and [`REQUEST_BYTES_MAX`], its answer
+/// written within [`WRITE_TIMEOUT`] (a client that never reads is dropped, and its buffer with
+/// it). A connection over a bound is closed at once.
 pub async fn serve(listener: TcpListener, render: impl Fn() -> String + Send + Sync + 'static) {
     let render = std::sync::Arc::new(render);
+    let admission = Admission::new(CONNECTIONS_MAX, CONNECTIONS_PER_ADDRESS_MAX);
     loop {
-        let Ok((mut stream, _)) = listener.accept().await else {
+        let Ok((mut stream, source)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(admitted) = admission.admit(source.ip()) else {
+            tracing::debug!(%source, "metrics connection refused: over its bound");
             continue;
         };
         let render = render.clone();
         tokio::spawn(async move {
+            let _admitted = admitted;
             let mut buf = vec![0u8; REQUEST_BYTES_MAX];
             let mut len = 0;
             let head_done = |b: &[u8]| b.windows(4).any(|w| w == b"\r\n\r\n");
@@ -332,8 +353,11 @@ pub async fn serve(listener: TcpListener, render: impl Fn() -> String + Send + S
                 "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
                     .to_string()
             };
-            let _ = stream.write_all(response.as_bytes()).await;
-            let _ = stream.shutdown().await;
+            let _ = tokio::time::timeout(WRITE_TIMEOUT, async {
+                stream.write_all(response.as_bytes()).await?;
+                stream.shutdown().await
+            })
+            .await;
         });
     }
 }

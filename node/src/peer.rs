@@ -190,12 +190,16 @@ pub async fn connect(
 }
 
 /// A cache of peer connections for forwarding and probes (Raft replication uses its own).
+///
+/// The map's lock is held only to find a peer's slot, never across a dial: a peer that does
+/// not answer delays the calls to that peer alone. Concurrent dials to one peer wait on its
+/// slot and share the one connection made; a dial is bounded by the transport's dial time.
 pub struct PeerPool {
     self_id: NodeId,
     frame_bytes_max: usize,
     overrides: Arc<HashMap<NodeId, String>>,
     tls: Option<TlsConnector>,
-    conns: Mutex<HashMap<NodeId, (String, PeerApiClient)>>,
+    conns: std::sync::Mutex<HashMap<NodeId, Arc<Mutex<Option<(String, PeerApiClient)>>>>>,
 }
 
 impl PeerPool {
@@ -210,11 +214,18 @@ impl PeerPool {
             frame_bytes_max,
             overrides,
             tls,
-            conns: Mutex::new(HashMap::new()),
+            conns: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
+    fn slot(&self, id: NodeId) -> Arc<Mutex<Option<(String, PeerApiClient)>>> {
+        let mut conns = self.conns.lock().expect("peer pool lock poisoned");
+        conns.entry(id).or_default().clone()
+    }
+
     /// A connection to node `id` at `addr`, reusing a cached one when the address matches.
+    /// Callers pass ids and addresses of the membership (or its leader), so the pool holds
+    /// at most one slot per member.
     pub async fn get(&self, id: NodeId, addr: &str) -> std::io::Result<PeerApiClient> {
         if id == self.self_id {
             return Err(std::io::Error::new(
@@ -223,20 +234,44 @@ impl PeerPool {
             ));
         }
         let addr = self.overrides.get(&id).map(String::as_str).unwrap_or(addr);
-        let mut conns = self.conns.lock().await;
-        if let Some((a, c)) = conns.get(&id) {
+        let slot = self.slot(id);
+        let mut slot = slot.lock().await;
+        if let Some((a, c)) = slot.as_ref() {
             if a == addr {
                 return Ok(c.clone());
             }
         }
         let c = connect(addr, self.frame_bytes_max, self.tls.as_ref()).await?;
-        conns.insert(id, (addr.to_string(), c.clone()));
+        *slot = Some((addr.to_string(), c.clone()));
         Ok(c)
+    }
+
+    /// A connection to node `id` at `addr` that the pool does not keep: for one-off probes
+    /// of addresses that are not (yet) the membership's.
+    pub async fn connect_unpooled(&self, id: NodeId, addr: &str) -> std::io::Result<PeerApiClient> {
+        if id == self.self_id {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "a node never dials itself",
+            ));
+        }
+        let addr = self.overrides.get(&id).map(String::as_str).unwrap_or(addr);
+        connect(addr, self.frame_bytes_max, self.tls.as_ref()).await
     }
 
     /// Forgets a connection that failed, so the next call dials again.
     pub async fn forget(&self, id: NodeId) {
-        self.conns.lock().await.remove(&id);
+        let slot = self
+            .conns
+            .lock()
+            .expect("peer pool lock poisoned")
+            .remove(&id);
+        if let Some(slot) = slot {
+            // A dial in progress on this slot finishes into the removed slot and is dropped.
+            if let Ok(mut s) = slot.try_lock() {
+                *s = None;
+            }
+        }
     }
 }
 

@@ -22,7 +22,7 @@ use skiff_client::api::{
     ApiError, BackupChunk, ClientApi, ClientCommand, ClusterStatus, Command, CommandResult,
     CreatedToken, FunctionRecord, FunctionVersion, InvokeRequest, KvEntry, KvPage, MemberRole,
     NodeId, NodeStatus, ReadConsistency, RequestId, Role, StreamId, StreamJob, StreamStartRequest,
-    Task, TaskFilter, TaskId, TokenId, TokenInfo, Workers,
+    Task, TaskFilter, TaskId, TokenId, TokenInfo, Workers, INIT_MEMBERS_MAX,
 };
 use skiff_client::transport::{self, Conn, Service, TlsAcceptor, TlsConnector};
 use skiff_raft_store::functions::validate_function_name;
@@ -34,11 +34,11 @@ use tarpc::context::Context;
 use tarpc::server::{BaseChannel, Channel};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 use crate::auth::Session;
 use crate::batcher::{self, Batcher};
 use crate::config::NodeConfig;
+use crate::connections::{Admission, Admitted, IdleClock};
 use crate::metrics::Metrics;
 use crate::peer::{
     self, AdminOp, AdminResult, Network, PeerApi, PeerPool, PeerRefusal, Probe, ReadOp, ReadResult,
@@ -56,6 +56,8 @@ const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 const INIT_BOOTSTRAP_WAIT: Duration = Duration::from_secs(10);
 /// How long a new connection may take to send its service byte (and a client its token).
 const PREAMBLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long `cluster init` on a fresh node may spend probing the other members, in all.
+const INIT_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// State shared by every request handler of one node.
 pub struct NodeInner {
@@ -264,7 +266,8 @@ pub async fn stop(node: Node) -> Result<(), NodeError> {
 }
 
 async fn accept_loop(node: Node, listener: TcpListener) -> Result<(), NodeError> {
-    let connections = Arc::new(Semaphore::new(node.0.config.limits.connections_max));
+    let limits = &node.0.config.limits;
+    let admission = Admission::new(limits.connections_max, limits.connections_per_address_max);
     loop {
         let (stream, peer_addr) = match listener.accept().await {
             Ok(x) => x,
@@ -275,16 +278,21 @@ async fn accept_loop(node: Node, listener: TcpListener) -> Result<(), NodeError>
                 continue;
             }
         };
-        let Ok(permit) = connections.clone().try_acquire_owned() else {
-            tracing::warn!(%peer_addr, "connection refused: connections_max reached");
-            continue;
+        let mut admitted = match admission.admit(peer_addr.ip()) {
+            Ok(a) => a,
+            Err(refused) => {
+                // Counted, and logged at debug only: a flood must not flood the log too.
+                node.0.metrics.rejected(refused.reason());
+                tracing::debug!(%peer_addr, %refused, "connection refused");
+                continue;
+            }
         };
         let node = node.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_connection(node, stream, peer_addr).await {
+            if let Err(e) = serve_connection(node, stream, peer_addr, &mut admitted).await {
                 tracing::debug!(%peer_addr, error = %e, "connection closed");
             }
-            drop(permit);
+            drop(admitted);
         });
     }
 }
@@ -293,6 +301,7 @@ async fn serve_connection(
     node: Node,
     tcp: tokio::net::TcpStream,
     peer_addr: std::net::SocketAddr,
+    admitted: &mut Admitted,
 ) -> std::io::Result<()> {
     tcp.set_nodelay(true)?;
     let mut stream = match &node.0.tls {
@@ -339,11 +348,28 @@ async fn serve_connection(
             };
             let t = transport::framed(stream, frame_bytes_max)
                 .inspect(count_bad_frames(metrics.clone()));
-            BaseChannel::with_defaults(t)
+            // A request in progress (a sync invocation, a long wait) keeps the connection
+            // open; no request for `client_idle_timeout_ms` closes it, so idle connections
+            // cannot hold slots of `connections_max` for ever.
+            let clock = Arc::new(IdleClock::default());
+            let serving = BaseChannel::with_defaults(t)
                 .max_concurrent_requests(per_conn)
                 .execute(ClientApi::serve(session))
-                .for_each_concurrent(per_conn, |fut| fut)
-                .await;
+                .for_each_concurrent(per_conn, |fut| {
+                    let busy = clock.busy();
+                    async move {
+                        fut.await;
+                        drop(busy);
+                    }
+                });
+            let idle = Duration::from_millis(limits.client_idle_timeout_ms);
+            tokio::select! {
+                () = serving => {}
+                () = clock.idle_for(idle) => {
+                    metrics.rejected("client_idle_timeout");
+                    tracing::debug!(%peer_addr, "idle client connection closed");
+                }
+            }
         }
         Some(Service::Peer) => {
             if node.0.tls.is_some() && !stream.peer_verified() {
@@ -354,6 +380,10 @@ async fn serve_connection(
                     std::io::ErrorKind::PermissionDenied,
                     "peer service without a node certificate",
                 ));
+            }
+            if stream.peer_verified() {
+                // A node of this cluster: it does not compete with its address's clients.
+                admitted.leave_address_count();
             }
             let t = transport::framed(stream, limits.peer_frame_bytes_max)
                 .inspect(count_bad_frames(metrics.clone()));
@@ -923,9 +953,14 @@ impl Node {
     }
 
     /// Initializes the cluster with `members` and makes `admin_secret` its first admin
-    /// token. On a cluster already initialized the bootstrap is still attempted: it succeeds
-    /// only for a retry of the call that made the first token (same secret) or on a cluster
-    /// initialized without one, and is refused otherwise.
+    /// token.
+    ///
+    /// A caller needs no token, so everything here is bounded before the node does any work
+    /// for it: an initialized node answers from its own state, without dialing anyone (it
+    /// succeeds only for a retry of the call that made the first token — same secret — or on
+    /// a cluster initialized without one); a fresh node takes at most [`INIT_MEMBERS_MAX`]
+    /// members and probes them at once, on connections of their own (never the peer pool's),
+    /// for at most [`INIT_PROBE_TIMEOUT`] in all.
     async fn init(
         &self,
         members: BTreeMap<NodeId, String>,
@@ -933,6 +968,23 @@ impl Node {
     ) -> Result<TokenInfo, ApiError> {
         validate_secret(admin_secret)
             .map_err(|e| ApiError::InvalidArgument(format!("admin token: {e}")))?;
+        let hash = token_hash(admin_secret);
+        let initialized = self
+            .0
+            .raft
+            .is_initialized()
+            .await
+            .map_err(|f| batcher::fatal_error(&f))?;
+        if initialized {
+            return self.bootstrap(hash, false).await;
+        }
+        if members.len() > INIT_MEMBERS_MAX {
+            return Err(ApiError::InvalidArgument(format!(
+                "{} members; a cluster starts with at most {INIT_MEMBERS_MAX} \
+                 (add more with `cluster add-node`)",
+                members.len()
+            )));
+        }
         if members.is_empty() {
             return Err(ApiError::InvalidArgument("no members given".into()));
         }
@@ -955,12 +1007,20 @@ impl Node {
             }
         }
         // Each other member must answer as the id it is listed under.
-        for (id, addr) in &members {
-            if *id == self.0.id {
-                continue;
-            }
-            match self.probe(*id, addr).await {
-                Some(p) if p.id == *id => {}
+        let deadline = tokio::time::Instant::now() + INIT_PROBE_TIMEOUT;
+        let others = members.iter().filter(|(id, _)| **id != self.0.id);
+        let probes = futures::future::join_all(others.map(|(id, addr)| async move {
+            let probe = tokio::time::timeout_at(deadline, async {
+                let c = self.0.peers.connect_unpooled(*id, addr).await.ok()?;
+                c.probe(peer::deadline(PROBE_TIMEOUT)).await.ok()
+            })
+            .await;
+            (*id, addr, probe.ok().flatten())
+        }))
+        .await;
+        for (id, addr, probe) in probes {
+            match probe {
+                Some(p) if p.id == id => {}
                 Some(p) => {
                     return Err(ApiError::InvalidArgument(format!(
                         "{addr} answers as node {}, not node {id}",
@@ -986,7 +1046,12 @@ impl Node {
             }
             Err(RaftError::Fatal(f)) => return Err(batcher::fatal_error(&f)),
         };
-        let hash = token_hash(admin_secret);
+        self.bootstrap(hash, fresh).await
+    }
+
+    /// Makes the first admin token (of hash `hash`) on a cluster just initialized (`fresh`)
+    /// or already initialized.
+    async fn bootstrap(&self, hash: String, fresh: bool) -> Result<TokenInfo, ApiError> {
         // An initialized cluster that already has other tokens refuses here, from this
         // node's applied state, so that a caller without a token cannot make log entries.
         // (A node behind on its log falls through; the log's answer is the same.)

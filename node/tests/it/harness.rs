@@ -59,6 +59,13 @@ pub fn free_ports(n: usize) -> Vec<u16> {
 impl TestCluster {
     /// Starts `n` nodes with `config` (TOML, may be empty) and initializes the cluster.
     pub async fn start(n: usize, config: &str) -> TestCluster {
+        let mut cluster = TestCluster::start_uninitialized(n, config);
+        cluster.init().await;
+        cluster
+    }
+
+    /// Starts `n` nodes with `config` and leaves them uninitialized (no token yet).
+    pub fn start_uninitialized(n: usize, config: &str) -> TestCluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("node.toml");
         std::fs::write(&config_path, config).expect("write config");
@@ -83,6 +90,12 @@ impl TestCluster {
             });
             cluster.spawn(i);
         }
+        cluster
+    }
+
+    /// Initializes the cluster with every node as a member; keeps the admin token.
+    pub async fn init(&mut self) {
+        let cluster = self;
         let members: BTreeMap<NodeId, String> = cluster
             .nodes
             .iter()
@@ -102,7 +115,6 @@ impl TestCluster {
         };
         cluster.token = admin.secret;
         cluster.wait_leader(&cluster.ids()).await;
-        cluster
     }
 
     pub fn ids(&self) -> Vec<NodeId> {
