@@ -26,7 +26,7 @@ use skiff_client::api::{
 };
 use skiff_client::transport::{self, Conn, Service, TlsAcceptor, TlsConnector};
 use skiff_raft_store::functions::validate_function_name;
-use skiff_raft_store::model::{validate_key, KEY_BYTES_MAX, LIST_LIMIT_MAX};
+use skiff_raft_store::model::{validate_key, Principal, KEY_BYTES_MAX, LIST_LIMIT_MAX};
 use skiff_raft_store::tokens::{token_hash, validate_secret, validate_token_name};
 use skiff_raft_store::types::Raft;
 use skiff_raft_store::StateMachineStore;
@@ -172,21 +172,26 @@ fn core_died(why: String) -> NodeError {
 
 /// Opens the store and starts Raft, without serving.
 pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
+    // First: a node refused for its transport settings touches nothing.
+    let (acceptor, connector) = load_tls(&config.tls)?;
     if config.worker.enabled {
         // Before anything else: a range a local user may own or delegate is refused.
         config.sandbox.host_ids.check_host()?;
         skiff_sandbox::set_host_id_range(config.sandbox.host_ids);
     }
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| NodeError::DataDir {
-        path: config.data_dir.clone(),
-        source,
-    })?;
+    // The store holds every key, every function's environment and the token hashes: a
+    // directory made here is the node user's alone.
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&config.data_dir)
+        .map_err(|source| NodeError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
     let (log_store, store) = skiff_raft_store::open(&config.data_dir.join("raft"))
         .await
         .map_err(|e| NodeError::Store(e.to_string()))?;
     let raft_config = Arc::new(config.openraft()?);
     let overrides = Arc::new(config.dial_override_map());
-    let (acceptor, connector) = load_tls(&config.tls)?;
     let network = Network {
         self_id: config.id,
         frame_bytes_max: config.limits.peer_frame_bytes_max,
@@ -236,9 +241,17 @@ fn load_tls(
     tls: &crate::config::TlsSettings,
 ) -> Result<(Option<TlsAcceptor>, Option<TlsConnector>), NodeError> {
     let (Some(ca), Some(cert), Some(key)) = (&tls.ca, &tls.cert, &tls.key) else {
+        if !tls.insecure_plaintext {
+            return Err(NodeError::Config(crate::config::ConfigError::Invalid {
+                field: "tls",
+                message: crate::config::PLAINTEXT_REFUSED.to_string(),
+            }));
+        }
         tracing::warn!(
-            "no TLS configured: connections are not encrypted and peers are not authenticated \
-             (make certificates with `skiffd certs` and set [tls])"
+            "INSECURE: tls.insecure_plaintext is set and there are no TLS files: nothing is \
+             encrypted, and ANY process that reaches this port is served as a peer (it can vote, \
+             append log entries, forward writes and run any function); for a single test machine \
+             only (make certificates with `skiffd certs` and set [tls])"
         );
         return Ok((None, None));
     };
@@ -535,18 +548,21 @@ impl Node {
         Ok(())
     }
 
+    /// Proposes `commands`, sent by `principal` (authenticated by the caller), through the
+    /// leader.
     pub(crate) async fn write(
         &self,
+        principal: Principal,
         commands: Vec<ClientCommand>,
     ) -> Result<Vec<CommandResult>, ApiError> {
         self.validate(&commands)?;
         let (leader, addr) = self.leader().await?;
         if leader == self.0.id {
-            return self.0.batcher.submit(commands).await;
+            return self.0.batcher.submit(principal, commands).await;
         }
         let p = self.peer(leader, &addr).await?;
         match p
-            .forward_write(peer::deadline(self.timeout()), commands)
+            .forward_write(peer::deadline(self.timeout()), principal, commands)
             .await
         {
             Ok(r) => r,
@@ -1078,7 +1094,7 @@ impl Node {
                 request_id: node_request_id(),
                 command: bootstrap.clone(),
             };
-            match self.write(vec![command]).await {
+            match self.write(Principal::Node, vec![command]).await {
                 Err(e) if e.is_retryable() && tokio::time::Instant::now() < deadline => {
                     tracing::debug!(error = %e, "bootstrap token: waiting for a leader");
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1126,7 +1142,7 @@ impl Node {
                 bootstrap: false,
             },
         };
-        match self.write(vec![command]).await?.as_slice() {
+        match self.write(Principal::Node, vec![command]).await?.as_slice() {
             [CommandResult::TokenCreated { token }] => {
                 tracing::info!(token = token.id, role = %token.role, "token created");
                 Ok(CreatedToken {
@@ -1146,6 +1162,7 @@ impl Node {
     /// Revokes a token (idempotent under the client's request id).
     pub(crate) async fn token_revoke(
         &self,
+        principal: Principal,
         request_id: RequestId,
         id: TokenId,
     ) -> Result<TokenInfo, ApiError> {
@@ -1153,12 +1170,15 @@ impl Node {
             request_id,
             command: Command::TokenRevoke { id },
         };
-        match self.write(vec![command]).await?.as_slice() {
+        match self.write(principal, vec![command]).await?.as_slice() {
             [CommandResult::TokenRevoked { token }] => {
                 tracing::info!(token = token.id, "token revoked");
                 Ok(token.clone())
             }
             [CommandResult::NotFound] => Err(ApiError::NotFound(format!("token {id}"))),
+            [CommandResult::Rejected { reason }] => {
+                Err(ApiError::FailedPrecondition(reason.clone()))
+            }
             other => Err(ApiError::Internal(format!(
                 "a token revoke was answered with {other:?}"
             ))),
@@ -1210,9 +1230,9 @@ impl ClientApi for Session {
         counter.counted(
             async move {
                 let commands = commands.into_inner();
-                self.allow_write(&commands).await?;
+                let token = self.allow_write(&commands).await?;
                 self.client_commands_only(&commands)?;
-                Node::write(&self, commands).await
+                Node::write(&self, Principal::Token(token.id), commands).await
             }
             .await,
         )
@@ -1331,8 +1351,8 @@ impl ClientApi for Session {
         let counter = self.clone();
         counter.counted(
             async move {
-                self.allow(Role::Invoker, "invoking a function").await?;
-                Node::invoke(&self, req).await
+                let token = self.allow(Role::Invoker, "invoking a function").await?;
+                Node::invoke(&self, Principal::Token(token.id), req).await
             }
             .await,
         )
@@ -1396,9 +1416,9 @@ impl ClientApi for Session {
         let counter = self.clone();
         counter.counted(
             async move {
-                self.allow(Role::Invoker, "reading a function").await?;
+                let token = self.allow(Role::Invoker, "reading a function").await?;
                 match self.read(ReadOp::Function { name }, read).await? {
-                    ReadResult::Function(f) => Ok(f.map(|f| *f)),
+                    ReadResult::Function(f) => Ok(f.map(|f| crate::auth::function_for(&token, *f))),
                     _ => Err(ApiError::Internal(
                         "a function read was answered with another read".into(),
                     )),
@@ -1416,9 +1436,12 @@ impl ClientApi for Session {
         let counter = self.clone();
         counter.counted(
             async move {
-                self.allow(Role::Invoker, "listing functions").await?;
+                let token = self.allow(Role::Invoker, "listing functions").await?;
                 match self.read(ReadOp::Functions, read).await? {
-                    ReadResult::Functions(f) => Ok(f),
+                    ReadResult::Functions(f) => Ok(f
+                        .into_iter()
+                        .map(|f| crate::auth::function_for(&token, f))
+                        .collect()),
                     _ => Err(ApiError::Internal(
                         "a function list was answered with another read".into(),
                     )),
@@ -1437,8 +1460,9 @@ impl ClientApi for Session {
         let counter = self.clone();
         counter.counted(
             async move {
-                self.allow(Role::Deployer, "starting a stream").await?;
-                match self.stream_op(StreamOp::Start { request_id, req }).await? {
+                let token = self.allow(Role::Deployer, "starting a stream").await?;
+                let op = StreamOp::Start { request_id, req };
+                match self.stream_op(Principal::Token(token.id), op).await? {
                     StreamReply::Started(id) => Ok(id),
                     other => Err(ApiError::Internal(format!(
                         "a stream start was answered with {other:?}"
@@ -1489,8 +1513,9 @@ impl ClientApi for Session {
         let counter = self.clone();
         counter.counted(
             async move {
-                self.allow(Role::Deployer, "cancelling a stream").await?;
-                self.stream_op(StreamOp::Cancel { request_id, id })
+                let token = self.allow(Role::Deployer, "cancelling a stream").await?;
+                let op = StreamOp::Cancel { request_id, id };
+                self.stream_op(Principal::Token(token.id), op)
                     .await
                     .map(|_| ())
             }
@@ -1507,8 +1532,9 @@ impl ClientApi for Session {
         let counter = self.clone();
         counter.counted(
             async move {
-                self.allow(Role::Deployer, "redriving a stream").await?;
-                match self.stream_op(StreamOp::Redrive { request_id, id }).await? {
+                let token = self.allow(Role::Deployer, "redriving a stream").await?;
+                let op = StreamOp::Redrive { request_id, id };
+                match self.stream_op(Principal::Token(token.id), op).await? {
                     StreamReply::Redriven(n) => Ok(n),
                     other => Err(ApiError::Internal(format!(
                         "a stream redrive was answered with {other:?}"
@@ -1603,8 +1629,8 @@ impl ClientApi for Session {
         let counter = self.clone();
         counter.counted(
             async move {
-                self.allow(Role::Admin, "revoking a token").await?;
-                Node::token_revoke(&self, request_id, id).await
+                let token = self.allow(Role::Admin, "revoking a token").await?;
+                Node::token_revoke(&self, Principal::Token(token.id), request_id, id).await
             }
             .await,
         )
@@ -1652,6 +1678,7 @@ impl PeerApi for Node {
     async fn forward_write(
         self,
         _: Context,
+        principal: Principal,
         commands: Vec<ClientCommand>,
     ) -> Result<Vec<CommandResult>, ApiError> {
         self.validate(&commands)?;
@@ -1660,7 +1687,7 @@ impl PeerApi for Node {
         if self.0.raft.current_leader().await != Some(self.0.id) {
             return Err(self.not_leader_hint());
         }
-        self.0.batcher.submit(commands).await
+        self.0.batcher.submit(principal, commands).await
     }
 
     async fn forward_read(self, _: Context, op: ReadOp) -> Result<ReadResult, ApiError> {
@@ -1698,18 +1725,28 @@ impl PeerApi for Node {
             .map_err(|_| PeerRefusal::ShuttingDown)
     }
 
-    async fn forward_invoke(self, _: Context, req: InvokeRequest) -> Result<Task, ApiError> {
+    async fn forward_invoke(
+        self,
+        _: Context,
+        principal: Principal,
+        req: InvokeRequest,
+    ) -> Result<Task, ApiError> {
         if self.0.raft.current_leader().await != Some(self.0.id) {
             return Err(self.not_leader_hint());
         }
-        self.invoke_on_leader(req).await
+        self.invoke_on_leader(principal, req).await
     }
 
-    async fn forward_stream(self, _: Context, op: StreamOp) -> Result<StreamReply, ApiError> {
+    async fn forward_stream(
+        self,
+        _: Context,
+        principal: Principal,
+        op: StreamOp,
+    ) -> Result<StreamReply, ApiError> {
         if self.0.raft.current_leader().await != Some(self.0.id) {
             return Err(self.not_leader_hint());
         }
-        self.stream_op_on_leader(op).await
+        self.stream_op_on_leader(principal, op).await
     }
 
     async fn dispatch(
@@ -1763,6 +1800,7 @@ mod tests {
             id: Some(1),
             listen: Some("127.0.0.1:1".into()),
             data_dir: Some(dir.path().join("data")),
+            insecure_plaintext: Some(true),
             ..Default::default()
         };
         let mut config = NodeConfig::load(None, overrides).expect("config");
