@@ -37,6 +37,8 @@ pub struct NodeConfig {
     pub worker: WorkerSettings,
     #[serde(default)]
     pub tls: TlsSettings,
+    #[serde(default)]
+    pub sources: SourcesSettings,
     /// Addresses to dial instead of the membership's for some peers (node id -> `host:port`):
     /// for a proxy or NAT between nodes. The fault-injection harness routes every link through
     /// its own proxy this way.
@@ -59,6 +61,18 @@ pub struct TlsSettings {
     /// With TLS: also take plaintext *client* connections (the peer service still needs a
     /// node certificate). For a loopback-only cluster whose clients have no CA file.
     pub allow_plaintext_clients: bool,
+}
+
+/// Files the node reads for callers (stream sources, `file:` dependencies of idempotent
+/// functions): only beneath these directories (see `crate::sources`). None by default, so
+/// every file source is refused until the operator lists one.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SourcesSettings {
+    /// Absolute, symlink-free directories; none may be, hold or lie inside `/proc`, `/sys`,
+    /// `/dev` or the node's data, TLS and code-cache directories. A mount point inside a root
+    /// is not crossed: list it as a root of its own.
+    pub roots: Vec<PathBuf>,
 }
 
 /// Log line format.
@@ -231,6 +245,8 @@ pub struct Overrides {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub allow_plaintext_clients: Option<bool>,
+    /// Replaces `[sources] roots` when not empty.
+    pub sources_roots: Vec<PathBuf>,
 }
 
 /// A partial config as a file may hold it (the required fields may come from flags).
@@ -251,6 +267,8 @@ struct FileConfig {
     worker: WorkerSettings,
     #[serde(default)]
     tls: TlsSettings,
+    #[serde(default)]
+    sources: SourcesSettings,
     #[serde(default)]
     dial_overrides: std::collections::BTreeMap<String, String>,
 }
@@ -308,6 +326,13 @@ impl NodeConfig {
                 allow_plaintext_clients: overrides
                     .allow_plaintext_clients
                     .unwrap_or(file.tls.allow_plaintext_clients),
+            },
+            sources: if overrides.sources_roots.is_empty() {
+                file.sources
+            } else {
+                SourcesSettings {
+                    roots: overrides.sources_roots,
+                }
             },
             dial_overrides: file.dial_overrides,
         };
@@ -381,6 +406,17 @@ impl NodeConfig {
                 "tls.allow_plaintext_clients",
                 "only means something with TLS files (without them everything is plaintext)",
             ));
+        }
+        if self.sources.roots.len() > crate::sources::ROOTS_MAX {
+            return Err(invalid(
+                "sources.roots",
+                format!("at most {} roots", crate::sources::ROOTS_MAX),
+            ));
+        }
+        let protected = self.protected_dirs();
+        for root in &self.sources.roots {
+            crate::sources::check_root_path(root, &protected)
+                .map_err(|e| invalid("sources.roots", format!("{}: {e}", root.display())))?;
         }
         let r = &self.raft;
         if r.heartbeat_interval_ms == 0 {
@@ -475,6 +511,24 @@ impl NodeConfig {
         Ok(())
     }
 
+    /// The node's own directories, which no sources root may be, hold or lie inside: its
+    /// data, the directories of its TLS files, and its code cache.
+    pub fn protected_dirs(&self) -> Vec<PathBuf> {
+        let mut dirs = vec![self.data_dir.clone(), self.worker.code_cache_dir.clone()];
+        for file in [&self.tls.ca, &self.tls.cert, &self.tls.key]
+            .into_iter()
+            .flatten()
+        {
+            let file = std::path::absolute(file).unwrap_or_else(|_| file.clone());
+            if let Some(dir) = file.parent() {
+                dirs.push(dir.to_path_buf());
+            }
+        }
+        dirs.into_iter()
+            .map(|d| std::path::absolute(&d).unwrap_or(d))
+            .collect()
+    }
+
     /// A complete example configuration with every default, as TOML.
     pub fn default_toml() -> String {
         let example = NodeConfig {
@@ -488,6 +542,7 @@ impl NodeConfig {
             limits: Limits::default(),
             worker: WorkerSettings::default(),
             tls: TlsSettings::default(),
+            sources: SourcesSettings::default(),
             dial_overrides: Default::default(),
         };
         let body = toml::to_string_pretty(&example).expect("the default config serializes");
@@ -498,7 +553,10 @@ impl NodeConfig {
              # advertise = \"10.0.0.1:7001\"   # address peers dial, if not `listen`\n\
              # Mutual TLS (files from `skiffd certs`); without them the node speaks plaintext:\n\
              # [tls] ca = \"/etc/skiff/tls/ca.pem\", cert = \"/etc/skiff/tls/node-1.pem\", \
-             key = \"/etc/skiff/tls/node-1.key\"\n{body}"
+             key = \"/etc/skiff/tls/node-1.key\"\n\
+             # Directories stream sources and file dependencies may be read from (none: every\n\
+             # file source is refused); see docs/operations.md:\n\
+             # [sources] roots = [\"/srv/data\"]\n{body}"
         )
     }
 
@@ -641,6 +699,44 @@ mod tests {
             };
             let err = with_file(text, o).expect_err(text).to_string();
             assert!(err.contains(needle), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn sources_roots_are_none_by_default_and_never_hold_the_nodes_files() {
+        let c = with_file("", overrides()).expect("valid");
+        assert!(
+            c.sources.roots.is_empty(),
+            "no file is read for callers by default"
+        );
+        let c = with_file("[sources]\nroots = [\"/srv/data\"]\n", overrides()).expect("valid");
+        assert_eq!(c.sources.roots, [PathBuf::from("/srv/data")]);
+        let flags = Overrides {
+            sources_roots: vec!["/srv/other".into()],
+            ..overrides()
+        };
+        let c = with_file("[sources]\nroots = [\"/srv/data\"]\n", flags).expect("valid");
+        assert_eq!(
+            c.sources.roots,
+            [PathBuf::from("/srv/other")],
+            "the flag replaces the file"
+        );
+        for (roots, needle) in [
+            ("[\"/tmp\"]", "/tmp/x, the node's own files"),
+            ("[\"/tmp/x/raft\"]", "the node's own files"),
+            ("[\"/run/skiff\"]", "the node's own files"),
+            ("[\"/proc/1\"]", "never reads for callers"),
+            ("[\"/\"]", "never reads for callers"),
+            ("[\"srv\"]", "absolute"),
+            ("[\"/srv/../etc\"]", "absolute path without `..`"),
+        ] {
+            let err = with_file(&format!("[sources]\nroots = {roots}\n"), overrides())
+                .expect_err(roots)
+                .to_string();
+            assert!(
+                err.contains("`sources.roots`") && err.contains(needle),
+                "{roots}: {err}"
+            );
         }
     }
 

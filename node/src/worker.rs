@@ -1039,6 +1039,7 @@ pub fn check_function_sandbox(spec: &skiff_client::api::FunctionSpec) -> Result<
         return Ok(());
     }
     let tier: Tier = spec.tier.parse().map_err(|e| format!("{e}"))?;
+    skiff_raft_store::functions::check_tier_ceiling(spec)?;
     let policy = function_policy(spec)?;
     policy.resolve(tier).map_err(|e| e.to_string())?;
     Ok(())
@@ -1310,4 +1311,23 @@ fn truncate_text(mut s: String) -> String {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Every critical section is a single map update; a panic cannot leave it half done.
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tier_ceilings_clients_default_within_are_the_sandboxs() {
+        for tier in Tier::ALL {
+            let limits = tier.limits();
+            let c = skiff_raft_store::functions::tier_ceiling(tier.as_str())
+                .expect("every sandbox tier has a ceiling");
+            assert_eq!(
+                (c.memory_bytes_max, c.timeout_ms_max),
+                (limits.memory_bytes_max, limits.timeout_ms),
+                "{tier}"
+            );
+        }
+    }
 }

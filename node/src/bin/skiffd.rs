@@ -51,6 +51,10 @@ struct Args {
     /// With TLS: also take plaintext client connections (peers still need a certificate).
     #[arg(long, env = "SKIFFD_ALLOW_PLAINTEXT_CLIENTS")]
     allow_plaintext_clients: bool,
+    /// A directory stream sources and file dependencies may be read from (repeatable;
+    /// replaces `[sources] roots`). Without any, every file source is refused.
+    #[arg(long = "sources-root", value_name = "DIR")]
+    sources_roots: Vec<PathBuf>,
     /// Print a complete default configuration and exit.
     #[arg(long)]
     print_default_config: bool,
@@ -224,6 +228,7 @@ fn main() -> anyhow::Result<()> {
                 tls_cert: args.tls_cert,
                 tls_key: args.tls_key,
                 allow_plaintext_clients: args.allow_plaintext_clients.then_some(true),
+                sources_roots: args.sources_roots,
             };
             let config = NodeConfig::load(args.config.as_deref(), overrides)?;
             init_logging(config.log_format);
