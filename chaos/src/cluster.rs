@@ -179,6 +179,8 @@ pub struct Cluster {
     skiffd: PathBuf,
     /// The cluster's CA and the certificate of every node id a slot may take.
     tls_dir: PathBuf,
+    /// The directory every node reads stream sources from (its `[sources] roots`).
+    sources_dir: PathBuf,
     shutdown: watch::Sender<bool>,
 }
 
@@ -246,6 +248,14 @@ impl Cluster {
         make_certs(skiffd, &tls_dir, &all_ids).await?;
         let endpoints: Vec<String> = addrs.values().map(|a| a.to_string()).collect();
         remember_ca(&endpoints, &tls_dir.join("ca.pem"))?;
+        // The only directory the nodes read files from for callers: stream sources. Beside
+        // the node and TLS directories, never holding them (a node refuses such a root).
+        let sources_dir = dir.join("sources");
+        std::fs::create_dir_all(&sources_dir)
+            .map_err(io_err(format!("create {}", sources_dir.display())))?;
+        let sources_dir = sources_dir
+            .canonicalize()
+            .map_err(io_err(format!("resolve {}", sources_dir.display())))?;
         let mut nodes = Vec::new();
         for &id in &ids {
             let node_dir = dir.join(format!("node{id}"));
@@ -268,12 +278,15 @@ impl Cluster {
                  election_timeout_max_ms = {}\n\
                  snapshot_logs_since_last = {}\n\
                  logs_kept_after_snapshot = {}\n\n\
+                 [sources]\n\
+                 roots = [{:?}]\n\n\
                  [dial_overrides]\n{}\n",
                 timing.heartbeat_interval_ms,
                 timing.election_timeout_min_ms,
                 timing.election_timeout_max_ms,
                 timing.snapshot_logs_since_last,
                 timing.logs_kept_after_snapshot,
+                sources_dir.to_string_lossy(),
                 overrides.join("\n"),
             );
             std::fs::write(&config, text).map_err(io_err(format!("write {}", config.display())))?;
@@ -298,6 +311,7 @@ impl Cluster {
             faults,
             skiffd: skiffd.to_path_buf(),
             tls_dir,
+            sources_dir,
             shutdown,
         };
         for &id in &ids {
@@ -369,6 +383,11 @@ impl Cluster {
     /// A client that talks to node `id` only (for local reads and probes).
     pub fn node_client(&self, id: NodeId) -> Result<Client, ChaosError> {
         client_for(vec![self.node(id)?.addr.to_string()])
+    }
+
+    /// The directory the nodes read stream sources from.
+    pub fn sources_dir(&self) -> &Path {
+        &self.sources_dir
     }
 
     /// Starts (or restarts) node `id` from its data directory and waits until it listens.

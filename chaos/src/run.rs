@@ -292,7 +292,7 @@ async fn drive(
         invocations::deploy(&client).await?;
         calls::deploy(&client).await?;
         let deadline = start + opts.duration;
-        let stream_dir = dir_of(cluster)?;
+        let stream_dir = cluster.sources_dir().to_path_buf();
         Some((
             tokio::spawn(invocations::run(cluster.endpoints(), deadline)),
             tokio::spawn(calls::run(
@@ -421,20 +421,6 @@ async fn drive(
         nemesis_error,
         Verdict::of(checks),
     ))
-}
-
-/// The run's directory as an absolute path (stream jobs' files are read by the leader).
-fn dir_of(cluster: &Cluster) -> Result<PathBuf, ChaosError> {
-    let node_dir = cluster
-        .nodes
-        .first()
-        .and_then(|n| n.log.parent())
-        .and_then(|d| d.parent())
-        .ok_or_else(|| ChaosError::Cluster("the cluster has no node directory".into()))?;
-    node_dir.canonicalize().map_err(|source| ChaosError::Io {
-        what: format!("resolve {}", node_dir.display()),
-        source,
-    })
 }
 
 /// Lists the idempotent function's succeeded tasks, then its markers (in that order: a run

@@ -87,7 +87,8 @@ fn write_items(dir: &Path, seq: u64) -> Result<PathBuf, ChaosError> {
 }
 
 /// Starts jobs one after another until `deadline`; returns the acknowledged ones. `dir` must
-/// be absolute: the leader reads the file, and every node runs on this machine.
+/// be the nodes' sources root (absolute): the leader reads the file beneath its root, and
+/// every node runs on this machine.
 pub async fn run(
     endpoints: Vec<String>,
     dir: PathBuf,

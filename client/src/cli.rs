@@ -200,8 +200,8 @@ pub enum StreamCmd {
 pub struct StreamStartArgs {
     /// The function to run for each item.
     pub function: String,
-    /// The data set: kv:PREFIX, jsonl:PATH, csv:PATH or dir:PATH (paths as the leader sees
-    /// them: the same on every node).
+    /// The data set: kv:PREFIX, jsonl:PATH, csv:PATH or dir:PATH (absolute paths beneath a
+    /// sources root the operator configured, as the leader sees them: the same on every node).
     #[arg(long = "from")]
     pub from: String,
     /// kv sources only: after the keys present at the start, keep streaming every key written
@@ -324,12 +324,14 @@ pub struct DeployArgs {
     pub mode: FnMode,
     #[arg(long, default_value = deploy::DEFAULT_TIER, value_parser = ["untrusted", "standard", "trusted"])]
     pub tier: String,
-    /// Memory limit; K, M and G are binary units (128M is 128 MiB).
-    #[arg(long, default_value = deploy::DEFAULT_MEMORY, value_parser = deploy::parse_size)]
-    pub memory: u64,
-    /// Longest run of one invocation (e.g. 30s, 5m).
-    #[arg(long, default_value = deploy::DEFAULT_TIMEOUT, value_parser = deploy::parse_duration_ms)]
-    pub timeout: u64,
+    /// Memory limit; K, M and G are binary units (128M is 128 MiB). Default: 128M, or the
+    /// tier's ceiling where that is lower.
+    #[arg(long, value_parser = deploy::parse_size)]
+    pub memory: Option<u64>,
+    /// Longest run of one invocation (e.g. 30s, 5m). Default: 30s, or the tier's ceiling
+    /// where that is lower (untrusted: 10s).
+    #[arg(long, value_parser = deploy::parse_duration_ms)]
+    pub timeout: Option<u64>,
     /// Warm sandboxes kept ready across the cluster.
     #[arg(long, default_value_t = deploy::DEFAULT_MIN_WARM)]
     pub min_warm: u32,
@@ -360,7 +362,8 @@ pub struct DeployArgs {
     /// Skip runs whose inputs did not change (see docs/execution.md).
     #[arg(long)]
     pub idempotent: bool,
-    /// A dependency of an idempotent function: kv:KEY, kv:PREFIX* or file:/PATH (repeatable).
+    /// A dependency of an idempotent function: kv:KEY, kv:PREFIX* or file:/PATH (repeatable;
+    /// a file beneath a sources root of the nodes).
     #[arg(long = "dep")]
     pub deps: Vec<String>,
     /// How long a recorded result of an idempotent function may answer.
@@ -993,10 +996,14 @@ pub fn deploy_plan(args: DeployArgs) -> Result<DeployPlan, CliError> {
             code_digest: String::new(),
             entry: deploy::split_entry(&entry),
             mode: args.mode,
+            memory_bytes: args
+                .memory
+                .unwrap_or_else(|| deploy::default_memory_bytes(&args.tier)),
+            timeout_ms: args
+                .timeout
+                .unwrap_or_else(|| deploy::default_timeout_ms(&args.tier)),
             tier: args.tier,
             policy,
-            memory_bytes: args.memory,
-            timeout_ms: args.timeout,
             max_concurrency: args.max_concurrency,
             queue_max: args.queue_max,
             min_warm: args.min_warm,

@@ -12,7 +12,8 @@
 //!   [`MANIFEST_BYTES_MAX`], a policy by [`POLICY_BYTES_MAX`], a payload by
 //!   [`PAYLOAD_BYTES_MAX`];
 //! - the defaults of a deploy are stated once, here ([`DEFAULT_MEMORY`] and the rest), for the
-//!   command line and the manifest alike.
+//!   command line and the manifest alike; a default limit never exceeds the tier's ceiling
+//!   ([`default_memory_bytes`], [`default_timeout_ms`]), so defaults deploy at every tier.
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -21,8 +22,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use skiff_raft_store::functions::{
-    validate_spec, DataGrant, Dependency, FunctionSpec, Idempotency, StageSpec, CODE_BYTES_MAX,
-    PAYLOAD_BYTES_MAX, POLICY_BYTES_MAX, STAGES_MAX,
+    check_tier_ceiling, tier_ceiling, validate_spec, DataGrant, Dependency, FunctionSpec,
+    Idempotency, StageSpec, CODE_BYTES_MAX, PAYLOAD_BYTES_MAX, POLICY_BYTES_MAX, STAGES_MAX,
 };
 
 /// Largest manifest file.
@@ -39,6 +40,20 @@ pub const DEFAULT_QUEUE_MAX: u32 = 1000;
 pub const DEFAULT_MIN_WARM: u32 = 0;
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 pub const DEFAULT_RETRY_BACKOFF: &str = "1s";
+
+/// The memory limit of a deploy that gives none: [`DEFAULT_MEMORY`], or the tier's ceiling
+/// where that is lower.
+pub fn default_memory_bytes(tier: &str) -> u64 {
+    let default = parse_size(DEFAULT_MEMORY).expect("the default memory parses");
+    tier_ceiling(tier).map_or(default, |c| default.min(c.memory_bytes_max))
+}
+
+/// The timeout of a deploy that gives none: [`DEFAULT_TIMEOUT`], or the tier's ceiling where
+/// that is lower (an untrusted function gets 10 s, not 30).
+pub fn default_timeout_ms(tier: &str) -> u64 {
+    let default = parse_duration_ms(DEFAULT_TIMEOUT).expect("the default timeout parses");
+    tier_ceiling(tier).map_or(default, |c| default.min(c.timeout_ms_max))
+}
 
 /// Tar blocks are 512 bytes; every entry takes one header block plus its padded data.
 const BLOCK_BYTES: u64 = 512;
@@ -68,6 +83,7 @@ impl DeployPlan {
     /// reported before anything is packed or uploaded.
     pub fn validate(&self) -> Result<(), String> {
         validate_spec(&self.with_digest(PLACEHOLDER_DIGEST))?;
+        check_tier_ceiling(&self.spec)?;
         unique_env(&self.spec.env)?;
         for (i, stage) in self.spec.stages.iter().enumerate() {
             unique_env(&stage.env)
@@ -562,15 +578,19 @@ pub fn parse_manifest(text: &str, dir: &Path, name: Option<String>) -> Result<De
                 .unwrap_or(DEFAULT_MODE)
                 .parse()
                 .map_err(|e| field("mode", e))?,
-            tier,
+            tier: tier.clone(),
             policy: match &m.policy {
                 Some(p) => Some(read_policy(&dir.join(p))?),
                 None => None,
             },
-            memory_bytes: parse_size(m.memory.as_deref().unwrap_or(DEFAULT_MEMORY))
-                .map_err(|e| field("memory", e))?,
-            timeout_ms: parse_duration_ms(m.timeout.as_deref().unwrap_or(DEFAULT_TIMEOUT))
-                .map_err(|e| field("timeout", e))?,
+            memory_bytes: match m.memory.as_deref() {
+                Some(text) => parse_size(text).map_err(|e| field("memory", e))?,
+                None => default_memory_bytes(&tier),
+            },
+            timeout_ms: match m.timeout.as_deref() {
+                Some(text) => parse_duration_ms(text).map_err(|e| field("timeout", e))?,
+                None => default_timeout_ms(&tier),
+            },
             max_concurrency: m.max_concurrency.unwrap_or(DEFAULT_MAX_CONCURRENCY),
             queue_max: m.queue_max.unwrap_or(DEFAULT_QUEUE_MAX),
             min_warm: m.min_warm.unwrap_or(DEFAULT_MIN_WARM),

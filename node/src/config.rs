@@ -37,6 +37,8 @@ pub struct NodeConfig {
     pub worker: WorkerSettings,
     #[serde(default)]
     pub tls: TlsSettings,
+    #[serde(default)]
+    pub sources: SourcesSettings,
     /// Addresses to dial instead of the membership's for some peers (node id -> `host:port`):
     /// for a proxy or NAT between nodes. The fault-injection harness routes every link through
     /// its own proxy this way.
@@ -87,6 +89,17 @@ pub const PLAINTEXT_REFUSED: &str = "no TLS files (tls.ca, tls.cert, tls.key): w
      --tls-cert, --tls-key (or [tls] in the config file); for a single test machine only, \
      --insecure-plaintext (tls.insecure_plaintext = true, SKIFFD_INSECURE_PLAINTEXT=1) serves \
      everything in plaintext";
+/// Files the node reads for callers (stream sources, `file:` dependencies of idempotent
+/// functions): only beneath these directories (see `crate::sources`). None by default, so
+/// every file source is refused until the operator lists one.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SourcesSettings {
+    /// Absolute, symlink-free directories; none may be, hold or lie inside `/proc`, `/sys`,
+    /// `/dev` or the node's data, TLS and code-cache directories. A mount point inside a root
+    /// is not crossed: list it as a root of its own.
+    pub roots: Vec<PathBuf>,
+}
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -268,6 +281,8 @@ pub struct Overrides {
     pub tls_key: Option<PathBuf>,
     pub allow_plaintext_clients: Option<bool>,
     pub insecure_plaintext: Option<bool>,
+    /// Replaces `[sources] roots` when not empty.
+    pub sources_roots: Vec<PathBuf>,
 }
 
 /// A partial config as a file may hold it (the required fields may come from flags).
@@ -288,6 +303,8 @@ struct FileConfig {
     worker: WorkerSettings,
     #[serde(default)]
     tls: TlsSettings,
+    #[serde(default)]
+    sources: SourcesSettings,
     #[serde(default)]
     dial_overrides: std::collections::BTreeMap<String, String>,
     #[serde(default)]
@@ -350,6 +367,13 @@ impl NodeConfig {
                 insecure_plaintext: overrides
                     .insecure_plaintext
                     .unwrap_or(file.tls.insecure_plaintext),
+            },
+            sources: if overrides.sources_roots.is_empty() {
+                file.sources
+            } else {
+                SourcesSettings {
+                    roots: overrides.sources_roots,
+                }
             },
             dial_overrides: file.dial_overrides,
             sandbox: file.sandbox,
@@ -433,6 +457,17 @@ impl NodeConfig {
         }
         // Neither TLS files nor `insecure_plaintext`: refused when the node starts
         // (`server::start`), so that a config without them still loads for other uses.
+        if self.sources.roots.len() > crate::sources::ROOTS_MAX {
+            return Err(invalid(
+                "sources.roots",
+                format!("at most {} roots", crate::sources::ROOTS_MAX),
+            ));
+        }
+        let protected = self.protected_dirs();
+        for root in &self.sources.roots {
+            crate::sources::check_root_path(root, &protected)
+                .map_err(|e| invalid("sources.roots", format!("{}: {e}", root.display())))?;
+        }
         let r = &self.raft;
         if r.heartbeat_interval_ms == 0 {
             return Err(invalid("raft.heartbeat_interval_ms", "must be positive"));
@@ -539,6 +574,24 @@ impl NodeConfig {
         Ok(())
     }
 
+    /// The node's own directories, which no sources root may be, hold or lie inside: its
+    /// data, the directories of its TLS files, and its code cache.
+    pub fn protected_dirs(&self) -> Vec<PathBuf> {
+        let mut dirs = vec![self.data_dir.clone(), self.worker.code_cache_dir.clone()];
+        for file in [&self.tls.ca, &self.tls.cert, &self.tls.key]
+            .into_iter()
+            .flatten()
+        {
+            let file = std::path::absolute(file).unwrap_or_else(|_| file.clone());
+            if let Some(dir) = file.parent() {
+                dirs.push(dir.to_path_buf());
+            }
+        }
+        dirs.into_iter()
+            .map(|d| std::path::absolute(&d).unwrap_or(d))
+            .collect()
+    }
+
     /// A complete example configuration with every default, as TOML.
     pub fn default_toml() -> String {
         let example = NodeConfig {
@@ -552,6 +605,7 @@ impl NodeConfig {
             limits: Limits::default(),
             worker: WorkerSettings::default(),
             tls: TlsSettings::default(),
+            sources: SourcesSettings::default(),
             dial_overrides: Default::default(),
             sandbox: SandboxSettings::default(),
         };
@@ -566,7 +620,10 @@ impl NodeConfig {
              unless\n# [tls] insecure_plaintext = true (a single test machine only: anyone may \
              act as a peer):\n\
              # [tls] ca = \"/etc/skiff/tls/ca.pem\", cert = \"/etc/skiff/tls/node-1.pem\", \
-             key = \"/etc/skiff/tls/node-1.key\"\n{body}"
+             key = \"/etc/skiff/tls/node-1.key\"\n\
+             # Directories stream sources and file dependencies may be read from (none: every\n\
+             # file source is refused); see docs/operations.md:\n\
+             # [sources] roots = [\"/srv/data\"]\n{body}"
         )
     }
 
@@ -709,6 +766,44 @@ mod tests {
             };
             let err = with_file(text, o).expect_err(text).to_string();
             assert!(err.contains(needle), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn sources_roots_are_none_by_default_and_never_hold_the_nodes_files() {
+        let c = with_file("", overrides()).expect("valid");
+        assert!(
+            c.sources.roots.is_empty(),
+            "no file is read for callers by default"
+        );
+        let c = with_file("[sources]\nroots = [\"/srv/data\"]\n", overrides()).expect("valid");
+        assert_eq!(c.sources.roots, [PathBuf::from("/srv/data")]);
+        let flags = Overrides {
+            sources_roots: vec!["/srv/other".into()],
+            ..overrides()
+        };
+        let c = with_file("[sources]\nroots = [\"/srv/data\"]\n", flags).expect("valid");
+        assert_eq!(
+            c.sources.roots,
+            [PathBuf::from("/srv/other")],
+            "the flag replaces the file"
+        );
+        for (roots, needle) in [
+            ("[\"/tmp\"]", "/tmp/x, the node's own files"),
+            ("[\"/tmp/x/raft\"]", "the node's own files"),
+            ("[\"/run/skiff\"]", "the node's own files"),
+            ("[\"/proc/1\"]", "never reads for callers"),
+            ("[\"/\"]", "never reads for callers"),
+            ("[\"srv\"]", "absolute"),
+            ("[\"/srv/../etc\"]", "absolute path without `..`"),
+        ] {
+            let err = with_file(&format!("[sources]\nroots = {roots}\n"), overrides())
+                .expect_err(roots)
+                .to_string();
+            assert!(
+                err.contains("`sources.roots`") && err.contains(needle),
+                "{roots}: {err}"
+            );
         }
     }
 

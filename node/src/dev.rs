@@ -9,6 +9,8 @@
 //! `DIR` is this user's and writable by no one else (a new one is made with mode 0700; one
 //! given that others may write is refused), and `DIR/env`, which holds the token, is made
 //! with mode 0600 (never widened by a `chmod` after the fact).
+//! Stream sources and file dependencies are read beneath `DIR/sources` only (each node's
+//! `--sources-root`), which the command creates, prints and exports as `SKIFF_SOURCES`.
 //!
 //! The nodes speak mutual TLS like a production cluster: the first run makes a CA and node
 //! certificates for 127.0.0.1 in `DIR/tls` (`skiffd certs`), later runs in the same directory
@@ -144,17 +146,30 @@ pub fn node_command_line(
     addr: &str,
     data_dir: &Path,
     tls_dir: &Path,
+    sources: &Path,
 ) -> String {
     let tls: Vec<String> = tls_args(tls_dir, id)
         .iter()
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
     format!(
-        "{} --id {id} --listen {addr} --data-dir {} {}",
+        "{} --id {id} --listen {addr} --data-dir {} --sources-root {} {}",
         exe.display(),
         data_dir.display(),
+        sources.display(),
         tls.join(" ")
     )
+}
+
+/// Makes `DIR/sources`, the directory the dev nodes read file sources from, and returns its
+/// real path (a root must be absolute and free of symlinks).
+fn ensure_sources(dir: &Path) -> Result<PathBuf, NodeError> {
+    let sources = dir.join("sources");
+    std::fs::create_dir_all(&sources)
+        .map_err(|e| dev_err(format!("cannot create {}: {e}", sources.display())))?;
+    sources
+        .canonicalize()
+        .map_err(|e| dev_err(format!("cannot resolve {}: {e}", sources.display())))
 }
 
 /// Makes the dev cluster's CA and node certificates in `DIR/tls`, unless a run before did.
@@ -174,7 +189,13 @@ fn ensure_certs(dir: &Path, ids: impl Iterator<Item = NodeId>) -> Result<PathBuf
     Ok(tls)
 }
 
-fn spawn_node(exe: &Path, dir: &Path, id: NodeId, addr: &str) -> Result<DevNode, NodeError> {
+fn spawn_node(
+    exe: &Path,
+    dir: &Path,
+    sources: &Path,
+    id: NodeId,
+    addr: &str,
+) -> Result<DevNode, NodeError> {
     let data_dir = dir.join(format!("node-{id}"));
     std::fs::create_dir_all(&data_dir)
         .map_err(|e| dev_err(format!("cannot create {}: {e}", data_dir.display())))?;
@@ -195,6 +216,8 @@ fn spawn_node(exe: &Path, dir: &Path, id: NodeId, addr: &str) -> Result<DevNode,
         .arg("--data-dir")
         .arg(&data_dir)
         .args(tls_args(&dir.join("tls"), id))
+        .arg("--sources-root")
+        .arg(sources)
         .arg("--exit-with-parent")
         .arg(std::process::id().to_string())
         .stdin(Stdio::null())
@@ -236,9 +259,10 @@ fn previous_token(dir: &Path) -> Result<String, NodeError> {
 fn write_files(dir: &Path, nodes: &[DevNode], token: &str) -> Result<(), NodeError> {
     let endpoints: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
     let env = format!(
-        "export SKIFF_ENDPOINTS={}\nexport SKIFF_TOKEN={token}\nexport SKIFF_CA={}\n",
+        "export SKIFF_ENDPOINTS={}\nexport SKIFF_TOKEN={token}\nexport SKIFF_CA={}\nexport SKIFF_SOURCES={}\n",
         endpoints.join(","),
-        dir.join("tls").join("ca.pem").display()
+        dir.join("tls").join("ca.pem").display(),
+        ensure_sources(dir)?.display()
     );
     let mut list = String::new();
     for n in nodes {
@@ -363,11 +387,12 @@ pub async fn run(
     };
     let ports = pick_ports(opts.base_port, opts.nodes)?;
     ensure_certs(&dir, 1..=opts.nodes as NodeId)?;
+    let sources = ensure_sources(&dir)?;
     let mut nodes = Vec::with_capacity(opts.nodes);
     for (i, port) in ports.iter().enumerate() {
         let id = i as NodeId + 1;
         let addr = format!("127.0.0.1:{port}");
-        match spawn_node(&opts.exe, &dir, id, &addr) {
+        match spawn_node(&opts.exe, &dir, &sources, id, &addr) {
             Ok(n) => nodes.push(n),
             Err(e) => {
                 stop_all(&mut nodes);
@@ -393,7 +418,7 @@ pub async fn run(
                             eprintln!(
                                 "node {} exited ({status}); restart it with:\n  {}",
                                 n.id,
-                                node_command_line(&opts.exe, n.id, &n.addr, &n.data_dir, &dir.join("tls"))
+                                node_command_line(&opts.exe, n.id, &n.addr, &n.data_dir, &dir.join("tls"), &sources)
                             );
                         }
                     }
@@ -489,6 +514,11 @@ async fn bring_up(opts: &DevOptions, dir: &Path, nodes: &mut [DevNode]) -> Resul
         }
     }
     let _ = writeln!(out, "endpoints: {}", endpoints.join(","));
+    let _ = writeln!(
+        out,
+        "file sources: {} (streams and file dependencies read beneath it only; $SKIFF_SOURCES)",
+        ensure_sources(dir)?.display()
+    );
     let _ = writeln!(out, "admin token: {token}");
     let _ = writeln!(
         out,
@@ -498,9 +528,16 @@ async fn bring_up(opts: &DevOptions, dir: &Path, nodes: &mut [DevNode]) -> Resul
     let _ = writeln!(
         out,
         "restart a killed node: {}   (ADDR: see {}/nodes)",
-        node_command_line(&opts.exe, 0, "ADDR", &dir.join("node-N"), &dir.join("tls"))
-            .replace("--id 0", "--id N")
-            .replace("node-0.", "node-N."),
+        node_command_line(
+            &opts.exe,
+            0,
+            "ADDR",
+            &dir.join("node-N"),
+            &dir.join("tls"),
+            &ensure_sources(dir)?,
+        )
+        .replace("--id 0", "--id N")
+        .replace("node-0.", "node-N."),
         dir.display()
     );
     let _ = writeln!(

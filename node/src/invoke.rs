@@ -62,7 +62,8 @@ impl Node {
         }
     }
 
-    /// Hashes the files an idempotent function depends on, as this node sees them.
+    /// Hashes the files an idempotent function depends on, as this node sees them: beneath
+    /// this node's sources roots only, regular files only, from the hash cache when unchanged.
     async fn hash_file_dependencies(
         &self,
         req: &InvokeRequest,
@@ -89,13 +90,11 @@ impl Node {
         });
         let mut out = Vec::with_capacity(paths.len());
         for path in paths {
-            let p = path.clone();
-            let hash = tokio::task::spawn_blocking(move || hash_file(&p))
+            let (p, sources) = (path.clone(), self.0.sources.clone());
+            let hash = tokio::task::spawn_blocking(move || sources.file_hash(&p))
                 .await
                 .map_err(|e| ApiError::Internal(e.to_string()))?
-                .map_err(|e| {
-                    ApiError::FailedPrecondition(format!("file dependency {path}: {e}"))
-                })?;
+                .map_err(|e| ApiError::FailedPrecondition(format!("file dependency: {e}")))?;
             out.push((path, hash));
         }
         Ok(out)
@@ -337,37 +336,4 @@ impl Node {
             }
         }
     }
-}
-
-/// Largest file an idempotent function may depend on.
-pub const FILE_DEPENDENCY_BYTES_MAX: u64 = 1024 * 1024 * 1024;
-
-/// SHA-256 (hex) of a regular file of at most [`FILE_DEPENDENCY_BYTES_MAX`] bytes.
-fn hash_file(path: &str) -> Result<String, String> {
-    use sha2::{Digest, Sha256};
-    use std::io::Read;
-    let file = std::fs::File::open(path).map_err(|e| format!("cannot open: {e}"))?;
-    let meta = file.metadata().map_err(|e| format!("cannot stat: {e}"))?;
-    if !meta.is_file() {
-        return Err("not a regular file".into());
-    }
-    if meta.len() > FILE_DEPENDENCY_BYTES_MAX {
-        return Err(format!(
-            "{} bytes, the limit is {FILE_DEPENDENCY_BYTES_MAX}",
-            meta.len()
-        ));
-    }
-    let mut hasher = Sha256::new();
-    let mut reader = file.take(FILE_DEPENDENCY_BYTES_MAX);
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = reader
-            .read(&mut buf)
-            .map_err(|e| format!("cannot read: {e}"))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hex::encode(hasher.finalize()))
 }

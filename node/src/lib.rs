@@ -22,6 +22,8 @@
 //! - [`read_index`]: one leadership confirmation shared by concurrent linearizable reads;
 //! - [`streams`]: stream jobs — the leader's driver reading sources from the replicated
 //!   cursor, the source readers, start/cancel/redrive;
+//! - [`sources`]: the files the node opens for callers (stream sources, file dependencies),
+//!   confined to the operator's roots;
 //! - [`data_service`]: the Unix socket through which a sandboxed function reaches the
 //!   key-value store, limited to its key prefixes (`skiff-data` is its shell client).
 //!
@@ -43,6 +45,7 @@ pub mod metrics;
 pub mod peer;
 pub mod read_index;
 pub mod server;
+pub mod sources;
 pub mod streams;
 pub mod worker;
 
@@ -71,6 +74,8 @@ pub enum NodeError {
     Dev(String),
     #[error(transparent)]
     HostIds(#[from] skiff_sandbox::HostIdError),
+    #[error("sources root {0}")]
+    Sources(#[from] sources::RootError),
     #[error("TLS: {0}")]
     Tls(#[from] skiff_client::tls::TlsError),
 }

@@ -77,6 +77,8 @@ pub struct NodeInner {
     pub exports: crate::backup::Exports,
     /// The TLS side of the listener (`None`: plaintext, no TLS files configured).
     pub tls: Option<TlsAcceptor>,
+    /// The directories callers' file sources and file dependencies are read from.
+    pub sources: Arc<crate::sources::SourceRoots>,
 }
 
 impl NodeInner {
@@ -187,6 +189,13 @@ pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
             path: config.data_dir.clone(),
             source,
         })?;
+    let sources = Arc::new(crate::sources::SourceRoots::open(
+        &config.sources.roots,
+        &config.protected_dirs(),
+    )?);
+    if !config.sources.roots.is_empty() {
+        tracing::info!(roots = ?sources, "file sources are read beneath these roots only");
+    }
     let (log_store, store) = skiff_raft_store::open(&config.data_dir.join("raft"))
         .await
         .map_err(|e| NodeError::Store(e.to_string()))?;
@@ -229,6 +238,7 @@ pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
         stopping: std::sync::atomic::AtomicBool::new(false),
         exports: crate::backup::Exports::default(),
         tls: acceptor,
+        sources,
     }));
     crate::worker::start_loops(&node);
     crate::streams::start_driver(&node);
@@ -531,6 +541,28 @@ impl Node {
                         spec.name
                     )));
                 }
+                self.check_file_dependencies(spec)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses a function whose `file:` dependencies are not regular files beneath this
+    /// node's sources roots (checked without opening them; each invocation checks again on
+    /// the node that receives it).
+    fn check_file_dependencies(
+        &self,
+        spec: &skiff_client::api::FunctionSpec,
+    ) -> Result<(), ApiError> {
+        let files = spec.idempotency.iter().flat_map(|i| &i.dependencies);
+        for d in files {
+            if let skiff_raft_store::functions::Dependency::File(path) = d {
+                self.0.sources.check_file(path).map_err(|e| {
+                    ApiError::InvalidArgument(format!(
+                        "function {}: file dependency: {e}",
+                        spec.name
+                    ))
+                })?;
             }
         }
         Ok(())

@@ -8,6 +8,13 @@
 //! lost leadership, or raced another, can neither skip nor double-enqueue an item; a new
 //! leader's driver simply resumes from the replicated cursor.
 //!
+//! Files are opened only through [`crate::sources::SourceRoots`]: beneath a root the operator
+//! of the reading node configured, regular files only (and, for `dir:`, only entries that are
+//! regular files: symlinks, subdirectories, FIFOs, sockets and devices are skipped unopened).
+//! The leader checks a source at start, and every read checks it again against the roots of
+//! the node reading it, so a driver that moved to another node after a failover applies that
+//! node's roots.
+//!
 //! Invariants:
 //! - a source is never read whole: files are read from the cursor's byte offset line by line,
 //!   each line or record at most [`RECORD_BYTES_MAX`]; a directory listing keeps at most one
@@ -20,7 +27,6 @@ use skiff_raft_store::model::Principal;
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -38,6 +44,7 @@ use skiff_raft_store::StateMachineData;
 
 use crate::peer::{self, ReadOp, ReadResult, StreamOp, StreamReply};
 use crate::server::Node;
+use crate::sources::SourceRoots;
 
 /// Longest line (JSONL) or record (CSV) read; a longer one is a failed item.
 pub const RECORD_BYTES_MAX: usize = 1024 * 1024;
@@ -128,8 +135,8 @@ fn read_line(r: &mut impl BufRead, buf: &mut Vec<u8>) -> std::io::Result<Option<
     }
 }
 
-fn open_at(path: &str, offset: u64) -> Result<BufReader<File>, String> {
-    let mut f = File::open(path).map_err(|e| format!("cannot open {path}: {e}"))?;
+fn open_at(sources: &SourceRoots, path: &str, offset: u64) -> Result<BufReader<File>, String> {
+    let mut f = sources.open_file(path).map_err(|e| e.to_string())?;
     f.seek(SeekFrom::Start(offset))
         .map_err(|e| format!("cannot seek {path} to byte {offset}: {e}"))?;
     Ok(BufReader::with_capacity(256 * 1024, f))
@@ -139,13 +146,14 @@ fn open_at(path: &str, offset: u64) -> Result<BufReader<File>, String> {
 /// into an item (or skipped when `to_item` gives `None`); the cursor is the byte after the
 /// last record read.
 fn read_records<R>(
+    sources: &SourceRoots,
     path: &str,
     mut offset: u64,
     limit: ReadLimit,
     mut next: impl FnMut(&mut BufReader<File>, &mut Vec<u8>) -> std::io::Result<Option<(usize, R)>>,
     mut to_item: impl FnMut(u64, R, &[u8]) -> Option<StreamItem>,
 ) -> Result<Batch, String> {
-    let mut r = open_at(path, offset)?;
+    let mut r = open_at(sources, path, offset)?;
     let mut items = Vec::new();
     let mut bytes = 0;
     let mut buf = Vec::new();
@@ -177,8 +185,14 @@ fn read_records<R>(
 }
 
 /// The next items of a JSONL file after byte `cursor`.
-pub fn read_jsonl(path: &str, cursor: &str, limit: ReadLimit) -> Result<Batch, String> {
+pub fn read_jsonl(
+    sources: &SourceRoots,
+    path: &str,
+    cursor: &str,
+    limit: ReadLimit,
+) -> Result<Batch, String> {
     read_records(
+        sources,
         path,
         offset_of(cursor)?,
         limit,
@@ -289,8 +303,8 @@ fn parse_csv_fields(record: &[u8]) -> Result<Vec<String>, String> {
 }
 
 /// The header of a CSV file and the offset of its first record.
-fn csv_header(path: &str) -> Result<(Vec<String>, u64), String> {
-    let mut r = open_at(path, 0)?;
+fn csv_header(sources: &SourceRoots, path: &str) -> Result<(Vec<String>, u64), String> {
+    let mut r = open_at(sources, path, 0)?;
     let mut buf = Vec::new();
     match read_csv_record(&mut r, &mut buf).map_err(|e| format!("cannot read {path}: {e}"))? {
         None => Err(format!("{path} is empty: a CSV source needs a header line")),
@@ -305,54 +319,68 @@ fn csv_header(path: &str) -> Result<(Vec<String>, u64), String> {
 }
 
 /// The next items of a CSV file after byte `cursor` (empty: after the header).
-pub fn read_csv(path: &str, cursor: &str, limit: ReadLimit) -> Result<Batch, String> {
-    let (header, body) = csv_header(path)?;
+pub fn read_csv(
+    sources: &SourceRoots,
+    path: &str,
+    cursor: &str,
+    limit: ReadLimit,
+) -> Result<Batch, String> {
+    let (header, body) = csv_header(sources, path)?;
     let offset = if cursor.is_empty() {
         body
     } else {
         offset_of(cursor)?
     };
-    read_records(path, offset, limit, read_csv_record, |at, record, _| {
-        Some(match record {
-            Ok(fields) if fields.len() == 1 && fields[0].trim().is_empty() => return None,
-            Ok(fields) if fields.len() != header.len() => bad(format!(
-                "the record at byte {at} has {} fields, the header {}",
-                fields.len(),
-                header.len()
-            )),
-            Ok(fields) => {
-                let object: Map<String, Value> = header
-                    .iter()
-                    .cloned()
-                    .zip(fields.into_iter().map(Value::String))
-                    .collect();
-                StreamItem::Ok(serde_json::to_vec(&object).expect("JSON objects serialize"))
-            }
-            Err(e) => bad(format!("the record at byte {at} is malformed: {e}")),
-        })
-    })
+    read_records(
+        sources,
+        path,
+        offset,
+        limit,
+        read_csv_record,
+        |at, record, _| {
+            Some(match record {
+                Ok(fields) if fields.len() == 1 && fields[0].trim().is_empty() => return None,
+                Ok(fields) if fields.len() != header.len() => bad(format!(
+                    "the record at byte {at} has {} fields, the header {}",
+                    fields.len(),
+                    header.len()
+                )),
+                Ok(fields) => {
+                    let object: Map<String, Value> = header
+                        .iter()
+                        .cloned()
+                        .zip(fields.into_iter().map(Value::String))
+                        .collect();
+                    StreamItem::Ok(serde_json::to_vec(&object).expect("JSON objects serialize"))
+                }
+                Err(e) => bad(format!("the record at byte {at} is malformed: {e}")),
+            })
+        },
+    )
 }
 
-/// The next files of a directory after the name `cursor`, in name order.
-pub fn read_dir(path: &str, cursor: &str, limit: ReadLimit) -> Result<Batch, String> {
-    let entries = std::fs::read_dir(path).map_err(|e| format!("cannot list {path}: {e}"))?;
+/// The next regular files of a directory after the name `cursor`, in name order; entries
+/// that are not regular files are skipped without being opened.
+pub fn read_dir(
+    sources: &SourceRoots,
+    path: &str,
+    cursor: &str,
+    limit: ReadLimit,
+) -> Result<Batch, String> {
+    let mut dir = sources.open_dir(path).map_err(|e| e.to_string())?;
     // Keep only the `limit.items + 1` smallest names after the cursor: bounded memory
     // whatever the directory's size, and the extra one tells whether more follow.
     let mut names: BTreeSet<String> = BTreeSet::new();
-    for entry in entries {
-        let entry = entry.map_err(|e| format!("cannot list {path}: {e}"))?;
-        let Ok(name) = entry.file_name().into_string() else {
-            continue;
-        };
+    let mut truncated = false;
+    while let Some(name) = dir.next_name() {
+        let name = name.map_err(|e| e.to_string())?;
         if name.as_str() <= cursor {
-            continue;
-        }
-        if !entry.file_type().is_ok_and(|t| t.is_file()) {
             continue;
         }
         names.insert(name);
         if names.len() > limit.items + 1 {
             names.pop_last();
+            truncated = true;
         }
     }
     let mut items = Vec::new();
@@ -360,19 +388,26 @@ pub fn read_dir(path: &str, cursor: &str, limit: ReadLimit) -> Result<Batch, Str
     let mut to_cursor = cursor.to_string();
     let mut iter = names.into_iter();
     for name in iter.by_ref() {
-        let file = Path::new(path).join(&name);
-        let item = match read_small_file(&file) {
-            Ok(content) => {
-                let object = match String::from_utf8(content) {
-                    Ok(text) => json!({"path": name, "content": text}),
-                    Err(e) => json!({
-                        "path": name,
-                        "content_base64": base64::engine::general_purpose::STANDARD.encode(e.into_bytes()),
-                    }),
-                };
-                StreamItem::Ok(serde_json::to_vec(&object).expect("JSON serializes"))
+        let item = match dir.open_entry(&name) {
+            // Not a regular file (any more): skipped, as in the listing.
+            Ok(None) => {
+                to_cursor = name;
+                continue;
             }
-            Err(e) => bad(format!("{name}: {e}")),
+            Ok(Some(file)) => match read_small_file(file) {
+                Ok(content) => {
+                    let object = match String::from_utf8(content) {
+                        Ok(text) => json!({"path": name, "content": text}),
+                        Err(e) => json!({
+                            "path": name,
+                            "content_base64": base64::engine::general_purpose::STANDARD.encode(e.into_bytes()),
+                        }),
+                    };
+                    StreamItem::Ok(serde_json::to_vec(&object).expect("JSON serializes"))
+                }
+                Err(e) => bad(format!("{name}: {e}")),
+            },
+            Err(e) => bad(e.to_string()),
         };
         bytes += item.bytes();
         items.push(item);
@@ -381,7 +416,8 @@ pub fn read_dir(path: &str, cursor: &str, limit: ReadLimit) -> Result<Batch, Str
             break;
         }
     }
-    let exhausted = iter.next().is_none();
+    // Skipped entries may have used up the extra name: then more may follow past it.
+    let exhausted = iter.next().is_none() && !truncated;
     Ok(Batch {
         items,
         to_cursor,
@@ -389,8 +425,7 @@ pub fn read_dir(path: &str, cursor: &str, limit: ReadLimit) -> Result<Batch, Str
     })
 }
 
-fn read_small_file(path: &Path) -> Result<Vec<u8>, String> {
-    let f = File::open(path).map_err(|e| format!("cannot open: {e}"))?;
+fn read_small_file(f: File) -> Result<Vec<u8>, String> {
     let len = f.metadata().map_err(|e| format!("cannot stat: {e}"))?.len();
     if len > DIR_FILE_BYTES_MAX {
         return Err(format!(
@@ -512,32 +547,15 @@ fn kv_item(e: &skiff_raft_store::model::KvEntry) -> StreamItem {
     StreamItem::Ok(serde_json::to_vec(&object).expect("JSON serializes"))
 }
 
-/// Checks a file source at start: it exists, is readable, and its first record parses.
-pub fn check_source(source: &StreamSource) -> Result<(), String> {
+/// Checks a file source at start: it lies beneath one of this node's roots, is a regular
+/// file (a directory for `dir:`), and its first record parses.
+pub fn check_source(sources: &SourceRoots, source: &StreamSource) -> Result<(), String> {
     let one = ReadLimit { items: 1, bytes: 1 };
     let first = match source {
         StreamSource::Kv { .. } => return Ok(()),
-        StreamSource::Jsonl { path } => {
-            let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {path}: {e}"))?;
-            if !meta.is_file() {
-                return Err(format!("{path} is not a regular file"));
-            }
-            read_jsonl(path, "", one)?
-        }
-        StreamSource::Csv { path } => {
-            let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {path}: {e}"))?;
-            if !meta.is_file() {
-                return Err(format!("{path} is not a regular file"));
-            }
-            read_csv(path, "", one)?
-        }
-        StreamSource::Dir { path } => {
-            let meta = std::fs::metadata(path).map_err(|e| format!("cannot read {path}: {e}"))?;
-            if !meta.is_dir() {
-                return Err(format!("{path} is not a directory"));
-            }
-            read_dir(path, "", one)?
-        }
+        StreamSource::Jsonl { path } => read_jsonl(sources, path, "", one)?,
+        StreamSource::Csv { path } => read_csv(sources, path, "", one)?,
+        StreamSource::Dir { path } => read_dir(sources, path, "", one)?,
     };
     match first.items.first() {
         Some(StreamItem::Bad(e)) => Err(format!("{}: {e}", source.spec())),
@@ -623,10 +641,11 @@ async fn drive_once(node: &Node, ids: &DriverIds, job: &StreamJob) -> Result<(),
             .read(|sm| read_kv(sm, prefix, *follow, job.start_revision, &job.cursor, limit)),
         source => {
             let (source, cursor) = (source.clone(), job.cursor.clone());
+            let sources = node.0.sources.clone();
             tokio::task::spawn_blocking(move || match &source {
-                StreamSource::Jsonl { path } => read_jsonl(path, &cursor, limit),
-                StreamSource::Csv { path } => read_csv(path, &cursor, limit),
-                StreamSource::Dir { path } => read_dir(path, &cursor, limit),
+                StreamSource::Jsonl { path } => read_jsonl(&sources, path, &cursor, limit),
+                StreamSource::Csv { path } => read_csv(&sources, path, &cursor, limit),
+                StreamSource::Dir { path } => read_dir(&sources, path, &cursor, limit),
                 StreamSource::Kv { .. } => unreachable!("kv sources are read above"),
             })
             .await
@@ -756,12 +775,13 @@ impl Node {
             )));
         }
         let source = req.source.clone();
-        tokio::task::spawn_blocking(move || check_source(&source))
+        let sources = self.0.sources.clone();
+        tokio::task::spawn_blocking(move || check_source(&sources, &source))
             .await
             .map_err(|e| ApiError::Internal(e.to_string()))?
             .map_err(|e| {
                 ApiError::InvalidArgument(format!(
-                    "{e} (the source is read by the leader: it must be at the same path on every node)"
+                    "{e} (the source is read by the leader: it must be at the same path, beneath a sources root, on every node)"
                 ))
             })
     }
@@ -807,10 +827,17 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    fn file(content: &str) -> tempfile::NamedTempFile {
-        let mut f = tempfile::NamedTempFile::new().expect("temp file");
-        f.write_all(content.as_bytes()).expect("write");
-        f
+    /// A root holding one file with `content`: the root (kept alive), its roots and the
+    /// file's path.
+    fn file(content: &str) -> (tempfile::TempDir, SourceRoots, String) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("f");
+        std::fs::File::create(&path)
+            .and_then(|mut f| f.write_all(content.as_bytes()))
+            .expect("write");
+        let roots = SourceRoots::open(&[dir.path().to_path_buf()], &[]).expect("root");
+        let path = path.to_str().expect("utf-8").to_string();
+        (dir, roots, path)
     }
 
     fn texts(b: &Batch) -> Vec<String> {
@@ -830,34 +857,35 @@ mod tests {
 
     #[test]
     fn jsonl_resumes_at_its_byte_offset_and_fails_bad_lines() {
-        let f = file("{\"a\":1}\n\n not json\n[2]\r\n3");
-        let path = f.path().to_str().expect("utf-8");
-        let b = read_jsonl(path, "", LIMIT).expect("read");
+        let (_d, r, path) = file("{\"a\":1}\n\n not json\n[2]\r\n3");
+        let path = path.as_str();
+        let b = read_jsonl(&r, path, "", LIMIT).expect("read");
         assert_eq!(texts(&b)[0], "{\"a\":1}");
         assert!(texts(&b)[1].starts_with("BAD the line at byte 9 is not JSON"));
         assert!(!b.exhausted);
-        let b2 = read_jsonl(path, &b.to_cursor, LIMIT).expect("read");
+        let b2 = read_jsonl(&r, path, &b.to_cursor, LIMIT).expect("read");
         assert_eq!(texts(&b2), vec!["[2]", "3"]);
         assert!(b2.exhausted);
-        let end = read_jsonl(path, &b2.to_cursor, LIMIT).expect("read");
+        let end = read_jsonl(&r, path, &b2.to_cursor, LIMIT).expect("read");
         assert!(end.items.is_empty() && end.exhausted);
     }
 
     #[test]
     fn jsonl_line_longer_than_the_bound_is_one_failed_item() {
         let long = "1".repeat(RECORD_BYTES_MAX + 10);
-        let f = file(&format!("{long}\n2\n"));
-        let b = read_jsonl(f.path().to_str().expect("utf-8"), "", LIMIT).expect("read");
+        let (_d, r, path) = file(&format!("{long}\n2\n"));
+        let b = read_jsonl(&r, &path, "", LIMIT).expect("read");
         assert!(texts(&b)[0].contains("longer than"));
         assert_eq!(texts(&b)[1], "2");
     }
 
     #[test]
     fn csv_quotes_header_objects_and_malformed_records() {
-        let f = file("name,note\n\"Smith, J\",\"said \"\"hi\"\"\nthen left\"\nx\nplain,ok\n");
-        let path = f.path().to_str().expect("utf-8");
+        let (_d, r, path) =
+            file("name,note\n\"Smith, J\",\"said \"\"hi\"\"\nthen left\"\nx\nplain,ok\n");
         let b = read_csv(
-            path,
+            &r,
+            &path,
             "",
             ReadLimit {
                 items: 3,
@@ -872,10 +900,8 @@ mod tests {
         assert!(t[1].starts_with("BAD the record at byte"), "{t:?}");
         assert!(t[2].contains("\"plain\""));
         assert!(b.exhausted);
-        let bad = file("a,b\n\"open,1\n");
-        let e = check_source(&StreamSource::Csv {
-            path: bad.path().to_str().expect("utf-8").into(),
-        });
+        let (_d, r, bad) = file("a,b\n\"open,1\n");
+        let e = check_source(&r, &StreamSource::Csv { path: bad });
         assert!(e.is_err_and(|e| e.contains("malformed")));
     }
 
@@ -886,8 +912,10 @@ mod tests {
             std::fs::write(d.path().join(name), name).expect("write");
         }
         std::fs::create_dir(d.path().join("sub")).expect("mkdir");
+        std::os::unix::fs::symlink(d.path().join("a"), d.path().join("ab-link")).expect("symlink");
+        let r = SourceRoots::open(&[d.path().to_path_buf()], &[]).expect("root");
         let path = d.path().to_str().expect("utf-8");
-        let b = read_dir(path, "", LIMIT).expect("read");
+        let b = read_dir(&r, path, "", LIMIT).expect("read");
         assert_eq!(
             texts(&b),
             vec![
@@ -896,7 +924,7 @@ mod tests {
             ]
         );
         assert!(!b.exhausted);
-        let b2 = read_dir(path, &b.to_cursor, LIMIT).expect("read");
+        let b2 = read_dir(&r, path, &b.to_cursor, LIMIT).expect("read");
         assert_eq!(b2.items.len(), 1);
         assert!(b2.exhausted);
     }

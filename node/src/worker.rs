@@ -1062,6 +1062,7 @@ pub fn check_function_sandbox(spec: &skiff_client::api::FunctionSpec) -> Result<
         return Ok(());
     }
     let tier: Tier = spec.tier.parse().map_err(|e| format!("{e}"))?;
+    skiff_raft_store::functions::check_tier_ceiling(spec)?;
     let policy = function_policy(spec)?;
     policy.resolve(tier).map_err(|e| e.to_string())?;
     Ok(())
@@ -1353,5 +1354,24 @@ fn output_over_limit(len: usize, sandbox_cut: bool) -> Option<String> {
         ))
     } else {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tier_ceilings_clients_default_within_are_the_sandboxs() {
+        for tier in Tier::ALL {
+            let limits = tier.limits();
+            let c = skiff_raft_store::functions::tier_ceiling(tier.as_str())
+                .expect("every sandbox tier has a ceiling");
+            assert_eq!(
+                (c.memory_bytes_max, c.timeout_ms_max),
+                (limits.memory_bytes_max, limits.timeout_ms),
+                "{tier}"
+            );
+        }
     }
 }

@@ -199,6 +199,77 @@ pub struct StageSpec {
     pub env: Vec<(String, String)>,
 }
 
+/// The most memory and the longest run a function of a tier may ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TierCeiling {
+    pub memory_bytes_max: u64,
+    pub timeout_ms_max: u64,
+}
+
+/// The ceiling of a tier (`None` for an unknown tier): the sandbox's tier presets
+/// (`skiff_sandbox::Tier::limits`, which a node test checks these agree with), stated here so
+/// that a client can choose defaults within them without depending on the sandbox.
+pub fn tier_ceiling(tier: &str) -> Option<TierCeiling> {
+    const MIB: u64 = 1024 * 1024;
+    let (memory_bytes_max, timeout_ms_max) = match tier {
+        "untrusted" => (256 * MIB, 10_000),
+        "standard" => (512 * MIB, 60_000),
+        "trusted" => (2048 * MIB, 600_000),
+        _ => return None,
+    };
+    Some(TierCeiling {
+        memory_bytes_max,
+        timeout_ms_max,
+    })
+}
+
+/// Refuses a function (not staged: a stage keeps within its own tier's ceiling whatever the
+/// function's limits) whose memory or timeout is above its tier's ceiling, saying what to
+/// give instead. Checked where a deploy enters (the client, the receiving node), not in apply.
+pub fn check_tier_ceiling(spec: &FunctionSpec) -> Result<(), String> {
+    if spec.is_staged() {
+        return Ok(());
+    }
+    let Some(c) = tier_ceiling(&spec.tier) else {
+        return Err(format!("unknown tier {:?}", spec.tier));
+    };
+    let ms = |v: u64| {
+        if v % 1000 == 0 {
+            format!("{} s", v / 1000)
+        } else {
+            format!("{v} ms")
+        }
+    };
+    let bytes = |v: u64| {
+        if v % (1024 * 1024) == 0 {
+            format!("{} MiB", v / (1024 * 1024))
+        } else {
+            format!("{v} bytes")
+        }
+    };
+    if spec.timeout_ms > c.timeout_ms_max {
+        return Err(format!(
+            "timeout {} is above the {} ceiling of tier {}: give at most {} (or leave it out \
+             to get the ceiling), or deploy at a higher tier",
+            ms(spec.timeout_ms),
+            ms(c.timeout_ms_max),
+            spec.tier,
+            ms(c.timeout_ms_max)
+        ));
+    }
+    if spec.memory_bytes > c.memory_bytes_max {
+        return Err(format!(
+            "memory {} is above the {} ceiling of tier {}: give at most {}, or deploy at a \
+             higher tier",
+            bytes(spec.memory_bytes),
+            bytes(c.memory_bytes_max),
+            spec.tier,
+            bytes(c.memory_bytes_max)
+        ));
+    }
+    Ok(())
+}
+
 /// Trust order of the tier names, for the rule that a stage stays within its function's tier.
 fn tier_rank(tier: &str) -> Option<u8> {
     match tier {

@@ -56,6 +56,10 @@ struct Args {
     /// refuses to start.
     #[arg(long, env = "SKIFFD_INSECURE_PLAINTEXT")]
     insecure_plaintext: bool,
+    /// A directory stream sources and file dependencies may be read from (repeatable;
+    /// replaces `[sources] roots`). Without any, every file source is refused.
+    #[arg(long = "sources-root", value_name = "DIR")]
+    sources_roots: Vec<PathBuf>,
     /// Print a complete default configuration and exit.
     #[arg(long)]
     print_default_config: bool,
@@ -230,6 +234,7 @@ fn main() -> anyhow::Result<()> {
                 tls_key: args.tls_key,
                 allow_plaintext_clients: args.allow_plaintext_clients.then_some(true),
                 insecure_plaintext: args.insecure_plaintext.then_some(true),
+                sources_roots: args.sources_roots,
             };
             let config = NodeConfig::load(args.config.as_deref(), overrides)?;
             init_logging(config.log_format);

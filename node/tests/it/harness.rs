@@ -57,7 +57,9 @@ pub fn free_ports(n: usize) -> Vec<u16> {
 }
 
 impl TestCluster {
-    /// Starts `n` nodes with `config` (TOML, may be empty) and initializes the cluster.
+    /// Starts `n` nodes with `config` (TOML, may be empty) and initializes the cluster. Unless
+    /// `config` has a `[sources]` table of its own, the nodes read file sources beneath
+    /// [`TestCluster::sources_dir`].
     pub async fn start(n: usize, config: &str) -> TestCluster {
         let mut cluster = TestCluster::start_uninitialized(n, config);
         cluster.init().await;
@@ -67,7 +69,18 @@ impl TestCluster {
     /// Starts `n` nodes with `config` and leaves them uninitialized (no token yet).
     pub fn start_uninitialized(n: usize, config: &str) -> TestCluster {
         let dir = tempfile::tempdir().expect("tempdir");
+        let sources = dir.path().join("sources");
+        std::fs::create_dir(&sources).expect("make the sources root");
+        let sources = sources.canonicalize().expect("resolve the sources root");
         let config_path = dir.path().join("node.toml");
+        let config = if config.contains("[sources]") {
+            config.to_string()
+        } else {
+            format!(
+                "{config}\n[sources]\nroots = [{:?}]\n",
+                sources.to_str().expect("utf-8")
+            )
+        };
         std::fs::write(&config_path, config).expect("write config");
         let mut cluster = TestCluster {
             nodes: Vec::new(),
@@ -207,6 +220,16 @@ impl TestCluster {
         cfg.token = token;
         cfg.tls = Some(self.tls());
         Client::new(cfg).expect("valid endpoints and token")
+    }
+
+    /// The directory the nodes read stream sources and file dependencies from (their
+    /// configured sources root), as a real path.
+    pub fn sources_dir(&self) -> PathBuf {
+        self.dir
+            .path()
+            .join("sources")
+            .canonicalize()
+            .expect("the sources root exists")
     }
 
     /// The cluster's CA and node certificates.

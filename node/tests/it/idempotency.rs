@@ -234,7 +234,7 @@ async fn tracked_reads_and_file_dependencies_cause_one_new_run() {
     assert!(is_hit(&call(&c, "reader", b"").await));
 
     // A file the receiving node hashes.
-    let file = cluster.dir.path().join("model.bin");
+    let file = cluster.sources_dir().join("model.bin");
     std::fs::write(&file, b"weights v1").expect("write file");
     let path = file.to_str().expect("utf-8 path").to_string();
     let code = archive(&[("main.sh", 0o755, "printf done\n")]);

@@ -90,8 +90,8 @@ async fn assert_every_result(client: &Client, prefix: &str, n: usize) {
 async fn every_item_of_a_jsonl_file_gets_its_result() {
     require_root!();
     let cluster = TestCluster::start(3, CONFIG).await;
-    let dir = tempfile::tempdir().expect("dir");
-    let path = jsonl(dir.path(), 10_000);
+    let dir = cluster.sources_dir();
+    let path = jsonl(dir.as_path(), 10_000);
     deploy_fn(&cluster, "echo", ECHO_SERVE, FnMode::Serve).await;
     let client = cluster.client();
     let id = client
@@ -116,8 +116,8 @@ async fn every_item_of_a_jsonl_file_gets_its_result() {
 async fn a_stream_survives_kill_9_of_its_leader() {
     require_root!();
     let mut cluster = TestCluster::start(3, CONFIG).await;
-    let dir = tempfile::tempdir().expect("dir");
-    let path = jsonl(dir.path(), 5_000);
+    let dir = cluster.sources_dir();
+    let path = jsonl(dir.as_path(), 5_000);
     // Slow enough that the job is mid-way when the leader dies.
     let script = "while IFS= read -r line; do sleep 0.05; printf '%s\\n' \"$line\"; done\n";
     deploy_fn(&cluster, "slow", script, FnMode::Serve).await;
@@ -156,8 +156,8 @@ async fn a_stream_survives_kill_9_of_its_leader() {
 async fn failed_items_are_kept_and_redriven_after_a_fix() {
     require_root!();
     let cluster = TestCluster::start(3, CONFIG).await;
-    let dir = tempfile::tempdir().expect("dir");
-    let path = jsonl(dir.path(), 100);
+    let dir = cluster.sources_dir();
+    let path = jsonl(dir.as_path(), 100);
     let broken = "read -r line\ncase \"$line\" in '{\"i\":3}'|'{\"i\":77}') echo \"cannot take $line\" >&2; exit 1;; esac\nprintf '%s' \"$line\"\n";
     deploy_fn(&cluster, "picky", broken, FnMode::Exec).await;
     let client = cluster.client();
@@ -195,11 +195,11 @@ async fn failed_items_are_kept_and_redriven_after_a_fix() {
 async fn csv_and_directory_sources() {
     require_root!();
     let cluster = TestCluster::start(3, CONFIG).await;
-    let dir = tempfile::tempdir().expect("dir");
+    let dir = cluster.sources_dir();
     deploy_fn(&cluster, "echo", ECHO_SERVE, FnMode::Serve).await;
     let client = cluster.client();
 
-    let csv = dir.path().join("people.csv");
+    let csv = dir.as_path().join("people.csv");
     let mut text = String::from("name,city\n");
     for i in 0..30 {
         text.push_str(&format!("\"Doe, {i}\",\"Paris \"\"{i}\"\"\"\n"));
@@ -223,7 +223,7 @@ async fn csv_and_directory_sources() {
     assert_eq!(row["name"], "Doe, 7");
     assert_eq!(row["city"], "Paris \"7\"");
 
-    let files = dir.path().join("files");
+    let files = dir.as_path().join("files");
     std::fs::create_dir(&files).expect("mkdir");
     for name in ["c.txt", "a.txt", "b.txt"] {
         std::fs::write(files.join(name), format!("content of {name}")).expect("write");
@@ -261,7 +261,7 @@ async fn bad_starts_are_refused_with_a_clear_error() {
     )
     .await;
     let client = cluster.client();
-    let dir = tempfile::tempdir().expect("dir");
+    let dir = cluster.sources_dir();
     let start = |function: &'static str, source: StreamSource| {
         let client = client.clone();
         async move {
@@ -272,16 +272,11 @@ async fn bad_starts_are_refused_with_a_clear_error() {
                 .to_string()
         }
     };
-    let missing = dir
-        .path()
-        .join("nope.jsonl")
-        .to_str()
-        .expect("utf-8")
-        .to_string();
+    let missing = dir.join("nope.jsonl").to_str().expect("utf-8").to_string();
     let e = start("f", StreamSource::Jsonl { path: missing }).await;
-    assert!(e.contains("cannot read") && e.contains("nope.jsonl"), "{e}");
+    assert!(e.contains("cannot open") && e.contains("nope.jsonl"), "{e}");
 
-    let bad = dir.path().join("bad.jsonl");
+    let bad = dir.as_path().join("bad.jsonl");
     std::fs::write(&bad, "{not json\n{\"ok\":1}\n").expect("write");
     let e = start(
         "f",
@@ -292,7 +287,7 @@ async fn bad_starts_are_refused_with_a_clear_error() {
     .await;
     assert!(e.contains("is not JSON"), "{e}");
 
-    let bad_csv = dir.path().join("bad.csv");
+    let bad_csv = dir.as_path().join("bad.csv");
     std::fs::write(&bad_csv, "a,b\n1,2,3\n").expect("write");
     let e = start(
         "f",
@@ -303,7 +298,7 @@ async fn bad_starts_are_refused_with_a_clear_error() {
     .await;
     assert!(e.contains("has 3 fields"), "{e}");
 
-    let good = dir.path().join("good.jsonl");
+    let good = dir.as_path().join("good.jsonl");
     std::fs::write(&good, "1\n").expect("write");
     let r = client
         .stream_start(
@@ -404,8 +399,8 @@ async fn a_following_kv_stream_picks_up_keys_written_later() {
 async fn rerunning_a_stream_over_unchanged_items_is_all_hits() {
     require_root!();
     let cluster = TestCluster::start(3, CONFIG).await;
-    let dir = tempfile::tempdir().expect("dir");
-    let path = jsonl(dir.path(), 200);
+    let dir = cluster.sources_dir();
+    let path = jsonl(dir.as_path(), 200);
     let c = rpc(&cluster, 1).await;
     let s = FunctionSpec {
         max_concurrency: 64,
