@@ -436,7 +436,7 @@ async fn a_flood_of_idle_connections_to_the_metrics_port_leaves_room_for_a_scrap
     }
 }
 
-mod transport {
+mod plaintext {
     //! Without TLS files any process that reaches the port would be served as a peer (votes,
     //! appends, forwarded writes, dispatch of any function version): a node only runs so when the
     //! operator says so explicitly. That a TLS node refuses a peer without a node certificate is
