@@ -161,6 +161,7 @@ async fn a_sandbox_id_range_delegated_to_a_local_user_stops_the_node() {
             "1",
             "--listen",
             &format!("127.0.0.1:{}", free_port()),
+            "--insecure-plaintext",
         ])
         .arg("--data-dir")
         .arg(dir.path().join("data"))
