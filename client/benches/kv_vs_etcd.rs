@@ -278,7 +278,9 @@ async fn start_skiff(s: &Settings, dir: &Path) -> anyhow::Result<SkiffCluster> {
             .arg(addr)
             .arg("--data-dir")
             .arg(&data_dir)
-            // No TLS files: plaintext, as etcd runs here too.
+            // No TLS files: plaintext, as etcd runs here too (loopback only; the flag is
+            // required, and the node warns that any local process could act as a peer).
+            .arg("--insecure-plaintext")
             .arg("--exit-with-parent")
             .arg(std::process::id().to_string());
         if let Some(config) = &s.skiff_config {

@@ -19,7 +19,7 @@ pub use skiff_raft_store::functions::{
     TaskId, TaskResult, TaskState, WarmReport,
 };
 pub use skiff_raft_store::model::{
-    ClientCommand, Command, CommandResult, KvEntry, KvPage, NodeId, RequestId,
+    ClientCommand, Command, CommandResult, KvEntry, KvPage, NodeId, Principal, RequestId,
 };
 pub use skiff_raft_store::streams::{
     FailedItem, StreamCounters, StreamId, StreamJob, StreamOptions, StreamSource,

@@ -11,12 +11,17 @@
 //!   already open too;
 //! - a follower checks before it forwards; the leader trusts forwarded calls (they come over
 //!   the peer service, whose authentication is the cluster's, not a client's);
-//! - which role a deploy needs is decided in one place, [`deploy_role`].
+//! - which role a deploy needs is decided in one place, [`deploy_role`];
+//! - a function's environment values (its secrets) reach only roles that may deploy: every
+//!   answer that carries a function passes through [`function_for`] on the node that
+//!   answers the client, whether it read its own state or the leader's.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use skiff_client::api::{ApiError, ClientCommand, Command, FunctionSpec, Role, TokenInfo};
+use skiff_client::api::{
+    ApiError, ClientCommand, Command, FunctionRecord, FunctionSpec, Role, TokenInfo,
+};
 use skiff_raft_store::tokens::{token_hash, validate_secret};
 use tokio::sync::OnceCell;
 
@@ -187,4 +192,24 @@ pub fn deploy_role(spec: &FunctionSpec) -> (Role, String) {
     } else {
         (Role::Deployer, format!("deploying function {}", spec.name))
     }
+}
+
+/// The role that may read a function's environment values: the one that may set them.
+pub const ENV_READ_ROLE: Role = Role::Deployer;
+
+/// `record` as `token` may see it: below [`ENV_READ_ROLE`] every environment value (of the
+/// function and of each stage, in every version) is replaced by an empty string; the names
+/// stay, so an invoker still sees which variables a function has.
+pub fn function_for(token: &TokenInfo, mut record: FunctionRecord) -> FunctionRecord {
+    if token.role.allows(ENV_READ_ROLE) {
+        return record;
+    }
+    let blank = |env: &mut Vec<(String, String)>| env.iter_mut().for_each(|(_, v)| v.clear());
+    for version in &mut record.versions {
+        blank(&mut version.spec.env);
+        for stage in &mut version.spec.stages {
+            blank(&mut stage.env);
+        }
+    }
+    record
 }

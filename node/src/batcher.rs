@@ -16,7 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use openraft::error::{ClientWriteError, RaftError};
 use skiff_client::api::{ApiError, ClientCommand, CommandResult, NodeId};
-use skiff_raft_store::model::{Request, COMMANDS_PER_ENTRY_MAX};
+use skiff_raft_store::model::{LoggedCommand, Principal, Request, COMMANDS_PER_ENTRY_MAX};
 use skiff_raft_store::types::Raft;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
@@ -24,7 +24,7 @@ use crate::metrics::{Metrics, WriteOutcome};
 
 /// A group of commands from one client call, answered together.
 struct Pending {
-    commands: Vec<ClientCommand>,
+    commands: Vec<LoggedCommand>,
     bytes: usize,
     reply: oneshot::Sender<Result<Vec<CommandResult>, ApiError>>,
 }
@@ -41,7 +41,7 @@ pub struct Batcher {
 }
 
 /// Approximate encoded size of a command, to keep entries under `entry_bytes_max`.
-fn command_bytes(c: &ClientCommand) -> usize {
+fn command_bytes(c: &LoggedCommand) -> usize {
     32 + c.command.approx_bytes()
 }
 
@@ -88,9 +88,11 @@ impl Batcher {
         self.tx.max_capacity() - self.tx.capacity()
     }
 
-    /// Queues `commands` for the log and waits for their results.
+    /// Queues `commands`, sent by `principal` (whom the caller authenticated), for the log
+    /// and waits for their results.
     pub async fn submit(
         &self,
+        principal: Principal,
         commands: Vec<ClientCommand>,
     ) -> Result<Vec<CommandResult>, ApiError> {
         if commands.is_empty() {
@@ -102,6 +104,7 @@ impl Batcher {
                 commands.len()
             )));
         }
+        let commands: Vec<LoggedCommand> = commands.into_iter().map(|c| c.by(principal)).collect();
         let bytes = commands.iter().map(command_bytes).sum();
         let n = commands.len() as u64;
         if self.paused.load(std::sync::atomic::Ordering::SeqCst) {
@@ -200,7 +203,7 @@ fn now_ms() -> u64 {
 }
 
 async fn propose(raft: &Raft, metrics: &Metrics, batch: Vec<Pending>) {
-    let commands: Vec<ClientCommand> = batch
+    let commands: Vec<LoggedCommand> = batch
         .iter()
         .flat_map(|p| p.commands.iter().cloned())
         .collect();

@@ -218,10 +218,14 @@ fn write_file(path: &Path, bytes: &[u8], secret: bool) -> Result<(), CertError> 
         source,
     };
     let tmp = path.with_extension("tmp");
+    // A new file, never one left there (whose mode would be kept) or a link (followed).
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+        _ => {}
+    }
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(if secret { 0o600 } else { 0o644 })
         .open(&tmp)
         .map_err(io)?;

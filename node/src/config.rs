@@ -46,7 +46,8 @@ pub struct NodeConfig {
 
 /// Transport security (see `skiff_client::tls`). With the three files every connection to the
 /// node is TLS and peers must present a certificate the cluster CA signed (`skiffd certs`
-/// makes the files); without them the node speaks plaintext and says so at start.
+/// makes the files); without them the node refuses to start unless `insecure_plaintext` is
+/// set, and then speaks plaintext to everyone (peers included) and warns at start.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsSettings {
@@ -59,7 +60,18 @@ pub struct TlsSettings {
     /// With TLS: also take plaintext *client* connections (the peer service still needs a
     /// node certificate). For a loopback-only cluster whose clients have no CA file.
     pub allow_plaintext_clients: bool,
+    /// Without TLS files: serve everything, the peer service included, in plaintext to any
+    /// process that reaches the port. For a single test machine only; refused with TLS files.
+    pub insecure_plaintext: bool,
 }
+
+/// Why a node without TLS files does not start.
+pub const PLAINTEXT_REFUSED: &str = "no TLS files (tls.ca, tls.cert, tls.key): without them any \
+     process that reaches the port could act as a peer (vote, append entries, run any function). \
+     Make certificates with `skiffd certs --dir DIR --node ID=HOST,...` and pass --tls-ca, \
+     --tls-cert, --tls-key (or [tls] in the config file); for a single test machine only, \
+     --insecure-plaintext (tls.insecure_plaintext = true, SKIFFD_INSECURE_PLAINTEXT=1) serves \
+     everything in plaintext";
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -231,6 +243,7 @@ pub struct Overrides {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub allow_plaintext_clients: Option<bool>,
+    pub insecure_plaintext: Option<bool>,
 }
 
 /// A partial config as a file may hold it (the required fields may come from flags).
@@ -308,6 +321,9 @@ impl NodeConfig {
                 allow_plaintext_clients: overrides
                     .allow_plaintext_clients
                     .unwrap_or(file.tls.allow_plaintext_clients),
+                insecure_plaintext: overrides
+                    .insecure_plaintext
+                    .unwrap_or(file.tls.insecure_plaintext),
             },
             dial_overrides: file.dial_overrides,
         };
@@ -363,6 +379,12 @@ impl NodeConfig {
             ("tls.key", &t.key),
         ];
         if given.iter().any(|(_, p)| p.is_some()) {
+            if t.insecure_plaintext {
+                return Err(invalid(
+                    "tls.insecure_plaintext",
+                    "cannot be set with TLS files: choose one",
+                ));
+            }
             for (field, path) in given {
                 match path {
                     None => {
@@ -382,6 +404,8 @@ impl NodeConfig {
                 "only means something with TLS files (without them everything is plaintext)",
             ));
         }
+        // Neither TLS files nor `insecure_plaintext`: refused when the node starts
+        // (`server::start`), so that a config without them still loads for other uses.
         let r = &self.raft;
         if r.heartbeat_interval_ms == 0 {
             return Err(invalid("raft.heartbeat_interval_ms", "must be positive"));
@@ -493,10 +517,13 @@ impl NodeConfig {
         let body = toml::to_string_pretty(&example).expect("the default config serializes");
         format!(
             "# skiffd configuration. Flags (--id, --listen, --data-dir, --metrics-listen, \
-             --log-format,\n# --tls-ca, --tls-cert, --tls-key, --allow-plaintext-clients) and their \
-             SKIFFD_* environment\n# variables override these values.\n\
+             --log-format,\n# --tls-ca, --tls-cert, --tls-key, --allow-plaintext-clients, \
+             --insecure-plaintext) and their SKIFFD_* environment\n# variables override these \
+             values.\n\
              # advertise = \"10.0.0.1:7001\"   # address peers dial, if not `listen`\n\
-             # Mutual TLS (files from `skiffd certs`); without them the node speaks plaintext:\n\
+             # Mutual TLS (files from `skiffd certs`); without them the node refuses to start \
+             unless\n# [tls] insecure_plaintext = true (a single test machine only: anyone may \
+             act as a peer):\n\
              # [tls] ca = \"/etc/skiff/tls/ca.pem\", cert = \"/etc/skiff/tls/node-1.pem\", \
              key = \"/etc/skiff/tls/node-1.key\"\n{body}"
         )

@@ -6,6 +6,10 @@
 //! token, writes `DIR/env` (`SKIFF_ENDPOINTS`, `SKIFF_TOKEN` and `SKIFF_CA`) and `DIR/nodes`,
 //! and then waits for Ctrl-C or SIGTERM, on which it stops every node it started.
 //!
+//! `DIR` is this user's and writable by no one else (a new one is made with mode 0700; one
+//! given that others may write is refused), and `DIR/env`, which holds the token, is made
+//! with mode 0600 (never widened by a `chmod` after the fact).
+//!
 //! The nodes speak mutual TLS like a production cluster: the first run makes a CA and node
 //! certificates for 127.0.0.1 in `DIR/tls` (`skiffd certs`), later runs in the same directory
 //! reuse them.
@@ -242,8 +246,69 @@ fn write_files(dir: &Path, nodes: &[DevNode], token: &str) -> Result<(), NodeErr
     }
     for (name, text) in [("env", env), ("nodes", list)] {
         let path = dir.join(name);
-        std::fs::write(&path, text)
+        write_private(&path, text.as_bytes())
             .map_err(|e| dev_err(format!("cannot write {}: {e}", path.display())))?;
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to `path` readable by this user only: a new file made with mode 0600 next
+/// to it (never a file or link already there: `O_EXCL`), then renamed over `path`, so the
+/// secret is never in a file others can open, even for a moment, and a link planted at `path`
+/// is replaced, not followed.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::other("no file name"))?;
+    let tmp = path.with_file_name(format!(".{}.tmp", name.to_string_lossy()));
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)
+}
+
+/// Makes the dev directory (mode 0700, parents too) or checks the one given: it holds the
+/// admin token, the TLS keys and the nodes' data, so it must be this user's and writable by
+/// no one else (anyone who can write it can swap the files in it).
+fn private_dir(dir: &Path) -> Result<(), NodeError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| dev_err(format!("cannot create {}: {e}", dir.display())))?;
+    let meta = std::fs::symlink_metadata(dir)
+        .map_err(|e| dev_err(format!("cannot stat {}: {e}", dir.display())))?;
+    let mode = meta.permissions().mode() & 0o7777;
+    if !meta.is_dir() {
+        return Err(dev_err(format!(
+            "{} is not a directory (a symlink is not taken either)",
+            dir.display()
+        )));
+    }
+    if meta.uid() != nix::unistd::geteuid().as_raw() {
+        return Err(dev_err(format!(
+            "{} belongs to uid {}, not to this user: it will hold the admin token",
+            dir.display(),
+            meta.uid()
+        )));
+    }
+    if mode & 0o022 != 0 {
+        return Err(dev_err(format!(
+            "{} is writable by others (mode {mode:o}): it will hold the admin token; use a \
+             directory of your own (chmod go-w) or leave --dir out",
+            dir.display()
+        )));
     }
     Ok(())
 }
@@ -285,8 +350,7 @@ pub async fn run(
     }
     let (dir, _temp) = match &opts.dir {
         Some(d) => {
-            std::fs::create_dir_all(d)
-                .map_err(|e| dev_err(format!("cannot create {}: {e}", d.display())))?;
+            private_dir(d)?;
             (d.clone(), None)
         }
         None => {

@@ -19,6 +19,8 @@ use skiff_raft_store::functions::{
     validate_function_name, Dependency, IdempotencyInput, PAYLOAD_BYTES_MAX, TIMEOUT_MS_MAX,
 };
 
+use skiff_raft_store::model::Principal;
+
 use crate::peer;
 use crate::server::Node;
 
@@ -27,7 +29,9 @@ const WAIT_MARGIN: Duration = Duration::from_secs(30);
 
 impl Node {
     /// Submits an invocation (through the leader) and, if asked, waits for its result.
-    pub async fn invoke(&self, req: InvokeRequest) -> Result<Task, ApiError> {
+    /// `principal` is the caller the receiving node authenticated: the request id is the
+    /// caller's, deduplicated among its own commands only.
+    pub async fn invoke(&self, principal: Principal, req: InvokeRequest) -> Result<Task, ApiError> {
         if let Err(e) = validate_function_name(&req.function) {
             return Err(ApiError::InvalidArgument(e));
         }
@@ -41,7 +45,7 @@ impl Node {
         req.files = self.hash_file_dependencies(&req).await?;
         let (leader, addr) = self.leader().await?;
         if leader == self.0.id {
-            return self.invoke_on_leader(req).await;
+            return self.invoke_on_leader(principal, req).await;
         }
         let p = self.peer(leader, &addr).await?;
         let wait = if req.wait {
@@ -49,7 +53,7 @@ impl Node {
         } else {
             self.timeout()
         };
-        match p.forward_invoke(peer::deadline(wait), req).await {
+        match p.forward_invoke(peer::deadline(wait), principal, req).await {
             Ok(r) => r,
             Err(e) => {
                 self.0.peers.forget(leader).await;
@@ -98,7 +102,11 @@ impl Node {
     }
 
     /// The leader's side of [`Node::invoke`].
-    pub async fn invoke_on_leader(&self, req: InvokeRequest) -> Result<Task, ApiError> {
+    pub async fn invoke_on_leader(
+        &self,
+        principal: Principal,
+        req: InvokeRequest,
+    ) -> Result<Task, ApiError> {
         if let Some(hit) = self.cached_answer(&req).await {
             self.0.metrics.idempotency(true);
             return Ok(hit);
@@ -120,7 +128,7 @@ impl Node {
         let result = self
             .0
             .batcher
-            .submit(vec![command])
+            .submit(principal, vec![command])
             .await?
             .into_iter()
             .next()

@@ -28,6 +28,7 @@ use skiff_client::api::{
     Task, TaskFilter, TaskId, Workers,
 };
 use skiff_client::transport::{self, TlsConnector};
+use skiff_raft_store::model::Principal;
 use skiff_raft_store::types::TypeConfig;
 use tarpc::context;
 use tokio::sync::Mutex;
@@ -156,16 +157,20 @@ pub trait PeerApi {
         Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
         PeerRefusal,
     >;
-    async fn forward_write(commands: Vec<ClientCommand>) -> Result<Vec<CommandResult>, ApiError>;
+    /// Commands of a client call the forwarding node authenticated as `principal`.
+    async fn forward_write(
+        principal: Principal,
+        commands: Vec<ClientCommand>,
+    ) -> Result<Vec<CommandResult>, ApiError>;
     async fn forward_read(op: ReadOp) -> Result<ReadResult, ApiError>;
     async fn forward_admin(op: AdminOp) -> Result<AdminResult, ApiError>;
     async fn probe() -> Probe;
     /// Start an election now (a stopping leader hands over to this node; see `handover`).
     async fn campaign(target: NodeId) -> Result<(), PeerRefusal>;
     /// Submits (and, with `wait`, waits for) an invocation on the leader.
-    async fn forward_invoke(req: InvokeRequest) -> Result<Task, ApiError>;
+    async fn forward_invoke(principal: Principal, req: InvokeRequest) -> Result<Task, ApiError>;
     /// A stream request, for the leader.
-    async fn forward_stream(op: StreamOp) -> Result<StreamReply, ApiError>;
+    async fn forward_stream(principal: Principal, op: StreamOp) -> Result<StreamReply, ApiError>;
     /// The leader's fast path: run this task, assigned to the target node under its token.
     /// The target also finds it in its applied state (the slow path); running it twice under
     /// one token is prevented on the target.

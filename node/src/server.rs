@@ -26,7 +26,7 @@ use skiff_client::api::{
 };
 use skiff_client::transport::{self, Conn, Service, TlsAcceptor, TlsConnector};
 use skiff_raft_store::functions::validate_function_name;
-use skiff_raft_store::model::{validate_key, KEY_BYTES_MAX, LIST_LIMIT_MAX};
+use skiff_raft_store::model::{validate_key, Principal, KEY_BYTES_MAX, LIST_LIMIT_MAX};
 use skiff_raft_store::tokens::{token_hash, validate_secret, validate_token_name};
 use skiff_raft_store::types::Raft;
 use skiff_raft_store::StateMachineStore;
@@ -170,16 +170,21 @@ fn core_died(why: String) -> NodeError {
 
 /// Opens the store and starts Raft, without serving.
 pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| NodeError::DataDir {
-        path: config.data_dir.clone(),
-        source,
-    })?;
+    // First: a node refused for its transport settings touches nothing.
+    let (acceptor, connector) = load_tls(&config.tls)?;
+    // The store holds every key, every function's environment and the token hashes: a
+    // directory made here is the node user's alone.
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&config.data_dir)
+        .map_err(|source| NodeError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
     let (log_store, store) = skiff_raft_store::open(&config.data_dir.join("raft"))
         .await
         .map_err(|e| NodeError::Store(e.to_string()))?;
     let raft_config = Arc::new(config.openraft()?);
     let overrides = Arc::new(config.dial_override_map());
-    let (acceptor, connector) = load_tls(&config.tls)?;
     let network = Network {
         self_id: config.id,
         frame_bytes_max: config.limits.peer_frame_bytes_max,
@@ -229,9 +234,17 @@ fn load_tls(
     tls: &crate::config::TlsSettings,
 ) -> Result<(Option<TlsAcceptor>, Option<TlsConnector>), NodeError> {
     let (Some(ca), Some(cert), Some(key)) = (&tls.ca, &tls.cert, &tls.key) else {
+        if !tls.insecure_plaintext {
+            return Err(NodeError::Config(crate::config::ConfigError::Invalid {
+                field: "tls",
+                message: crate::config::PLAINTEXT_REFUSED.to_string(),
+            }));
+        }
         tracing::warn!(
-            "no TLS configured: connections are not encrypted and peers are not authenticated \
-             (make certificates with `skiffd certs` and set [tls])"
+            "INSECURE: tls.insecure_plaintext is set and there are no TLS files: nothing is \
+             encrypted, and ANY process that reaches this port is served as a peer (it can vote, \
+             append log entries, forward writes and run any function); for a single test machine \
+             only (make certificates with `skiffd certs` and set [tls])"
         );
         return Ok((None, None));
     };
@@ -500,18 +513,21 @@ impl Node {
         Ok(())
     }
 
+    /// Proposes `commands`, sent by `principal` (authenticated by the caller), through the
+    /// leader.
     pub(crate) async fn write(
         &self,
+        principal: Principal,
         commands: Vec<ClientCommand>,
     ) -> Result<Vec<CommandResult>, ApiError> {
         self.validate(&commands)?;
         let (leader, addr) = self.leader().await?;
         if leader == self.0.id {
-            return self.0.batcher.submit(commands).await;
+            return self.0.batcher.submit(principal, commands).await;
         }
         let p = self.peer(leader, &addr).await?;
         match p
-            .forward_write(peer::deadline(self.timeout()), commands)
+            .forward_write(peer::deadline(self.timeout()), principal, commands)
             .await
         {
             Ok(r) => r,
@@ -1008,7 +1024,7 @@ impl Node {
                 request_id: node_request_id(),
                 command: bootstrap.clone(),
             };
-            match self.write(vec![command]).await {
+            match self.write(Principal::Node, vec![command]).await {
                 Err(e) if e.is_retryable() && tokio::time::Instant::now() < deadline => {
                     tracing::debug!(error = %e, "bootstrap token: waiting for a leader");
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1056,7 +1072,7 @@ impl Node {
                 bootstrap: false,
             },
         };
-        match self.write(vec![command]).await?.as_slice() {
+        match self.write(Principal::Node, vec![command]).await?.as_slice() {
             [CommandResult::TokenCreated { token }] => {
                 tracing::info!(token = token.id, role = %token.role, "token created");
                 Ok(CreatedToken {
@@ -1076,6 +1092,7 @@ impl Node {
     /// Revokes a token (idempotent under the client's request id).
     pub(crate) async fn token_revoke(
         &self,
+        principal: Principal,
         request_id: RequestId,
         id: TokenId,
     ) -> Result<TokenInfo, ApiError> {
@@ -1083,12 +1100,15 @@ impl Node {
             request_id,
             command: Command::TokenRevoke { id },
         };
-        match self.write(vec![command]).await?.as_slice() {
+        match self.write(principal, vec![command]).await?.as_slice() {
             [CommandResult::TokenRevoked { token }] => {
                 tracing::info!(token = token.id, "token revoked");
                 Ok(token.clone())
             }
             [CommandResult::NotFound] => Err(ApiError::NotFound(format!("token {id}"))),
+            [CommandResult::Rejected { reason }] => {
+                Err(ApiError::FailedPrecondition(reason.clone()))
+            }
             other => Err(ApiError::Internal(format!(
                 "a token revoke was answered with {other:?}"
             ))),
@@ -1140,9 +1160,9 @@ impl ClientApi for Session {
         counter.counted(
             async move {
                 let commands = commands.into_inner();
-                self.allow_write(&commands).await?;
+                let token = self.allow_write(&commands).await?;
                 self.client_commands_only(&commands)?;
-                Node::write(&self, commands).await
+                Node::write(&self, Principal::Token(token.id), commands).await
             }
             .await,
         )
@@ -1261,8 +1281,8 @@ impl ClientApi for Session {
         let counter = self.clone();
         counter.counted(
             async move {
-                self.allow(Role::Invoker, "invoking a function").await?;
-                Node::invoke(&self, req).await
+                let token = self.allow(Role::Invoker, "invoking a function").await?;
+                Node::invoke(&self, Principal::Token(token.id), req).await
             }
             .await,
         )
@@ -1326,9 +1346,9 @@ impl ClientApi for Session {
         let counter = self.clone();
         counter.counted(
             async move {
-                self.allow(Role::Invoker, "reading a function").await?;
+                let token = self.allow(Role::Invoker, "reading a function").await?;
                 match self.read(ReadOp::Function { name }, read).await? {
-                    ReadResult::Function(f) => Ok(f.map(|f| *f)),
+                    ReadResult::Function(f) => Ok(f.map(|f| crate::auth::function_for(&token, *f))),
                     _ => Err(ApiError::Internal(
                         "a function read was answered with another read".into(),
                     )),
@@ -1346,9 +1366,12 @@ impl ClientApi for Session {
         let counter = self.clone();
         counter.counted(
             async move {
-                self.allow(Role::Invoker, "listing functions").await?;
+                let token = self.allow(Role::Invoker, "listing functions").await?;
                 match self.read(ReadOp::Functions, read).await? {
-                    ReadResult::Functions(f) => Ok(f),
+                    ReadResult::Functions(f) => Ok(f
+                        .into_iter()
+                        .map(|f| crate::auth::function_for(&token, f))
+                        .collect()),
                     _ => Err(ApiError::Internal(
                         "a function list was answered with another read".into(),
                     )),
@@ -1367,8 +1390,9 @@ impl ClientApi for Session {
         let counter = self.clone();
         counter.counted(
             async move {
-                self.allow(Role::Deployer, "starting a stream").await?;
-                match self.stream_op(StreamOp::Start { request_id, req }).await? {
+                let token = self.allow(Role::Deployer, "starting a stream").await?;
+                let op = StreamOp::Start { request_id, req };
+                match self.stream_op(Principal::Token(token.id), op).await? {
                     StreamReply::Started(id) => Ok(id),
                     other => Err(ApiError::Internal(format!(
                         "a stream start was answered with {other:?}"
@@ -1419,8 +1443,9 @@ impl ClientApi for Session {
         let counter = self.clone();
         counter.counted(
             async move {
-                self.allow(Role::Deployer, "cancelling a stream").await?;
-                self.stream_op(StreamOp::Cancel { request_id, id })
+                let token = self.allow(Role::Deployer, "cancelling a stream").await?;
+                let op = StreamOp::Cancel { request_id, id };
+                self.stream_op(Principal::Token(token.id), op)
                     .await
                     .map(|_| ())
             }
@@ -1437,8 +1462,9 @@ impl ClientApi for Session {
         let counter = self.clone();
         counter.counted(
             async move {
-                self.allow(Role::Deployer, "redriving a stream").await?;
-                match self.stream_op(StreamOp::Redrive { request_id, id }).await? {
+                let token = self.allow(Role::Deployer, "redriving a stream").await?;
+                let op = StreamOp::Redrive { request_id, id };
+                match self.stream_op(Principal::Token(token.id), op).await? {
                     StreamReply::Redriven(n) => Ok(n),
                     other => Err(ApiError::Internal(format!(
                         "a stream redrive was answered with {other:?}"
@@ -1533,8 +1559,8 @@ impl ClientApi for Session {
         let counter = self.clone();
         counter.counted(
             async move {
-                self.allow(Role::Admin, "revoking a token").await?;
-                Node::token_revoke(&self, request_id, id).await
+                let token = self.allow(Role::Admin, "revoking a token").await?;
+                Node::token_revoke(&self, Principal::Token(token.id), request_id, id).await
             }
             .await,
         )
@@ -1582,6 +1608,7 @@ impl PeerApi for Node {
     async fn forward_write(
         self,
         _: Context,
+        principal: Principal,
         commands: Vec<ClientCommand>,
     ) -> Result<Vec<CommandResult>, ApiError> {
         self.validate(&commands)?;
@@ -1590,7 +1617,7 @@ impl PeerApi for Node {
         if self.0.raft.current_leader().await != Some(self.0.id) {
             return Err(self.not_leader_hint());
         }
-        self.0.batcher.submit(commands).await
+        self.0.batcher.submit(principal, commands).await
     }
 
     async fn forward_read(self, _: Context, op: ReadOp) -> Result<ReadResult, ApiError> {
@@ -1628,18 +1655,28 @@ impl PeerApi for Node {
             .map_err(|_| PeerRefusal::ShuttingDown)
     }
 
-    async fn forward_invoke(self, _: Context, req: InvokeRequest) -> Result<Task, ApiError> {
+    async fn forward_invoke(
+        self,
+        _: Context,
+        principal: Principal,
+        req: InvokeRequest,
+    ) -> Result<Task, ApiError> {
         if self.0.raft.current_leader().await != Some(self.0.id) {
             return Err(self.not_leader_hint());
         }
-        self.invoke_on_leader(req).await
+        self.invoke_on_leader(principal, req).await
     }
 
-    async fn forward_stream(self, _: Context, op: StreamOp) -> Result<StreamReply, ApiError> {
+    async fn forward_stream(
+        self,
+        _: Context,
+        principal: Principal,
+        op: StreamOp,
+    ) -> Result<StreamReply, ApiError> {
         if self.0.raft.current_leader().await != Some(self.0.id) {
             return Err(self.not_leader_hint());
         }
-        self.stream_op_on_leader(op).await
+        self.stream_op_on_leader(principal, op).await
     }
 
     async fn dispatch(
@@ -1693,6 +1730,7 @@ mod tests {
             id: Some(1),
             listen: Some("127.0.0.1:1".into()),
             data_dir: Some(dir.path().join("data")),
+            insecure_plaintext: Some(true),
             ..Default::default()
         };
         let mut config = NodeConfig::load(None, overrides).expect("config");

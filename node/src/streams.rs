@@ -16,6 +16,7 @@
 //!   about [`STREAM_ADVANCE_BYTES_MAX`] bytes;
 //! - only the leader drives, and only through its batcher.
 
+use skiff_raft_store::model::Principal;
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
@@ -646,7 +647,7 @@ async fn drive_once(node: &Node, ids: &DriverIds, job: &StreamJob) -> Result<(),
             exhausted: batch.exhausted,
         },
     };
-    match node.0.batcher.submit(vec![command]).await {
+    match node.0.batcher.submit(Principal::Node, vec![command]).await {
         Ok(results) => match results.into_iter().next() {
             Some(CommandResult::StreamAdvanced { tasks }) => {
                 for t in tasks {
@@ -662,13 +663,19 @@ async fn drive_once(node: &Node, ids: &DriverIds, job: &StreamJob) -> Result<(),
 
 impl Node {
     /// A stream request: executed on the leader, forwarded there from any other node.
-    pub async fn stream_op(&self, op: StreamOp) -> Result<StreamReply, ApiError> {
+    /// `principal` is the caller the receiving node authenticated.
+    pub async fn stream_op(
+        &self,
+        principal: Principal,
+        op: StreamOp,
+    ) -> Result<StreamReply, ApiError> {
         let (leader, addr) = self.leader().await?;
         if leader == self.0.id {
-            return self.stream_op_on_leader(op).await;
+            return self.stream_op_on_leader(principal, op).await;
         }
         let p = self.peer(leader, &addr).await?;
-        match p.forward_stream(peer::deadline(self.timeout()), op).await {
+        let ctx = peer::deadline(self.timeout());
+        match p.forward_stream(ctx, principal, op).await {
             Ok(r) => r,
             Err(e) => {
                 self.0.peers.forget(leader).await;
@@ -678,7 +685,11 @@ impl Node {
     }
 
     /// The leader's side of [`Node::stream_op`].
-    pub async fn stream_op_on_leader(&self, op: StreamOp) -> Result<StreamReply, ApiError> {
+    pub async fn stream_op_on_leader(
+        &self,
+        principal: Principal,
+        op: StreamOp,
+    ) -> Result<StreamReply, ApiError> {
         let (request_id, command) = match op {
             StreamOp::Start { request_id, req } => {
                 self.check_stream_start(&req).await?;
@@ -698,10 +709,13 @@ impl Node {
         let result = self
             .0
             .batcher
-            .submit(vec![ClientCommand {
-                request_id,
-                command,
-            }])
+            .submit(
+                principal,
+                vec![ClientCommand {
+                    request_id,
+                    command,
+                }],
+            )
             .await?
             .into_iter()
             .next()

@@ -14,6 +14,7 @@
 //! - code archives are unpacked once per digest into a content-addressed cache, atomically
 //!   (a half-written directory is never used).
 
+use skiff_raft_store::model::Principal;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -456,6 +457,8 @@ impl Worker {
         let mut log: Vec<u8> = Vec::new();
         let mut cpu = Duration::ZERO;
         let mut peak_memory_bytes = 0u64;
+        // Whether the last stage's output was cut by its sandbox.
+        let mut cut = false;
         for (index, stage) in stages.iter().enumerate() {
             let label = stage_label(index, stages.len(), stage);
             let elapsed_ms = started.elapsed().as_millis() as u64;
@@ -517,7 +520,8 @@ impl Worker {
             let last = index + 1 == stages.len();
             let failure = match o.status {
                 // A cut intermediate output would hand the next stage a different input than
-                // the one this stage produced; the last stage's is cut like a plain function's.
+                // the one this stage produced; the last stage's fails the task like a plain
+                // function's (below).
                 ExitStatus::Exited(0) if o.stdout_truncated && !last => Some((
                     RunStatus::Failed,
                     Some(0),
@@ -556,15 +560,23 @@ impl Worker {
                 }
             }
             input = o.stdout;
+            if last {
+                cut = o.stdout_truncated;
+            }
         }
+        let over = output_over_limit(input.len(), cut);
         input.truncate(OUTPUT_BYTES_MAX);
         let result = TaskResult {
-            status: RunStatus::Succeeded,
+            status: if over.is_some() {
+                RunStatus::Failed
+            } else {
+                RunStatus::Succeeded
+            },
             node: self.id,
             exit_code: Some(0),
             output: input,
             log: tail(&log, LOG_BYTES_MAX),
-            error: None,
+            error: over,
             warm: false,
             wall_ms: started.elapsed().as_millis() as u64,
             cpu_ms: cpu.as_millis() as u64,
@@ -640,14 +652,21 @@ impl Worker {
         let wall_ms = started.elapsed().as_millis() as u64;
         let result = match response {
             Ok(mut line) => {
+                // The sandbox refuses a line over the stdout limit; the result's bound may be
+                // smaller.
+                let over = output_over_limit(line.len(), false);
                 line.truncate(OUTPUT_BYTES_MAX);
                 TaskResult {
-                    status: RunStatus::Succeeded,
+                    status: if over.is_some() {
+                        RunStatus::Failed
+                    } else {
+                        RunStatus::Succeeded
+                    },
                     node: self.id,
                     exit_code: None,
                     output: line,
                     log,
-                    error: None,
+                    error: over,
                     warm,
                     wall_ms,
                     cpu_ms: 0,
@@ -703,6 +722,10 @@ impl Worker {
             ),
             ExitStatus::TimedOut => (RunStatus::TimedOut, None, Some("timed out".to_string())),
             ExitStatus::OutOfMemory => (RunStatus::Failed, None, Some("out of memory".to_string())),
+        };
+        let (status, error) = match output_over_limit(o.stdout.len(), o.stdout_truncated) {
+            Some(over) if status == RunStatus::Succeeded => (RunStatus::Failed, Some(over)),
+            _ => (status, error),
         };
         let mut output = o.stdout;
         output.truncate(OUTPUT_BYTES_MAX);
@@ -822,7 +845,7 @@ async fn report(
     let deadline = Instant::now() + REPORT_DEADLINE;
     let mut backoff = Duration::from_millis(20);
     loop {
-        match node.write(vec![command.clone()]).await {
+        match node.write(Principal::Node, vec![command.clone()]).await {
             Ok(results) => {
                 if let Some(CommandResult::Rejected { reason }) = results.first() {
                     tracing::info!(task, token, %reason, "completion refused");
@@ -877,7 +900,7 @@ async fn heartbeat_loop(node: Node) {
             request_id: w.next_request_id(),
             command: Command::Heartbeat(Box::new(hb)),
         };
-        if let Err(e) = node.write(vec![command]).await {
+        if let Err(e) = node.write(Principal::Node, vec![command]).await {
             tracing::debug!(error = %e, "heartbeat not recorded");
         }
         keep_min_warm(&node).await;
@@ -1257,7 +1280,7 @@ async fn write_retrying(
     let deadline = Instant::now() + DATA_RETRY_WINDOW;
     let mut backoff = Duration::from_millis(20);
     loop {
-        match node.write(vec![command.clone()]).await {
+        match node.write(Principal::Node, vec![command.clone()]).await {
             Err(e) if e.is_retryable() && Instant::now() + backoff < deadline => {
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_millis(500));
@@ -1310,4 +1333,25 @@ fn truncate_text(mut s: String) -> String {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Every critical section is a single map update; a panic cannot leave it half done.
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Why a run that exited well still failed because its output was cut, if it was: by its
+/// sandbox (over the tier's or policy's `stdout_bytes_max`, `sandbox_cut`) or by the bound of
+/// a task result ([`OUTPUT_BYTES_MAX`]). A cut output is never passed off as the whole
+/// result of a successful task; the kept part stays in the result's output.
+fn output_over_limit(len: usize, sandbox_cut: bool) -> Option<String> {
+    let kept = len.min(OUTPUT_BYTES_MAX);
+    if sandbox_cut {
+        Some(format!(
+            "output over the sandbox's stdout limit (stdout_bytes_max of its tier or policy): \
+             cut after {len} bytes; the first {kept} bytes are kept"
+        ))
+    } else if len > OUTPUT_BYTES_MAX {
+        Some(format!(
+            "output of {len} bytes is over the limit of a task result ({OUTPUT_BYTES_MAX} \
+             bytes); the first {kept} bytes are kept"
+        ))
+    } else {
+        None
+    }
 }

@@ -10,8 +10,11 @@
 //!   time is the leader's stamp `Request::time_ms`, clamped so it never runs backwards;
 //! - every successful write bumps `revision` by one and the written key takes the new value
 //!   as its version, so versions strictly increase and never repeat;
-//! - a command whose [`RequestId`] is remembered is answered with the stored result and
-//!   changes nothing but the deduplication bookkeeping;
+//! - a command whose ([`Principal`], [`RequestId`]) is remembered is answered with the stored
+//!   result and changes nothing but the deduplication bookkeeping, if it is of the same
+//!   [`CommandKind`]; of another kind it is refused ([`CommandResult::Rejected`]) and changes
+//!   nothing at all: a request id never answers with another command's result, and one
+//!   principal's ids never touch another's;
 //! - the deduplication map holds at most [`DEDUP_ENTRIES_MAX`] records, none older than
 //!   [`DEDUP_WINDOW_MS`] relative to `last_time_ms`; eviction is oldest first, by
 //!   `(time_ms, request id)`, so it is the same on every replica.
@@ -23,17 +26,34 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::model::{
-    validate_key, Command, CommandResult, KvEntry, KvPage, Request, RequestId, Response,
-    DEDUP_ENTRIES_MAX, DEDUP_WINDOW_MS, LIST_LIMIT_MAX, VALUE_BYTES_MAX,
+    validate_key, Command, CommandKind, CommandResult, KvEntry, KvPage, Principal, Request,
+    RequestId, Response, DEDUP_ENTRIES_MAX, DEDUP_WINDOW_MS, LIST_LIMIT_MAX, VALUE_BYTES_MAX,
 };
 use crate::sched::Sched;
 use crate::tokens::Tokens;
+
+/// What a remembered command is found by: who sent it and the id they gave it. Ids are
+/// chosen by clients (and visible in task records), so an id alone names nothing: only the
+/// principal the node authenticated makes it one caller's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct DedupKey {
+    pub principal: Principal,
+    pub id: RequestId,
+}
+
+impl std::fmt::Display for DedupKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "request {} of {}", self.id, self.principal)
+    }
+}
 
 /// What the state machine remembers about an applied command, to answer its retries.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DedupRecord {
     /// `last_time_ms` of the state machine when the command was applied.
     pub time_ms: u64,
+    /// The kind of the command: a retry of another kind is refused.
+    pub kind: CommandKind,
     pub result: CommandResult,
 }
 
@@ -46,9 +66,9 @@ pub enum Mutation {
     /// Remove this key.
     KvDelete(String),
     /// Remember the result of a command.
-    DedupPut { id: RequestId, record: DedupRecord },
+    DedupPut { key: DedupKey, record: DedupRecord },
     /// Forget a remembered command (expired or evicted).
-    DedupDelete(RequestId),
+    DedupDelete(DedupKey),
     /// The scalar state after the request.
     Meta { revision: u64, last_time_ms: u64 },
     /// Write (`Some`) or delete (`None`) one scheduler object (see [`crate::sched`]).
@@ -69,9 +89,9 @@ pub struct StateMachineData {
     kv: BTreeMap<String, KvEntry>,
     revision: u64,
     last_time_ms: u64,
-    dedup: BTreeMap<RequestId, DedupRecord>,
-    /// `(time_ms, id)` of every record in `dedup`: the eviction order.
-    dedup_order: BTreeSet<(u64, RequestId)>,
+    dedup: BTreeMap<DedupKey, DedupRecord>,
+    /// `(time_ms, key)` of every record in `dedup`: the eviction order.
+    dedup_order: BTreeSet<(u64, DedupKey)>,
     /// [`DEDUP_ENTRIES_MAX`] except in tests, which cannot afford a million records to
     /// exercise eviction.
     dedup_entries_max: usize,
@@ -106,7 +126,7 @@ impl StateMachineData {
     /// invariant that the parts alone can break.
     pub fn from_parts(
         kv: impl IntoIterator<Item = KvEntry>,
-        dedup: impl IntoIterator<Item = (RequestId, DedupRecord)>,
+        dedup: impl IntoIterator<Item = (DedupKey, DedupRecord)>,
         objects: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>,
         revision: u64,
         last_time_ms: u64,
@@ -187,18 +207,30 @@ impl StateMachineData {
         self.put_stream_results(&mut mutations);
 
         let mut results = Vec::with_capacity(req.commands.len());
-        for client_command in &req.commands {
-            if let Some(record) = self.dedup.get(&client_command.request_id) {
-                results.push(record.result.clone());
+        for logged in &req.commands {
+            let key = DedupKey {
+                principal: logged.principal,
+                id: logged.request_id,
+            };
+            let kind = logged.command.kind();
+            if let Some(record) = self.dedup.get(&key) {
+                results.push(if record.kind == kind {
+                    record.result.clone()
+                } else {
+                    // Neither the stored result (it answers another command) nor a new run
+                    // (the id names that command until it expires).
+                    CommandResult::Rejected {
+                        reason: format!(
+                            "request id {} was already used for a {} by {}; a {} needs a new request id",
+                            key.id, record.kind, key.principal, kind
+                        ),
+                    }
+                });
                 continue;
             }
-            let result = self.execute(
-                &client_command.command,
-                client_command.request_id,
-                &mut mutations,
-            );
+            let result = self.execute(&logged.command, logged.request_id, &mut mutations);
             self.put_stream_results(&mut mutations);
-            self.remember(client_command.request_id, result.clone(), &mut mutations);
+            self.remember(key, kind, result.clone(), &mut mutations);
             results.push(result);
         }
         for (key, value) in self.sched.take_changes() {
@@ -401,14 +433,21 @@ impl StateMachineData {
         self.revision
     }
 
-    fn remember(&mut self, id: RequestId, result: CommandResult, mutations: &mut Vec<Mutation>) {
+    fn remember(
+        &mut self,
+        key: DedupKey,
+        kind: CommandKind,
+        result: CommandResult,
+        mutations: &mut Vec<Mutation>,
+    ) {
         let record = DedupRecord {
             time_ms: self.last_time_ms,
+            kind,
             result,
         };
-        self.dedup_order.insert((record.time_ms, id));
-        self.dedup.insert(id, record.clone());
-        mutations.push(Mutation::DedupPut { id, record });
+        self.dedup_order.insert((record.time_ms, key));
+        self.dedup.insert(key, record.clone());
+        mutations.push(Mutation::DedupPut { key, record });
         while self.dedup.len() > self.dedup_entries_max {
             let Some((_, oldest)) = self.dedup_order.pop_first() else {
                 break;
@@ -491,9 +530,9 @@ impl StateMachineData {
         self.dedup.len()
     }
 
-    /// The remembered result of `id`, if still in the window.
-    pub fn dedup_get(&self, id: &RequestId) -> Option<&DedupRecord> {
-        self.dedup.get(id)
+    /// The remembered result of `key`, if still in the window.
+    pub fn dedup_get(&self, key: &DedupKey) -> Option<&DedupRecord> {
+        self.dedup.get(key)
     }
 
     /// All entries in key order.
@@ -501,8 +540,8 @@ impl StateMachineData {
         self.kv.values()
     }
 
-    /// All deduplication records in request id order.
-    pub fn dedup_iter(&self) -> impl Iterator<Item = (&RequestId, &DedupRecord)> {
+    /// All deduplication records in (principal, request id) order.
+    pub fn dedup_iter(&self) -> impl Iterator<Item = (&DedupKey, &DedupRecord)> {
         self.dedup.iter()
     }
 
@@ -534,7 +573,21 @@ impl StateMachineData {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{ClientCommand, InvalidCommand};
+    use crate::model::{ClientCommand, InvalidCommand, LoggedCommand};
+
+    /// The principal of the tests' commands.
+    const CALLER: Principal = Principal::Token(1);
+
+    fn logged(commands: Vec<ClientCommand>) -> Vec<LoggedCommand> {
+        commands.into_iter().map(|c| c.by(CALLER)).collect()
+    }
+
+    fn key(seq: u64) -> DedupKey {
+        DedupKey {
+            principal: CALLER,
+            id: id(seq),
+        }
+    }
 
     /// The state rebuilt from its parts, as a restart or a snapshot install does.
     fn rebuilt(sm: &StateMachineData) -> StateMachineData {
@@ -558,12 +611,12 @@ mod tests {
         apply(&mut sm, 2, vec![put(2, "b", b"", None)]);
         let (_, mutations) = sm.apply_request(&Request {
             time_ms: 3,
-            commands: vec![put(3, "c", b"", None)],
+            commands: logged(vec![put(3, "c", b"", None)]),
         });
-        assert!(mutations.contains(&Mutation::DedupDelete(id(1))));
+        assert!(mutations.contains(&Mutation::DedupDelete(key(1))));
         assert_eq!(sm.dedup_len(), 2);
-        assert!(sm.dedup_get(&id(1)).is_none());
-        assert!(sm.dedup_get(&id(2)).is_some() && sm.dedup_get(&id(3)).is_some());
+        assert!(sm.dedup_get(&key(1)).is_none());
+        assert!(sm.dedup_get(&key(2)).is_some() && sm.dedup_get(&key(3)).is_some());
     }
 
     fn id(seq: u64) -> RequestId {
@@ -592,7 +645,11 @@ mod tests {
     }
 
     fn apply(sm: &mut StateMachineData, time_ms: u64, commands: Vec<ClientCommand>) -> Response {
-        sm.apply_request(&Request { time_ms, commands }).0
+        sm.apply_request(&Request {
+            time_ms,
+            commands: logged(commands),
+        })
+        .0
     }
 
     #[test]
@@ -707,20 +764,63 @@ mod tests {
         let mut sm = StateMachineData::new();
         apply(&mut sm, 1, vec![put(1, "k", b"v", None)]);
         let before = sm.digest();
-        // Same id, even with a different command: the stored answer, no change.
+        // Same id and kind (a retry): the stored answer, no change. Another kind under the
+        // same id: refused, never answered with the put's result.
         let r = apply(
             &mut sm,
             2,
             vec![put(1, "k", b"other", None), del(1, "k", None)],
         );
+        assert_eq!(r.results[0], CommandResult::Put { version: 1 });
+        match &r.results[1] {
+            CommandResult::Rejected { reason } => assert!(
+                reason.contains("already used for a key write")
+                    && reason.contains("a key delete needs a new request id"),
+                "{reason}"
+            ),
+            other => panic!("a delete under a put's id was answered with {other:?}"),
+        }
+        assert_eq!(sm.digest(), before);
+        assert_eq!(
+            sm.dedup_get(&key(1)).map(|r| r.kind),
+            Some(CommandKind::KvPut)
+        );
+    }
+
+    #[test]
+    fn request_ids_are_per_principal() {
+        let mut sm = StateMachineData::new();
+        apply(&mut sm, 1, vec![put(1, "k", b"mine", None)]);
+        // Another principal sending the same id (read from a task record, say) runs its own
+        // command and gets its own result.
+        let other = Principal::Token(2);
+        let (r, _) = sm.apply_request(&Request {
+            time_ms: 2,
+            commands: vec![put(1, "j", b"theirs", None).by(other)],
+        });
+        assert_eq!(r.results, vec![CommandResult::Put { version: 2 }]);
+        assert_eq!(
+            sm.get("j").map(|e| e.value.clone()),
+            Some(b"theirs".to_vec())
+        );
+        // Each principal's retry still gets its own stored result.
+        let (r, _) = sm.apply_request(&Request {
+            time_ms: 3,
+            commands: vec![
+                put(1, "k", b"mine", None).by(CALLER),
+                put(1, "j", b"theirs", None).by(other),
+            ],
+        });
         assert_eq!(
             r.results,
             vec![
                 CommandResult::Put { version: 1 },
-                CommandResult::Put { version: 1 }
+                CommandResult::Put { version: 2 }
             ]
         );
-        assert_eq!(sm.digest(), before);
+        assert_eq!(sm.revision(), 2);
+        let copy = rebuilt(&sm);
+        assert_eq!(copy, sm);
     }
 
     #[test]
@@ -731,13 +831,13 @@ mod tests {
         apply(&mut sm, 10, vec![]);
         assert_eq!(sm.last_time_ms(), 1_000);
         apply(&mut sm, 1_000 + DEDUP_WINDOW_MS - 1, vec![]);
-        assert!(sm.dedup_get(&id(1)).is_some());
+        assert!(sm.dedup_get(&key(1)).is_some());
         let (_, mutations) = sm.apply_request(&Request {
             time_ms: 1_000 + DEDUP_WINDOW_MS,
             commands: vec![],
         });
-        assert!(sm.dedup_get(&id(1)).is_none());
-        assert!(mutations.contains(&Mutation::DedupDelete(id(1))));
+        assert!(sm.dedup_get(&key(1)).is_none());
+        assert!(mutations.contains(&Mutation::DedupDelete(key(1))));
         // Now the id is new again and applies.
         let r = apply(
             &mut sm,
@@ -791,9 +891,10 @@ mod tests {
         );
         let record = DedupRecord {
             time_ms: 5,
+            kind: CommandKind::KvDelete,
             result: CommandResult::NotFound,
         };
-        assert!(StateMachineData::from_parts([], [(id(1), record)], [], 0, 4).is_err());
+        assert!(StateMachineData::from_parts([], [(key(1), record)], [], 0, 4).is_err());
     }
 
     #[test]
@@ -824,7 +925,7 @@ mod tests {
         let mut sm = StateMachineData::new();
         let (r, mutations) = sm.apply_request(&Request {
             time_ms: 10,
-            commands: vec![
+            commands: logged(vec![
                 create(1, Role::Admin, Some("bootstrap"), "s1", true),
                 create(2, Role::Invoker, Some("ci"), "s2", false),
                 create(3, Role::Admin, None, "s3", true),
@@ -836,7 +937,7 @@ mod tests {
                     false,
                 ),
                 create(5, Role::Deployer, None, "s5", true),
-            ],
+            ]),
         });
         assert!(matches!(r.results[0], CommandResult::TokenCreated { .. }));
         assert!(matches!(r.results[1], CommandResult::TokenCreated { .. }));
@@ -882,7 +983,7 @@ mod tests {
         use super::*;
         use proptest::prelude::*;
 
-        fn command() -> impl Strategy<Value = ClientCommand> {
+        fn command() -> impl Strategy<Value = LoggedCommand> {
             let key = prop::sample::select(vec!["a", "b", "c", "d/1", "d/2", ""]);
             let id = (0u64..3, 0u64..20).prop_map(|(client, seq)| RequestId { client, seq });
             let expect = prop::option::of(0u64..8);
@@ -924,7 +1025,10 @@ mod tests {
                 }
             });
             let op = prop_oneof![4 => op, 1 => token];
-            (id, op).prop_map(|(request_id, command)| ClientCommand {
+            // Two principals sharing ids: one's ids never answer the other.
+            let principal = prop::sample::select(vec![Principal::Node, Principal::Token(1)]);
+            (principal, id, op).prop_map(|(principal, request_id, command)| LoggedCommand {
+                principal,
                 request_id,
                 command,
             })
@@ -944,7 +1048,7 @@ mod tests {
         /// Replays mutations onto a map, as the storage layer does onto RocksDB.
         fn replay(
             kv: &mut BTreeMap<String, KvEntry>,
-            dedup: &mut BTreeMap<RequestId, DedupRecord>,
+            dedup: &mut BTreeMap<DedupKey, DedupRecord>,
             scalars: &mut (u64, u64),
             objects: &mut BTreeMap<Vec<u8>, Vec<u8>>,
             mutations: Vec<Mutation>,
@@ -957,8 +1061,8 @@ mod tests {
                     Mutation::KvDelete(k) => {
                         kv.remove(&k);
                     }
-                    Mutation::DedupPut { id, record } => {
-                        dedup.insert(id, record);
+                    Mutation::DedupPut { key, record } => {
+                        dedup.insert(key, record);
                     }
                     Mutation::DedupDelete(id) => {
                         dedup.remove(&id);

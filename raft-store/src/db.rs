@@ -26,7 +26,7 @@ pub(crate) const CF_LOGS: &str = "logs";
 pub(crate) const CF_META: &str = "meta";
 /// State machine keys: key bytes -> `KvEntry`.
 pub(crate) const CF_SM_KV: &str = "sm_kv";
-/// State machine deduplication records: big-endian (client, seq) -> `DedupRecord`.
+/// State machine deduplication records: big-endian (principal, client, seq) -> `DedupRecord`.
 pub(crate) const CF_SM_DEDUP: &str = "sm_dedup";
 /// State machine scalars, applied log id and membership, and the current snapshot.
 pub(crate) const CF_SM_META: &str = "sm_meta";
@@ -42,8 +42,10 @@ const COLUMN_FAMILIES: [&str; 6] = [
     CF_SM_OBJ,
 ];
 
-/// Version of the on-disk layout; bump it on any incompatible change.
-pub(crate) const FORMAT_VERSION: u32 = 2;
+/// Version of the on-disk layout; bump it on any incompatible change. Version 3: log entries
+/// carry each command's principal, and deduplication records are keyed by it (a version 2
+/// directory is refused; its backup restores, see `state_machine::decode_snapshot`).
+pub(crate) const FORMAT_VERSION: u32 = 3;
 const KEY_FORMAT: &[u8] = b"format";
 
 /// Opens (creating if missing) the database with every column family, and checks that the

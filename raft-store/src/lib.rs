@@ -28,7 +28,7 @@
 //! | `logs`        | index, `u64` big-endian     | log entry                               |
 //! | `meta`        | `vote`, `last_purged`, `committed`, `format` | vote, log ids, layout version (`u32` BE) |
 //! | `sm_kv`       | key bytes                   | `KvEntry`                               |
-//! | `sm_dedup`    | client, seq (`u64` BE each) | `DedupRecord`                           |
+//! | `sm_dedup`    | principal (0: the node, else a token id), client, seq (`u64` BE each) | `DedupRecord` (time, command kind, result) |
 //! | `sm_meta`     | `revision`, `last_time_ms`, `last_applied`, `last_membership`, `snapshot_meta`, `snapshot_data` | scalars, ids, the current snapshot |
 
 #![forbid(unsafe_code)]
@@ -102,7 +102,11 @@ mod storage {
             #[source]
             source: crate::apply::InvalidImage,
         },
-        #[error("{path} holds store format {found}, this build reads format {expected}")]
+        #[error(
+            "{path} holds store format {found}, this build reads format {expected}: back the \
+             cluster up with the build that wrote it (`skiff cluster backup`) and restore the \
+             backup into new data directories with this one (`skiffd restore`)"
+        )]
         Format {
             path: PathBuf,
             found: u32,

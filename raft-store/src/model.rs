@@ -7,9 +7,11 @@
 //! Invariants:
 //! - one log entry carries one [`Request`], a *group* of client commands stamped by the leader
 //!   with the time and order they are applied in (group commit);
-//! - every command carries a [`RequestId`] chosen by the client; a command whose id was already
-//!   applied inside the deduplication window is answered with the stored result and changes
-//!   nothing, so a retried write is applied once;
+//! - every command carries a [`RequestId`] chosen by the client and the [`Principal`] the
+//!   receiving node authenticated; a command whose (principal, id) was already applied inside
+//!   the deduplication window is answered with the stored result and changes nothing, so a
+//!   retried write is applied once; the same id from another principal is another command,
+//!   and from the same principal with a command of another kind it is refused;
 //! - versions are revisions of one counter shared by the whole key space: every successful
 //!   write bumps it by one and the written key takes the new value as its version, so a version
 //!   never repeats, even across delete and re-create.
@@ -65,14 +67,121 @@ pub struct Request {
     /// Wall-clock milliseconds since the Unix epoch, stamped by the leader. `apply` uses this
     /// (never its own clock) for anything time-dependent, e.g. deduplication expiry.
     pub time_ms: u64,
-    pub commands: Vec<ClientCommand>,
+    pub commands: Vec<LoggedCommand>,
 }
 
-/// One client command with the id that deduplicates it.
+/// One client command with the id that deduplicates it, as a client sends it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClientCommand {
     pub request_id: RequestId,
     pub command: Command,
+}
+
+impl ClientCommand {
+    /// This command as sent by `principal`, for the log.
+    pub fn by(self, principal: Principal) -> LoggedCommand {
+        LoggedCommand {
+            principal,
+            request_id: self.request_id,
+            command: self.command,
+        }
+    }
+}
+
+/// Who sent a command, as the node that took the call authenticated it: the caller's token,
+/// or the node itself (heartbeats, completions, stream advances, token creation). Never taken
+/// from what a client sends: a client's request id is deduplicated only among the commands of
+/// the same principal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Principal {
+    /// A node of the cluster, on its own behalf.
+    Node,
+    /// A client call authenticated with this token.
+    Token(TokenId),
+}
+
+impl Principal {
+    /// The principal as one number (token ids start at 1, so 0 is the node), for storage keys.
+    pub fn as_u64(self) -> u64 {
+        match self {
+            Principal::Node => 0,
+            Principal::Token(id) => id,
+        }
+    }
+
+    /// The inverse of [`Principal::as_u64`].
+    pub fn from_u64(n: u64) -> Principal {
+        match n {
+            0 => Principal::Node,
+            id => Principal::Token(id),
+        }
+    }
+}
+
+impl std::fmt::Display for Principal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Principal::Node => f.write_str("the node"),
+            Principal::Token(id) => write!(f, "token {id}"),
+        }
+    }
+}
+
+/// A command as the log carries it: with the principal the receiving node authenticated.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoggedCommand {
+    pub principal: Principal,
+    pub request_id: RequestId,
+    pub command: Command,
+}
+
+/// What kind of command a request id was used for: a retry must be of the same kind to get
+/// the stored result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum CommandKind {
+    KvPut,
+    KvDelete,
+    CodeChunk,
+    FnDeploy,
+    FnRemove,
+    Submit,
+    FnPurgeCache,
+    Heartbeat,
+    Complete,
+    StreamStart,
+    StreamAdvance,
+    StreamCancel,
+    StreamRedrive,
+    TokenCreate,
+    TokenRevoke,
+}
+
+impl CommandKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandKind::KvPut => "key write",
+            CommandKind::KvDelete => "key delete",
+            CommandKind::CodeChunk => "code upload",
+            CommandKind::FnDeploy => "deploy",
+            CommandKind::FnRemove => "function removal",
+            CommandKind::Submit => "invocation",
+            CommandKind::FnPurgeCache => "cache purge",
+            CommandKind::Heartbeat => "heartbeat",
+            CommandKind::Complete => "completion",
+            CommandKind::StreamStart => "stream start",
+            CommandKind::StreamAdvance => "stream advance",
+            CommandKind::StreamCancel => "stream cancel",
+            CommandKind::StreamRedrive => "stream redrive",
+            CommandKind::TokenCreate => "token create",
+            CommandKind::TokenRevoke => "token revoke",
+        }
+    }
+}
+
+impl std::fmt::Display for CommandKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A state change a client asks for.
@@ -158,6 +267,27 @@ pub enum Command {
 }
 
 impl Command {
+    /// The kind of this command, for the deduplication check.
+    pub fn kind(&self) -> CommandKind {
+        match self {
+            Command::KvPut { .. } => CommandKind::KvPut,
+            Command::KvDelete { .. } => CommandKind::KvDelete,
+            Command::CodeChunk { .. } => CommandKind::CodeChunk,
+            Command::FnDeploy { .. } => CommandKind::FnDeploy,
+            Command::FnRemove { .. } => CommandKind::FnRemove,
+            Command::Submit { .. } => CommandKind::Submit,
+            Command::FnPurgeCache { .. } => CommandKind::FnPurgeCache,
+            Command::Heartbeat(_) => CommandKind::Heartbeat,
+            Command::Complete { .. } => CommandKind::Complete,
+            Command::StreamStart { .. } => CommandKind::StreamStart,
+            Command::StreamAdvance { .. } => CommandKind::StreamAdvance,
+            Command::StreamCancel { .. } => CommandKind::StreamCancel,
+            Command::StreamRedrive { .. } => CommandKind::StreamRedrive,
+            Command::TokenCreate { .. } => CommandKind::TokenCreate,
+            Command::TokenRevoke { .. } => CommandKind::TokenRevoke,
+        }
+    }
+
     /// Approximate encoded size, to keep log entries under a byte bound.
     pub fn approx_bytes(&self) -> usize {
         match self {

@@ -51,6 +51,11 @@ struct Args {
     /// With TLS: also take plaintext client connections (peers still need a certificate).
     #[arg(long, env = "SKIFFD_ALLOW_PLAINTEXT_CLIENTS")]
     allow_plaintext_clients: bool,
+    /// Without TLS files: serve clients and peers in plaintext, to any process that reaches
+    /// the port (a single test machine only). Without TLS files and without this, the node
+    /// refuses to start.
+    #[arg(long, env = "SKIFFD_INSECURE_PLAINTEXT")]
+    insecure_plaintext: bool,
     /// Print a complete default configuration and exit.
     #[arg(long)]
     print_default_config: bool,
@@ -224,6 +229,7 @@ fn main() -> anyhow::Result<()> {
                 tls_cert: args.tls_cert,
                 tls_key: args.tls_key,
                 allow_plaintext_clients: args.allow_plaintext_clients.then_some(true),
+                insecure_plaintext: args.insecure_plaintext.then_some(true),
             };
             let config = NodeConfig::load(args.config.as_deref(), overrides)?;
             init_logging(config.log_format);

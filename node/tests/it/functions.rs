@@ -855,3 +855,44 @@ async fn a_burst_of_first_calls_waits_for_sandboxes_instead_of_cold_starting_eac
     // One sandbox started per node at most; every other call reused one.
     assert!(cold <= 3, "{cold} of 24 calls cold-started a sandbox");
 }
+
+/// An output cut at a limit (the sandbox's stdout limit of the tier, or the 1 MiB bound of a
+/// task result) fails the task, says why, and keeps the first part; never a complete-looking
+/// success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_output_over_its_limit_fails_the_task_and_says_so() {
+    require_root!();
+    let cluster = TestCluster::start(3, CONFIG).await;
+    let c = rpc(&cluster, 1).await;
+    let script = "#!/bin/sh\nhead -c \"$1\" /dev/zero | tr '\\0' a\n";
+    let code = archive(&[("run.sh", 0o755, script)]);
+    let mib = 1024 * 1024;
+    // (tier, bytes printed, what the error names)
+    let cases = [
+        ("untrusted", mib + mib / 2, "stdout limit"),
+        ("standard", 2 * mib, "limit of a task result"),
+        ("untrusted", mib - 10, ""),
+    ];
+    for (i, (tier, bytes, why)) in cases.into_iter().enumerate() {
+        let name = format!("loud-{i}");
+        let mut f = spec(
+            &name,
+            &["/bin/sh", "run.sh", &bytes.to_string()],
+            FnMode::Exec,
+        );
+        f.tier = tier.into();
+        f.timeout_ms = 5_000;
+        deploy(&c, f, &code).await;
+        let t = invoke(&c, &name, b"", true).await;
+        let r = t.result.as_ref().expect("a result");
+        if why.is_empty() {
+            assert_eq!(t.state, TaskState::Succeeded, "{:?}", r.error);
+            assert_eq!(r.output.len(), bytes);
+            continue;
+        }
+        assert_eq!(t.state, TaskState::Failed, "{tier}, {bytes} bytes: {r:?}");
+        let error = r.error.as_deref().unwrap_or_default();
+        assert!(error.contains(why) && error.contains("kept"), "{error}");
+        assert_eq!(r.output.len(), mib, "the first part is kept");
+    }
+}

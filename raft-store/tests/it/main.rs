@@ -5,7 +5,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Cursor;
 
-use skiff_raft_store::model::{ClientCommand, Command, CommandResult, Request, RequestId};
+use skiff_raft_store::model::{
+    ClientCommand, Command, CommandResult, Principal, Request, RequestId,
+};
 use skiff_raft_store::tokens::{token_hash, Role};
 use skiff_raft_store::types::openraft::storage::{
     RaftLogStorage, RaftLogStorageExt, RaftStateMachine,
@@ -52,7 +54,13 @@ fn put(seq: u64, key: &str, value: &str) -> ClientCommand {
 fn normal(term: u64, index: u64, time_ms: u64, commands: Vec<ClientCommand>) -> Entry {
     Entry {
         log_id: log_id(term, index),
-        payload: EntryPayload::Normal(Request { time_ms, commands }),
+        payload: EntryPayload::Normal(Request {
+            time_ms,
+            commands: commands
+                .into_iter()
+                .map(|c| c.by(Principal::Token(1)))
+                .collect(),
+        }),
     }
 }
 
