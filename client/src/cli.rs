@@ -2399,6 +2399,40 @@ mod tests {
     }
 
     #[test]
+    fn default_limits_stay_within_the_tiers_ceiling() {
+        let base = [
+            "fn", "deploy", "f", "--code", "c", "--entry", "sh f.sh", "--tier",
+        ];
+        let with = |tier: &str, extra: &[&str]| {
+            let mut args: Vec<&str> = base.to_vec();
+            args.push(tier);
+            args.extend_from_slice(extra);
+            deploy_plan(deploy_args(&args))
+        };
+        let plan = with("untrusted", &[]).expect("defaults deploy at the untrusted tier");
+        assert_eq!(
+            (plan.spec.timeout_ms, plan.spec.memory_bytes),
+            (10_000, 128 << 20)
+        );
+        let plan = with("trusted", &[]).expect("valid");
+        assert_eq!(
+            (plan.spec.timeout_ms, plan.spec.memory_bytes),
+            (30_000, 128 << 20)
+        );
+        let e = with("untrusted", &["--timeout", "30s"]).expect_err("above the ceiling");
+        assert!(
+            e.message.contains("timeout 30 s is above the 10 s ceiling"),
+            "{e:?}"
+        );
+        let e = with("untrusted", &["--memory", "512M"]).expect_err("above the ceiling");
+        assert!(
+            e.message
+                .contains("memory 512 MiB is above the 256 MiB ceiling"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
     fn deploy_flags_have_the_documented_defaults() {
         let a = deploy_args(&[
             "fn",
@@ -2435,7 +2469,7 @@ mod tests {
             "--mode",
             "serve",
             "--tier",
-            "untrusted",
+            "trusted",
             "--memory",
             "1G",
             "--timeout",
@@ -2461,7 +2495,7 @@ mod tests {
         ]);
         let plan = deploy_plan(a).expect("valid");
         assert_eq!(plan.spec.mode, FnMode::Serve);
-        assert_eq!(plan.spec.tier, "untrusted");
+        assert_eq!(plan.spec.tier, "trusted");
         assert_eq!(plan.spec.memory_bytes, 1 << 30);
         assert_eq!(plan.spec.timeout_ms, 120_000);
         assert_eq!(

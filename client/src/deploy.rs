@@ -821,7 +821,7 @@ name = "resize"
 code = "src"
 entry = "python3 main.py --fast"
 mode = "serve"
-tier = "untrusted"
+tier = "trusted"
 memory = "256M"
 timeout = "2m"
 min_warm = 2
@@ -843,7 +843,7 @@ LEVEL = "debug"
         assert_eq!(plan.code, PathBuf::from("/srv/fns/resize/src"));
         assert_eq!(plan.spec.entry, ["python3", "main.py", "--fast"]);
         assert_eq!(plan.spec.mode, FnMode::Serve);
-        assert_eq!(plan.spec.tier, "untrusted");
+        assert_eq!(plan.spec.tier, "trusted");
         assert_eq!(plan.spec.memory_bytes, 256 << 20);
         assert_eq!(plan.spec.timeout_ms, 120_000);
         assert_eq!(
@@ -889,7 +889,7 @@ LEVEL = "debug"
         let cases = [
             (format!("colour = \"red\"\n{GOOD}"), "colour"),
             (GOOD.replace("\"serve\"", "\"batch\""), "mode"),
-            (GOOD.replace("\"untrusted\"", "\"root\""), "tier"),
+            (GOOD.replace("\"trusted\"", "\"root\""), "tier"),
             (GOOD.replace("\"256M\"", "\"lots\""), "memory"),
             (GOOD.replace("\"2m\"", "\"soon\""), "timeout"),
             (GOOD.replace("code = \"src\"\n", ""), "code"),

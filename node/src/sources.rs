@@ -808,7 +808,7 @@ mod tests {
         assert!(e.contains("passes through a symlink"), "{e}");
         // A symlink to the data directory is caught by its real path too.
         symlink(&data, base.join("data-link")).expect("symlink");
-        let e = SourceRoots::open(&[real.clone()], &[base.join("data-link")]);
+        let e = SourceRoots::open(std::slice::from_ref(&real), &[base.join("data-link")]);
         assert!(e.is_ok(), "{e:?}");
         let e = SourceRoots::open(&[data.join("x")], &[base.join("data-link")])
             .expect_err("inside the data directory through its link")

@@ -234,14 +234,14 @@ pub fn check_tier_ceiling(spec: &FunctionSpec) -> Result<(), String> {
         return Err(format!("unknown tier {:?}", spec.tier));
     };
     let ms = |v: u64| {
-        if v % 1000 == 0 {
+        if v.is_multiple_of(1000) {
             format!("{} s", v / 1000)
         } else {
             format!("{v} ms")
         }
     };
     let bytes = |v: u64| {
-        if v % (1024 * 1024) == 0 {
+        if v.is_multiple_of(1024 * 1024) {
             format!("{} MiB", v / (1024 * 1024))
         } else {
             format!("{v} bytes")

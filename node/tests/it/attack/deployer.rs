@@ -343,7 +343,7 @@ mod files {
             max_concurrency: 1,
             ..spec("slow", &["/bin/sh", "main.sh"], FnMode::Exec)
         };
-        deploy(&c, slow, &archive(&[("main.sh", 0o755, "sleep 2\ncat\n")])).await;
+        deploy(&c, slow, &archive(&[("main.sh", 0o755, "sleep 3\ncat\n")])).await;
         wait_workers(&c, 1).await;
         let root = cluster.sources_dir();
         let outside = cluster.dir.path().join("outside.jsonl");
@@ -367,10 +367,19 @@ mod files {
             )
             .await
             .expect("start");
+        // The driver has read the first item (it runs 3 s, and nothing more is read meanwhile).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let job = client.stream(id).await.expect("read").expect("job");
+            if job.counters.enqueued >= 1 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the first item: {job:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         std::fs::remove_file(&source).expect("remove");
         symlink(&outside, &source).expect("symlink");
-        // The first item runs (2 s); every later read of the source is refused.
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // Every later read of the source is refused.
         loop {
             let job = client.stream(id).await.expect("read").expect("job");
             if job.counters.succeeded >= 1
@@ -384,7 +393,7 @@ mod files {
         tokio::time::sleep(Duration::from_secs(3)).await;
         let job = client.stream(id).await.expect("read").expect("job");
         assert_eq!(job.state, StreamState::Running, "{job:?}");
-        assert!(job.counters.enqueued <= 1, "read after the swap: {job:?}");
+        assert_eq!(job.counters.enqueued, 1, "read after the swap: {job:?}");
         for e in client.list_all("swap/", 100).await.expect("list") {
             assert!(
                 !String::from_utf8_lossy(&e.value).contains("secret"),
