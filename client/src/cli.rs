@@ -2608,8 +2608,10 @@ mod tests {
         let plan = deploy::read_manifest(&manifest, None).expect("manifest");
         let record = FunctionRecord {
             name: "p".into(),
+            id: 1,
             versions: vec![FunctionVersion {
                 version: 1,
+                function_id: 1,
                 spec: plan.with_digest(&"ab".repeat(32)),
                 deployed_ms: 0,
             }],

@@ -264,35 +264,146 @@ pub fn single_file_archive(name: &str, content: &[u8]) -> Result<Vec<u8>, String
         .map_err(|e| format!("packing {name}: {e}"))
 }
 
-/// Checks that `archive` is a tar file of regular files and directories only, within
-/// [`ARCHIVE_ENTRIES_MAX`] entries.
+/// Longest path of an archive entry, and longest component, in bytes (the kernel's
+/// `PATH_MAX` and `NAME_MAX`).
+pub const ARCHIVE_PATH_BYTES_MAX: usize = 4096;
+pub const ARCHIVE_NAME_BYTES_MAX: usize = 255;
+
+/// The rules every entry of a code archive follows, checked one entry at a time in archive
+/// order, by the client before an upload and by the node before and while it unpacks:
+///
+/// - only regular files and directories (no symbolic or hard links, devices, FIFOs, sparse
+///   or other special entries);
+/// - a relative path of plain components: no leading `/`, no `..`, no NUL, each component at
+///   most [`ARCHIVE_NAME_BYTES_MAX`] bytes and the whole at most [`ARCHIVE_PATH_BYTES_MAX`]
+///   (`.` components and repeated slashes are dropped, so `./a//b` is `a/b`);
+/// - every name at most once, and no entry below or in place of a file (`a` a file, then
+///   `a/b`; or `a/b` then a file `a`);
+/// - at most [`ARCHIVE_ENTRIES_MAX`] entries.
+///
+/// Since no entry can be a link and every path stays below the root, an archive that passes
+/// lands entirely inside the directory it is unpacked in.
+#[derive(Debug, Default)]
+pub struct ArchiveRules {
+    entries: usize,
+    files: std::collections::HashSet<Vec<u8>>,
+    /// Directories named by an entry or implied as the parent of one.
+    dirs: std::collections::HashSet<Vec<u8>>,
+    /// Paths named by an entry (a directory may be implied first and named later, once).
+    named: std::collections::HashSet<Vec<u8>>,
+}
+
+/// What an archive entry is, after [`ArchiveRules::check`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckedEntry {
+    pub is_dir: bool,
+    /// The path's components, each a plain file name; empty for the root itself (`./`).
+    pub components: Vec<Vec<u8>>,
+}
+
+impl ArchiveRules {
+    /// Files seen so far.
+    pub fn files(&self) -> usize {
+        self.files.len()
+    }
+
+    /// Checks the next entry, of type `kind` at raw path `path` (as the archive holds it,
+    /// long names resolved).
+    pub fn check(&mut self, kind: tar::EntryType, path: &[u8]) -> Result<CheckedEntry, String> {
+        let shown = String::from_utf8_lossy(path).into_owned();
+        if self.entries >= ARCHIVE_ENTRIES_MAX {
+            return Err(format!(
+                "the archive has more than {ARCHIVE_ENTRIES_MAX} entries"
+            ));
+        }
+        self.entries += 1;
+        let is_dir = match kind {
+            tar::EntryType::Regular => false,
+            tar::EntryType::Directory => true,
+            _ => {
+                return Err(format!(
+                    "archive entry {shown:?} is not a regular file or directory (links, devices and FIFOs are refused)"
+                ))
+            }
+        };
+        let refuse = |why: &str| Err(format!("archive entry {shown:?}: {why}"));
+        if path.is_empty() || path.len() > ARCHIVE_PATH_BYTES_MAX {
+            return refuse(&format!(
+                "the path must have 1 to {ARCHIVE_PATH_BYTES_MAX} bytes"
+            ));
+        }
+        if path[0] == b'/' {
+            return refuse("an absolute path is refused");
+        }
+        if path.contains(&0) {
+            return refuse("a path with a NUL byte is refused");
+        }
+        if !is_dir && path.ends_with(b"/") {
+            return refuse("a file path ends with /");
+        }
+        let mut components = Vec::new();
+        for part in path.split(|b| *b == b'/') {
+            match part {
+                b"" | b"." => {}
+                b".." => return refuse("a path with .. is refused"),
+                name if name.len() > ARCHIVE_NAME_BYTES_MAX => {
+                    return refuse(&format!(
+                        "a path component is longer than {ARCHIVE_NAME_BYTES_MAX} bytes"
+                    ))
+                }
+                name => components.push(name.to_vec()),
+            }
+        }
+        if components.is_empty() {
+            if is_dir {
+                // `./`: the root itself, which the unpacker makes.
+                return Ok(CheckedEntry { is_dir, components });
+            }
+            return refuse("a file needs a name");
+        }
+        let mut prefix = Vec::new();
+        for part in &components[..components.len() - 1] {
+            if !prefix.is_empty() {
+                prefix.push(b'/');
+            }
+            prefix.extend_from_slice(part);
+            if self.files.contains(&prefix) {
+                return refuse("a path goes through a file of an earlier entry");
+            }
+            self.dirs.insert(prefix.clone());
+        }
+        let full = components.join(&b'/');
+        if !self.named.insert(full.clone()) {
+            return refuse("the name appears twice");
+        }
+        if is_dir {
+            if self.files.contains(&full) {
+                return refuse("a directory where an earlier entry made a file");
+            }
+            self.dirs.insert(full);
+        } else {
+            if self.dirs.contains(&full) {
+                return refuse("a file where an earlier entry made a directory");
+            }
+            self.files.insert(full);
+        }
+        Ok(CheckedEntry { is_dir, components })
+    }
+}
+
+/// Checks that `archive` is a tar file following [`ArchiveRules`] and holding at least one
+/// file.
 pub fn check_archive(archive: &[u8]) -> Result<(), String> {
     let mut ar = tar::Archive::new(archive);
     let entries = ar
         .entries()
         .map_err(|e| format!("not a valid tar archive: {e}"))?;
-    let mut files = 0usize;
-    for (i, entry) in entries.enumerate() {
-        if i >= ARCHIVE_ENTRIES_MAX {
-            return Err(format!(
-                "the archive has more than {ARCHIVE_ENTRIES_MAX} entries"
-            ));
-        }
+    let mut rules = ArchiveRules::default();
+    for entry in entries {
         let entry = entry.map_err(|e| format!("not a valid tar archive: {e}"))?;
-        let kind = entry.header().entry_type();
-        if kind.is_file() {
-            files += 1;
-        } else if !kind.is_dir() {
-            let path = entry
-                .path()
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|_| "?".into());
-            return Err(format!(
-                "archive entry {path:?} is not a regular file or directory (links, devices and FIFOs are refused)"
-            ));
-        }
+        rules.check(entry.header().entry_type(), &entry.path_bytes())?;
     }
-    if files == 0 {
+    if rules.files() == 0 {
         return Err("the archive holds no files".into());
     }
     Ok(())

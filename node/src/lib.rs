@@ -19,6 +19,8 @@
 //! - [`metrics`]: Prometheus metrics and the `/metrics` endpoint;
 //! - [`invoke`]: the invocation path (submit through the leader, dispatch, wait);
 //! - [`worker`]: runs assigned tasks in sandboxes, warm pools, heartbeats, reconciliation;
+//! - [`code_cache`]: unpacked code archives (unpacked relative to directory descriptors),
+//!   leased while in use, removed when no function version refers to them;
 //! - [`read_index`]: one leadership confirmation shared by concurrent linearizable reads;
 //! - [`streams`]: stream jobs — the leader's driver reading sources from the replicated
 //!   cursor, the source readers, start/cancel/redrive;
@@ -35,6 +37,7 @@ pub mod auth;
 pub mod backup;
 pub mod batcher;
 pub mod certs;
+pub mod code_cache;
 pub mod config;
 pub mod connections;
 pub mod data_service;

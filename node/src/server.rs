@@ -541,6 +541,21 @@ impl Node {
                         spec.name
                     )));
                 }
+                // The archive as this node holds it, when it does (an upload just made may not
+                // have reached a follower yet): refused here with its bad entry, and in any
+                // case again by every node that unpacks it.
+                let archive = self
+                    .0
+                    .store
+                    .read(|sm| sm.sched().code_archive(&spec.code_digest));
+                if let Some(archive) = archive {
+                    if let Err(e) = skiff_client::deploy::check_archive(&archive) {
+                        return Err(ApiError::InvalidArgument(format!(
+                            "function {}: code {}: {e}",
+                            spec.name, spec.code_digest
+                        )));
+                    }
+                }
                 self.check_file_dependencies(spec)?;
             }
         }

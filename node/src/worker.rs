@@ -11,8 +11,12 @@
 //!   token; the state machine refuses a completion with an older one;
 //! - every warm sandbox is in the sandbox crate's pool, whose size and memory are bounded;
 //!   the memory of idle sandboxes is reported in heartbeats and counted against this node;
-//! - code archives are unpacked once per digest into a content-addressed cache, atomically
-//!   (a half-written directory is never used).
+//! - code archives are unpacked once per digest into the node's code cache
+//!   ([`crate::code_cache`]: fd-relative, atomic, leased while in use);
+//! - everything kept for a function version (warm sandboxes, data sockets) is keyed by the
+//!   function's identity as well as its name and version, so a function removed and made
+//!   again under the same name never meets what was kept for the old one; and it is released
+//!   once the applied state no longer needs it ([`Worker::sweep`], every heartbeat).
 
 use skiff_raft_store::model::Principal;
 use std::collections::HashMap;
@@ -26,7 +30,7 @@ use skiff_client::api::{
     RunStatus, Task, TaskId, TaskResult, TaskState, WarmReport,
 };
 use skiff_raft_store::functions::{
-    DataGrant, Heartbeat, StageSpec, LOG_BYTES_MAX, OUTPUT_BYTES_MAX, STAGES_MAX,
+    DataGrant, FunctionId, Heartbeat, StageSpec, LOG_BYTES_MAX, OUTPUT_BYTES_MAX, STAGES_MAX,
 };
 use skiff_sandbox::{
     ExitStatus, Policy, PoolConfig, PoolKey, PoolMode, SandboxError, SandboxSpec, Tier, WarmPool,
@@ -34,15 +38,14 @@ use skiff_sandbox::{
 };
 use tokio::sync::{Notify, Semaphore};
 
+use crate::code_cache::{CodeCache, CodeLease};
 use crate::config::WorkerSettings;
 use crate::data_service::{self, DataAccess, DataSocket, KvBackend};
 use crate::peer::{ReadOp, ReadResult};
 use crate::server::Node;
 
-/// Most bytes an unpacked code archive may take.
-const UNPACKED_BYTES_MAX: u64 = 512 * 1024 * 1024;
-/// Most entries of a code archive.
-const ARCHIVE_ENTRIES_MAX: usize = 100_000;
+/// Most data sockets a node keeps bound; past it unused ones are closed first.
+pub const DATA_SOCKETS_MAX: usize = 1024;
 /// How long a worker waits for a code archive to reach its applied state.
 const CODE_WAIT: Duration = Duration::from_secs(10);
 /// The read recorded when a run's data-service reads did not all fit in the access log.
@@ -54,8 +57,17 @@ const REPORT_DEADLINE: Duration = Duration::from_secs(120);
 /// still bounded by `LOG_BYTES_MAX`), so one chatty stage cannot push the others out.
 const STAGE_LOG_BYTES_MAX: usize = LOG_BYTES_MAX / STAGES_MAX;
 
-/// Which socket: function name, version, and the stage index for a staged function.
-type SocketKey = (String, u64, Option<usize>);
+/// Which socket: function name, identity, version, and the stage index for a staged
+/// function.
+type SocketKey = (String, FunctionId, u64, Option<usize>);
+
+/// What a run or a prepared sandbox uses and must outlive it: the unpacked code and the data
+/// socket bound into it.
+#[derive(Clone)]
+struct Leases {
+    _code: CodeLease,
+    _socket: Option<Arc<DataSocket>>,
+}
 
 /// The worker of one node.
 pub struct Worker {
@@ -73,10 +85,14 @@ pub struct Worker {
     /// Serve-mode sandboxes in use (or starting) per key: each comes back to the pool soon,
     /// so a new request may wait for one instead of cold-starting another.
     busy: Mutex<HashMap<PoolKey, usize>>,
-    unpack_lock: tokio::sync::Mutex<()>,
+    code: CodeCache,
     /// Data-service sockets, one per sandbox kind that has a data grant: a plain function
-    /// version, or one stage of a staged one.
+    /// version, or one stage of a staged one; at most [`DATA_SOCKETS_MAX`]. A socket is in
+    /// use while more than this map holds its `Arc`.
     data_sockets: tokio::sync::Mutex<HashMap<SocketKey, Arc<DataSocket>>>,
+    /// What the idle warm sandboxes of each key use (their code and data socket), held so
+    /// neither goes while they wait.
+    warm_leases: Mutex<HashMap<PoolKey, Leases>>,
     /// The `skiff-data` helper bound into sandboxes, if found.
     helper_binary: Option<PathBuf>,
     request_client: u64,
@@ -90,6 +106,7 @@ impl Worker {
             idle_expiry: Duration::from_millis(settings.warm_idle_expiry_ms),
             memory_budget_bytes: settings.warm_memory_budget_bytes,
         });
+        let code = CodeCache::new(&settings.code_cache_dir, id);
         Worker {
             id,
             slots: Arc::new(Semaphore::new(settings.slots as usize)),
@@ -100,8 +117,9 @@ impl Worker {
             warmed: Notify::new(),
             prewarming: Mutex::new(HashMap::new()),
             busy: Mutex::new(HashMap::new()),
-            unpack_lock: tokio::sync::Mutex::new(()),
+            code,
             data_sockets: tokio::sync::Mutex::new(HashMap::new()),
+            warm_leases: Mutex::new(HashMap::new()),
             helper_binary: find_helper(),
             request_client: rand::random(),
             request_seq: AtomicU64::new(0),
@@ -133,6 +151,7 @@ impl Worker {
     fn key(fv: &FunctionVersion) -> PoolKey {
         PoolKey {
             function: fv.spec.name.clone(),
+            function_id: fv.function_id,
             version: fv.version,
             mode: match fv.spec.mode {
                 FnMode::Exec => PoolMode::Exec,
@@ -141,46 +160,48 @@ impl Worker {
         }
     }
 
-    /// The directory holding the unpacked code of `digest`, unpacking it on first use.
-    async fn code_dir(&self, node: &Node, digest: &str) -> Result<PathBuf, String> {
-        let dir = self.settings.code_cache_dir.join(digest);
-        if dir.is_dir() {
-            return Ok(dir);
-        }
-        let _guard = self.unpack_lock.lock().await;
-        if dir.is_dir() {
-            return Ok(dir);
-        }
-        let deadline = Instant::now() + CODE_WAIT;
-        let archive = loop {
-            if let Some(a) = node.0.store.read(|sm| sm.sched().code_archive(digest)) {
-                break a;
-            }
-            if Instant::now() > deadline {
-                return Err(format!("code {digest} is not in this node's state"));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        let root = self.settings.code_cache_dir.clone();
-        let digest = digest.to_string();
-        tokio::task::spawn_blocking(move || unpack(&root, &digest, &archive))
+    /// A lease on the unpacked code of `digest`, unpacking it on first use.
+    async fn code_dir(&self, node: &Node, digest: &str) -> Result<CodeLease, String> {
+        self.code
+            .lease(digest, || async {
+                let deadline = Instant::now() + CODE_WAIT;
+                loop {
+                    if let Some(a) = node.0.store.read(|sm| sm.sched().code_archive(digest)) {
+                        return Ok(a);
+                    }
+                    if Instant::now() > deadline {
+                        return Err(format!("code {digest} is not in this node's state"));
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
             .await
-            .map_err(|e| format!("unpacking failed: {e}"))?
     }
 
-    /// The sandbox a function version runs in.
-    async fn sandbox_spec(&self, node: &Node, fv: &FunctionVersion) -> Result<SandboxSpec, String> {
+    /// The sandbox a function version runs in, and what it uses.
+    async fn sandbox_spec(
+        &self,
+        node: &Node,
+        fv: &FunctionVersion,
+    ) -> Result<(SandboxSpec, Leases), String> {
         let tier: Tier = fv.spec.tier.parse().map_err(|e| format!("{e}"))?;
         let policy = function_policy(&fv.spec)?;
         let code = self.code_dir(node, &fv.spec.code_digest).await?;
-        let mut spec = SandboxSpec::with_policy(tier, &policy, code).map_err(|e| e.to_string())?;
+        let mut spec =
+            SandboxSpec::with_policy(tier, &policy, code.dir()).map_err(|e| e.to_string())?;
         spec.env = fv.spec.env.clone();
+        let mut socket = None;
         if !fv.spec.data.is_empty() {
-            let socket = self.data_socket(node, fv, None, &fv.spec.data).await?;
-            spec.data_socket = Some(socket.path().to_path_buf());
+            let s = self.data_socket(node, fv, None, &fv.spec.data).await?;
+            spec.data_socket = Some(s.path().to_path_buf());
             spec.helper_binary = self.helper_binary.clone();
+            socket = Some(s);
         }
-        Ok(spec)
+        let leases = Leases {
+            _code: code,
+            _socket: socket,
+        };
+        Ok((spec, leases))
     }
 
     /// The sandbox of stage `index` of a staged function version, given the time left of the
@@ -193,18 +214,20 @@ impl Worker {
         index: usize,
         code: &Path,
         remaining_ms: u64,
-    ) -> Result<SandboxSpec, String> {
+    ) -> Result<(SandboxSpec, Option<Arc<DataSocket>>), String> {
         let stage = &fv.spec.stages[index];
         let tier: Tier = stage.tier.parse().map_err(|e| format!("{e}"))?;
         let policy = stage_policy(&fv.spec, stage, tier, remaining_ms)?;
         let mut spec = SandboxSpec::with_policy(tier, &policy, code).map_err(|e| e.to_string())?;
         spec.env = stage.env.clone();
+        let mut socket = None;
         if !stage.data.is_empty() {
-            let socket = self.data_socket(node, fv, Some(index), &stage.data).await?;
-            spec.data_socket = Some(socket.path().to_path_buf());
+            let s = self.data_socket(node, fv, Some(index), &stage.data).await?;
+            spec.data_socket = Some(s.path().to_path_buf());
             spec.helper_binary = self.helper_binary.clone();
+            socket = Some(s);
         }
-        Ok(spec)
+        Ok((spec, socket))
     }
 
     /// The data-service socket of a function version (or of one of its stages) serving
@@ -216,10 +239,19 @@ impl Worker {
         stage: Option<usize>,
         grant: &DataGrant,
     ) -> Result<Arc<DataSocket>, String> {
-        let key = (fv.spec.name.clone(), fv.version, stage);
+        let key = (fv.spec.name.clone(), fv.function_id, fv.version, stage);
         let mut sockets = self.data_sockets.lock().await;
         if let Some(s) = sockets.get(&key) {
             return Ok(s.clone());
+        }
+        if sockets.len() >= DATA_SOCKETS_MAX {
+            // Unused sockets go first; they are bound again when next needed.
+            sockets.retain(|_, s| Arc::strong_count(s) > 1);
+            if sockets.len() >= DATA_SOCKETS_MAX {
+                return Err(format!(
+                    "this node serves {DATA_SOCKETS_MAX} data sockets, all in use"
+                ));
+            }
         }
         let dir = self
             .settings
@@ -232,8 +264,14 @@ impl Worker {
             let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755));
         }
         let file = match stage {
-            None => format!("{}-{}.sock", fv.spec.name, fv.version),
-            Some(i) => format!("{}-{}-stage{}.sock", fv.spec.name, fv.version, i + 1),
+            None => format!("{}-{}-{}.sock", fv.spec.name, fv.function_id, fv.version),
+            Some(i) => format!(
+                "{}-{}-{}-stage{}.sock",
+                fv.spec.name,
+                fv.function_id,
+                fv.version,
+                i + 1
+            ),
         };
         let path = dir.join(file);
         let access = DataAccess {
@@ -266,7 +304,13 @@ impl Worker {
     }
 
     /// Starts pre-warming sandboxes of `fv` up to `target` (in the background).
-    fn replenish(self: &Arc<Self>, spec: SandboxSpec, fv: &FunctionVersion, target: usize) {
+    fn replenish(
+        self: &Arc<Self>,
+        spec: SandboxSpec,
+        leases: &Leases,
+        fv: &FunctionVersion,
+        target: usize,
+    ) {
         let key = Self::key(fv);
         let have =
             self.pool.idle_count(&key) + lock(&self.prewarming).get(&key).copied().unwrap_or(0);
@@ -281,13 +325,14 @@ impl Worker {
             *lock(&self.prewarming).entry(key.clone()).or_default() += 1;
             let w = self.clone();
             let (key, spec, argv) = (key.clone(), spec.clone(), argv.clone());
+            let leases = leases.clone();
             tokio::spawn(async move {
                 let result = w.pool.prewarm(key.clone(), spec, argv).await;
                 if let Some(n) = lock(&w.prewarming).get_mut(&key) {
                     *n = n.saturating_sub(1);
                 }
                 match result {
-                    Ok(true) => {}
+                    Ok(true) => w.hold_for_warm(&key, leases),
                     Ok(false) => tracing::debug!(function = %key.function, "warm pool full"),
                     Err(error) => {
                         tracing::warn!(function = %key.function, %error, "pre-warm failed")
@@ -296,6 +341,55 @@ impl Worker {
                 w.warmed.notify_waiters();
                 w.pool_changed.notify_one();
             });
+        }
+    }
+
+    /// Keeps what the idle warm sandboxes of `key` use while they wait.
+    fn hold_for_warm(&self, key: &PoolKey, leases: Leases) {
+        lock(&self.warm_leases).entry(key.clone()).or_insert(leases);
+    }
+
+    /// Releases what the applied state no longer needs: warm sandboxes of function versions
+    /// it no longer holds (a removed function, a version past the kept ones, or a function
+    /// made again under the same name: another identity), data sockets no run or warm
+    /// sandbox uses unless they serve a function's latest version, and unpacked code no
+    /// kept version refers to.
+    pub async fn sweep(&self, node: &Node) {
+        type Ident = (String, FunctionId, u64);
+        let (live, latest, wanted) = node.0.store.read(|sm| {
+            let mut live: std::collections::HashSet<Ident> = Default::default();
+            let mut latest: std::collections::HashSet<Ident> = Default::default();
+            let mut wanted: std::collections::HashSet<String> = Default::default();
+            for f in sm.sched().functions() {
+                for v in &f.versions {
+                    live.insert((f.name.clone(), f.id, v.version));
+                    wanted.insert(v.spec.code_digest.clone());
+                }
+                latest.insert((f.name.clone(), f.id, f.latest));
+            }
+            (live, latest, wanted)
+        });
+        let ident = |k: &PoolKey| (k.function.clone(), k.function_id, k.version);
+        let dropped = self.pool.discard_where(|k| !live.contains(&ident(k)));
+        if dropped > 0 {
+            tracing::debug!(
+                dropped,
+                "warm sandboxes of removed function versions discarded"
+            );
+            self.pool_changed.notify_one();
+        }
+        lock(&self.warm_leases).retain(|k, _| self.pool.idle_count(k) > 0);
+        lock(&self.prewarming).retain(|_, n| *n > 0);
+        lock(&self.busy).retain(|_, n| *n > 0);
+        self.data_sockets
+            .lock()
+            .await
+            .retain(|(name, id, version, _), s| {
+                Arc::strong_count(s) > 1 || latest.contains(&(name.clone(), *id, *version))
+            });
+        let removed = self.code.sweep(&wanted);
+        if !removed.is_empty() {
+            tracing::debug!(count = removed.len(), "unused code removed from the cache");
         }
     }
 
@@ -358,7 +452,7 @@ impl Worker {
         if fv.spec.is_staged() {
             return self.execute_stages(node, task, fv).await;
         }
-        let spec = match self.sandbox_spec(node, fv).await {
+        let (spec, leases) = match self.sandbox_spec(node, fv).await {
             Ok(s) => s,
             Err(e) => {
                 return (
@@ -386,7 +480,7 @@ impl Worker {
                 let uid = outcome.as_ref().ok().map(|o| o.host_uid);
                 (self.exec_result(outcome, was_warm, started), uid)
             }
-            FnMode::Serve => self.serve(&spec, key, &argv, task, started).await,
+            FnMode::Serve => self.serve(&spec, &leases, key, &argv, task, started).await,
         };
         let (result, uid) = result;
         let reads = match uid {
@@ -394,7 +488,7 @@ impl Worker {
             None => Vec::new(),
         };
         let target = self.warm_target(node, fv, true);
-        self.replenish(spec, fv, target);
+        self.replenish(spec, &leases, fv, target);
         (result, reads)
     }
 
@@ -411,7 +505,7 @@ impl Worker {
             .data_sockets
             .lock()
             .await
-            .get(&(fv.spec.name.clone(), fv.version, stage))
+            .get(&(fv.spec.name.clone(), fv.function_id, fv.version, stage))
             .cloned();
         let Some(socket) = socket else {
             return Vec::new();
@@ -491,8 +585,8 @@ impl Worker {
                     &[]
                 );
             }
-            let spec = match self
-                .stage_sandbox_spec(node, fv, index, &code, remaining_ms)
+            let (spec, _socket) = match self
+                .stage_sandbox_spec(node, fv, index, code.dir(), remaining_ms)
                 .await
             {
                 Ok(s) => s,
@@ -588,6 +682,7 @@ impl Worker {
     async fn serve(
         &self,
         spec: &SandboxSpec,
+        leases: &Leases,
         key: PoolKey,
         argv: &[String],
         task: &Task,
@@ -601,7 +696,7 @@ impl Worker {
         }
         let taken = self.claim_serve(&key).await;
         let result = self
-            .serve_on(spec, key.clone(), argv, task, started, taken)
+            .serve_on(spec, leases, key.clone(), argv, task, started, taken)
             .await;
         if let Some(n) = lock(&self.busy).get_mut(&key) {
             *n = n.saturating_sub(1);
@@ -611,9 +706,11 @@ impl Worker {
         result
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn serve_on(
         &self,
         spec: &SandboxSpec,
+        leases: &Leases,
         key: PoolKey,
         argv: &[String],
         task: &Task,
@@ -644,6 +741,7 @@ impl Worker {
         let (sandbox, response) = sandbox.request(task.payload.clone()).await;
         let log = tail(sandbox.log(), LOG_BYTES_MAX);
         if sandbox.is_alive() {
+            self.hold_for_warm(&key, leases.clone());
             self.pool.release(key, sandbox);
             self.pool_changed.notify_one();
         } else {
@@ -895,6 +993,7 @@ async fn heartbeat_loop(node: Node) {
         if node.stopping() {
             return;
         }
+        w.sweep(&node).await;
         let hb = w.heartbeat();
         let command = ClientCommand {
             request_id: w.next_request_id(),
@@ -923,7 +1022,7 @@ async fn keep_min_warm(node: &Node) {
             continue;
         }
         match w.sandbox_spec(node, &fv).await {
-            Ok(spec) => w.replenish(spec, &fv, target),
+            Ok((spec, leases)) => w.replenish(spec, &leases, &fv, target),
             Err(error) => tracing::warn!(function = %fv.spec.name, %error, "cannot pre-warm"),
         }
     }
@@ -1082,85 +1181,6 @@ fn bounded_reads(mut reads: Vec<(String, u64)>) -> Vec<(String, u64)> {
         reads.push((INCOMPLETE_READS.to_string(), u64::MAX));
     }
     reads
-}
-
-/// Unpacks a tar archive into `root/digest`, atomically, with only regular files and
-/// directories, readable by the sandbox's unprivileged user.
-fn unpack(root: &Path, digest: &str, archive: &[u8]) -> Result<PathBuf, String> {
-    use std::os::unix::fs::PermissionsExt;
-    let err = |what: &str, e: &dyn std::fmt::Display| format!("{what}: {e}");
-    std::fs::create_dir_all(root).map_err(|e| err("creating the code cache", &e))?;
-    let _ = std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755));
-    let dir = root.join(digest);
-    let tmp = root.join(format!(".{digest}.{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir(&tmp).map_err(|e| err("creating the code directory", &e))?;
-    let result = (|| {
-        let mut ar = tar::Archive::new(archive);
-        let mut total = 0u64;
-        for (i, entry) in ar
-            .entries()
-            .map_err(|e| err("reading the archive", &e))?
-            .enumerate()
-        {
-            if i >= ARCHIVE_ENTRIES_MAX {
-                return Err(format!(
-                    "the archive has more than {ARCHIVE_ENTRIES_MAX} entries"
-                ));
-            }
-            let mut entry = entry.map_err(|e| err("reading the archive", &e))?;
-            let kind = entry.header().entry_type();
-            if !(kind.is_file() || kind.is_dir()) {
-                let path = entry
-                    .path()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default();
-                return Err(format!(
-                    "archive entry {path:?} is not a regular file or directory"
-                ));
-            }
-            total += entry.size();
-            if total > UNPACKED_BYTES_MAX {
-                return Err(format!(
-                    "the archive unpacks to more than {UNPACKED_BYTES_MAX} bytes"
-                ));
-            }
-            let mode = entry.header().mode().unwrap_or(0o644);
-            let unpacked = entry
-                .unpack_in(&tmp)
-                .map_err(|e| err("unpacking the archive", &e))?;
-            if !unpacked {
-                return Err("an archive entry points outside the code directory".into());
-            }
-            let path = tmp.join(entry.path().map_err(|e| err("archive path", &e))?);
-            let perm = if kind.is_dir() || mode & 0o111 != 0 {
-                0o755
-            } else {
-                0o644
-            };
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(perm))
-                .map_err(|e| err("setting permissions", &e))?;
-        }
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))
-            .map_err(|e| err("setting permissions", &e))?;
-        Ok(())
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    match std::fs::rename(&tmp, &dir) {
-        Ok(()) => Ok(dir),
-        // Another node process sharing the cache unpacked the same digest first.
-        Err(_) if dir.is_dir() => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            Ok(dir)
-        }
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            Err(err("moving the code into place", &e))
-        }
-    }
 }
 
 /// The `skiff-data` helper next to this executable (as `cargo build` and packages place

@@ -913,10 +913,19 @@ pub fn validate_function_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// A function's identity: given when the function is created (in apply, from a counter
+/// every replica keeps alike) and never given again, so a function removed and created anew
+/// under the same name has another one even though its versions count from 1 again. Nodes key
+/// everything they keep for a function version (warm sandboxes, data sockets) by it.
+/// 0 is a function created before identities existed.
+pub type FunctionId = u64;
+
 /// One immutable version of a function.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FunctionVersion {
     pub version: u64,
+    /// The identity of the function this version belongs to.
+    pub function_id: FunctionId,
     pub spec: FunctionSpec,
     pub deployed_ms: u64,
 }
@@ -925,6 +934,8 @@ pub struct FunctionVersion {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FunctionRecord {
     pub name: String,
+    /// Never reused (see [`FunctionId`]).
+    pub id: FunctionId,
     /// Kept versions, oldest first.
     pub versions: Vec<FunctionVersion>,
     pub latest: u64,
@@ -1270,6 +1281,7 @@ mod tests {
             // Inside a larger value, as in a function record, what follows still decodes.
             let version = FunctionVersion {
                 version: 7,
+                function_id: 3,
                 spec: spec.clone(),
                 deployed_ms: 99,
             };
@@ -1289,6 +1301,7 @@ mod tests {
             };
             let version = FunctionVersion {
                 version: 3,
+                function_id: 3,
                 spec: spec.clone(),
                 deployed_ms: 5,
             };

@@ -40,7 +40,13 @@ pub const TASK_LIST_MAX: usize = 1000;
 pub const TASK_LIST_BYTES_MAX: u64 = 4 * 1024 * 1024;
 
 const OBJ_META: u8 = b'm';
-const OBJ_FUNCTION: u8 = b'f';
+/// A function record with its identity.
+const OBJ_FUNCTION: u8 = b'i';
+/// A function record as stored before functions had identities: read (as identity 0), and
+/// deleted whenever the function is written again under [`OBJ_FUNCTION`].
+const OBJ_FUNCTION_LEGACY: u8 = b'f';
+/// The last function identity given.
+const OBJ_FUNCTION_META: u8 = b'g';
 const OBJ_CODE: u8 = b'c';
 const OBJ_CHUNK: u8 = b'k';
 const OBJ_TASK: u8 = b't';
@@ -68,6 +74,7 @@ struct SchedMeta {
 enum ObjKey {
     Meta,
     Function(String),
+    FunctionMeta,
     Code(String),
     Chunk(String, u32),
     Task(TaskId),
@@ -86,6 +93,7 @@ impl ObjKey {
         match self {
             ObjKey::Meta => vec![OBJ_META],
             ObjKey::Function(name) => prefixed(OBJ_FUNCTION, name.as_bytes()),
+            ObjKey::FunctionMeta => vec![OBJ_FUNCTION_META],
             ObjKey::Code(digest) => prefixed(OBJ_CODE, digest.as_bytes()),
             ObjKey::Chunk(digest, index) => {
                 let mut k = prefixed(OBJ_CHUNK, digest.as_bytes());
@@ -118,6 +126,43 @@ fn pair_key(tag: u8, a: u64, b: u64) -> Vec<u8> {
     k
 }
 
+/// [`FunctionRecord`] as stored under [`OBJ_FUNCTION_LEGACY`].
+#[derive(Serialize, Deserialize)]
+struct LegacyFunctionRecord {
+    name: String,
+    versions: Vec<LegacyFunctionVersion>,
+    latest: u64,
+    created_ms: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct LegacyFunctionVersion {
+    version: u64,
+    spec: FunctionSpec,
+    deployed_ms: u64,
+}
+
+impl From<LegacyFunctionRecord> for FunctionRecord {
+    fn from(r: LegacyFunctionRecord) -> Self {
+        FunctionRecord {
+            name: r.name,
+            id: 0,
+            versions: r
+                .versions
+                .into_iter()
+                .map(|v| FunctionVersion {
+                    version: v.version,
+                    function_id: 0,
+                    spec: v.spec,
+                    deployed_ms: v.deployed_ms,
+                })
+                .collect(),
+            latest: r.latest,
+            created_ms: r.created_ms,
+        }
+    }
+}
+
 fn codec() -> impl bincode::Options {
     bincode::DefaultOptions::new().with_fixint_encoding()
 }
@@ -140,6 +185,9 @@ fn dec<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Result<T, St
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Sched {
     meta: SchedMeta,
+    /// The last function identity given (identities start at 1; 0 marks functions created
+    /// before identities existed).
+    next_function: u64,
     functions: BTreeMap<String, FunctionRecord>,
     code: BTreeMap<String, CodeBlob>,
     chunks: BTreeMap<(String, u32), Arc<Vec<u8>>>,
@@ -197,12 +245,23 @@ impl Sched {
             };
             match tag {
                 OBJ_META => s.meta = dec(&value, "scheduler meta")?,
-                OBJ_FUNCTION => {
-                    let f: FunctionRecord = dec(&value, "function")?;
+                OBJ_FUNCTION_META => s.next_function = dec(&value, "function meta")?,
+                OBJ_FUNCTION | OBJ_FUNCTION_LEGACY => {
+                    let f: FunctionRecord = if tag == OBJ_FUNCTION {
+                        dec(&value, "function")?
+                    } else {
+                        dec::<LegacyFunctionRecord>(&value, "function")?.into()
+                    };
                     if f.name != text()? {
                         return Err(format!("function {:?} under another key", f.name));
                     }
-                    s.functions.insert(f.name.clone(), f);
+                    if f.versions.iter().any(|v| v.function_id != f.id) {
+                        return Err(format!("function {:?} holds another's version", f.name));
+                    }
+                    let name = f.name.clone();
+                    if s.functions.insert(name.clone(), f).is_some() {
+                        return Err(format!("function {name:?} stored twice"));
+                    }
                 }
                 OBJ_CODE => {
                     let c: CodeBlob = dec(&value, "code blob")?;
@@ -282,6 +341,12 @@ impl Sched {
                 return Err(format!("chunk of unknown code blob {digest}"));
             }
         }
+        if let Some(f) = s.functions.values().find(|f| f.id > s.next_function) {
+            return Err(format!(
+                "function {:?} has identity {} past the last one given",
+                f.name, f.id
+            ));
+        }
         s.rebuild_stream_index()?;
         let ids: Vec<TaskId> = s.tasks.keys().copied().collect();
         for id in ids {
@@ -326,6 +391,9 @@ impl Sched {
     pub fn objects(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
         let mut out = Vec::new();
         out.push((ObjKey::Meta.encode(), enc(&self.meta)));
+        if self.next_function > 0 {
+            out.push((ObjKey::FunctionMeta.encode(), enc(&self.next_function)));
+        }
         for (name, f) in &self.functions {
             out.push((ObjKey::Function(name.clone()).encode(), enc(f)));
         }
@@ -376,12 +444,19 @@ impl Sched {
     /// The objects changed since the last call, encoded: put or delete.
     pub fn take_changes(&mut self) -> Vec<ObjChange> {
         let dirty = std::mem::take(&mut self.dirty);
-        dirty
+        let mut legacy = Vec::new();
+        let mut changes: Vec<ObjChange> = dirty
             .into_iter()
             .map(|key| {
                 let value = match &key {
                     ObjKey::Meta => Some(enc(&self.meta)),
-                    ObjKey::Function(n) => self.functions.get(n).map(enc),
+                    ObjKey::FunctionMeta => Some(enc(&self.next_function)),
+                    ObjKey::Function(n) => {
+                        // A record read from the layout without identities goes with its
+                        // first write (a delete of a key that is not there costs nothing).
+                        legacy.push((prefixed(OBJ_FUNCTION_LEGACY, n.as_bytes()), None));
+                        self.functions.get(n).map(enc)
+                    }
                     ObjKey::Code(d) => self.code.get(d).map(enc),
                     ObjKey::Chunk(d, i) => self.chunks.get(&(d.clone(), *i)).map(|b| b.to_vec()),
                     ObjKey::Task(id) => self.tasks.get(id).map(enc),
@@ -394,7 +469,9 @@ impl Sched {
                 };
                 (key.encode(), value)
             })
-            .collect()
+            .collect();
+        changes.extend(legacy);
+        changes
     }
 
     fn touch(&mut self, key: ObjKey) {
@@ -671,18 +748,26 @@ impl Sched {
         if !self.functions.contains_key(&spec.name) && self.functions.len() >= FUNCTIONS_MAX {
             return rejected(format!("the cluster holds {FUNCTIONS_MAX} functions"));
         }
-        let record = self
-            .functions
-            .entry(spec.name.clone())
-            .or_insert_with(|| FunctionRecord {
+        if !self.functions.contains_key(&spec.name) {
+            self.next_function += 1;
+            self.touch(ObjKey::FunctionMeta);
+            let record = FunctionRecord {
                 name: spec.name.clone(),
+                id: self.next_function,
                 versions: Vec::new(),
                 latest: 0,
                 created_ms: now,
-            });
+            };
+            self.functions.insert(spec.name.clone(), record);
+        }
+        let record = self
+            .functions
+            .get_mut(&spec.name)
+            .expect("the function exists or was just made");
         let version = record.latest + 1;
         record.versions.push(FunctionVersion {
             version,
+            function_id: record.id,
             spec: spec.clone(),
             deployed_ms: now,
         });
@@ -694,12 +779,44 @@ impl Sched {
         CommandResult::Deployed { version }
     }
 
-    /// Removes a function; its queued tasks fail, its running tasks finish.
+    /// Removes a function: every task of it not finished fails (a task names its function
+    /// by name and version, which a function made later under the same name reuses, so none
+    /// may outlive the removal), its ledger entries go, and no node is counted warm for it.
     pub fn remove(&mut self, now: u64, name: &str) -> CommandResult {
         if self.functions.remove(name).is_none() {
             return rejected(format!("function {name} does not exist"));
         }
         self.touch(ObjKey::Function(name.to_string()));
+        let placed: Vec<TaskId> = self
+            .by_node
+            .values()
+            .flatten()
+            .filter(|id| self.tasks.get(id).is_some_and(|t| t.function == name))
+            .copied()
+            .collect();
+        for id in placed {
+            self.release(id);
+            let result = failure_result("the function was removed");
+            self.finish(id, TaskState::Failed, Some(result), now);
+        }
+        // A stream names its function by name and version too: it ends with its function
+        // rather than feed its items to a function made later under the same name.
+        let streams: Vec<StreamId> = self
+            .streams
+            .values()
+            .filter(|j| j.function == name && j.state == crate::streams::StreamState::Running)
+            .map(|j| j.id)
+            .collect();
+        for id in streams {
+            let reason = format!("function {name} was removed");
+            self.end_stream(id, crate::streams::StreamState::Failed, Some(reason), now);
+        }
+        for n in self.nodes.values_mut() {
+            if n.warm.iter().any(|w| w.function == name) {
+                n.warm.retain(|w| w.function != name);
+                self.dirty.insert(ObjKey::Node(n.id));
+            }
+        }
         let mut queued: Vec<TaskId> = self
             .queues
             .remove(name)
@@ -1102,7 +1219,14 @@ impl Sched {
         let mut warm = hb.warm.clone();
         warm.sort_by(|a, b| (&a.function, a.version).cmp(&(&b.function, b.version)));
         warm.dedup_by(|a, b| a.function == b.function && a.version == b.version);
-        warm.retain(|w| w.idle > 0);
+        // A report made before the node saw a removal names what no longer exists.
+        warm.retain(|w| {
+            w.idle > 0
+                && self
+                    .functions
+                    .get(&w.function)
+                    .is_some_and(|f| f.version(w.version).is_some())
+        });
         let record = NodeRecord {
             id: hb.node,
             last_heartbeat_ms: now,
@@ -1959,12 +2083,126 @@ mod tests {
         for _ in 0..4 {
             ids.push(submitted(s.submit(2, "f", None, b"", false, None, &BTreeMap::new())).0);
         }
+        let token = s.task(ids[0]).map(|t| t.token).expect("assigned");
         assert_eq!(s.remove(3, "f"), CommandResult::Removed);
         assert_eq!(s.task(ids[3]).map(|t| t.state), Some(TaskState::Failed));
-        assert_eq!(s.task(ids[0]).map(|t| t.state), Some(TaskState::Assigned));
+        // Placed tasks fail too: none outlives its function, and its slot is free.
+        assert_eq!(s.task(ids[0]).map(|t| t.state), Some(TaskState::Failed));
+        assert_eq!(s.stats().tasks_active, 0);
+        assert!(s.tasks_on(1).is_empty() && s.tasks_on(2).is_empty());
+        // Its late completion is refused.
+        assert!(matches!(
+            s.complete(4, ids[0], token, &result(RunStatus::Succeeded), &[]),
+            CommandResult::Rejected { .. }
+        ));
         s.tick(3 + CODE_UNREFERENCED_TTL_MS + GC_INTERVAL_MS);
         assert!(s.code_blob(&digest).is_none());
         assert_reloads(&mut s, 3 + CODE_UNREFERENCED_TTL_MS + GC_INTERVAL_MS);
+    }
+
+    #[test]
+    fn a_function_made_again_after_removal_has_a_new_identity() {
+        let (mut s, digest) = cluster();
+        let first = s.function("f").map(|f| f.id).expect("f");
+        assert_eq!(first, 1);
+        let job = start_stream(&mut s, 2, None);
+        s.heartbeat(
+            2,
+            &hb(
+                1,
+                vec![WarmReport {
+                    function: "f".into(),
+                    version: 1,
+                    idle: 1,
+                }],
+            ),
+        );
+        assert_eq!(
+            s.nodes().find(|n| n.id == 1).map(|n| n.warm_idle("f", 1)),
+            Some(1)
+        );
+        assert_eq!(s.remove(3, "f"), CommandResult::Removed);
+        assert_eq!(
+            s.nodes().find(|n| n.id == 1).map(|n| n.warm_idle("f", 1)),
+            Some(0),
+            "no node counts warm for a removed function"
+        );
+        let j = s.stream(job).expect("job");
+        assert_eq!(
+            (j.state, j.reason.as_deref()),
+            (StreamState::Failed, Some("function f was removed")),
+            "a stream ends with its function"
+        );
+        assert_eq!(
+            s.deploy(4, &spec("f", &digest, 2, 2)),
+            CommandResult::Deployed { version: 1 }
+        );
+        let again = s.function("f").expect("f").clone();
+        assert_eq!((again.id, again.latest), (2, 1));
+        assert_eq!(again.versions[0].function_id, 2);
+        // A late report of the old function's sandboxes, applied after the new deploy, only
+        // claims versions that exist; the node's pool keys by identity either way.
+        s.deploy(5, &spec("g", &digest, 2, 2));
+        assert_eq!(s.function("g").map(|f| f.id), Some(3));
+        s.remove(6, "g");
+        s.heartbeat(
+            7,
+            &hb(
+                1,
+                vec![WarmReport {
+                    function: "g".into(),
+                    version: 1,
+                    idle: 1,
+                }],
+            ),
+        );
+        assert_eq!(
+            s.nodes().find(|n| n.id == 1).map(|n| n.warm_idle("g", 1)),
+            Some(0)
+        );
+        assert_reloads(&mut s, 7);
+        // The counter is persisted: a reloaded state does not give 2 or 3 again.
+        let mut copy = Sched::from_objects(s.objects(), 7).expect("valid image");
+        copy.deploy(8, &spec("h", &digest, 2, 2));
+        assert_eq!(copy.function("h").map(|f| f.id), Some(4));
+    }
+
+    #[test]
+    fn a_function_stored_without_identity_loads_and_is_rewritten() {
+        let (mut s, digest) = cluster();
+        s.take_changes();
+        let old_spec = spec("old", &digest, 2, 2);
+        let legacy = LegacyFunctionRecord {
+            name: "old".into(),
+            versions: vec![LegacyFunctionVersion {
+                version: 3,
+                spec: old_spec.clone(),
+                deployed_ms: 1,
+            }],
+            latest: 3,
+            created_ms: 1,
+        };
+        let mut objects = s.objects();
+        objects.push((prefixed(OBJ_FUNCTION_LEGACY, b"old"), enc(&legacy)));
+        let mut loaded = Sched::from_objects(objects, 1).expect("the old layout loads");
+        let old = loaded.function("old").expect("old").clone();
+        assert_eq!((old.id, old.latest, old.versions[0].function_id), (0, 3, 0));
+        assert_eq!(old.versions[0].spec, old_spec);
+        // Its next write puts it in the new layout and deletes the old key.
+        assert_eq!(
+            loaded.deploy(2, &old_spec),
+            CommandResult::Deployed { version: 4 }
+        );
+        let changes = loaded.take_changes();
+        assert!(changes.contains(&(prefixed(OBJ_FUNCTION_LEGACY, b"old"), None)));
+        assert!(changes
+            .iter()
+            .any(|(k, v)| *k == prefixed(OBJ_FUNCTION, b"old") && v.is_some()));
+        // Removed and made again, it gets a fresh identity, not 0.
+        loaded.remove(3, "old");
+        loaded.deploy(4, &old_spec);
+        assert_eq!(loaded.function("old").map(|f| f.id), Some(2));
+        assert_reloads(&mut loaded, 4);
     }
 
     fn kv_with(entries: &[(&str, u64)]) -> BTreeMap<String, KvEntry> {

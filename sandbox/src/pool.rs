@@ -4,8 +4,8 @@
 //! - **Exec mode**: the work (argv) makes the waiting init exec the command. One use, then the
 //!   sandbox is discarded.
 //! - **Serve mode**: the init execs a long-lived function process at pre-warm time. Requests
-//!   go to it one per line, and it is reused, but only for the same [`PoolKey`] (function and
-//!   version).
+//!   go to it one per line, and it is reused, but only for the same [`PoolKey`] (function
+//!   identity and version).
 //!
 //! Serve-mode framing (what the function process sees): each request is one line on stdin —
 //! a JSON value serialised without raw newlines, terminated by `\n`; the process answers each
@@ -63,6 +63,9 @@ pub enum PoolMode {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PoolKey {
     pub function: String,
+    /// The function's identity, never reused: a function removed and created again under the
+    /// same name gets a new one, so its versions never match the old function's sandboxes.
+    pub function_id: u64,
     pub version: u64,
     pub mode: PoolMode,
 }
@@ -321,6 +324,29 @@ impl WarmPool {
         n
     }
 
+    /// Discards every idle sandbox whose key `stale` says is no longer wanted (a removed
+    /// function or version); returns how many.
+    pub fn discard_where(&self, mut stale: impl FnMut(&PoolKey) -> bool) -> usize {
+        let gone: Vec<WarmSandbox> = {
+            let mut inner = self.lock();
+            let keys: Vec<PoolKey> = inner.idle.keys().filter(|k| stale(k)).cloned().collect();
+            let mut out = Vec::new();
+            for key in keys {
+                for entry in inner.idle.remove(&key).into_iter().flatten() {
+                    inner.count -= 1;
+                    inner.memory_bytes -= entry.memory_bytes;
+                    out.push(entry.sandbox);
+                }
+            }
+            out
+        };
+        let n = gone.len();
+        for sandbox in gone {
+            sandbox.discard();
+        }
+        n
+    }
+
     /// Discards every idle sandbox.
     pub fn clear(&self) {
         let all: Vec<WarmSandbox> = {
@@ -497,6 +523,7 @@ impl ServeSandbox {
             prepared,
             key: key.unwrap_or(PoolKey {
                 function: String::new(),
+                function_id: 0,
                 version: 0,
                 mode: PoolMode::Serve,
             }),

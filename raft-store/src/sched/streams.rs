@@ -613,7 +613,13 @@ impl Sched {
         }
     }
 
-    fn end_stream(&mut self, id: StreamId, state: StreamState, reason: Option<String>, now: u64) {
+    pub(super) fn end_stream(
+        &mut self,
+        id: StreamId,
+        state: StreamState,
+        reason: Option<String>,
+        now: u64,
+    ) {
         if let Some(job) = self.streams.get_mut(&id) {
             job.state = state;
             job.reason = reason;

@@ -639,6 +639,7 @@ fn warm_pool_types_are_usable_from_outside() {
     let pool = WarmPool::new(PoolConfig::default());
     let key = PoolKey {
         function: "f".into(),
+        function_id: 1,
         version: 1,
         mode: PoolMode::Exec,
     };

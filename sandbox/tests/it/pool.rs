@@ -13,6 +13,7 @@ use crate::{argv, can_sandbox, code_dir, spec, text};
 fn key(version: u64, mode: PoolMode) -> PoolKey {
     PoolKey {
         function: "echo".into(),
+        function_id: 1,
         version,
         mode,
     }
