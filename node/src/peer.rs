@@ -194,6 +194,9 @@ pub async fn connect(
     Ok(PeerApiClient::new(config, t).spawn())
 }
 
+/// One peer's slot in the pool: the address its connection was made to, and the connection.
+type PeerSlot = Arc<Mutex<Option<(String, PeerApiClient)>>>;
+
 /// A cache of peer connections for forwarding and probes (Raft replication uses its own).
 ///
 /// The map's lock is held only to find a peer's slot, never across a dial: a peer that does
@@ -204,7 +207,7 @@ pub struct PeerPool {
     frame_bytes_max: usize,
     overrides: Arc<HashMap<NodeId, String>>,
     tls: Option<TlsConnector>,
-    conns: std::sync::Mutex<HashMap<NodeId, Arc<Mutex<Option<(String, PeerApiClient)>>>>>,
+    conns: std::sync::Mutex<HashMap<NodeId, PeerSlot>>,
 }
 
 impl PeerPool {
@@ -223,7 +226,7 @@ impl PeerPool {
         }
     }
 
-    fn slot(&self, id: NodeId) -> Arc<Mutex<Option<(String, PeerApiClient)>>> {
+    fn slot(&self, id: NodeId) -> PeerSlot {
         let mut conns = self.conns.lock().expect("peer pool lock poisoned");
         conns.entry(id).or_default().clone()
     }

@@ -143,7 +143,8 @@ mod files {
 
     use clap::Parser;
     use skiff_client::api::{
-        ApiError, Command, FnMode, FunctionSpec, Idempotency, StreamOptions, StreamSource, StreamState,
+        ApiError, Command, FnMode, FunctionSpec, Idempotency, StreamOptions, StreamSource,
+        StreamState,
     };
     use skiff_client::cli::{deploy_plan, Cli, Cmd, FnCmd};
     use skiff_raft_store::functions::Dependency;
@@ -259,7 +260,8 @@ mod files {
         // Special files inside the root: refused by type, never opened (a FIFO opened for
         // reading would hang the start; the device has /dev/null's numbers).
         let fifo = root.join("fifo");
-        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).expect("mkfifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644))
+            .expect("mkfifo");
         let e = start_err(&cluster, jsonl(&fifo)).await;
         assert!(e.contains("is a FIFO, not a regular file"), "{e}");
         let _sock = std::os::unix::net::UnixListener::bind(root.join("sock")).expect("bind");
@@ -540,7 +542,8 @@ mod files {
         assert!(e.contains("leads out of the sources root"), "{e}");
         // A FIFO: opening it to hash it would block the node's hashing thread for good.
         let fifo = root.join("fifo");
-        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644)).expect("mkfifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o644))
+            .expect("mkfifo");
         let e = deploy_refused(&cluster, idempotent("fifo", &[&fifo])).await;
         assert!(e.contains("is a FIFO, not a regular file"), "{e}");
         let dev = root.join("null");
@@ -601,7 +604,8 @@ mod files {
     }
 
     fn cli_spec(args: &[&str]) -> FunctionSpec {
-        let cli = Cli::try_parse_from(["skiff", "fn", "deploy"].iter().chain(args)).expect("parses");
+        let cli =
+            Cli::try_parse_from(["skiff", "fn", "deploy"].iter().chain(args)).expect("parses");
         match cli.command {
             Cmd::Function(FnCmd::Deploy(a)) => deploy_plan(*a).expect("a valid plan").spec,
             other => panic!("not a deploy: {other:?}"),
@@ -1050,7 +1054,8 @@ mod code {
         require_root!();
         // The nodes' code cache (and the socket directory next to it) in a directory of this test.
         let base = tempfile::tempdir().expect("tempdir");
-        std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::fs::set_permissions(base.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
         let code_dir = base.path().join("code");
         let config = format!(
             "{CONFIG}code_cache_dir = {:?}\n",

@@ -265,7 +265,8 @@ mod dev_files {
         }
         // A parent any user may enter, as /tmp or a home directory often is.
         let parent = tempfile::tempdir().expect("tempdir");
-        std::fs::set_permissions(parent.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        std::fs::set_permissions(parent.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod");
         let dir = parent.path().join("dev");
         let dev = dev_cluster(&dir).expect("dev cluster");
         let env = dir.join("env");

@@ -512,7 +512,8 @@ mod plaintext {
         ] {
             let (mut child, log, addr) = plaintext_node(dir.path(), flags, env);
             let deadline = Instant::now() + Duration::from_secs(30);
-            let started = || std::fs::read_to_string(&log).is_ok_and(|t| t.contains("node started"));
+            let started =
+                || std::fs::read_to_string(&log).is_ok_and(|t| t.contains("node started"));
             while std::net::TcpStream::connect(&addr).is_err() || !started() {
                 if let Some(status) = child.try_wait().expect("wait") {
                     panic!(
