@@ -308,8 +308,8 @@ impl Default for Metrics {
 ///
 /// Every connection is bounded: at most [`CONNECTIONS_MAX`] open (and
 /// [`CONNECTIONS_PER_ADDRESS_MAX`] from one address, so that a scraper from elsewhere still
-/// gets in), its request read within [`REQUEST_TIMEOUT`] and [`REQUEST_BYTES_MAX`], its answer
-/// written within [`WRITE_TIMEOUT`] (a client that never reads is dropped, and its buffer with
+/// gets in), its request read within `REQUEST_TIMEOUT` and `REQUEST_BYTES_MAX`, its answer
+/// written within `WRITE_TIMEOUT` (a client that never reads is dropped, and its buffer with
 /// it). A connection over a bound is closed at once.
 pub async fn serve(listener: TcpListener, render: impl Fn() -> String + Send + Sync + 'static) {
     let render = std::sync::Arc::new(render);
