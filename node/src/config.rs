@@ -456,7 +456,7 @@ impl NodeConfig {
             ));
         }
         // Neither TLS files nor `insecure_plaintext`: refused when the node starts
-        // (`server::start`), so that a config without them still loads for other uses.
+        // (`daemon::start`), so that a config without them still loads for other uses.
         if self.sources.roots.len() > crate::sources::ROOTS_MAX {
             return Err(invalid(
                 "sources.roots",

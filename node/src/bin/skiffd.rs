@@ -1,5 +1,5 @@
 //! `skiffd`: the skiff node daemon. Parses flags, sets up logging, and calls
-//! [`skiff_node::server::run`] (or [`skiff_node::dev::run`] for `skiffd dev`) with a shutdown
+//! [`skiff_node::daemon::run`] (or [`skiff_node::dev::run`] for `skiffd dev`) with a shutdown
 //! future that resolves on SIGTERM or SIGINT.
 #![forbid(unsafe_code)]
 
@@ -238,7 +238,7 @@ fn main() -> anyhow::Result<()> {
             };
             let config = NodeConfig::load(args.config.as_deref(), overrides)?;
             init_logging(config.log_format);
-            runtime.block_on(skiff_node::server::run(
+            runtime.block_on(skiff_node::daemon::run(
                 config,
                 shutdown_signal(args.exit_with_parent),
             ))?;
