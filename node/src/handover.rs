@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use skiff_client::api::NodeId;
 
-use crate::peer;
+use crate::peer::{self, PeerRefusal};
 use crate::replica::Replica;
 
 /// Longest a stopping leader spends handing over before it stops regardless.
@@ -37,15 +37,43 @@ const ELECTION_MARGIN: Duration = Duration::from_millis(200);
 /// How often the stopping leader looks again whether a voter has caught up.
 const CATCH_UP_POLL: Duration = Duration::from_millis(10);
 
+/// Why a handover did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoverError {
+    #[error("node {node} has no address")]
+    NoAddress { node: NodeId },
+    #[error("node {node} did not take over in time")]
+    TookTooLong { node: NodeId },
+    #[error("node {node} at {addr}: {source}")]
+    Connect {
+        node: NodeId,
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("node {node} refused: {refusal}")]
+    Refused { node: NodeId, refusal: PeerRefusal },
+    #[error("node {node} at {addr}: {source}")]
+    Call {
+        node: NodeId,
+        addr: String,
+        source: tarpc::client::RpcError,
+    },
+    #[error("no voter caught up to index {last:?} in time (applied {applied:?})")]
+    NotCaughtUp {
+        last: Option<u64>,
+        applied: Option<u64>,
+    },
+}
+
 /// How a handover ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Handover {
     /// This node was not the leader, or the only voter: nothing to hand over.
     NotNeeded,
     /// `to` leads now.
     Done { to: NodeId, elapsed: Duration },
     /// It did not happen; the reason.
-    Failed(String),
+    Failed(HandoverError),
 }
 
 /// Hands leadership to a caught-up voter if this node leads. Leaves the batcher paused on
@@ -92,7 +120,7 @@ async fn run(
     voters: &[NodeId],
     deadline: Instant,
     election_max: Duration,
-) -> Result<NodeId, String> {
+) -> Result<NodeId, HandoverError> {
     let me = node.id();
     loop {
         if let Some(l) = node.raft().metrics().borrow().current_leader {
@@ -103,29 +131,42 @@ async fn run(
         let target = caught_up_voter(node, voters, deadline).await?;
         let addr = node
             .member_addr(target)
-            .ok_or_else(|| format!("node {target} has no address"))?;
+            .ok_or(HandoverError::NoAddress { node: target })?;
         // Ask it to campaign, then wait for another node to lead. A leader elected less than
         // a lease ago refuses the first request; the voter, now a candidate, tries again on
         // its own election timer, and so does this loop (after checking again that the voter
         // holds every entry).
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(format!("node {target} did not take over in time"));
+            return Err(HandoverError::TookTooLong { node: target });
         }
         let c = node
             .peers()
             .get(target, &addr)
             .await
-            .map_err(|e| format!("node {target} at {addr}: {e}"))?;
+            .map_err(|source| HandoverError::Connect {
+                node: target,
+                addr: addr.clone(),
+                source,
+            })?;
         match c
             .campaign(peer::deadline(left.min(CAMPAIGN_CALL_TIMEOUT)), target)
             .await
         {
             Ok(Ok(())) => {}
-            Ok(Err(refusal)) => return Err(format!("node {target} refused: {refusal}")),
+            Ok(Err(refusal)) => {
+                return Err(HandoverError::Refused {
+                    node: target,
+                    refusal,
+                })
+            }
             Err(e) => {
                 node.peers().forget(target).await;
-                return Err(format!("node {target} at {addr}: {e}"));
+                return Err(HandoverError::Call {
+                    node: target,
+                    addr,
+                    source: e,
+                });
             }
         }
         let left = deadline.saturating_duration_since(Instant::now());
@@ -142,7 +183,7 @@ async fn run(
             return Ok(m.current_leader.expect("checked by the condition"));
         }
         if Instant::now() >= deadline {
-            return Err(format!("node {target} did not take over in time"));
+            return Err(HandoverError::TookTooLong { node: target });
         }
     }
 }
@@ -153,7 +194,7 @@ async fn caught_up_voter(
     node: &Replica,
     voters: &[NodeId],
     deadline: Instant,
-) -> Result<NodeId, String> {
+) -> Result<NodeId, HandoverError> {
     loop {
         let m = node.raft().metrics().borrow().clone();
         let last = m.last_log_index;
@@ -176,9 +217,7 @@ async fn caught_up_voter(
             }
         }
         if Instant::now() >= deadline {
-            return Err(format!(
-                "no voter caught up to index {last:?} in time (applied {applied:?})"
-            ));
+            return Err(HandoverError::NotCaughtUp { last, applied });
         }
         tokio::time::sleep(CATCH_UP_POLL).await;
     }

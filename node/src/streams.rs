@@ -56,6 +56,44 @@ const DRIVE_INTERVAL: Duration = Duration::from_millis(200);
 /// How long the driver waits after a source could not be read before trying again.
 const READ_RETRY: Duration = Duration::from_secs(1);
 
+/// Why a source could not be read at all (a record that cannot be parsed is a failed item,
+/// not this). The driver retries after [`READ_RETRY`]; a start is refused with it.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// Not beneath a root, not a regular file (a directory for `dir:`), or not openable.
+    #[error(transparent)]
+    Source(#[from] crate::sources::SourceError),
+    #[error("cursor {0:?} is not a byte offset")]
+    Cursor(String),
+    #[error("cannot seek {path} to byte {offset}: {source}")]
+    Seek {
+        path: String,
+        offset: u64,
+        source: std::io::Error,
+    },
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0} is empty: a CSV source needs a header line")]
+    EmptyCsv(String),
+    #[error("the header of {0} names a column twice")]
+    HeaderTwice(String),
+    #[error("the header of {path} is malformed: {reason}")]
+    HeaderMalformed { path: String, reason: String },
+}
+
+/// Why one round of the driver did not propose.
+#[derive(Debug, thiserror::Error)]
+enum DriveError {
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    /// The blocking read panicked or was cancelled.
+    #[error("{0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
 /// Items read from a source, and where the read stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Batch {
@@ -83,13 +121,13 @@ fn bad(error: String) -> StreamItem {
     StreamItem::Bad(e)
 }
 
-fn offset_of(cursor: &str) -> Result<u64, String> {
+fn offset_of(cursor: &str) -> Result<u64, ReadError> {
     if cursor.is_empty() {
         return Ok(0);
     }
     cursor
         .parse()
-        .map_err(|_| format!("cursor {cursor:?} is not a byte offset"))
+        .map_err(|_| ReadError::Cursor(cursor.to_string()))
 }
 
 /// Reads one line of at most [`RECORD_BYTES_MAX`] bytes (without its `\n`). `None` at the
@@ -134,10 +172,21 @@ fn read_line(r: &mut impl BufRead, buf: &mut Vec<u8>) -> std::io::Result<Option<
     }
 }
 
-fn open_at(sources: &SourceRoots, path: &str, offset: u64) -> Result<BufReader<File>, String> {
-    let mut f = sources.open_file(path).map_err(|e| e.to_string())?;
+fn read_error(path: &str, source: std::io::Error) -> ReadError {
+    ReadError::Read {
+        path: path.to_string(),
+        source,
+    }
+}
+
+fn open_at(sources: &SourceRoots, path: &str, offset: u64) -> Result<BufReader<File>, ReadError> {
+    let mut f = sources.open_file(path)?;
     f.seek(SeekFrom::Start(offset))
-        .map_err(|e| format!("cannot seek {path} to byte {offset}: {e}"))?;
+        .map_err(|source| ReadError::Seek {
+            path: path.to_string(),
+            offset,
+            source,
+        })?;
     Ok(BufReader::with_capacity(256 * 1024, f))
 }
 
@@ -151,14 +200,14 @@ fn read_records<R>(
     limit: ReadLimit,
     mut next: impl FnMut(&mut BufReader<File>, &mut Vec<u8>) -> std::io::Result<Option<(usize, R)>>,
     mut to_item: impl FnMut(u64, R, &[u8]) -> Option<StreamItem>,
-) -> Result<Batch, String> {
+) -> Result<Batch, ReadError> {
     let mut r = open_at(sources, path, offset)?;
     let mut items = Vec::new();
     let mut bytes = 0;
     let mut buf = Vec::new();
     while items.len() < limit.items && bytes < limit.bytes {
         let Some((consumed, record)) =
-            next(&mut r, &mut buf).map_err(|e| format!("cannot read {path}: {e}"))?
+            next(&mut r, &mut buf).map_err(|source| read_error(path, source))?
         else {
             return Ok(Batch {
                 items,
@@ -189,7 +238,7 @@ pub fn read_jsonl(
     path: &str,
     cursor: &str,
     limit: ReadLimit,
-) -> Result<Batch, String> {
+) -> Result<Batch, ReadError> {
     read_records(
         sources,
         path,
@@ -302,18 +351,21 @@ fn parse_csv_fields(record: &[u8]) -> Result<Vec<String>, String> {
 }
 
 /// The header of a CSV file and the offset of its first record.
-fn csv_header(sources: &SourceRoots, path: &str) -> Result<(Vec<String>, u64), String> {
+fn csv_header(sources: &SourceRoots, path: &str) -> Result<(Vec<String>, u64), ReadError> {
     let mut r = open_at(sources, path, 0)?;
     let mut buf = Vec::new();
-    match read_csv_record(&mut r, &mut buf).map_err(|e| format!("cannot read {path}: {e}"))? {
-        None => Err(format!("{path} is empty: a CSV source needs a header line")),
+    match read_csv_record(&mut r, &mut buf).map_err(|source| read_error(path, source))? {
+        None => Err(ReadError::EmptyCsv(path.to_string())),
         Some((n, Ok(h))) => {
             if h.iter().collect::<BTreeSet<_>>().len() != h.len() {
-                return Err(format!("the header of {path} names a column twice"));
+                return Err(ReadError::HeaderTwice(path.to_string()));
             }
             Ok((h, n as u64))
         }
-        Some((_, Err(e))) => Err(format!("the header of {path} is malformed: {e}")),
+        Some((_, Err(reason))) => Err(ReadError::HeaderMalformed {
+            path: path.to_string(),
+            reason,
+        }),
     }
 }
 
@@ -323,7 +375,7 @@ pub fn read_csv(
     path: &str,
     cursor: &str,
     limit: ReadLimit,
-) -> Result<Batch, String> {
+) -> Result<Batch, ReadError> {
     let (header, body) = csv_header(sources, path)?;
     let offset = if cursor.is_empty() {
         body
@@ -365,14 +417,14 @@ pub fn read_dir(
     path: &str,
     cursor: &str,
     limit: ReadLimit,
-) -> Result<Batch, String> {
-    let mut dir = sources.open_dir(path).map_err(|e| e.to_string())?;
+) -> Result<Batch, ReadError> {
+    let mut dir = sources.open_dir(path)?;
     // Keep only the `limit.items + 1` smallest names after the cursor: bounded memory
     // whatever the directory's size, and the extra one tells whether more follow.
     let mut names: BTreeSet<String> = BTreeSet::new();
     let mut truncated = false;
     while let Some(name) = dir.next_name() {
-        let name = name.map_err(|e| e.to_string())?;
+        let name = name?;
         if name.as_str() <= cursor {
             continue;
         }
@@ -547,15 +599,17 @@ fn kv_item(e: &skiff_raft_store::model::KvEntry) -> StreamItem {
 }
 
 /// Checks a file source at start: it lies beneath one of this node's roots, is a regular
-/// file (a directory for `dir:`), and its first record parses.
+/// file (a directory for `dir:`), and its first record parses. The answer is the refusal's
+/// text, for the client.
 pub fn check_source(sources: &SourceRoots, source: &StreamSource) -> Result<(), String> {
     let one = ReadLimit { items: 1, bytes: 1 };
     let first = match source {
         StreamSource::Kv { .. } => return Ok(()),
-        StreamSource::Jsonl { path } => read_jsonl(sources, path, "", one)?,
-        StreamSource::Csv { path } => read_csv(sources, path, "", one)?,
-        StreamSource::Dir { path } => read_dir(sources, path, "", one)?,
-    };
+        StreamSource::Jsonl { path } => read_jsonl(sources, path, "", one),
+        StreamSource::Csv { path } => read_csv(sources, path, "", one),
+        StreamSource::Dir { path } => read_dir(sources, path, "", one),
+    }
+    .map_err(|e| e.to_string())?;
     match first.items.first() {
         Some(StreamItem::Bad(e)) => Err(format!("{}: {e}", source.spec())),
         _ => Ok(()),
@@ -590,7 +644,7 @@ pub async fn drive_loop(invoker: Invoker, mut shutdown: Shutdown) {
 }
 
 /// Reads one advance's worth of items of `job` and proposes it.
-async fn drive_once(invoker: &Invoker, job: &StreamJob) -> Result<(), String> {
+async fn drive_once(invoker: &Invoker, job: &StreamJob) -> Result<(), DriveError> {
     let replica = invoker.replica();
     let room = u64::from(job.options.max_concurrency).saturating_sub(job.counters.running);
     // Wait for room for a whole batch, so invocations stay full.
@@ -619,8 +673,7 @@ async fn drive_once(invoker: &Invoker, job: &StreamJob) -> Result<(), String> {
                 StreamSource::Dir { path } => read_dir(&sources, path, &cursor, limit),
                 StreamSource::Kv { .. } => unreachable!("kv sources are read above"),
             })
-            .await
-            .map_err(|e| e.to_string())??
+            .await??
         }
     };
     if batch.items.is_empty() && !batch.exhausted && batch.to_cursor == job.cursor {
