@@ -19,6 +19,7 @@
 //! - [`metrics`]: Prometheus metrics and the `/metrics` endpoint;
 //! - [`invoke`]: the invocation path (submit through the leader, dispatch, wait);
 //! - [`worker`]: runs assigned tasks in sandboxes, warm pools, heartbeats, reconciliation;
+//! - [`policy`]: the sandbox policy of a function and of its stages, checked at deploy;
 //! - [`code_cache`]: unpacked code archives (unpacked relative to directory descriptors),
 //!   leased while in use, removed when no function version refers to them;
 //! - [`read_index`]: one leadership confirmation shared by concurrent linearizable reads;
@@ -46,6 +47,7 @@ pub mod handover;
 pub mod invoke;
 pub mod metrics;
 pub mod peer;
+pub mod policy;
 pub mod read_index;
 pub mod server;
 pub mod sources;

@@ -535,7 +535,7 @@ impl Node {
                 return Err(ApiError::InvalidArgument(e.to_string()));
             }
             if let Command::FnDeploy { spec } = &c.command {
-                if let Err(e) = crate::worker::check_function_sandbox(spec) {
+                if let Err(e) = crate::policy::check_function_sandbox(spec) {
                     return Err(ApiError::InvalidArgument(format!(
                         "function {}: {e}",
                         spec.name
