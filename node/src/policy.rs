@@ -6,15 +6,46 @@
 //! narrow what its policy allows.
 
 use skiff_raft_store::functions::StageSpec;
-use skiff_sandbox::{Policy, Tier};
+use skiff_sandbox::{Policy, PolicyError, Tier, UnknownTier};
+
+/// Why a function's (or a stage's) tier and policy do not make a sandbox. The texts are what
+/// a refused deploy and a failed task carry, so they stay as they are.
+#[derive(Debug, thiserror::Error)]
+pub enum FunctionPolicyError {
+    /// The policy text does not parse.
+    #[error("bad policy: {0}")]
+    Parse(#[source] PolicyError),
+    /// The tier is not one of the sandbox's.
+    #[error(transparent)]
+    Tier(#[from] UnknownTier),
+    /// The policy widens its tier.
+    #[error(transparent)]
+    Resolve(PolicyError),
+    /// The function's memory or timeout is over its tier's ceiling.
+    #[error("{0}")]
+    Ceiling(String),
+    /// One stage of a staged function fails, named as in its logs.
+    #[error("{label}: {source}")]
+    Stage {
+        label: String,
+        source: Box<FunctionPolicyError>,
+    },
+}
+
+/// A policy's text parsed, or the default policy without one.
+fn parse_policy(text: Option<&String>) -> Result<Policy, FunctionPolicyError> {
+    match text {
+        Some(text) => Policy::from_toml(text).map_err(FunctionPolicyError::Parse),
+        None => Ok(Policy::default()),
+    }
+}
 
 /// The sandbox policy of a function: its own policy narrowed further by its memory and
 /// timeout settings.
-pub fn function_policy(spec: &skiff_client::api::FunctionSpec) -> Result<Policy, String> {
-    let mut policy = match &spec.policy {
-        Some(text) => Policy::from_toml(text).map_err(|e| format!("bad policy: {e}"))?,
-        None => Policy::default(),
-    };
+pub fn function_policy(
+    spec: &skiff_client::api::FunctionSpec,
+) -> Result<Policy, FunctionPolicyError> {
+    let mut policy = parse_policy(spec.policy.as_ref())?;
     policy.memory_bytes_max = Some(
         policy
             .memory_bytes_max
@@ -38,11 +69,8 @@ pub fn stage_policy(
     stage: &StageSpec,
     tier: Tier,
     remaining_ms: u64,
-) -> Result<Policy, String> {
-    let mut policy = match &stage.policy {
-        Some(text) => Policy::from_toml(text).map_err(|e| format!("bad policy: {e}"))?,
-        None => Policy::default(),
-    };
+) -> Result<Policy, FunctionPolicyError> {
+    let mut policy = parse_policy(stage.policy.as_ref())?;
     let ceiling = tier.limits();
     policy.memory_bytes_max = Some(match policy.memory_bytes_max {
         Some(m) => m.min(spec.memory_bytes),
@@ -57,27 +85,38 @@ pub fn stage_policy(
 
 /// Checks at deploy time that a function's tier and policy resolve to valid limits (for a
 /// staged function: every stage's tier and policy, naming the stage that fails).
-pub fn check_function_sandbox(spec: &skiff_client::api::FunctionSpec) -> Result<(), String> {
+pub fn check_function_sandbox(
+    spec: &skiff_client::api::FunctionSpec,
+) -> Result<(), FunctionPolicyError> {
     for (index, stage) in spec.stages.iter().enumerate() {
-        let label = stage_label(index, spec.stages.len(), stage);
-        let tier: Tier = stage.tier.parse().map_err(|e| format!("{label}: {e}"))?;
-        let policy = stage_policy(spec, stage, tier, spec.timeout_ms)
-            .map_err(|e| format!("{label}: {e}"))?;
-        policy.resolve(tier).map_err(|e| format!("{label}: {e}"))?;
+        let in_stage = |source: FunctionPolicyError| FunctionPolicyError::Stage {
+            label: stage_label(index, spec.stages.len(), stage),
+            source: Box::new(source),
+        };
+        let tier: Tier = stage
+            .tier
+            .parse()
+            .map_err(|e: UnknownTier| in_stage(e.into()))?;
+        let policy = stage_policy(spec, stage, tier, spec.timeout_ms).map_err(in_stage)?;
+        policy
+            .resolve(tier)
+            .map_err(|e| in_stage(FunctionPolicyError::Resolve(e)))?;
         // The stage's own policy alone, so a field it widens is refused even where the
         // function's memory or timeout would have narrowed it back.
         if let Some(text) = &stage.policy {
-            let own = Policy::from_toml(text).map_err(|e| format!("{label}: bad policy: {e}"))?;
-            own.resolve(tier).map_err(|e| format!("{label}: {e}"))?;
+            let own =
+                Policy::from_toml(text).map_err(|e| in_stage(FunctionPolicyError::Parse(e)))?;
+            own.resolve(tier)
+                .map_err(|e| in_stage(FunctionPolicyError::Resolve(e)))?;
         }
     }
     if spec.is_staged() {
         return Ok(());
     }
-    let tier: Tier = spec.tier.parse().map_err(|e| format!("{e}"))?;
-    skiff_raft_store::functions::check_tier_ceiling(spec)?;
+    let tier: Tier = spec.tier.parse()?;
+    skiff_raft_store::functions::check_tier_ceiling(spec).map_err(FunctionPolicyError::Ceiling)?;
     let policy = function_policy(spec)?;
-    policy.resolve(tier).map_err(|e| e.to_string())?;
+    policy.resolve(tier).map_err(FunctionPolicyError::Resolve)?;
     Ok(())
 }
 

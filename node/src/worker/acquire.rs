@@ -11,13 +11,28 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use skiff_client::api::{FnMode, FunctionVersion};
-use skiff_sandbox::{PoolKey, SandboxSpec, Tier, WarmSandbox};
+use skiff_sandbox::{PolicyError, PoolKey, SandboxSpec, Tier, WarmSandbox};
 
-use super::leases::Leases;
+use super::leases::{CodeError, DataSocketError, Leases};
 use super::{lock, Worker};
 use crate::data_service::DataSocket;
-use crate::policy::{function_policy, stage_policy};
+use crate::policy::{function_policy, stage_policy, FunctionPolicyError};
 use crate::server::Node;
+
+/// Why the sandbox of a run could not be prepared; its text follows "cannot prepare the
+/// sandbox: " in the failed task's error.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum PrepareError {
+    #[error(transparent)]
+    Policy(#[from] FunctionPolicyError),
+    #[error(transparent)]
+    Code(#[from] CodeError),
+    /// The resolved policy does not make a sandbox spec.
+    #[error(transparent)]
+    Spec(#[from] PolicyError),
+    #[error(transparent)]
+    DataSocket(#[from] DataSocketError),
+}
 
 impl Worker {
     /// The sandbox a function version runs in, and what it uses.
@@ -25,12 +40,11 @@ impl Worker {
         &self,
         node: &Node,
         fv: &FunctionVersion,
-    ) -> Result<(SandboxSpec, Leases), String> {
-        let tier: Tier = fv.spec.tier.parse().map_err(|e| format!("{e}"))?;
+    ) -> Result<(SandboxSpec, Leases), PrepareError> {
+        let tier: Tier = fv.spec.tier.parse().map_err(FunctionPolicyError::from)?;
         let policy = function_policy(&fv.spec)?;
         let code = self.code_dir(node, &fv.spec.code_digest).await?;
-        let mut spec =
-            SandboxSpec::with_policy(tier, &policy, code.dir()).map_err(|e| e.to_string())?;
+        let mut spec = SandboxSpec::with_policy(tier, &policy, code.dir())?;
         spec.env = fv.spec.env.clone();
         let mut socket = None;
         if !fv.spec.data.is_empty() {
@@ -56,11 +70,11 @@ impl Worker {
         index: usize,
         code: &Path,
         remaining_ms: u64,
-    ) -> Result<(SandboxSpec, Option<Arc<DataSocket>>), String> {
+    ) -> Result<(SandboxSpec, Option<Arc<DataSocket>>), PrepareError> {
         let stage = &fv.spec.stages[index];
-        let tier: Tier = stage.tier.parse().map_err(|e| format!("{e}"))?;
+        let tier: Tier = stage.tier.parse().map_err(FunctionPolicyError::from)?;
         let policy = stage_policy(&fv.spec, stage, tier, remaining_ms)?;
-        let mut spec = SandboxSpec::with_policy(tier, &policy, code).map_err(|e| e.to_string())?;
+        let mut spec = SandboxSpec::with_policy(tier, &policy, code)?;
         spec.env = stage.env.clone();
         let mut socket = None;
         if !stage.data.is_empty() {

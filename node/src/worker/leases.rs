@@ -6,6 +6,8 @@
 //! warm sandbox holds is never closed; unpacked code is leased, so the cache never removes
 //! what is in use.
 
+use std::io;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,6 +26,24 @@ pub const DATA_SOCKETS_MAX: usize = 1024;
 /// How long a worker waits for a code archive to reach its applied state.
 const CODE_WAIT: Duration = Duration::from_secs(10);
 
+/// The code cache could not lease a function's code: a bad digest, an archive not in this
+/// node's state within [`CODE_WAIT`], a full cache or an archive that does not unpack (the
+/// cache's own words).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(super) struct CodeError(String);
+
+/// Why a data socket could not be had for a sandbox.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum DataSocketError {
+    #[error("this node serves {} data sockets, all in use", DATA_SOCKETS_MAX)]
+    Full,
+    #[error("creating {}: {source}", .dir.display())]
+    CreateDir { dir: PathBuf, source: io::Error },
+    #[error("binding the data socket {}: {source}", .path.display())]
+    Bind { path: PathBuf, source: io::Error },
+}
+
 /// Which socket: function name, identity, version, and the stage index for a staged
 /// function.
 pub(super) type SocketKey = (String, FunctionId, u64, Option<usize>);
@@ -38,7 +58,7 @@ pub(super) struct Leases {
 
 impl Worker {
     /// A lease on the unpacked code of `digest`, unpacking it on first use.
-    pub(super) async fn code_dir(&self, node: &Node, digest: &str) -> Result<CodeLease, String> {
+    pub(super) async fn code_dir(&self, node: &Node, digest: &str) -> Result<CodeLease, CodeError> {
         self.code
             .lease(digest, || async {
                 let deadline = Instant::now() + CODE_WAIT;
@@ -53,6 +73,7 @@ impl Worker {
                 }
             })
             .await
+            .map_err(CodeError)
     }
 
     /// The data-service socket of a function version (or of one of its stages) serving
@@ -63,7 +84,7 @@ impl Worker {
         fv: &FunctionVersion,
         stage: Option<usize>,
         grant: &DataGrant,
-    ) -> Result<Arc<DataSocket>, String> {
+    ) -> Result<Arc<DataSocket>, DataSocketError> {
         let key = (fv.spec.name.clone(), fv.function_id, fv.version, stage);
         let mut sockets = self.data_sockets.lock().await;
         if let Some(s) = sockets.get(&key) {
@@ -73,9 +94,7 @@ impl Worker {
             // Unused sockets go first; they are bound again when next needed.
             sockets.retain(|_, s| Arc::strong_count(s) > 1);
             if sockets.len() >= DATA_SOCKETS_MAX {
-                return Err(format!(
-                    "this node serves {DATA_SOCKETS_MAX} data sockets, all in use"
-                ));
+                return Err(DataSocketError::Full);
             }
         }
         let dir = self
@@ -83,7 +102,9 @@ impl Worker {
             .code_cache_dir
             .with_file_name("sock")
             .join(format!("node-{}-{}", self.id, std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        if let Err(source) = std::fs::create_dir_all(&dir) {
+            return Err(DataSocketError::CreateDir { dir, source });
+        }
         {
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755));
@@ -106,7 +127,10 @@ impl Worker {
         let backend: Arc<dyn KvBackend> = Arc::new(NodeKv::new(node.clone()));
         let socket = data_service::bind(&path, access, backend)
             .await
-            .map_err(|e| format!("binding the data socket {}: {e}", path.display()))?;
+            .map_err(|source| DataSocketError::Bind {
+                path: path.clone(),
+                source,
+            })?;
         let socket = Arc::new(socket);
         sockets.insert(key, socket.clone());
         Ok(socket)
