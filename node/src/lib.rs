@@ -16,6 +16,7 @@
 //!   network and connection pool built on it;
 //! - [`batcher`]: group commit — many client commands per log entry;
 //! - [`read_index`]: one leadership confirmation shared by concurrent linearizable reads;
+//! - [`policy`]: the sandbox policy of a function and of its stages, checked at deploy;
 //! - [`replica`]: the [`replica::Replica`] handle — leader, write, read, applied state, waits,
 //!   request ids — that every part below acts through;
 //! - [`code_cache`]: unpacked code archives (unpacked relative to directory descriptors),
@@ -61,6 +62,7 @@ pub mod listener;
 pub mod metrics;
 pub mod peer;
 pub mod peer_service;
+pub mod policy;
 pub mod read_index;
 pub mod replica;
 pub mod server;

@@ -37,6 +37,10 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::task::{JoinHandle, JoinSet};
 
+mod node_kv;
+
+pub use node_kv::NodeKv;
+
 /// Longest request line, without its newline: a value at [`VALUE_BYTES_MAX`] whose JSON
 /// escaping at most doubles it (base64 adds a third), plus room for the key and the fields.
 pub const REQUEST_LINE_BYTES_MAX: usize = 2 * VALUE_BYTES_MAX + 64 * 1024;
