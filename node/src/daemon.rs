@@ -179,12 +179,16 @@ pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
         sources,
         shutdown: background.shutdown(),
     });
-    let worker = Arc::new(Worker::new(config.id, config.worker.clone()));
-    let worker_view = crate::server::Node::new(replica.clone(), worker.clone());
+    let worker = Arc::new(Worker::new(
+        config.id,
+        config.worker.clone(),
+        background.clone(),
+    ));
     let run_local: RunLocal = {
-        let (node, background) = (worker_view.clone(), background.clone());
+        let (replica, worker, background) = (replica.clone(), worker.clone(), background.clone());
         Arc::new(move |task, function| {
-            background.spawn(crate::worker::run_task(node.clone(), task, function));
+            let run = crate::worker::run_task(replica.clone(), worker.clone(), task, function);
+            background.spawn(run);
         })
     };
     let invoker = Invoker::new(
@@ -193,7 +197,7 @@ pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
         config.worker.enabled,
         background.clone(),
     );
-    crate::worker::start_loops(&worker_view);
+    crate::worker::start_loops(&replica, &worker);
     background.spawn(crate::streams::drive_loop(
         invoker.clone(),
         background.shutdown(),
@@ -338,7 +342,17 @@ mod tests {
         let runtime = tokio::runtime::Handle::current().metrics();
         let before = runtime.num_alive_tasks();
         let dir = tempfile::tempdir().expect("tempdir");
-        let node = start(test_config(dir.path())).await.expect("start");
+        let mut config = test_config(dir.path());
+        // The worker's loops too, where this host allows sandboxes (they are not started).
+        match config.sandbox.host_ids.check_host() {
+            Ok(()) => {
+                config.worker.enabled = true;
+                config.worker.code_cache_dir = dir.path().join("code");
+            }
+            Err(e) => eprintln!("the worker stays off (its loops are not checked): {e}"),
+        }
+        let worker_loops = if config.worker.enabled { 2 } else { 0 };
+        let node = start(config).await.expect("start");
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let metrics_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -354,7 +368,7 @@ mod tests {
         );
         let background = node.background.clone();
         let owned = tokio::time::timeout(Duration::from_secs(5), async {
-            while background.live() < 5 {
+            while background.live() < 5 + worker_loops {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         })

@@ -65,7 +65,6 @@ pub mod peer_service;
 pub mod policy;
 pub mod read_index;
 pub mod replica;
-pub mod server;
 pub mod sources;
 pub mod streams;
 pub mod worker;

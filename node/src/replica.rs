@@ -191,11 +191,6 @@ impl Replica {
         self.0.store.read(f)
     }
 
-    /// The store itself, for what works on it whole (a backup export).
-    pub(crate) fn store(&self) -> &StateMachineStore {
-        &self.0.store
-    }
-
     /// A watch on Raft's view, for loops that wake on every change.
     pub fn changes(&self) -> Changes {
         Changes(self.0.raft.metrics())
@@ -314,7 +309,7 @@ impl Replica {
                 return Err(ApiError::InvalidArgument(e.to_string()));
             }
             if let Command::FnDeploy { spec } = &c.command {
-                if let Err(e) = crate::worker::check_function_sandbox(spec) {
+                if let Err(e) = crate::policy::check_function_sandbox(spec) {
                     return Err(ApiError::InvalidArgument(format!(
                         "function {}: {e}",
                         spec.name
