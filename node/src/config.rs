@@ -391,7 +391,9 @@ impl NodeConfig {
         self.advertise.as_deref().unwrap_or(&self.listen)
     }
 
-    /// Checks every setting; the first problem is the error.
+    /// Checks every setting; the first problem is the error. Long by nature, not by logic:
+    /// one flat check per setting, in the order of the file, so that a setting's rule is
+    /// found next to its neighbours'.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.id == 0 {
             return Err(invalid("id", "node ids start at 1"));

@@ -123,7 +123,7 @@ async fn run(
 ) -> Result<NodeId, HandoverError> {
     let me = node.id();
     loop {
-        if let Some(l) = node.raft().metrics().borrow().current_leader {
+        if let Some(l) = node.current_leader() {
             if l != me {
                 return Ok(l);
             }
@@ -171,16 +171,12 @@ async fn run(
         }
         let left = deadline.saturating_duration_since(Instant::now());
         let wait = left.min(election_max + ELECTION_MARGIN);
+        let another = |r: &Replica| r.current_leader().filter(|&l| l != me);
         let moved = node
-            .raft()
-            .wait(Some(wait))
-            .metrics(
-                |m| m.current_leader.is_some_and(|l| l != me),
-                "another node leads",
-            )
+            .wait_until(tokio::time::Instant::now() + wait, another)
             .await;
-        if let Ok(m) = moved {
-            return Ok(m.current_leader.expect("checked by the condition"));
+        if let Ok(leader) = moved {
+            return Ok(leader);
         }
         if Instant::now() >= deadline {
             return Err(HandoverError::TookTooLong { node: target });

@@ -107,6 +107,8 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Registers every metric. Long by nature, not by logic: one registration per metric,
+    /// each with its help text, in the order `/metrics` shows them.
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("skiff");
         let writes = Family::<OutcomeLabel, Counter>::default();

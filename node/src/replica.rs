@@ -228,6 +228,11 @@ impl Replica {
             .map(|n| n.addr.clone())
     }
 
+    /// The leader in this node's view, if it knows one (no wait, no confirmation).
+    pub fn current_leader(&self) -> Option<NodeId> {
+        self.0.raft.metrics().borrow().current_leader
+    }
+
     /// How long a call to another node may take.
     pub fn timeout(&self) -> Duration {
         Duration::from_millis(self.0.limits.request_timeout_ms)

@@ -10,6 +10,9 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use skiff_node::config::{LogFormat, NodeConfig, Overrides};
 
+/// How often `--exit-with-parent` checks whether the parent process is still there.
+const PARENT_POLL: Duration = Duration::from_secs(1);
+
 #[derive(Debug, Parser)]
 #[command(
     name = "skiffd",
@@ -140,7 +143,7 @@ async fn shutdown_signal(parent: Option<i32>) {
     let parent_gone = async {
         match parent {
             Some(pid) => loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::time::sleep(PARENT_POLL).await;
                 let pid = nix::unistd::Pid::from_raw(pid);
                 if nix::sys::signal::kill(pid, None).is_err() {
                     break;
