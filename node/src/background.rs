@@ -87,6 +87,19 @@ impl Background {
         tasks.spawn(task);
     }
 
+    /// Spawns `work` as one of this owner's tasks, dropped where it stands when the signal is
+    /// given: for one-off work (a sandbox run, a report, a pre-warm, a dispatch) that has
+    /// nothing to finish once the node stops, as if the process had exited under it.
+    pub fn spawn_until_shutdown(&self, work: impl Future<Output = ()> + Send + 'static) {
+        let mut shutdown = self.shutdown();
+        self.spawn(async move {
+            tokio::select! {
+                () = work => {}
+                () = shutdown.wait() => {}
+            }
+        });
+    }
+
     /// How many of this owner's tasks have not ended yet.
     pub fn live(&self) -> usize {
         let mut tasks = self.tasks();
@@ -149,7 +162,8 @@ mod tests {
         let mut shutdown = owner.shutdown();
         owner.spawn(async move { shutdown.wait().await });
         owner.spawn(std::future::pending());
-        assert_eq!(owner.live(), 2);
+        owner.spawn_until_shutdown(std::future::pending());
+        assert_eq!(owner.live(), 3);
         let aborted = owner.stop(Duration::from_millis(100)).await;
         assert_eq!(aborted, 1, "only the task ignoring the signal is aborted");
         assert_eq!(owner.live(), 0);

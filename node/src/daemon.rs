@@ -188,7 +188,7 @@ pub async fn start(config: NodeConfig) -> Result<Node, NodeError> {
         let (replica, worker, background) = (replica.clone(), worker.clone(), background.clone());
         Arc::new(move |task, function| {
             let run = crate::worker::run_task(replica.clone(), worker.clone(), task, function);
-            background.spawn(run);
+            background.spawn_until_shutdown(run);
         })
     };
     let invoker = Invoker::new(

@@ -331,7 +331,7 @@ impl Invoker {
             return;
         };
         let replica = self.replica.clone();
-        self.background.spawn(async move {
+        self.background.spawn_until_shutdown(async move {
             match replica.peers().get(node_id, &addr).await {
                 Ok(p) => {
                     let ctx = peer::deadline(replica.timeout());

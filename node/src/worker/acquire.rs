@@ -125,7 +125,7 @@ impl Worker {
             let w = self.clone();
             let (key, spec, argv) = (key.clone(), spec.clone(), argv.clone());
             let leases = leases.clone();
-            self.background.spawn(async move {
+            self.background.spawn_until_shutdown(async move {
                 let result = w.pool.prewarm(key.clone(), spec, argv).await;
                 if let Some(n) = lock(&w.prewarming).get_mut(&key) {
                     *n = n.saturating_sub(1);

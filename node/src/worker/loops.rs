@@ -138,7 +138,8 @@ async fn reconcile_loop(node: Replica, w: Arc<Worker>, mut shutdown: Shutdown) {
             let n = node.clone();
             match fv {
                 Some(fv) => {
-                    w.background.spawn(run_task(n, w.clone(), task, fv));
+                    w.background
+                        .spawn_until_shutdown(run_task(n, w.clone(), task, fv));
                 }
                 None => {
                     if w.claim(task.id, task.token) {
@@ -146,7 +147,7 @@ async fn reconcile_loop(node: Replica, w: Arc<Worker>, mut shutdown: Shutdown) {
                             "function {} version {} no longer exists",
                             task.function, task.version
                         ));
-                        w.background.spawn(async move {
+                        w.background.spawn_until_shutdown(async move {
                             report(&n, task.id, task.token, r, Vec::new()).await
                         });
                     }
