@@ -3,13 +3,18 @@
 //!
 //! Every run is bounded by a duration and an operation count, driven by [`crate::bench`].
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
 
 use super::function::parse_mode;
+use super::render::{bench_invoke_text, bench_kv_text, out};
 use super::CliError;
-use crate::api::{FnMode, TaskState};
+use crate::api::{
+    CacheOutcome, DataGrant, FnMode, FunctionSpec, Idempotency, TaskFilter, TaskId, TaskState,
+};
 use crate::bench;
 use crate::client::{Client, ClientConfig};
 use crate::deploy;
@@ -74,6 +79,29 @@ pub struct BenchKvArgs {
     pub connections: usize,
 }
 
+/// Runs one `skiff bench` command and prints its report.
+pub(super) async fn run(config: &ClientConfig, cmd: BenchCmd, json: bool) -> Result<(), CliError> {
+    match cmd {
+        BenchCmd::Invoke(args) => {
+            let report = bench_invoke(config, &args).await?;
+            if json {
+                out(&serde_json::to_string(&report).expect("report serializes"));
+            } else {
+                out(&bench_invoke_text(&report));
+            }
+        }
+        BenchCmd::Kv(args) => {
+            let report = bench_kv(config, &args).await?;
+            if json {
+                out(&serde_json::to_string(&report).expect("report serializes"));
+            } else {
+                out(&bench_kv_text(&report));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// What `skiff bench kv` measured.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BenchReport {
@@ -123,15 +151,12 @@ pub async fn bench_kv(config: &ClientConfig, args: &BenchKvArgs) -> Result<Bench
     })
 }
 
-fn connected_clients(
-    config: &ClientConfig,
-    n: usize,
-) -> Result<std::sync::Arc<Vec<Client>>, CliError> {
+fn connected_clients(config: &ClientConfig, n: usize) -> Result<Arc<Vec<Client>>, CliError> {
     let mut clients = Vec::with_capacity(n);
     for _ in 0..n.max(1) {
         clients.push(Client::new(config.clone())?);
     }
-    Ok(std::sync::Arc::new(clients))
+    Ok(Arc::new(clients))
 }
 
 /// What `skiff bench invoke` measured.
@@ -152,6 +177,25 @@ pub struct InvokeBenchReport {
     pub bwrap: Option<bench::LoadStats>,
 }
 
+/// Most warm sandboxes the echo function asks for, whatever the number of callers.
+const ECHO_WARM_MAX: u32 = 64;
+/// The echo function's memory limit.
+const ECHO_MEMORY_BYTES: u64 = 64 << 20;
+/// The echo function's timeout per invocation.
+const ECHO_TIMEOUT_MS: u64 = 10_000;
+/// The echo function's concurrency and queue bounds: far above any load the bench makes, so
+/// the bench measures the cluster and not the function's throttling.
+const ECHO_MAX_CONCURRENCY: u32 = 10_000;
+const ECHO_QUEUE_MAX: u32 = 100_000;
+/// How long a recorded result of the idempotent echo function answers (`--hits`).
+const ECHO_IDEMPOTENCY_TTL_MS: u64 = 3_600_000;
+/// The pause after deploying that lets min-warm fill the pools before the clock starts.
+const POOL_FILL_WAIT: Duration = Duration::from_secs(3);
+/// Longest wait for the async burst to finish; tasks still running then count as not failed.
+const ASYNC_FINISH_WAIT_MAX: Duration = Duration::from_secs(600);
+/// How often the async part polls its tasks.
+const ASYNC_POLL_INTERVAL: Duration = Duration::from_millis(100);
+
 /// Deploys an echo function (exec `cat`, or a serve-mode line echo) with warm sandboxes,
 /// then measures sync latency and async throughput, and a local bwrap one-shot of the same
 /// command for comparison.
@@ -159,13 +203,45 @@ pub async fn bench_invoke(
     config: &ClientConfig,
     args: &BenchInvokeArgs,
 ) -> Result<InvokeBenchReport, CliError> {
-    use crate::api::{DataGrant, FunctionSpec};
     if args.clients == 0 || args.connections == 0 {
         return Err(CliError::usage(
             "--clients and --connections must be positive",
         ));
     }
     let clients = connected_clients(config, args.connections.min(args.clients))?;
+    let function = deploy_echo(&clients[0], args).await?;
+    // Let min-warm fill the pools, and warm each connection.
+    tokio::time::sleep(POOL_FILL_WAIT).await;
+    for c in clients.iter() {
+        c.invoke(&function, None, b"{}".to_vec(), true).await?;
+    }
+    let (sync, sync_warm) = sync_calls(&clients, &function, args).await;
+    // Async: submit a bounded burst, then wait until every task has finished.
+    let start = Instant::now();
+    let ids = async_burst(&clients, &function, args.clients, args.async_count).await;
+    let failed = wait_finished(&clients[0], &function, &ids).await?;
+    let async_elapsed = start.elapsed().as_secs_f64();
+    let bwrap = if args.compare_bwrap {
+        bwrap_one_shots(args.mode, args.duration).await
+    } else {
+        None
+    };
+    Ok(InvokeBenchReport {
+        function,
+        mode: args.mode.as_str().to_string(),
+        sync,
+        sync_warm,
+        async_submitted: ids.len() as u64,
+        async_failed: failed,
+        async_elapsed_s: async_elapsed,
+        async_per_s: ids.len() as f64 / async_elapsed,
+        bwrap,
+    })
+}
+
+/// Uploads and deploys the echo function of `args.mode` (idempotent with `--hits`); returns
+/// its name.
+async fn deploy_echo(client: &Client, args: &BenchInvokeArgs) -> Result<String, CliError> {
     let function = format!(
         "bench-echo-{}{}",
         args.mode.as_str(),
@@ -176,9 +252,10 @@ pub async fn bench_invoke(
         FnMode::Serve => b"while IFS= read -r l; do printf '%s\\n' \"$l\"; done\n",
     };
     let archive = deploy::single_file_archive("main.sh", script).map_err(CliError::usage)?;
-    let client = &clients[0];
     let digest = client.upload_code(&archive, |_, _| {}).await?;
-    let warm = u32::try_from(args.clients).unwrap_or(u32::MAX).min(64);
+    let warm = u32::try_from(args.clients)
+        .unwrap_or(u32::MAX)
+        .min(ECHO_WARM_MAX);
     client
         .deploy(FunctionSpec {
             name: function.clone(),
@@ -187,34 +264,39 @@ pub async fn bench_invoke(
             mode: args.mode,
             tier: "standard".into(),
             policy: None,
-            memory_bytes: 64 << 20,
-            timeout_ms: 10_000,
-            max_concurrency: 10_000,
-            queue_max: 100_000,
+            memory_bytes: ECHO_MEMORY_BYTES,
+            timeout_ms: ECHO_TIMEOUT_MS,
+            max_concurrency: ECHO_MAX_CONCURRENCY,
+            queue_max: ECHO_QUEUE_MAX,
             min_warm: warm,
             max_attempts: 1,
             retry_backoff_ms: 0,
             data: DataGrant::default(),
             env: Vec::new(),
-            idempotency: args.hits.then(|| crate::api::Idempotency {
+            idempotency: args.hits.then(|| Idempotency {
                 dependencies: Vec::new(),
-                ttl_ms: 3_600_000,
+                ttl_ms: ECHO_IDEMPOTENCY_TTL_MS,
                 cache_failures: false,
                 track_reads: false,
             }),
             stages: Vec::new(),
         })
         .await?;
-    // Let min-warm fill the pools, and warm each connection.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    for c in clients.iter() {
-        c.invoke(&function, None, b"{}".to_vec(), true).await?;
-    }
-    let warm_count = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    Ok(function)
+}
+
+/// The sync part: `args.clients` callers each waiting for their result; an invocation counts
+/// as ok if it echoed its payload. Returns the stats and how many ran warm (or were hits).
+async fn sync_calls(
+    clients: &Arc<Vec<Client>>,
+    function: &str,
+    args: &BenchInvokeArgs,
+) -> (bench::LoadStats, u64) {
+    let warm_count = Arc::new(AtomicU64::new(0));
     let hits = args.hits;
     let sync = {
         let (clients, function, warm_count) =
-            (clients.clone(), function.clone(), warm_count.clone());
+            (clients.clone(), function.to_string(), warm_count.clone());
         bench::drive(args.clients, args.duration, args.ops_max, move |w, n| {
             let client = clients[w % clients.len()].clone();
             let function = function.clone();
@@ -228,9 +310,9 @@ pub async fn bench_invoke(
                 match client.invoke(&function, None, payload.clone(), true).await {
                     Ok(t) => {
                         let r = t.result.as_ref();
-                        let hit = matches!(t.cache, Some(crate::api::CacheOutcome::Hit { .. }));
+                        let hit = matches!(t.cache, Some(CacheOutcome::Hit { .. }));
                         if hit || r.is_some_and(|r| r.warm) {
-                            warm_count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            warm_count.fetch_add(1, Ordering::Relaxed);
                         }
                         t.state == TaskState::Succeeded
                             && r.is_some_and(|r| r.output.trim_ascii_end() == payload.as_slice())
@@ -241,52 +323,62 @@ pub async fn bench_invoke(
         })
         .await
     };
-    // Async: submit a bounded burst, then wait until every task has finished.
-    let n_async = args.async_count;
-    let start = Instant::now();
-    let ids = {
-        let (clients, function) = (clients.clone(), function.clone());
-        let per = n_async.div_ceil(args.clients.max(1) as u64);
-        let mut handles = Vec::new();
-        for w in 0..args.clients {
-            let (clients, function) = (clients.clone(), function.clone());
-            handles.push(tokio::spawn(async move {
-                let client = clients[w % clients.len()].clone();
-                let mut ids = Vec::new();
-                for i in 0..per {
-                    let n = w as u64 * per + i;
-                    if n >= n_async {
-                        break;
-                    }
-                    if let Ok(t) = client
-                        .invoke(
-                            &function,
-                            None,
-                            format!("{{\"a\":{n}}}").into_bytes(),
-                            false,
-                        )
-                        .await
-                    {
-                        ids.push(t.id);
-                    }
+    (sync, warm_count.load(Ordering::Relaxed))
+}
+
+/// Submits `count` async invocations spread over `workers` submitters; the ids of those the
+/// cluster accepted, sorted.
+async fn async_burst(
+    clients: &Arc<Vec<Client>>,
+    function: &str,
+    workers: usize,
+    count: u64,
+) -> Vec<TaskId> {
+    let per = count.div_ceil(workers.max(1) as u64);
+    let mut handles = Vec::new();
+    for w in 0..workers {
+        let (clients, function) = (clients.clone(), function.to_string());
+        handles.push(tokio::spawn(async move {
+            let client = clients[w % clients.len()].clone();
+            let mut ids = Vec::new();
+            for i in 0..per {
+                let n = w as u64 * per + i;
+                if n >= count {
+                    break;
                 }
-                ids
-            }));
-        }
-        let mut ids = Vec::new();
-        for h in handles {
-            ids.extend(h.await.unwrap_or_default());
-        }
-        ids.sort_unstable();
-        ids
-    };
+                if let Ok(t) = client
+                    .invoke(
+                        &function,
+                        None,
+                        format!("{{\"a\":{n}}}").into_bytes(),
+                        false,
+                    )
+                    .await
+                {
+                    ids.push(t.id);
+                }
+            }
+            ids
+        }));
+    }
+    let mut ids = Vec::new();
+    for h in handles {
+        ids.extend(h.await.unwrap_or_default());
+    }
+    ids.sort_unstable();
+    ids
+}
+
+/// Polls until every task of `ids` (sorted) has finished, or [`ASYNC_FINISH_WAIT_MAX`];
+/// returns how many of the finished ones did not succeed.
+async fn wait_finished(client: &Client, function: &str, ids: &[TaskId]) -> Result<u64, CliError> {
     let first = ids.iter().copied().min().unwrap_or(0);
-    let deadline = Instant::now() + Duration::from_secs(600);
-    let failed = loop {
+    let deadline = Instant::now() + ASYNC_FINISH_WAIT_MAX;
+    loop {
         let mut done = 0;
         let mut failed = 0;
-        let filter = crate::api::TaskFilter {
-            function: Some(function.clone()),
+        let filter = TaskFilter {
+            function: Some(function.to_string()),
             ..Default::default()
         };
         for t in client
@@ -303,27 +395,10 @@ pub async fn bench_invoke(
             }
         }
         if done >= ids.len() || Instant::now() > deadline {
-            break failed;
+            return Ok(failed);
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    let async_elapsed = start.elapsed().as_secs_f64();
-    let bwrap = if args.compare_bwrap {
-        bwrap_one_shots(args.mode, args.duration).await
-    } else {
-        None
-    };
-    Ok(InvokeBenchReport {
-        function,
-        mode: args.mode.as_str().to_string(),
-        sync,
-        sync_warm: warm_count.load(std::sync::atomic::Ordering::Relaxed),
-        async_submitted: ids.len() as u64,
-        async_failed: failed,
-        async_elapsed_s: async_elapsed,
-        async_per_s: ids.len() as f64 / async_elapsed,
-        bwrap,
-    })
+        tokio::time::sleep(ASYNC_POLL_INTERVAL).await;
+    }
 }
 
 /// Sequential local one-shots of `sh -c 'exec cat'` in bwrap (all namespaces, read-only

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use clap::Subcommand;
 use serde_json::json;
 
-use super::render::{out, token_json, workers_text};
+use super::render::{out, status_text, token_json, workers_text};
 use super::{CliError, ExitCode};
 use crate::api::{NodeId, ReadConsistency};
 use crate::client::Client;
@@ -60,7 +60,8 @@ pub fn parse_members(s: &str) -> Result<BTreeMap<NodeId, String>, CliError> {
     Ok(members)
 }
 
-pub(super) async fn cluster(client: &Client, cmd: ClusterCmd, json: bool) -> Result<(), CliError> {
+/// Runs one `skiff cluster` command.
+pub(super) async fn run(client: &Client, cmd: ClusterCmd, json: bool) -> Result<(), CliError> {
     match cmd {
         ClusterCmd::Init { members } => {
             let members = parse_members(&members)?;
@@ -84,68 +85,7 @@ pub(super) async fn cluster(client: &Client, cmd: ClusterCmd, json: bool) -> Res
                 out(&admin.secret);
             }
         }
-        ClusterCmd::Status => {
-            let status = client.cluster_status().await?;
-            // The answering node's view, so that status works without a leader too.
-            let workers = client.workers_with(ReadConsistency::Local).await;
-            if json {
-                let mut v = serde_json::to_value(&status).expect("status serializes");
-                match &workers {
-                    Ok(w) => v["workers"] = serde_json::to_value(w).expect("workers serialize"),
-                    Err(e) => {
-                        v["workers"] = serde_json::Value::Null;
-                        v["workers_error"] = json!(e.to_string());
-                    }
-                }
-                out(&v.to_string());
-            } else {
-                out(&format!(
-                    "leader: {}   term: {}   last log: {}   applied: {} (answered by node {})",
-                    status
-                        .leader
-                        .map(|l| format!("node {l}"))
-                        .unwrap_or_else(|| "none".into()),
-                    status.term,
-                    status.last_log,
-                    status.last_applied,
-                    status.answered_by
-                ));
-                let mut table = comfy_table::Table::new();
-                table.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY);
-                table.set_header([
-                    "id",
-                    "address",
-                    "role",
-                    "reachable",
-                    "applied",
-                    "matched",
-                    "lag",
-                ]);
-                for n in &status.nodes {
-                    let role = if Some(n.id) == status.leader {
-                        format!("{} (leader)", n.role)
-                    } else {
-                        n.role.to_string()
-                    };
-                    let opt =
-                        |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
-                    table.add_row([
-                        n.id.to_string(),
-                        n.addr.clone(),
-                        role,
-                        if n.reachable { "yes" } else { "NO" }.to_string(),
-                        opt(n.last_applied),
-                        opt(n.matched),
-                        opt(n.lag),
-                    ]);
-                }
-                out(&table.to_string());
-                match &workers {
-                    Ok(w) => out(&workers_text(w)),
-                    Err(e) => out(&format!("workers: unavailable ({e})")),
-                }
-            }
-        }
+        ClusterCmd::Status => status(client, json).await?,
         ClusterCmd::AddNode { id, addr } => {
             client.cluster_add_node(id, &addr).await?;
             if json {
@@ -182,6 +122,32 @@ pub(super) async fn cluster(client: &Client, cmd: ClusterCmd, json: bool) -> Res
                     file.display()
                 ));
             }
+        }
+    }
+    Ok(())
+}
+
+/// `cluster status`: the membership as the answering node sees it, then the workers (or why
+/// they could not be read).
+async fn status(client: &Client, json: bool) -> Result<(), CliError> {
+    let status = client.cluster_status().await?;
+    // The answering node's view, so that status works without a leader too.
+    let workers = client.workers_with(ReadConsistency::Local).await;
+    if json {
+        let mut v = serde_json::to_value(&status).expect("status serializes");
+        match &workers {
+            Ok(w) => v["workers"] = serde_json::to_value(w).expect("workers serialize"),
+            Err(e) => {
+                v["workers"] = serde_json::Value::Null;
+                v["workers_error"] = json!(e.to_string());
+            }
+        }
+        out(&v.to_string());
+    } else {
+        out(&status_text(&status));
+        match &workers {
+            Ok(w) => out(&workers_text(w)),
+            Err(e) => out(&format!("workers: unavailable ({e})")),
         }
     }
     Ok(())

@@ -12,7 +12,7 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 use skiff_raft_store::functions::DataGrant;
 
-use super::render::{fmt_bytes, fmt_ms, function_text, mode_text, out, version_json};
+use super::render::{function_json, function_text, functions_json, functions_table, out};
 use super::CliError;
 use crate::api::{FnMode, FunctionRecord, FunctionSpec, FunctionVersion};
 use crate::client::{Client, ClientError};
@@ -210,31 +210,10 @@ impl UploadProgress {
     }
 }
 
-pub(super) async fn functions(client: &Client, cmd: FnCmd, json: bool) -> Result<(), CliError> {
+/// Runs one `skiff fn` command.
+pub(super) async fn run(client: &Client, cmd: FnCmd, json: bool) -> Result<(), CliError> {
     match cmd {
-        FnCmd::Deploy(args) => {
-            let plan = deploy_plan(*args)?;
-            let archive = deploy::read_code(&plan.code).map_err(CliError::usage)?;
-            let bytes = archive.len() as u64;
-            let mut progress = UploadProgress::new(bytes);
-            let digest = client
-                .upload_code(&archive, |done, total| progress.update(done, total))
-                .await;
-            progress.finish();
-            let digest = digest?;
-            let version = client.deploy(plan.with_digest(&digest)).await?;
-            if json {
-                out(&json!({
-                    "name": plan.spec.name,
-                    "version": version,
-                    "digest": digest,
-                    "bytes": bytes,
-                })
-                .to_string());
-            } else {
-                out(&format!("{} version {version}", plan.spec.name));
-            }
-        }
+        FnCmd::Deploy(args) => deploy_version(client, *args, json).await?,
         FnCmd::Ls => {
             let list = client.functions().await?;
             let latest: Vec<(&FunctionRecord, &FunctionVersion)> = list
@@ -242,42 +221,9 @@ pub(super) async fn functions(client: &Client, cmd: FnCmd, json: bool) -> Result
                 .filter_map(|f| f.latest().map(|v| (f, v)))
                 .collect();
             if json {
-                let items: Vec<serde_json::Value> = latest
-                    .iter()
-                    .map(|(f, v)| {
-                        let mut item = version_json(v);
-                        item.insert("name".into(), json!(f.name));
-                        item.insert("latest".into(), json!(f.latest));
-                        serde_json::Value::Object(item)
-                    })
-                    .collect();
-                out(&serde_json::Value::Array(items).to_string());
+                out(&functions_json(&latest).to_string());
             } else {
-                let mut table = comfy_table::Table::new();
-                table.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY);
-                table.set_header([
-                    "name",
-                    "version",
-                    "mode",
-                    "tier",
-                    "memory",
-                    "timeout",
-                    "max concurrency",
-                    "min warm",
-                ]);
-                for (f, v) in latest {
-                    table.add_row([
-                        f.name.clone(),
-                        f.latest.to_string(),
-                        mode_text(&v.spec),
-                        v.spec.tier.clone(),
-                        fmt_bytes(v.spec.memory_bytes),
-                        fmt_ms(v.spec.timeout_ms),
-                        v.spec.max_concurrency.to_string(),
-                        v.spec.min_warm.to_string(),
-                    ]);
-                }
-                out(&table.to_string());
+                out(&functions_table(&latest));
             }
         }
         FnCmd::Show { name } => {
@@ -285,18 +231,7 @@ pub(super) async fn functions(client: &Client, cmd: FnCmd, json: bool) -> Result
                 return Err(ClientError::FunctionNotFound { name }.into());
             };
             if json {
-                let versions: Vec<serde_json::Value> = f
-                    .versions
-                    .iter()
-                    .map(|v| serde_json::Value::Object(version_json(v)))
-                    .collect();
-                out(&json!({
-                    "name": f.name,
-                    "latest": f.latest,
-                    "created_ms": f.created_ms,
-                    "versions": versions,
-                })
-                .to_string());
+                out(&function_json(&f).to_string());
             } else {
                 out(&function_text(&f));
             }
@@ -317,6 +252,33 @@ pub(super) async fn functions(client: &Client, cmd: FnCmd, json: bool) -> Result
                 out(&format!("forgot {entries} cached results of {name}"));
             }
         }
+    }
+    Ok(())
+}
+
+/// `fn deploy`: checks the deploy locally, uploads the code (with a progress line for large
+/// archives on a terminal), then deploys the new version.
+async fn deploy_version(client: &Client, args: DeployArgs, json: bool) -> Result<(), CliError> {
+    let plan = deploy_plan(args)?;
+    let archive = deploy::read_code(&plan.code).map_err(CliError::usage)?;
+    let bytes = archive.len() as u64;
+    let mut progress = UploadProgress::new(bytes);
+    let digest = client
+        .upload_code(&archive, |done, total| progress.update(done, total))
+        .await;
+    progress.finish();
+    let digest = digest?;
+    let version = client.deploy(plan.with_digest(&digest)).await?;
+    if json {
+        out(&json!({
+            "name": plan.spec.name,
+            "version": version,
+            "digest": digest,
+            "bytes": bytes,
+        })
+        .to_string());
+    } else {
+        out(&format!("{} version {version}", plan.spec.name));
     }
     Ok(())
 }

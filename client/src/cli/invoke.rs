@@ -55,7 +55,9 @@ pub fn parse_target(s: &str) -> Result<(String, Option<u64>), CliError> {
     Ok((name.to_string(), version))
 }
 
-pub(super) async fn invoke(client: &Client, args: InvokeArgs, json: bool) -> Result<(), CliError> {
+/// Runs `skiff invoke`: waits for the result and prints the output, or with `--async` prints
+/// the queued task.
+pub(super) async fn run(client: &Client, args: InvokeArgs, json: bool) -> Result<(), CliError> {
     let (name, version) = parse_target(&args.target)?;
     let payload = match (args.payload, args.payload_file) {
         (Some(p), None) => p.into_bytes(),

@@ -45,7 +45,8 @@ pub enum KvCmd {
     },
 }
 
-pub(super) async fn kv(client: &Client, cmd: KvCmd, json: bool) -> Result<(), CliError> {
+/// Runs one `skiff kv` command.
+pub(super) async fn run(client: &Client, cmd: KvCmd, json: bool) -> Result<(), CliError> {
     match cmd {
         KvCmd::Put {
             key,

@@ -45,15 +45,6 @@ pub use stream::{StreamCmd, StreamStartArgs};
 pub use task::{parse_task_state, TaskCmd};
 pub use token::TokenCmd;
 
-use cluster::cluster;
-use function::functions;
-use invoke::invoke;
-use kv::kv;
-use render::out;
-use stream::streams;
-use task::tasks;
-use token::tokens;
-
 /// Documented exit codes of `skiff`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitCode {
@@ -185,7 +176,7 @@ pub enum Cmd {
     Token(TokenCmd),
 }
 
-/// Runs a parsed command line. Returns what to print on success.
+/// Runs a parsed command line: builds the client, then hands the command to its group.
 pub async fn run(cli: Cli) -> Result<(), CliError> {
     let mut config = ClientConfig::from_endpoint_list(&cli.endpoints);
     config.token = cli.token.clone();
@@ -197,52 +188,14 @@ pub async fn run(cli: Cli) -> Result<(), CliError> {
     let client = Client::new(config.clone())?;
     let json = cli.json;
     match cli.command {
-        Cmd::Cluster(cmd) => cluster(&client, cmd, json).await,
-        Cmd::Kv(cmd) => kv(&client, cmd, json).await,
-        Cmd::Function(cmd) => functions(&client, cmd, json).await,
-        Cmd::Invoke(args) => invoke(&client, args, json).await,
-        Cmd::Task(cmd) => tasks(&client, cmd, json).await,
-        Cmd::Bench(BenchCmd::Invoke(args)) => {
-            let r = bench_invoke(&config, &args).await?;
-            if json {
-                out(&serde_json::to_string(&r).expect("report serializes"));
-            } else {
-                let s = &r.sync;
-                out(&format!(
-                    "{} ({}): sync clients={} invocations={} (warm {}) errors={} {:.0}/s p50={:.2}ms p99={:.2}ms | async {} in {:.2}s = {:.0}/s ({} failed)",
-                    r.function, r.mode, s.workers, s.ok, r.sync_warm, s.errors, s.ok_per_s, s.p50_ms, s.p99_ms,
-                    r.async_submitted, r.async_elapsed_s, r.async_per_s, r.async_failed
-                ));
-                if let Some(b) = &r.bwrap {
-                    out(&format!(
-                        "bwrap one-shot (local, sequential): runs={} errors={} p50={:.2}ms p99={:.2}ms; skiff warm p50 / bwrap p50 = {:.2}",
-                        b.ok, b.errors, b.p50_ms, b.p99_ms,
-                        if b.p50_ms > 0.0 { s.p50_ms / b.p50_ms } else { 0.0 }
-                    ));
-                }
-            }
-            Ok(())
-        }
-        Cmd::Stream(cmd) => streams(&client, cmd, json).await,
-        Cmd::Token(cmd) => tokens(&client, cmd, json).await,
-        Cmd::Bench(BenchCmd::Kv(args)) => {
-            let report = bench_kv(&config, &args).await?;
-            if json {
-                out(&serde_json::to_string(&report).expect("report serializes"));
-            } else {
-                out(&format!(
-                    "clients={} writes={} errors={} elapsed={:.2}s writes/s={:.0} p50={:.3}ms p99={:.3}ms",
-                    report.clients,
-                    report.writes,
-                    report.errors,
-                    report.elapsed_s,
-                    report.writes_per_s,
-                    report.p50_ms,
-                    report.p99_ms
-                ));
-            }
-            Ok(())
-        }
+        Cmd::Cluster(cmd) => cluster::run(&client, cmd, json).await,
+        Cmd::Kv(cmd) => kv::run(&client, cmd, json).await,
+        Cmd::Function(cmd) => function::run(&client, cmd, json).await,
+        Cmd::Invoke(args) => invoke::run(&client, args, json).await,
+        Cmd::Task(cmd) => task::run(&client, cmd, json).await,
+        Cmd::Stream(cmd) => stream::run(&client, cmd, json).await,
+        Cmd::Bench(cmd) => bench::run(&config, cmd, json).await,
+        Cmd::Token(cmd) => token::run(&client, cmd, json).await,
     }
 }
 

@@ -12,15 +12,24 @@ use base64::Engine;
 use serde_json::json;
 use skiff_raft_store::functions::NODE_LEASE_MS;
 
+use super::{BenchReport, InvokeBenchReport};
 use crate::api::{
-    CacheOutcome, FunctionRecord, FunctionSpec, FunctionVersion, KvEntry, MissReason, StreamJob,
-    Task, TaskState, TokenInfo, Workers,
+    CacheOutcome, ClusterStatus, FunctionRecord, FunctionSpec, FunctionVersion, KvEntry,
+    MissReason, StreamJob, Task, TaskState, TokenInfo, Workers,
 };
 
 pub(super) fn out(s: &str) {
     let mut stdout = std::io::stdout().lock();
     // A closed stdout (e.g. piped into `head`) is not an error of the command.
     let _ = writeln!(stdout, "{s}");
+}
+
+/// A table in the style every listing uses, with its header row.
+pub(super) fn table<const N: usize>(header: [&str; N]) -> comfy_table::Table {
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY);
+    table.set_header(header);
+    table
 }
 
 /// A token as `--json` shows it: never a secret.
@@ -44,6 +53,49 @@ pub(super) fn entry_json(e: &KvEntry) -> serde_json::Value {
     })
 }
 
+/// The membership part of `cluster status`: the leader line and one row per node.
+pub(super) fn status_text(status: &ClusterStatus) -> String {
+    let mut text = format!(
+        "leader: {}   term: {}   last log: {}   applied: {} (answered by node {})\n",
+        status
+            .leader
+            .map(|l| format!("node {l}"))
+            .unwrap_or_else(|| "none".into()),
+        status.term,
+        status.last_log,
+        status.last_applied,
+        status.answered_by
+    );
+    let mut table = table([
+        "id",
+        "address",
+        "role",
+        "reachable",
+        "applied",
+        "matched",
+        "lag",
+    ]);
+    for n in &status.nodes {
+        let role = if Some(n.id) == status.leader {
+            format!("{} (leader)", n.role)
+        } else {
+            n.role.to_string()
+        };
+        let opt = |v: Option<u64>| v.map(|v| v.to_string()).unwrap_or_else(|| "-".into());
+        table.add_row([
+            n.id.to_string(),
+            n.addr.clone(),
+            role,
+            if n.reachable { "yes" } else { "NO" }.to_string(),
+            opt(n.last_applied),
+            opt(n.matched),
+            opt(n.lag),
+        ]);
+    }
+    text.push_str(&table.to_string());
+    text
+}
+
 /// The workers section of `cluster status`: one row per node, from heartbeats.
 pub(super) fn workers_text(w: &Workers) -> String {
     let st = &w.stats;
@@ -56,9 +108,7 @@ pub(super) fn workers_text(w: &Workers) -> String {
         st.code_blobs,
         fmt_bytes(st.code_bytes)
     );
-    let mut table = comfy_table::Table::new();
-    table.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY);
-    table.set_header([
+    let mut table = table([
         "node",
         "heartbeat",
         "load/slots",
@@ -273,9 +323,6 @@ fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// A task as JSON. `full` adds the payload, output and log: as `payload`, `output`, `log`
-/// when they are UTF-8, otherwise as base64 under `payload_b64`, `output_b64`, `log_b64`
-/// (with the plain key null).
 /// One line saying whether an idempotent invocation ran, and why.
 pub fn cache_text(c: &CacheOutcome) -> String {
     match c {
@@ -289,6 +336,7 @@ pub fn cache_text(c: &CacheOutcome) -> String {
     }
 }
 
+/// How an idempotent invocation was answered, as JSON: a hit, a join, or a miss with its reason.
 fn cache_json(c: &CacheOutcome) -> serde_json::Value {
     match c {
         CacheOutcome::Hit { source_task } => json!({"hit": true, "source_task": source_task}),
@@ -312,6 +360,9 @@ fn cache_json(c: &CacheOutcome) -> serde_json::Value {
     }
 }
 
+/// A task as JSON. `full` adds the payload, output and log: as `payload`, `output`, `log`
+/// when they are UTF-8, otherwise as base64 under `payload_b64`, `output_b64`, `log_b64`
+/// (with the plain key null).
 pub fn task_json(t: &Task, full: bool) -> serde_json::Value {
     let r = t.result.as_ref();
     let mut v = json!({
@@ -522,6 +573,196 @@ pub(super) fn format_eta(secs: f64) -> String {
     } else {
         format!("{s}s")
     }
+}
+
+/// `bench invoke` for people: the sync and async parts on one line, bwrap's on a second.
+pub(super) fn bench_invoke_text(r: &InvokeBenchReport) -> String {
+    let s = &r.sync;
+    let mut text = format!(
+        "{} ({}): sync clients={} invocations={} (warm {}) errors={} {:.0}/s p50={:.2}ms p99={:.2}ms | async {} in {:.2}s = {:.0}/s ({} failed)",
+        r.function, r.mode, s.workers, s.ok, r.sync_warm, s.errors, s.ok_per_s, s.p50_ms, s.p99_ms,
+        r.async_submitted, r.async_elapsed_s, r.async_per_s, r.async_failed
+    );
+    if let Some(b) = &r.bwrap {
+        text.push_str(&format!(
+            "\nbwrap one-shot (local, sequential): runs={} errors={} p50={:.2}ms p99={:.2}ms; skiff warm p50 / bwrap p50 = {:.2}",
+            b.ok, b.errors, b.p50_ms, b.p99_ms,
+            if b.p50_ms > 0.0 { s.p50_ms / b.p50_ms } else { 0.0 }
+        ));
+    }
+    text
+}
+
+/// `bench kv` for people: one line.
+pub(super) fn bench_kv_text(report: &BenchReport) -> String {
+    format!(
+        "clients={} writes={} errors={} elapsed={:.2}s writes/s={:.0} p50={:.3}ms p99={:.3}ms",
+        report.clients,
+        report.writes,
+        report.errors,
+        report.elapsed_s,
+        report.writes_per_s,
+        report.p50_ms,
+        report.p99_ms
+    )
+}
+
+/// `token ls` for people: one row per token.
+pub(super) fn tokens_table(list: &[TokenInfo]) -> String {
+    let mut table = table(["id", "name", "role", "created", "state"]);
+    for t in list {
+        table.add_row([
+            t.id.to_string(),
+            t.name.clone().unwrap_or_else(|| "-".into()),
+            t.role.to_string(),
+            fmt_time(t.created_ms),
+            match t.revoked_ms {
+                Some(ms) => format!("revoked {}", fmt_time(ms)),
+                None => "active".into(),
+            },
+        ]);
+    }
+    table.to_string()
+}
+
+/// `stream ls` for people: one row per job.
+pub(super) fn streams_table(jobs: &[StreamJob]) -> String {
+    let mut table = table([
+        "ID", "STATE", "FUNCTION", "SOURCE", "DONE", "TOTAL", "FAILED", "RUNNING",
+    ]);
+    for j in jobs {
+        let c = &j.counters;
+        table.add_row(vec![
+            j.id.to_string(),
+            j.state.as_str().to_string(),
+            format!("{}@{}", j.function, j.version),
+            j.source.spec(),
+            (c.succeeded + c.failed).to_string(),
+            c.total.map_or("?".to_string(), |t| t.to_string()),
+            c.failed.to_string(),
+            c.running.to_string(),
+        ]);
+    }
+    table.to_string()
+}
+
+/// `task ls` for people: one row per task.
+pub(super) fn tasks_table(list: &[Task]) -> String {
+    let mut table = table([
+        "id",
+        "function",
+        "state",
+        "attempts",
+        "node",
+        "submitted",
+        "wall",
+    ]);
+    for t in list {
+        let mut state = t.state.as_str().to_string();
+        if t.dead_letter {
+            state.push_str(" (dead)");
+        }
+        table.add_row([
+            t.id.to_string(),
+            format!("{}@{}", t.function, t.version),
+            state,
+            t.attempts.to_string(),
+            t.node.map_or("-".to_string(), |n| n.to_string()),
+            fmt_time(t.submitted_ms),
+            t.result
+                .as_ref()
+                .map_or("-".to_string(), |r| fmt_ms(r.wall_ms)),
+        ]);
+    }
+    table.to_string()
+}
+
+/// `fn ls` for people: one row per function, with its latest version's settings.
+pub(super) fn functions_table(latest: &[(&FunctionRecord, &FunctionVersion)]) -> String {
+    let mut table = table([
+        "name",
+        "version",
+        "mode",
+        "tier",
+        "memory",
+        "timeout",
+        "max concurrency",
+        "min warm",
+    ]);
+    for (f, v) in latest {
+        table.add_row([
+            f.name.clone(),
+            f.latest.to_string(),
+            mode_text(&v.spec),
+            v.spec.tier.clone(),
+            fmt_bytes(v.spec.memory_bytes),
+            fmt_ms(v.spec.timeout_ms),
+            v.spec.max_concurrency.to_string(),
+            v.spec.min_warm.to_string(),
+        ]);
+    }
+    table.to_string()
+}
+
+/// `fn ls --json`: each function's latest version with its name and latest version number.
+pub(super) fn functions_json(latest: &[(&FunctionRecord, &FunctionVersion)]) -> serde_json::Value {
+    let items: Vec<serde_json::Value> = latest
+        .iter()
+        .map(|(f, v)| {
+            let mut item = version_json(v);
+            item.insert("name".into(), json!(f.name));
+            item.insert("latest".into(), json!(f.latest));
+            serde_json::Value::Object(item)
+        })
+        .collect();
+    serde_json::Value::Array(items)
+}
+
+/// `fn show --json`: a function with every kept version.
+pub(super) fn function_json(f: &FunctionRecord) -> serde_json::Value {
+    let versions: Vec<serde_json::Value> = f
+        .versions
+        .iter()
+        .map(|v| serde_json::Value::Object(version_json(v)))
+        .collect();
+    json!({
+        "name": f.name,
+        "latest": f.latest,
+        "created_ms": f.created_ms,
+        "versions": versions,
+    })
+}
+
+/// `stream status` for people: the summary, the cursor, and each kept failed item.
+pub(super) fn stream_status_text(job: &StreamJob) -> String {
+    let mut lines = vec![
+        stream_summary(job),
+        format!(
+            "cursor={:?} next_item={} exhausted={} in_flight_invocations={}",
+            job.cursor,
+            job.next_item,
+            job.exhausted,
+            job.window.len()
+        ),
+    ];
+    if job.counters.failed_dropped > 0 {
+        lines.push(format!(
+            "{} failed items were not kept (past the bound) and cannot be redriven",
+            job.counters.failed_dropped
+        ));
+    }
+    for f in &job.failed_items {
+        let payload = f
+            .payload
+            .as_ref()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .unwrap_or_else(|| "-".into());
+        lines.push(format!(
+            "failed item {}: {} (item: {payload})",
+            f.index, f.error
+        ));
+    }
+    lines.join("\n")
 }
 
 #[cfg(test)]

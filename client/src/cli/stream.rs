@@ -10,7 +10,9 @@ use clap::{Args, Subcommand};
 use serde_json::json;
 use skiff_raft_store::functions::validate_function_name;
 
-use super::render::{format_eta, out, stream_json, stream_summary};
+use super::render::{
+    format_eta, out, stream_json, stream_status_text, stream_summary, streams_table,
+};
 use super::{CliError, ExitCode};
 use crate::api::{StreamJob, StreamOptions, StreamSource, StreamState};
 use crate::client::Client;
@@ -127,62 +129,10 @@ async fn wait_stream(client: &Client, id: u64) -> Result<StreamJob, CliError> {
     }
 }
 
-pub(super) async fn streams(client: &Client, cmd: StreamCmd, json: bool) -> Result<(), CliError> {
+/// Runs one `skiff stream` command.
+pub(super) async fn run(client: &Client, cmd: StreamCmd, json: bool) -> Result<(), CliError> {
     match cmd {
-        StreamCmd::Start(args) => {
-            validate_function_name(&args.function).map_err(CliError::usage)?;
-            let mut source: StreamSource = args.from.parse().map_err(CliError::usage)?;
-            if args.follow {
-                match &mut source {
-                    StreamSource::Kv { follow, .. } => *follow = true,
-                    _ => return Err(CliError::usage("--follow applies to kv: sources only")),
-                }
-            }
-            let results_prefix = match &args.results {
-                None => None,
-                Some(r) => Some(
-                    r.strip_prefix("kv:")
-                        .ok_or_else(|| CliError::usage(format!("--results {r:?}: use kv:PREFIX")))?
-                        .to_string(),
-                ),
-            };
-            let options = StreamOptions {
-                max_concurrency: args.max_concurrency,
-                batch: args.batch,
-                max_attempts: args.max_attempts,
-                retry_backoff_ms: u64::try_from(args.retry_backoff.as_millis()).unwrap_or(u64::MAX),
-                tolerated_failure_pct: args.tolerate_failures,
-                tolerated_failure_count: args.tolerate_failure_count,
-                results_prefix,
-            };
-            options.validate().map_err(CliError::usage)?;
-            let id = client.stream_start(&args.function, source, options).await?;
-            if !args.wait {
-                if json {
-                    out(&json!({"stream": id}).to_string());
-                } else {
-                    out(&id.to_string());
-                }
-                return Ok(());
-            }
-            let job = wait_stream(client, id).await?;
-            if json {
-                out(&stream_json(&job).to_string());
-            } else {
-                out(&stream_summary(&job));
-            }
-            match job.state {
-                StreamState::Succeeded => Ok(()),
-                state => Err(CliError {
-                    code: ExitCode::Failure,
-                    message: format!(
-                        "stream {id} {}: {}",
-                        state.as_str(),
-                        job.reason.unwrap_or_default()
-                    ),
-                }),
-            }
-        }
+        StreamCmd::Start(args) => start(client, args, json).await,
         StreamCmd::Status { id } => {
             let job = client.stream(id).await?.ok_or_else(|| CliError {
                 code: ExitCode::NotFound,
@@ -192,31 +142,7 @@ pub(super) async fn streams(client: &Client, cmd: StreamCmd, json: bool) -> Resu
                 out(&stream_json(&job).to_string());
                 return Ok(());
             }
-            out(&stream_summary(&job));
-            out(&format!(
-                "cursor={:?} next_item={} exhausted={} in_flight_invocations={}",
-                job.cursor,
-                job.next_item,
-                job.exhausted,
-                job.window.len()
-            ));
-            if job.counters.failed_dropped > 0 {
-                out(&format!(
-                    "{} failed items were not kept (past the bound) and cannot be redriven",
-                    job.counters.failed_dropped
-                ));
-            }
-            for f in &job.failed_items {
-                let payload = f
-                    .payload
-                    .as_ref()
-                    .map(|p| String::from_utf8_lossy(p).into_owned())
-                    .unwrap_or_else(|| "-".into());
-                out(&format!(
-                    "failed item {}: {} (item: {payload})",
-                    f.index, f.error
-                ));
-            }
+            out(&stream_status_text(&job));
             Ok(())
         }
         StreamCmd::Ls => {
@@ -226,25 +152,7 @@ pub(super) async fn streams(client: &Client, cmd: StreamCmd, json: bool) -> Resu
                 out(&serde_json::Value::Array(list).to_string());
                 return Ok(());
             }
-            let mut table = comfy_table::Table::new();
-            table.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY);
-            table.set_header(vec![
-                "ID", "STATE", "FUNCTION", "SOURCE", "DONE", "TOTAL", "FAILED", "RUNNING",
-            ]);
-            for j in &jobs {
-                let c = &j.counters;
-                table.add_row(vec![
-                    j.id.to_string(),
-                    j.state.as_str().to_string(),
-                    format!("{}@{}", j.function, j.version),
-                    j.source.spec(),
-                    (c.succeeded + c.failed).to_string(),
-                    c.total.map_or("?".to_string(), |t| t.to_string()),
-                    c.failed.to_string(),
-                    c.running.to_string(),
-                ]);
-            }
-            out(&table.to_string());
+            out(&streams_table(&jobs));
             Ok(())
         }
         StreamCmd::Cancel { id } => {
@@ -265,5 +173,68 @@ pub(super) async fn streams(client: &Client, cmd: StreamCmd, json: bool) -> Resu
             }
             Ok(())
         }
+    }
+}
+
+/// The source and options `stream start` asks for, checked locally.
+fn start_request(args: &StreamStartArgs) -> Result<(StreamSource, StreamOptions), CliError> {
+    validate_function_name(&args.function).map_err(CliError::usage)?;
+    let mut source: StreamSource = args.from.parse().map_err(CliError::usage)?;
+    if args.follow {
+        match &mut source {
+            StreamSource::Kv { follow, .. } => *follow = true,
+            _ => return Err(CliError::usage("--follow applies to kv: sources only")),
+        }
+    }
+    let results_prefix = match &args.results {
+        None => None,
+        Some(r) => Some(
+            r.strip_prefix("kv:")
+                .ok_or_else(|| CliError::usage(format!("--results {r:?}: use kv:PREFIX")))?
+                .to_string(),
+        ),
+    };
+    let options = StreamOptions {
+        max_concurrency: args.max_concurrency,
+        batch: args.batch,
+        max_attempts: args.max_attempts,
+        retry_backoff_ms: u64::try_from(args.retry_backoff.as_millis()).unwrap_or(u64::MAX),
+        tolerated_failure_pct: args.tolerate_failures,
+        tolerated_failure_count: args.tolerate_failure_count,
+        results_prefix,
+    };
+    options.validate().map_err(CliError::usage)?;
+    Ok((source, options))
+}
+
+/// `stream start`: prints the job id, or with `--wait` follows the job to its end; a job
+/// that did not succeed is a failure of the command.
+async fn start(client: &Client, args: StreamStartArgs, json: bool) -> Result<(), CliError> {
+    let (source, options) = start_request(&args)?;
+    let id = client.stream_start(&args.function, source, options).await?;
+    if !args.wait {
+        if json {
+            out(&json!({"stream": id}).to_string());
+        } else {
+            out(&id.to_string());
+        }
+        return Ok(());
+    }
+    let job = wait_stream(client, id).await?;
+    if json {
+        out(&stream_json(&job).to_string());
+    } else {
+        out(&stream_summary(&job));
+    }
+    match job.state {
+        StreamState::Succeeded => Ok(()),
+        state => Err(CliError {
+            code: ExitCode::Failure,
+            message: format!(
+                "stream {id} {}: {}",
+                state.as_str(),
+                job.reason.unwrap_or_default()
+            ),
+        }),
     }
 }

@@ -4,7 +4,7 @@
 use clap::Subcommand;
 use skiff_raft_store::functions::{validate_function_name, ACTIVE_TASKS_MAX, FINISHED_TASKS_MAX};
 
-use super::render::{fmt_ms, fmt_time, out, task_json, task_text};
+use super::render::{out, task_json, task_text, tasks_table};
 use super::{CliError, ExitCode};
 use crate::api::{TaskFilter, TaskId, TaskState};
 use crate::client::Client;
@@ -54,7 +54,8 @@ pub fn parse_task_state(s: &str) -> Result<TaskState, String> {
         })
 }
 
-pub(super) async fn tasks(client: &Client, cmd: TaskCmd, json: bool) -> Result<(), CliError> {
+/// Runs one `skiff task` command.
+pub(super) async fn run(client: &Client, cmd: TaskCmd, json: bool) -> Result<(), CliError> {
     match cmd {
         TaskCmd::Show { id } => {
             let Some(task) = client.task(id).await? else {
@@ -90,35 +91,7 @@ pub(super) async fn tasks(client: &Client, cmd: TaskCmd, json: bool) -> Result<(
                     list.iter().map(|t| task_json(t, false)).collect();
                 out(&serde_json::Value::Array(items).to_string());
             } else {
-                let mut table = comfy_table::Table::new();
-                table.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY);
-                table.set_header([
-                    "id",
-                    "function",
-                    "state",
-                    "attempts",
-                    "node",
-                    "submitted",
-                    "wall",
-                ]);
-                for t in &list {
-                    let mut state = t.state.as_str().to_string();
-                    if t.dead_letter {
-                        state.push_str(" (dead)");
-                    }
-                    table.add_row([
-                        t.id.to_string(),
-                        format!("{}@{}", t.function, t.version),
-                        state,
-                        t.attempts.to_string(),
-                        t.node.map_or("-".to_string(), |n| n.to_string()),
-                        fmt_time(t.submitted_ms),
-                        t.result
-                            .as_ref()
-                            .map_or("-".to_string(), |r| fmt_ms(r.wall_ms)),
-                    ]);
-                }
-                out(&table.to_string());
+                out(&tasks_table(&list));
             }
         }
     }

@@ -3,7 +3,7 @@
 use clap::Subcommand;
 use serde_json::json;
 
-use super::render::{fmt_time, out, token_json};
+use super::render::{out, token_json, tokens_table};
 use super::CliError;
 use crate::api::{CreatedToken, Role, TokenId};
 use crate::client::Client;
@@ -25,7 +25,8 @@ pub enum TokenCmd {
     Revoke { id: TokenId },
 }
 
-pub(super) async fn tokens(client: &Client, cmd: TokenCmd, json: bool) -> Result<(), CliError> {
+/// Runs one `skiff token` command.
+pub(super) async fn run(client: &Client, cmd: TokenCmd, json: bool) -> Result<(), CliError> {
     match cmd {
         TokenCmd::Create { role, name } => {
             let CreatedToken { token, secret } = client.token_create(role, name).await?;
@@ -45,22 +46,7 @@ pub(super) async fn tokens(client: &Client, cmd: TokenCmd, json: bool) -> Result
                 let items: Vec<serde_json::Value> = list.iter().map(token_json).collect();
                 out(&serde_json::Value::Array(items).to_string());
             } else {
-                let mut table = comfy_table::Table::new();
-                table.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY);
-                table.set_header(["id", "name", "role", "created", "state"]);
-                for t in &list {
-                    table.add_row([
-                        t.id.to_string(),
-                        t.name.clone().unwrap_or_else(|| "-".into()),
-                        t.role.to_string(),
-                        fmt_time(t.created_ms),
-                        match t.revoked_ms {
-                            Some(ms) => format!("revoked {}", fmt_time(ms)),
-                            None => "active".into(),
-                        },
-                    ]);
-                }
-                out(&table.to_string());
+                out(&tokens_table(&list));
             }
         }
         TokenCmd::Revoke { id } => {
