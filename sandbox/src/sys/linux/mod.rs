@@ -13,19 +13,17 @@
 //!   steps share;
 //! - `mounts.rs`: mounts, the read-only tree, `pivot_root`;
 //! - `creds.rs`: credentials and id maps (raw syscalls), capabilities;
-//! - `ns.rs`: namespaces;
-//! - `landlock.rs`: Landlock rule sets;
+//! - `ns.rs`: namespaces, the hostname, cgroup joins;
+//! - `landlock.rs`: Landlock rule sets; `seccomp.rs`: attaching the seccomp filters;
 //! - `spawn.rs`: processes: fork, the clone that shares the node's memory and its stacks,
 //!   signal masks, exec, wait and kill;
 //! - `fds.rs`: the fd plumbing of the children: pipes, fd layouts, reads, writes, poll;
 //! - `cpu.rs`: CPU affinity and scheduling priority.
 
 use std::ffi::CString;
-use std::fs::{DirBuilder, File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::os::fd::RawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 
 use seccompiler::BpfProgram;
@@ -38,6 +36,7 @@ mod fds;
 mod landlock;
 mod mounts;
 mod ns;
+mod seccomp;
 mod spawn;
 
 pub(crate) use cpu::{
@@ -54,10 +53,9 @@ pub(crate) use spawn::{
     spawn_sharing_memory, wait_pid, ChildStack, ExecImage, ForkResult,
 };
 
-use creds::{raw_setgroups_none, raw_setresgid, raw_setresuid, IdMapTurn, ID_MAP_OPEN_TRIES};
+use creds::{raw_setresgid, raw_setresuid, IdMapTurn};
 use fds::close_range_from;
 use landlock::apply_landlock;
-use mounts::{mount, preserved_mount_flags};
 
 fn errno() -> i32 {
     io::Error::last_os_error()
@@ -134,29 +132,19 @@ impl Syscalls for RealSys {
     }
 
     fn drop_supplementary_groups(&mut self) -> StepResult {
-        check(raw_setgroups_none(), "setgroups", None)
+        creds::drop_supplementary_groups()
     }
 
     fn join_cgroup(&mut self, fd: i32, join_file: &Path) -> StepResult {
-        // Writing "0" moves the writing process itself, on v1 and v2 alike.
-        let result = write_fd(fd, b"0")
-            .map_err(|errno| StepError::new("join cgroup", Some(join_file), errno));
-        close_fd(fd);
-        result
+        ns::join_cgroup(fd, join_file)
     }
 
     fn enter_network_namespace(&mut self, fd: i32) -> StepResult {
-        // SAFETY: setns takes an fd (inherited from the node, open in this process) and a flag.
-        let ret = unsafe { libc::setns(fd, libc::CLONE_NEWNET) };
-        let result = check(ret, "setns(network)", None);
-        close_fd(fd);
-        result
+        ns::enter_network_namespace(fd)
     }
 
     fn unshare(&mut self, namespaces: Namespaces) -> StepResult {
-        // SAFETY: unshare takes flags only.
-        let ret = unsafe { libc::unshare(namespaces.0) };
-        check(ret, "unshare", None)
+        ns::unshare(namespaces)
     }
 
     fn set_host_ids(&mut self, uid: u32, gid: u32) -> StepResult {
@@ -168,41 +156,7 @@ impl Syscalls for RealSys {
     }
 
     fn write_own_id_maps(&mut self, uid: u32, gid: u32) -> StepResult {
-        // Gaining capabilities in the new namespace made the process non-dumpable, which gives
-        // its /proc files to the host's root; dumpable, they are ours to write.
-        let set_dumpable = || {
-            // SAFETY: PR_SET_DUMPABLE takes an integer.
-            let ret = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 1, 0, 0, 0) };
-            check(ret, "prctl(PR_SET_DUMPABLE)", None)
-        };
-        set_dumpable()?;
-        for (file, contents) in [
-            ("/proc/self/setgroups", "deny".to_string()),
-            ("/proc/self/uid_map", format!("0 {uid} 1\n")),
-            ("/proc/self/gid_map", format!("0 {gid} 1\n")),
-        ] {
-            let mut tries = 0;
-            let opened = loop {
-                match OpenOptions::new().write(true).open(file) {
-                    // A starter that went ahead without its turn (the holder was too slow)
-                    // made the shared memory non-dumpable again: set it back and retry.
-                    Err(e)
-                        if self.shares_node_memory
-                            && e.kind() == io::ErrorKind::PermissionDenied
-                            && tries < ID_MAP_OPEN_TRIES =>
-                    {
-                        tries += 1;
-                        set_dumpable()?;
-                        // SAFETY: sched_yield takes no arguments.
-                        unsafe { libc::sched_yield() };
-                    }
-                    other => break other,
-                }
-            };
-            opened
-                .and_then(|mut f| f.write_all(contents.as_bytes()))
-                .map_err(|e| StepError::new("write id map", Some(Path::new(file)), io_errno(&e)))?;
-        }
+        creds::write_own_id_maps(uid, gid, self.shares_node_memory)?;
         // Dumpable again, and no credential change of ours is left (taking uid 0 inside keeps
         // the same host ids): the next starter may go.
         self.turn = None;
@@ -210,199 +164,51 @@ impl Syscalls for RealSys {
     }
 
     fn become_root(&mut self) -> StepResult {
-        check(raw_setresgid(0), "setresgid", None)?;
-        check(raw_setresuid(0), "setresuid", None)
+        creds::become_root()
     }
 
     fn make_mounts_private(&mut self) -> StepResult {
-        let ret = mount(None, c"/", None, libc::MS_REC | libc::MS_PRIVATE, None);
-        check(ret, "make / private", Some(Path::new("/")))
+        mounts::make_mounts_private()
     }
 
     fn mount_tmpfs(&mut self, target: &Path, data: &str, flags: TmpfsFlags) -> StepResult {
-        let step = "mount tmpfs";
-        let ctarget = cpath(target, step)?;
-        let cdata =
-            CString::new(data).map_err(|_| StepError::new(step, Some(target), libc::EINVAL))?;
-        let mut ms = libc::MS_NOSUID | libc::MS_NODEV;
-        if flags.read_only {
-            ms |= libc::MS_RDONLY;
-        }
-        if flags.no_exec {
-            ms |= libc::MS_NOEXEC;
-        }
-        let ret = mount(Some(c"tmpfs"), &ctarget, Some(c"tmpfs"), ms, Some(&cdata));
-        check(ret, step, Some(target))
+        mounts::mount_tmpfs(target, data, flags)
     }
 
     fn make_dir(&mut self, path: &Path) -> StepResult {
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(path)
-            .map_err(|e| StepError::new("mkdir", Some(path), io_errno(&e)))
+        mounts::make_dir(path)
     }
 
     fn make_file(&mut self, path: &Path, contents: &[u8]) -> StepResult {
-        File::create(path)
-            .and_then(|mut f| f.write_all(contents))
-            .map_err(|e| StepError::new("create file", Some(path), io_errno(&e)))
+        mounts::make_file(path, contents)
     }
 
     fn make_symlink(&mut self, target: &Path, link: &Path) -> StepResult {
-        std::os::unix::fs::symlink(target, link)
-            .map_err(|e| StepError::new("symlink", Some(link), io_errno(&e)))
+        mounts::make_symlink(target, link)
     }
 
     fn bind_mount(&mut self, source: &Path, target: &Path, read_only: bool) -> StepResult {
-        let csource = cpath(source, "bind mount")?;
-        let ctarget = cpath(target, "bind mount")?;
-        // Recursive: a user namespace may not bind a mount without the mounts locked under it.
-        let ret = mount(
-            Some(&csource),
-            &ctarget,
-            None,
-            libc::MS_BIND | libc::MS_REC,
-            None,
-        );
-        check(ret, "bind mount", Some(source))?;
-        if read_only {
-            let kept = preserved_mount_flags(&ctarget)
-                .map_err(|e| StepError::new("statvfs", Some(target), e))?;
-            let flags = libc::MS_BIND
-                | libc::MS_REMOUNT
-                | libc::MS_RDONLY
-                | libc::MS_NOSUID
-                | libc::MS_NODEV
-                | kept;
-            let ret = mount(None, &ctarget, None, flags, None);
-            check(ret, "remount bind read-only", Some(target))?;
-        }
-        Ok(())
+        mounts::bind_mount(source, target, read_only)
     }
 
     fn bind_mount_exact(&mut self, source: &Path, target: &Path) -> StepResult {
-        let csource = cpath(source, "open bind source")?;
-        let ctarget = cpath(target, "bind mount")?;
-        // SAFETY: open_how is plain integers, for which all zeros is valid (and asks for
-        // nothing).
-        let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-        how.flags = (libc::O_PATH | libc::O_CLOEXEC) as u64;
-        how.resolve = libc::RESOLVE_NO_SYMLINKS;
-        // SAFETY: the path is NUL-terminated and `how` is a valid open_how whose size is
-        // passed; the returned fd is closed below.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_openat2,
-                libc::AT_FDCWD,
-                csource.as_ptr(),
-                &how as *const libc::open_how,
-                std::mem::size_of::<libc::open_how>(),
-            )
-        };
-        if fd < 0 {
-            return Err(StepError::new("open bind source", Some(source), errno()));
-        }
-        let fd = fd as libc::c_int;
-        // The magic link names the object opened above, whatever the path names now.
-        let via = CString::new(format!("/proc/self/fd/{fd}")).expect("no NUL in a number");
-        let ret = mount(
-            Some(&via),
-            &ctarget,
-            None,
-            libc::MS_BIND | libc::MS_REC,
-            None,
-        );
-        let result = check(ret, "bind mount", Some(source));
-        // SAFETY: fd was opened above and is not used after this.
-        unsafe { libc::close(fd) };
-        result
+        mounts::bind_mount_exact(source, target)
     }
 
     fn mount_proc(&mut self, target: &Path, pid_only: bool) -> Result<bool, StepError> {
-        let ctarget = cpath(target, "mount proc")?;
-        let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
-        if pid_only {
-            let ret = mount(
-                Some(c"proc"),
-                &ctarget,
-                Some(c"proc"),
-                flags,
-                Some(c"subset=pid"),
-            );
-            if ret == 0 {
-                return Ok(true);
-            }
-            // A kernel before 5.8 does not know the option: a full /proc, masked instead.
-            let e = errno();
-            if e != libc::EINVAL {
-                return Err(StepError::new("mount proc", Some(target), e));
-            }
-        }
-        let ret = mount(Some(c"proc"), &ctarget, Some(c"proc"), flags, None);
-        check(ret, "mount proc", Some(target)).map(|()| false)
+        mounts::mount_proc(target, pid_only)
     }
 
     fn make_tree_read_only(&mut self, target: &Path) -> StepResult {
-        /// `struct mount_attr` of `mount_setattr(2)`.
-        #[repr(C)]
-        struct MountAttr {
-            attr_set: u64,
-            attr_clr: u64,
-            propagation: u64,
-            userns_fd: u64,
-        }
-        const MOUNT_ATTR_RDONLY: u64 = 0x0000_0001;
-        let ctarget = cpath(target, "make read-only")?;
-        let attr = MountAttr {
-            attr_set: MOUNT_ATTR_RDONLY,
-            attr_clr: 0,
-            propagation: 0,
-            userns_fd: 0,
-        };
-        // SAFETY: `ctarget` is NUL-terminated and `attr` is a valid mount_attr whose size is
-        // passed; the kernel only reads both.
-        let ret = unsafe {
-            libc::syscall(
-                libc::SYS_mount_setattr,
-                libc::AT_FDCWD,
-                ctarget.as_ptr(),
-                libc::AT_RECURSIVE,
-                &attr as *const MountAttr,
-                std::mem::size_of::<MountAttr>(),
-            )
-        };
-        check(ret as libc::c_int, "make read-only", Some(target))
+        mounts::make_tree_read_only(target)
     }
 
     fn pivot_root(&mut self, new_root: &Path) -> StepResult {
-        let croot = cpath(new_root, "pivot_root")?;
-        // SAFETY: NUL-terminated path.
-        let ret = unsafe { libc::chdir(croot.as_ptr()) };
-        check(ret, "chdir new root", Some(new_root))?;
-        // pivot_root(".", ".") stacks the old root on top of the new one, so no directory for
-        // it is needed in the (read-only) new root; detaching "." then drops the old root.
-        // SAFETY: both arguments are NUL-terminated strings.
-        let ret = unsafe { libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) };
-        check(ret as libc::c_int, "pivot_root", Some(new_root))?;
-        // SAFETY: NUL-terminated path and a valid flag.
-        let ret = unsafe { libc::umount2(c".".as_ptr(), libc::MNT_DETACH) };
-        check(ret, "detach old root", None)?;
-        // The function's working directory is its code; `/` if there is none.
-        // SAFETY: NUL-terminated path.
-        let ret = unsafe { libc::chdir(c"/code".as_ptr()) };
-        if ret == 0 {
-            return Ok(());
-        }
-        // SAFETY: NUL-terminated path.
-        let ret = unsafe { libc::chdir(c"/".as_ptr()) };
-        check(ret, "chdir /", None)
+        mounts::pivot_root(new_root)
     }
 
     fn set_hostname(&mut self, name: &str) -> StepResult {
-        // SAFETY: pointer and length describe `name`'s bytes.
-        let ret = unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) };
-        check(ret, "sethostname", None)
+        ns::set_hostname(name)
     }
 
     fn set_rlimit(&mut self, resource: Rlimit, value: u64) -> StepResult {
@@ -447,68 +253,11 @@ impl Syscalls for RealSys {
     }
 
     fn set_no_new_privs(&mut self) -> StepResult {
-        // SAFETY: PR_SET_NO_NEW_PRIVS takes integer arguments only.
-        let ret = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
-        check(ret, "prctl(PR_SET_NO_NEW_PRIVS)", None)
+        creds::set_no_new_privs()
     }
 
     fn drop_capabilities(&mut self) -> StepResult {
-        // Lock the "root has no special power" bits so no later exec as uid 0 regains
-        // capabilities (SECBIT_NOROOT, NO_SETUID_FIXUP, KEEP_CAPS_LOCKED, NO_CAP_AMBIENT_RAISE,
-        // each with its lock).
-        const SECUREBITS: libc::c_ulong = 0b1110_1111;
-        // SAFETY: PR_SET_SECUREBITS takes an integer.
-        let ret = unsafe { libc::prctl(libc::PR_SET_SECUREBITS, SECUREBITS, 0, 0, 0) };
-        check(ret, "prctl(PR_SET_SECUREBITS)", None)?;
-        for cap in 0..64 {
-            // SAFETY: PR_CAPBSET_DROP takes an integer; EINVAL past the last capability is the
-            // loop's end condition.
-            let ret = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
-            if ret == -1 {
-                let e = errno();
-                if e == libc::EINVAL {
-                    break;
-                }
-                return Err(StepError::new("prctl(PR_CAPBSET_DROP)", None, e));
-            }
-        }
-        // SAFETY: integer arguments only.
-        let ret = unsafe {
-            libc::prctl(
-                libc::PR_CAP_AMBIENT,
-                libc::PR_CAP_AMBIENT_CLEAR_ALL,
-                0,
-                0,
-                0,
-            )
-        };
-        check(ret, "prctl(PR_CAP_AMBIENT_CLEAR_ALL)", None)?;
-        #[repr(C)]
-        struct CapHeader {
-            version: u32,
-            pid: i32,
-        }
-        #[repr(C)]
-        #[derive(Clone, Copy)]
-        struct CapData {
-            effective: u32,
-            permitted: u32,
-            inheritable: u32,
-        }
-        const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
-        let header = CapHeader {
-            version: LINUX_CAPABILITY_VERSION_3,
-            pid: 0,
-        };
-        let data = [CapData {
-            effective: 0,
-            permitted: 0,
-            inheritable: 0,
-        }; 2];
-        // SAFETY: header and the two data elements have the layout capset(2) expects for
-        // version 3 and live across the call.
-        let ret = unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) };
-        check(ret as libc::c_int, "capset", None)
+        creds::drop_capabilities()
     }
 
     fn landlock(&mut self, rules: &LandlockRules) -> StepResult {
@@ -516,16 +265,6 @@ impl Syscalls for RealSys {
     }
 
     fn seccomp(&mut self, filters: &[BpfProgram]) -> StepResult {
-        for filter in filters {
-            seccompiler::apply_filter(filter).map_err(|e| {
-                let errno = match e {
-                    seccompiler::Error::Seccomp(io) => io_errno(&io),
-                    seccompiler::Error::Prctl(io) => io_errno(&io),
-                    _ => libc::EINVAL,
-                };
-                StepError::new("seccomp", None, errno)
-            })?;
-        }
-        Ok(())
+        seccomp::seccomp(filters)
     }
 }
