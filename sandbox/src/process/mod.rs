@@ -222,6 +222,20 @@ impl Groundwork {
     }
 }
 
+/// Everything the starter and the init of a one-shot run wrote to their status pipe, read
+/// once every writer is gone: an error line from either, or nothing (the init's
+/// parent-alive byte left out).
+fn read_start_report(status_r: OwnedFd) -> Result<Vec<u8>, SandboxError> {
+    let mut report = Vec::new();
+    File::from(status_r)
+        .read_to_end(&mut report)
+        .map_err(|e| SandboxError::syscall("read", e))?;
+    Ok(report
+        .strip_prefix(sys::PARENT_ALIVE_BYTE)
+        .unwrap_or(&report)
+        .to_vec())
+}
+
 /// A pipe, both ends close-on-exec (see `sys::pipe`).
 fn pipe() -> Result<(OwnedFd, OwnedFd), SandboxError> {
     sys::pipe().map_err(|e| SandboxError::syscall("pipe2", e))
@@ -387,6 +401,12 @@ impl Prepared {
     ///
     /// The calling thread cannot time the setup out while suspended; the setup only touches
     /// local files (the tier's binds, `/code`), and its own steps are bounded.
+    ///
+    /// Over a hundred lines on purpose: the order of its steps is what a start costs (signals
+    /// blocked only around the clone, the stacks given back and the pin dropped before
+    /// anything else, the start-in-setup mark held until the sandbox is whole, the child's
+    /// ends of the pipes closed before the report is read); split up, each part would look
+    /// free to reorder.
     pub(crate) fn start(spec: &SandboxSpec, frame: &[u8]) -> Result<Self, SandboxError> {
         let image = sys::ExecImage::new(frame).map_err(|_| SandboxError::InvalidCommand {
             reason: "malformed command frame".to_string(),
@@ -441,14 +461,7 @@ impl Prepared {
         // Every writer is gone (the starter closed its fds before it exited, the init exec'd
         // or died): an error line from either, or nothing. The starter is reaped later: it
         // may still be finishing its exit.
-        let mut report = Vec::new();
-        File::from(status_r)
-            .read_to_end(&mut report)
-            .map_err(|e| SandboxError::syscall("read", e))?;
-        let report = report
-            .strip_prefix(sys::PARENT_ALIVE_BYTE)
-            .unwrap_or(&report)
-            .to_vec();
+        let report = read_start_report(status_r)?;
         let pid = init_pid.load(Ordering::Acquire);
         if pid <= 0 {
             let _ = sys::wait_pid(starter_pid);
