@@ -22,11 +22,16 @@
 //! (`R` = ready, `E...` = setup or exec error, EOF = exec succeeded), and stdin, stdout, stderr
 //! of the function. A one-shot run has one status pipe for starter and init. The children
 //! never wait for the parent during setup: they map their own ids.
+//!
+//! # Layout
+//! - this file: [`Prepared`] made, started, handed its work and destroyed; the work frame and
+//!   the status messages read back from the children;
+//! - `children.rs`: the bodies of the supervisor, the starter and the init;
+//! - `collect.rs`: a run collected to its [`RunOutcome`].
 
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 use std::sync::OnceLock;
@@ -35,15 +40,19 @@ use std::time::{Duration, Instant};
 use crate::cgroup::Cgroup;
 use crate::error::SandboxError;
 use crate::policy::Limits;
-use crate::setup::{self, Plan};
-use crate::sys::{self, CpuMask, ForkResult, PollWant, RealSys, StepError};
-use crate::{ExitStatus, RunOutcome, SandboxSpec};
+use crate::setup::Plan;
+use crate::sys::{self, CpuMask, ForkResult, PollWant};
+use crate::{RunOutcome, SandboxSpec};
+
+mod children;
+mod collect;
+
+use children::{supervisor_main, Starter};
 
 /// Longest the setup may take before the sandbox is abandoned.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest encoded command line plus environment.
 pub const WORK_BYTES_MAX: usize = 128 * 1024;
-const READ_CHUNK_BYTES: usize = 64 * 1024;
 /// Where each sandbox's tmpfs root is mounted (inside its own mount namespace only).
 const STAGING_ROOT: &str = "/run/skiff-sandbox/root";
 
@@ -142,18 +151,6 @@ pub(crate) fn encode_work(
     Ok(frame)
 }
 
-fn report(fd: i32, error: &StepError) {
-    let path = error
-        .path
-        .as_ref()
-        .map(|p| p.as_os_str().as_encoded_bytes().to_vec())
-        .unwrap_or_default();
-    let mut msg = format!("E{}\t{}\t", error.step, error.errno).into_bytes();
-    msg.extend(path.iter().map(|b| if *b == b'\n' { b' ' } else { *b }));
-    msg.push(b'\n');
-    let _ = sys::write_fd(fd, &msg);
-}
-
 fn parse_report(msg: &[u8]) -> SandboxError {
     let text = String::from_utf8_lossy(msg.strip_prefix(b"E").unwrap_or(msg));
     let mut parts = text.trim_end_matches('\n').splitn(3, '\t');
@@ -168,133 +165,6 @@ fn parse_report(msg: &[u8]) -> SandboxError {
         path,
         source: io::Error::from_raw_os_error(errno),
     }
-}
-
-/// Body of the supervisor child. Never returns.
-fn supervisor_main(
-    plan: &Plan,
-    parent_pid: i32,
-    stdio: [i32; 3],
-    control: &[i32],
-    affinity: Option<CpuMask>,
-) -> ! {
-    if sys::adopt_fds(stdio, control).is_err() {
-        sys::exit_now(120);
-    }
-    let mut real = RealSys::new(Some(parent_pid), false);
-    if let Err(e) = setup::supervisor(&mut real, plan) {
-        report(3, &e);
-        sys::exit_now(121);
-    }
-    // The init shares the supervisor's memory until it execs (the supervisor waits for it
-    // anyway): no copy of the node's page tables, no copy-on-write faults in the init, no
-    // copy to tear down at its exec. Everything else of the init is its own.
-    let mut init = || -> i32 { init_main(plan, affinity) };
-    match sys::spawn_sharing_memory(&mut init, false, None) {
-        Err(e) => {
-            let errno = e.raw_os_error().unwrap_or(0);
-            report(3, &StepError::new("start init", None, errno));
-            sys::exit_now(122);
-        }
-        Ok(init_pid) => {
-            // Everything but its status pipe (3) is the init's.
-            let joins = i32::try_from(plan.cgroup_join_files.len()).expect("a few hierarchies");
-            for fd in [0, 1, 2]
-                .into_iter()
-                .chain(4..setup::JOIN_FDS_FIRST + joins)
-            {
-                sys::close_fd(fd);
-            }
-            // The init has exec'd the function (or died): the setup's ping-pong is over, and
-            // the function may run on any CPU, so the wake-up at its end need not cross to
-            // this one.
-            if let Some(mask) = affinity {
-                let _ = sys::set_affinity(&mask);
-            }
-            let status = sys::wait_pid(init_pid).unwrap_or(255 << 8);
-            let mut msg = vec![b'X'];
-            msg.extend_from_slice(&status.to_le_bytes());
-            let _ = sys::write_fd(3, &msg);
-            // What is left (tearing down this copy of the node's address space and the
-            // sandbox's namespaces) is nobody's wait: it must not take the CPU from the node's
-            // next start.
-            sys::lower_to_idle_priority();
-            sys::exit_now(0);
-        }
-    }
-}
-
-/// What the starter of a one-shot run (see [`Prepared::start`]) works from: all of it owned by
-/// the suspended calling thread.
-struct Starter<'a> {
-    plan: &'a Plan,
-    image: &'a sys::ExecImage,
-    parent_pid: i32,
-    stdio: [i32; 3],
-    control: &'a [i32],
-    affinity: Option<CpuMask>,
-    /// Where the starter leaves the init's pid for the calling thread.
-    init_pid: &'a AtomicI32,
-    init_stack: &'a sys::ChildStack,
-}
-
-impl Starter<'_> {
-    /// Body of the starter: the supervisor's steps, then the init as a sibling (a child of the
-    /// node), then exit with the code returned. Runs in the node's memory while the calling
-    /// thread is suspended: it allocates only what it frees.
-    fn main(&self) -> i32 {
-        if sys::adopt_fds(self.stdio, self.control).is_err() {
-            return 120;
-        }
-        let mut real = RealSys::new(Some(self.parent_pid), true);
-        let steps = setup::supervisor(&mut real, self.plan);
-        // Gives the turn back on a failure too.
-        drop(real);
-        if let Err(e) = steps {
-            report(3, &e);
-            return 121;
-        }
-        let mut init = || -> i32 { init_exec_main(self.plan, self.image, self.affinity) };
-        let code = match sys::spawn_sharing_memory(&mut init, true, Some(self.init_stack)) {
-            Err(e) => {
-                let errno = e.raw_os_error().unwrap_or(0);
-                report(3, &StepError::new("start init", None, errno));
-                122
-            }
-            Ok(pid) => {
-                self.init_pid.store(pid, Ordering::Release);
-                0
-            }
-        };
-        // The calling thread resumes while this process is still exiting, and reads the status
-        // pipe at once: this copy must be closed by then.
-        sys::close_fds_from(0);
-        code
-    }
-}
-
-/// Body of the init of a one-shot run: the setup, then the exec of `image`. In the node's
-/// memory like the starter; returns (to exit) only on failure.
-fn init_exec_main(plan: &Plan, image: &sys::ExecImage, affinity: Option<CpuMask>) -> i32 {
-    if sys::adopt_init_fds(plan.cgroup_join_files.len()).is_err() {
-        return 123;
-    }
-    let mut real = RealSys::new(None, false);
-    // Its parent is the node: if the node is already gone, the write fails and the init stops
-    // before it runs anything without a parent to time it out.
-    real.parent_alive_fd = Some(4);
-    if let Err(e) = setup::init(&mut real, plan) {
-        report(4, &e);
-        return 124;
-    }
-    // The setup's ping-pong is over: the function gets every CPU the node had.
-    if let Some(mask) = affinity {
-        let _ = sys::set_affinity(&mask);
-    }
-    let errno = image.exec();
-    let program = Path::new(std::ffi::OsStr::from_bytes(image.program().to_bytes()));
-    report(4, &StepError::new("exec", Some(program), errno));
-    127
 }
 
 /// What both ways of starting a sandbox make before any child exists.
@@ -352,44 +222,18 @@ impl Groundwork {
     }
 }
 
-/// Body of the init (pid 1 of the sandbox). Never returns.
-fn init_main(plan: &Plan, affinity: Option<CpuMask>) -> ! {
-    if sys::adopt_init_fds(plan.cgroup_join_files.len()).is_err() {
-        sys::exit_now(123);
-    }
-    let mut real = RealSys::new(None, false);
-    if let Err(e) = setup::init(&mut real, plan) {
-        report(4, &e);
-        sys::exit_now(124);
-    }
-    if sys::write_fd(4, b"R").is_err() {
-        sys::exit_now(125);
-    }
-    // The setup's ping-pong is over: the function gets every CPU the node had, and a warm
-    // sandbox waits for its work free to wake on an idle CPU rather than on the one the
-    // hand-off runs on (where it would take the CPU from the thread handing off until its
-    // exec).
-    if let Some(mask) = affinity {
-        let _ = sys::set_affinity(&mask);
-    }
-    let mut frame = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match sys::read_fd(3, &mut buf) {
-            Ok(0) => break,
-            Ok(n) if frame.len() + n <= WORK_BYTES_MAX => frame.extend_from_slice(&buf[..n]),
-            // Oversized work or a read error: the parent is gone or broken.
-            _ => sys::exit_now(126),
-        }
-    }
-    if frame.is_empty() {
-        // Discarded without work (pool shrinking, node shutting down).
-        sys::exit_now(0);
-    }
-    let (errno, program) = sys::exec_work(&frame);
-    let program = PathBuf::from(String::from_utf8_lossy(&program).into_owned());
-    report(4, &StepError::new("exec", Some(&program), errno));
-    sys::exit_now(127);
+/// Everything the starter and the init of a one-shot run wrote to their status pipe, read
+/// once every writer is gone: an error line from either, or nothing (the init's
+/// parent-alive byte left out).
+fn read_start_report(status_r: OwnedFd) -> Result<Vec<u8>, SandboxError> {
+    let mut report = Vec::new();
+    File::from(status_r)
+        .read_to_end(&mut report)
+        .map_err(|e| SandboxError::syscall("read", e))?;
+    Ok(report
+        .strip_prefix(sys::PARENT_ALIVE_BYTE)
+        .unwrap_or(&report)
+        .to_vec())
 }
 
 /// A pipe, both ends close-on-exec (see `sys::pipe`).
@@ -557,6 +401,12 @@ impl Prepared {
     ///
     /// The calling thread cannot time the setup out while suspended; the setup only touches
     /// local files (the tier's binds, `/code`), and its own steps are bounded.
+    ///
+    /// Over a hundred lines on purpose: the order of its steps is what a start costs (signals
+    /// blocked only around the clone, the stacks given back and the pin dropped before
+    /// anything else, the start-in-setup mark held until the sandbox is whole, the child's
+    /// ends of the pipes closed before the report is read); split up, each part would look
+    /// free to reorder.
     pub(crate) fn start(spec: &SandboxSpec, frame: &[u8]) -> Result<Self, SandboxError> {
         let image = sys::ExecImage::new(frame).map_err(|_| SandboxError::InvalidCommand {
             reason: "malformed command frame".to_string(),
@@ -611,14 +461,7 @@ impl Prepared {
         // Every writer is gone (the starter closed its fds before it exited, the init exec'd
         // or died): an error line from either, or nothing. The starter is reaped later: it
         // may still be finishing its exit.
-        let mut report = Vec::new();
-        File::from(status_r)
-            .read_to_end(&mut report)
-            .map_err(|e| SandboxError::syscall("read", e))?;
-        let report = report
-            .strip_prefix(sys::PARENT_ALIVE_BYTE)
-            .unwrap_or(&report)
-            .to_vec();
+        let report = read_start_report(status_r)?;
         let pid = init_pid.load(Ordering::Acquire);
         if pid <= 0 {
             let _ = sys::wait_pid(starter_pid);
@@ -742,175 +585,6 @@ impl Prepared {
         }
     }
 
-    /// Runs the handed-off command to its end: feeds stdin, collects output within limits,
-    /// enforces the wall-clock timeout, reads the cgroup counters and removes the cgroup.
-    pub(crate) fn collect(mut self, stdin: &[u8]) -> Result<RunOutcome, SandboxError> {
-        let start = Instant::now();
-        let deadline = start + Duration::from_millis(self.limits.timeout_ms);
-        let mut stdin_file = self.stdin.take();
-        if let Some(f) = &stdin_file {
-            sys::set_nonblocking(f.as_raw_fd()).map_err(|e| SandboxError::syscall("fcntl", e))?;
-        }
-        if stdin.is_empty() {
-            stdin_file = None;
-        }
-        let mut stdin_pos = 0;
-        let mut stdout = Capture::new(self.stdout.take(), self.limits.stdout_bytes_max);
-        let mut stderr = Capture::new(self.stderr.take(), self.limits.stderr_bytes_max);
-        let mut init_status = self.init_status.take();
-        let mut init_msg = std::mem::take(&mut self.init_pending);
-        let mut sup_msg = Vec::new();
-        // Whether the end of the run is still to come (the supervisor's report or the init's
-        // exit).
-        let mut watching = !self.reaped;
-        let mut init_exit: Option<i32> = None;
-        let mut timed_out = false;
-        // Output goes straight into the kept bytes; this is only for output past a limit,
-        // made when first needed (zeroing it at every start wrote 16 pages that the
-        // supervisor's copy of this process shares, each a copy-on-write fault).
-        let mut scratch = Vec::new();
-        let mut status_buf = [0u8; 512];
-        loop {
-            if !watching && stdout.file.is_none() && stderr.file.is_none() {
-                break;
-            }
-            if Instant::now() >= deadline {
-                timed_out = true;
-                break;
-            }
-            let mut fds = Vec::with_capacity(5);
-            let mut slots = Vec::with_capacity(5);
-            if let Some(f) = &stdin_file {
-                fds.push((f.as_raw_fd(), PollWant::Write));
-                slots.push(Slot::Stdin);
-            }
-            if let Some(f) = &stdout.file {
-                fds.push((f.as_raw_fd(), PollWant::Read));
-                slots.push(Slot::Stdout);
-            }
-            if let Some(f) = &stderr.file {
-                fds.push((f.as_raw_fd(), PollWant::Read));
-                slots.push(Slot::Stderr);
-            }
-            if let Some(f) = &init_status {
-                fds.push((f.as_raw_fd(), PollWant::Read));
-                slots.push(Slot::InitStatus);
-            }
-            if watching {
-                let fd = match &self.watch {
-                    Watch::Supervisor { status, .. } => status.as_raw_fd(),
-                    Watch::Init { pidfd, .. } => pidfd.as_raw_fd(),
-                };
-                fds.push((fd, PollWant::Read));
-                slots.push(Slot::Watch);
-            }
-            let ready = sys::poll_fds(&fds, remaining_ms(deadline))
-                .map_err(|e| SandboxError::syscall("poll", e))?;
-            for (slot, ready) in slots.into_iter().zip(ready) {
-                if !ready {
-                    continue;
-                }
-                match slot {
-                    Slot::Stdin => {
-                        let f = stdin_file.as_mut().expect("polled");
-                        match f.write(&stdin[stdin_pos..]) {
-                            Ok(n) => stdin_pos += n,
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                            // EPIPE: the function stopped reading; the rest is dropped.
-                            Err(_) => stdin_pos = stdin.len(),
-                        }
-                        if stdin_pos >= stdin.len() {
-                            stdin_file = None;
-                        }
-                    }
-                    Slot::Stdout => stdout.read(&mut scratch),
-                    Slot::Stderr => stderr.read(&mut scratch),
-                    Slot::InitStatus => {
-                        let f = init_status.as_mut().expect("polled");
-                        match f.read(&mut status_buf) {
-                            Ok(0) | Err(_) => init_status = None,
-                            Ok(n) => init_msg.extend_from_slice(&status_buf[..n]),
-                        }
-                    }
-                    Slot::Watch => match &mut self.watch {
-                        Watch::Supervisor { status, .. } => match status.read(&mut status_buf) {
-                            Ok(0) | Err(_) => watching = false,
-                            Ok(n) => {
-                                sup_msg.extend_from_slice(&status_buf[..n]);
-                                // The init's exit status: the sandbox's processes are all gone
-                                // (its pid namespace died with it). The supervisor's own exit
-                                // is not waited for here.
-                                if exit_report(&sup_msg).is_some() {
-                                    watching = false;
-                                }
-                            }
-                        },
-                        Watch::Init { pid, .. } => {
-                            // It has exited: the wait returns at once, and only reaps it.
-                            let raw = sys::wait_pid(*pid)
-                                .map_err(|e| SandboxError::syscall("waitpid", e))?;
-                            self.reaped = true;
-                            init_exit = Some(raw);
-                            watching = false;
-                        }
-                    },
-                }
-            }
-        }
-        if timed_out {
-            self.cgroup.kill_all()?;
-        }
-        let wall = start.elapsed();
-        let reported = exit_report(&sup_msg).or(init_exit).filter(|_| !timed_out);
-        let stats = if reported.is_some() {
-            // Nothing of the sandbox runs any more (at most the supervisor, with nothing left
-            // to do): the counters are final, and reaping the supervisor, dropping the mount
-            // namespace and removing the cgroup happen off the run's path.
-            let stats = self.cgroup.stats()?;
-            let supervisor = match &mut self.watch {
-                Watch::Supervisor { pid, .. } if !self.reaped => Some(*pid),
-                Watch::Init { starter, .. } => starter.take(),
-                Watch::Supervisor { .. } => None,
-            };
-            self.reaped = true;
-            crate::cgroup::remove_behind(
-                supervisor,
-                self.cgroup.take(),
-                Box::new((self.plan.take(), self.mount_namespace.take())),
-            );
-            stats
-        } else {
-            self.reap()?;
-            let stats = self.cgroup.stats()?;
-            self.cgroup.remove()?;
-            stats
-        };
-        if init_msg.first() == Some(&b'E') {
-            return Err(parse_report(&init_msg));
-        }
-        let status = if timed_out {
-            ExitStatus::TimedOut
-        } else if stats.oom_kills > 0 {
-            ExitStatus::OutOfMemory
-        } else if let Some(raw) = reported {
-            decode_wait_status(raw)
-        } else {
-            // The supervisor died without reporting: only a kill from outside does that.
-            ExitStatus::Signaled(libc::SIGKILL)
-        };
-        Ok(RunOutcome {
-            status,
-            stdout: stdout.data,
-            stderr: stderr.data,
-            stdout_truncated: stdout.truncated,
-            stderr_truncated: stderr.truncated,
-            wall,
-            cpu: stats.cpu,
-            peak_memory_bytes: stats.peak_memory_bytes,
-            host_uid: self.host_id,
-        })
-    }
-
     fn reap(&mut self) -> Result<(), SandboxError> {
         if let Watch::Init { starter, .. } = &mut self.watch {
             if let Some(pid) = starter.take() {
@@ -978,75 +652,6 @@ impl Drop for Pin {
         if let Some(mask) = &self.original {
             let _ = sys::set_affinity(mask);
         }
-    }
-}
-
-enum Slot {
-    Stdin,
-    Stdout,
-    Stderr,
-    InitStatus,
-    Watch,
-}
-
-/// Output kept up to a byte limit; the rest is read and dropped so the writer never blocks.
-struct Capture {
-    file: Option<File>,
-    data: Vec<u8>,
-    limit: usize,
-    truncated: bool,
-}
-
-impl Capture {
-    fn new(file: Option<File>, limit: u64) -> Self {
-        Self {
-            file,
-            data: Vec::new(),
-            limit: usize::try_from(limit).unwrap_or(usize::MAX),
-            truncated: false,
-        }
-    }
-
-    /// One read: into the kept bytes while there is room, else into `scratch` (made on first
-    /// use) and dropped, which marks the output truncated.
-    fn read(&mut self, scratch: &mut Vec<u8>) {
-        let Some(file) = self.file.as_mut() else {
-            return;
-        };
-        let room = self.limit.saturating_sub(self.data.len());
-        let got = if room > 0 {
-            sys::read_into_spare(file.as_raw_fd(), &mut self.data, room.min(READ_CHUNK_BYTES))
-        } else {
-            if scratch.is_empty() {
-                scratch.resize(READ_CHUNK_BYTES, 0);
-            }
-            let got = sys::read_fd(file.as_raw_fd(), scratch);
-            if matches!(got, Ok(n) if n > 0) {
-                self.truncated = true;
-            }
-            got
-        };
-        if matches!(got, Ok(0) | Err(_)) {
-            self.file = None;
-        }
-    }
-}
-
-/// The init's raw wait status from the supervisor's `X` report, once all of it has arrived.
-fn exit_report(msg: &[u8]) -> Option<i32> {
-    match msg {
-        [b'X', a, b, c, d, ..] => Some(i32::from_le_bytes([*a, *b, *c, *d])),
-        _ => None,
-    }
-}
-
-fn decode_wait_status(raw: i32) -> ExitStatus {
-    if libc::WIFEXITED(raw) {
-        ExitStatus::Exited(libc::WEXITSTATUS(raw))
-    } else if libc::WIFSIGNALED(raw) {
-        ExitStatus::Signaled(libc::WTERMSIG(raw))
-    } else {
-        ExitStatus::Signaled(0)
     }
 }
 
@@ -1130,11 +735,5 @@ mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
-    }
-
-    #[test]
-    fn wait_statuses_decode() {
-        assert_eq!(decode_wait_status(3 << 8), ExitStatus::Exited(3));
-        assert_eq!(decode_wait_status(9), ExitStatus::Signaled(9));
     }
 }
