@@ -4,7 +4,7 @@
 //!
 //! Invariants:
 //! - `cluster init` needs no token, so everything it does is bounded before the node works
-//!   for the caller ([`INIT_MEMBERS_MAX`] members, [`INIT_PROBE_TIMEOUT`] of probing), and an
+//!   for the caller ([`INIT_MEMBERS_MAX`] members, `INIT_PROBE_TIMEOUT` of probing), and an
 //!   initialized cluster answers it from its applied state without dialing anyone;
 //! - a node joins only after it answered a probe as the id it is added under;
 //! - a token's secret is drawn on the node that answers the client: only its hash enters the
@@ -73,6 +73,7 @@ pub async fn admin(replica: &Replica, op: AdminOp) -> Result<AdminResult, ApiErr
     }
 }
 
+/// The leader's side of [`admin`] (and of a forwarded [`AdminOp`]).
 pub async fn admin_on_leader(replica: &Replica, op: AdminOp) -> Result<AdminResult, ApiError> {
     let raft = replica.raft();
     match op {
@@ -166,7 +167,8 @@ pub async fn admin_on_leader(replica: &Replica, op: AdminOp) -> Result<AdminResu
     }
 }
 
-pub async fn probe(replica: &Replica, id: NodeId, addr: &str) -> Option<Probe> {
+/// Probes member `id` at `addr` through the peer pool; `None` if it does not answer.
+async fn probe(replica: &Replica, id: NodeId, addr: &str) -> Option<Probe> {
     let p = replica.peers().get(id, addr).await.ok()?;
     match p.probe(peer::deadline(PROBE_TIMEOUT)).await {
         Ok(probe) => Some(probe),
@@ -177,6 +179,7 @@ pub async fn probe(replica: &Replica, id: NodeId, addr: &str) -> Option<Probe> {
     }
 }
 
+/// What this node answers a probe with.
 pub fn own_probe(replica: &Replica) -> Probe {
     Probe {
         id: replica.id(),
@@ -251,7 +254,7 @@ pub async fn status(replica: &Replica) -> ClusterStatus {
 /// succeeds only for a retry of the call that made the first token — same secret — or on
 /// a cluster initialized without one); a fresh node takes at most [`INIT_MEMBERS_MAX`]
 /// members and probes them at once, on connections of their own (never the peer pool's),
-/// for at most [`INIT_PROBE_TIMEOUT`] in all.
+/// for at most `INIT_PROBE_TIMEOUT` in all.
 pub async fn init(
     replica: &Replica,
     members: BTreeMap<NodeId, String>,
@@ -341,11 +344,7 @@ pub async fn init(
 
 /// Makes the first admin token (of hash `hash`) on a cluster just initialized (`fresh`)
 /// or already initialized.
-pub async fn bootstrap(
-    replica: &Replica,
-    hash: String,
-    fresh: bool,
-) -> Result<TokenInfo, ApiError> {
+async fn bootstrap(replica: &Replica, hash: String, fresh: bool) -> Result<TokenInfo, ApiError> {
     // An initialized cluster that already has other tokens refuses here, from this
     // node's applied state, so that a caller without a token cannot make log entries.
     // (A node behind on its log falls through; the log's answer is the same.)

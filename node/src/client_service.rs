@@ -3,7 +3,7 @@
 //! Invariants:
 //! - every call first checks the connection's token ([`Session::allow`]); the role each call
 //!   needs is the table in docs/security.md (`cluster_init` alone needs none);
-//! - every answer passes through [`ClientService::counted`], so a refused input is counted
+//! - every answer passes through `ClientService::counted`, so a refused input is counted
 //!   once, on the node that answered;
 //! - the calls only route: writes and reads go through the [`Replica`], invocations through
 //!   the [`Invoker`], streams through [`crate::streams`], admin calls through

@@ -602,7 +602,7 @@ fn print_ready(
     Ok(())
 }
 
-/// Sends SIGTERM to every node, waits up to [`STOP_TIMEOUT`], then SIGKILLs what is left.
+/// Sends SIGTERM to every node, waits up to `STOP_TIMEOUT`, then SIGKILLs what is left.
 fn stop_all(nodes: &mut [DevNode]) {
     for n in nodes.iter() {
         let _ = kill(Pid::from_raw(n.child.id() as i32), Signal::SIGTERM);

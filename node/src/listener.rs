@@ -5,7 +5,7 @@
 //! Invariants:
 //! - every connection is admitted before any work is done for it, and holds its slot until
 //!   it ends;
-//! - the preamble is read within [`PREAMBLE_TIMEOUT`]; a client without an active token gets
+//! - the preamble is read within `PREAMBLE_TIMEOUT`; a client without an active token gets
 //!   frames of at most [`UNAUTHENTICATED_FRAME_BYTES_MAX`];
 //! - with TLS on, the peer service is served only to connections with a node certificate; a
 //!   plaintext connection (when allowed) gets the client service only;
@@ -241,7 +241,7 @@ impl Listener {
 pub const UNAUTHENTICATED_FRAME_BYTES_MAX: usize = 64 * 1024;
 
 /// Whether a new connection starts with a service byte rather than a TLS record (whose first
-/// byte is 22, a handshake); waits at most [`PREAMBLE_TIMEOUT`] for that byte.
+/// byte is 22, a handshake); waits at most `PREAMBLE_TIMEOUT` for that byte.
 async fn starts_plaintext(tcp: &tokio::net::TcpStream) -> bool {
     let mut first = [0u8; 1];
     matches!(

@@ -243,7 +243,7 @@ impl Replica {
         self.0.raft.current_leader().await == Some(self.0.id)
     }
 
-    /// The current leader and its address, waiting up to [`LEADER_WAIT`] for one to appear.
+    /// The current leader and its address, waiting up to `LEADER_WAIT` for one to appear.
     pub async fn leader(&self) -> Result<(NodeId, String), ApiError> {
         let deadline = tokio::time::Instant::now() + LEADER_WAIT;
         let known = |r: &Replica| {

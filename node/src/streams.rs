@@ -57,7 +57,7 @@ const DRIVE_INTERVAL: Duration = Duration::from_millis(200);
 const READ_RETRY: Duration = Duration::from_secs(1);
 
 /// Why a source could not be read at all (a record that cannot be parsed is a failed item,
-/// not this). The driver retries after [`READ_RETRY`]; a start is refused with it.
+/// not this). The driver retries after `READ_RETRY`; a start is refused with it.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
     /// Not beneath a root, not a regular file (a directory for `dir:`), or not openable.
