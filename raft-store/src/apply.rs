@@ -30,7 +30,7 @@ use crate::model::{
     RequestId, Response, DEDUP_ENTRIES_MAX, DEDUP_WINDOW_MS, LIST_LIMIT_MAX, VALUE_BYTES_MAX,
 };
 use crate::sched::Sched;
-use crate::tokens::Tokens;
+use crate::token_table::Tokens;
 
 /// What a remembered command is found by: who sent it and the id they gave it. Ids are
 /// chosen by clients (and visible in task records), so an id alone names nothing: only the

@@ -10,7 +10,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::NodeId;
+use crate::ids::{check_key, prefix_is_valid, NodeId, RequestId};
+pub use crate::ids::{FunctionId, TaskId};
 
 /// Longest function name.
 pub const FUNCTION_NAME_BYTES_MAX: usize = 128;
@@ -75,9 +76,6 @@ pub const QUEUE_MAX: u32 = 100_000;
 pub const CONCURRENCY_MAX: u32 = 10_000;
 /// Largest retry back-off.
 pub const RETRY_BACKOFF_MS_MAX: u64 = 10 * 60 * 1000;
-
-/// Identifies a task, unique in the cluster, never reused.
-pub type TaskId = u64;
 
 /// How a function's process handles invocations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -744,11 +742,9 @@ pub fn validate_spec(spec: &FunctionSpec) -> Result<(), String> {
         }
         for d in &idem.dependencies {
             match d {
-                Dependency::Kv(k) => {
-                    crate::model::validate_key(k).map_err(|e| format!("dependency kv:{k}: {e}"))?
-                }
+                Dependency::Kv(k) => check_key(k).map_err(|e| format!("dependency kv:{k}: {e}"))?,
                 Dependency::KvPrefix(p) => {
-                    if p.len() > crate::model::KEY_BYTES_MAX || p.chars().any(char::is_control) {
+                    if !prefix_is_valid(p) {
                         return Err(format!("bad dependency prefix {p:?}"));
                     }
                 }
@@ -872,7 +868,7 @@ fn validate_grant(data: &DataGrant) -> Result<(), String> {
         return Err(format!("at most {DATA_PREFIXES_MAX} data-service prefixes"));
     }
     for p in data.read_prefixes.iter().chain(&data.write_prefixes) {
-        if p.len() > crate::model::KEY_BYTES_MAX || p.chars().any(char::is_control) {
+        if !prefix_is_valid(p) {
             return Err(format!("bad data-service prefix {p:?}"));
         }
     }
@@ -912,13 +908,6 @@ pub fn validate_function_name(name: &str) -> Result<(), String> {
         ))
     }
 }
-
-/// A function's identity: given when the function is created (in apply, from a counter
-/// every replica keeps alike) and never given again, so a function removed and created anew
-/// under the same name has another one even though its versions count from 1 again. Nodes key
-/// everything they keep for a function version (warm sandboxes, data sockets) by it.
-/// 0 is a function created before identities existed.
-pub type FunctionId = u64;
 
 /// One immutable version of a function.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -1069,7 +1058,7 @@ pub struct Task {
     pub ledger_key: Option<String>,
     /// The request id of the invocation that made the task (for logs, end to end).
     #[serde(default)]
-    pub request_id: Option<crate::model::RequestId>,
+    pub request_id: Option<RequestId>,
 }
 
 impl Task {
