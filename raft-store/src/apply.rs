@@ -243,9 +243,16 @@ impl StateMachineData {
             revision: self.revision,
             last_time_ms: self.last_time_ms,
         });
+        // A broken scheduler invariant is a bug: debug builds stop at the entry that broke it.
+        #[cfg(debug_assertions)]
+        if let Err(broken) = self.sched.check(self.last_time_ms) {
+            panic!("after the entry of {} ms: {broken}", req.time_ms);
+        }
         (Response { results }, mutations)
     }
 
+    // Longer than 100 lines on purpose: the dispatch of every command to the part of the state
+    // it changes, one short arm each, so the whole command set reads as one table.
     fn execute(
         &mut self,
         command: &Command,

@@ -11,6 +11,14 @@
 //! - a function never has more than `max_concurrency` tasks assigned or running;
 //! - fencing tokens strictly increase; a completion is accepted only with the current token;
 //! - every collection has a bound (see [`crate::functions`]); past it a command is refused.
+//!
+//! [`Sched::check`] asserts these on a whole state: apply runs it after every entry in debug
+//! builds, and the property tests after every command.
+//!
+//! The parts live beside this file: `objects` (persisted objects, loading, changes), `code`
+//! (code chunks, deploys, removal), `placement` (nodes, assignment, fencing), `ledger`
+//! (idempotency), `streams` (stream jobs), `check` (the invariants). This file keeps the
+//! state, the task lifecycle (submit, complete, retry, finish, retention) and the tick.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -35,6 +43,7 @@ pub const TASK_LIST_MAX: usize = 1000;
 /// client frame.
 pub const TASK_LIST_BYTES_MAX: u64 = 4 * 1024 * 1024;
 
+mod check;
 mod code;
 mod ledger;
 mod objects;
@@ -43,6 +52,7 @@ mod streams;
 #[cfg(test)]
 mod testing;
 
+pub use check::Broken;
 use ledger::{decide, dependency_states, ledger_key};
 pub use objects::ObjChange;
 use objects::ObjKey;

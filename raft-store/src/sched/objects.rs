@@ -10,6 +10,7 @@
 //! - [`Sched::take_changes`] writes exactly the objects touched since the last call, so the
 //!   disk after an entry equals [`Sched::objects`] of the state after it.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use bincode::Options as _;
@@ -165,105 +166,7 @@ impl Sched {
     ) -> Result<Self, String> {
         let mut s = Sched::default();
         for (key, value) in objects {
-            let (&tag, rest) = key.split_first().ok_or("empty object key")?;
-            let text = || String::from_utf8(rest.to_vec()).map_err(|_| "object key not UTF-8");
-            let id = || -> Result<u64, String> {
-                Ok(u64::from_be_bytes(
-                    rest.try_into().map_err(|_| "object id not 8 bytes")?,
-                ))
-            };
-            match tag {
-                OBJ_META => s.meta = dec(&value, "scheduler meta")?,
-                OBJ_FUNCTION_META => s.next_function = dec(&value, "function meta")?,
-                OBJ_FUNCTION | OBJ_FUNCTION_LEGACY => {
-                    let f: FunctionRecord = if tag == OBJ_FUNCTION {
-                        dec(&value, "function")?
-                    } else {
-                        dec::<LegacyFunctionRecord>(&value, "function")?.into()
-                    };
-                    if f.name != text()? {
-                        return Err(format!("function {:?} under another key", f.name));
-                    }
-                    if f.versions.iter().any(|v| v.function_id != f.id) {
-                        return Err(format!("function {:?} holds another's version", f.name));
-                    }
-                    let name = f.name.clone();
-                    if s.functions.insert(name.clone(), f).is_some() {
-                        return Err(format!("function {name:?} stored twice"));
-                    }
-                }
-                OBJ_CODE => {
-                    let c: CodeBlob = dec(&value, "code blob")?;
-                    if c.digest != text()? {
-                        return Err(format!("code blob {} under another key", c.digest));
-                    }
-                    s.code.insert(c.digest.clone(), c);
-                }
-                OBJ_CHUNK => {
-                    if rest.len() < 4 {
-                        return Err("short chunk key".into());
-                    }
-                    let (digest, index) = rest.split_at(rest.len() - 4);
-                    let digest = String::from_utf8(digest.to_vec()).map_err(|_| "chunk key")?;
-                    let index = u32::from_be_bytes(index.try_into().map_err(|_| "chunk key")?);
-                    s.code_bytes += value.len() as u64;
-                    s.chunks.insert((digest, index), Arc::new(value));
-                }
-                OBJ_TASK => {
-                    let t: Task = dec(&value, "task")?;
-                    if t.id != id()? {
-                        return Err(format!("task {} under another key", t.id));
-                    }
-                    s.tasks.insert(t.id, t);
-                }
-                OBJ_NODE => {
-                    let n: NodeRecord = dec(&value, "node")?;
-                    if n.id != id()? {
-                        return Err(format!("node {} under another key", n.id));
-                    }
-                    s.nodes.insert(n.id, n);
-                }
-                OBJ_LEDGER => {
-                    let e: LedgerEntry = dec(&value, "ledger entry")?;
-                    if e.key != text()? {
-                        return Err(format!("ledger entry {} under another key", e.key));
-                    }
-                    if e.done {
-                        s.ledger_order.insert((e.recorded_ms, e.key.clone()));
-                        s.ledger_bytes += e.bytes();
-                    }
-                    s.ledger.insert(e.key.clone(), e);
-                }
-                OBJ_STREAM_META => s.next_stream = dec(&value, "stream meta")?,
-                OBJ_STREAM => {
-                    let j: StreamJob = dec(&value, "stream job")?;
-                    if j.id != id()? || !j.window.is_empty() || !j.failed_items.is_empty() {
-                        return Err(format!("stream {} under another key", j.id));
-                    }
-                    s.streams.insert(j.id, j);
-                }
-                OBJ_STREAM_WINDOW | OBJ_STREAM_FAILED => {
-                    if rest.len() != 16 {
-                        return Err("stream entry key not 16 bytes".into());
-                    }
-                    let job = u64::from_be_bytes(rest[..8].try_into().map_err(|_| "key")?);
-                    let index = u64::from_be_bytes(rest[8..].try_into().map_err(|_| "key")?);
-                    if tag == OBJ_STREAM_WINDOW {
-                        let w: WindowEntry = dec(&value, "stream window entry")?;
-                        if w.items.first().map(|i| i.index) != Some(index) {
-                            return Err(format!("stream {job} window entry under another key"));
-                        }
-                        s.windows.insert((job, index), w);
-                    } else {
-                        let f: FailedItem = dec(&value, "stream failed item")?;
-                        if f.index != index {
-                            return Err(format!("stream {job} failed item under another key"));
-                        }
-                        s.failed_items.insert((job, index), f);
-                    }
-                }
-                other => return Err(format!("unknown object tag {other:#04x}")),
-            }
+            s.load_object(&key, value)?;
         }
         for ((digest, _), _) in s.chunks.iter() {
             if !s.code.contains_key(digest) {
@@ -277,43 +180,112 @@ impl Sched {
             ));
         }
         s.rebuild_stream_index()?;
-        let ids: Vec<TaskId> = s.tasks.keys().copied().collect();
-        for id in ids {
-            if id == 0 || id > s.meta.next_task {
-                return Err(format!("task {id} past the last id given"));
-            }
-            let task = &s.tasks[&id];
-            s.task_bytes += task.bytes();
-            match task.state {
-                TaskState::Queued => {
-                    if task.not_before_ms > now {
-                        s.delayed.insert((task.not_before_ms, id));
-                    } else {
-                        let f = task.function.clone();
-                        s.queues.entry(f).or_default().insert((task.queue_seq, id));
-                    }
-                }
-                TaskState::Assigned | TaskState::Running => {
-                    let node = task.node.ok_or(format!("task {id} assigned to no node"))?;
-                    let (f, mem, deadline) = (
-                        task.function.clone(),
-                        task.memory_bytes,
-                        assignment_deadline(task),
-                    );
-                    *s.active.entry(f).or_default() += 1;
-                    s.by_node.entry(node).or_default().insert(id);
-                    *s.node_memory.entry(node).or_default() += mem;
-                    s.deadlines.insert((deadline, id));
-                }
-                _ => {
-                    let at = task
-                        .finished_ms
-                        .ok_or(format!("task {id} finished at no time"))?;
-                    s.finished.insert((at, id));
-                }
-            }
-        }
+        TaskIndexes::of(&s.tasks, s.meta.next_task, now)?.install(&mut s);
         Ok(s)
+    }
+
+    /// Decodes one persisted object into the state, checking it sits under its own key.
+    fn load_object(&mut self, key: &[u8], value: Vec<u8>) -> Result<(), String> {
+        let (&tag, rest) = key.split_first().ok_or("empty object key")?;
+        let text = || String::from_utf8(rest.to_vec()).map_err(|_| "object key not UTF-8");
+        let id = || -> Result<u64, String> {
+            Ok(u64::from_be_bytes(
+                rest.try_into().map_err(|_| "object id not 8 bytes")?,
+            ))
+        };
+        match tag {
+            OBJ_META => self.meta = dec(&value, "scheduler meta")?,
+            OBJ_FUNCTION_META => self.next_function = dec(&value, "function meta")?,
+            OBJ_FUNCTION | OBJ_FUNCTION_LEGACY => {
+                let f: FunctionRecord = if tag == OBJ_FUNCTION {
+                    dec(&value, "function")?
+                } else {
+                    dec::<LegacyFunctionRecord>(&value, "function")?.into()
+                };
+                if f.name != text()? {
+                    return Err(format!("function {:?} under another key", f.name));
+                }
+                if f.versions.iter().any(|v| v.function_id != f.id) {
+                    return Err(format!("function {:?} holds another's version", f.name));
+                }
+                let name = f.name.clone();
+                if self.functions.insert(name.clone(), f).is_some() {
+                    return Err(format!("function {name:?} stored twice"));
+                }
+            }
+            OBJ_CODE => {
+                let c: CodeBlob = dec(&value, "code blob")?;
+                if c.digest != text()? {
+                    return Err(format!("code blob {} under another key", c.digest));
+                }
+                self.code.insert(c.digest.clone(), c);
+            }
+            OBJ_CHUNK => {
+                if rest.len() < 4 {
+                    return Err("short chunk key".into());
+                }
+                let (digest, index) = rest.split_at(rest.len() - 4);
+                let digest = String::from_utf8(digest.to_vec()).map_err(|_| "chunk key")?;
+                let index = u32::from_be_bytes(index.try_into().map_err(|_| "chunk key")?);
+                self.code_bytes += value.len() as u64;
+                self.chunks.insert((digest, index), Arc::new(value));
+            }
+            OBJ_TASK => {
+                let t: Task = dec(&value, "task")?;
+                if t.id != id()? {
+                    return Err(format!("task {} under another key", t.id));
+                }
+                self.tasks.insert(t.id, t);
+            }
+            OBJ_NODE => {
+                let n: NodeRecord = dec(&value, "node")?;
+                if n.id != id()? {
+                    return Err(format!("node {} under another key", n.id));
+                }
+                self.nodes.insert(n.id, n);
+            }
+            OBJ_LEDGER => {
+                let e: LedgerEntry = dec(&value, "ledger entry")?;
+                if e.key != text()? {
+                    return Err(format!("ledger entry {} under another key", e.key));
+                }
+                if e.done {
+                    self.ledger_order.insert((e.recorded_ms, e.key.clone()));
+                    self.ledger_bytes += e.bytes();
+                }
+                self.ledger.insert(e.key.clone(), e);
+            }
+            OBJ_STREAM_META => self.next_stream = dec(&value, "stream meta")?,
+            OBJ_STREAM => {
+                let j: StreamJob = dec(&value, "stream job")?;
+                if j.id != id()? || !j.window.is_empty() || !j.failed_items.is_empty() {
+                    return Err(format!("stream {} under another key", j.id));
+                }
+                self.streams.insert(j.id, j);
+            }
+            OBJ_STREAM_WINDOW | OBJ_STREAM_FAILED => {
+                if rest.len() != 16 {
+                    return Err("stream entry key not 16 bytes".into());
+                }
+                let job = u64::from_be_bytes(rest[..8].try_into().map_err(|_| "key")?);
+                let index = u64::from_be_bytes(rest[8..].try_into().map_err(|_| "key")?);
+                if tag == OBJ_STREAM_WINDOW {
+                    let w: WindowEntry = dec(&value, "stream window entry")?;
+                    if w.items.first().map(|i| i.index) != Some(index) {
+                        return Err(format!("stream {job} window entry under another key"));
+                    }
+                    self.windows.insert((job, index), w);
+                } else {
+                    let f: FailedItem = dec(&value, "stream failed item")?;
+                    if f.index != index {
+                        return Err(format!("stream {job} failed item under another key"));
+                    }
+                    self.failed_items.insert((job, index), f);
+                }
+            }
+            other => return Err(format!("unknown object tag {other:#04x}")),
+        }
+        Ok(())
     }
 
     /// Every persisted object, in key order.
@@ -405,6 +377,102 @@ impl Sched {
 
     pub(super) fn touch(&mut self, key: ObjKey) {
         self.dirty.insert(key);
+    }
+}
+
+/// The indexes apply keeps over the tasks, as the tasks alone determine them at time `now`.
+/// Loading installs them; [`Sched::check`] compares them with the ones apply kept.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct TaskIndexes {
+    pub(super) queues: BTreeMap<String, BTreeSet<(u64, TaskId)>>,
+    pub(super) delayed: BTreeSet<(u64, TaskId)>,
+    pub(super) active: BTreeMap<String, u32>,
+    pub(super) by_node: BTreeMap<NodeId, BTreeSet<TaskId>>,
+    pub(super) node_memory: BTreeMap<NodeId, u64>,
+    pub(super) deadlines: BTreeSet<(u64, TaskId)>,
+    pub(super) finished: BTreeSet<(u64, TaskId)>,
+    pub(super) task_bytes: u64,
+}
+
+impl TaskIndexes {
+    /// Derives the indexes, refusing a task whose id lies past `next_task` (the last given)
+    /// or whose state lacks what it implies (a node when placed, a time when finished).
+    pub(super) fn of(
+        tasks: &BTreeMap<TaskId, Task>,
+        next_task: u64,
+        now: u64,
+    ) -> Result<TaskIndexes, String> {
+        let mut ix = TaskIndexes::default();
+        for (&id, task) in tasks {
+            if id == 0 || id > next_task {
+                return Err(format!("task {id} past the last id given"));
+            }
+            ix.task_bytes += task.bytes();
+            match task.state {
+                TaskState::Queued => {
+                    if task.not_before_ms > now {
+                        ix.delayed.insert((task.not_before_ms, id));
+                    } else {
+                        let f = task.function.clone();
+                        ix.queues.entry(f).or_default().insert((task.queue_seq, id));
+                    }
+                }
+                TaskState::Assigned | TaskState::Running => {
+                    let node = task.node.ok_or(format!("task {id} assigned to no node"))?;
+                    let (f, mem, deadline) = (
+                        task.function.clone(),
+                        task.memory_bytes,
+                        assignment_deadline(task),
+                    );
+                    *ix.active.entry(f).or_default() += 1;
+                    ix.by_node.entry(node).or_default().insert(id);
+                    *ix.node_memory.entry(node).or_default() += mem;
+                    ix.deadlines.insert((deadline, id));
+                }
+                _ => {
+                    let at = task
+                        .finished_ms
+                        .ok_or(format!("task {id} finished at no time"))?;
+                    ix.finished.insert((at, id));
+                }
+            }
+        }
+        Ok(ix)
+    }
+
+    /// The indexes `s` keeps now, for comparison with derived ones.
+    pub(super) fn kept_by(s: &Sched) -> TaskIndexes {
+        TaskIndexes {
+            queues: s.queues.clone(),
+            delayed: s.delayed.clone(),
+            active: s.active.clone(),
+            by_node: s.by_node.clone(),
+            node_memory: s.node_memory.clone(),
+            deadlines: s.deadlines.clone(),
+            finished: s.finished.clone(),
+            task_bytes: s.task_bytes,
+        }
+    }
+
+    /// Drops what carries no information (an empty queue, a node with no load), which apply
+    /// may leave behind until the next placement and loading never makes.
+    pub(super) fn normalized(mut self) -> TaskIndexes {
+        self.queues.retain(|_, q| !q.is_empty());
+        self.active.retain(|_, n| *n > 0);
+        self.by_node.retain(|_, t| !t.is_empty());
+        self.node_memory.retain(|_, m| *m > 0);
+        self
+    }
+
+    fn install(self, s: &mut Sched) {
+        s.queues = self.queues;
+        s.delayed = self.delayed;
+        s.active = self.active;
+        s.by_node = self.by_node;
+        s.node_memory = self.node_memory;
+        s.deadlines = self.deadlines;
+        s.finished = self.finished;
+        s.task_bytes = self.task_bytes;
     }
 }
 

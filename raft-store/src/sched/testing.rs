@@ -81,6 +81,7 @@ pub(crate) fn submitted(r: CommandResult) -> (TaskId, Option<NodeId>, u64) {
 
 /// Reloading from the persisted objects gives the same state.
 pub(crate) fn assert_reloads(s: &mut Sched, now: u64) {
+    s.check(now).expect("the state holds every invariant");
     s.take_changes();
     let copy = Sched::from_objects(s.objects(), now).expect("valid image");
     assert_eq!(&copy, s);
