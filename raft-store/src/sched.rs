@@ -24,11 +24,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::functions::{
-    CacheOutcome, CodeBlob, FunctionRecord, IdempotencyInput, LedgerEntry, MissReason, NodeRecord,
-    RunStatus, SchedStats, Task, TaskFilter, TaskId, TaskResult, TaskState, ACTIVE_TASKS_MAX,
+    CodeBlob, FunctionRecord, FunctionSpec, IdempotencyInput, LedgerEntry, NodeRecord, RunStatus,
+    SchedStats, Task, TaskFilter, TaskId, TaskResult, TaskState, ACTIVE_TASKS_MAX,
     CODE_UNREFERENCED_TTL_MS, FINISHED_TASKS_MAX, NODE_FORGET_MS, RESULT_RETENTION_MS,
     RETRY_BACKOFF_MS_MAX, TASK_BYTES_MAX,
 };
@@ -53,7 +52,7 @@ mod streams;
 mod testing;
 
 pub use check::Broken;
-use ledger::{decide, dependency_states, ledger_key};
+use ledger::{LedgerCall, LedgerRun};
 pub use objects::ObjChange;
 use objects::ObjKey;
 use placement::{assignment_deadline, is_live};
@@ -309,45 +308,70 @@ impl Sched {
         };
         // Idempotent functions: join a running identical invocation, answer from the ledger,
         // or run and record why.
-        let mut cache = None;
-        let mut ledger = None;
-        if let Some(idem) = &spec.idempotency {
-            let input = idempotency.cloned().unwrap_or_default();
-            let payload_hash = hex::encode(Sha256::digest(payload));
-            let key = ledger_key(function, input.key.as_deref(), &payload_hash);
-            let deps = match dependency_states(idem, &input, kv) {
-                Ok(d) => d,
-                Err(reason) => return rejected(reason),
-            };
-            let reason = match self.ledger.get(&key) {
-                None => MissReason::FirstRun,
-                Some(e) if !e.done => {
-                    if self
-                        .tasks
-                        .get(&e.task)
-                        .is_some_and(|t| !t.state.is_finished())
-                    {
-                        return CommandResult::Submitted {
-                            task: e.task,
-                            node: None,
-                            token: 0,
-                            cache: Some(CacheOutcome::Joined { task: e.task }),
-                        };
-                    }
-                    MissReason::PreviousRunLost
+        let run = match &spec.idempotency {
+            None => None,
+            Some(idem) => {
+                let call = LedgerCall {
+                    function,
+                    version,
+                    payload,
+                    sync,
+                    input: idempotency,
+                };
+                match self.ledger_lookup(now, &call, idem, kv) {
+                    Ok(run) => Some(run),
+                    Err(answer) => return answer,
                 }
-                Some(e) => match decide(e, idem, version, &payload_hash, &deps, kv, now) {
-                    None => return self.answer_from_ledger(now, &key, payload, sync),
-                    Some(reason) => reason,
-                },
-            };
-            cache = Some(CacheOutcome::Miss { reason });
-            ledger = Some((key, payload_hash, deps));
+            }
+        };
+        if let Some(throttled) = self.admit(function, payload, &spec, queue_bound) {
+            return throttled;
         }
+        let active = self.active.get(function).copied().unwrap_or(0);
+        let queued = self.queues.get(function).map_or(0, BTreeSet::len);
+        let can_run = active < spec.max_concurrency && queued == 0;
+        let cache = run.as_ref().map(|r| r.cache.clone());
+        let (id, seq) = self.new_task(now, function, version, payload, sync, &spec, run.as_ref());
+        if let Some(run) = run {
+            self.ledger_start(now, function, version, id, run);
+        }
+        if can_run {
+            if let Some(node) = self.choose_node(id, now) {
+                let token = self.assign(id, node, now);
+                return CommandResult::Submitted {
+                    task: id,
+                    node: Some(node),
+                    token,
+                    cache,
+                };
+            }
+        }
+        self.queues
+            .entry(function.to_string())
+            .or_default()
+            .insert((seq, id));
+        CommandResult::Submitted {
+            task: id,
+            node: None,
+            token: 0,
+            cache,
+        }
+    }
+
+    /// Throttles an invocation the cluster has no room for: too many unfinished tasks, the
+    /// task store full (after purging what finished), or (with `queue_bound`) the function's
+    /// queue full. Purges finished tasks to make room.
+    fn admit(
+        &mut self,
+        function: &str,
+        payload: &[u8],
+        spec: &FunctionSpec,
+        queue_bound: bool,
+    ) -> Option<CommandResult> {
         if self.tasks.len() - self.finished.len() >= ACTIVE_TASKS_MAX {
-            return CommandResult::Throttled {
+            return Some(CommandResult::Throttled {
                 reason: format!("the cluster has {ACTIVE_TASKS_MAX} unfinished tasks"),
-            };
+            });
         }
         let new_bytes = (payload.len() + function.len() + 256) as u64;
         while self.task_bytes + new_bytes > TASK_BYTES_MAX {
@@ -357,21 +381,36 @@ impl Sched {
             self.purge(id);
         }
         if self.task_bytes + new_bytes > TASK_BYTES_MAX {
-            return CommandResult::Throttled {
+            return Some(CommandResult::Throttled {
                 reason: "the cluster's task store is full".into(),
-            };
+            });
         }
         let active = self.active.get(function).copied().unwrap_or(0);
         let queued = self.queues.get(function).map_or(0, BTreeSet::len);
         let can_run = active < spec.max_concurrency && queued == 0;
         if queue_bound && !can_run && queued >= spec.queue_max as usize {
-            return CommandResult::Throttled {
+            return Some(CommandResult::Throttled {
                 reason: format!(
                     "function {function} runs {active} of at most {} and {queued} wait (queue bound {})",
                     spec.max_concurrency, spec.queue_max
                 ),
-            };
+            });
         }
+        None
+    }
+
+    /// Makes a queued task of `spec` (not yet in any queue); answers its id and queue place.
+    #[allow(clippy::too_many_arguments)]
+    fn new_task(
+        &mut self,
+        now: u64,
+        function: &str,
+        version: u64,
+        payload: &[u8],
+        sync: bool,
+        spec: &FunctionSpec,
+        run: Option<&LedgerRun>,
+    ) -> (TaskId, u64) {
         self.meta.next_task += 1;
         let id = self.meta.next_task;
         let seq = self.next_seq();
@@ -396,52 +435,15 @@ impl Sched {
             timeout_ms: spec.timeout_ms,
             result: None,
             dead_letter: false,
-            cache: cache.clone(),
-            ledger_key: ledger.as_ref().map(|(k, _, _)| k.clone()),
+            cache: run.map(|r| r.cache.clone()),
+            ledger_key: run.map(|r| r.key().to_string()),
             request_id: None,
         };
         self.task_bytes += task.bytes();
         self.tasks.insert(id, task);
         self.touch(ObjKey::Task(id));
         self.touch(ObjKey::Meta);
-        if let Some((key, payload_hash, dependencies)) = ledger {
-            self.ledger_remove(&key);
-            let entry = LedgerEntry {
-                key: key.clone(),
-                function: function.to_string(),
-                version,
-                payload_hash,
-                task: id,
-                done: false,
-                succeeded: false,
-                dependencies,
-                result: None,
-                recorded_ms: now,
-            };
-            self.ledger.insert(key.clone(), entry);
-            self.touch(ObjKey::Ledger(key));
-        }
-        if can_run {
-            if let Some(node) = self.choose_node(id, now) {
-                let token = self.assign(id, node, now);
-                return CommandResult::Submitted {
-                    task: id,
-                    node: Some(node),
-                    token,
-                    cache,
-                };
-            }
-        }
-        self.queues
-            .entry(function.to_string())
-            .or_default()
-            .insert((seq, id));
-        CommandResult::Submitted {
-            task: id,
-            node: None,
-            token: 0,
-            cache,
-        }
+        (id, seq)
     }
 
     /// Records the end of an attempt made under `token`.

@@ -20,7 +20,101 @@ use crate::functions::{
 };
 use crate::model::{CommandResult, KvEntry};
 
+/// An invocation of an idempotent function, as the ledger sees it.
+pub(super) struct LedgerCall<'a> {
+    pub(super) function: &'a str,
+    pub(super) version: u64,
+    pub(super) payload: &'a [u8],
+    pub(super) sync: bool,
+    pub(super) input: Option<&'a IdempotencyInput>,
+}
+
+/// An idempotent invocation that runs: why, and the ledger entry its run will fill.
+pub(super) struct LedgerRun {
+    pub(super) cache: CacheOutcome,
+    key: String,
+    payload_hash: String,
+    dependencies: Vec<DependencyState>,
+}
+
+impl LedgerRun {
+    pub(super) fn key(&self) -> &str {
+        &self.key
+    }
+}
+
 impl Sched {
+    /// Decides an idempotent invocation: `Err` with the answer when it joins a run in flight,
+    /// is answered from the ledger, or is refused (a dependency it cannot state); otherwise
+    /// the run to make and why it runs.
+    pub(super) fn ledger_lookup(
+        &mut self,
+        now: u64,
+        call: &LedgerCall<'_>,
+        idem: &Idempotency,
+        kv: &BTreeMap<String, KvEntry>,
+    ) -> Result<LedgerRun, CommandResult> {
+        let input = call.input.cloned().unwrap_or_default();
+        let payload_hash = hex::encode(Sha256::digest(call.payload));
+        let key = ledger_key(call.function, input.key.as_deref(), &payload_hash);
+        let deps = dependency_states(idem, &input, kv).map_err(rejected)?;
+        let reason = match self.ledger.get(&key) {
+            None => MissReason::FirstRun,
+            Some(e) if !e.done => {
+                if self
+                    .tasks
+                    .get(&e.task)
+                    .is_some_and(|t| !t.state.is_finished())
+                {
+                    return Err(CommandResult::Submitted {
+                        task: e.task,
+                        node: None,
+                        token: 0,
+                        cache: Some(CacheOutcome::Joined { task: e.task }),
+                    });
+                }
+                MissReason::PreviousRunLost
+            }
+            Some(e) => match decide(e, idem, call.version, &payload_hash, &deps, kv, now) {
+                None => return Err(self.answer_from_ledger(now, &key, call.payload, call.sync)),
+                Some(reason) => reason,
+            },
+        };
+        Ok(LedgerRun {
+            cache: CacheOutcome::Miss { reason },
+            key,
+            payload_hash,
+            dependencies: deps,
+        })
+    }
+
+    /// Records that task `id` runs for `run`, replacing the entry its key had.
+    pub(super) fn ledger_start(
+        &mut self,
+        now: u64,
+        function: &str,
+        version: u64,
+        id: TaskId,
+        run: LedgerRun,
+    ) {
+        let key = run.key;
+        self.ledger_remove(&key);
+        let entry = LedgerEntry {
+            key: key.clone(),
+            function: function.to_string(),
+            version,
+            payload_hash: run.payload_hash,
+            task: id,
+            done: false,
+            succeeded: false,
+            dependencies: run.dependencies,
+            result: None,
+            recorded_ms: now,
+        };
+        self.ledger.insert(key.clone(), entry);
+        self.touch(ObjKey::Ledger(key));
+    }
+
     /// A read-only hit check: the ledger entry that would answer this invocation right now,
     /// if any (the same decision [`Sched::submit`] makes, without changing anything). A
     /// leader that has confirmed its leadership may answer a hit from this without a log
