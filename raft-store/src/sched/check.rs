@@ -234,7 +234,7 @@ impl Sched {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::functions::*;
+    use crate::functions::{RunStatus, NODE_LEASE_MS};
     use crate::sched::testing::*;
     use proptest::prelude::*;
 

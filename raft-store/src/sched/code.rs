@@ -241,12 +241,13 @@ impl Sched {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
-    use crate::functions::*;
-    use crate::model::*;
+    use crate::functions::{RunStatus, WarmReport, CODE_UNREFERENCED_TTL_MS};
     use crate::sched::testing::*;
-    use crate::sched::*;
-    use crate::streams::*;
+    use crate::sched::GC_INTERVAL_MS;
+    use crate::streams::StreamState;
 
     #[test]
     fn code_must_match_its_digest_and_be_complete() {

@@ -461,10 +461,8 @@ pub(super) fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::functions::*;
-    use crate::model::*;
+    use crate::functions::RunStatus;
     use crate::sched::testing::*;
-    use crate::sched::*;
 
     fn kv_with(entries: &[(&str, u64)]) -> BTreeMap<String, KvEntry> {
         entries

@@ -481,9 +481,8 @@ impl TaskIndexes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::*;
+    use crate::model::CommandResult;
     use crate::sched::testing::*;
-    use crate::sched::*;
 
     #[test]
     fn a_function_stored_without_identity_loads_and_is_rewritten() {

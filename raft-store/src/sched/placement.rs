@@ -249,11 +249,11 @@ pub(super) fn assignment_deadline(task: &Task) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
-    use crate::functions::*;
-    use crate::model::*;
+    use crate::functions::{RunStatus, WarmReport};
     use crate::sched::testing::*;
-    use crate::sched::*;
 
     #[test]
     fn concurrency_queue_and_throttle() {

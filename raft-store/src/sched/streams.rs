@@ -740,10 +740,8 @@ fn chunk_items<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::functions::*;
-    use crate::model::*;
+    use crate::functions::{RunStatus, TaskResult, NODE_LEASE_MS};
     use crate::sched::testing::*;
-    use crate::sched::*;
 
     use crate::streams::{StreamItem, StreamState};
 
