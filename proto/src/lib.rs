@@ -1,0 +1,19 @@
+//! skiff-proto: what both sides of a connection to a node share, so that a client needs
+//! nothing of the node's storage.
+//!
+//! # Layout
+//! - [`api`]: the client RPC service ([`api::ClientApi`]) and the types it carries;
+//! - [`transport`]: one port, two services: the service preamble, the bearer token, bounded
+//!   bincode frames, endpoint parsing;
+//! - [`tls`]: rustls on both sides: the client's connector checking nodes against the
+//!   cluster CA, and the node's acceptor requiring a certificate from peers;
+//! - [`membership`]: the `ID=HOST:PORT,...` member lists of `cluster init` and
+//!   `skiffd restore`;
+//! - [`files`]: bounded reads of the files either side is handed (PEM, manifests, code).
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod files;
+pub mod membership;
+pub mod tls;
+pub mod transport;
