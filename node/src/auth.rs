@@ -25,7 +25,7 @@ use skiff_client::api::{
 use skiff_raft_store::tokens::{token_hash, validate_secret};
 use tokio::sync::OnceCell;
 
-use crate::server::Node;
+use crate::replica::Replica;
 
 /// How long a node waits, once per connection, for a token it does not know to appear in its
 /// applied state: a token created a moment ago through another node may not have reached
@@ -45,26 +45,18 @@ enum Presented {
     Hash(String),
 }
 
-/// One client connection: the node it talks to and the token it presented.
+/// One client connection: the replica it talks to and the token it presented.
 #[derive(Clone)]
 pub struct Session {
-    node: Node,
+    replica: Replica,
     presented: Arc<Presented>,
     /// Set once this connection has waited for an unknown token ([`TOKEN_CATCH_UP_MS`]).
     caught_up: Arc<OnceCell<()>>,
 }
 
-impl std::ops::Deref for Session {
-    type Target = Node;
-
-    fn deref(&self) -> &Node {
-        &self.node
-    }
-}
-
 impl Session {
     /// A session for a connection that presented `token` in its handshake.
-    pub fn new(node: Node, token: Option<String>) -> Session {
+    pub fn new(replica: Replica, token: Option<String>) -> Session {
         let presented = match token {
             None => Presented::None,
             Some(secret) => match validate_secret(&secret) {
@@ -73,7 +65,7 @@ impl Session {
             },
         };
         Session {
-            node,
+            replica,
             presented: Arc::new(presented),
             caught_up: Arc::new(OnceCell::new()),
         }
@@ -109,6 +101,11 @@ impl Session {
         ))
     }
 
+    /// The replica this connection talks to.
+    pub fn replica(&self) -> &Replica {
+        &self.replica
+    }
+
     /// Whether the connection's token is active here now (after the same once-per-connection
     /// wait for a token made a moment ago elsewhere).
     pub async fn token_is_active(&self) -> bool {
@@ -134,14 +131,11 @@ impl Session {
             .get_or_init(|| async {
                 let deadline =
                     tokio::time::Instant::now() + Duration::from_millis(TOKEN_CATCH_UP_MS);
-                let mut metrics = self.node.0.raft.metrics();
-                while self.lookup(hash).is_none() {
-                    match tokio::time::timeout_at(deadline, metrics.changed()).await {
-                        Ok(Ok(())) => {}
-                        // Out of time, or Raft stopped.
-                        _ => break,
-                    }
-                }
+                // Out of time, or Raft stopped: the lookup below answers.
+                let _ = self
+                    .replica
+                    .wait_until(deadline, |_| self.lookup(hash).map(|_| ()))
+                    .await;
             })
             .await;
         self.lookup(hash)
@@ -151,10 +145,8 @@ impl Session {
     /// `None` when no token has this hash; else the token, or why it no longer works.
     fn lookup(&self, hash: &str) -> Option<Result<TokenInfo, ApiError>> {
         let token = self
-            .node
-            .0
-            .store
-            .read(|sm| sm.tokens().by_hash(hash).cloned())?;
+            .replica
+            .state(|sm| sm.tokens().by_hash(hash).cloned())?;
         Some(if token.revoked {
             Err(ApiError::Unauthenticated(format!(
                 "token {} is revoked",

@@ -20,7 +20,19 @@ use skiff_raft_store::model::{LoggedCommand, Principal, Request, COMMANDS_PER_EN
 use skiff_raft_store::types::Raft;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
+use crate::background::{Background, Shutdown};
 use crate::metrics::{Metrics, WriteOutcome};
+
+/// The bounds of a batcher (from the node's `[limits]`).
+#[derive(Debug, Clone, Copy)]
+pub struct BatcherLimits {
+    /// Client calls waiting to be packed into an entry.
+    pub queue_max: usize,
+    /// Entries proposed and not yet answered by Raft.
+    pub in_flight_max: usize,
+    /// Approximate encoded size of one entry.
+    pub entry_bytes_max: usize,
+}
 
 /// A group of commands from one client call, answered together.
 struct Pending {
@@ -46,24 +58,27 @@ fn command_bytes(c: &LoggedCommand) -> usize {
 }
 
 impl Batcher {
-    /// Starts the batching task. It stops when every [`Batcher`] handle is dropped.
+    /// Starts the batching task, a task of `background`: it stops on its shutdown signal
+    /// (writes still queued then are answered `ShuttingDown`) or when every [`Batcher`]
+    /// handle is dropped.
     pub fn start(
         raft: Raft,
         metrics: Arc<Metrics>,
-        queue_max: usize,
-        in_flight_max: usize,
-        entry_bytes_max: usize,
+        background: &Background,
+        limits: BatcherLimits,
     ) -> Batcher {
-        let (tx, rx) = mpsc::channel(queue_max);
+        let (tx, rx) = mpsc::channel(limits.queue_max);
         let batches: Arc<std::sync::atomic::AtomicUsize> = Default::default();
-        tokio::spawn(run(
+        let batching = Batching {
             raft,
-            metrics.clone(),
-            rx,
-            in_flight_max,
-            entry_bytes_max,
-            batches.clone(),
-        ));
+            metrics: metrics.clone(),
+            background: background.clone(),
+            in_flight_max: limits.in_flight_max,
+            entry_bytes_max: limits.entry_bytes_max,
+            batches: batches.clone(),
+        };
+        let shutdown = background.shutdown();
+        background.spawn(run(batching, rx, shutdown));
         Batcher {
             tx,
             metrics,
@@ -133,14 +148,25 @@ impl Batcher {
     }
 }
 
-async fn run(
+/// What the batching task works with.
+struct Batching {
     raft: Raft,
     metrics: Arc<Metrics>,
-    mut rx: mpsc::Receiver<Pending>,
+    background: Background,
     in_flight_max: usize,
     entry_bytes_max: usize,
     batches: Arc<std::sync::atomic::AtomicUsize>,
-) {
+}
+
+async fn run(b: Batching, mut rx: mpsc::Receiver<Pending>, mut shutdown: Shutdown) {
+    let Batching {
+        raft,
+        metrics,
+        background,
+        in_flight_max,
+        entry_bytes_max,
+        batches,
+    } = b;
     let in_flight = Arc::new(Semaphore::new(in_flight_max));
     // A command that did not fit the previous entry starts the next one.
     let mut carry: Option<Pending> = None;
@@ -149,7 +175,10 @@ async fn run(
         // answers it (a carried write was counted when it was put aside).
         let first = match carry.take() {
             Some(p) => p,
-            None => match rx.recv().await {
+            None => match tokio::select! {
+                p = rx.recv() => p,
+                () = shutdown.wait() => None,
+            } {
                 Some(p) => {
                     batches.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     p
@@ -159,7 +188,10 @@ async fn run(
         };
         // Wait for a proposal slot before draining, so that everything arriving meanwhile
         // joins this entry.
-        let permit = match in_flight.clone().acquire_owned().await {
+        let permit = match tokio::select! {
+            p = in_flight.clone().acquire_owned() => p,
+            () = shutdown.wait() => return,
+        } {
             Ok(p) => p,
             Err(_) => return,
         };
@@ -187,8 +219,14 @@ async fn run(
         let raft = raft.clone();
         let metrics = metrics.clone();
         let batches = batches.clone();
-        tokio::spawn(async move {
-            propose(&raft, &metrics, batch).await;
+        let mut shutdown = shutdown.clone();
+        background.spawn(async move {
+            // On the signal the proposal is dropped, and with it its callers' replies: they
+            // are answered `ShuttingDown`, as when Raft stops under them.
+            tokio::select! {
+                () = propose(&raft, &metrics, batch) => {}
+                () = shutdown.wait() => {}
+            }
             drop(permit);
             batches.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         });

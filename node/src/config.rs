@@ -391,7 +391,9 @@ impl NodeConfig {
         self.advertise.as_deref().unwrap_or(&self.listen)
     }
 
-    /// Checks every setting; the first problem is the error.
+    /// Checks every setting; the first problem is the error. Long by nature, not by logic:
+    /// one flat check per setting, in the order of the file, so that a setting's rule is
+    /// found next to its neighbours'.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.id == 0 {
             return Err(invalid("id", "node ids start at 1"));
@@ -456,7 +458,7 @@ impl NodeConfig {
             ));
         }
         // Neither TLS files nor `insecure_plaintext`: refused when the node starts
-        // (`server::start`), so that a config without them still loads for other uses.
+        // (`daemon::start`), so that a config without them still loads for other uses.
         if self.sources.roots.len() > crate::sources::ROOTS_MAX {
             return Err(invalid(
                 "sources.roots",

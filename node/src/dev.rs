@@ -46,6 +46,16 @@ pub struct DevOptions {
 pub const DEV_NODES_MAX: usize = 9;
 /// How long the cluster may take to elect a leader and see every node.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Pause between two attempts to initialize the cluster while its nodes start.
+const READY_POLL: Duration = Duration::from_millis(200);
+/// Pause between two looks at the cluster's status while it becomes ready.
+const STATUS_POLL: Duration = Duration::from_millis(100);
+/// How often the running dev cluster checks whether a node exited.
+const EXIT_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+/// How long the nodes get to stop after SIGTERM before they are killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause between two looks at whether a stopping node has exited.
+const STOP_POLL: Duration = Duration::from_millis(50);
 
 struct DevNode {
     id: NodeId,
@@ -355,7 +365,7 @@ async fn wait_ready(
             Ok(s) => last = format!("leader {:?}, {} nodes", s.leader, s.nodes.len()),
             Err(e) => last = e.to_string(),
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(STATUS_POLL).await;
     }
     Err(dev_err(format!(
         "the cluster did not become ready in {READY_TIMEOUT:?}: {last}"
@@ -410,7 +420,7 @@ pub async fn run(
     loop {
         tokio::select! {
             () = &mut shutdown => break,
-            () = tokio::time::sleep(Duration::from_millis(500)) => {
+            () = tokio::time::sleep(EXIT_CHECK_INTERVAL) => {
                 for (i, n) in nodes.iter_mut().enumerate() {
                     if !reported_exit[i] {
                         if let Ok(Some(status)) = n.child.try_wait() {
@@ -434,36 +444,8 @@ pub async fn run(
 async fn bring_up(opts: &DevOptions, dir: &Path, nodes: &mut [DevNode]) -> Result<(), NodeError> {
     let members: BTreeMap<NodeId, String> = nodes.iter().map(|n| (n.id, n.addr.clone())).collect();
     let endpoints: Vec<String> = members.values().cloned().collect();
-    // Wait for every node to listen, then initialize from node 1.
+    let token = init_cluster(dir, nodes, &members, &endpoints).await?;
     let ca = dir.join("tls").join("ca.pem");
-    let first = ClientConfig::new(vec![endpoints[0].clone()])
-        .with_ca(&ca)
-        .map_err(|e| dev_err(e.to_string()))?;
-    let first = Client::new(first).map_err(|e| dev_err(e.to_string()))?;
-    let deadline = Instant::now() + READY_TIMEOUT;
-    let token = loop {
-        match first.cluster_init(members.clone()).await {
-            Ok(admin) => break admin.secret,
-            // A directory reused from an earlier run: its env file holds the token.
-            Err(skiff_client::ClientError::Api(
-                skiff_client::api::ApiError::FailedPrecondition(m),
-            )) if m.contains("already initialized") => break previous_token(dir)?,
-            Err(e) if Instant::now() < deadline => {
-                tracing::debug!(error = %e, "waiting for nodes to start");
-                for n in nodes.iter_mut() {
-                    if let Ok(Some(status)) = n.child.try_wait() {
-                        return Err(dev_err(format!(
-                            "node {} exited during start-up ({status}); see {}",
-                            n.id,
-                            dir.join(format!("node-{}.log", n.id)).display()
-                        )));
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => return Err(dev_err(format!("cannot initialize the cluster: {e}"))),
-        }
-    };
     let mut cfg = ClientConfig::new(endpoints.clone())
         .with_token(token.clone())
         .with_ca(&ca)
@@ -485,6 +467,77 @@ async fn bring_up(opts: &DevOptions, dir: &Path, nodes: &mut [DevNode]) -> Resul
         .map(|e| String::from_utf8_lossy(&e.value).into_owned());
     let sample_fn = sample_function(&client).await;
 
+    let ready = Ready {
+        leader,
+        version,
+        read,
+        sample_fn,
+    };
+    print_ready(opts, dir, nodes, &endpoints, &token, &ready)
+}
+
+/// Waits for every node to listen, then initializes the cluster from node 1; the admin
+/// token's secret (or the earlier run's, from a reused directory).
+async fn init_cluster(
+    dir: &Path,
+    nodes: &mut [DevNode],
+    members: &BTreeMap<NodeId, String>,
+    endpoints: &[String],
+) -> Result<String, NodeError> {
+    let ca = dir.join("tls").join("ca.pem");
+    let first = ClientConfig::new(vec![endpoints[0].clone()])
+        .with_ca(&ca)
+        .map_err(|e| dev_err(e.to_string()))?;
+    let first = Client::new(first).map_err(|e| dev_err(e.to_string()))?;
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        match first.cluster_init(members.clone()).await {
+            Ok(admin) => return Ok(admin.secret),
+            // A directory reused from an earlier run: its env file holds the token.
+            Err(skiff_client::ClientError::Api(
+                skiff_client::api::ApiError::FailedPrecondition(m),
+            )) if m.contains("already initialized") => return previous_token(dir),
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(error = %e, "waiting for nodes to start");
+                for n in nodes.iter_mut() {
+                    if let Ok(Some(status)) = n.child.try_wait() {
+                        return Err(dev_err(format!(
+                            "node {} exited during start-up ({status}); see {}",
+                            n.id,
+                            dir.join(format!("node-{}.log", n.id)).display()
+                        )));
+                    }
+                }
+                tokio::time::sleep(READY_POLL).await;
+            }
+            Err(e) => return Err(dev_err(format!("cannot initialize the cluster: {e}"))),
+        }
+    }
+}
+
+/// What `bring_up` found, for the summary it prints.
+struct Ready {
+    leader: NodeId,
+    version: u64,
+    read: Option<String>,
+    sample_fn: Result<String, String>,
+}
+
+/// Prints how to use the cluster just brought up.
+fn print_ready(
+    opts: &DevOptions,
+    dir: &Path,
+    nodes: &[DevNode],
+    endpoints: &[String],
+    token: &str,
+    ready: &Ready,
+) -> Result<(), NodeError> {
+    let Ready {
+        leader,
+        version,
+        read,
+        sample_fn,
+    } = ready;
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
@@ -549,19 +602,17 @@ async fn bring_up(opts: &DevOptions, dir: &Path, nodes: &mut [DevNode]) -> Resul
     Ok(())
 }
 
-/// Sends SIGTERM to every node, waits up to 10 s, then SIGKILLs what is left.
+/// Sends SIGTERM to every node, waits up to `STOP_TIMEOUT`, then SIGKILLs what is left.
 fn stop_all(nodes: &mut [DevNode]) {
     for n in nodes.iter() {
         let _ = kill(Pid::from_raw(n.child.id() as i32), Signal::SIGTERM);
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + STOP_TIMEOUT;
     for n in nodes.iter_mut() {
         loop {
             match n.child.try_wait() {
                 Ok(Some(_)) | Err(_) => break,
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(50))
-                }
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(STOP_POLL),
                 Ok(None) => {
                     let _ = n.child.kill();
                     let _ = n.child.wait();

@@ -24,31 +24,67 @@ use std::time::{Duration, Instant};
 
 use skiff_client::api::NodeId;
 
-use crate::peer;
-use crate::server::Node;
+use crate::peer::{self, PeerRefusal};
+use crate::replica::Replica;
 
 /// Longest a stopping leader spends handing over before it stops regardless.
 pub const HANDOVER_TIMEOUT: Duration = Duration::from_secs(6);
+/// Deadline of one `campaign` call to the voter taking over.
+const CAMPAIGN_CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Added to the longest election timeout for the wait for another node to lead after a
+/// campaign call.
+const ELECTION_MARGIN: Duration = Duration::from_millis(200);
+/// How often the stopping leader looks again whether a voter has caught up.
+const CATCH_UP_POLL: Duration = Duration::from_millis(10);
+
+/// Why a handover did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoverError {
+    #[error("node {node} has no address")]
+    NoAddress { node: NodeId },
+    #[error("node {node} did not take over in time")]
+    TookTooLong { node: NodeId },
+    #[error("node {node} at {addr}: {source}")]
+    Connect {
+        node: NodeId,
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("node {node} refused: {refusal}")]
+    Refused { node: NodeId, refusal: PeerRefusal },
+    #[error("node {node} at {addr}: {source}")]
+    Call {
+        node: NodeId,
+        addr: String,
+        source: tarpc::client::RpcError,
+    },
+    #[error("no voter caught up to index {last:?} in time (applied {applied:?})")]
+    NotCaughtUp {
+        last: Option<u64>,
+        applied: Option<u64>,
+    },
+}
 
 /// How a handover ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Handover {
     /// This node was not the leader, or the only voter: nothing to hand over.
     NotNeeded,
     /// `to` leads now.
     Done { to: NodeId, elapsed: Duration },
     /// It did not happen; the reason.
-    Failed(String),
+    Failed(HandoverError),
 }
 
 /// Hands leadership to a caught-up voter if this node leads. Leaves the batcher paused on
 /// success (the node is stopping); resumes it on failure so the node keeps serving until it
 /// stops.
-pub async fn hand_over(node: &Node) -> Handover {
-    let me = node.0.id;
+/// `election_max` is the longest election timeout of the cluster's settings.
+pub async fn hand_over(node: &Replica, election_max: Duration) -> Handover {
+    let me = node.id();
     let started = Instant::now();
     let deadline = started + HANDOVER_TIMEOUT;
-    let m = node.0.raft.metrics().borrow().clone();
+    let m = node.raft().metrics().borrow().clone();
     if m.current_leader != Some(me) {
         return Handover::NotNeeded;
     }
@@ -61,85 +97,89 @@ pub async fn hand_over(node: &Node) -> Handover {
     if voters.is_empty() {
         return Handover::NotNeeded;
     }
-    node.0.batcher.pause(true);
+    node.batcher().pause(true);
     // Once it steps down it must not campaign again itself: its log may still be a little
     // longer than the voter's, and it would win back what it is giving away.
-    node.0.raft.runtime_config().elect(false);
-    let result = run(node, &voters, deadline).await;
+    node.raft().runtime_config().elect(false);
+    let result = run(node, &voters, deadline, election_max).await;
     match result {
         Ok(to) => Handover::Done {
             to,
             elapsed: started.elapsed(),
         },
         Err(why) => {
-            node.0.raft.runtime_config().elect(true);
-            node.0.batcher.pause(false);
+            node.raft().runtime_config().elect(true);
+            node.batcher().pause(false);
             Handover::Failed(why)
         }
     }
 }
 
-async fn run(node: &Node, voters: &[NodeId], deadline: Instant) -> Result<NodeId, String> {
-    let me = node.0.id;
-    let election_max = Duration::from_millis(node.0.config.raft.election_timeout_max_ms);
+async fn run(
+    node: &Replica,
+    voters: &[NodeId],
+    deadline: Instant,
+    election_max: Duration,
+) -> Result<NodeId, HandoverError> {
+    let me = node.id();
     loop {
-        if let Some(l) = node.0.raft.metrics().borrow().current_leader {
+        if let Some(l) = node.current_leader() {
             if l != me {
                 return Ok(l);
             }
         }
         let target = caught_up_voter(node, voters, deadline).await?;
         let addr = node
-            .0
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .get_node(&target)
-            .map(|n| n.addr.clone())
-            .ok_or_else(|| format!("node {target} has no address"))?;
+            .member_addr(target)
+            .ok_or(HandoverError::NoAddress { node: target })?;
         // Ask it to campaign, then wait for another node to lead. A leader elected less than
         // a lease ago refuses the first request; the voter, now a candidate, tries again on
         // its own election timer, and so does this loop (after checking again that the voter
         // holds every entry).
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(format!("node {target} did not take over in time"));
+            return Err(HandoverError::TookTooLong { node: target });
         }
         let c = node
-            .0
-            .peers
+            .peers()
             .get(target, &addr)
             .await
-            .map_err(|e| format!("node {target} at {addr}: {e}"))?;
+            .map_err(|source| HandoverError::Connect {
+                node: target,
+                addr: addr.clone(),
+                source,
+            })?;
         match c
-            .campaign(peer::deadline(left.min(Duration::from_secs(2))), target)
+            .campaign(peer::deadline(left.min(CAMPAIGN_CALL_TIMEOUT)), target)
             .await
         {
             Ok(Ok(())) => {}
-            Ok(Err(refusal)) => return Err(format!("node {target} refused: {refusal}")),
+            Ok(Err(refusal)) => {
+                return Err(HandoverError::Refused {
+                    node: target,
+                    refusal,
+                })
+            }
             Err(e) => {
-                node.0.peers.forget(target).await;
-                return Err(format!("node {target} at {addr}: {e}"));
+                node.peers().forget(target).await;
+                return Err(HandoverError::Call {
+                    node: target,
+                    addr,
+                    source: e,
+                });
             }
         }
         let left = deadline.saturating_duration_since(Instant::now());
-        let wait = left.min(election_max + Duration::from_millis(200));
+        let wait = left.min(election_max + ELECTION_MARGIN);
+        let another = |r: &Replica| r.current_leader().filter(|&l| l != me);
         let moved = node
-            .0
-            .raft
-            .wait(Some(wait))
-            .metrics(
-                |m| m.current_leader.is_some_and(|l| l != me),
-                "another node leads",
-            )
+            .wait_until(tokio::time::Instant::now() + wait, another)
             .await;
-        if let Ok(m) = moved {
-            return Ok(m.current_leader.expect("checked by the condition"));
+        if let Ok(leader) = moved {
+            return Ok(leader);
         }
         if Instant::now() >= deadline {
-            return Err(format!("node {target} did not take over in time"));
+            return Err(HandoverError::TookTooLong { node: target });
         }
     }
 }
@@ -147,12 +187,12 @@ async fn run(node: &Node, voters: &[NodeId], deadline: Instant) -> Result<NodeId
 /// Waits until every write this node took is applied and a voter's log holds all of it;
 /// returns that voter (the lowest such id).
 async fn caught_up_voter(
-    node: &Node,
+    node: &Replica,
     voters: &[NodeId],
     deadline: Instant,
-) -> Result<NodeId, String> {
+) -> Result<NodeId, HandoverError> {
     loop {
-        let m = node.0.raft.metrics().borrow().clone();
+        let m = node.raft().metrics().borrow().clone();
         let last = m.last_log_index;
         let applied = m.last_applied.map(|l| l.index);
         let matched = |v: &NodeId| {
@@ -163,7 +203,7 @@ async fn caught_up_voter(
         };
         // Replication progress is known only while this node leads; after it stepped down
         // (a candidate's higher term), the voters' logs are compared by the election itself.
-        if node.0.batcher.idle() && applied == last {
+        if node.batcher().idle() && applied == last {
             if m.replication.is_none() {
                 if let Some(&v) = voters.first() {
                     return Ok(v);
@@ -173,10 +213,8 @@ async fn caught_up_voter(
             }
         }
         if Instant::now() >= deadline {
-            return Err(format!(
-                "no voter caught up to index {last:?} in time (applied {applied:?})"
-            ));
+            return Err(HandoverError::NotCaughtUp { last, applied });
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(CATCH_UP_POLL).await;
     }
 }

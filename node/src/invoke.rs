@@ -9,11 +9,12 @@
 //! made (the state machine's deduplication answers with the stored submission) and waits for
 //! that task: one task per invocation, whatever the retries.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use skiff_client::api::{
-    ApiError, CacheOutcome, ClientCommand, Command, CommandResult, InvokeRequest, Task, TaskId,
-    TaskState,
+    ApiError, CacheOutcome, ClientCommand, Command, CommandResult, FunctionVersion, InvokeRequest,
+    Task, TaskId, TaskState,
 };
 use skiff_raft_store::functions::{
     validate_function_name, Dependency, IdempotencyInput, PAYLOAD_BYTES_MAX, TIMEOUT_MS_MAX,
@@ -21,13 +22,53 @@ use skiff_raft_store::functions::{
 
 use skiff_raft_store::model::Principal;
 
+use crate::background::Background;
 use crate::peer;
-use crate::server::Node;
+use crate::replica::{Replica, WaitEnded};
 
 /// Added to a function's timeout for the time a sync caller waits: queueing, start, report.
 const WAIT_MARGIN: Duration = Duration::from_secs(30);
 
-impl Node {
+/// Starts a task on this node's worker without waiting for it (the daemon makes it: a run
+/// spawned into the node's background owner).
+pub type RunLocal = Arc<dyn Fn(Task, FunctionVersion) + Send + Sync>;
+
+/// The invocation path of one node: its replica, and how to start a task on its own worker.
+#[derive(Clone)]
+pub struct Invoker {
+    replica: Replica,
+    run_local: RunLocal,
+    /// Whether this node runs tasks (a task the leader dispatches here is run only then).
+    worker_enabled: bool,
+    background: Background,
+}
+
+impl Invoker {
+    pub fn new(
+        replica: Replica,
+        run_local: RunLocal,
+        worker_enabled: bool,
+        background: Background,
+    ) -> Invoker {
+        Invoker {
+            replica,
+            run_local,
+            worker_enabled,
+            background,
+        }
+    }
+
+    pub fn replica(&self) -> &Replica {
+        &self.replica
+    }
+
+    /// Runs a task the leader dispatched to this node, if this node runs tasks.
+    pub fn run_dispatched(&self, task: Task, function: FunctionVersion) {
+        if task.node == Some(self.replica.id()) && self.worker_enabled {
+            (self.run_local)(task, function);
+        }
+    }
+
     /// Submits an invocation (through the leader) and, if asked, waits for its result.
     /// `principal` is the caller the receiving node authenticated: the request id is the
     /// caller's, deduplicated among its own commands only.
@@ -43,22 +84,20 @@ impl Node {
         }
         let mut req = req;
         req.files = self.hash_file_dependencies(&req).await?;
-        let (leader, addr) = self.leader().await?;
-        if leader == self.0.id {
+        let replica = &self.replica;
+        let (leader, addr) = replica.leader().await?;
+        if leader == replica.id() {
             return self.invoke_on_leader(principal, req).await;
         }
-        let p = self.peer(leader, &addr).await?;
+        let p = replica.peer(leader, &addr).await?;
         let wait = if req.wait {
             Duration::from_millis(TIMEOUT_MS_MAX) + WAIT_MARGIN
         } else {
-            self.timeout()
+            replica.timeout()
         };
         match p.forward_invoke(peer::deadline(wait), principal, req).await {
             Ok(r) => r,
-            Err(e) => {
-                self.0.peers.forget(leader).await;
-                Err(self.forward_failed(leader, &addr, e))
-            }
+            Err(e) => Err(replica.forward_failed(leader, &addr, e).await),
         }
     }
 
@@ -68,7 +107,7 @@ impl Node {
         &self,
         req: &InvokeRequest,
     ) -> Result<Vec<(String, String)>, ApiError> {
-        let paths: Vec<String> = self.0.store.read(|sm| {
+        let paths: Vec<String> = self.replica.state(|sm| {
             let Some(f) = sm.sched().function(&req.function) else {
                 return Vec::new();
             };
@@ -90,7 +129,7 @@ impl Node {
         });
         let mut out = Vec::with_capacity(paths.len());
         for path in paths {
-            let (p, sources) = (path.clone(), self.0.sources.clone());
+            let (p, sources) = (path.clone(), self.replica.sources().clone());
             let hash = tokio::task::spawn_blocking(move || sources.file_hash(&p))
                 .await
                 .map_err(|e| ApiError::Internal(e.to_string()))?
@@ -100,14 +139,14 @@ impl Node {
         Ok(out)
     }
 
-    /// The leader's side of [`Node::invoke`].
+    /// The leader's side of [`Invoker::invoke`].
     pub async fn invoke_on_leader(
         &self,
         principal: Principal,
         req: InvokeRequest,
     ) -> Result<Task, ApiError> {
         if let Some(hit) = self.cached_answer(&req).await {
-            self.0.metrics.idempotency(true);
+            self.replica.metrics().idempotency(true);
             return Ok(hit);
         }
         let command = ClientCommand {
@@ -125,8 +164,8 @@ impl Node {
             },
         };
         let result = self
-            .0
-            .batcher
+            .replica
+            .batcher()
             .submit(principal, vec![command])
             .await?
             .into_iter()
@@ -135,18 +174,18 @@ impl Node {
         let (id, cache) = match result {
             CommandResult::Submitted { task, cache, .. } => {
                 if let Some(c) = &cache {
-                    self.0
-                        .metrics
+                    self.replica
+                        .metrics()
                         .idempotency(matches!(c, CacheOutcome::Hit { .. }));
                 }
                 (task, cache)
             }
             CommandResult::Throttled { reason } => {
-                self.0.metrics.throttled_invocation(&req.function);
+                self.replica.metrics().throttled_invocation(&req.function);
                 return Err(ApiError::Throttled(reason));
             }
             CommandResult::Rejected { reason } => {
-                let exists = self.0.store.read(|sm| {
+                let exists = self.replica.state(|sm| {
                     sm.sched()
                         .function(&req.function)
                         .is_some_and(|f| req.version.is_none_or(|v| f.version(v).is_some()))
@@ -191,7 +230,7 @@ impl Node {
     /// everything committed before the call), the ledger already has a reusable result.
     /// The answer is the recorded run's task with this call's payload and a `Hit` marker.
     async fn cached_answer(&self, req: &InvokeRequest) -> Option<Task> {
-        let idempotent = self.0.store.read(|sm| {
+        let idempotent = self.replica.state(|sm| {
             sm.sched()
                 .function(&req.function)
                 .and_then(|f| match req.version {
@@ -200,7 +239,7 @@ impl Node {
                 })
                 .is_some_and(|v| v.spec.idempotency.is_some())
         });
-        if !idempotent || self.0.read_index.barrier(&self.0.raft).await.is_err() {
+        if !idempotent || self.replica.confirm_leadership().await.is_err() {
             return None;
         }
         let input = IdempotencyInput {
@@ -208,7 +247,7 @@ impl Node {
             tokens: req.tokens.clone(),
             files: req.files.clone(),
         };
-        self.0.store.read(|sm| {
+        self.replica.state(|sm| {
             let e = sm.sched().cached(
                 sm.last_time_ms(),
                 &req.function,
@@ -257,16 +296,15 @@ impl Node {
     }
 
     fn local_task(&self, id: TaskId) -> Result<Task, ApiError> {
-        self.0
-            .store
-            .read(|sm| sm.sched().task(id).cloned())
+        self.replica
+            .state(|sm| sm.sched().task(id).cloned())
             .ok_or_else(|| ApiError::NotFound(format!("task {id} no longer exists (purged)")))
     }
 
     /// Sends an assigned task straight to its node (the fast path; the node's reconcile
     /// loop is the slow path). Never waits for the run.
     pub async fn dispatch(&self, id: TaskId) {
-        let found = self.0.store.read(|sm| {
+        let found = self.replica.state(|sm| {
             let task = sm.sched().task(id)?;
             if task.state != TaskState::Assigned {
                 return None;
@@ -284,31 +322,22 @@ impl Node {
         let Some(node_id) = task.node else {
             return;
         };
-        if node_id == self.0.id {
-            tokio::spawn(crate::worker::run_task(self.clone(), task, fv));
+        if node_id == self.replica.id() {
+            (self.run_local)(task, fv);
             return;
         }
-        let addr = self
-            .0
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .get_node(&node_id)
-            .map(|n| n.addr.clone());
-        let Some(addr) = addr else {
+        let Some(addr) = self.replica.member_addr(node_id) else {
             // A worker outside the membership learns its tasks from its applied state.
             return;
         };
-        let node = self.clone();
-        tokio::spawn(async move {
-            match node.0.peers.get(node_id, &addr).await {
+        let replica = self.replica.clone();
+        self.background.spawn_until_shutdown(async move {
+            match replica.peers().get(node_id, &addr).await {
                 Ok(p) => {
-                    let ctx = peer::deadline(node.timeout());
+                    let ctx = peer::deadline(replica.timeout());
                     if let Err(e) = p.dispatch(ctx, node_id, task, fv).await {
                         tracing::debug!(node = node_id, error = %e, "dispatch failed; the worker will find the task itself");
-                        node.0.peers.forget(node_id).await;
+                        replica.peers().forget(node_id).await;
                     }
                 }
                 Err(e) => tracing::debug!(node = node_id, error = %e, "cannot reach a worker"),
@@ -319,21 +348,16 @@ impl Node {
     /// Waits until task `id` is finished in this node's applied state.
     pub async fn wait_task(&self, id: TaskId, wait: Duration) -> Result<Task, ApiError> {
         let deadline = tokio::time::Instant::now() + wait;
-        let mut metrics = self.0.raft.metrics();
-        loop {
-            let task = self.local_task(id)?;
-            if task.state.is_finished() {
-                return Ok(task);
-            }
-            match tokio::time::timeout_at(deadline, metrics.changed()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return Err(ApiError::ShuttingDown),
-                Err(_) => {
-                    return Err(ApiError::Timeout(format!(
-                        "task {id} has not finished after {wait:?}; it goes on (see `skiff task show {id}`)"
-                    )))
-                }
-            }
+        let finished = |_: &Replica| match self.local_task(id) {
+            Ok(task) if !task.state.is_finished() => None,
+            other => Some(other),
+        };
+        match self.replica.wait_until(deadline, finished).await {
+            Ok(task) => task,
+            Err(WaitEnded::Stopped) => Err(ApiError::ShuttingDown),
+            Err(WaitEnded::TimedOut) => Err(ApiError::Timeout(format!(
+                "task {id} has not finished after {wait:?}; it goes on (see `skiff task show {id}`)"
+            ))),
         }
     }
 }

@@ -30,6 +30,8 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const CONNECTIONS_MAX: usize = 32;
 /// Most open connections to the endpoint from one address.
 pub const CONNECTIONS_PER_ADDRESS_MAX: usize = 4;
+/// How long the endpoint waits after a failed accept before accepting again.
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
 
 /// How a client write ended.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
@@ -105,6 +107,8 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// Registers every metric. Long by nature, not by logic: one registration per metric,
+    /// each with its help text, in the order `/metrics` shows them.
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("skiff");
         let writes = Family::<OutcomeLabel, Counter>::default();
@@ -304,19 +308,30 @@ impl Default for Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until the task is dropped.
+/// Serves `GET /metrics` on `listener` until `shutdown` (the connections it serves end with
+/// it: they are its own tasks, joined before it returns).
 ///
 /// Every connection is bounded: at most [`CONNECTIONS_MAX`] open (and
 /// [`CONNECTIONS_PER_ADDRESS_MAX`] from one address, so that a scraper from elsewhere still
 /// gets in), its request read within `REQUEST_TIMEOUT` and `REQUEST_BYTES_MAX`, its answer
 /// written within `WRITE_TIMEOUT` (a client that never reads is dropped, and its buffer with
 /// it). A connection over a bound is closed at once.
-pub async fn serve(listener: TcpListener, render: impl Fn() -> String + Send + Sync + 'static) {
+pub async fn serve(
+    listener: TcpListener,
+    render: impl Fn() -> String + Send + Sync + 'static,
+    mut shutdown: crate::background::Shutdown,
+) {
     let render = std::sync::Arc::new(render);
     let admission = Admission::new(CONNECTIONS_MAX, CONNECTIONS_PER_ADDRESS_MAX);
+    let mut connections = tokio::task::JoinSet::new();
     loop {
-        let Ok((mut stream, source)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        while connections.try_join_next().is_some() {}
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            () = shutdown.wait() => break,
+        };
+        let Ok((mut stream, source)) = accepted else {
+            tokio::time::sleep(ACCEPT_RETRY).await;
             continue;
         };
         let Ok(admitted) = admission.admit(source.ip()) else {
@@ -324,7 +339,7 @@ pub async fn serve(listener: TcpListener, render: impl Fn() -> String + Send + S
             continue;
         };
         let render = render.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let _admitted = admitted;
             let mut buf = vec![0u8; REQUEST_BYTES_MAX];
             let mut len = 0;
@@ -360,4 +375,5 @@ pub async fn serve(listener: TcpListener, render: impl Fn() -> String + Send + S
             .await;
         });
     }
+    connections.shutdown().await;
 }

@@ -23,27 +23,28 @@
 //!   about [`STREAM_ADVANCE_BYTES_MAX`] bytes;
 //! - only the leader drives, and only through its batcher.
 
-use skiff_raft_store::model::Principal;
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use base64::Engine;
 use serde_json::{json, Map, Value};
 use skiff_client::api::{
-    ApiError, ClientCommand, Command, CommandResult, ReadConsistency, RequestId, StreamId,
-    StreamJob, StreamSource, StreamStartRequest,
+    ApiError, ClientCommand, Command, CommandResult, ReadConsistency, StreamId, StreamJob,
+    StreamSource, StreamStartRequest,
 };
+use skiff_raft_store::model::Principal;
 use skiff_raft_store::streams::{
     KvCursor, StreamItem, STREAM_ADVANCE_BYTES_MAX, STREAM_ADVANCE_ITEMS_MAX,
     STREAM_ERROR_BYTES_MAX,
 };
 use skiff_raft_store::StateMachineData;
 
+use crate::background::Shutdown;
+use crate::invoke::Invoker;
 use crate::peer::{self, ReadOp, ReadResult, StreamOp, StreamReply};
-use crate::server::Node;
+use crate::replica::Replica;
 use crate::sources::SourceRoots;
 
 /// Longest line (JSONL) or record (CSV) read; a longer one is a failed item.
@@ -54,8 +55,44 @@ pub const DIR_FILE_BYTES_MAX: u64 = 512 * 1024;
 const DRIVE_INTERVAL: Duration = Duration::from_millis(200);
 /// How long the driver waits after a source could not be read before trying again.
 const READ_RETRY: Duration = Duration::from_secs(1);
-/// Bytes of a failed item's payload shown by `stream_get` (the rest stays in the state).
-const FAILED_PAYLOAD_SHOWN_BYTES: usize = 1024;
+
+/// Why a source could not be read at all (a record that cannot be parsed is a failed item,
+/// not this). The driver retries after `READ_RETRY`; a start is refused with it.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// Not beneath a root, not a regular file (a directory for `dir:`), or not openable.
+    #[error(transparent)]
+    Source(#[from] crate::sources::SourceError),
+    #[error("cursor {0:?} is not a byte offset")]
+    Cursor(String),
+    #[error("cannot seek {path} to byte {offset}: {source}")]
+    Seek {
+        path: String,
+        offset: u64,
+        source: std::io::Error,
+    },
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0} is empty: a CSV source needs a header line")]
+    EmptyCsv(String),
+    #[error("the header of {0} names a column twice")]
+    HeaderTwice(String),
+    #[error("the header of {path} is malformed: {reason}")]
+    HeaderMalformed { path: String, reason: String },
+}
+
+/// Why one round of the driver did not propose.
+#[derive(Debug, thiserror::Error)]
+enum DriveError {
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    /// The blocking read panicked or was cancelled.
+    #[error("{0}")]
+    Join(#[from] tokio::task::JoinError),
+}
 
 /// Items read from a source, and where the read stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,13 +121,13 @@ fn bad(error: String) -> StreamItem {
     StreamItem::Bad(e)
 }
 
-fn offset_of(cursor: &str) -> Result<u64, String> {
+fn offset_of(cursor: &str) -> Result<u64, ReadError> {
     if cursor.is_empty() {
         return Ok(0);
     }
     cursor
         .parse()
-        .map_err(|_| format!("cursor {cursor:?} is not a byte offset"))
+        .map_err(|_| ReadError::Cursor(cursor.to_string()))
 }
 
 /// Reads one line of at most [`RECORD_BYTES_MAX`] bytes (without its `\n`). `None` at the
@@ -135,10 +172,21 @@ fn read_line(r: &mut impl BufRead, buf: &mut Vec<u8>) -> std::io::Result<Option<
     }
 }
 
-fn open_at(sources: &SourceRoots, path: &str, offset: u64) -> Result<BufReader<File>, String> {
-    let mut f = sources.open_file(path).map_err(|e| e.to_string())?;
+fn read_error(path: &str, source: std::io::Error) -> ReadError {
+    ReadError::Read {
+        path: path.to_string(),
+        source,
+    }
+}
+
+fn open_at(sources: &SourceRoots, path: &str, offset: u64) -> Result<BufReader<File>, ReadError> {
+    let mut f = sources.open_file(path)?;
     f.seek(SeekFrom::Start(offset))
-        .map_err(|e| format!("cannot seek {path} to byte {offset}: {e}"))?;
+        .map_err(|source| ReadError::Seek {
+            path: path.to_string(),
+            offset,
+            source,
+        })?;
     Ok(BufReader::with_capacity(256 * 1024, f))
 }
 
@@ -152,14 +200,14 @@ fn read_records<R>(
     limit: ReadLimit,
     mut next: impl FnMut(&mut BufReader<File>, &mut Vec<u8>) -> std::io::Result<Option<(usize, R)>>,
     mut to_item: impl FnMut(u64, R, &[u8]) -> Option<StreamItem>,
-) -> Result<Batch, String> {
+) -> Result<Batch, ReadError> {
     let mut r = open_at(sources, path, offset)?;
     let mut items = Vec::new();
     let mut bytes = 0;
     let mut buf = Vec::new();
     while items.len() < limit.items && bytes < limit.bytes {
         let Some((consumed, record)) =
-            next(&mut r, &mut buf).map_err(|e| format!("cannot read {path}: {e}"))?
+            next(&mut r, &mut buf).map_err(|source| read_error(path, source))?
         else {
             return Ok(Batch {
                 items,
@@ -190,7 +238,7 @@ pub fn read_jsonl(
     path: &str,
     cursor: &str,
     limit: ReadLimit,
-) -> Result<Batch, String> {
+) -> Result<Batch, ReadError> {
     read_records(
         sources,
         path,
@@ -303,18 +351,21 @@ fn parse_csv_fields(record: &[u8]) -> Result<Vec<String>, String> {
 }
 
 /// The header of a CSV file and the offset of its first record.
-fn csv_header(sources: &SourceRoots, path: &str) -> Result<(Vec<String>, u64), String> {
+fn csv_header(sources: &SourceRoots, path: &str) -> Result<(Vec<String>, u64), ReadError> {
     let mut r = open_at(sources, path, 0)?;
     let mut buf = Vec::new();
-    match read_csv_record(&mut r, &mut buf).map_err(|e| format!("cannot read {path}: {e}"))? {
-        None => Err(format!("{path} is empty: a CSV source needs a header line")),
+    match read_csv_record(&mut r, &mut buf).map_err(|source| read_error(path, source))? {
+        None => Err(ReadError::EmptyCsv(path.to_string())),
         Some((n, Ok(h))) => {
             if h.iter().collect::<BTreeSet<_>>().len() != h.len() {
-                return Err(format!("the header of {path} names a column twice"));
+                return Err(ReadError::HeaderTwice(path.to_string()));
             }
             Ok((h, n as u64))
         }
-        Some((_, Err(e))) => Err(format!("the header of {path} is malformed: {e}")),
+        Some((_, Err(reason))) => Err(ReadError::HeaderMalformed {
+            path: path.to_string(),
+            reason,
+        }),
     }
 }
 
@@ -324,7 +375,7 @@ pub fn read_csv(
     path: &str,
     cursor: &str,
     limit: ReadLimit,
-) -> Result<Batch, String> {
+) -> Result<Batch, ReadError> {
     let (header, body) = csv_header(sources, path)?;
     let offset = if cursor.is_empty() {
         body
@@ -366,14 +417,14 @@ pub fn read_dir(
     path: &str,
     cursor: &str,
     limit: ReadLimit,
-) -> Result<Batch, String> {
-    let mut dir = sources.open_dir(path).map_err(|e| e.to_string())?;
+) -> Result<Batch, ReadError> {
+    let mut dir = sources.open_dir(path)?;
     // Keep only the `limit.items + 1` smallest names after the cursor: bounded memory
     // whatever the directory's size, and the extra one tells whether more follow.
     let mut names: BTreeSet<String> = BTreeSet::new();
     let mut truncated = false;
     while let Some(name) = dir.next_name() {
-        let name = name.map_err(|e| e.to_string())?;
+        let name = name?;
         if name.as_str() <= cursor {
             continue;
         }
@@ -548,78 +599,53 @@ fn kv_item(e: &skiff_raft_store::model::KvEntry) -> StreamItem {
 }
 
 /// Checks a file source at start: it lies beneath one of this node's roots, is a regular
-/// file (a directory for `dir:`), and its first record parses.
+/// file (a directory for `dir:`), and its first record parses. The answer is the refusal's
+/// text, for the client.
 pub fn check_source(sources: &SourceRoots, source: &StreamSource) -> Result<(), String> {
     let one = ReadLimit { items: 1, bytes: 1 };
     let first = match source {
         StreamSource::Kv { .. } => return Ok(()),
-        StreamSource::Jsonl { path } => read_jsonl(sources, path, "", one)?,
-        StreamSource::Csv { path } => read_csv(sources, path, "", one)?,
-        StreamSource::Dir { path } => read_dir(sources, path, "", one)?,
-    };
+        StreamSource::Jsonl { path } => read_jsonl(sources, path, "", one),
+        StreamSource::Csv { path } => read_csv(sources, path, "", one),
+        StreamSource::Dir { path } => read_dir(sources, path, "", one),
+    }
+    .map_err(|e| e.to_string())?;
     match first.items.first() {
         Some(StreamItem::Bad(e)) => Err(format!("{}: {e}", source.spec())),
         _ => Ok(()),
     }
 }
 
-/// Request ids of this node's driver: a random client id per process, counted up.
-struct DriverIds {
-    client: u64,
-    seq: AtomicU64,
-}
-
-impl DriverIds {
-    fn next(&self) -> RequestId {
-        RequestId {
-            client: self.client,
-            seq: self.seq.fetch_add(1, Ordering::Relaxed),
-        }
-    }
-}
-
-/// Starts the driver loop: it drives only while this node is the leader.
-pub fn start_driver(node: &Node) {
-    let n = node.clone();
-    tokio::spawn(async move { drive_loop(n).await });
-}
-
-async fn drive_loop(node: Node) {
-    let ids = DriverIds {
-        client: rand::random(),
-        seq: AtomicU64::new(1),
-    };
-    let mut metrics = node.0.raft.metrics();
+/// The driver loop: it drives only while this node is the leader, and ends on `shutdown`.
+pub async fn drive_loop(invoker: Invoker, mut shutdown: Shutdown) {
+    let replica = invoker.replica().clone();
+    let mut changes = replica.changes();
     loop {
         tokio::select! {
-            r = metrics.changed() => if r.is_err() { return },
+            r = changes.changed() => if r.is_err() { return },
             () = tokio::time::sleep(DRIVE_INTERVAL) => {}
+            () = shutdown.wait() => return,
         }
-        if node.stopping() {
-            return;
-        }
-        let leader = {
-            let m = metrics.borrow_and_update();
-            m.current_leader == Some(node.0.id) && m.state == openraft::ServerState::Leader
-        };
-        if !leader {
+        if !changes.leads(replica.id()) {
             continue;
         }
-        let jobs: Vec<StreamJob> = node
-            .0
-            .store
-            .read(|sm| sm.sched().streams_to_drive().into_iter().cloned().collect());
+        let jobs: Vec<StreamJob> =
+            replica.state(|sm| sm.sched().streams_to_drive().into_iter().cloned().collect());
         for job in jobs {
-            if let Err(e) = drive_once(&node, &ids, &job).await {
+            if let Err(e) = drive_once(&invoker, &job).await {
                 tracing::warn!(stream = job.id, source = %job.source.spec(), error = %e, "cannot read the stream's source; trying again");
-                tokio::time::sleep(READ_RETRY).await;
+                tokio::select! {
+                    () = tokio::time::sleep(READ_RETRY) => {}
+                    () = shutdown.wait() => return,
+                }
             }
         }
     }
 }
 
 /// Reads one advance's worth of items of `job` and proposes it.
-async fn drive_once(node: &Node, ids: &DriverIds, job: &StreamJob) -> Result<(), String> {
+async fn drive_once(invoker: &Invoker, job: &StreamJob) -> Result<(), DriveError> {
+    let replica = invoker.replica();
     let room = u64::from(job.options.max_concurrency).saturating_sub(job.counters.running);
     // Wait for room for a whole batch, so invocations stay full.
     let want = u64::from(job.options.batch.min(job.options.max_concurrency));
@@ -635,28 +661,26 @@ async fn drive_once(node: &Node, ids: &DriverIds, job: &StreamJob) -> Result<(),
         bytes: STREAM_ADVANCE_BYTES_MAX,
     };
     let batch = match &job.source {
-        StreamSource::Kv { prefix, follow } => node
-            .0
-            .store
-            .read(|sm| read_kv(sm, prefix, *follow, job.start_revision, &job.cursor, limit)),
+        StreamSource::Kv { prefix, follow } => {
+            replica.state(|sm| read_kv(sm, prefix, *follow, job.start_revision, &job.cursor, limit))
+        }
         source => {
             let (source, cursor) = (source.clone(), job.cursor.clone());
-            let sources = node.0.sources.clone();
+            let sources = replica.sources().clone();
             tokio::task::spawn_blocking(move || match &source {
                 StreamSource::Jsonl { path } => read_jsonl(&sources, path, &cursor, limit),
                 StreamSource::Csv { path } => read_csv(&sources, path, &cursor, limit),
                 StreamSource::Dir { path } => read_dir(&sources, path, &cursor, limit),
                 StreamSource::Kv { .. } => unreachable!("kv sources are read above"),
             })
-            .await
-            .map_err(|e| e.to_string())??
+            .await??
         }
     };
     if batch.items.is_empty() && !batch.exhausted && batch.to_cursor == job.cursor {
         return Ok(());
     }
     let command = ClientCommand {
-        request_id: ids.next(),
+        request_id: replica.next_request_id(),
         command: Command::StreamAdvance {
             job: job.id,
             from_cursor: job.cursor.clone(),
@@ -666,11 +690,15 @@ async fn drive_once(node: &Node, ids: &DriverIds, job: &StreamJob) -> Result<(),
             exhausted: batch.exhausted,
         },
     };
-    match node.0.batcher.submit(Principal::Node, vec![command]).await {
+    match replica
+        .batcher()
+        .submit(Principal::Node, vec![command])
+        .await
+    {
         Ok(results) => match results.into_iter().next() {
             Some(CommandResult::StreamAdvanced { tasks }) => {
                 for t in tasks {
-                    node.dispatch(t).await;
+                    invoker.dispatch(t).await;
                 }
             }
             other => tracing::debug!(stream = job.id, result = ?other, "stream advance refused"),
@@ -680,145 +708,125 @@ async fn drive_once(node: &Node, ids: &DriverIds, job: &StreamJob) -> Result<(),
     Ok(())
 }
 
-impl Node {
-    /// A stream request: executed on the leader, forwarded there from any other node.
-    /// `principal` is the caller the receiving node authenticated.
-    pub async fn stream_op(
-        &self,
-        principal: Principal,
-        op: StreamOp,
-    ) -> Result<StreamReply, ApiError> {
-        let (leader, addr) = self.leader().await?;
-        if leader == self.0.id {
-            return self.stream_op_on_leader(principal, op).await;
-        }
-        let p = self.peer(leader, &addr).await?;
-        let ctx = peer::deadline(self.timeout());
-        match p.forward_stream(ctx, principal, op).await {
-            Ok(r) => r,
-            Err(e) => {
-                self.0.peers.forget(leader).await;
-                Err(self.forward_failed(leader, &addr, e))
-            }
-        }
+/// A stream request: executed on the leader, forwarded there from any other node.
+/// `principal` is the caller the receiving node authenticated.
+pub async fn request(
+    invoker: &Invoker,
+    principal: Principal,
+    op: StreamOp,
+) -> Result<StreamReply, ApiError> {
+    let replica = invoker.replica();
+    let (leader, addr) = replica.leader().await?;
+    if leader == replica.id() {
+        return request_on_leader(invoker, principal, op).await;
     }
-
-    /// The leader's side of [`Node::stream_op`].
-    pub async fn stream_op_on_leader(
-        &self,
-        principal: Principal,
-        op: StreamOp,
-    ) -> Result<StreamReply, ApiError> {
-        let (request_id, command) = match op {
-            StreamOp::Start { request_id, req } => {
-                self.check_stream_start(&req).await?;
-                let command = Command::StreamStart {
-                    request: Box::new(req),
-                };
-                (request_id, command)
-            }
-            StreamOp::Cancel { request_id, id } => (request_id, Command::StreamCancel { job: id }),
-            StreamOp::Redrive { request_id, id } => {
-                (request_id, Command::StreamRedrive { job: id })
-            }
-        };
-        command
-            .validate()
-            .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
-        let result = self
-            .0
-            .batcher
-            .submit(
-                principal,
-                vec![ClientCommand {
-                    request_id,
-                    command,
-                }],
-            )
-            .await?
-            .into_iter()
-            .next()
-            .ok_or_else(|| ApiError::Internal("a stream request got no result".into()))?;
-        match result {
-            CommandResult::StreamStarted { job } => Ok(StreamReply::Started(job)),
-            CommandResult::Accepted => Ok(StreamReply::Cancelled),
-            CommandResult::StreamRedriven { items, tasks } => {
-                for t in tasks {
-                    self.dispatch(t).await;
-                }
-                Ok(StreamReply::Redriven(items))
-            }
-            CommandResult::Rejected { reason } if reason.contains("does not exist") => {
-                Err(ApiError::NotFound(reason))
-            }
-            CommandResult::Rejected { reason } => Err(ApiError::FailedPrecondition(reason)),
-            CommandResult::Throttled { reason } => Err(ApiError::Throttled(reason)),
-            CommandResult::Invalid(e) => Err(ApiError::InvalidArgument(e.to_string())),
-            other => Err(ApiError::Internal(format!(
-                "a stream request was answered with {other:?}"
-            ))),
-        }
+    let p = replica.peer(leader, &addr).await?;
+    let ctx = peer::deadline(replica.timeout());
+    match p.forward_stream(ctx, principal, op).await {
+        Ok(r) => r,
+        Err(e) => Err(replica.forward_failed(leader, &addr, e).await),
     }
+}
 
-    /// Refuses a start whose function is missing or whose source this node cannot read.
-    async fn check_stream_start(&self, req: &StreamStartRequest) -> Result<(), ApiError> {
-        req.source.validate().map_err(ApiError::InvalidArgument)?;
-        req.options.validate().map_err(ApiError::InvalidArgument)?;
-        let exists = self
-            .0
-            .store
-            .read(|sm| sm.sched().function(&req.function).is_some());
-        if !exists {
-            return Err(ApiError::NotFound(format!(
-                "function {} does not exist",
-                req.function
-            )));
+/// The leader's side of [`request`].
+pub async fn request_on_leader(
+    invoker: &Invoker,
+    principal: Principal,
+    op: StreamOp,
+) -> Result<StreamReply, ApiError> {
+    let (request_id, command) = match op {
+        StreamOp::Start { request_id, req } => {
+            check_start(invoker.replica(), &req).await?;
+            let command = Command::StreamStart {
+                request: Box::new(req),
+            };
+            (request_id, command)
         }
-        let source = req.source.clone();
-        let sources = self.0.sources.clone();
-        tokio::task::spawn_blocking(move || check_source(&sources, &source))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?
-            .map_err(|e| {
-                ApiError::InvalidArgument(format!(
-                    "{e} (the source is read by the leader: it must be at the same path, beneath a sources root, on every node)"
-                ))
-            })
-    }
-
-    /// A stream job for a client: failed items' payloads shortened to fit a frame.
-    pub(crate) fn stream_view(sm: &StateMachineData, id: StreamId) -> Option<StreamJob> {
-        let mut job = sm.sched().stream(id)?;
-        for f in &mut job.failed_items {
-            if let Some(p) = &mut f.payload {
-                p.truncate(FAILED_PAYLOAD_SHOWN_BYTES);
+        StreamOp::Cancel { request_id, id } => (request_id, Command::StreamCancel { job: id }),
+        StreamOp::Redrive { request_id, id } => (request_id, Command::StreamRedrive { job: id }),
+    };
+    command
+        .validate()
+        .map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+    let result = invoker
+        .replica()
+        .batcher()
+        .submit(
+            principal,
+            vec![ClientCommand {
+                request_id,
+                command,
+            }],
+        )
+        .await?
+        .into_iter()
+        .next()
+        .ok_or_else(|| ApiError::Internal("a stream request got no result".into()))?;
+    match result {
+        CommandResult::StreamStarted { job } => Ok(StreamReply::Started(job)),
+        CommandResult::Accepted => Ok(StreamReply::Cancelled),
+        CommandResult::StreamRedriven { items, tasks } => {
+            for t in tasks {
+                invoker.dispatch(t).await;
             }
+            Ok(StreamReply::Redriven(items))
         }
-        Some(job)
+        CommandResult::Rejected { reason } if reason.contains("does not exist") => {
+            Err(ApiError::NotFound(reason))
+        }
+        CommandResult::Rejected { reason } => Err(ApiError::FailedPrecondition(reason)),
+        CommandResult::Throttled { reason } => Err(ApiError::Throttled(reason)),
+        CommandResult::Invalid(e) => Err(ApiError::InvalidArgument(e.to_string())),
+        other => Err(ApiError::Internal(format!(
+            "a stream request was answered with {other:?}"
+        ))),
     }
+}
 
-    /// Reads one stream job.
-    pub async fn stream_get(
-        &self,
-        id: StreamId,
-        read: ReadConsistency,
-    ) -> Result<Option<StreamJob>, ApiError> {
-        match self.read(ReadOp::Stream { id }, read).await? {
-            ReadResult::Stream(j) => Ok(j.map(|j| *j)),
-            _ => Err(ApiError::Internal(
-                "a stream read was answered with another read".into(),
-            )),
-        }
+/// Refuses a start whose function is missing or whose source this node cannot read.
+async fn check_start(replica: &Replica, req: &StreamStartRequest) -> Result<(), ApiError> {
+    req.source.validate().map_err(ApiError::InvalidArgument)?;
+    req.options.validate().map_err(ApiError::InvalidArgument)?;
+    let exists = replica.state(|sm| sm.sched().function(&req.function).is_some());
+    if !exists {
+        return Err(ApiError::NotFound(format!(
+            "function {} does not exist",
+            req.function
+        )));
     }
+    let source = req.source.clone();
+    let sources = replica.sources().clone();
+    tokio::task::spawn_blocking(move || check_source(&sources, &source))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| {
+            ApiError::InvalidArgument(format!(
+                "{e} (the source is read by the leader: it must be at the same path, beneath a sources root, on every node)"
+            ))
+        })
+}
 
-    /// Reads every stream job.
-    pub async fn stream_list(&self, read: ReadConsistency) -> Result<Vec<StreamJob>, ApiError> {
-        match self.read(ReadOp::Streams, read).await? {
-            ReadResult::Streams(j) => Ok(j),
-            _ => Err(ApiError::Internal(
-                "a stream list was answered with another read".into(),
-            )),
-        }
+/// Reads one stream job.
+pub async fn get(
+    replica: &Replica,
+    id: StreamId,
+    read: ReadConsistency,
+) -> Result<Option<StreamJob>, ApiError> {
+    match replica.read(ReadOp::Stream { id }, read).await? {
+        ReadResult::Stream(j) => Ok(j.map(|j| *j)),
+        _ => Err(ApiError::Internal(
+            "a stream read was answered with another read".into(),
+        )),
+    }
+}
+
+/// Reads every stream job.
+pub async fn list(replica: &Replica, read: ReadConsistency) -> Result<Vec<StreamJob>, ApiError> {
+    match replica.read(ReadOp::Streams, read).await? {
+        ReadResult::Streams(j) => Ok(j),
+        _ => Err(ApiError::Internal(
+            "a stream list was answered with another read".into(),
+        )),
     }
 }
 

@@ -11,10 +11,18 @@
 //! - openraft generics are named only in [`types`].
 //!
 //! # Layout
-//! - [`model`]: commands, responses and key-value types (no storage dependency; clients use it).
-//! - [`tokens`]: bearer tokens, roles and the replicated token table (shared with clients).
+//! - [`ids`]: identifiers and key bounds; a leaf that imports nothing else of the crate.
+//! - [`functions`], [`streams`], [`tokens`]: the data of functions and tasks, stream jobs and
+//!   bearer tokens (types, limits, validation, hashing); they import only [`ids`] (and
+//!   `streams` the function limits).
+//! - [`model`]: commands, responses and key-value types, built on the modules above.
+//!
+//! Everything above has no storage dependency; clients use it. The rest needs `storage`:
 //! - [`types`] (feature `storage`): the openraft type configuration and aliases.
 //! - [`apply`] (feature `storage`): the in-memory state and the pure apply function.
+//! - [`sched`] (feature `storage`): the scheduler part of apply (functions, code, tasks,
+//!   placement, the idempotency ledger, streams), with its invariant check.
+//! - [`token_table`] (feature `storage`): the replicated token table and its apply.
 //! - [`log_store`] (feature `storage`): the Raft log on RocksDB.
 //! - [`state_machine`] (feature `storage`): the state machine on RocksDB, reads and snapshots.
 //! - [`backup`] (feature `storage`): restoring a backup (an exported state) into a new cluster.
@@ -34,6 +42,7 @@
 #![forbid(unsafe_code)]
 
 pub mod functions;
+pub mod ids;
 pub mod model;
 pub mod streams;
 pub mod tokens;
@@ -51,6 +60,8 @@ mod db;
 pub mod log_store;
 #[cfg(feature = "storage")]
 pub mod state_machine;
+#[cfg(feature = "storage")]
+pub mod token_table;
 #[cfg(feature = "storage")]
 pub mod types;
 

@@ -24,17 +24,14 @@ use crate::functions::{
     IDEMPOTENCY_KEY_BYTES_MAX, INVOCATION_DEPS_MAX, LOG_BYTES_MAX, OUTPUT_BYTES_MAX,
     PAYLOAD_BYTES_MAX, TRACKED_READS_MAX,
 };
+use crate::ids::{check_key, KeyError, TokenId};
+pub use crate::ids::{NodeId, RequestId, KEY_BYTES_MAX};
 use crate::streams::{
     StreamId, StreamItem, StreamStartRequest, STREAM_ADVANCE_BYTES_MAX, STREAM_ADVANCE_ITEMS_MAX,
     STREAM_CURSOR_BYTES_MAX, STREAM_ERROR_BYTES_MAX,
 };
-use crate::tokens::{validate_hash, validate_token_name, Role, TokenId, TokenInfo};
+use crate::tokens::{validate_hash, validate_token_name, Role, TokenInfo};
 
-/// Identifies a node of the cluster. Never reused after a node's data is wiped.
-pub type NodeId = u64;
-
-/// Largest key, in bytes.
-pub const KEY_BYTES_MAX: usize = 1024;
 /// Largest value, in bytes.
 pub const VALUE_BYTES_MAX: usize = 1024 * 1024;
 /// Most commands a leader puts into one log entry.
@@ -45,21 +42,6 @@ pub const LIST_LIMIT_MAX: u32 = 1000;
 pub const DEDUP_WINDOW_MS: u64 = 10 * 60 * 1000;
 /// Most request ids remembered for deduplication; past this the oldest are forgotten first.
 pub const DEDUP_ENTRIES_MAX: usize = 1_000_000;
-
-/// A client-chosen id that makes a write idempotent under retries.
-///
-/// Clients draw `client` at random once per process and count `seq` up per write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct RequestId {
-    pub client: u64,
-    pub seq: u64,
-}
-
-impl std::fmt::Display for RequestId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:016x}-{}", self.client, self.seq)
-    }
-}
 
 /// The payload of one normal log entry: a group of client commands.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -385,6 +367,8 @@ impl Command {
 impl Command {
     /// Checks sizes and formats. `apply` re-checks (a log entry is input too) and turns a
     /// violation into [`CommandResult::Invalid`].
+    // Longer than 100 lines on purpose: one match arm per command, each its bounds, so every
+    // command's limits read in one place and a new command cannot be added without its arm.
     pub fn validate(&self) -> Result<(), InvalidCommand> {
         match self {
             Command::KvPut { key, value, .. } => {
@@ -555,19 +539,7 @@ impl Command {
 
 /// Checks a key: non-empty, at most [`KEY_BYTES_MAX`] bytes, no control characters.
 pub fn validate_key(key: &str) -> Result<(), InvalidCommand> {
-    if key.is_empty() {
-        return Err(InvalidCommand::EmptyKey);
-    }
-    if key.len() > KEY_BYTES_MAX {
-        return Err(InvalidCommand::KeyTooLarge {
-            bytes: key.len(),
-            max: KEY_BYTES_MAX,
-        });
-    }
-    if key.chars().any(char::is_control) {
-        return Err(InvalidCommand::KeyHasControlChar);
-    }
-    Ok(())
+    check_key(key).map_err(InvalidCommand::from)
 }
 
 /// Why a command is refused before it changes anything.
@@ -583,6 +555,16 @@ pub enum InvalidCommand {
     ValueTooLarge { bytes: usize, max: usize },
     #[error("{0}")]
     Other(String),
+}
+
+impl From<KeyError> for InvalidCommand {
+    fn from(e: KeyError) -> Self {
+        match e {
+            KeyError::Empty => InvalidCommand::EmptyKey,
+            KeyError::TooLarge { bytes, max } => InvalidCommand::KeyTooLarge { bytes, max },
+            KeyError::ControlChar => InvalidCommand::KeyHasControlChar,
+        }
+    }
 }
 
 /// The answer to one normal log entry: one result per command, in order.

@@ -18,10 +18,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::functions::TaskId;
-
-/// Identifies a stream job, unique in the cluster, never reused.
-pub type StreamId = u64;
+pub use crate::ids::StreamId;
+use crate::ids::{TaskId, KEY_BYTES_MAX};
 
 /// Most stream jobs the cluster keeps (running and finished); past it the oldest finished
 /// job is forgotten, and a start is refused when all are running.
@@ -226,7 +224,7 @@ impl StreamOptions {
             return Err("the tolerated failure percentage is at most 100".into());
         }
         if let Some(p) = &self.results_prefix {
-            let room = crate::model::KEY_BYTES_MAX - STREAM_RESULT_INDEX_DIGITS;
+            let room = KEY_BYTES_MAX - STREAM_RESULT_INDEX_DIGITS;
             if p.is_empty() || p.len() > room || p.chars().any(char::is_control) {
                 return Err(format!(
                     "the results prefix must be 1 to {room} bytes without control characters"

@@ -1,5 +1,5 @@
 //! `skiffd`: the skiff node daemon. Parses flags, sets up logging, and calls
-//! [`skiff_node::server::run`] (or [`skiff_node::dev::run`] for `skiffd dev`) with a shutdown
+//! [`skiff_node::daemon::run`] (or [`skiff_node::dev::run`] for `skiffd dev`) with a shutdown
 //! future that resolves on SIGTERM or SIGINT.
 #![forbid(unsafe_code)]
 
@@ -9,6 +9,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use skiff_node::config::{LogFormat, NodeConfig, Overrides};
+
+/// How often `--exit-with-parent` checks whether the parent process is still there.
+const PARENT_POLL: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Parser)]
 #[command(
@@ -140,7 +143,7 @@ async fn shutdown_signal(parent: Option<i32>) {
     let parent_gone = async {
         match parent {
             Some(pid) => loop {
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                tokio::time::sleep(PARENT_POLL).await;
                 let pid = nix::unistd::Pid::from_raw(pid);
                 if nix::sys::signal::kill(pid, None).is_err() {
                     break;
@@ -238,7 +241,7 @@ fn main() -> anyhow::Result<()> {
             };
             let config = NodeConfig::load(args.config.as_deref(), overrides)?;
             init_logging(config.log_format);
-            runtime.block_on(skiff_node::server::run(
+            runtime.block_on(skiff_node::daemon::run(
                 config,
                 shutdown_signal(args.exit_with_parent),
             ))?;

@@ -9,14 +9,14 @@ use skiff_raft_store::model::Principal;
 
 use super::KvBackend;
 use crate::peer::{ReadOp, ReadResult};
-use crate::server::Node;
+use crate::replica::Replica;
 
 /// The cluster's key-value store as the data service sees it: linearizable reads and
 /// writes through the log, like any client's.
-pub struct NodeKv(Node);
+pub struct NodeKv(Replica);
 
 impl NodeKv {
-    pub fn new(node: Node) -> Self {
+    pub fn new(node: Replica) -> Self {
         NodeKv(node)
     }
 }
@@ -30,7 +30,7 @@ impl NodeKv {
         let node = self.0.clone();
         Box::pin(async move {
             let command = ClientCommand {
-                request_id: node.0.worker.next_request_id(),
+                request_id: node.next_request_id(),
                 command,
             };
             first_result(write_retrying(&node, command).await)
@@ -40,7 +40,7 @@ impl NodeKv {
 
 impl KvBackend for NodeKv {
     fn refused(&self, reason: &'static str) {
-        self.0 .0.metrics.rejected(reason);
+        self.0.metrics().rejected(reason);
     }
 
     fn get(
@@ -115,7 +115,7 @@ const DATA_RETRY_WINDOW: Duration = Duration::from_secs(10);
 /// A write for a function, retried (same request id, so applied once) across a leader
 /// change within [`DATA_RETRY_WINDOW`].
 async fn write_retrying(
-    node: &Node,
+    node: &Replica,
     command: ClientCommand,
 ) -> Result<Vec<CommandResult>, ApiError> {
     let deadline = Instant::now() + DATA_RETRY_WINDOW;
@@ -132,7 +132,7 @@ async fn write_retrying(
 }
 
 /// A read for a function, retried across a leader change within [`DATA_RETRY_WINDOW`].
-async fn read_retrying(node: &Node, op: ReadOp) -> Result<ReadResult, ApiError> {
+async fn read_retrying(node: &Replica, op: ReadOp) -> Result<ReadResult, ApiError> {
     let deadline = Instant::now() + DATA_RETRY_WINDOW;
     let mut backoff = Duration::from_millis(20);
     loop {

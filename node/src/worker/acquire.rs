@@ -17,7 +17,7 @@ use super::leases::{CodeError, DataSocketError, Leases};
 use super::{lock, Worker};
 use crate::data_service::DataSocket;
 use crate::policy::{function_policy, stage_policy, FunctionPolicyError};
-use crate::server::Node;
+use crate::replica::Replica;
 
 /// Why the sandbox of a run could not be prepared; its text follows "cannot prepare the
 /// sandbox: " in the failed task's error.
@@ -38,7 +38,7 @@ impl Worker {
     /// The sandbox a function version runs in, and what it uses.
     pub(super) async fn sandbox_spec(
         &self,
-        node: &Node,
+        node: &Replica,
         fv: &FunctionVersion,
     ) -> Result<(SandboxSpec, Leases), PrepareError> {
         let tier: Tier = fv.spec.tier.parse().map_err(FunctionPolicyError::from)?;
@@ -65,7 +65,7 @@ impl Worker {
     /// its own environment, and a data socket limited to its own grant (none without one).
     pub(super) async fn stage_sandbox_spec(
         &self,
-        node: &Node,
+        node: &Replica,
         fv: &FunctionVersion,
         index: usize,
         code: &Path,
@@ -88,9 +88,9 @@ impl Worker {
 
     /// How many idle sandboxes of `fv` this node should hold: its share of the function's
     /// min-warm over the live nodes, and at least one after a recent use.
-    pub(super) fn warm_target(&self, node: &Node, fv: &FunctionVersion, used: bool) -> usize {
+    pub(super) fn warm_target(&self, node: &Replica, fv: &FunctionVersion, used: bool) -> usize {
         let min_warm = fv.spec.min_warm as usize;
-        let share = node.0.store.read(|sm| {
+        let share = node.state(|sm| {
             let live = sm.sched().live_nodes(sm.last_time_ms());
             match live.iter().position(|n| *n == self.id) {
                 Some(rank) if !live.is_empty() => {
@@ -125,7 +125,7 @@ impl Worker {
             let w = self.clone();
             let (key, spec, argv) = (key.clone(), spec.clone(), argv.clone());
             let leases = leases.clone();
-            tokio::spawn(async move {
+            self.background.spawn_until_shutdown(async move {
                 let result = w.pool.prewarm(key.clone(), spec, argv).await;
                 if let Some(n) = lock(&w.prewarming).get_mut(&key) {
                     *n = n.saturating_sub(1);

@@ -19,7 +19,7 @@ use super::output::INCOMPLETE_READS;
 use super::{lock, Worker};
 use crate::code_cache::CodeLease;
 use crate::data_service::{self, DataAccess, DataSocket, KvBackend, NodeKv};
-use crate::server::Node;
+use crate::replica::Replica;
 
 /// Most data sockets a node keeps bound; past it unused ones are closed first.
 pub const DATA_SOCKETS_MAX: usize = 1024;
@@ -58,12 +58,16 @@ pub(super) struct Leases {
 
 impl Worker {
     /// A lease on the unpacked code of `digest`, unpacking it on first use.
-    pub(super) async fn code_dir(&self, node: &Node, digest: &str) -> Result<CodeLease, CodeError> {
+    pub(super) async fn code_dir(
+        &self,
+        node: &Replica,
+        digest: &str,
+    ) -> Result<CodeLease, CodeError> {
         self.code
             .lease(digest, || async {
                 let deadline = Instant::now() + CODE_WAIT;
                 loop {
-                    if let Some(a) = node.0.store.read(|sm| sm.sched().code_archive(digest)) {
+                    if let Some(a) = node.state(|sm| sm.sched().code_archive(digest)) {
                         return Ok(a);
                     }
                     if Instant::now() > deadline {
@@ -80,7 +84,7 @@ impl Worker {
     /// `grant`, bound on first use.
     pub(super) async fn data_socket(
         &self,
-        node: &Node,
+        node: &Replica,
         fv: &FunctionVersion,
         stage: Option<usize>,
         grant: &DataGrant,
@@ -178,9 +182,9 @@ impl Worker {
     /// made again under the same name: another identity), data sockets no run or warm
     /// sandbox uses unless they serve a function's latest version, and unpacked code no
     /// kept version refers to.
-    pub async fn sweep(&self, node: &Node) {
+    pub async fn sweep(&self, node: &Replica) {
         type Ident = (String, FunctionId, u64);
-        let (live, latest, wanted) = node.0.store.read(|sm| {
+        let (live, latest, wanted) = node.state(|sm| {
             let mut live: std::collections::HashSet<Ident> = Default::default();
             let mut latest: std::collections::HashSet<Ident> = Default::default();
             let mut wanted: std::collections::HashSet<String> = Default::default();

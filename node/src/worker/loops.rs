@@ -1,6 +1,9 @@
 //! The worker's background loops: heartbeats (with warm-pool reports and min-warm upkeep)
-//! and reconciliation of the tasks this node's applied state assigns to it.
+//! and reconciliation of the tasks this node's applied state assigns to it. Both are tasks of
+//! the node's background owner and end on its shutdown signal, as do the runs and reports
+//! they start.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use skiff_client::api::{ClientCommand, Command, FunctionVersion, Task, TaskState};
@@ -9,52 +12,71 @@ use skiff_raft_store::model::Principal;
 use super::report::report;
 use super::run::run_task;
 use super::{lock, Worker};
-use crate::server::Node;
+use crate::background::Shutdown;
+use crate::replica::Replica;
 
-/// Background loops of the worker: heartbeats (with warm-pool reports and min-warm
-/// upkeep) and reconciliation with the applied state. They end when `node` is dropped
-/// elsewhere and the Raft handle stops.
-pub fn start_loops(node: &Node) {
-    if !node.0.worker.settings.enabled {
+/// How long a heartbeat waits after a pool change, so a burst of changes makes one report.
+const POOL_CHANGE_BATCH: Duration = Duration::from_millis(50);
+/// How often the reconcile loop scans when nothing is applied.
+const RECONCILE_INTERVAL: Duration = Duration::from_millis(500);
+/// Pause after each scan: bounds the rate of scans under a stream of applies.
+const RECONCILE_PAUSE: Duration = Duration::from_millis(2);
+
+/// Starts the background loops of the worker, as tasks of its background owner: heartbeats
+/// (with warm-pool reports and min-warm upkeep) and reconciliation with the applied state.
+pub fn start_loops(node: &Replica, worker: &Arc<Worker>) {
+    if !worker.settings.enabled {
         return;
     }
-    let n = node.clone();
-    tokio::spawn(async move { heartbeat_loop(n).await });
-    let n = node.clone();
-    tokio::spawn(async move { reconcile_loop(n).await });
+    let background = &worker.background;
+    background.spawn(heartbeat_loop(
+        node.clone(),
+        worker.clone(),
+        background.shutdown(),
+    ));
+    background.spawn(reconcile_loop(
+        node.clone(),
+        worker.clone(),
+        background.shutdown(),
+    ));
 }
 
-async fn heartbeat_loop(node: Node) {
-    let w = node.0.worker.clone();
+async fn heartbeat_loop(node: Replica, w: Arc<Worker>, mut shutdown: Shutdown) {
     let interval = Duration::from_millis(w.settings.heartbeat_interval_ms);
     loop {
         tokio::select! {
             () = tokio::time::sleep(interval) => {}
             () = w.pool_changed.notified() => {
                 // Batch the changes of a burst into one report.
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tokio::time::sleep(POOL_CHANGE_BATCH).await;
             }
+            () = shutdown.wait() => return,
         }
-        if node.stopping() {
-            return;
+        tokio::select! {
+            () = heartbeat(&node, &w) => {}
+            () = shutdown.wait() => return,
         }
-        w.sweep(&node).await;
-        let hb = w.heartbeat();
-        let command = ClientCommand {
-            request_id: w.next_request_id(),
-            command: Command::Heartbeat(Box::new(hb)),
-        };
-        if let Err(e) = node.write(Principal::Node, vec![command]).await {
-            tracing::debug!(error = %e, "heartbeat not recorded");
-        }
-        keep_min_warm(&node).await;
     }
 }
 
+/// One round of the heartbeat loop: release what the state no longer needs, report, and
+/// pre-warm.
+async fn heartbeat(node: &Replica, w: &Arc<Worker>) {
+    w.sweep(node).await;
+    let hb = w.heartbeat();
+    let command = ClientCommand {
+        request_id: node.next_request_id(),
+        command: Command::Heartbeat(Box::new(hb)),
+    };
+    if let Err(e) = node.write(Principal::Node, vec![command]).await {
+        tracing::debug!(error = %e, "heartbeat not recorded");
+    }
+    keep_min_warm(node, w).await;
+}
+
 /// Pre-warms this node's share of every function's min-warm.
-async fn keep_min_warm(node: &Node) {
-    let w = node.0.worker.clone();
-    let wanted: Vec<FunctionVersion> = node.0.store.read(|sm| {
+async fn keep_min_warm(node: &Replica, w: &Arc<Worker>) {
+    let wanted: Vec<FunctionVersion> = node.state(|sm| {
         sm.sched()
             .functions()
             .filter_map(|f| f.latest().cloned())
@@ -76,18 +98,15 @@ async fn keep_min_warm(node: &Node) {
 /// A task this node should run, with its function version if that still exists.
 type Pending = (Task, Option<FunctionVersion>);
 
-async fn reconcile_loop(node: Node) {
-    let w = node.0.worker.clone();
-    let mut metrics = node.0.raft.metrics();
+async fn reconcile_loop(node: Replica, w: Arc<Worker>, mut shutdown: Shutdown) {
+    let mut changes = node.changes();
     loop {
         tokio::select! {
-            r = metrics.changed() => if r.is_err() { return },
-            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+            r = changes.changed() => if r.is_err() { return },
+            () = tokio::time::sleep(RECONCILE_INTERVAL) => {}
+            () = shutdown.wait() => return,
         }
-        if node.stopping() {
-            return;
-        }
-        let todo: Vec<Pending> = node.0.store.read(|sm| {
+        let todo: Vec<Pending> = node.state(|sm| {
             let sched = sm.sched();
             let mut started = lock(&w.started);
             // Forget a started (task, token) only once this node's state has moved past it:
@@ -119,7 +138,8 @@ async fn reconcile_loop(node: Node) {
             let n = node.clone();
             match fv {
                 Some(fv) => {
-                    tokio::spawn(run_task(n, task, fv));
+                    w.background
+                        .spawn_until_shutdown(run_task(n, w.clone(), task, fv));
                 }
                 None => {
                     if w.claim(task.id, task.token) {
@@ -127,14 +147,13 @@ async fn reconcile_loop(node: Node) {
                             "function {} version {} no longer exists",
                             task.function, task.version
                         ));
-                        tokio::spawn(async move {
+                        w.background.spawn_until_shutdown(async move {
                             report(&n, task.id, task.token, r, Vec::new()).await
                         });
                     }
                 }
             }
         }
-        // Bound the rate of scans under a stream of applies.
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        tokio::time::sleep(RECONCILE_PAUSE).await;
     }
 }

@@ -27,7 +27,8 @@
 //! - `leases.rs`: what runs and warm sandboxes hold (unpacked code, data sockets) and its
 //!   release;
 //! - `report.rs`: heartbeats and completions proposed through the log;
-//! - `loops.rs`: the background loops (heartbeat, reconciliation).
+//! - `loops.rs`: the background loops (heartbeat, reconciliation), tasks of the node's
+//!   [`Background`] owner that end on its shutdown signal.
 
 mod acquire;
 mod leases;
@@ -43,14 +44,14 @@ pub use run::run_task;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use skiff_client::api::{FnMode, FunctionVersion, NodeId, RequestId, TaskId};
+use skiff_client::api::{FnMode, FunctionVersion, NodeId, TaskId};
 use skiff_sandbox::{PoolConfig, PoolKey, PoolMode, WarmPool};
 use tokio::sync::{Notify, Semaphore};
 
+use crate::background::Background;
 use crate::code_cache::CodeCache;
 use crate::config::WorkerSettings;
 use crate::data_service::DataSocket;
@@ -83,12 +84,12 @@ pub struct Worker {
     warm_leases: Mutex<HashMap<PoolKey, Leases>>,
     /// The `skiff-data` helper bound into sandboxes, if found.
     helper_binary: Option<PathBuf>,
-    request_client: u64,
-    request_seq: AtomicU64,
+    /// The node's owner of background work: runs, pre-warms and the loops are its tasks.
+    background: Background,
 }
 
 impl Worker {
-    pub fn new(id: NodeId, settings: WorkerSettings) -> Self {
+    pub fn new(id: NodeId, settings: WorkerSettings, background: Background) -> Self {
         let pool = WarmPool::new(PoolConfig {
             size_max: settings.warm_pool_max,
             idle_expiry: Duration::from_millis(settings.warm_idle_expiry_ms),
@@ -109,16 +110,7 @@ impl Worker {
             data_sockets: tokio::sync::Mutex::new(HashMap::new()),
             warm_leases: Mutex::new(HashMap::new()),
             helper_binary: find_helper(),
-            request_client: rand::random(),
-            request_seq: AtomicU64::new(0),
-        }
-    }
-
-    /// A fresh request id for a command this node proposes itself.
-    pub fn next_request_id(&self) -> RequestId {
-        RequestId {
-            client: self.request_client,
-            seq: self.request_seq.fetch_add(1, Ordering::Relaxed),
+            background,
         }
     }
 

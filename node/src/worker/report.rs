@@ -14,7 +14,7 @@ use skiff_raft_store::functions::Heartbeat;
 use skiff_raft_store::model::Principal;
 
 use super::{lock, Worker};
-use crate::server::Node;
+use crate::replica::Replica;
 
 /// How long a worker keeps retrying to report a completion.
 const REPORT_DEADLINE: Duration = Duration::from_secs(120);
@@ -53,14 +53,14 @@ impl Worker {
 
 /// Proposes the completion, retrying while the cluster has no leader.
 pub(super) async fn report(
-    node: &Node,
+    node: &Replica,
     task: TaskId,
     token: u64,
     result: TaskResult,
     reads: Vec<(String, u64)>,
 ) {
     let command = ClientCommand {
-        request_id: node.0.worker.next_request_id(),
+        request_id: node.next_request_id(),
         command: Command::Complete {
             task,
             token,

@@ -15,14 +15,14 @@ use super::leases::Leases;
 use super::output::{output_over_limit, tail, truncate_text};
 use super::report::report;
 use super::{lock, Worker};
-use crate::server::Node;
+use crate::replica::Replica;
 
 impl Worker {
     /// Runs one attempt and returns its result (never fails: errors become failed results)
     /// and the keys it read through the data service with the versions it saw.
     pub(super) async fn execute(
         self: &Arc<Self>,
-        node: &Node,
+        node: &Replica,
         task: &Task,
         fv: &FunctionVersion,
     ) -> (TaskResult, Vec<(String, u64)>) {
@@ -188,8 +188,7 @@ impl Worker {
 
 /// Runs `task` of `fv` on this node if this process has not started it under its token yet,
 /// then reports the result through the log.
-pub async fn run_task(node: Node, task: Task, fv: FunctionVersion) {
-    let w = node.0.worker.clone();
+pub async fn run_task(node: Replica, w: Arc<Worker>, task: Task, fv: FunctionVersion) {
     if !w.claim(task.id, task.token) {
         return;
     }
@@ -216,8 +215,7 @@ pub async fn run_task(node: Node, task: Task, fv: FunctionVersion) {
         wall_ms = result.wall_ms,
         "sandbox run ends"
     );
-    node.0
-        .metrics
+    node.metrics()
         .invocation(&fv.spec.name, result.status, result.warm, result.wall_ms);
     report(&node, task.id, task.token, result, reads).await;
 }

@@ -15,7 +15,7 @@ use skiff_sandbox::{ExitStatus, RunOutcome};
 use super::output::{bounded_reads, output_over_limit, tail, truncate_text};
 use super::Worker;
 use crate::policy::stage_label;
-use crate::server::Node;
+use crate::replica::Replica;
 
 /// Most stderr bytes of one stage kept in a successful pipeline's log (the log as a whole is
 /// still bounded by `LOG_BYTES_MAX`), so one chatty stage cannot push the others out.
@@ -29,7 +29,7 @@ impl Worker {
     /// socket are returned, for the idempotency ledger.
     pub(super) async fn execute_stages(
         &self,
-        node: &Node,
+        node: &Replica,
         task: &Task,
         fv: &FunctionVersion,
     ) -> (TaskResult, Vec<(String, u64)>) {
@@ -65,7 +65,7 @@ impl Worker {
     /// how the pipeline ends at it.
     async fn run_stage(
         &self,
-        node: &Node,
+        node: &Replica,
         fv: &FunctionVersion,
         index: usize,
         code: &Path,

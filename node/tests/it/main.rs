@@ -10,6 +10,7 @@ mod data;
 mod functions;
 mod harness;
 mod idempotency;
+mod layers;
 mod stages;
 mod streams;
 mod tls;

@@ -736,3 +736,188 @@ fn chunk_items<'a>(
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::functions::*;
+    use crate::model::*;
+    use crate::sched::testing::*;
+    use crate::sched::*;
+
+    use crate::streams::{StreamItem, StreamState};
+
+    fn items(texts: &[&str]) -> Vec<StreamItem> {
+        texts
+            .iter()
+            .map(|t| StreamItem::Ok(t.as_bytes().to_vec()))
+            .collect()
+    }
+
+    fn advanced(r: CommandResult) -> Vec<TaskId> {
+        match r {
+            CommandResult::StreamAdvanced { tasks } => tasks,
+            other => panic!("not advanced: {other:?}"),
+        }
+    }
+
+    fn ok_with(output: &str) -> TaskResult {
+        TaskResult {
+            output: output.as_bytes().to_vec(),
+            ..result(RunStatus::Succeeded)
+        }
+    }
+
+    fn complete_task(s: &mut Sched, now: u64, id: TaskId, r: &TaskResult) {
+        let token = s.task(id).expect("task").token;
+        assert_eq!(s.complete(now, id, token, r, &[]), CommandResult::Accepted);
+    }
+
+    #[test]
+    fn stream_cursor_moves_with_its_tasks_and_never_back() {
+        let (mut s, _) = cluster();
+        let kv = BTreeMap::new();
+        let job = start_stream(&mut s, 1, Some("out/"));
+        let tasks =
+            advanced(s.stream_advance(3, job, "", "12", 0, &items(&["1", "2"]), false, &kv));
+        assert_eq!(tasks.len(), 2);
+        let j = s.stream(job).expect("job");
+        assert_eq!(
+            (j.cursor.as_str(), j.next_item, j.counters.running),
+            ("12", 2, 2)
+        );
+        assert_eq!(j.window.len(), 2);
+        // A duplicate of the same advance (a stale driver) is refused and changes nothing.
+        let stale = s.stream_advance(3, job, "", "12", 0, &items(&["1", "2"]), false, &kv);
+        assert!(matches!(stale, CommandResult::Rejected { .. }), "{stale:?}");
+        // So is a cursor that goes back, or stays put while items are claimed.
+        for to in ["5", "12"] {
+            let back = s.stream_advance(3, job, "12", to, 2, &items(&["3"]), false, &kv);
+            assert!(matches!(back, CommandResult::Rejected { .. }), "{back:?}");
+        }
+        assert_eq!(s.stats().tasks_active, 2);
+        assert_eq!(s.stream(job).expect("job").cursor, "12");
+        assert_reloads(&mut s, 3);
+        // Completions write each item's result; the exhausted source then ends the job.
+        complete_task(&mut s, 4, tasks[0], &ok_with("\"a\""));
+        complete_task(&mut s, 4, tasks[1], &ok_with("\"b\""));
+        let puts = s.take_kv_puts();
+        assert_eq!(
+            puts,
+            vec![
+                ("out/000000000000".to_string(), b"\"a\"".to_vec()),
+                ("out/000000000001".to_string(), b"\"b\"".to_vec())
+            ]
+        );
+        assert_eq!(s.stream(job).expect("job").state, StreamState::Running);
+        advanced(s.stream_advance(5, job, "12", "12", 2, &[], true, &kv));
+        let j = s.stream(job).expect("job");
+        assert_eq!(
+            (j.state, j.counters.succeeded, j.counters.total),
+            (StreamState::Succeeded, 2, Some(2))
+        );
+        let late = s.stream_advance(6, job, "12", "20", 2, &items(&["x"]), true, &kv);
+        assert!(matches!(late, CommandResult::Rejected { .. }));
+        assert_reloads(&mut s, 6);
+    }
+
+    #[test]
+    fn stream_batches_retry_fail_and_redrive_with_a_new_version() {
+        let (mut s, digest) = cluster();
+        let kv = BTreeMap::new();
+        let job = start_stream(&mut s, 2, Some("r/"));
+        let mut its = items(&["{\"n\":1}", "2", "3"]);
+        its.push(StreamItem::Bad("line 4 is not JSON".into()));
+        let tasks = advanced(s.stream_advance(3, job, "", "40", 0, &its, true, &kv));
+        assert_eq!(tasks.len(), 2, "items 0-1 and 2 in two invocations");
+        assert_eq!(s.task(tasks[0]).expect("t").payload, b"[{\"n\":1},2]");
+        assert_eq!(s.task(tasks[1]).expect("t").payload, b"[3]");
+        complete_task(&mut s, 4, tasks[0], &ok_with("[10, {\"x\":2}]"));
+        assert_eq!(
+            s.take_kv_puts(),
+            vec![
+                ("r/000000000000".to_string(), b"10".to_vec()),
+                ("r/000000000001".to_string(), b"{\"x\":2}".to_vec())
+            ]
+        );
+        // The second batch fails, is retried after the back-off, fails again: failed.
+        complete_task(&mut s, 5, tasks[1], &result(RunStatus::Failed));
+        assert_eq!(s.stream(job).expect("job").counters.retried, 1);
+        s.heartbeat(200, &hb(1, vec![]));
+        s.heartbeat(200, &hb(2, vec![]));
+        s.tick(200);
+        complete_task(&mut s, 201, tasks[1], &result(RunStatus::Failed));
+        let j = s.stream(job).expect("job");
+        assert_eq!(j.state, StreamState::Failed);
+        assert_eq!((j.counters.succeeded, j.counters.failed), (2, 2));
+        let failed: Vec<(u64, Option<Vec<u8>>)> = j
+            .failed_items
+            .iter()
+            .map(|f| (f.index, f.payload.clone()))
+            .collect();
+        assert_eq!(failed, vec![(2, Some(b"3".to_vec())), (3, None)]);
+        assert_reloads(&mut s, 201);
+        // A fix, then redrive: the kept payload runs again with the new version.
+        assert_eq!(
+            s.deploy(202, &spec("f", &digest, 2, 2)),
+            CommandResult::Deployed { version: 2 }
+        );
+        let tasks = match s.stream_redrive(203, job, &kv) {
+            CommandResult::StreamRedriven { items: 1, tasks } => tasks,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(s.task(tasks[0]).map(|t| t.version), Some(2));
+        assert_eq!(s.stream(job).expect("job").state, StreamState::Running);
+        complete_task(&mut s, 204, tasks[0], &ok_with("[30]"));
+        let j = s.stream(job).expect("job");
+        // The unreadable item stays failed: the job fails, with one failure left.
+        assert_eq!(
+            (j.state, j.counters.succeeded, j.counters.failed),
+            (StreamState::Failed, 3, 1)
+        );
+        assert_eq!(s.take_kv_puts().len(), 1);
+        assert_reloads(&mut s, 204);
+    }
+
+    #[test]
+    fn stream_items_of_a_lost_node_run_again_and_count_once() {
+        let (mut s, _) = cluster();
+        let kv = BTreeMap::new();
+        let mut job_req = start_stream(&mut s, 1, None);
+        let tasks = advanced(s.stream_advance(3, job_req, "", "1", 0, &items(&["1"]), true, &kv));
+        let first = s.task(tasks[0]).and_then(|t| t.node).expect("placed");
+        let other = if first == 1 { 2 } else { 1 };
+        s.heartbeat(NODE_LEASE_MS, &hb(other, vec![]));
+        s.tick(NODE_LEASE_MS + 2);
+        assert_eq!(s.task(tasks[0]).and_then(|t| t.node), Some(other));
+        complete_task(&mut s, NODE_LEASE_MS + 3, tasks[0], &ok_with("1"));
+        let j = s.stream(job_req).expect("job");
+        assert_eq!(
+            (j.state, j.counters.succeeded, j.counters.duplicates),
+            (StreamState::Succeeded, 1, 1)
+        );
+        assert_reloads(&mut s, NODE_LEASE_MS + 3);
+        // A tolerated failure count ends the job as soon as it is passed; cancel stops one.
+        job_req = start_stream(&mut s, 1, None);
+        assert_eq!(
+            s.stream_cancel(NODE_LEASE_MS + 4, job_req),
+            CommandResult::Accepted
+        );
+        let refused = s.stream_advance(
+            NODE_LEASE_MS + 5,
+            job_req,
+            "",
+            "1",
+            0,
+            &items(&["1"]),
+            true,
+            &kv,
+        );
+        assert!(matches!(refused, CommandResult::Rejected { .. }));
+        assert_eq!(
+            s.stream(job_req).map(|j| j.state),
+            Some(StreamState::Cancelled)
+        );
+        assert_reloads(&mut s, NODE_LEASE_MS + 5);
+    }
+}
