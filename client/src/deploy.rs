@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 pub use skiff_proto::files::read_bounded;
-use skiff_raft_store::functions::{
+use skiff_proto::functions::{
     check_tier_ceiling, tier_ceiling, validate_spec, DataGrant, Dependency, FunctionSpec,
     Idempotency, StageSpec, CODE_BYTES_MAX, PAYLOAD_BYTES_MAX, POLICY_BYTES_MAX, STAGES_MAX,
 };
@@ -729,7 +729,7 @@ fn toml_error(text: &str, e: &toml::de::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use skiff_raft_store::functions::FnMode;
+    use skiff_proto::functions::FnMode;
     use std::io::Read;
     use std::os::unix::fs::PermissionsExt;
 

@@ -14,6 +14,11 @@
 
 pub mod api;
 pub mod files;
+pub mod functions;
+pub mod ids;
 pub mod membership;
+pub mod model;
+pub mod streams;
 pub mod tls;
+pub mod tokens;
 pub mod transport;

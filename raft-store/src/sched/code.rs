@@ -243,7 +243,6 @@ impl Sched {
 mod tests {
     use super::*;
     use crate::functions::*;
-    use crate::model::*;
     use crate::sched::testing::*;
     use crate::sched::*;
     use crate::streams::*;

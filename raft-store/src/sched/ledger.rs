@@ -462,7 +462,6 @@ pub(super) fn decide(
 mod tests {
     use super::*;
     use crate::functions::*;
-    use crate::model::*;
     use crate::sched::testing::*;
     use crate::sched::*;
 

@@ -251,7 +251,6 @@ pub(super) fn assignment_deadline(task: &Task) -> u64 {
 mod tests {
     use super::*;
     use crate::functions::*;
-    use crate::model::*;
     use crate::sched::testing::*;
     use crate::sched::*;
 

@@ -741,7 +741,6 @@ fn chunk_items<'a>(
 mod tests {
     use super::*;
     use crate::functions::*;
-    use crate::model::*;
     use crate::sched::testing::*;
     use crate::sched::*;
 
