@@ -16,12 +16,12 @@
 //!   ([`default_memory_bytes`], [`default_timeout_ms`]), so defaults deploy at every tier.
 
 use std::collections::BTreeMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use skiff_raft_store::functions::{
+pub use skiff_proto::files::read_bounded;
+use skiff_proto::functions::{
     check_tier_ceiling, tier_ceiling, validate_spec, DataGrant, Dependency, FunctionSpec,
     Idempotency, StageSpec, CODE_BYTES_MAX, PAYLOAD_BYTES_MAX, POLICY_BYTES_MAX, STAGES_MAX,
 };
@@ -171,34 +171,6 @@ pub fn idempotency_settings(
         cache_failures,
         track_reads,
     }))
-}
-
-/// Reads a whole file of at most `max` bytes, refusing a larger one before reading it.
-pub fn read_bounded(path: &Path, max: u64, what: &str) -> Result<Vec<u8>, String> {
-    let file = std::fs::File::open(path)
-        .map_err(|e| format!("cannot read {what} {}: {e}", path.display()))?;
-    let too_large = |bytes: u64| {
-        format!(
-            "{what} {} is {bytes} bytes, the limit is {max}",
-            path.display()
-        )
-    };
-    let len = file
-        .metadata()
-        .map_err(|e| format!("cannot read {what} {}: {e}", path.display()))?
-        .len();
-    if len > max {
-        return Err(too_large(len));
-    }
-    let mut bytes = Vec::with_capacity(len as usize);
-    // The file may grow after the size check; reading one byte past the bound detects it.
-    file.take(max + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| format!("cannot read {what} {}: {e}", path.display()))?;
-    if bytes.len() as u64 > max {
-        return Err(too_large(bytes.len() as u64));
-    }
-    Ok(bytes)
 }
 
 /// Reads an invocation payload file (at most [`PAYLOAD_BYTES_MAX`]).
@@ -757,7 +729,8 @@ fn toml_error(text: &str, e: &toml::de::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use skiff_raft_store::functions::FnMode;
+    use skiff_proto::functions::FnMode;
+    use std::io::Read;
     use std::os::unix::fs::PermissionsExt;
 
     fn tree() -> tempfile::TempDir {

@@ -476,7 +476,7 @@ fn command() -> impl Strategy<Value = Command> {
                     payload,
                     sync,
                     idempotency: idempotency.map(|(key, tokens)| {
-                        Box::new(skiff_raft_store::functions::IdempotencyInput {
+                        Box::new(skiff_proto::functions::IdempotencyInput {
                             key,
                             tokens,
                             files: Vec::new(),
@@ -1008,11 +1008,8 @@ fn densest_requests(frame_bytes_max: usize) -> Vec<(&'static str, Vec<u8>)> {
             "commands of five bytes",
             ClientApiRequest::Write {
                 // At most `COMMANDS_PER_ENTRY_MAX`: more are refused while decoding.
-                commands: vec![
-                    delete;
-                    (room / 5).min(skiff_raft_store::model::COMMANDS_PER_ENTRY_MAX)
-                ]
-                .into(),
+                commands: vec![delete; (room / 5).min(skiff_proto::model::COMMANDS_PER_ENTRY_MAX)]
+                    .into(),
             },
         ),
         (

@@ -406,7 +406,7 @@ pub async fn token_create(
     if let Some(name) = &name {
         validate_token_name(name).map_err(ApiError::InvalidArgument)?;
     }
-    let secret = skiff_client::client::new_token_secret();
+    let secret = skiff_proto::tokens::new_token_secret();
     // A fresh request id per call, not the client's: a retried call draws a new secret,
     // and an id of the first attempt would answer with the first attempt's token, whose
     // secret this call does not hold.

@@ -11,13 +11,15 @@
 //! - openraft generics are named only in [`types`].
 //!
 //! # Layout
-//! - [`ids`]: identifiers and key bounds; a leaf that imports nothing else of the crate.
+//! The data model comes from `skiff-proto`, which clients share without any storage
+//! dependency; it is re-exported here under its old paths:
+//! - [`ids`]: identifiers and key bounds; a leaf that imports nothing else of the model.
 //! - [`functions`], [`streams`], [`tokens`]: the data of functions and tasks, stream jobs and
 //!   bearer tokens (types, limits, validation, hashing); they import only [`ids`] (and
 //!   `streams` the function limits).
 //! - [`model`]: commands, responses and key-value types, built on the modules above.
 //!
-//! Everything above has no storage dependency; clients use it. The rest needs `storage`:
+//! The rest is this crate's own and needs `storage`:
 //! - [`types`] (feature `storage`): the openraft type configuration and aliases.
 //! - [`apply`] (feature `storage`): the in-memory state and the pure apply function.
 //! - [`sched`] (feature `storage`): the scheduler part of apply (functions, code, tasks,
@@ -41,11 +43,8 @@
 
 #![forbid(unsafe_code)]
 
-pub mod functions;
-pub mod ids;
-pub mod model;
-pub mod streams;
-pub mod tokens;
+// The data model lives in `skiff-proto`, shared with clients; its old paths stay.
+pub use skiff_proto::{functions, ids, model, streams, tokens};
 
 #[cfg(feature = "storage")]
 pub mod sched;

@@ -121,7 +121,7 @@ pub async fn bench_kv(config: &ClientConfig, args: &BenchKvArgs) -> Result<Bench
             "--clients, --connections and --keys must be positive",
         ));
     }
-    if args.value_bytes > skiff_raft_store::model::VALUE_BYTES_MAX {
+    if args.value_bytes > skiff_proto::model::VALUE_BYTES_MAX {
         return Err(CliError::usage("--value-bytes is over the value limit"));
     }
     let clients = connected_clients(config, args.connections.min(args.clients))?;

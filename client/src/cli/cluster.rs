@@ -14,7 +14,7 @@ use super::render::{out, status_text, token_json, workers_text};
 use super::{CliError, ExitCode};
 use crate::api::{NodeId, ReadConsistency};
 use crate::client::Client;
-use crate::transport;
+use skiff_proto::membership;
 
 #[derive(Debug, Subcommand)]
 pub enum ClusterCmd {
@@ -31,33 +31,9 @@ pub enum ClusterCmd {
     Backup { file: PathBuf },
 }
 
-/// Parses `1=127.0.0.1:7001,2=...` into a member map.
-pub fn parse_members(s: &str) -> Result<BTreeMap<NodeId, String>, CliError> {
-    let mut members = BTreeMap::new();
-    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (id, addr) = part
-            .split_once('=')
-            .ok_or_else(|| CliError::usage(format!("member {part:?} is not ID=HOST:PORT")))?;
-        let id: NodeId = id
-            .parse()
-            .map_err(|_| CliError::usage(format!("member {part:?} has an invalid id {id:?}")))?;
-        if id == 0 {
-            return Err(CliError::usage("node id 0 is reserved; ids start at 1"));
-        }
-        transport::parse_endpoint(addr).map_err(CliError::usage)?;
-        if members.insert(id, addr.to_string()).is_some() {
-            return Err(CliError::usage(format!("node id {id} is listed twice")));
-        }
-    }
-    if members.is_empty() {
-        return Err(CliError::usage("no members given"));
-    }
-    let mut addrs: Vec<&String> = members.values().collect();
-    addrs.sort();
-    if addrs.windows(2).any(|w| w[0] == w[1]) {
-        return Err(CliError::usage("two members share an address"));
-    }
-    Ok(members)
+/// The member list of `cluster init`; a bad list is a usage error.
+fn parse_members(s: &str) -> Result<BTreeMap<NodeId, String>, CliError> {
+    membership::parse_members(s).map_err(|e| CliError::usage(e.to_string()))
 }
 
 /// Runs one `skiff cluster` command.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
 use serde_json::json;
-use skiff_raft_store::functions::DataGrant;
+use skiff_proto::functions::DataGrant;
 
 use super::render::{function_json, function_text, functions_json, functions_table, out};
 use super::CliError;

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use clap::Args;
-use skiff_raft_store::functions::validate_function_name;
+use skiff_proto::functions::validate_function_name;
 
 use super::render::{cache_text, failure_message, out, task_json};
 use super::{CliError, ExitCode};

@@ -110,7 +110,7 @@ pub(super) async fn run(client: &Client, cmd: KvCmd, json: bool) -> Result<(), C
 }
 
 fn read_value_file(path: &std::path::Path) -> Result<Vec<u8>, CliError> {
-    let max = skiff_raft_store::model::VALUE_BYTES_MAX as u64;
+    let max = skiff_proto::model::VALUE_BYTES_MAX as u64;
     let meta = std::fs::metadata(path)
         .map_err(|e| CliError::usage(format!("cannot read {}: {e}", path.display())))?;
     if meta.len() > max {

@@ -36,7 +36,7 @@ mod token;
 pub use bench::{
     bench_invoke, bench_kv, BenchCmd, BenchInvokeArgs, BenchKvArgs, BenchReport, InvokeBenchReport,
 };
-pub use cluster::{parse_members, ClusterCmd};
+pub use cluster::ClusterCmd;
 pub use function::{deploy_plan, DeployArgs, FnCmd};
 pub use invoke::{parse_target, InvokeArgs};
 pub use kv::KvCmd;

@@ -10,7 +10,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use base64::Engine;
 use serde_json::json;
-use skiff_raft_store::functions::NODE_LEASE_MS;
+use skiff_proto::functions::NODE_LEASE_MS;
 
 use super::{BenchReport, InvokeBenchReport};
 use crate::api::{

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
 use serde_json::json;
-use skiff_raft_store::functions::validate_function_name;
+use skiff_proto::functions::validate_function_name;
 
 use super::render::{
     format_eta, out, stream_json, stream_status_text, stream_summary, streams_table,

@@ -2,7 +2,7 @@
 //! bounded listings filtered by function, state or dead letter.
 
 use clap::Subcommand;
-use skiff_raft_store::functions::{validate_function_name, ACTIVE_TASKS_MAX, FINISHED_TASKS_MAX};
+use skiff_proto::functions::{validate_function_name, ACTIVE_TASKS_MAX, FINISHED_TASKS_MAX};
 
 use super::render::{out, task_json, task_text, tasks_table};
 use super::{CliError, ExitCode};

@@ -31,11 +31,12 @@ use crate::api::{
     TokenId, TokenInfo, Workers,
 };
 use crate::transport;
-use skiff_raft_store::functions::{
+use skiff_proto::functions::{
     chunk_count, validate_function_name, CODE_BYTES_MAX, CODE_CHUNK_BYTES, PAYLOAD_BYTES_MAX,
     TIMEOUT_MS_MAX,
 };
-use skiff_raft_store::model::{InvalidCommand, DEDUP_WINDOW_MS};
+use skiff_proto::model::{InvalidCommand, DEDUP_WINDOW_MS};
+use skiff_proto::tokens::new_token_secret;
 
 use call::{Endpoint, ENDPOINTS_MAX};
 
@@ -148,16 +149,6 @@ impl ClientConfig {
     }
 }
 
-/// Draws a new token secret: the prefix and 32 random bytes (hex) from the thread's
-/// cryptographically secure generator (OS-seeded ChaCha).
-pub fn new_token_secret() -> String {
-    format!(
-        "{}{}",
-        skiff_raft_store::tokens::TOKEN_SECRET_PREFIX,
-        hex::encode(rand::random::<[u8; 32]>())
-    )
-}
-
 /// Inputs of an idempotent function's invocation.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct InvokeOptions {
@@ -209,7 +200,7 @@ impl Client {
             transport::parse_endpoint(e).map_err(ClientError::InvalidEndpoint)?;
         }
         if let Some(token) = &config.token {
-            skiff_raft_store::tokens::validate_secret(token).map_err(ClientError::InvalidToken)?;
+            skiff_proto::tokens::validate_secret(token).map_err(ClientError::InvalidToken)?;
         }
         let endpoints = config
             .endpoints
@@ -242,7 +233,7 @@ impl Client {
     /// Applies commands as one group; each gets its own request id. Retries keep the ids, so
     /// a command is applied at most once even if an attempt's answer was lost.
     pub async fn execute(&self, commands: Vec<Command>) -> Result<Vec<CommandResult>, ClientError> {
-        let max = skiff_raft_store::model::COMMANDS_PER_ENTRY_MAX;
+        let max = skiff_proto::model::COMMANDS_PER_ENTRY_MAX;
         if commands.len() > max {
             return Err(ClientError::Api(ApiError::InvalidArgument(format!(
                 "{} commands in one call, the limit is {max}",
@@ -331,7 +322,7 @@ impl Client {
         key: &str,
         read: ReadConsistency,
     ) -> Result<Option<KvEntry>, ClientError> {
-        skiff_raft_store::model::validate_key(key)?;
+        skiff_proto::model::validate_key(key)?;
         let key = key.to_string();
         self.call(|c, ctx| {
             let key = key.clone();
@@ -375,7 +366,7 @@ impl Client {
         let mut start_after = None;
         loop {
             let page = self
-                .list(prefix, start_after, skiff_raft_store::model::LIST_LIMIT_MAX)
+                .list(prefix, start_after, skiff_proto::model::LIST_LIMIT_MAX)
                 .await?;
             out.extend(page.entries);
             if out.len() >= max_entries {
@@ -427,7 +418,7 @@ impl Client {
         name: Option<String>,
     ) -> Result<CreatedToken, ClientError> {
         if let Some(name) = &name {
-            skiff_raft_store::tokens::validate_token_name(name).map_err(InvalidCommand::Other)?;
+            skiff_proto::tokens::validate_token_name(name).map_err(InvalidCommand::Other)?;
         }
         self.call(|c, ctx| {
             let name = name.clone();

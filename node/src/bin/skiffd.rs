@@ -211,8 +211,8 @@ fn main() -> anyhow::Result<()> {
             members,
         }) => {
             init_logging(args.log_format.unwrap_or(LogFormat::Human));
-            let members = skiff_client::cli::parse_members(&members)
-                .map_err(|e| anyhow::anyhow!("--members: {}", e.message))?;
+            let members = skiff_proto::membership::parse_members(&members)
+                .map_err(|e| anyhow::anyhow!("--members: {e}"))?;
             let index = runtime
                 .block_on(skiff_node::backup::restore_file(
                     &backup, id, &data_dir, &members,

@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant};
 
 use skiff_client::api::{ApiError, FnMode, ReadConsistency, Role, TaskState};
-use skiff_client::client::new_token_secret;
 use skiff_client::{Client, ClientError};
+use skiff_proto::tokens::new_token_secret;
 
 use crate::functions::{archive, ctx, rpc_as, spec};
 use crate::harness::TestCluster;

@@ -166,7 +166,7 @@ async fn a_tokenless_init_of_an_initialized_node_is_refused_at_once_and_stalls_n
         let members = members.clone();
         inits.push(tokio::spawn(async move {
             let start = Instant::now();
-            let secret = skiff_client::client::new_token_secret();
+            let secret = skiff_proto::tokens::new_token_secret();
             let answer = tokio::time::timeout(
                 Duration::from_secs(30),
                 stranger.cluster_init(ctx(30), members, secret),
@@ -223,7 +223,7 @@ async fn a_tokenless_init_of_a_fresh_node_is_bounded_in_members_and_time() {
         stranger.cluster_init(
             ctx(30),
             members_with_holes(1, &addr, &many),
-            skiff_client::client::new_token_secret(),
+            skiff_proto::tokens::new_token_secret(),
         ),
     )
     .await
@@ -249,7 +249,7 @@ async fn a_tokenless_init_of_a_fresh_node_is_bounded_in_members_and_time() {
         stranger.cluster_init(
             ctx(30),
             members_with_holes(1, &addr, &few),
-            skiff_client::client::new_token_secret(),
+            skiff_proto::tokens::new_token_secret(),
         ),
     )
     .await

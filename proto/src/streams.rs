@@ -1,7 +1,7 @@
 //! The data model of stream jobs: a data set (keys under a prefix, lines of a JSONL or CSV
 //! file, files of a directory) turned into task calls, at least one per item. Plain data
-//! shared with clients; the behaviour is in `crate::sched`, the reading of sources in the
-//! node's driver.
+//! shared with clients; the behaviour is in `skiff_raft_store::sched`, the reading of sources
+//! in the node's driver.
 //!
 //! A job's life: `Running` (the leader's driver reads items from the `cursor` and proposes
 //! `StreamAdvance`, which moves the cursor and creates the items' tasks in one log entry) →

@@ -2,7 +2,7 @@
 //! it answers.
 //!
 //! This module has no storage dependency so that clients can share the types. Everything here
-//! is plain data; the behaviour lives in [`crate::apply`] (when the `storage` feature is on).
+//! is plain data; the behaviour lives in `skiff_raft_store::apply`.
 //!
 //! Invariants:
 //! - one log entry carries one [`Request`], a *group* of client commands stamped by the leader

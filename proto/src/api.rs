@@ -12,20 +12,20 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
-pub use skiff_raft_store::functions::{
+pub use crate::functions::{
     CacheOutcome, DataGrant, Dependency, FnMode, FunctionRecord, FunctionSpec, FunctionVersion,
     Idempotency, MissReason, NodeRecord, RunStatus, SchedStats, StageSpec, Task, TaskFilter,
     TaskId, TaskResult, TaskState, WarmReport,
 };
-pub use skiff_raft_store::model::{
+pub use crate::model::{
     ClientCommand, Command, CommandResult, KvEntry, KvPage, NodeId, Principal, RequestId,
 };
-pub use skiff_raft_store::streams::{
+pub use crate::streams::{
     FailedItem, StreamCounters, StreamId, StreamJob, StreamOptions, StreamSource,
     StreamStartRequest, StreamState,
 };
-pub use skiff_raft_store::tokens::{Role, TokenId, TokenInfo};
+pub use crate::tokens::{Role, TokenId, TokenInfo};
+use serde::{Deserialize, Serialize};
 
 /// Largest frame either side accepts on a client connection, in bytes. A frame carries one
 /// request or response; values are at most 1 MiB, so 8 MiB leaves room for a page of a listing.
@@ -294,7 +294,7 @@ impl std::fmt::Display for MemberRole {
     }
 }
 
-/// The commands of one `write`: at most [`skiff_raft_store::model::COMMANDS_PER_ENTRY_MAX`],
+/// The commands of one `write`: at most [`crate::model::COMMANDS_PER_ENTRY_MAX`],
 /// checked while the request is decoded, so that a frame of many tiny commands cannot make a
 /// node hold millions of them before the call is looked at. On the wire it is a plain
 /// sequence (the same bytes as a `Vec<ClientCommand>`).
@@ -325,7 +325,7 @@ impl std::ops::Deref for Commands {
 impl<'de> Deserialize<'de> for Commands {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Commands, D::Error> {
         use serde::de::{Error, SeqAccess, Visitor};
-        const MAX: usize = skiff_raft_store::model::COMMANDS_PER_ENTRY_MAX;
+        const MAX: usize = crate::model::COMMANDS_PER_ENTRY_MAX;
         struct Bounded;
         impl<'de> Visitor<'de> for Bounded {
             type Value = Commands;
@@ -359,11 +359,11 @@ mod commands_tests {
 
     fn put(i: usize) -> ClientCommand {
         ClientCommand {
-            request_id: skiff_raft_store::model::RequestId {
+            request_id: crate::model::RequestId {
                 client: 1,
                 seq: i as u64,
             },
-            command: skiff_raft_store::model::Command::KvPut {
+            command: crate::model::Command::KvPut {
                 key: format!("k{i}"),
                 value: vec![],
                 expect_version: None,
@@ -373,7 +373,7 @@ mod commands_tests {
 
     #[test]
     fn commands_are_a_plain_sequence_and_bounded_when_decoded() {
-        const MAX: usize = skiff_raft_store::model::COMMANDS_PER_ENTRY_MAX;
+        const MAX: usize = crate::model::COMMANDS_PER_ENTRY_MAX;
         let some: Vec<ClientCommand> = (0..3).map(put).collect();
         let bytes = bincode::serialize(&Commands(some.clone())).expect("encode");
         assert_eq!(

@@ -14,7 +14,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use skiff_raft_store::tokens::TOKEN_SECRET_BYTES_MAX;
+use crate::tokens::TOKEN_SECRET_BYTES_MAX;
 use tarpc::serde_transport::Transport;
 use tarpc::tokio_serde::formats::Bincode;
 use tarpc::tokio_util::codec::{Framed, LengthDelimitedCodec};

@@ -45,7 +45,7 @@ pub enum TlsError {
 }
 
 fn read_pem(path: &Path) -> Result<Vec<u8>, TlsError> {
-    crate::deploy::read_bounded(path, PEM_FILE_BYTES_MAX, "PEM file").map_err(TlsError::Read)
+    crate::files::read_bounded(path, PEM_FILE_BYTES_MAX, "PEM file").map_err(TlsError::Read)
 }
 
 fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {

@@ -1,6 +1,6 @@
 //! The data model of idempotent functions: what a function declares it depends on, what an
 //! invocation adds, the ledger entry a run leaves, and why an invocation hit or ran. Plain
-//! data; the decisions are in `crate::sched` (the ledger part of the scheduler).
+//! data; the decisions are in `skiff_raft_store::sched` (the ledger part of the scheduler).
 //!
 //! Invariants:
 //! - a ledger entry records the dependency states at its run's start, then the keys the run

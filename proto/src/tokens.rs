@@ -1,6 +1,6 @@
 //! Bearer tokens of the control plane as plain data: what a token is, which role it carries,
 //! how a secret is checked and hashed. The replicated table of tokens, with its apply, is
-//! `crate::token_table` (feature `storage`).
+//! `skiff_raft_store::token_table`.
 //!
 //! A token's secret never enters the log: the node that receives a create request draws the
 //! secret, and the command carries only its SHA-256 ([`token_hash`]). A secret is at least
@@ -137,9 +137,27 @@ pub fn validate_hash(hash: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Draws a new token secret: the prefix and 32 random bytes (hex) from the thread's
+/// cryptographically secure generator (OS-seeded ChaCha).
+pub fn new_token_secret() -> String {
+    format!(
+        "{}{}",
+        TOKEN_SECRET_PREFIX,
+        hex::encode(rand::random::<[u8; 32]>())
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_secret_is_valid_and_never_repeats() {
+        let (a, b) = (new_token_secret(), new_token_secret());
+        assert!(a.starts_with(TOKEN_SECRET_PREFIX), "{a}");
+        assert_eq!(validate_secret(&a), Ok(()));
+        assert_ne!(a, b);
+    }
 
     #[test]
     fn roles_are_ordered_and_parse() {

@@ -1,5 +1,5 @@
 //! The data model of functions, code, tasks and worker nodes, as the replicated state machine
-//! holds them. Plain data shared with clients; the behaviour is in `crate::sched`.
+//! holds them. Plain data shared with clients; the behaviour is in `skiff_raft_store::sched`.
 //!
 //! A task's life: `Queued` (waiting for a slot under the function's concurrency limit or
 //! for a node) → `Assigned` (to a node, with a fencing token) → `Running` (the node reported
