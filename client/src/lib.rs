@@ -7,7 +7,7 @@
 //!   retries, request ids on every write and invocation, chunked code upload);
 //! - [`deploy`]: preparing a deploy on the client: deterministic code archives, `skiff.toml`
 //!   manifests, size and duration parsing;
-//! - [`bench`]: the bounded closed-loop load driver behind `skiff bench`;
+//! - [`bench`](mod@bench): the bounded closed-loop load driver behind `skiff bench`;
 //! - [`cli`]: the `skiff` commands; `src/bin/skiff.rs` only parses and calls [`cli::run`].
 #![forbid(unsafe_code)]
 
