@@ -111,6 +111,11 @@ impl KvBackend for NodeKv {
 
 /// How long a data-service call keeps retrying while the cluster has no leader.
 const DATA_RETRY_WINDOW: Duration = Duration::from_secs(10);
+/// The first pause between retries of a data-service call; it doubles up to
+/// [`DATA_BACKOFF_MAX`].
+const DATA_BACKOFF_FIRST: Duration = Duration::from_millis(20);
+/// The longest pause between retries of a data-service call.
+const DATA_BACKOFF_MAX: Duration = Duration::from_millis(500);
 
 /// A write for a function, retried (same request id, so applied once) across a leader
 /// change within [`DATA_RETRY_WINDOW`].
@@ -119,12 +124,12 @@ async fn write_retrying(
     command: ClientCommand,
 ) -> Result<Vec<CommandResult>, ApiError> {
     let deadline = Instant::now() + DATA_RETRY_WINDOW;
-    let mut backoff = Duration::from_millis(20);
+    let mut backoff = DATA_BACKOFF_FIRST;
     loop {
         match node.write(Principal::Node, vec![command.clone()]).await {
             Err(e) if e.is_retryable() && Instant::now() + backoff < deadline => {
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_millis(500));
+                backoff = (backoff * 2).min(DATA_BACKOFF_MAX);
             }
             other => return other,
         }
@@ -134,7 +139,7 @@ async fn write_retrying(
 /// A read for a function, retried across a leader change within [`DATA_RETRY_WINDOW`].
 async fn read_retrying(node: &Replica, op: ReadOp) -> Result<ReadResult, ApiError> {
     let deadline = Instant::now() + DATA_RETRY_WINDOW;
-    let mut backoff = Duration::from_millis(20);
+    let mut backoff = DATA_BACKOFF_FIRST;
     loop {
         match node
             .read(op.clone(), skiff_client::api::ReadConsistency::Linearizable)
@@ -142,7 +147,7 @@ async fn read_retrying(node: &Replica, op: ReadOp) -> Result<ReadResult, ApiErro
         {
             Err(e) if e.is_retryable() && Instant::now() + backoff < deadline => {
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_millis(500));
+                backoff = (backoff * 2).min(DATA_BACKOFF_MAX);
             }
             other => return other,
         }

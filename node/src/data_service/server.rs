@@ -117,6 +117,9 @@ fn restrict_to_sandboxes(path: &Path, mode: u32) -> io::Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
 
+/// The pause after a failed accept (out of file descriptors and the like) before the next.
+const ACCEPT_RETRY_PAUSE: Duration = Duration::from_millis(50);
+
 async fn accept_loop(listener: UnixListener, service: Arc<Service>) {
     let mut connections = JoinSet::new();
     loop {
@@ -125,7 +128,7 @@ async fn accept_loop(listener: UnixListener, service: Arc<Service>) {
             Err(error) => {
                 // Out of file descriptors and the like: wait and keep serving.
                 tracing::warn!(%error, "data socket accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                tokio::time::sleep(ACCEPT_RETRY_PAUSE).await;
                 continue;
             }
         };

@@ -25,6 +25,8 @@ use crate::replica::Replica;
 pub const DATA_SOCKETS_MAX: usize = 1024;
 /// How long a worker waits for a code archive to reach its applied state.
 const CODE_WAIT: Duration = Duration::from_secs(10);
+/// How often a run waiting for its code looks at the applied state again.
+const CODE_POLL: Duration = Duration::from_millis(50);
 
 /// The code cache could not lease a function's code: a bad digest, an archive not in this
 /// node's state within [`CODE_WAIT`], a full cache or an archive that does not unpack (the
@@ -73,7 +75,7 @@ impl Worker {
                     if Instant::now() > deadline {
                         return Err(format!("code {digest} is not in this node's state"));
                     }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tokio::time::sleep(CODE_POLL).await;
                 }
             })
             .await

@@ -18,6 +18,11 @@ use crate::replica::Replica;
 
 /// How long a worker keeps retrying to report a completion.
 const REPORT_DEADLINE: Duration = Duration::from_secs(120);
+/// The first pause between attempts to report a completion; it doubles up to
+/// [`REPORT_BACKOFF_MAX`].
+const REPORT_BACKOFF_FIRST: Duration = Duration::from_millis(20);
+/// The longest pause between attempts to report a completion.
+const REPORT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 impl Worker {
     /// This node's heartbeat as of now.
@@ -69,7 +74,7 @@ pub(super) async fn report(
         },
     };
     let deadline = Instant::now() + REPORT_DEADLINE;
-    let mut backoff = Duration::from_millis(20);
+    let mut backoff = REPORT_BACKOFF_FIRST;
     loop {
         match node.write(Principal::Node, vec![command.clone()]).await {
             Ok(results) => {
@@ -80,7 +85,7 @@ pub(super) async fn report(
             }
             Err(e) if retryable(&e) && Instant::now() < deadline => {
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
+                backoff = (backoff * 2).min(REPORT_BACKOFF_MAX);
             }
             Err(e) => {
                 tracing::warn!(task, token, error = %e, "cannot report a completion; the task will be reassigned");
