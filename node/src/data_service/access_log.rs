@@ -48,7 +48,7 @@ pub struct AccessRecord {
 /// The accesses of one run, in the order they were made.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Accesses {
-    /// The first [`ACCESS_RECORDS_MAX`] records.
+    /// The first [`ACCESS_RECORDS_MAX`](super::ACCESS_RECORDS_MAX) records.
     pub records: Vec<AccessRecord>,
     /// Records that did not fit; when non-zero, `records` is incomplete.
     pub dropped: u64,
@@ -63,7 +63,7 @@ tokio::task_local! {
     pub(super) static PEER_UID: Option<u32>;
 }
 
-/// A bounded log of the accesses made through one [`DataSocket`], kept per peer: every
+/// A bounded log of the accesses made through one [`DataSocket`](super::DataSocket), kept per peer: every
 /// sandbox runs as its own host uid, so a run's accesses are those of its uid.
 #[derive(Debug)]
 pub struct AccessLog {
